@@ -1,0 +1,8 @@
+//! walhook: change-data-capture from PostgreSQL logical replication to entity events.
+
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod mapper;
+pub mod replication;
+pub mod types;

@@ -1,0 +1,119 @@
+//! Test support: a throwaway PostgreSQL cluster and a fresh database per test.
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+pub use walhook::cluster::{ClusterOptions, LocalCluster};
+
+/// A fresh database for one test: in its own throwaway cluster, or, when
+/// `WALHOOK_TEST_DATABASE_URL` is set, on that existing server.
+pub struct TestDb {
+    /// The cluster, when the test owns one.
+    pub cluster: Option<LocalCluster>,
+    /// The database name.
+    pub name: String,
+    /// URL of the database as a superuser.
+    pub url: String,
+    admin_url: String,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TestDb {
+    /// A database with default cluster options.
+    pub fn new() -> TestDb {
+        Self::with_options(ClusterOptions::default())
+    }
+
+    /// A database in a cluster started with `options` (ignored with an external server).
+    pub fn with_options(options: ClusterOptions) -> TestDb {
+        let name = format!(
+            "walhook_test_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        if let Ok(admin_url) = std::env::var("WALHOOK_TEST_DATABASE_URL") {
+            let out = std::process::Command::new("psql")
+                .args([admin_url.as_str(), "-X", "-q", "-c"])
+                .arg(format!("CREATE DATABASE \"{name}\""))
+                .output()
+                .expect("psql must be on PATH to use WALHOOK_TEST_DATABASE_URL");
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let url = replace_db(&admin_url, &name);
+            return TestDb { cluster: None, name, url, admin_url };
+        }
+        let cluster = LocalCluster::start_with(options).expect("start throwaway cluster");
+        cluster.create_database(&name).expect("create database");
+        let url = cluster.url(&name);
+        let admin_url = cluster.url("postgres");
+        TestDb { cluster: Some(cluster), name, url, admin_url }
+    }
+
+    /// The owned cluster; panics for an external server (tests that restart the server need one).
+    pub fn cluster(&mut self) -> &mut LocalCluster {
+        self.cluster.as_mut().expect("this test needs its own cluster; unset WALHOOK_TEST_DATABASE_URL")
+    }
+
+    /// A tokio-postgres client on the test database.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    /// Runs statements (simple query protocol).
+    pub async fn execute(&self, sql: &str) {
+        let c = self.client().await;
+        c.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.cluster.is_none() {
+            let _ = std::process::Command::new("psql")
+                .args([self.admin_url.as_str(), "-X", "-q", "-c"])
+                .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+                .output();
+        }
+    }
+}
+
+fn replace_db(url: &str, db: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("://") && !url[i..].contains('@') => {
+            let rest = &url[i + 1..];
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{}/{db}{query}", &url[..i])
+        }
+        _ => format!("{url} dbname={db}"),
+    }
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
