@@ -158,10 +158,7 @@ impl LocalCluster {
 
     /// A libpq URL for `database` as the superuser over TCP.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@127.0.0.1:{}/{database}",
-            self.port
-        )
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
     }
 
     /// A libpq URL for `database` as `user` (no password) over TCP.
@@ -294,7 +291,10 @@ impl Drop for LocalCluster {
     fn drop(&mut self) {
         if !self.stopped {
             let data = self.data_dir();
-            let _ = self.run_tool("pg_ctl", &["stop", "-D", path_str(&data), "-m", "immediate"]);
+            let _ = self.run_tool(
+                "pg_ctl",
+                &["stop", "-D", path_str(&data), "-m", "immediate"],
+            );
         }
     }
 }
@@ -323,10 +323,10 @@ fn free_port() -> Result<u16, ClusterError> {
 /// the newest `/usr/lib/postgresql/*/bin`, then `PATH`.
 pub fn find_bindir() -> Option<PathBuf> {
     let has_initdb = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
-    if let Some(d) = std::env::var_os("PG_BINDIR").map(PathBuf::from) {
-        if has_initdb(&d) {
-            return Some(d);
-        }
+    if let Some(d) = std::env::var_os("PG_BINDIR").map(PathBuf::from)
+        && has_initdb(&d)
+    {
+        return Some(d);
     }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
