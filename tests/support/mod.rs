@@ -39,20 +39,36 @@ impl TestDb {
                 .arg(format!("CREATE DATABASE \"{name}\""))
                 .output()
                 .expect("psql must be on PATH to use WALHOOK_TEST_DATABASE_URL");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let url = replace_db(&admin_url, &name);
-            return TestDb { cluster: None, name, url, admin_url };
+            return TestDb {
+                cluster: None,
+                name,
+                url,
+                admin_url,
+            };
         }
         let cluster = LocalCluster::start_with(options).expect("start throwaway cluster");
         cluster.create_database(&name).expect("create database");
         let url = cluster.url(&name);
         let admin_url = cluster.url("postgres");
-        TestDb { cluster: Some(cluster), name, url, admin_url }
+        TestDb {
+            cluster: Some(cluster),
+            name,
+            url,
+            admin_url,
+        }
     }
 
     /// The owned cluster; panics for an external server (tests that restart the server need one).
     pub fn cluster(&mut self) -> &mut LocalCluster {
-        self.cluster.as_mut().expect("this test needs its own cluster; unset WALHOOK_TEST_DATABASE_URL")
+        self.cluster
+            .as_mut()
+            .expect("this test needs its own cluster; unset WALHOOK_TEST_DATABASE_URL")
     }
 
     /// A tokio-postgres client on the test database.
@@ -63,7 +79,9 @@ impl TestDb {
     /// Runs statements (simple query protocol).
     pub async fn execute(&self, sql: &str) {
         let c = self.client().await;
-        c.batch_execute(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+        c.batch_execute(sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 }
 
@@ -72,7 +90,10 @@ impl Drop for TestDb {
         if self.cluster.is_none() {
             let _ = std::process::Command::new("psql")
                 .args([self.admin_url.as_str(), "-X", "-q", "-c"])
-                .arg(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name))
+                .arg(format!(
+                    "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                    self.name
+                ))
                 .output();
         }
     }
@@ -116,4 +137,125 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The path of the built `walhook` binary.
+pub fn walhook_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_walhook")
+}
+
+/// Writes `toml` to a fresh temporary directory and returns (dir, path).
+pub fn write_config(toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("walhook.toml");
+    std::fs::write(&path, toml).expect("write config");
+    (dir, path)
+}
+
+/// A `walhook run` child process whose stderr goes to a file.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `walhook run --config <toml>`.
+    pub fn start(toml: &str) -> Daemon {
+        let (dir, path) = write_config(toml);
+        let log = dir.path().join("walhook.log");
+        let child = std::process::Command::new(walhook_bin())
+            .args(["--log-format", "text", "run", "--config"])
+            .arg(&path)
+            .env("WALHOOK_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn walhook");
+        Daemon {
+            child,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait walhook")
+    }
+
+    /// Peak resident set size in kB (VmHWM) while the process is alive.
+    pub fn peak_rss_kb(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+
+    /// True while the process has not exited.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `walhook ARGS` to completion and returns (exit code, stdout, stderr).
+pub fn walhook(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(walhook_bin())
+        .args(args)
+        .env("WALHOOK_LOG", "warn")
+        .output()
+        .expect("run walhook");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A minimal config for `url` with the given `[[entity]]` blocks and fast batching.
+pub fn config_toml(url: &str, entities: &str) -> String {
+    format!(
+        r#"[source]
+url = "{url}"
+slot = "walhook"
+publication = "walhook"
+heartbeat = "1s"
+status_interval = "1s"
+
+[queue]
+batch_delay = "5ms"
+
+{entities}
+"#
+    )
+}
+
+/// Counts rows of `walhook.event`, 0 before the table exists.
+pub async fn event_count(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM walhook.event", &[])
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(0)
 }

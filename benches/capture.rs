@@ -1,0 +1,230 @@
+//! Capture benchmark: walhook against pg_recvlogical on the same WAL, in the same run.
+//!
+//! For each transaction shape, two slots are created before the load so both see the same
+//! WAL range. (a) pg_recvlogical drains one slot to /dev/null; (b) the release `walhook`
+//! binary decodes, maps and commits the other slot's changes into `walhook.event`.
+//!
+//!     cargo bench --bench capture                       # 1,000,000 bulk + 200,000 single
+//!     cargo bench --bench capture -- --bulk 200000 --single 50000
+//!
+//! Prints rates, their ratio and walhook's peak RSS as a Markdown table.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use walhook::cluster::LocalCluster;
+
+const DB: &str = "bench";
+
+struct Args {
+    bulk: u64,
+    single: u64,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        bulk: 1_000_000,
+        single: 200_000,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> u64 {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} takes a number"))
+        };
+        match a.as_str() {
+            "--bulk" => args.bulk = num("--bulk"),
+            "--single" => args.single = num("--single"),
+            // cargo bench passes --bench; ignore anything else.
+            _ => {}
+        }
+    }
+    args
+}
+
+struct Shape {
+    name: &'static str,
+    changes: u64,
+    load_sql: String,
+}
+
+struct Outcome {
+    name: &'static str,
+    changes: u64,
+    recvlogical_secs: f64,
+    walhook_secs: f64,
+    walhook_peak_rss_mb: u64,
+}
+
+fn main() {
+    let args = parse_args();
+    let cluster = LocalCluster::start().expect("start cluster");
+    cluster.create_database(DB).expect("create database");
+    psql(
+        &cluster,
+        "CREATE TABLE bench (id int PRIMARY KEY, a int NOT NULL, b text, c float8, d timestamptz, e bool);
+         ALTER TABLE bench REPLICA IDENTITY FULL;
+         CREATE PUBLICATION walhook FOR TABLE bench;",
+    );
+    let half = args.bulk / 2;
+    let shapes = [
+        Shape {
+            name: "1000-row transactions (inserts, then one-column updates)",
+            changes: half * 2,
+            load_sql: format!(
+                "DO $$ BEGIN
+                   FOR t IN 0..{txs} - 1 LOOP
+                     INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
+                       FROM generate_series(t * 1000 + 1, t * 1000 + 1000) g;
+                     COMMIT;
+                   END LOOP;
+                   FOR t IN 0..{txs} - 1 LOOP
+                     UPDATE bench SET a = a + 1 WHERE id > t * 1000 AND id <= t * 1000 + 1000;
+                     COMMIT;
+                   END LOOP;
+                 END $$;",
+                txs = half / 1000
+            ),
+        },
+        Shape {
+            name: "single-row transactions (inserts)",
+            changes: args.single,
+            load_sql: format!(
+                "DO $$ BEGIN
+                   FOR i IN 1..{n} LOOP
+                     INSERT INTO bench VALUES (10000000 + i, i, 'single ' || i, i * 0.5, now(), true);
+                     COMMIT;
+                   END LOOP;
+                 END $$;",
+                n = args.single
+            ),
+        },
+    ];
+    let mut outcomes = Vec::new();
+    for shape in &shapes {
+        if shape.changes == 0 {
+            continue;
+        }
+        outcomes.push(run_shape(&cluster, shape));
+    }
+    println!();
+    println!("| shape | changes | pg_recvlogical changes/s | walhook queued events/s | ratio | walhook peak RSS |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
+    for o in &outcomes {
+        let drain = o.changes as f64 / o.recvlogical_secs;
+        let wal = o.changes as f64 / o.walhook_secs;
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2} | {} MB |",
+            o.name,
+            o.changes,
+            drain,
+            wal,
+            wal / drain,
+            o.walhook_peak_rss_mb
+        );
+    }
+}
+
+fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
+    eprintln!("== {}: {} changes", shape.name, shape.changes);
+    psql(
+        cluster,
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
+         DROP SCHEMA IF EXISTS walhook CASCADE;
+         TRUNCATE bench;",
+    );
+    psql(
+        cluster,
+        "SELECT pg_create_logical_replication_slot('drain', 'pgoutput');
+         SELECT pg_create_logical_replication_slot('walhook', 'pgoutput');",
+    );
+    let t = Instant::now();
+    psql(cluster, &shape.load_sql);
+    let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
+    eprintln!("   loaded in {:.1}s, WAL end {end_lsn}", t.elapsed().as_secs_f64());
+    psql(cluster, "CHECKPOINT");
+
+    // (a) pg_recvlogical drains the same range to /dev/null.
+    let port = cluster.port().to_string();
+    let t = Instant::now();
+    let status = Command::new(cluster.bindir().join("pg_recvlogical"))
+        .args([
+            "-h", "127.0.0.1", "-p", &port, "-U", walhook::cluster::SUPERUSER, "-d", DB,
+            "--slot", "drain", "--start", "--no-loop", "-E", &end_lsn, "-f", "/dev/null",
+            "-o", "proto_version=1", "-o", "publication_names=walhook",
+        ])
+        .status()
+        .expect("run pg_recvlogical");
+    let recvlogical_secs = t.elapsed().as_secs_f64();
+    assert!(status.success(), "pg_recvlogical failed: {status}");
+    eprintln!("   pg_recvlogical: {recvlogical_secs:.2}s");
+
+    // (b) walhook decodes, maps and commits the same changes to walhook.event.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("walhook.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[source]\nurl = \"{}\"\nslot = \"walhook\"\npublication = \"walhook\"\nheartbeat = \"off\"\n\n[[entity]]\nname = \"Bench\"\ntable = \"bench\"\n",
+            cluster.url(DB)
+        ),
+    )
+    .expect("write config");
+    let t = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_walhook"))
+        .args(["--log-format", "text", "run", "--config"])
+        .arg(&config)
+        .env("WALHOOK_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start walhook");
+    let pid = child.id();
+    let mut peak_kb = 0;
+    loop {
+        peak_kb = peak_kb.max(vm_hwm_kb(pid));
+        let queued: i64 = psql(
+            cluster,
+            "SELECT coalesce((SELECT max(id) FROM walhook.event), 0)",
+        )
+        .parse()
+        .unwrap_or(0);
+        if queued as u64 >= shape.changes {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("walhook exited early: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let walhook_secs = t.elapsed().as_secs_f64();
+    peak_kb = peak_kb.max(vm_hwm_kb(pid));
+    let _ = child.kill();
+    let _ = child.wait();
+    eprintln!("   walhook: {walhook_secs:.2}s, peak RSS {} MB", peak_kb / 1024);
+    Outcome {
+        name: shape.name,
+        changes: shape.changes,
+        recvlogical_secs,
+        walhook_secs,
+        walhook_peak_rss_mb: peak_kb / 1024,
+    }
+}
+
+fn vm_hwm_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn psql(cluster: &LocalCluster, sql: &str) -> String {
+    cluster
+        .psql(DB, sql)
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}

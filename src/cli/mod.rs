@@ -1,0 +1,216 @@
+//! The command line: parses arguments, sets up logging, runs a command, maps errors to
+//! exit codes (78 = EX_CONFIG for anything an operator must fix first).
+
+mod demo;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, DEFAULT_PATH};
+use crate::error::{Classify, ErrorClass};
+
+/// walhook: PostgreSQL change data capture to webhooks.
+#[derive(Parser, Debug)]
+#[command(name = "walhook", version, about, long_about = None)]
+struct Cli {
+    /// Log format: text for terminals, json for log collectors (default: text on a terminal,
+    /// json otherwise).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+struct ConfigArg {
+    /// Configuration file.
+    #[arg(long, short = 'c', env = "WALHOOK_CONFIG", default_value = DEFAULT_PATH)]
+    config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the daemon: stream changes into the queue tables.
+    Run(ConfigArg),
+    /// Check the configuration and the database prerequisites; one line per check.
+    Check(ConfigArg),
+    /// Create the queue tables, publication and slot (or print the SQL for a DBA).
+    Setup(SetupArgs),
+    /// Show the whole flow on a throwaway local database with sample tables and changes.
+    Demo {
+        /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        duration: Option<std::time::Duration>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct SetupArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print the SQL instead of running it.
+    #[arg(long)]
+    print_sql: bool,
+    /// Also set REPLICA IDENTITY FULL on entity tables that lack it, so changedFields and
+    /// `track` see complete old rows.
+    #[arg(long)]
+    replica_identity_full: bool,
+    /// Remove the replication slot and the publication (the queue tables stay).
+    #[arg(long, conflicts_with_all = ["print_sql", "replica_identity_full"])]
+    drop: bool,
+    /// With --drop: also drop schema walhook and every queued event and notification.
+    #[arg(long, requires = "drop")]
+    drop_queue: bool,
+}
+
+/// An error that ends the process: one line, and the exit code of its class.
+#[derive(Debug)]
+struct Failure {
+    class: ErrorClass,
+    message: String,
+}
+
+impl<E: Classify + std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            class: e.class(),
+            message: e.to_string(),
+        }
+    }
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("walhook: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(f) => {
+            // Multi-line messages (several config errors) keep one problem per line.
+            for line in f.message.lines() {
+                eprintln!("walhook: error: {line}");
+            }
+            f.class.exit_code()
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<i32, Failure> {
+    match command {
+        Command::Run(c) => {
+            let config = Config::load(&c.config)?;
+            let shutdown = CancellationToken::new();
+            spawn_signal_handler(shutdown.clone());
+            crate::service::run(config, shutdown).await?;
+            Ok(0)
+        }
+        Command::Check(c) => {
+            let config = Config::load(&c.config)?;
+            let client = connect(&config).await?;
+            let report = crate::setup::check(&client, &config).await;
+            println!("{report}");
+            Ok(if report.ok() {
+                0
+            } else {
+                crate::error::EX_CONFIG
+            })
+        }
+        Command::Setup(args) => setup(args).await,
+        Command::Demo { duration } => demo::run(duration).await,
+    }
+}
+
+async fn setup(args: SetupArgs) -> Result<i32, Failure> {
+    let config = Config::load(&args.config.config)?;
+    let mut client = connect(&config).await?;
+    if args.drop {
+        let opts = crate::setup::DropOptions {
+            queue_schema: args.drop_queue,
+        };
+        let done = crate::setup::drop_all(&client, &config, opts).await?;
+        for line in done {
+            println!("{line}");
+        }
+        return Ok(0);
+    }
+    let opts = crate::setup::SetupOptions {
+        replica_identity_full: args.replica_identity_full,
+    };
+    let steps = crate::setup::plan(&client, &config, opts).await?;
+    if args.print_sql {
+        print!("{}", crate::setup::script(&steps, &config));
+        return Ok(0);
+    }
+    if steps.is_empty() {
+        println!("nothing to do: the database is set up for walhook");
+        return Ok(0);
+    }
+    crate::setup::apply(&mut client, &steps).await?;
+    for s in &steps {
+        println!("done  {}", s.why);
+    }
+    Ok(0)
+}
+
+async fn connect(config: &Config) -> Result<tokio_postgres::Client, Failure> {
+    let params = crate::replication::conn::ConnectParams::parse(
+        config.source.url.expose(),
+        config.source.password.as_ref().map(|s| s.expose()),
+    )?;
+    Ok(crate::service::connect_ordinary(&params).await?)
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot install signal handlers; stop walhook with SIGKILL");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+        }
+        shutdown.cancel();
+    });
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("WALHOOK_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
+        LogFormat::Text
+    } else {
+        LogFormat::Json
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

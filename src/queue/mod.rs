@@ -1,0 +1,200 @@
+//! The durable queue inside the source database: schema migrations, the batch writer that
+//! stores entity events and fans them out to listeners, and the single state row that
+//! remembers which source the queue belongs to and how far it is flushed.
+//!
+//! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
+
+mod migrate;
+mod state;
+mod writer;
+
+use tokio_postgres::error::SqlState;
+
+use crate::error::{Classify, ErrorClass};
+
+pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
+pub use state::{QueueState, read_state, record_source};
+pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, WriteOutcome, event_id};
+
+/// An error talking to the queue tables.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The database refused or failed a statement, or the connection broke.
+    #[error("{context}: {detail}")]
+    Database {
+        /// What walhook was doing.
+        context: &'static str,
+        /// The server's message (or the client's, for connection errors).
+        detail: String,
+        /// The underlying error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// The walhook role lacks a privilege; `grant` is the statement that fixes it.
+    #[error("{context}: {detail}; fix: {grant}")]
+    PermissionDenied {
+        /// What walhook was doing.
+        context: &'static str,
+        /// The server's message.
+        detail: String,
+        /// The SQL a DBA runs to grant what is missing.
+        grant: String,
+    },
+    /// The `walhook` schema is missing or incomplete.
+    #[error("{context}: {detail}; run `walhook setup` to create the walhook schema")]
+    SchemaMissing {
+        /// What walhook was doing.
+        context: &'static str,
+        /// The server's message.
+        detail: String,
+    },
+    /// An event cannot be represented in the queue tables (a value out of a column's range).
+    #[error("cannot store an event: {detail}")]
+    Unstorable {
+        /// What is out of range.
+        detail: String,
+    },
+    /// The database was migrated by a newer walhook than this binary.
+    #[error(
+        "the walhook schema in this database is version {found}, but this walhook knows versions up to {known}: upgrade walhook, or point it at the right database"
+    )]
+    SchemaTooNew {
+        /// Highest version recorded in `walhook.schema_migration`.
+        found: i32,
+        /// Highest version this binary carries.
+        known: i32,
+    },
+}
+
+impl Classify for QueueError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            QueueError::Database { source, .. } => classify_db(source),
+            QueueError::PermissionDenied { .. }
+            | QueueError::SchemaMissing { .. }
+            | QueueError::Unstorable { .. } => ErrorClass::Permanent,
+            QueueError::SchemaTooNew { .. } => ErrorClass::Config,
+        }
+    }
+}
+
+fn classify_db(err: &tokio_postgres::Error) -> ErrorClass {
+    let Some(code) = err.code() else {
+        // No SQLSTATE: the connection broke or could not be made.
+        return ErrorClass::Transient;
+    };
+    let transient = code == &SqlState::T_R_SERIALIZATION_FAILURE
+        || code == &SqlState::T_R_DEADLOCK_DETECTED
+        || code == &SqlState::LOCK_NOT_AVAILABLE
+        || code == &SqlState::QUERY_CANCELED
+        || code == &SqlState::ADMIN_SHUTDOWN
+        || code == &SqlState::CRASH_SHUTDOWN
+        || code == &SqlState::CANNOT_CONNECT_NOW
+        || code == &SqlState::READ_ONLY_SQL_TRANSACTION
+        || code == &SqlState::IO_ERROR
+        // Class 08: connection exception; class 53: insufficient resources (disk full,
+        // out of memory, too many connections) — all may clear up on their own.
+        || code.code().starts_with("08")
+        || code.code().starts_with("53");
+    if transient {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+/// The server's message for a database error, or the client's description otherwise.
+fn describe(err: &tokio_postgres::Error) -> String {
+    match err.as_db_error() {
+        Some(db) => db.message().to_owned(),
+        None => match std::error::Error::source(err) {
+            Some(cause) => format!("{err}: {cause}"),
+            None => err.to_string(),
+        },
+    }
+}
+
+/// Who is connected where, to name the role and database in a GRANT hint.
+#[derive(Clone, Debug)]
+struct Session {
+    role: String,
+    database: String,
+}
+
+impl Session {
+    const QUERY: &'static str = "SELECT current_user::text, current_database()::text";
+
+    async fn of(client: &tokio_postgres::Client) -> Result<Session, QueueError> {
+        let row = client
+            .query_one(Self::QUERY, &[])
+            .await
+            .map_err(db_error("reading the session's role", None))?;
+        let field = |i| {
+            row.try_get::<_, String>(i)
+                .map_err(db_error("reading the session's role", None))
+        };
+        Ok(Session {
+            role: field(0)?,
+            database: field(1)?,
+        })
+    }
+}
+
+/// Which grant fixes a permission error: creating the schema, or using it.
+#[derive(Clone, Copy, Debug)]
+enum Needs {
+    Create,
+    Use,
+}
+
+impl Needs {
+    /// The GRANT statement; names the role and database when the session is known.
+    fn grant(self, session: Option<&Session>) -> String {
+        let role = session.map_or_else(
+            || "<walhook role>".to_owned(),
+            |s| crate::types::quote_ident(&s.role),
+        );
+        match self {
+            Needs::Create => format!(
+                "GRANT CREATE ON DATABASE {} TO {role}; (or apply `walhook setup --print-sql` as the database owner)",
+                session.map_or_else(
+                    || "<database>".to_owned(),
+                    |s| crate::types::quote_ident(&s.database)
+                )
+            ),
+            Needs::Use => format!(
+                "GRANT USAGE ON SCHEMA walhook TO {role}; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA walhook TO {role}; GRANT USAGE ON ALL SEQUENCES IN SCHEMA walhook TO {role};"
+            ),
+        }
+    }
+}
+
+/// Maps a tokio-postgres error to a [`QueueError`], recognising missing privileges (when
+/// the session is known) and a missing schema.
+fn db_error<'s>(
+    context: &'static str,
+    privilege: Option<(Needs, Option<&'s Session>)>,
+) -> impl FnOnce(tokio_postgres::Error) -> QueueError + 's {
+    move |source| {
+        let detail = describe(&source);
+        match (source.code(), privilege) {
+            (Some(code), Some((needs, session))) if code == &SqlState::INSUFFICIENT_PRIVILEGE => {
+                QueueError::PermissionDenied {
+                    context,
+                    detail,
+                    grant: needs.grant(session),
+                }
+            }
+            (Some(code), _)
+                if code == &SqlState::UNDEFINED_TABLE || code == &SqlState::INVALID_SCHEMA_NAME =>
+            {
+                QueueError::SchemaMissing { context, detail }
+            }
+            _ => QueueError::Database {
+                context,
+                detail,
+                source,
+            },
+        }
+    }
+}

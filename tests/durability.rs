@@ -1,0 +1,310 @@
+//! Nothing is lost or duplicated: SIGKILL, server restarts, huge transactions, idle slots.
+//! These tests run the real `walhook` binary.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{ClusterOptions, Daemon, TestDb, config_toml, event_count, eventually};
+use walhook::types::Lsn;
+
+const ITEM_ENTITY: &str = r#"
+[[entity]]
+name = "Item"
+table = "item"
+"#;
+
+async fn create_item_table(db: &TestDb) {
+    db.execute(
+        "CREATE TABLE item (id int PRIMARY KEY, tx int NOT NULL, v int NOT NULL, pad text);
+         ALTER TABLE item REPLICA IDENTITY FULL;",
+    )
+    .await;
+}
+
+async fn slot_confirmed(c: &tokio_postgres::Client) -> Option<Lsn> {
+    let row = c
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'walhook'",
+            &[],
+        )
+        .await
+        .ok()??;
+    row.get::<_, Option<String>>(0)?.parse().ok()
+}
+
+async fn wait_streaming(c: &tokio_postgres::Client) {
+    eventually(Duration::from_secs(60), "walhook streaming from its slot", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+}
+
+/// One source transaction of the workload: its number, how many changes it made and an
+/// upper bound of its commit's end LSN (the insert position read after COMMIT returned).
+#[derive(Clone, Copy, Debug)]
+struct TxRecord {
+    tx: i32,
+    changes: i64,
+    upper: Lsn,
+}
+
+async fn current_insert_lsn(c: &tokio_postgres::Client) -> Lsn {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    s.parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let toml = config_toml(&db.url, ITEM_ENTITY);
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+
+    // The workload: 20,000 changes in transactions of mixed sizes, inserts then updates.
+    let records: Arc<Mutex<Vec<TxRecord>>> = Arc::default();
+    let workload = {
+        let url = db.url.clone();
+        let records = records.clone();
+        tokio::spawn(async move {
+            let mut c = support::connect(&url).await;
+            let sizes = [1, 7, 50, 300, 1, 2, 1000, 25];
+            let (mut total, mut next_id, mut tx) = (0i64, 0i32, 0i32);
+            while total < 20_000 {
+                let size = sizes[tx as usize % sizes.len()].min(20_000 - total) as i32;
+                tx += 1;
+                let t = c.transaction().await.unwrap();
+                if tx % 3 == 0 && next_id >= size {
+                    // Updates of rows inserted earlier.
+                    t.execute(
+                        "UPDATE item SET v = v + 1, tx = $1 WHERE id >= $2 AND id < $2 + $3",
+                        &[&tx, &(next_id - size), &size],
+                    )
+                    .await
+                    .unwrap();
+                } else {
+                    t.execute(
+                        "INSERT INTO item SELECT g, $1, 0, 'p' FROM generate_series($2::int, $2 + $3 - 1) g",
+                        &[&tx, &next_id, &size],
+                    )
+                    .await
+                    .unwrap();
+                    next_id += size;
+                }
+                t.commit().await.unwrap();
+                let upper = current_insert_lsn(&c).await;
+                records.lock().unwrap().push(TxRecord { tx, changes: size.into(), upper });
+                total += i64::from(size);
+                // Pace the load so the kills land mid-stream.
+                tokio::time::sleep(Duration::from_millis(15)).await;
+            }
+            total
+        })
+    };
+
+    // The checker: the slot never confirms a transaction whose events are not all queued.
+    let checking = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let checker = {
+        let url = db.url.clone();
+        let records = records.clone();
+        let checking = checking.clone();
+        tokio::spawn(async move {
+            let c = support::connect(&url).await;
+            let mut checks = 0u32;
+            while checking.load(std::sync::atomic::Ordering::SeqCst) {
+                let Some(confirmed) = slot_confirmed(&c).await else { continue };
+                let txs: Vec<TxRecord> = records.lock().unwrap().clone();
+                let queued: HashMap<i32, i64> = c
+                    .query(
+                        "SELECT (row->>'tx')::int, count(*) FROM walhook.event GROUP BY 1",
+                        &[],
+                    )
+                    .await
+                    .map(|rows| rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+                    .unwrap_or_default();
+                for r in txs.iter().filter(|r| r.upper <= confirmed) {
+                    let got = queued.get(&r.tx).copied().unwrap_or(0);
+                    assert!(
+                        got >= r.changes,
+                        "slot confirmed {confirmed} past transaction {} (commit ≤ {}) with only {got} of {} events queued",
+                        r.tx, r.upper, r.changes
+                    );
+                }
+                checks += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            checks
+        })
+    };
+
+    for threshold in [4_000, 11_000] {
+        eventually(Duration::from_secs(120), "events before the kill", || async {
+            (event_count(&c).await >= threshold).then_some(())
+        })
+        .await;
+        daemon.kill9();
+        daemon = Daemon::start(&toml);
+    }
+    let total = workload.await.unwrap();
+    assert_eq!(total, 20_000);
+    eventually(Duration::from_secs(180), "all 20,000 events", || async {
+        (event_count(&c).await >= 20_000).then_some(())
+    })
+    .await;
+    // Wait for the slot to confirm the last transaction, so the checker sees every one.
+    let last = records.lock().unwrap().last().copied().unwrap();
+    eventually(Duration::from_secs(60), "slot confirms the last commit", || async {
+        (slot_confirmed(&c).await? >= last.upper).then_some(())
+    })
+    .await;
+    checking.store(false, std::sync::atomic::Ordering::SeqCst);
+    let checks = checker.await.unwrap();
+    assert!(checks > 10, "the checker ran only {checks} times");
+
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT (row->>'id', action, row->>'v')), count(DISTINCT event_id) FROM walhook.event",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (n, distinct, ids): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    assert_eq!((n, distinct, ids), (20_000, 20_000, 20_000), "exactly one event per change");
+    let per_tx: HashMap<i32, i64> = c
+        .query("SELECT (row->>'tx')::int, count(*) FROM walhook.event GROUP BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for r in records.lock().unwrap().iter() {
+        assert_eq!(per_tx.get(&r.tx).copied(), Some(r.changes), "transaction {}", r.tx);
+    }
+    assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200k_row_transaction_streams_with_bounded_memory() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let daemon = Daemon::start(&config_toml(&db.url, ITEM_ENTITY));
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO item SELECT g, 1, 0, repeat('p', 40) FROM generate_series(1, 200000) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let started = Instant::now();
+    eventually(Duration::from_secs(300), "200,000 events", || async {
+        (event_count(&c).await >= 200_000).then_some(())
+    })
+    .await;
+    let rss_kb = daemon.peak_rss_kb().expect("daemon alive");
+    println!(
+        "200k-row transaction: queued in {:.1}s, walhook peak RSS {} MB",
+        started.elapsed().as_secs_f64(),
+        rss_kb / 1024
+    );
+    assert!(rss_kb < 500 * 1024, "peak RSS {} MB", rss_kb / 1024);
+    assert_eq!(event_count(&c).await, 200_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_server_restart_does_not_wait_on_walhook_and_nothing_is_lost() {
+    // A long wal_sender_timeout makes a walsender that waits on an unconfirmed client obvious.
+    let mut db = TestDb::with_options(ClusterOptions {
+        extra_conf: vec!["wal_sender_timeout = '10min'".into()],
+        ..Default::default()
+    });
+    create_item_table(&db).await;
+    let daemon = Daemon::start(&config_toml(&db.url, ITEM_ENTITY));
+    {
+        let c = db.client().await;
+        wait_streaming(&c).await;
+        c.execute("INSERT INTO item SELECT g, 1, 0, 'a' FROM generate_series(1, 1000) g", &[])
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(60), "first 1000 events", || async {
+            (event_count(&c).await >= 1000).then_some(())
+        })
+        .await;
+    }
+    let started = Instant::now();
+    db.cluster().restart_fast().expect("pg_ctl restart -m fast");
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(60), "fast restart took {took:?}: the walsender waited on walhook");
+
+    let c = db.client().await;
+    c.execute("INSERT INTO item SELECT g, 2, 0, 'b' FROM generate_series(1001, 2000) g", &[])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(120), "events written after the restart", || async {
+        (event_count(&c).await >= 2000).then_some(())
+    })
+    .await;
+    let distinct: i64 = c
+        .query_one("SELECT count(DISTINCT row->>'id') FROM walhook.event", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((event_count(&c).await, distinct), (2000, 2000));
+    let log = daemon.log();
+    assert!(log.contains("reconnecting"), "no reconnect logged:\n{log}");
+    // Each attempt is logged once.
+    let attempts: Vec<&str> = log.lines().filter(|l| l.contains("reconnecting")).collect();
+    let unique: HashSet<&str> = attempts.iter().copied().collect();
+    assert_eq!(attempts.len(), unique.len(), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_slot_follows_wal_written_by_untracked_tables() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    db.execute("CREATE TABLE noise (id int, pad text)").await;
+    let _daemon = Daemon::start(&config_toml(&db.url, ITEM_ENTITY));
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let before = current_insert_lsn(&c).await;
+    // ~64 MB of WAL in a table walhook does not track.
+    for _ in 0..8 {
+        c.execute(
+            "INSERT INTO noise SELECT g, repeat(md5(g::text), 30) FROM generate_series(1, 7000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    let after = current_insert_lsn(&c).await;
+    assert!(after.0 - before.0 >= 64 << 20, "only {} bytes of WAL written", after.0 - before.0);
+    eventually(Duration::from_secs(30), "confirmed_flush_lsn within 1 MB of the WAL position", || async {
+        let row = c
+            .query_one(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'walhook'",
+                &[],
+            )
+            .await
+            .ok()?;
+        let lag: i64 = row.get(0);
+        (lag < 1 << 20).then_some(())
+    })
+    .await;
+    assert_eq!(event_count(&c).await, 0);
+}
