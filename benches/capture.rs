@@ -109,7 +109,9 @@ fn main() {
         outcomes.push(run_shape(&cluster, shape));
     }
     println!();
-    println!("| shape | changes | pg_recvlogical changes/s | walhook queued events/s | ratio | walhook peak RSS |");
+    println!(
+        "| shape | changes | pg_recvlogical changes/s | walhook queued events/s | ratio | walhook peak RSS |"
+    );
     println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for o in &outcomes {
         let drain = o.changes as f64 / o.recvlogical_secs;
@@ -142,7 +144,10 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     let t = Instant::now();
     psql(cluster, &shape.load_sql);
     let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
-    eprintln!("   loaded in {:.1}s, WAL end {end_lsn}", t.elapsed().as_secs_f64());
+    eprintln!(
+        "   loaded in {:.1}s, WAL end {end_lsn}",
+        t.elapsed().as_secs_f64()
+    );
     psql(cluster, "CHECKPOINT");
 
     // (a) pg_recvlogical drains the same range to /dev/null.
@@ -150,9 +155,26 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     let t = Instant::now();
     let status = Command::new(cluster.bindir().join("pg_recvlogical"))
         .args([
-            "-h", "127.0.0.1", "-p", &port, "-U", walhook::cluster::SUPERUSER, "-d", DB,
-            "--slot", "drain", "--start", "--no-loop", "-E", &end_lsn, "-f", "/dev/null",
-            "-o", "proto_version=1", "-o", "publication_names=walhook",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            walhook::cluster::SUPERUSER,
+            "-d",
+            DB,
+            "--slot",
+            "drain",
+            "--start",
+            "--no-loop",
+            "-E",
+            &end_lsn,
+            "-f",
+            "/dev/null",
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=walhook",
         ])
         .status()
         .expect("run pg_recvlogical");
@@ -201,7 +223,10 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     peak_kb = peak_kb.max(vm_hwm_kb(pid));
     let _ = child.kill();
     let _ = child.wait();
-    eprintln!("   walhook: {walhook_secs:.2}s, peak RSS {} MB", peak_kb / 1024);
+    eprintln!(
+        "   walhook: {walhook_secs:.2}s, peak RSS {} MB",
+        peak_kb / 1024
+    );
     Outcome {
         name: shape.name,
         changes: shape.changes,

@@ -604,7 +604,16 @@ fn classify_pg_error(e: &tokio_postgres::Error, params: &ConnectParams) -> Servi
                 }
                 _ => ErrorClass::Permanent,
             };
-            ServiceError::new(class, format!("{} ({where_})", db.message()))
+            let fix = match code {
+                "28P01" => {
+                    "; check the password in [source] (url, password or password_file), PGPASSWORD or ~/.pgpass"
+                }
+                "28000" => "; allow this user, database and address in the server's pg_hba.conf",
+                "3D000" => "; fix the database name in [source] url",
+                "42501" => "; grant the role the privilege named above",
+                _ => "",
+            };
+            ServiceError::new(class, format!("{} ({where_}){fix}", db.message()))
         }
         None => ServiceError::transient(format!("cannot connect to PostgreSQL at {where_}: {e}")),
     }

@@ -104,7 +104,10 @@ actions = ["created", "deleted"]
     // The slot exists once the service streams; changes before that would be missed.
     eventually(Duration::from_secs(30), "slot", || async {
         let n: i64 = c
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+                &[],
+            )
             .await
             .ok()?
             .get(0);
@@ -128,13 +131,22 @@ actions = ["created", "deleted"]
 
     let evs = wait_for_events(&c, 6).await;
     // Let anything that should not exist have a chance to show up.
-    c.batch_execute("INSERT INTO orders VALUES ('z', 99, 0, 'fence')").await.unwrap();
+    c.batch_execute("INSERT INTO orders VALUES ('z', 99, 0, 'fence')")
+        .await
+        .unwrap();
     let evs_all = wait_for_events(&c, 7).await;
     assert_eq!(evs_all.len(), 7, "{evs_all:#?}");
     assert_eq!(&evs_all[..6], &evs[..6]);
 
     let created = &evs[0];
-    assert_eq!((created.entity.as_str(), created.entity_id.as_str(), created.action.as_str()), ("Customer", "1", "Created"));
+    assert_eq!(
+        (
+            created.entity.as_str(),
+            created.entity_id.as_str(),
+            created.action.as_str()
+        ),
+        ("Customer", "1", "Created")
+    );
     assert_eq!(
         created.row,
         json!({"id": 1, "first_name": "Ada", "last_name": "Lovelace", "city": "London", "note": "n1"})
@@ -145,17 +157,39 @@ actions = ["created", "deleted"]
     assert_eq!(updated.action, "Updated");
     assert_eq!(updated.changed.as_deref(), Some(&["city".to_string()][..]));
     assert_eq!(updated.row["city"], json!("Paris"));
-    assert_eq!(updated.old.as_ref().map(|o| o["city"].clone()), Some(json!("London")));
+    assert_eq!(
+        updated.old.as_ref().map(|o| o["city"].clone()),
+        Some(json!("London"))
+    );
 
     // The untracked-only update produced nothing: next come the orders.
-    assert_eq!((evs[2].entity.as_str(), evs[2].entity_id.as_str(), evs[2].action.as_str()), ("Order", r#"["a,b","1"]"#, "Created"));
+    assert_eq!(
+        (
+            evs[2].entity.as_str(),
+            evs[2].entity_id.as_str(),
+            evs[2].action.as_str()
+        ),
+        ("Order", r#"["a,b","1"]"#, "Created")
+    );
     assert_eq!(evs[2].row["amount"], json!("10.50"));
-    assert_eq!((evs[3].entity_id.as_str(), evs[3].action.as_str()), (r#"["a","2"]"#, "Created"));
-    assert_eq!((evs[4].entity_id.as_str(), evs[4].action.as_str()), (r#"["b,c","3"]"#, "Created"));
+    assert_eq!(
+        (evs[3].entity_id.as_str(), evs[3].action.as_str()),
+        (r#"["a","2"]"#, "Created")
+    );
+    assert_eq!(
+        (evs[4].entity_id.as_str(), evs[4].action.as_str()),
+        (r#"["b,c","3"]"#, "Created")
+    );
     // The order update is filtered by `actions`; the delete is not.
-    assert_eq!((evs[5].entity_id.as_str(), evs[5].action.as_str()), (r#"["a","2"]"#, "Deleted"));
+    assert_eq!(
+        (evs[5].entity_id.as_str(), evs[5].action.as_str()),
+        (r#"["a","2"]"#, "Deleted")
+    );
     let deleted = &evs_all[6];
-    assert_eq!((deleted.entity.as_str(), deleted.action.as_str()), ("Customer", "Deleted"));
+    assert_eq!(
+        (deleted.entity.as_str(), deleted.action.as_str()),
+        ("Customer", "Deleted")
+    );
     assert_eq!(deleted.row["first_name"], json!("Ada"));
 
     // Excluded columns appear nowhere in the queue.
@@ -169,7 +203,10 @@ actions = ["created", "deleted"]
         .get(0);
     assert_eq!(leaked, 0);
     let subject: Option<String> = c
-        .query_one("SELECT subject FROM walhook.event WHERE entity = 'Customer' ORDER BY id LIMIT 1", &[])
+        .query_one(
+            "SELECT subject FROM walhook.event WHERE entity = 'Customer' ORDER BY id LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -201,7 +238,10 @@ table = "typed"
     let c = db.client().await;
     eventually(Duration::from_secs(30), "slot", || async {
         let n: i64 = c
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE active",
+                &[],
+            )
             .await
             .ok()?
             .get(0);
@@ -227,7 +267,10 @@ table = "typed"
     assert_eq!(row["n"], json!("12345678901234567890.0123456789"));
     assert_eq!(row["f"], json!(1.5));
     assert_eq!(row["f_nan"], json!("NaN"));
-    assert_eq!(row["t"], json!("unicode ✓ \"quotes\" and 'single' \\ backslash"));
+    assert_eq!(
+        row["t"],
+        json!("unicode ✓ \"quotes\" and 'single' \\ backslash")
+    );
     assert_eq!(row["ok"], json!(true));
     assert_eq!(row["j"], json!({"a": [1, 2.5, null]}));
     assert_eq!(row["jb"], json!({"k": {"n": 1}}));

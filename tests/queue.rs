@@ -576,7 +576,9 @@ async fn write_throughput() {
     queue::migrate(&mut client).await.unwrap();
     const TOTAL: usize = 100_000;
     for (batch_size, listeners) in [(2000, 1), (2000, 1), (5000, 1)] {
-        if let Ok(sql) = std::env::var("BENCH_SQL") { client.batch_execute(&sql).await.unwrap(); }
+        if let Ok(sql) = std::env::var("BENCH_SQL") {
+            client.batch_execute(&sql).await.unwrap();
+        }
         client
             .batch_execute("TRUNCATE walhook.new, walhook.failed, walhook.event")
             .await
@@ -625,7 +627,11 @@ async fn copy_throughput_experiment() {
     use tokio_postgres::binary_copy::BinaryCopyInWriter;
     use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
     let db = support::TestDb::with_options(support::ClusterOptions {
-        extra_conf: vec!["fsync = on".into(), "full_page_writes = on".into(), "synchronous_commit = on".into()],
+        extra_conf: vec![
+            "fsync = on".into(),
+            "full_page_writes = on".into(),
+            "synchronous_commit = on".into(),
+        ],
         hba: None,
     });
     let mut client = db.client().await;
@@ -638,10 +644,18 @@ async fn copy_throughput_experiment() {
         .unwrap();
     const TOTAL: usize = 100_000;
     for batch_size in [1000, 2000, 5000] {
-        client.batch_execute("TRUNCATE walhook.new, walhook.failed, walhook.event").await.unwrap();
+        client
+            .batch_execute("TRUNCATE walhook.new, walhook.failed, walhook.event")
+            .await
+            .unwrap();
         let events: Vec<EntityEvent> = (0..TOTAL)
             .map(|i| {
-                let mut e = event(0x1000 + (i / 4) as u64 * 0x100, (i % 4) as u32, "Customer", &i.to_string());
+                let mut e = event(
+                    0x1000 + (i / 4) as u64 * 0x100,
+                    (i % 4) as u32,
+                    "Customer",
+                    &i.to_string(),
+                );
                 e.row = object(json!({
                     "id": i, "first_name": "Ada", "last_name": "Lovelace",
                     "city": "London", "email": format!("ada{i}@example.com"), "balance": "1234.50"
@@ -656,7 +670,21 @@ async fn copy_throughput_experiment() {
         for chunk in events.chunks(batch_size) {
             let tx = client.transaction().await.unwrap();
             let sink = tx.copy_in("COPY stage FROM STDIN BINARY").await.unwrap();
-            let types = [Type::UUID, Type::PG_LSN, Type::INT4, Type::INT8, Type::TIMESTAMPTZ, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT_ARRAY, Type::JSONB, Type::JSONB, Type::TEXT, Type::TEXT];
+            let types = [
+                Type::UUID,
+                Type::PG_LSN,
+                Type::INT4,
+                Type::INT8,
+                Type::TIMESTAMPTZ,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT,
+                Type::TEXT_ARRAY,
+                Type::JSONB,
+                Type::JSONB,
+                Type::TEXT,
+                Type::TEXT,
+            ];
             let writer = BinaryCopyInWriter::new(sink, &types);
             pin_mut!(writer);
             for e in chunk {
@@ -664,9 +692,24 @@ async fn copy_throughput_experiment() {
                 let lsn = PgLsn::from(e.commit_lsn.0);
                 let seq = e.seq as i32;
                 let xid = i64::from(e.xid.0);
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_micros(e.commit_time.unix_micros() as u64);
+                let t = std::time::UNIX_EPOCH
+                    + std::time::Duration::from_micros(e.commit_time.unix_micros() as u64);
                 let table = e.table.to_string();
-                let row: [&(dyn ToSql + Sync); 13] = [&id, &lsn, &seq, &xid, &t, &e.entity.as_str(), &e.entity_id, &e.action.as_str(), &e.changed_fields, &Json(&e.row), &e.old.as_ref().map(Json), &e.subject, &table];
+                let row: [&(dyn ToSql + Sync); 13] = [
+                    &id,
+                    &lsn,
+                    &seq,
+                    &xid,
+                    &t,
+                    &e.entity.as_str(),
+                    &e.entity_id,
+                    &e.action.as_str(),
+                    &e.changed_fields,
+                    &Json(&e.row),
+                    &e.old.as_ref().map(Json),
+                    &e.subject,
+                    &table,
+                ];
                 writer.as_mut().write(&row).await.unwrap();
             }
             writer.finish().await.unwrap();
@@ -674,6 +717,9 @@ async fn copy_throughput_experiment() {
             tx.commit().await.unwrap();
         }
         let secs = start.elapsed().as_secs_f64();
-        println!("COPY+INSERT: batches of {batch_size}: {:.0} events/s", TOTAL as f64 / secs);
+        println!(
+            "COPY+INSERT: batches of {batch_size}: {:.0} events/s",
+            TOTAL as f64 / secs
+        );
     }
 }

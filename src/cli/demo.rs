@@ -26,13 +26,31 @@ ALTER TABLE orders REPLICA IDENTITY FULL;
 
 /// Sample changes made one after another; each line is one transaction.
 const DEMO_CHANGES: &[(&str, &str)] = &[
-    ("insert a customer", "INSERT INTO customer (first_name, last_name, city, password_hash) VALUES ('Ada', 'Lovelace', 'London', 'x')"),
-    ("insert another customer", "INSERT INTO customer (first_name, last_name, city, password_hash) VALUES ('Grace', 'Hopper', 'New York', 'y')"),
-    ("update a tracked column (city)", "UPDATE customer SET city = 'Paris' WHERE first_name = 'Ada'"),
-    ("update only an untracked column (no event expected)", "UPDATE customer SET last_seen = now() WHERE first_name = 'Ada'"),
-    ("place an order", "INSERT INTO orders (customer_id, total, items, status) SELECT id, 42.50, '[{\"sku\": \"B-1\", \"qty\": 2}]', 'new' FROM customer WHERE first_name = 'Grace'"),
+    (
+        "insert a customer",
+        "INSERT INTO customer (first_name, last_name, city, password_hash) VALUES ('Ada', 'Lovelace', 'London', 'x')",
+    ),
+    (
+        "insert another customer",
+        "INSERT INTO customer (first_name, last_name, city, password_hash) VALUES ('Grace', 'Hopper', 'New York', 'y')",
+    ),
+    (
+        "update a tracked column (city)",
+        "UPDATE customer SET city = 'Paris' WHERE first_name = 'Ada'",
+    ),
+    (
+        "update only an untracked column (no event expected)",
+        "UPDATE customer SET last_seen = now() WHERE first_name = 'Ada'",
+    ),
+    (
+        "place an order",
+        "INSERT INTO orders (customer_id, total, items, status) SELECT id, 42.50, '[{\"sku\": \"B-1\", \"qty\": 2}]', 'new' FROM customer WHERE first_name = 'Grace'",
+    ),
     ("pay the order", "UPDATE orders SET status = 'paid'"),
-    ("delete a customer's orders and the customer", "DELETE FROM orders; DELETE FROM customer WHERE first_name = 'Grace'"),
+    (
+        "delete a customer's orders and the customer",
+        "DELETE FROM orders; DELETE FROM customer WHERE first_name = 'Grace'",
+    ),
 ];
 
 fn demo_config(url: &str) -> String {
@@ -81,7 +99,10 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
     .map_err(|e| fail(format!("demo setup failed: {e}")))?
     .map_err(|e| fail(format!("cannot start the demo cluster: {e}")))?;
     let url = cluster.url(DEMO_DB);
-    println!("cluster on 127.0.0.1:{} (data in a temporary directory)", cluster.port());
+    println!(
+        "cluster on 127.0.0.1:{} (data in a temporary directory)",
+        cluster.port()
+    );
     let toml = demo_config(&url);
     println!("\nconfiguration:\n{toml}");
     let config = Config::parse(&toml, Path::new("demo.toml"))?;
@@ -96,9 +117,9 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
         });
     }
     let service = tokio::spawn(crate::service::run(config, shutdown.clone()));
-    let client = crate::service::connect_ordinary(
-        &crate::replication::conn::ConnectParams::parse(&url, None)?,
-    )
+    let client = crate::service::connect_ordinary(&crate::replication::conn::ConnectParams::parse(
+        &url, None,
+    )?)
     .await?;
 
     // Wait for the stream before changing anything, so the first changes are captured.
