@@ -194,35 +194,37 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     )
     .expect("write config");
     let t = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_walhook"))
+    let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
         .args(["--log-format", "text", "run", "--config"])
         .arg(&config)
         .env("WALHOOK_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .expect("start walhook");
-    let pid = child.id();
+    let mut child = KillOnDrop(child);
+    let pid = child.0.id();
     let mut peak_kb = 0;
     loop {
         peak_kb = peak_kb.max(vm_hwm_kb(pid));
-        let queued: i64 = psql(
-            cluster,
-            "SELECT coalesce((SELECT max(id) FROM walhook.event), 0)",
-        )
-        .parse()
-        .unwrap_or(0);
+        let exists = psql(cluster, "SELECT to_regclass('walhook.event') IS NOT NULL") == "t";
+        let queued: i64 = if exists {
+            psql(cluster, "SELECT coalesce(max(id), 0) FROM walhook.event")
+                .parse()
+                .unwrap_or(0)
+        } else {
+            0
+        };
         if queued as u64 >= shape.changes {
             break;
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = child.0.try_wait() {
             panic!("walhook exited early: {status}");
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let walhook_secs = t.elapsed().as_secs_f64();
     peak_kb = peak_kb.max(vm_hwm_kb(pid));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     eprintln!(
         "   walhook: {walhook_secs:.2}s, peak RSS {} MB",
         peak_kb / 1024
@@ -233,6 +235,16 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
         recvlogical_secs,
         walhook_secs,
         walhook_peak_rss_mb: peak_kb / 1024,
+    }
+}
+
+/// Kills the walhook child even when the benchmark panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -1722,13 +1722,16 @@ impl Checker<'_> {
                         "eventgrid" | "servicebus" | "form" | "template" => self.report(
                             v.span().start,
                             &key("format"),
-                            &format!("format {s:?} is not supported yet"),
+                            &format!(
+                                "format {:?} is not supported yet",
+                                s.as_deref().unwrap_or_default()
+                            ),
                             "use format = \"cloudevents\"",
                         ),
                         _ => self.report(
                             v.span().start,
                             &key("format"),
-                            &format!("unknown format {s:?}"),
+                            &format!("unknown format {:?}", s.as_deref().unwrap_or_default()),
                             "use format = \"cloudevents\"",
                         ),
                     }

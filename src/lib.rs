@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod mapper;
 pub mod queue;

@@ -260,8 +260,9 @@ async fn session(
         }
         stream.close().await;
     }
-    read_result?;
-    write_result
+    // The writer's own error explains a reader that stopped because the writer did.
+    write_result?;
+    read_result
 }
 
 /// What the reader hands to the writer.

@@ -103,6 +103,27 @@ async fn migration_creates_every_table_and_view_and_rerunning_is_a_no_op() {
 }
 
 #[tokio::test]
+async fn the_printed_script_applied_by_hand_counts_as_migrated() {
+    let db = support::TestDb::new();
+    db.execute(&queue::migration_script()).await;
+    let mut client = db.client().await;
+    queue::migrate(&mut client).await.unwrap();
+    let versions = "SELECT count(*) FROM walhook.schema_migration";
+    assert_eq!(
+        count(&client, versions).await,
+        i64::from(queue::latest_version())
+    );
+    let mut w = writer(&db).await;
+    assert_eq!(
+        w.write_batch(&[event(0x100, 0, "Customer", "1")], None)
+            .await
+            .unwrap()
+            .inserted,
+        1
+    );
+}
+
+#[tokio::test]
 async fn a_schema_newer_than_the_binary_is_a_config_error() {
     let (_db, mut client) = migrated().await;
     client
@@ -543,6 +564,34 @@ async fn a_role_without_privileges_gets_a_permanent_error_naming_the_grant() {
 }
 
 #[tokio::test]
+async fn migrating_without_create_privilege_names_the_grant() {
+    let mut db = support::TestDb::new();
+    db.execute("CREATE ROLE limited LOGIN").await;
+    let name = db.name.clone();
+    let mut limited = support::connect(&db.cluster().url_as("limited", &name)).await;
+    let err = queue::migrate(&mut limited).await.unwrap_err();
+    assert_eq!(err.class(), ErrorClass::Permanent, "{err:?}");
+    let expected = format!("GRANT CREATE ON DATABASE \"{name}\" TO \"limited\"");
+    assert!(err.to_string().contains(&expected), "{err}");
+}
+
+#[tokio::test]
+async fn writing_before_setup_says_to_run_setup() {
+    let db = support::TestDb::new();
+    let err = QueueWriter::new(db.client().await, SYSTEM_ID)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, QueueError::SchemaMissing { .. }), "{err:?}");
+    assert_eq!(err.class(), ErrorClass::Permanent);
+    assert!(err.to_string().contains("walhook setup"), "{err}");
+    let client = db.client().await;
+    assert!(matches!(
+        queue::read_state(&client).await,
+        Err(QueueError::SchemaMissing { .. })
+    ));
+}
+
+#[tokio::test]
 async fn connection_loss_is_transient() {
     let (db, _client) = migrated().await;
     let mut w = writer(&db).await;
@@ -575,18 +624,26 @@ async fn write_throughput() {
     let mut client = db.client().await;
     queue::migrate(&mut client).await.unwrap();
     const TOTAL: usize = 100_000;
-    for (batch_size, listeners) in [(2000, 1), (2000, 1), (5000, 1)] {
-        if let Ok(sql) = std::env::var("BENCH_SQL") {
-            client.batch_execute(&sql).await.unwrap();
-        }
+    let runs = [
+        (1000, 0),
+        (2000, 0),
+        (5000, 0),
+        (1000, 1),
+        (2000, 1),
+        (5000, 1),
+        (2000, 3),
+    ];
+    for (batch_size, listeners) in runs {
         client
             .batch_execute("TRUNCATE walhook.new, walhook.failed, walhook.event")
             .await
             .unwrap();
         let mut w = writer(&db).await;
-        if listeners > 0 {
-            w.set_listeners(vec![("all".into(), None)]);
-        }
+        w.set_listeners(
+            (0..listeners)
+                .map(|i| (format!("listener{i}"), None))
+                .collect(),
+        );
         let events: Vec<EntityEvent> = (0..TOTAL)
             .map(|i| {
                 let mut e = event(
@@ -615,110 +672,6 @@ async fn write_throughput() {
         assert_eq!(inserted, TOTAL as u64);
         println!(
             "queue write: {TOTAL} events, batches of {batch_size}, {listeners} listener(s): {secs:.2}s = {:.0} events/s",
-            TOTAL as f64 / secs
-        );
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "experiment"]
-async fn copy_throughput_experiment() {
-    use futures_util::pin_mut;
-    use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    use tokio_postgres::types::{Json, PgLsn, ToSql, Type};
-    let db = support::TestDb::with_options(support::ClusterOptions {
-        extra_conf: vec![
-            "fsync = on".into(),
-            "full_page_writes = on".into(),
-            "synchronous_commit = on".into(),
-        ],
-        hba: None,
-    });
-    let mut client = db.client().await;
-    queue::migrate(&mut client).await.unwrap();
-    client
-        .batch_execute(
-            "CREATE TEMP TABLE stage (event_id uuid, commit_lsn pg_lsn, seq int, xid bigint, commit_time timestamptz, entity text, entity_id text, action text, changed_fields text[], \"row\" jsonb, old jsonb, subject text, source_table text) ON COMMIT DELETE ROWS",
-        )
-        .await
-        .unwrap();
-    const TOTAL: usize = 100_000;
-    for batch_size in [1000, 2000, 5000] {
-        client
-            .batch_execute("TRUNCATE walhook.new, walhook.failed, walhook.event")
-            .await
-            .unwrap();
-        let events: Vec<EntityEvent> = (0..TOTAL)
-            .map(|i| {
-                let mut e = event(
-                    0x1000 + (i / 4) as u64 * 0x100,
-                    (i % 4) as u32,
-                    "Customer",
-                    &i.to_string(),
-                );
-                e.row = object(json!({
-                    "id": i, "first_name": "Ada", "last_name": "Lovelace",
-                    "city": "London", "email": format!("ada{i}@example.com"), "balance": "1234.50"
-                }));
-                e.old = None;
-                e.changed_fields = None;
-                e.action = Action::Created;
-                e
-            })
-            .collect();
-        let start = Instant::now();
-        for chunk in events.chunks(batch_size) {
-            let tx = client.transaction().await.unwrap();
-            let sink = tx.copy_in("COPY stage FROM STDIN BINARY").await.unwrap();
-            let types = [
-                Type::UUID,
-                Type::PG_LSN,
-                Type::INT4,
-                Type::INT8,
-                Type::TIMESTAMPTZ,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT,
-                Type::TEXT_ARRAY,
-                Type::JSONB,
-                Type::JSONB,
-                Type::TEXT,
-                Type::TEXT,
-            ];
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            pin_mut!(writer);
-            for e in chunk {
-                let id = queue::event_id(SYSTEM_ID, e.commit_lsn, e.seq);
-                let lsn = PgLsn::from(e.commit_lsn.0);
-                let seq = e.seq as i32;
-                let xid = i64::from(e.xid.0);
-                let t = std::time::UNIX_EPOCH
-                    + std::time::Duration::from_micros(e.commit_time.unix_micros() as u64);
-                let table = e.table.to_string();
-                let row: [&(dyn ToSql + Sync); 13] = [
-                    &id,
-                    &lsn,
-                    &seq,
-                    &xid,
-                    &t,
-                    &e.entity.as_str(),
-                    &e.entity_id,
-                    &e.action.as_str(),
-                    &e.changed_fields,
-                    &Json(&e.row),
-                    &e.old.as_ref().map(Json),
-                    &e.subject,
-                    &table,
-                ];
-                writer.as_mut().write(&row).await.unwrap();
-            }
-            writer.finish().await.unwrap();
-            tx.execute("INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity, entity_id, action, changed_fields, \"row\", old, subject, source_table) SELECT * FROM stage ON CONFLICT (commit_lsn, seq) DO NOTHING", &[]).await.unwrap();
-            tx.commit().await.unwrap();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        println!(
-            "COPY+INSERT: batches of {batch_size}: {:.0} events/s",
             TOTAL as f64 / secs
         );
     }

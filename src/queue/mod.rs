@@ -145,6 +145,7 @@ impl Session {
 enum Needs {
     Create,
     Use,
+    Temp,
 }
 
 impl Needs {
@@ -157,6 +158,13 @@ impl Needs {
         match self {
             Needs::Create => format!(
                 "GRANT CREATE ON DATABASE {} TO {role}; (or apply `walhook setup --print-sql` as the database owner)",
+                session.map_or_else(
+                    || "<database>".to_owned(),
+                    |s| crate::types::quote_ident(&s.database)
+                )
+            ),
+            Needs::Temp => format!(
+                "GRANT TEMPORARY ON DATABASE {} TO {role};",
                 session.map_or_else(
                     || "<database>".to_owned(),
                     |s| crate::types::quote_ident(&s.database)
