@@ -224,6 +224,8 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     }
     let walhook_secs = t.elapsed().as_secs_f64();
     peak_kb = peak_kb.max(vm_hwm_kb(pid));
+    let cpu = cpu_secs(pid);
+    eprintln!("   walhook process CPU: {cpu:.2}s ({:.0}% of one core)", 100.0 * cpu / walhook_secs);
     drop(child);
     eprintln!(
         "   walhook: {walhook_secs:.2}s, peak RSS {} MB",
@@ -236,6 +238,17 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
         walhook_secs,
         walhook_peak_rss_mb: peak_kb / 1024,
     }
+}
+
+/// User + system CPU seconds of a live process (/proc/PID/stat fields 14 and 15).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name may contain spaces; fields after it are space-separated.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // Fields 14 and 15 of the whole line are indexes 11 and 12 after the name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// Kills the walhook child even when the benchmark panics.

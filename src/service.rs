@@ -34,13 +34,19 @@ pub struct ServiceError {
     pub class: ErrorClass,
     /// One line naming the problem and the fix.
     pub message: String,
+    /// The slot is streamed by another process: this one stands by.
+    pub slot_in_use: bool,
 }
+
+/// `object_in_use`: START_REPLICATION on a slot another process streams.
+const SQLSTATE_OBJECT_IN_USE: &str = "55006";
 
 impl ServiceError {
     fn new(class: ErrorClass, message: impl Into<String>) -> Self {
         ServiceError {
             class,
             message: message.into(),
+            slot_in_use: false,
         }
     }
 
@@ -93,30 +99,69 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     )
     .map_err(ServiceError::from_err)?;
 
+    let stop = shutdown.child_token();
+    let capture = async {
+        let r = capture_loop(&config, &params, &stop).await;
+        if r.is_err() {
+            stop.cancel();
+        }
+        r
+    };
+    let delivery = async {
+        let r = delivery_loop(&config, &params, &stop).await;
+        if r.is_err() {
+            stop.cancel();
+        }
+        r
+    };
+    let (captured, delivered) = tokio::join!(capture, delivery);
+    captured?;
+    delivered?;
+    info!("walhook stopped");
+    Ok(())
+}
+
+/// How long a standby waits between attempts to take over the slot.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+
+/// Streams changes into the queue, reconnecting on transient errors, until `shutdown`.
+async fn capture_loop(
+    config: &Config,
+    params: &ConnectParams,
+    shutdown: &CancellationToken,
+) -> Result<(), ServiceError> {
     let mut backoff = BACKOFF_INITIAL;
     let mut attempt: u32 = 0;
+    let mut standby = false;
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(&config, &params, &shutdown) => r,
+            r = session(config, params, shutdown, attempt == 0) => r,
             _ = shutdown.cancelled() => Ok(()),
         };
+        let mut wait = backoff;
         match result {
-            Ok(()) if shutdown.is_cancelled() => {
-                info!("walhook stopped");
-                return Ok(());
-            }
+            Ok(()) if shutdown.is_cancelled() => return Ok(()),
             Ok(()) => {
                 attempt += 1;
-                warn!(
-                    attempt,
-                    "replication stream ended; reconnecting in {backoff:?}"
-                );
+                standby = false;
+                warn!(attempt, "replication stream ended; reconnecting in {backoff:?}");
+            }
+            Err(e) if e.slot_in_use => {
+                // Another walhook streams this slot: stand by (deliveries go on) and take
+                // over within seconds once it is gone. Logged once, not per attempt.
+                attempt += 1;
+                if !standby {
+                    info!("standing by: {}; retrying every {STANDBY_RETRY:?}", e.message);
+                }
+                standby = true;
+                wait = STANDBY_RETRY;
             }
             Err(e) => match on_error(e.class) {
                 OnError::Stop => return Err(e),
                 OnError::Reconnect => {
                     attempt += 1;
+                    standby = false;
                     warn!(attempt, "{}; reconnecting in {backoff:?}", e.message);
                 }
             },
@@ -126,11 +171,34 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
             backoff = BACKOFF_INITIAL;
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        if wait == backoff {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
     }
+}
+
+/// Delivers queued notifications to the configured listeners until `shutdown`.
+async fn delivery_loop(
+    config: &Config,
+    params: &ConnectParams,
+    shutdown: &CancellationToken,
+) -> Result<(), ServiceError> {
+    if config.listeners.is_empty() {
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let source_system = config
+        .source
+        .system_name
+        .clone()
+        .unwrap_or_else(|| params.dbname().to_owned());
+    // WIRING-PENDING: the dispatcher lands next; until then deliveries wait in walhook.new.
+    let _ = source_system;
+    shutdown.cancelled().await;
+    Ok(())
 }
 
 /// One connected session: setup, stream until error or shutdown.
@@ -138,6 +206,7 @@ async fn session(
     config: &Config,
     params: &ConnectParams,
     shutdown: &CancellationToken,
+    first: bool,
 ) -> Result<(), ServiceError> {
     let mut client = connect_ordinary(params).await?;
     // Prerequisites first: a missing table or wal_level = replica is one clear line and
@@ -153,8 +222,11 @@ async fn session(
     if !failures.is_empty() {
         return Err(ServiceError::new(ErrorClass::Config, failures.join("\n")));
     }
-    for w in report.with_verdict(crate::setup::Verdict::Warn) {
-        warn!("{}: {}", w.name, w.detail);
+    // Warnings once per process, not once per reconnect.
+    if first {
+        for w in report.with_verdict(crate::setup::Verdict::Warn) {
+            warn!("{}: {}", w.name, w.detail);
+        }
     }
     // Queue migrations, the publication and the slot, when missing.
     let applied = crate::setup::setup(&mut client, config, Default::default())
@@ -190,7 +262,13 @@ async fn session(
     let stream = repl
         .start_replication(&config.source.slot, Lsn::ZERO, &config.source.publication)
         .await
-        .map_err(ServiceError::from_err)?;
+        .map_err(|e| {
+            let slot_in_use = e.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE);
+            ServiceError {
+                slot_in_use,
+                ..ServiceError::from_err(e)
+            }
+        })?;
     info!(
         slot = %config.source.slot,
         publication = %config.source.publication,
@@ -198,9 +276,13 @@ async fn session(
         "streaming changes"
     );
 
-    let writer = QueueWriter::new(client, &system.system_id)
+    crate::queue::sync_listeners(&client, &config.listeners)
         .await
         .map_err(ServiceError::from_err)?;
+    let mut writer = QueueWriter::new(client, &system.system_id)
+        .await
+        .map_err(ServiceError::from_err)?;
+    writer.set_subscriptions(crate::queue::subscriptions(&config.listeners));
     let (tx, rx) = mpsc::channel::<Item>(config.queue.batch_size.max(1) * 2);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
 

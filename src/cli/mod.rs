@@ -2,6 +2,7 @@
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
 mod demo;
+mod ops;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -45,6 +46,12 @@ enum Command {
     Check(ConfigArg),
     /// Create the queue tables, publication and slot (or print the SQL for a DBA).
     Setup(SetupArgs),
+    /// Queue counts per listener, last errors, slot lag and the flushed position.
+    Status(ops::StatusArgs),
+    /// List Failed notifications with their comments, newest first.
+    Failed(ops::FailedArgs),
+    /// Move Failed notifications back to walhook.new for another round of attempts.
+    Retry(ops::RetryArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
@@ -135,6 +142,9 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             })
         }
         Command::Setup(args) => setup(args).await,
+        Command::Status(args) => ops::run_status(args).await,
+        Command::Failed(args) => ops::run_failed(args).await,
+        Command::Retry(args) => ops::run_retry(args).await,
         Command::Demo { duration } => demo::run(duration).await,
     }
 }

@@ -80,7 +80,6 @@ impl Classify for DeliveryError {
 }
 
 /// The HTTP sender for one listener; build once, share by reference, send many times.
-#[derive(Debug)]
 pub struct HttpSender {
     listener: String,
     client: Client,
@@ -93,6 +92,18 @@ pub struct HttpSender {
     source_system: String,
     /// Configured secret strings that must be scrubbed from any quoted answer text.
     scrub: Vec<String>,
+}
+
+/// Shows only what may be logged: the url with secrets redacted, never headers or keys.
+impl std::fmt::Debug for HttpSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSender")
+            .field("listener", &self.listener)
+            .field("url", &self.url_redacted)
+            .field("signed", &self.key.is_some())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 impl HttpSender {

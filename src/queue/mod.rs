@@ -4,7 +4,10 @@
 //!
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
+mod listeners;
+pub mod admin;
 mod migrate;
+mod notifications;
 mod state;
 mod writer;
 
@@ -12,9 +15,15 @@ use tokio_postgres::error::SqlState;
 
 use crate::error::{Classify, ErrorClass};
 
+pub use listeners::{subscriptions, sync_listeners};
+pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
+pub use notifications::{
+    Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
+    OnNewNotifications,
+};
 pub use state::{QueueState, read_state, record_source};
-pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, WriteOutcome, event_id};
+pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 
 /// An error talking to the queue tables.
 #[derive(Debug, thiserror::Error)]

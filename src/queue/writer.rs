@@ -1,7 +1,7 @@
 //! The batch writer: one transaction per batch of source commits stores the events, fans
 //! them out to listeners and advances the flushed LSN.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::error::Error;
 
 use bytes::BytesMut;
@@ -13,7 +13,18 @@ use uuid::Uuid;
 use super::{Needs, QueueError, Session, db_error};
 use crate::mapper::EntityEvent;
 use crate::replication::pgoutput::PgTimestamp;
-use crate::types::{EntityName, Lsn};
+use crate::types::{Action, EntityName, Lsn};
+
+/// Who receives which events: one listener's subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    /// Listener name.
+    pub listener: String,
+    /// Entities it receives; `None` = all.
+    pub entities: Option<Vec<EntityName>>,
+    /// Actions it receives.
+    pub actions: Vec<Action>,
+}
 
 /// Namespace of the uuid v5 event ids. Never change it: listeners deduplicate on the ids.
 pub const EVENT_ID_NAMESPACE: Uuid = Uuid::from_u128(0x3c1e_5b0a_8d4f_4e57_9a61_77a1_6c68_6f6b);
@@ -73,7 +84,8 @@ const STAGE_TYPES: [Type; 13] = [
 /// were really inserted (RETURNING) are fanned out, so a re-sent batch creates no duplicate
 /// notifications.
 ///
-/// Fan-out: $1/$2 are (listener, entity) pairs; a NULL entity subscribes to all.
+/// Fan-out: $1/$2/$3 are (listener, entity, actions) rows; a NULL entity subscribes to all
+/// entities, and `actions` is the comma-separated list of actions the listener receives.
 const INSERT_EVENTS: &str = r#"WITH inserted AS (
     INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity, entity_id,
                                action, changed_fields, "row", old, subject, source_table)
@@ -81,18 +93,21 @@ const INSERT_EVENTS: &str = r#"WITH inserted AS (
            changed_fields, "row", old, subject, source_table
     FROM pg_temp.walhook_event_stage
     ON CONFLICT (commit_lsn, seq) DO NOTHING
-    RETURNING id, entity, entity_id, commit_lsn, seq
+    RETURNING id, entity, entity_id, commit_lsn, seq, action
 ), fanned_out AS (
     INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq)
     SELECT nextval('walhook.notification_id_seq'), i.id, l.listener, i.entity, i.entity_id,
            i.commit_lsn, i.seq
     FROM inserted i
-    JOIN unnest($1::text[], $2::text[]) AS l(listener, entity)
-      ON l.entity IS NULL OR l.entity = i.entity
+    JOIN unnest($1::text[], $2::text[], $3::text[]) AS l(listener, entity, actions)
+      ON (l.entity IS NULL OR l.entity = i.entity)
+     AND i.action = ANY (string_to_array(l.actions, ','))
     ORDER BY i.id, l.listener
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM fanned_out)"#;
+SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM fanned_out),
+       -- Wakes the dispatchers (LISTEN walhook_new) once per batch, at commit.
+       (SELECT pg_notify('walhook_new', '') WHERE EXISTS (SELECT 1 FROM fanned_out))"#;
 
 /// Advances the flushed LSN, never backwards (GREATEST ignores the NULL of a fresh row).
 const ADVANCE_FLUSHED: &str = "INSERT INTO walhook.state AS s (id, flushed_lsn, updated_at)
@@ -111,6 +126,7 @@ pub struct QueueWriter {
     advance_flushed: Statement,
     listener_names: Vec<String>,
     listener_entities: Vec<Option<String>>,
+    listener_actions: Vec<String>,
 }
 
 impl std::fmt::Debug for QueueWriter {
@@ -153,33 +169,65 @@ impl QueueWriter {
             advance_flushed,
             listener_names: Vec::new(),
             listener_entities: Vec::new(),
+            listener_actions: Vec::new(),
         })
     }
 
     /// Sets who receives newly written events: each listener by name with the entities it
-    /// subscribes to (`None` = all). With no listeners nothing is written to `walhook.new`.
+    /// subscribes to (`None` = all), for every action. With no listeners nothing is written
+    /// to `walhook.new`.
     pub fn set_listeners(&mut self, listeners: Vec<(String, Option<Vec<EntityName>>)>) {
-        let mut pairs: BTreeSet<(String, Option<String>)> = BTreeSet::new();
-        for (name, entities) in listeners {
-            match entities {
+        self.set_subscriptions(
+            listeners
+                .into_iter()
+                .map(|(name, entities)| Subscription {
+                    listener: name,
+                    entities,
+                    actions: Action::ALL.to_vec(),
+                })
+                .collect(),
+        );
+    }
+
+    /// Sets who receives newly written events, with per-listener action filters.
+    pub fn set_subscriptions(&mut self, subscriptions: Vec<Subscription>) {
+        let mut rows: BTreeMap<(String, Option<String>), String> = BTreeMap::new();
+        for sub in subscriptions {
+            let actions = sub
+                .actions
+                .iter()
+                .map(|a| a.as_str())
+                .collect::<Vec<_>>()
+                .join(",");
+            match sub.entities {
                 None => {
-                    pairs.insert((name, None));
+                    rows.insert((sub.listener, None), actions);
                 }
                 Some(entities) => {
                     for entity in entities {
-                        pairs.insert((name.clone(), Some(entity.as_str().to_owned())));
+                        rows.insert(
+                            (sub.listener.clone(), Some(entity.as_str().to_owned())),
+                            actions.clone(),
+                        );
                     }
                 }
             }
         }
         // A listener subscribed to all entities must not get a second row per entity.
-        let all: BTreeSet<String> = pairs
-            .iter()
+        let all: BTreeSet<String> = rows
+            .keys()
             .filter(|(_, e)| e.is_none())
             .map(|(n, _)| n.clone())
             .collect();
-        pairs.retain(|(n, e)| e.is_none() || !all.contains(n));
-        (self.listener_names, self.listener_entities) = pairs.into_iter().unzip();
+        rows.retain(|(n, e), _| e.is_none() || !all.contains(n));
+        self.listener_names.clear();
+        self.listener_entities.clear();
+        self.listener_actions.clear();
+        for ((name, entity), actions) in rows {
+            self.listener_names.push(name);
+            self.listener_entities.push(entity);
+            self.listener_actions.push(actions);
+        }
     }
 
     /// Whether the connection is gone (the caller should reconnect and build a new writer).
@@ -245,7 +293,11 @@ impl QueueWriter {
             let row = tx
                 .query_one(
                     &self.insert_events,
-                    &[&self.listener_names, &self.listener_entities],
+                    &[
+                        &self.listener_names,
+                        &self.listener_entities,
+                        &self.listener_actions,
+                    ],
                 )
                 .await
                 .map_err(db_error("writing events to walhook.event", use_schema))?;

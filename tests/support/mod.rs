@@ -1,6 +1,8 @@
 //! Test support: a throwaway PostgreSQL cluster and a fresh database per test.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 

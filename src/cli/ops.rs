@@ -1,0 +1,571 @@
+//! Operator commands over the queue tables: `walhook status`, `walhook failed` and
+//! `walhook retry`. They print for people (aligned tables, human ages and sizes) and, for
+//! `status --json`, for machines.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+
+use clap::{ArgGroup, Args};
+use serde_json::{Value, json};
+
+use super::{ConfigArg, Failure, connect};
+use crate::config::Config;
+use crate::queue::admin::{
+    FailedFilter, FailedPage, RetrySelection, Since, Status, list_failed, retry_failed, status,
+};
+use crate::types::Lsn;
+
+/// `walhook status`.
+#[derive(Args, Debug)]
+pub(super) struct StatusArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `walhook failed`.
+#[derive(Args, Debug)]
+pub(super) struct FailedArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Only this listener's notifications.
+    #[arg(long)]
+    listener: Option<String>,
+    /// Only those that failed within this long (1h, 2d) or since this time (RFC 3339, like
+    /// 2024-05-01T12:00:00Z or 2024-05-01T14:00:00+02:00).
+    #[arg(long, value_parser = parse_since)]
+    since: Option<Since>,
+    /// Show at most this many (newest first).
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..))]
+    limit: i64,
+}
+
+/// `walhook retry`.
+#[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("which").required(true).args(["ids", "all"]),
+))]
+pub(super) struct RetryArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Only this listener's notifications.
+    #[arg(long)]
+    listener: Option<String>,
+    /// Requeue the Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
+    #[arg(long = "id", value_name = "ID", num_args = 1.., conflicts_with = "all")]
+    ids: Vec<i64>,
+    /// Requeue every Failed notification (of --listener, when given).
+    #[arg(long)]
+    all: bool,
+}
+
+/// Parses `--since`: a duration back from now, or an RFC 3339 time.
+fn parse_since(s: &str) -> Result<Since, String> {
+    if let Ok(d) = crate::config::parse_duration(s) {
+        return Ok(Since::Ago(d));
+    }
+    parse_rfc3339(s).map(Since::At).ok_or_else(|| {
+        format!(
+            "invalid --since {s:?}: give a duration like 30m, 1h or 2d, or a time like 2024-05-01T12:00:00Z"
+        )
+    })
+}
+
+/// RFC 3339 with `Z` or a numeric offset; humantime alone accepts only UTC.
+fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    let s = s.trim();
+    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
+        return Some(t);
+    }
+    let split = s.len().checked_sub(6)?;
+    let (local, offset) = (s.get(..split)?, s.get(split..)?);
+    let sign = match offset.get(..1)? {
+        "+" => 1i64,
+        "-" => -1i64,
+        _ => return None,
+    };
+    let (hh, mm) = offset.get(1..)?.split_once(':')?;
+    let (hh, mm): (u64, u64) = (hh.parse().ok()?, mm.parse().ok()?);
+    if hh > 23 || mm > 59 {
+        return None;
+    }
+    let as_utc = humantime::parse_rfc3339_weak(local).ok()?;
+    let offset = Duration::from_secs(hh * 3600 + mm * 60);
+    // Local time = UTC + offset, so UTC = local - offset.
+    if sign > 0 {
+        as_utc.checked_sub(offset)
+    } else {
+        as_utc.checked_add(offset)
+    }
+}
+
+pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
+    let config = Config::load(&args.config.config)?;
+    let client = connect(&config).await?;
+    let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
+    let report = status(&client, &names, &config.source.slot).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status_json(&report)).unwrap_or_default()
+        );
+    } else {
+        print!("{}", render_status(&report));
+    }
+    // A report, not a check: failures in the queue are data, not an error of this command.
+    Ok(0)
+}
+
+pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
+    let config = Config::load(&args.config.config)?;
+    let client = connect(&config).await?;
+    let filter = FailedFilter {
+        listener: args.listener,
+        since: args.since,
+        limit: args.limit,
+    };
+    let page = list_failed(&client, &filter).await?;
+    print!("{}", render_failed(&page, filter.limit));
+    Ok(0)
+}
+
+pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
+    let config = Config::load(&args.config.config)?;
+    let client = connect(&config).await?;
+    let selection = if args.all {
+        RetrySelection::All
+    } else {
+        RetrySelection::Ids(args.ids)
+    };
+    let outcome = retry_failed(&client, args.listener.as_deref(), &selection).await?;
+    let n = outcome.requeued.len();
+    if n == 0 && selection == RetrySelection::All {
+        println!(
+            "nothing to requeue: no Failed notifications{}",
+            for_listener(&args.listener)
+        );
+    } else {
+        println!(
+            "requeued {n} Failed notification{} to walhook.new{}",
+            if n == 1 { "" } else { "s" },
+            for_listener(&args.listener)
+        );
+    }
+    for missing in &outcome.not_requeued {
+        println!("not requeued: {missing}");
+    }
+    Ok(if outcome.not_requeued.is_empty() {
+        0
+    } else {
+        1
+    })
+}
+
+fn for_listener(listener: &Option<String>) -> String {
+    listener
+        .as_ref()
+        .map(|l| format!(" for listener {l:?}"))
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------------------------
+// rendering
+
+/// A duration as people read it: the two largest units, like `3m12s`, `2d4h`, `45s`.
+pub(crate) fn human_age(d: Duration) -> String {
+    let secs = d.as_secs();
+    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
+    let mut out = String::new();
+    let mut rest = secs;
+    let mut shown = 0;
+    for (size, name) in units {
+        let n = rest / size;
+        rest %= size;
+        if n > 0 || (shown > 0 && shown < 2) {
+            if n > 0 {
+                let _ = write!(out, "{n}{name}");
+            }
+            shown += 1;
+        }
+        if shown == 2 {
+            break;
+        }
+    }
+    if out.is_empty() { "0s".to_owned() } else { out }
+}
+
+/// A byte count as people read it, in powers of 1024 like pg_size_pretty: `512 bytes`,
+/// `1.5 kB`, `12 MB`.
+pub(crate) fn human_bytes(n: i64) -> String {
+    if n < 0 {
+        return format!("-{}", human_bytes(n.saturating_neg()));
+    }
+    if n < 1024 {
+        return format!("{n} bytes");
+    }
+    let mut v = n as f64;
+    let mut unit = "bytes";
+    for u in ["kB", "MB", "GB", "TB", "PB"] {
+        if v < 1024.0 {
+            break;
+        }
+        v /= 1024.0;
+        unit = u;
+    }
+    if v < 10.0 {
+        format!("{v:.1} {unit}")
+    } else {
+        format!("{v:.0} {unit}")
+    }
+}
+
+fn time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn ago(now: SystemTime, t: SystemTime) -> String {
+    match now.duration_since(t) {
+        Ok(d) => format!("{} ago", human_age(d)),
+        Err(e) => format!("in {}", human_age(e.duration())),
+    }
+}
+
+/// One line, whatever the database holds: control characters would break the table.
+fn cell(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+/// An aligned table: numeric columns (`right[i]`) right-aligned, the last column unpadded.
+fn table(headers: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let header: Vec<String> = headers.iter().map(|h| (*h).to_owned()).collect();
+    for row in std::iter::once(&header).chain(rows) {
+        let mut line = String::new();
+        let last = row.len().saturating_sub(1);
+        for (i, (c, w)) in row.iter().zip(&widths).enumerate() {
+            if i > 0 {
+                line.push_str("  ");
+            }
+            let pad = w.saturating_sub(c.chars().count());
+            let right_aligned = right.get(i).copied().unwrap_or(false);
+            if right_aligned {
+                line.extend(std::iter::repeat_n(' ', pad));
+                line.push_str(c);
+            } else {
+                line.push_str(c);
+                if i < last {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn lsn(l: Option<Lsn>) -> String {
+    l.map_or_else(|| "-".to_owned(), |l| l.to_string())
+}
+
+fn render_status(s: &Status) -> String {
+    let mut out = String::new();
+    if s.listeners.is_empty() {
+        out.push_str("listeners: none configured and none in the queue tables\n");
+    } else {
+        let rows: Vec<Vec<String>> = s
+            .listeners
+            .iter()
+            .map(|l| {
+                let name = if l.configured {
+                    cell(&l.name)
+                } else {
+                    format!("{} (not configured)", cell(&l.name))
+                };
+                let last_error = l.last_error.as_ref().map_or_else(
+                    || "-".to_owned(),
+                    |e| {
+                        format!(
+                            "{} (#{} {}{}): {}",
+                            ago(s.now, e.at),
+                            e.id,
+                            e.status,
+                            e.status_code
+                                .map(|c| format!(", HTTP {c}"))
+                                .unwrap_or_default(),
+                            cell(&e.comment)
+                        )
+                    },
+                );
+                vec![
+                    name,
+                    l.new.to_string(),
+                    l.due.to_string(),
+                    l.waiting.to_string(),
+                    l.processed.to_string(),
+                    l.failed.to_string(),
+                    l.oldest_undelivered_age(s.now)
+                        .map_or_else(|| "-".to_owned(), human_age),
+                    last_error,
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            &[
+                "LISTENER",
+                "NEW",
+                "DUE",
+                "RETRYING",
+                "PROCESSED",
+                "FAILED",
+                "OLDEST UNDELIVERED",
+                "LAST ERROR",
+            ],
+            &[false, true, true, true, true, true, false, false],
+            &rows,
+        ));
+    }
+    out.push('\n');
+
+    match &s.slot.found {
+        None => {
+            let _ = writeln!(
+                out,
+                "slot {:?}: missing; run `walhook setup` to create it",
+                s.slot.name
+            );
+        }
+        Some(d) => {
+            let _ = writeln!(
+                out,
+                "slot {:?}: {}",
+                s.slot.name,
+                if d.active {
+                    d.active_pid
+                        .map_or_else(|| "active".to_owned(), |p| format!("active (pid {p})"))
+                } else {
+                    "not active (no walhook is streaming from it)".to_owned()
+                }
+            );
+            let _ = writeln!(out, "  confirmed flush  {}", lsn(d.confirmed_flush_lsn));
+            let _ = writeln!(
+                out,
+                "  lag              {} behind the current WAL position {}",
+                d.lag_bytes.map_or_else(|| "-".to_owned(), human_bytes),
+                lsn(d.current_lsn)
+            );
+            let _ = writeln!(
+                out,
+                "  retained WAL     {} (restart_lsn {})",
+                d.retained_bytes.map_or_else(|| "-".to_owned(), human_bytes),
+                lsn(d.restart_lsn)
+            );
+        }
+    }
+
+    let _ = write!(out, "events: {} queued", s.events.total);
+    if let Some(t) = s.events.latest_commit_time {
+        let _ = write!(out, ", latest commit {} ({})", time(t), ago(s.now, t));
+    }
+    out.push('\n');
+
+    match &s.state {
+        None => out.push_str("state: empty (walhook has not run against this database yet)\n"),
+        Some(st) => {
+            let _ = writeln!(
+                out,
+                "state: system identifier {}, flushed LSN {}, updated {} ({})",
+                st.system_identifier.as_deref().unwrap_or("-"),
+                lsn(st.flushed_lsn),
+                time(st.updated_at),
+                ago(s.now, st.updated_at)
+            );
+        }
+    }
+    out
+}
+
+fn json_time(t: Option<SystemTime>) -> Value {
+    t.map_or(Value::Null, |t| Value::String(time(t)))
+}
+
+fn json_lsn(l: Option<Lsn>) -> Value {
+    l.map_or(Value::Null, |l| Value::String(l.to_string()))
+}
+
+fn status_json(s: &Status) -> Value {
+    let listeners: Vec<Value> = s
+        .listeners
+        .iter()
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "configured": l.configured,
+                "new": l.new,
+                "due": l.due,
+                "waiting": l.waiting,
+                "processed": l.processed,
+                "failed": l.failed,
+                "oldest_undelivered": json_time(l.oldest_undelivered),
+                "oldest_undelivered_age_seconds": l.oldest_undelivered_age(s.now).map(|d| d.as_secs()),
+                "last_error": l.last_error.as_ref().map(|e| json!({
+                    "id": e.id,
+                    "status": e.status.as_str(),
+                    "at": time(e.at),
+                    "status_code": e.status_code,
+                    "comment": e.comment,
+                })),
+            })
+        })
+        .collect();
+    let slot = match &s.slot.found {
+        None => json!({ "name": s.slot.name, "exists": false }),
+        Some(d) => json!({
+            "name": s.slot.name,
+            "exists": true,
+            "active": d.active,
+            "active_pid": d.active_pid,
+            "confirmed_flush_lsn": json_lsn(d.confirmed_flush_lsn),
+            "restart_lsn": json_lsn(d.restart_lsn),
+            "current_lsn": json_lsn(d.current_lsn),
+            "lag_bytes": d.lag_bytes,
+            "retained_bytes": d.retained_bytes,
+        }),
+    };
+    json!({
+        "now": time(s.now),
+        "listeners": listeners,
+        "slot": slot,
+        "events": {
+            "total": s.events.total,
+            "latest_commit_time": json_time(s.events.latest_commit_time),
+            "latest_queued_at": json_time(s.events.latest_queued_at),
+        },
+        "state": s.state.as_ref().map(|st| json!({
+            "system_identifier": st.system_identifier,
+            "database_name": st.database_name,
+            "slot_name": st.slot_name,
+            "flushed_lsn": json_lsn(st.flushed_lsn),
+            "updated_at": time(st.updated_at),
+        })),
+    })
+}
+
+fn render_failed(page: &FailedPage, limit: i64) -> String {
+    let mut out = String::new();
+    if page.rows.is_empty() {
+        out.push_str("no Failed notifications match\n");
+        return out;
+    }
+    let rows: Vec<Vec<String>> = page
+        .rows
+        .iter()
+        .map(|f| {
+            vec![
+                f.id.to_string(),
+                cell(&f.listener),
+                cell(&f.entity),
+                cell(&f.entity_id),
+                f.action.clone().unwrap_or_else(|| "-".to_owned()),
+                f.attempts.to_string(),
+                time(f.failed_at),
+                f.last_status_code
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                f.comment.as_deref().map_or_else(|| "-".to_owned(), cell),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "ID",
+            "LISTENER",
+            "ENTITY",
+            "ENTITY ID",
+            "ACTION",
+            "ATTEMPTS",
+            "FAILED AT",
+            "STATUS",
+            "COMMENT",
+        ],
+        &[true, false, false, false, false, true, false, true, false],
+        &rows,
+    ));
+    let more = page.more();
+    if more > 0 {
+        let _ = writeln!(
+            out,
+            "… {more} more; use --limit {} to see them all, or narrow with --listener / --since",
+            limit.saturating_add(more)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_age_shows_the_two_largest_units() {
+        assert_eq!(human_age(Duration::from_secs(0)), "0s");
+        assert_eq!(human_age(Duration::from_millis(45_900)), "45s");
+        assert_eq!(human_age(Duration::from_secs(192)), "3m12s");
+        assert_eq!(human_age(Duration::from_secs(3600)), "1h");
+        assert_eq!(human_age(Duration::from_secs(3600 + 5)), "1h");
+        assert_eq!(
+            human_age(Duration::from_secs(2 * 86_400 + 4 * 3600 + 7)),
+            "2d4h"
+        );
+    }
+
+    #[test]
+    fn human_bytes_uses_powers_of_1024() {
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(1536), "1.5 kB");
+        assert_eq!(human_bytes(12 * 1024 * 1024), "12 MB");
+        assert_eq!(human_bytes(-2048), "-2.0 kB");
+    }
+
+    #[test]
+    fn since_accepts_durations_and_rfc3339_with_offsets() {
+        assert_eq!(parse_since("1h"), Ok(Since::Ago(Duration::from_secs(3600))));
+        assert_eq!(
+            parse_since("2d"),
+            Ok(Since::Ago(Duration::from_secs(172_800)))
+        );
+        let utc = humantime::parse_rfc3339("2024-05-01T12:00:00Z").unwrap();
+        assert_eq!(parse_since("2024-05-01T12:00:00Z"), Ok(Since::At(utc)));
+        assert_eq!(parse_since("2024-05-01T14:00:00+02:00"), Ok(Since::At(utc)));
+        assert_eq!(parse_since("2024-05-01T09:30:00-02:30"), Ok(Since::At(utc)));
+        assert!(parse_since("yesterday").is_err());
+        assert!(parse_since("2024-05-01T14:00:00+25:00").is_err());
+    }
+
+    #[test]
+    fn table_aligns_columns_and_right_aligns_numbers() {
+        let t = table(
+            &["NAME", "N", "NOTE"],
+            &[false, true, false],
+            &[
+                vec!["a".into(), "1".into(), "x".into()],
+                vec!["long".into(), "123".into(), "".into()],
+            ],
+        );
+        assert_eq!(t, "NAME    N  NOTE\na       1  x\nlong  123\n");
+    }
+
+    #[test]
+    fn cells_never_span_lines() {
+        assert_eq!(cell("a\nb\tc"), "a b c");
+    }
+}

@@ -1,0 +1,681 @@
+//! Operator tools over the queue tables: the status report, browsing and requeueing Failed
+//! notifications, and retention (pruning old Processed notifications and events).
+//!
+//! Every statement here is short so that none holds locks the dispatcher waits on for long.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::Client;
+use tokio_postgres::types::PgLsn;
+use uuid::Uuid;
+
+use super::{Needs, QueueError, QueueState, db_error, read_state};
+use crate::types::Lsn;
+
+/// How often the service should run [`prune`].
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Rows deleted per statement by [`prune`] when the caller has no better number.
+pub const PRUNE_BATCH: i64 = 1000;
+
+/// Permission errors here mean the role may not use the schema.
+const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, None));
+
+/// Where a notification currently lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotificationStatus {
+    /// In `walhook.new`, waiting for delivery.
+    New,
+    /// In `walhook.processed`, delivered.
+    Processed,
+    /// In `walhook.failed`, given up on.
+    Failed,
+}
+
+impl NotificationStatus {
+    /// The status as the queue tables and the `walhook.notification` view spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationStatus::New => "New",
+            NotificationStatus::Processed => "Processed",
+            NotificationStatus::Failed => "Failed",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "New" => Some(NotificationStatus::New),
+            "Processed" => Some(NotificationStatus::Processed),
+            "Failed" => Some(NotificationStatus::Failed),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for NotificationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// status
+
+/// The whole `walhook status` report, read with the database server's clock.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// The server's `now()` when the report was read; every age is relative to it.
+    pub now: SystemTime,
+    /// One entry per listener in the configuration or in the queue tables, by name.
+    pub listeners: Vec<ListenerStatus>,
+    /// The replication slot named in the configuration.
+    pub slot: SlotStatus,
+    /// `walhook.event` totals.
+    pub events: EventStatus,
+    /// The `walhook.state` row, `None` before walhook first ran.
+    pub state: Option<QueueState>,
+}
+
+/// Queue counts and the last error of one listener.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerStatus {
+    /// Listener name.
+    pub name: String,
+    /// Whether the listener is in the configuration (false: only its history is left).
+    pub configured: bool,
+    /// Rows in `walhook.new`.
+    pub new: i64,
+    /// New rows whose `next_attempt_at` has come (due now).
+    pub due: i64,
+    /// New rows waiting for a retry (`next_attempt_at` in the future).
+    pub waiting: i64,
+    /// Rows in `walhook.processed`.
+    pub processed: i64,
+    /// Rows in `walhook.failed`.
+    pub failed: i64,
+    /// `created_at` of the oldest New row.
+    pub oldest_undelivered: Option<SystemTime>,
+    /// The most recent delivery error among its New and Failed rows.
+    pub last_error: Option<LastError>,
+}
+
+impl ListenerStatus {
+    /// Age of the oldest New row at `now`.
+    pub fn oldest_undelivered_age(&self, now: SystemTime) -> Option<Duration> {
+        self.oldest_undelivered
+            .map(|t| now.duration_since(t).unwrap_or_default())
+    }
+}
+
+/// The latest comment a delivery attempt left on a notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LastError {
+    /// The notification.
+    pub id: i64,
+    /// Where it is now (New: retrying; Failed: given up).
+    pub status: NotificationStatus,
+    /// When the attempt was made (New: `last_attempt_at`; Failed: `failed_at`).
+    pub at: SystemTime,
+    /// HTTP status of that attempt, if there was an answer.
+    pub status_code: Option<i32>,
+    /// The error in plain words.
+    pub comment: String,
+}
+
+/// The replication slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotStatus {
+    /// Slot name (from the configuration).
+    pub name: String,
+    /// Details, `None` when the slot does not exist.
+    pub found: Option<SlotDetails>,
+}
+
+/// A slot that exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotDetails {
+    /// Whether a walsender is streaming from it.
+    pub active: bool,
+    /// PID of the walsender streaming from it.
+    pub active_pid: Option<i32>,
+    /// Up to where the consumer confirmed (the server may discard WAL before it).
+    pub confirmed_flush_lsn: Option<Lsn>,
+    /// Oldest WAL the slot keeps.
+    pub restart_lsn: Option<Lsn>,
+    /// The server's current WAL position.
+    pub current_lsn: Option<Lsn>,
+    /// Bytes between `confirmed_flush_lsn` and the current WAL position.
+    pub lag_bytes: Option<i64>,
+    /// Bytes of WAL kept for the slot (current position minus `restart_lsn`).
+    pub retained_bytes: Option<i64>,
+}
+
+/// `walhook.event` totals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EventStatus {
+    /// Rows in `walhook.event`.
+    pub total: i64,
+    /// Latest source commit time among them.
+    pub latest_commit_time: Option<SystemTime>,
+    /// When the latest of them was queued.
+    pub latest_queued_at: Option<SystemTime>,
+}
+
+const SERVER_NOW: &str = "SELECT now()";
+
+/// Counts per listener and table. One scan each; `walhook.processed` may be large, but the
+/// status command is run by hand, not in a loop.
+const LISTENER_COUNTS: &str = "SELECT listener, sum(new)::bigint, sum(due)::bigint,
+       sum(processed)::bigint, sum(failed)::bigint, min(oldest)
+FROM (
+    SELECT listener, count(*) AS new, count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
+           0 AS processed, 0 AS failed, min(created_at) AS oldest
+    FROM walhook.new GROUP BY listener
+    UNION ALL
+    SELECT listener, 0, 0, count(*), 0, NULL FROM walhook.processed GROUP BY listener
+    UNION ALL
+    SELECT listener, 0, 0, 0, count(*), NULL FROM walhook.failed GROUP BY listener
+) counts
+GROUP BY listener";
+
+/// The latest comment per listener among New rows (tried at least once) and Failed rows.
+const LAST_ERRORS: &str =
+    "SELECT DISTINCT ON (listener) listener, id, status, at, last_status_code, comment
+FROM (
+    SELECT listener, id, 'New' AS status, last_attempt_at AS at, last_status_code, comment
+    FROM walhook.new WHERE comment IS NOT NULL AND last_attempt_at IS NOT NULL
+    UNION ALL
+    SELECT listener, id, 'Failed', failed_at, last_status_code, comment
+    FROM walhook.failed WHERE comment IS NOT NULL
+) errors
+ORDER BY listener, at DESC, id DESC";
+
+const EVENT_TOTALS: &str = "SELECT count(*), max(commit_time), max(queued_at) FROM walhook.event";
+
+/// pg_current_wal_lsn() fails on a standby; a standby has no logical slot of ours anyway.
+const SLOT: &str = "SELECT active, active_pid, confirmed_flush_lsn, restart_lsn,
+       pg_current_wal_lsn(),
+       pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::bigint,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+FROM pg_replication_slots WHERE slot_name = $1";
+
+/// Reads the status report: `listeners` are the configured listener names (listed even
+/// when they have no rows yet), `slot` the configured slot name.
+pub async fn status(
+    client: &Client,
+    listeners: &[String],
+    slot: &str,
+) -> Result<Status, QueueError> {
+    const CONTEXT: &str = "reading the queue status";
+    let err = || db_error(CONTEXT, USE);
+    let now: SystemTime = client
+        .query_one(SERVER_NOW, &[])
+        .await
+        .map_err(err())?
+        .try_get(0)
+        .map_err(err())?;
+
+    let mut out: Vec<ListenerStatus> = listeners
+        .iter()
+        .map(|name| ListenerStatus {
+            name: name.clone(),
+            configured: true,
+            new: 0,
+            due: 0,
+            waiting: 0,
+            processed: 0,
+            failed: 0,
+            oldest_undelivered: None,
+            last_error: None,
+        })
+        .collect();
+    let entry = |out: &mut Vec<ListenerStatus>, name: String| -> usize {
+        if let Some(i) = out.iter().position(|l| l.name == name) {
+            return i;
+        }
+        out.push(ListenerStatus {
+            name,
+            configured: false,
+            new: 0,
+            due: 0,
+            waiting: 0,
+            processed: 0,
+            failed: 0,
+            oldest_undelivered: None,
+            last_error: None,
+        });
+        out.len() - 1
+    };
+
+    for row in client.query(LISTENER_COUNTS, &[]).await.map_err(err())? {
+        let i = entry(&mut out, row.try_get(0).map_err(err())?);
+        let Some(l) = out.get_mut(i) else { continue };
+        l.new = row.try_get(1).map_err(err())?;
+        l.due = row.try_get(2).map_err(err())?;
+        l.waiting = l.new.saturating_sub(l.due);
+        l.processed = row.try_get(3).map_err(err())?;
+        l.failed = row.try_get(4).map_err(err())?;
+        l.oldest_undelivered = row.try_get(5).map_err(err())?;
+    }
+    for row in client.query(LAST_ERRORS, &[]).await.map_err(err())? {
+        let i = entry(&mut out, row.try_get(0).map_err(err())?);
+        let status: String = row.try_get(2).map_err(err())?;
+        let Some(l) = out.get_mut(i) else { continue };
+        l.last_error = Some(LastError {
+            id: row.try_get(1).map_err(err())?,
+            status: NotificationStatus::parse(&status).unwrap_or(NotificationStatus::New),
+            at: row.try_get(3).map_err(err())?,
+            status_code: row.try_get(4).map_err(err())?,
+            comment: row.try_get(5).map_err(err())?,
+        });
+    }
+    // Configured listeners first in config order, then leftovers by name.
+    let configured = listeners.len();
+    if let Some(rest) = out.get_mut(configured..) {
+        rest.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
+    let row = client.query_one(EVENT_TOTALS, &[]).await.map_err(err())?;
+    let events = EventStatus {
+        total: row.try_get(0).map_err(err())?,
+        latest_commit_time: row.try_get(1).map_err(err())?,
+        latest_queued_at: row.try_get(2).map_err(err())?,
+    };
+
+    let slot_ctx = || db_error("reading pg_replication_slots", None);
+    let found = match client.query_opt(SLOT, &[&slot]).await.map_err(slot_ctx())? {
+        None => None,
+        Some(row) => {
+            let lsn = |i: usize| -> Result<Option<Lsn>, QueueError> {
+                let v: Option<PgLsn> = row.try_get(i).map_err(slot_ctx())?;
+                Ok(v.map(|l| Lsn(u64::from(l))))
+            };
+            Some(SlotDetails {
+                active: row.try_get(0).map_err(slot_ctx())?,
+                active_pid: row.try_get(1).map_err(slot_ctx())?,
+                confirmed_flush_lsn: lsn(2)?,
+                restart_lsn: lsn(3)?,
+                current_lsn: lsn(4)?,
+                lag_bytes: row.try_get(5).map_err(slot_ctx())?,
+                retained_bytes: row.try_get(6).map_err(slot_ctx())?,
+            })
+        }
+    };
+
+    Ok(Status {
+        now,
+        listeners: out,
+        slot: SlotStatus {
+            name: slot.to_owned(),
+            found,
+        },
+        events,
+        state: read_state(client).await?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// failed
+
+/// Which Failed notifications [`list_failed`] returns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedFilter {
+    /// Only this listener's.
+    pub listener: Option<String>,
+    /// Only those that failed at or after this point.
+    pub since: Option<Since>,
+    /// At most this many rows (newest first); at least 1.
+    pub limit: i64,
+}
+
+impl Default for FailedFilter {
+    fn default() -> Self {
+        FailedFilter {
+            listener: None,
+            since: None,
+            limit: 50,
+        }
+    }
+}
+
+/// A lower bound on `failed_at`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// This long before the server's `now()`.
+    Ago(Duration),
+    /// This point in time.
+    At(SystemTime),
+}
+
+/// One row of `walhook.failed`, with the action and stable id of its event.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedNotification {
+    /// Notification id (the same in all three status tables).
+    pub id: i64,
+    /// Listener name.
+    pub listener: String,
+    /// Entity type.
+    pub entity: String,
+    /// Entity id.
+    pub entity_id: String,
+    /// Created / Updated / Deleted (`None` if the event is gone, which the foreign key prevents).
+    pub action: Option<String>,
+    /// The stable event id listeners receive.
+    pub event_uuid: Option<Uuid>,
+    /// Delivery attempts made.
+    pub attempts: i32,
+    /// When the notification was created.
+    pub created_at: SystemTime,
+    /// When walhook gave up.
+    pub failed_at: SystemTime,
+    /// HTTP status of the last attempt, if there was an answer.
+    pub last_status_code: Option<i32>,
+    /// The last error in plain words.
+    pub comment: Option<String>,
+}
+
+/// A page of Failed notifications and how many match in all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FailedPage {
+    /// Newest first, at most the filter's limit.
+    pub rows: Vec<FailedNotification>,
+    /// Rows matching the filter, including those beyond the limit.
+    pub total: i64,
+}
+
+impl FailedPage {
+    /// Matching rows not in `rows`.
+    pub fn more(&self) -> i64 {
+        self.total
+            .saturating_sub(i64::try_from(self.rows.len()).unwrap_or(i64::MAX))
+            .max(0)
+    }
+}
+
+/// $1 listener, $2 failed since (absolute), $3 failed within (seconds before now()).
+const FAILED_WHERE: &str = "($1::text IS NULL OR f.listener = $1)
+  AND ($2::timestamptz IS NULL OR f.failed_at >= $2)
+  AND ($3::float8 IS NULL OR f.failed_at >= now() - $3 * interval '1 second')";
+
+fn list_failed_sql() -> String {
+    format!(
+        "SELECT f.id, f.listener, f.entity, f.entity_id, e.action, e.event_id, f.attempts,
+       f.created_at, f.failed_at, f.last_status_code, f.comment
+FROM walhook.failed f LEFT JOIN walhook.event e ON e.id = f.event_id
+WHERE {FAILED_WHERE}
+ORDER BY f.failed_at DESC, f.id DESC
+LIMIT $4"
+    )
+}
+
+fn count_failed_sql() -> String {
+    format!("SELECT count(*) FROM walhook.failed f WHERE {FAILED_WHERE}")
+}
+
+/// Lists Failed notifications, newest first.
+pub async fn list_failed(client: &Client, filter: &FailedFilter) -> Result<FailedPage, QueueError> {
+    const CONTEXT: &str = "reading walhook.failed";
+    let err = || db_error(CONTEXT, USE);
+    let (at, ago) = match filter.since {
+        None => (None, None),
+        Some(Since::At(t)) => (Some(t), None),
+        Some(Since::Ago(d)) => (None, Some(d.as_secs_f64())),
+    };
+    let limit = filter.limit.max(1);
+    let rows = client
+        .query(&list_failed_sql(), &[&filter.listener, &at, &ago, &limit])
+        .await
+        .map_err(err())?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(FailedNotification {
+            id: row.try_get(0).map_err(err())?,
+            listener: row.try_get(1).map_err(err())?,
+            entity: row.try_get(2).map_err(err())?,
+            entity_id: row.try_get(3).map_err(err())?,
+            action: row.try_get(4).map_err(err())?,
+            event_uuid: row.try_get(5).map_err(err())?,
+            attempts: row.try_get(6).map_err(err())?,
+            created_at: row.try_get(7).map_err(err())?,
+            failed_at: row.try_get(8).map_err(err())?,
+            last_status_code: row.try_get(9).map_err(err())?,
+            comment: row.try_get(10).map_err(err())?,
+        });
+    }
+    let total: i64 = client
+        .query_one(&count_failed_sql(), &[&filter.listener, &at, &ago])
+        .await
+        .map_err(err())?
+        .try_get(0)
+        .map_err(err())?;
+    Ok(FailedPage { rows: out, total })
+}
+
+// ---------------------------------------------------------------------------------------------
+// retry
+
+/// Which Failed notifications [`retry_failed`] requeues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RetrySelection {
+    /// These ids.
+    Ids(Vec<i64>),
+    /// Every Failed notification (of the listener, when one is given).
+    All,
+}
+
+/// An id given to [`retry_failed`] that was not requeued, and where it is instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotRequeued {
+    /// The id asked for.
+    pub id: i64,
+    /// Where the notification is and whose it is; `None` if no notification has this id.
+    pub found: Option<(NotificationStatus, String)>,
+}
+
+impl std::fmt::Display for NotRequeued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.found {
+            None => write!(
+                f,
+                "notification {} does not exist (never created, or pruned after delivery)",
+                self.id
+            ),
+            Some((NotificationStatus::New, l)) => write!(
+                f,
+                "notification {} is not Failed: it is New (in walhook.new, waiting for delivery to listener {l:?})",
+                self.id
+            ),
+            Some((NotificationStatus::Processed, l)) => write!(
+                f,
+                "notification {} is not Failed: it is Processed (delivered to listener {l:?})",
+                self.id
+            ),
+            Some((NotificationStatus::Failed, l)) => write!(
+                f,
+                "notification {} is Failed for listener {l:?}, not the one given with --listener; not requeued",
+                self.id
+            ),
+        }
+    }
+}
+
+/// What [`retry_failed`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetryOutcome {
+    /// Ids moved back to `walhook.new`, ascending.
+    pub requeued: Vec<i64>,
+    /// Ids asked for that were not in `walhook.failed` (for the listener).
+    pub not_requeued: Vec<NotRequeued>,
+}
+
+/// One statement moves the rows: a notification is never in two tables, nor in none.
+/// The old `failed_at` becomes `last_attempt_at`, so the status report still shows when the
+/// last attempt failed; attempts restart at 0 so the listener gets its full max_attempts.
+/// $1 listener (NULL: any), $2 ids (NULL: all).
+const REQUEUE: &str = "WITH moved AS (
+    DELETE FROM walhook.failed f
+    WHERE ($1::text IS NULL OR f.listener = $1)
+      AND ($2::bigint[] IS NULL OR f.id = ANY($2))
+    RETURNING f.*
+)
+INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts,
+                         created_at, next_attempt_at, last_attempt_at, last_status_code, comment)
+SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, 0,
+       created_at, now(), failed_at, last_status_code,
+       'requeued by walhook retry at '
+         || to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
+         || ' after: ' || coalesce(comment, '(no comment)')
+FROM moved
+RETURNING id";
+
+const LOCATE: &str = "SELECT id, 'New', listener FROM walhook.new WHERE id = ANY($1)
+UNION ALL
+SELECT id, 'Processed', listener FROM walhook.processed WHERE id = ANY($1)
+UNION ALL
+SELECT id, 'Failed', listener FROM walhook.failed WHERE id = ANY($1)";
+
+/// Moves Failed notifications back to `walhook.new` (attempts 0, due now, the comment
+/// saying when and after what). Ids that were not requeued are reported, not errors: the
+/// others are still requeued.
+pub async fn retry_failed(
+    client: &Client,
+    listener: Option<&str>,
+    selection: &RetrySelection,
+) -> Result<RetryOutcome, QueueError> {
+    let ids: Option<Vec<i64>> = match selection {
+        RetrySelection::All => None,
+        RetrySelection::Ids(ids) => {
+            let mut ids = ids.clone();
+            ids.sort_unstable();
+            ids.dedup();
+            if ids.is_empty() {
+                return Ok(RetryOutcome::default());
+            }
+            Some(ids)
+        }
+    };
+    let err = || db_error("moving Failed notifications back to walhook.new", USE);
+    let mut requeued = Vec::new();
+    for row in client
+        .query(REQUEUE, &[&listener, &ids])
+        .await
+        .map_err(err())?
+    {
+        requeued.push(row.try_get::<_, i64>(0).map_err(err())?);
+    }
+    requeued.sort_unstable();
+
+    let mut not_requeued = Vec::new();
+    if let Some(ids) = ids {
+        let missing: Vec<i64> = ids
+            .into_iter()
+            .filter(|id| requeued.binary_search(id).is_err())
+            .collect();
+        if !missing.is_empty() {
+            let err = || db_error("looking up notifications that were not requeued", USE);
+            let rows = client.query(LOCATE, &[&missing]).await.map_err(err())?;
+            for id in missing {
+                let mut found = None;
+                for row in &rows {
+                    if row.try_get::<_, i64>(0).map_err(err())? == id {
+                        let status: String = row.try_get(1).map_err(err())?;
+                        if let Some(status) = NotificationStatus::parse(&status) {
+                            found = Some((status, row.try_get(2).map_err(err())?));
+                        }
+                    }
+                }
+                not_requeued.push(NotRequeued { id, found });
+            }
+        }
+    }
+    Ok(RetryOutcome {
+        requeued,
+        not_requeued,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// retention
+
+/// What one [`prune`] run deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneOutcome {
+    /// Rows deleted from `walhook.processed`.
+    pub processed: u64,
+    /// Rows deleted from `walhook.event`.
+    pub events: u64,
+}
+
+/// Fixed once per run so that the batches agree on what "old" means.
+const PRUNE_CUTOFF: &str = "SELECT now() - $1::float8 * interval '1 second'";
+
+const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
+    SELECT id FROM walhook.processed WHERE delivered_at < $1
+    ORDER BY delivered_at LIMIT $2
+)";
+
+/// An event goes only when no notification of it is New or Failed (a Processed one may
+/// outlive its event). The writer inserts an event and its New rows in one statement and a
+/// move between status tables is one statement, so this statement's snapshot never sees an
+/// event without the notification that pins it. SKIP LOCKED: a row a concurrent foreign key
+/// check holds is left for the next run rather than waited for.
+const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
+    SELECT e.id FROM walhook.event e
+    WHERE e.queued_at < $1
+      AND NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.event_id = e.id)
+      AND NOT EXISTS (SELECT 1 FROM walhook.failed f WHERE f.event_id = e.id)
+    ORDER BY e.queued_at LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)";
+
+/// Deletes Processed notifications delivered more than `retention` ago, then events queued
+/// more than `retention` ago that have no New or Failed notification, `batch` rows per
+/// statement (each its own short transaction), yielding between batches.
+pub async fn prune(
+    client: &Client,
+    retention: Duration,
+    batch: i64,
+) -> Result<PruneOutcome, QueueError> {
+    let batch = batch.max(1);
+    let cutoff: SystemTime = client
+        .query_one(PRUNE_CUTOFF, &[&retention.as_secs_f64()])
+        .await
+        .map_err(db_error("computing the retention cutoff", None))?
+        .try_get(0)
+        .map_err(db_error("computing the retention cutoff", None))?;
+    let processed = delete_in_batches(
+        client,
+        PRUNE_PROCESSED,
+        cutoff,
+        batch,
+        "pruning walhook.processed",
+    )
+    .await?;
+    let events =
+        delete_in_batches(client, PRUNE_EVENTS, cutoff, batch, "pruning walhook.event").await?;
+    Ok(PruneOutcome { processed, events })
+}
+
+async fn delete_in_batches(
+    client: &Client,
+    sql: &str,
+    cutoff: SystemTime,
+    batch: i64,
+    context: &'static str,
+) -> Result<u64, QueueError> {
+    let statement = client.prepare(sql).await.map_err(db_error(context, USE))?;
+    let full = u64::try_from(batch).unwrap_or(u64::MAX);
+    let mut total = 0u64;
+    loop {
+        let n = client
+            .execute(&statement, &[&cutoff, &batch])
+            .await
+            .map_err(db_error(context, USE))?;
+        total = total.saturating_add(n);
+        if n < full {
+            return Ok(total);
+        }
+        // Let the delivery tasks on this runtime (and their statements) go first.
+        tokio::task::yield_now().await;
+    }
+}

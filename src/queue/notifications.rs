@@ -1,0 +1,435 @@
+//! The delivery side of `walhook.new`: claiming due notifications under a lease and
+//! recording what their delivery attempts ended with, in batches.
+//!
+//! A notification lives in exactly one of `walhook.new`, `walhook.processed` and
+//! `walhook.failed`; every move below is one statement (`WITH moved AS (DELETE … RETURNING
+//! …) INSERT …`), and only rows still leased by this process are touched, so a process whose
+//! lease expired cannot overwrite the work of the one that took the row over.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use serde_json::Value;
+use tokio_postgres::types::PgLsn;
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
+use uuid::Uuid;
+
+use super::{Needs, QueueError, db_error};
+use crate::delivery::{Notification, StoredEvent};
+use crate::types::{Action, Lsn};
+
+/// The channel the queue writer notifies (once per batch that created notifications).
+pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
+
+const LISTEN: &str = "LISTEN walhook_new";
+
+/// Permission errors here mean the role may not use the schema.
+const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, None));
+
+/// Claims up to $2 due notifications of listener $1 for $4, leased for $3 milliseconds.
+///
+/// Due: `next_attempt_at` has come and nobody holds a live lease. Ordering per entity: a
+/// row is claimable only while no earlier change of the same entity (smaller (commit_lsn,
+/// seq)) for the same listener is still in `walhook.new` — pending, leased or waiting for
+/// a retry — so a listener never sees a change to X before an earlier change to X, while
+/// other entities proceed. The anti-join is an index probe on
+/// `new_listener_entity_order_idx`; the walk in commit order uses
+/// `new_listener_commit_order_idx` and stops at the limit.
+const CLAIM: &str = r#"WITH due AS (
+    SELECT n.id
+    FROM walhook.new n
+    WHERE n.listener = $1
+      AND n.next_attempt_at <= now()
+      AND (n.locked_until IS NULL OR n.locked_until <= now())
+      AND NOT EXISTS (
+          SELECT 1 FROM walhook.new p
+          WHERE p.listener = n.listener
+            AND p.entity = n.entity
+            AND p.entity_id = n.entity_id
+            AND (p.commit_lsn, p.seq) < (n.commit_lsn, n.seq))
+    ORDER BY n.commit_lsn, n.seq
+    LIMIT $2::bigint
+    FOR UPDATE OF n SKIP LOCKED
+), claimed AS (
+    UPDATE walhook.new n
+    SET locked_until = now() + $3::float8 * interval '1 millisecond',
+        locked_by = $4::text
+    FROM due
+    WHERE n.id = due.id
+    RETURNING n.id, n.event_id, n.attempts
+)
+SELECT c.id, c.attempts, e.event_id, e.commit_lsn, e.seq, e.commit_time, e.entity,
+       e.entity_id, e.action, e.changed_fields, e."row", e.old, e.subject, e.source_table
+FROM claimed c
+JOIN walhook.event e ON e.id = c.event_id
+ORDER BY e.commit_lsn, e.seq"#;
+
+/// Moves delivered notifications to `walhook.processed`: $1 ids, $2 status codes, $3
+/// latencies (ms), $4 lease holder.
+const DELIVERED: &str = r#"WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[]) AS r(id, status_code, latency_ms)
+), moved AS (
+    DELETE FROM walhook.new n
+    USING r
+    WHERE n.id = r.id AND n.locked_by = $4::text
+    RETURNING n.id, n.event_id, n.listener, n.entity, n.entity_id, n.commit_lsn, n.seq,
+              n.attempts, n.created_at, r.status_code, r.latency_ms
+)
+INSERT INTO walhook.processed (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                               attempts, created_at, delivered_at, status_code, latency_ms)
+SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts + 1, created_at,
+       now(), status_code, latency_ms
+FROM moved"#;
+
+/// Moves notifications given up on to `walhook.failed`: $1 ids, $2 status codes (NULL
+/// without an answer), $3 comments, $4 lease holder.
+const FAILED: &str = r#"WITH r AS (
+    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, status_code, comment)
+), moved AS (
+    DELETE FROM walhook.new n
+    USING r
+    WHERE n.id = r.id AND n.locked_by = $4::text
+    RETURNING n.id, n.event_id, n.listener, n.entity, n.entity_id, n.commit_lsn, n.seq,
+              n.attempts, n.created_at, r.status_code, r.comment
+)
+INSERT INTO walhook.failed (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                            attempts, created_at, failed_at, last_status_code, comment)
+SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts + 1, created_at,
+       now(), status_code, comment
+FROM moved"#;
+
+/// Schedules another attempt and frees the lease: $1 ids, $2 status codes, $3 comments, $4
+/// delays (ms), $5 lease holder.
+const RETRY: &str = r#"UPDATE walhook.new n
+SET attempts = n.attempts + 1,
+    next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
+    last_attempt_at = now(),
+    last_status_code = r.status_code,
+    comment = r.comment,
+    locked_until = NULL,
+    locked_by = NULL
+FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[]) AS r(id, status_code, comment, delay_ms)
+WHERE n.id = r.id AND n.locked_by = $5::text"#;
+
+/// Frees the leases of notifications claimed but not attempted: $1 ids, $2 lease holder.
+const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
+WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
+
+/// Frees every lease of one holder (at shutdown).
+const RELEASE_ALL: &str =
+    "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
+
+/// A delivered notification, for [`Completions`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveredRow {
+    /// Notification id.
+    pub id: i64,
+    /// The 2xx status.
+    pub status_code: Option<i32>,
+    /// Request to end of answer, in milliseconds.
+    pub latency_ms: i32,
+}
+
+/// A failed attempt, for [`Completions`]: retried later or given up on.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedAttemptRow {
+    /// Notification id.
+    pub id: i64,
+    /// HTTP status, when an answer came.
+    pub status_code: Option<i32>,
+    /// The one-line comment a DBA reads.
+    pub comment: String,
+    /// Wait before the next attempt (ignored for notifications given up on).
+    pub delay: Duration,
+}
+
+/// The outcomes of a batch of delivery attempts, recorded with one statement per kind.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Completions {
+    /// Moved to `walhook.processed`.
+    pub delivered: Vec<DeliveredRow>,
+    /// Left in `walhook.new` for another attempt after their delay.
+    pub retry: Vec<FailedAttemptRow>,
+    /// Moved to `walhook.failed`.
+    pub failed: Vec<FailedAttemptRow>,
+    /// Claimed but never attempted: leases freed, nothing else changes.
+    pub release: Vec<i64>,
+}
+
+impl Completions {
+    /// Whether there is nothing to record.
+    pub fn is_empty(&self) -> bool {
+        self.delivered.is_empty()
+            && self.retry.is_empty()
+            && self.failed.is_empty()
+            && self.release.is_empty()
+    }
+}
+
+/// Claims and completes notifications on its own connection, as one lease holder.
+pub struct NotificationStore {
+    client: Client,
+    owner: String,
+    claim: Statement,
+    delivered: Statement,
+    failed: Statement,
+    retry: Statement,
+    release: Statement,
+    release_all: Statement,
+}
+
+impl std::fmt::Debug for NotificationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NotificationStore")
+            .field("owner", &self.owner)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Called for every `NOTIFY walhook_new` the connection receives.
+pub type OnNewNotifications = Arc<dyn Fn() + Send + Sync>;
+
+impl NotificationStore {
+    /// Connects (without TLS, like every ordinary walhook connection), drives the
+    /// connection in a background task and prepares the statements. With `on_new`, the
+    /// connection also listens on [`NEW_NOTIFICATIONS_CHANNEL`] and calls it for every
+    /// notification. `owner` names this process in `walhook.new.locked_by`.
+    pub async fn connect(
+        config: &tokio_postgres::Config,
+        owner: &str,
+        on_new: Option<OnNewNotifications>,
+    ) -> Result<NotificationStore, QueueError> {
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(db_error("connecting to the queue database", None))?;
+        tokio::spawn(Driver {
+            connection,
+            on_new: on_new.clone(),
+        });
+        if on_new.is_some() {
+            client
+                .batch_execute(LISTEN)
+                .await
+                .map_err(db_error("listening for new notifications", None))?;
+        }
+        Self::new(client, owner).await
+    }
+
+    /// Prepares the statements on `client`, whose connection the caller drives.
+    pub async fn new(client: Client, owner: &str) -> Result<NotificationStore, QueueError> {
+        let prepare = |sql: &'static str, what: &'static str| {
+            let client = &client;
+            async move { client.prepare(sql).await.map_err(db_error(what, USE)) }
+        };
+        let (claim, delivered, failed, retry, release, release_all) = tokio::try_join!(
+            prepare(CLAIM, "preparing the notification claim"),
+            prepare(DELIVERED, "preparing the move to walhook.processed"),
+            prepare(FAILED, "preparing the move to walhook.failed"),
+            prepare(RETRY, "preparing the retry update"),
+            prepare(RELEASE, "preparing the lease release"),
+            prepare(RELEASE_ALL, "preparing the lease release"),
+        )?;
+        Ok(NotificationStore {
+            client,
+            owner: owner.to_owned(),
+            claim,
+            delivered,
+            failed,
+            retry,
+            release,
+            release_all,
+        })
+    }
+
+    /// The lease holder name written to `walhook.new.locked_by`.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// Whether the connection is gone (connect a new store).
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Claims up to `limit` due notifications of `listener` in commit order, leased for
+    /// `lease`, at most one per entity (see [`CLAIM`]). Rows whose event cannot be read
+    /// back come as `Err((id, comment))` so the caller can move them to `walhook.failed`.
+    pub async fn claim(
+        &self,
+        listener: &str,
+        limit: usize,
+        lease: Duration,
+    ) -> Result<Vec<Result<Notification, (i64, String)>>, QueueError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let lease_ms = lease.as_secs_f64() * 1000.0;
+        let rows = self
+            .client
+            .query(&self.claim, &[&listener, &limit, &lease_ms, &self.owner])
+            .await
+            .map_err(db_error("claiming notifications from walhook.new", USE))?;
+        Ok(rows.iter().map(|r| notification(r, listener)).collect())
+    }
+
+    /// Records a batch of outcomes: one statement per non-empty kind, pipelined on the
+    /// connection. Each statement is atomic on its own; running a batch again after an
+    /// error is harmless, because every statement touches only rows still leased here.
+    pub async fn complete(&self, batch: &Completions) -> Result<(), QueueError> {
+        tokio::try_join!(
+            self.record_delivered(&batch.delivered),
+            self.record_failed(&batch.failed),
+            self.record_retry(&batch.retry),
+            self.record_release(&batch.release),
+        )?;
+        Ok(())
+    }
+
+    async fn record_delivered(&self, rows: &[DeliveredRow]) -> Result<(), QueueError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = rows.iter().map(|d| d.id).collect();
+        let codes: Vec<Option<i32>> = rows.iter().map(|d| d.status_code).collect();
+        let latency: Vec<i32> = rows.iter().map(|d| d.latency_ms).collect();
+        self.client
+            .execute(&self.delivered, &[&ids, &codes, &latency, &self.owner])
+            .await
+            .map_err(db_error(
+                "moving delivered notifications to walhook.processed",
+                USE,
+            ))?;
+        Ok(())
+    }
+
+    async fn record_failed(&self, rows: &[FailedAttemptRow]) -> Result<(), QueueError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = rows.iter().map(|f| f.id).collect();
+        let codes: Vec<Option<i32>> = rows.iter().map(|f| f.status_code).collect();
+        let comments: Vec<&str> = rows.iter().map(|f| f.comment.as_str()).collect();
+        self.client
+            .execute(&self.failed, &[&ids, &codes, &comments, &self.owner])
+            .await
+            .map_err(db_error(
+                "moving failed notifications to walhook.failed",
+                USE,
+            ))?;
+        Ok(())
+    }
+
+    async fn record_retry(&self, rows: &[FailedAttemptRow]) -> Result<(), QueueError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let codes: Vec<Option<i32>> = rows.iter().map(|r| r.status_code).collect();
+        let comments: Vec<&str> = rows.iter().map(|r| r.comment.as_str()).collect();
+        let delays: Vec<f64> = rows
+            .iter()
+            .map(|r| r.delay.as_secs_f64() * 1000.0)
+            .collect();
+        self.client
+            .execute(
+                &self.retry,
+                &[&ids, &codes, &comments, &delays, &self.owner],
+            )
+            .await
+            .map_err(db_error("scheduling retries in walhook.new", USE))?;
+        Ok(())
+    }
+
+    async fn record_release(&self, ids: &[i64]) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.client
+            .execute(&self.release, &[&ids, &self.owner])
+            .await
+            .map_err(db_error("releasing leases in walhook.new", USE))?;
+        Ok(())
+    }
+
+    /// Frees every lease this holder still has; returns how many.
+    pub async fn release_all(&self) -> Result<u64, QueueError> {
+        self.client
+            .execute(&self.release_all, &[&self.owner])
+            .await
+            .map_err(db_error("releasing leases in walhook.new", USE))
+    }
+}
+
+/// Reads one claimed row; a row that cannot be read becomes `(id, comment)`.
+fn notification(row: &Row, listener: &str) -> Result<Notification, (i64, String)> {
+    let id: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
+    let read = || -> Result<Notification, String> {
+        let text = |e: tokio_postgres::Error| e.to_string();
+        let commit_lsn: PgLsn = row.try_get(3).map_err(text)?;
+        let action: String = row.try_get(8).map_err(text)?;
+        let action = match action.as_str() {
+            "Created" => Action::Created,
+            "Updated" => Action::Updated,
+            "Deleted" => Action::Deleted,
+            other => return Err(format!("unknown action {other:?} in walhook.event")),
+        };
+        Ok(Notification {
+            id,
+            listener: listener.to_owned(),
+            attempts: row.try_get(1).map_err(text)?,
+            event: StoredEvent {
+                event_id: row.try_get::<_, Uuid>(2).map_err(text)?,
+                commit_lsn: Lsn(u64::from(commit_lsn)),
+                seq: row.try_get(4).map_err(text)?,
+                commit_time: row.try_get::<_, SystemTime>(5).map_err(text)?,
+                entity: row.try_get(6).map_err(text)?,
+                entity_id: row.try_get(7).map_err(text)?,
+                action,
+                changed_fields: row.try_get(9).map_err(text)?,
+                row: row.try_get::<_, Value>(10).map_err(text)?,
+                old: row.try_get::<_, Option<Value>>(11).map_err(text)?,
+                subject: row.try_get(12).map_err(text)?,
+                source_table: row.try_get(13).map_err(text)?,
+            },
+        })
+    };
+    read().map_err(|detail| {
+        (
+            id,
+            format!("the event of this notification cannot be read from walhook.event: {detail}"),
+        )
+    })
+}
+
+/// Drives a tokio-postgres connection and passes on `NOTIFY walhook_new`.
+struct Driver {
+    connection:
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    on_new: Option<OnNewNotifications>,
+}
+
+impl Future for Driver {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.connection.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(_)))) => {
+                    if let Some(f) = &self.on_new {
+                        f();
+                    }
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                // The client sees the closed connection on its next statement.
+                Poll::Ready(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "queue connection ended");
+                    return Poll::Ready(());
+                }
+                Poll::Ready(None) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! End to end: row changes reach real HTTP receivers through the whole daemon.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use serde_json::json;
+use support::receiver::{Receiver, Reply};
+use support::{Daemon, TestDb, eventually};
+
+async fn setup_tables(db: &TestDb) {
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, name text, city text);
+         ALTER TABLE customer REPLICA IDENTITY FULL;
+         CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total numeric(10,2));
+         ALTER TABLE orders REPLICA IDENTITY FULL;",
+    )
+    .await;
+}
+
+fn config(db: &TestDb, listeners: &str) -> String {
+    format!(
+        r#"[source]
+url = "{url}"
+system_name = "CRM"
+heartbeat = "1s"
+status_interval = "1s"
+
+[queue]
+batch_delay = "1ms"
+
+[[entity]]
+name = "Customer"
+table = "customer"
+subject = "customers/{{id}}"
+
+[[entity]]
+name = "Order"
+table = "orders"
+
+{listeners}
+"#,
+        url = db.url
+    )
+}
+
+async fn wait_streaming(c: &tokio_postgres::Client) {
+    eventually(Duration::from_secs(60), "walhook streaming", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+}
+
+async fn wait_for_requests(r: &Receiver, n: usize, what: &str) {
+    eventually(Duration::from_secs(90), what, || async {
+        (r.count() >= n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_receive_exactly_their_subscribed_events_as_cloudevents() {
+    let db = TestDb::new();
+    setup_tables(&db).await;
+    let crm = Receiver::start().await;
+    let billing = Receiver::start().await;
+    let toml = config(
+        &db,
+        &format!(
+            r#"
+[[listener]]
+name = "crm"
+url = "{}"
+entities = ["Customer"]
+headers = {{ "X-Api-Key" = "k-123", "X-Team" = "crm" }}
+
+[[listener]]
+name = "billing"
+url = "{}"
+entities = ["Order"]
+actions = ["created"]
+"#,
+            crm.url("/hooks/crm"),
+            billing.url("/hooks/billing")
+        ),
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.batch_execute(
+        "INSERT INTO customer VALUES (1, 'Ada', 'London');
+         UPDATE customer SET city = 'Paris' WHERE id = 1;
+         INSERT INTO orders VALUES (10, 1, 99.90);
+         UPDATE orders SET total = 100 WHERE id = 10;",
+    )
+    .await
+    .unwrap();
+    wait_for_requests(&crm, 2, "2 requests at crm").await;
+    wait_for_requests(&billing, 1, "1 request at billing").await;
+    // A fence: one more customer change; once it arrives, nothing else is on its way.
+    c.batch_execute("INSERT INTO customer VALUES (2, 'Grace', 'NYC')").await.unwrap();
+    wait_for_requests(&crm, 3, "the fence at crm").await;
+    eventually(Duration::from_secs(30), "all notifications processed", || async {
+        let n: i64 = c.query_one("SELECT count(*) FROM walhook.new", &[]).await.ok()?.get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+
+    let reqs = crm.requests();
+    assert_eq!(reqs.len(), 3, "{reqs:#?}");
+    let first = &reqs[0];
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.path, "/hooks/crm");
+    assert_eq!(first.header("x-api-key"), Some("k-123"));
+    assert_eq!(first.header("x-team"), Some("crm"));
+    assert!(first.header("content-type").unwrap_or("").starts_with("application/cloudevents+json"));
+    let ev = first.json();
+    assert_eq!(ev["specversion"], "1.0");
+    assert_eq!(ev["type"], "Customer.Created");
+    assert_eq!(ev["subject"], "customers/1");
+    assert!(ev["source"].as_str().unwrap().contains("CRM"), "{ev}");
+    assert!(uuid::Uuid::parse_str(ev["id"].as_str().unwrap()).is_ok(), "{ev}");
+    assert!(ev["time"].as_str().unwrap().ends_with('Z') || ev["time"].as_str().unwrap().contains('+'));
+    assert_eq!(ev["data"]["row"], json!({"id": 1, "name": "Ada", "city": "London"}));
+    let upd = reqs[1].json();
+    assert_eq!(upd["type"], "Customer.Updated");
+    assert_eq!(upd["data"]["changedFields"], json!(["city"]));
+    assert_eq!(upd["data"]["old"]["city"], "London");
+    // The event id is the one stored in walhook.event.
+    let stored: uuid::Uuid = c
+        .query_one("SELECT event_id FROM walhook.event WHERE entity = 'Customer' ORDER BY id LIMIT 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(ev["id"], stored.to_string());
+
+    let b = billing.requests();
+    assert_eq!(b.len(), 1, "billing gets only Order.Created: {b:#?}");
+    assert_eq!(b[0].json()["type"], "Order.Created");
+    assert!(b[0].header("x-api-key").is_none());
+
+    let processed: i64 = c
+        .query_one("SELECT count(*) FROM walhook.processed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(processed, 4);
+    let listeners: i64 = c
+        .query_one("SELECT count(*) FROM walhook.listener WHERE enabled", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listeners, 2);
+}
+
+fn one_listener(url: &str) -> String {
+    format!(
+        r#"
+[[listener]]
+name = "hook"
+url = "{url}"
+timeout = "2s"
+backoff = {{ initial = "100ms", max = "1s" }}
+max_attempts = 50
+"#
+    )
+}
+
+/// Event ids per entity id, as the receiver saw them (2xx answers only).
+fn delivered_ids(r: &Receiver) -> HashMap<String, HashSet<String>> {
+    let mut m: HashMap<String, HashSet<String>> = HashMap::new();
+    for req in r.requests() {
+        let ev = req.json();
+        m.entry(ev["data"]["row"]["id"].to_string())
+            .or_default()
+            .insert(ev["id"].as_str().unwrap_or_default().to_owned());
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over() {
+    let db = TestDb::new();
+    setup_tables(&db).await;
+    let hook = Receiver::start().await;
+    let toml = config(&db, &one_listener(&hook.url("/h")));
+    let mut first = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let mut second = Daemon::start(&toml);
+    c.execute("INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(1, 300) g", &[])
+        .await
+        .unwrap();
+    wait_for_requests(&hook, 300, "300 deliveries").await;
+    eventually(Duration::from_secs(30), "queue drained", || async {
+        let n: i64 = c.query_one("SELECT count(*) FROM walhook.new", &[]).await.ok()?.get(0);
+        (n == 0).then_some(())
+    })
+    .await;
+    let reqs = hook.requests();
+    let ids: HashSet<String> = reqs.iter().map(|r| r.json()["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!((reqs.len(), ids.len()), (300, 300), "each notification delivered once");
+    assert!(second.running(), "the standby exited:\n{}", second.log());
+    let standby_lines = second.log().lines().filter(|l| l.contains("standing by")).count();
+    assert_eq!(standby_lines, 1, "standby logged once:\n{}", second.log());
+
+    // Kill the streaming process; the standby takes over the slot.
+    first.kill9();
+    c.execute("INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(301, 350) g", &[])
+        .await
+        .unwrap();
+    wait_for_requests(&hook, 350, "deliveries after the takeover").await;
+    let after: HashSet<String> = hook
+        .requests()
+        .iter()
+        .map(|r| r.json()["data"]["row"]["id"].to_string())
+        .collect();
+    assert_eq!(after.len(), 350);
+    assert_eq!(second.terminate().code(), Some(0), "{}", second.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_delivery_then_restart_delivers_every_event_with_stable_ids() {
+    let db = TestDb::new();
+    setup_tables(&db).await;
+    let hook = Receiver::start().await;
+    // Slow answers keep deliveries in flight when the process dies.
+    hook.respond_with(|_, _| Reply::status(200).after(Duration::from_millis(20)));
+    let toml = config(&db, &one_listener(&hook.url("/h")));
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(1, 500) g", &[])
+        .await
+        .unwrap();
+    wait_for_requests(&hook, 50, "some deliveries").await;
+    daemon.kill9();
+    let _daemon = Daemon::start(&toml);
+    eventually(Duration::from_secs(120), "every customer delivered", || async {
+        (delivered_ids(&hook).len() >= 500).then_some(())
+    })
+    .await;
+    let ids = delivered_ids(&hook);
+    assert_eq!(ids.len(), 500);
+    for (entity, event_ids) in ids {
+        assert_eq!(event_ids.len(), 1, "duplicates of {entity} must carry the same id");
+    }
+}
