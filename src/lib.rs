@@ -1,13 +1,17 @@
 //! walhook: change-data-capture from PostgreSQL logical replication to entity events.
 
+pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod error;
+pub mod guard;
 pub mod mapper;
+pub mod metrics;
 pub mod queue;
 pub mod replication;
 pub mod service;
 pub mod setup;
+pub mod systemd;
 pub mod types;

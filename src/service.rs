@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::Config;
 use crate::error::{Classify, ErrorClass};
+use crate::guard::Identity;
 use crate::mapper::{EntityEvent, Mapper, TxContext};
 use crate::queue::QueueWriter;
 use crate::replication::conn::{ConnectParams, ReplicationConnection, ReplicationStream};
@@ -36,6 +37,8 @@ pub struct ServiceError {
     pub message: String,
     /// The slot is streamed by another process: this one stands by.
     pub slot_in_use: bool,
+    /// This database is a copy of the one the queue was recorded on: refuse to run.
+    pub cloned: bool,
 }
 
 /// `object_in_use`: START_REPLICATION on a slot another process streams.
@@ -47,6 +50,7 @@ impl ServiceError {
             class,
             message: message.into(),
             slot_in_use: false,
+            cloned: false,
         }
     }
 
@@ -114,12 +118,52 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         }
         r
     };
-    let (captured, delivered) = tokio::join!(capture, delivery);
+    let retention = retention_loop(&config, &params, &stop);
+    let (captured, delivered, ()) = tokio::join!(capture, delivery, retention);
     captured?;
     delivered?;
     info!("walhook stopped");
     Ok(())
 }
+
+/// Deletes Processed notifications and events older than `queue.retention`, in small
+/// batches, every [`crate::queue::PRUNE_INTERVAL`].
+async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(crate::queue::PRUNE_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let outcome = async {
+            let client = connect_ordinary(params).await?;
+            crate::queue::prune(&client, config.queue.retention, crate::queue::PRUNE_BATCH)
+                .await
+                .map_err(ServiceError::from_err)
+        }
+        .await;
+        match outcome {
+            Ok(o) => {
+                if failing {
+                    info!("retention works again");
+                }
+                failing = false;
+                if o.processed + o.events > 0 {
+                    debug!(processed = o.processed, events = o.events, "pruned old rows");
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!("retention failed: {}; old rows stay until it works", e.message);
+                }
+                failing = true;
+            }
+        }
+    }
+}
+
+/// How often a refused copy looks whether it was adopted.
+const CLONED_RETRY: Duration = Duration::from_secs(5);
 
 /// How long a standby waits between attempts to take over the slot.
 const STANDBY_RETRY: Duration = Duration::from_secs(2);
@@ -133,6 +177,7 @@ async fn capture_loop(
     let mut backoff = BACKOFF_INITIAL;
     let mut attempt: u32 = 0;
     let mut standby = false;
+    let mut refused = false;
     loop {
         let started = Instant::now();
         let result = tokio::select! {
@@ -146,6 +191,14 @@ async fn capture_loop(
                 attempt += 1;
                 standby = false;
                 warn!(attempt, "replication stream ended; reconnecting in {backoff:?}");
+            }
+            Err(e) if e.cloned => {
+                attempt += 1;
+                if !refused {
+                    warn!("{}", e.message);
+                }
+                refused = true;
+                wait = CLONED_RETRY;
             }
             Err(e) if e.slot_in_use => {
                 // Another walhook streams this slot: stand by (deliveries go on) and take
@@ -180,6 +233,48 @@ async fn capture_loop(
     }
 }
 
+/// Blocks delivery while this database is an unadopted copy (or until shutdown).
+async fn wait_until_not_cloned(
+    params: &ConnectParams,
+    shutdown: &CancellationToken,
+) -> Result<(), ServiceError> {
+    let mut logged = false;
+    loop {
+        let outcome = async {
+            let current = crate::guard::current_identity(params)
+                .await
+                .map_err(ServiceError::from_err)?;
+            let client = connect_ordinary(params).await?;
+            crate::guard::verdict(&client, &current)
+                .await
+                .map_err(ServiceError::from_err)
+        }
+        .await;
+        match outcome {
+            Ok(v) => match v.explain() {
+                None => {
+                    if logged {
+                        info!("this database was adopted; delivering");
+                    }
+                    return Ok(());
+                }
+                Some(why) => {
+                    if !logged {
+                        warn!("delivery refused: {why}");
+                    }
+                    logged = true;
+                }
+            },
+            Err(e) if e.class != ErrorClass::Transient => return Err(e),
+            Err(e) => debug!("cloned-database check: {}", e.message),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(CLONED_RETRY) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+}
+
 /// Delivers queued notifications to the configured listeners until `shutdown`.
 async fn delivery_loop(
     config: &Config,
@@ -190,6 +285,7 @@ async fn delivery_loop(
         shutdown.cancelled().await;
         return Ok(());
     }
+    wait_until_not_cloned(params, shutdown).await?;
     let source_system = config
         .source
         .system_name
@@ -228,6 +324,27 @@ async fn session(
             warn!("{}: {}", w.name, w.detail);
         }
     }
+    let mut repl = ReplicationConnection::connect(params)
+        .await
+        .map_err(ServiceError::from_err)?;
+    let system = repl
+        .identify_system()
+        .await
+        .map_err(ServiceError::from_err)?;
+    let dbname = system.dbname.clone().unwrap_or_default();
+    let current = Identity {
+        system_id: system.system_id.clone(),
+        database: dbname.clone(),
+    };
+    let verdict = crate::guard::verdict(&client, &current)
+        .await
+        .map_err(ServiceError::from_err)?;
+    if let Some(why) = verdict.explain() {
+        return Err(ServiceError {
+            cloned: true,
+            ..ServiceError::new(ErrorClass::Transient, why)
+        });
+    }
     // Queue migrations, the publication and the slot, when missing.
     let applied = crate::setup::setup(&mut client, config, Default::default())
         .await
@@ -241,14 +358,6 @@ async fn session(
         mapper.set_primary_key(entity.table.clone(), pk);
     }
 
-    let mut repl = ReplicationConnection::connect(params)
-        .await
-        .map_err(ServiceError::from_err)?;
-    let system = repl
-        .identify_system()
-        .await
-        .map_err(ServiceError::from_err)?;
-    let dbname = system.dbname.clone().unwrap_or_default();
     crate::queue::record_source(&client, &system.system_id, &dbname, &config.source.slot)
         .await
         .map_err(ServiceError::from_err)?;

@@ -77,6 +77,13 @@ struct SetupArgs {
     /// With --drop: also drop schema walhook and every queued event and notification.
     #[arg(long, requires = "drop")]
     drop_queue: bool,
+    /// Accept this database as walhook's own after it was copied or restored from another
+    /// (walhook refuses to capture or deliver on an unadopted copy).
+    #[arg(long, conflicts_with_all = ["print_sql", "drop"])]
+    adopt: bool,
+    /// With --adopt: move notifications still pending from the original to walhook.failed.
+    #[arg(long, requires = "adopt")]
+    discard_pending: bool,
 }
 
 /// An error that ends the process: one line, and the exit code of its class.
@@ -152,6 +159,9 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
 async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     let config = Config::load(&args.config.config)?;
     let mut client = connect(&config).await?;
+    if args.adopt {
+        return adopt(&config, &mut client, args.discard_pending).await;
+    }
     if args.drop {
         let opts = crate::setup::DropOptions {
             queue_schema: args.drop_queue,
@@ -177,6 +187,42 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     crate::setup::apply(&mut client, &steps).await?;
     for s in &steps {
         println!("done  {}", s.why);
+    }
+    Ok(0)
+}
+
+async fn adopt(
+    config: &Config,
+    client: &mut tokio_postgres::Client,
+    discard_pending: bool,
+) -> Result<i32, Failure> {
+    let params = crate::replication::conn::ConnectParams::parse(
+        config.source.url.expose(),
+        config.source.password.as_ref().map(|s| s.expose()),
+    )?;
+    let current = crate::guard::current_identity(&params).await?;
+    let adopted = crate::guard::adopt(client, &current, discard_pending)
+        .await
+        .map_err(|e| Failure {
+            class: ErrorClass::Transient,
+            message: format!("adopting this database failed: {e}"),
+        })?;
+    match adopted.previous {
+        Some(prev) if prev != current => println!("adopted: {current} (was recorded as {prev})"),
+        Some(_) => println!("nothing to adopt: walhook.state already records {current}"),
+        None => println!("recorded {current} in walhook.state"),
+    }
+    if discard_pending {
+        println!(
+            "moved {} pending notification(s) to walhook.failed",
+            adopted.discarded
+        );
+    } else if !config.listeners.is_empty() {
+        println!(
+            "note: {} listener(s) in {} will now receive events from this database; point them at test receivers or remove them if this is a test copy",
+            config.listeners.len(),
+            config.path.display()
+        );
     }
     Ok(0)
 }

@@ -106,16 +106,30 @@ pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
     let client = connect(&config).await?;
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let report = status(&client, &names, &config.source.slot).await?;
+    let refusal = guard_refusal(&config, &client).await;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&status_json(&report)).unwrap_or_default()
-        );
+        let mut doc = status_json(&report);
+        doc["refused"] = json!(refusal);
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
+        if let Some(why) = &refusal {
+            println!("REFUSING TO RUN: {why}\n");
+        }
         print!("{}", render_status(&report));
     }
     // A report, not a check: failures in the queue are data, not an error of this command.
     Ok(0)
+}
+
+/// Why the daemon refuses to capture and deliver here (an unadopted copy), if it does.
+async fn guard_refusal(config: &Config, client: &tokio_postgres::Client) -> Option<String> {
+    let params = crate::replication::conn::ConnectParams::parse(
+        config.source.url.expose(),
+        config.source.password.as_ref().map(|s| s.expose()),
+    )
+    .ok()?;
+    let current = crate::guard::current_identity(&params).await.ok()?;
+    crate::guard::verdict(client, &current).await.ok()?.explain()
 }
 
 pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {

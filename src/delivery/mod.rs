@@ -3,6 +3,7 @@
 //! Knows listeners and HTTP; never touches the replication stream. Capture never waits on
 //! delivery: the two meet only in the queue tables.
 
+pub mod dispatcher;
 pub mod http;
 pub mod payload;
 pub mod policy;

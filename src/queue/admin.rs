@@ -528,6 +528,10 @@ SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, 0,
 FROM moved
 RETURNING id";
 
+/// Wakes the dispatchers (they LISTEN on this channel) instead of leaving the requeued rows
+/// to their poll.
+const WAKE_DISPATCHERS: &str = "SELECT pg_notify('walhook_new', '')";
+
 const LOCATE: &str = "SELECT id, 'New', listener FROM walhook.new WHERE id = ANY($1)
 UNION ALL
 SELECT id, 'Processed', listener FROM walhook.processed WHERE id = ANY($1)
@@ -564,6 +568,12 @@ pub async fn retry_failed(
         requeued.push(row.try_get::<_, i64>(0).map_err(err())?);
     }
     requeued.sort_unstable();
+    // The rows are moved already; a dispatcher that misses the wake-up finds them by polling.
+    if !requeued.is_empty()
+        && let Err(e) = client.execute(WAKE_DISPATCHERS, &[]).await
+    {
+        tracing::warn!(error = %e, "requeued notifications but could not wake the dispatchers; they will find them on their next poll");
+    }
 
     let mut not_requeued = Vec::new();
     if let Some(ids) = ids {

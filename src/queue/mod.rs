@@ -19,8 +19,8 @@ pub use listeners::{subscriptions, sync_listeners};
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use notifications::{
-    Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
-    OnNewNotifications,
+    CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
+    NotificationStore, OnNewNotifications,
 };
 pub use state::{QueueState, read_state, record_source};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};

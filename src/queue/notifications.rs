@@ -38,7 +38,7 @@ const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, 
 /// other entities proceed. The anti-join is an index probe on
 /// `new_listener_entity_order_idx`; the walk in commit order uses
 /// `new_listener_commit_order_idx` and stops at the limit.
-const CLAIM: &str = r#"WITH due AS (
+pub const CLAIM_SQL: &str = r#"WITH due AS (
     SELECT n.id
     FROM walhook.new n
     WHERE n.listener = $1
@@ -226,7 +226,7 @@ impl NotificationStore {
             async move { client.prepare(sql).await.map_err(db_error(what, USE)) }
         };
         let (claim, delivered, failed, retry, release, release_all) = tokio::try_join!(
-            prepare(CLAIM, "preparing the notification claim"),
+            prepare(CLAIM_SQL, "preparing the notification claim"),
             prepare(DELIVERED, "preparing the move to walhook.processed"),
             prepare(FAILED, "preparing the move to walhook.failed"),
             prepare(RETRY, "preparing the retry update"),
@@ -256,7 +256,7 @@ impl NotificationStore {
     }
 
     /// Claims up to `limit` due notifications of `listener` in commit order, leased for
-    /// `lease`, at most one per entity (see [`CLAIM`]). Rows whose event cannot be read
+    /// `lease`, at most one per entity (see [`CLAIM_SQL`]). Rows whose event cannot be read
     /// back come as `Err((id, comment))` so the caller can move them to `walhook.failed`.
     pub async fn claim(
         &self,

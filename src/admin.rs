@@ -1,0 +1,198 @@
+//! The HTTP admin endpoint (`[admin] listen`): `/metrics`, `/healthz`, `/readyz`.
+//!
+//! [`router`] builds the routes so that later features (endpoint-validation callbacks) can
+//! `merge` their own routes into the same server before [`serve_router`] runs it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Classify, ErrorClass};
+use crate::metrics::Metrics;
+
+/// Content type of the Prometheus text exposition format.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Errors of the admin endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The listen address cannot be bound (in use, not on this host, privileged port).
+    #[error("cannot listen on {listen} for [admin]: {reason}; change [admin] listen")]
+    Bind {
+        /// The configured address.
+        listen: SocketAddr,
+        /// Plain-words reason derived from the OS error.
+        reason: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The server stopped on an I/O error after it started.
+    #[error("admin endpoint stopped: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+impl Classify for AdminError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            AdminError::Bind { .. } => ErrorClass::Config,
+            AdminError::Serve(_) => ErrorClass::Transient,
+        }
+    }
+}
+
+/// Readiness inputs, updated by the replication loop and the gauge refresher.
+#[derive(Debug, Default)]
+pub struct Health {
+    streaming: AtomicBool,
+    queue_reachable: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Not streaming, queue not yet reached, no error.
+    pub fn new() -> Health {
+        Health::default()
+    }
+
+    /// Whether the replication stream is streaming.
+    pub fn set_streaming(&self, streaming: bool) {
+        self.streaming.store(streaming, Ordering::Relaxed);
+    }
+
+    /// Whether the last query on the queue database succeeded.
+    pub fn set_queue_reachable(&self, reachable: bool) {
+        self.queue_reachable.store(reachable, Ordering::Relaxed);
+    }
+
+    /// Records the latest error in plain words (`None` clears it); shown by `/readyz`.
+    pub fn set_last_error(&self, error: Option<String>) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Whether the replication stream is streaming.
+    pub fn streaming(&self) -> bool {
+        self.streaming.load(Ordering::Relaxed)
+    }
+
+    /// Whether the queue database answered the last query.
+    pub fn queue_reachable(&self) -> bool {
+        self.queue_reachable.load(Ordering::Relaxed)
+    }
+
+    /// `Ok(())` when ready, else the one-line reason.
+    pub fn readiness(&self) -> Result<(), String> {
+        let mut reasons = Vec::new();
+        if !self.streaming() {
+            reasons.push("replication is not streaming");
+        }
+        if !self.queue_reachable() {
+            reasons.push("queue database is not reachable");
+        }
+        if reasons.is_empty() {
+            return Ok(());
+        }
+        let mut line = reasons.join("; ");
+        if let Some(e) = self
+            .last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_deref()
+        {
+            line.push_str(": ");
+            // The body is one line even if an error message carries newlines.
+            line.push_str(&e.replace(['\r', '\n'], " "));
+        }
+        Err(line)
+    }
+}
+
+/// Shared state of the admin routes.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    /// The process metrics.
+    pub metrics: Arc<Metrics>,
+    /// Readiness inputs.
+    pub health: Arc<Health>,
+}
+
+/// The admin routes: `/metrics`, `/healthz`, `/readyz`; merge further routes into it.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+async fn metrics_handler(State(state): State<AdminState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    match state.health.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()).into_response(),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")).into_response(),
+    }
+}
+
+/// Binds `listen`, turning OS errors into a [`AdminError::Bind`] that names the fix.
+pub async fn bind(listen: SocketAddr) -> Result<TcpListener, AdminError> {
+    TcpListener::bind(listen).await.map_err(|source| {
+        let reason = match source.kind() {
+            std::io::ErrorKind::AddrInUse => "address in use".to_owned(),
+            std::io::ErrorKind::AddrNotAvailable => "address not available on this host".to_owned(),
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges)".to_owned()
+            }
+            _ => source.to_string(),
+        };
+        AdminError::Bind {
+            listen,
+            reason,
+            source,
+        }
+    })
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listen` until `shutdown` is cancelled.
+pub async fn serve(
+    listen: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(), AdminError> {
+    let listener = bind(listen).await?;
+    serve_router(listener, router(AdminState { metrics, health }), shutdown).await
+}
+
+/// Serves `app` on an already bound listener until `shutdown` is cancelled.
+pub async fn serve_router(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> Result<(), AdminError> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin endpoint listening");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(AdminError::Serve)
+}

@@ -1,0 +1,981 @@
+//! The dispatcher: claims due notifications from `walhook.new`, delivers them over HTTP and
+//! records the outcomes, for every configured listener, until shutdown.
+//!
+//! Per listener three stages run as tasks and hand work on through channels:
+//! * the *claimer* claims due notifications in batches under a lease (woken by
+//!   `NOTIFY walhook_new`, by recorded outcomes, at the earliest retry it scheduled, and by a
+//!   one-second poll that covers other processes), keeping up to a prefetch target of
+//!   notifications outstanding so the next batch is claimed while the previous one is in
+//!   flight;
+//! * the *starter* starts deliveries in claim order, each after a concurrency permit and
+//!   the rate limiter allow it;
+//! * one *recorder*, shared by all listeners, records outcomes in batches: whatever has
+//!   arrived while the previous batch was being written, one statement per outcome kind.
+//!
+//! Claims use one database connection (which also LISTENs), recording another; both
+//! reconnect with backoff. Several processes can share one queue: a row is claimed by one
+//! lease holder at a time, and outcomes are recorded only for rows still leased here.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use super::http::{DeliveryError, HttpSender};
+use super::policy::next_attempt_delay;
+use super::{Attempt, Notification, Verdict};
+use crate::config::{ListenerConfig, RateLimit};
+use crate::error::{Classify, ErrorClass};
+use crate::queue::{
+    Completions, DeliveredRow, FailedAttemptRow, NotificationStore, OnNewNotifications, QueueError,
+};
+
+/// Most notifications one claim statement takes.
+const CLAIM_BATCH: usize = 500;
+/// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
+const PREFETCH_PER_SLOT: usize = 8;
+/// Upper bound of notifications outstanding (claimed, not yet recorded) per listener.
+const MAX_OUTSTANDING: usize = 4000;
+/// A rate-limited listener claims no more than it may send in this long.
+const RATE_LIMITED_PREFETCH: Duration = Duration::from_secs(5);
+/// Fallback poll: finds work other processes made due (their retries, expired leases).
+const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Most outcomes recorded in one batch.
+const RECORD_BATCH: usize = 2000;
+/// Added to twice the listener timeout to make the lease.
+const LEASE_EXTRA: Duration = Duration::from_secs(30);
+/// An attempt starts only if it can end this long before the lease runs out.
+const START_MARGIN: Duration = Duration::from_secs(2);
+/// Longest a claim or record statement may take before the connection is considered dead.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// In-flight deliveries get at most this long to finish after shutdown is requested.
+const MAX_SHUTDOWN_WAIT: Duration = Duration::from_secs(30);
+/// After shutdown is requested, recording outcomes is retried for at most this long.
+const SHUTDOWN_RECORD_DEADLINE: Duration = Duration::from_secs(10);
+/// Reconnect backoff bounds.
+const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Slack on the in-process retry timer, so it fires after the row is due in the database.
+const DUE_SLACK: Duration = Duration::from_millis(10);
+/// Default `concurrency` of a listener.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+
+/// Why the dispatcher stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// The queue tables could not be used.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// A listener's sender could not be built (its url, headers or secret).
+    #[error(transparent)]
+    Listener(#[from] DeliveryError),
+    /// The database did not answer in time.
+    #[error(
+        "no answer from the queue database within {}s while {context}; check that PostgreSQL is running and reachable",
+        seconds
+    )]
+    Timeout {
+        /// What walhook was doing.
+        context: &'static str,
+        /// The time limit.
+        seconds: u64,
+    },
+    /// A dispatcher task ended unexpectedly (a bug).
+    #[error("a delivery task stopped unexpectedly: {detail}; restart walhook and report this")]
+    Internal {
+        /// The task's error.
+        detail: String,
+    },
+}
+
+impl Classify for DispatchError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            DispatchError::Queue(e) => e.class(),
+            DispatchError::Listener(e) => e.class(),
+            DispatchError::Timeout { .. } => ErrorClass::Transient,
+            DispatchError::Internal { .. } => ErrorClass::Permanent,
+        }
+    }
+}
+
+/// Delivers notifications for `listeners` from the queue in the database `db` until
+/// `shutdown` is cancelled, then stops claiming, lets in-flight deliveries finish (up to
+/// the listener timeout, at most 30 s), records them, frees the leases of notifications
+/// claimed but not started and returns `Ok`.
+///
+/// Transient database errors are retried with backoff (logged once per outage); other
+/// errors stop delivery and are returned. `source_system` is the `sourceSystem` of the
+/// payloads. The queue schema must be migrated before.
+pub async fn run(
+    db: tokio_postgres::Config,
+    listeners: Vec<ListenerConfig>,
+    source_system: String,
+    shutdown: CancellationToken,
+) -> Result<(), DispatchError> {
+    let mut lanes = Vec::with_capacity(listeners.len());
+    for (index, config) in listeners.into_iter().enumerate() {
+        lanes.push(Arc::new(Lane::new(index, config, &source_system)?));
+    }
+    if lanes.is_empty() {
+        debug!("no listeners configured: nothing to deliver");
+        shutdown.cancelled().await;
+        return Ok(());
+    }
+    let owner = lease_owner();
+    let shared = Arc::new(Shared {
+        stop: shutdown.child_token(),
+        fatal: Mutex::new(None),
+    });
+    let lanes: Arc<[Arc<Lane>]> = lanes.into();
+    let wake_all: OnNewNotifications = {
+        let lanes = lanes.clone();
+        Arc::new(move || {
+            for lane in lanes.iter() {
+                lane.wake.notify_one();
+            }
+        })
+    };
+    let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
+    let record_link = Arc::new(Link::new("recording", db, &owner, None));
+
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let recorder = tokio::spawn(record_loop(
+        lanes.clone(),
+        record_link,
+        shared.clone(),
+        done_rx,
+    ));
+    let mut tasks = JoinSet::new();
+    for lane in lanes.iter() {
+        let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
+        tasks.spawn(claim_loop(
+            lane.clone(),
+            claim_link.clone(),
+            shared.clone(),
+            claimed_tx,
+            done_tx.clone(),
+        ));
+        tasks.spawn(start_loop(
+            lane.clone(),
+            shared.clone(),
+            claimed_rx,
+            done_tx.clone(),
+        ));
+    }
+    // The recorder ends when every sender is gone: after the last delivery is reported.
+    drop(done_tx);
+    info!(
+        listeners = lanes.len(),
+        owner = %owner,
+        "delivering notifications"
+    );
+
+    while let Some(joined) = tasks.join_next().await {
+        if let Err(e) = joined {
+            shared.fail(DispatchError::Internal {
+                detail: e.to_string(),
+            });
+        }
+    }
+    if let Err(e) = recorder.await {
+        shared.fail(DispatchError::Internal {
+            detail: e.to_string(),
+        });
+    }
+    drop(claim_link);
+    match shared.take_fatal() {
+        Some(e) => Err(e),
+        None => {
+            info!("delivery stopped");
+            Ok(())
+        }
+    }
+}
+
+/// The lease holder name: host, process and a random instance, so two dispatchers in one
+/// process (tests) or two processes with one pid (containers) never share leases.
+fn lease_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "walhook".to_owned());
+    let instance = uuid::Uuid::new_v4().simple().to_string();
+    let short = instance.get(..8).unwrap_or(&instance);
+    format!("{host}:{}:{short}", std::process::id())
+}
+
+/// What every task sees: the stop signal and the first fatal error.
+struct Shared {
+    stop: CancellationToken,
+    fatal: Mutex<Option<DispatchError>>,
+}
+
+impl Shared {
+    /// Records a non-transient error and stops delivery.
+    fn fail(&self, e: DispatchError) {
+        let mut fatal = lock(&self.fatal);
+        if fatal.is_none() {
+            error!(error = %e, "delivery stops");
+            *fatal = Some(e);
+        }
+        self.stop.cancel();
+    }
+
+    fn failed(&self) -> bool {
+        lock(&self.fatal).is_some()
+    }
+
+    fn take_fatal(&self) -> Option<DispatchError> {
+        lock(&self.fatal).take()
+    }
+}
+
+/// A poisoned lock only means another task panicked; the data is still usable.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One database connection, reconnected on demand, logging each outage once.
+struct Link {
+    purpose: &'static str,
+    config: tokio_postgres::Config,
+    owner: String,
+    on_new: Option<OnNewNotifications>,
+    current: tokio::sync::Mutex<Option<Arc<NotificationStore>>>,
+    down: AtomicBool,
+}
+
+impl Link {
+    fn new(
+        purpose: &'static str,
+        config: tokio_postgres::Config,
+        owner: &str,
+        on_new: Option<OnNewNotifications>,
+    ) -> Link {
+        Link {
+            purpose,
+            config,
+            owner: owner.to_owned(),
+            on_new,
+            current: tokio::sync::Mutex::new(None),
+            down: AtomicBool::new(false),
+        }
+    }
+
+    /// The live connection, connecting first when there is none.
+    async fn store(&self) -> Result<Arc<NotificationStore>, DispatchError> {
+        let mut current = self.current.lock().await;
+        if let Some(store) = current.as_ref()
+            && !store.is_closed()
+        {
+            return Ok(store.clone());
+        }
+        *current = None;
+        let connect = NotificationStore::connect(&self.config, &self.owner, self.on_new.clone());
+        let store = tokio::time::timeout(CONNECT_TIMEOUT, connect)
+            .await
+            .map_err(|_| DispatchError::Timeout {
+                context: "connecting",
+                seconds: CONNECT_TIMEOUT.as_secs(),
+            })??;
+        let store = Arc::new(store);
+        *current = Some(store.clone());
+        // Notifications sent while this connection was not listening are lost: look now.
+        if let Some(wake) = &self.on_new {
+            wake();
+        }
+        Ok(store)
+    }
+
+    /// Forgets `store` (when it is still the current one) after a transient error.
+    async fn broken(&self, store: Option<&Arc<NotificationStore>>, e: &DispatchError) {
+        if let Some(store) = store {
+            let mut current = self.current.lock().await;
+            if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, store)) {
+                *current = None;
+            }
+        }
+        if !self.down.swap(true, Ordering::AcqRel) {
+            warn!(error = %e, "delivery lost the queue database while {}; retrying", self.purpose);
+        }
+    }
+
+    fn healthy(&self) {
+        if self.down.swap(false, Ordering::AcqRel) {
+            info!(
+                "delivery reached the queue database again ({})",
+                self.purpose
+            );
+        }
+    }
+}
+
+/// One listener's delivery state.
+struct Lane {
+    index: usize,
+    config: ListenerConfig,
+    sender: Arc<HttpSender>,
+    limiter: Option<DefaultDirectRateLimiter>,
+    permits: Arc<Semaphore>,
+    concurrency: usize,
+    wake: Notify,
+    /// Claimed and not yet recorded.
+    outstanding: AtomicUsize,
+    /// Claim no more than this many ahead.
+    target: usize,
+    lease: Duration,
+    /// When the earliest retry this process scheduled becomes due.
+    next_due: Mutex<Option<Instant>>,
+    /// Whether the last recorded attempt failed (logged on change; shrinks prefetch).
+    failing: AtomicBool,
+}
+
+impl Lane {
+    fn new(
+        index: usize,
+        config: ListenerConfig,
+        source_system: &str,
+    ) -> Result<Lane, DispatchError> {
+        let sender = Arc::new(HttpSender::new(&config, source_system)?);
+        let concurrency = listener_concurrency(&config).max(1);
+        let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
+        let mut target = concurrency
+            .saturating_mul(PREFETCH_PER_SLOT)
+            .clamp(concurrency, MAX_OUTSTANDING.max(concurrency));
+        if let Some(rate) = config.rate_limit {
+            target = target.min(rate_limited_prefetch(rate));
+        }
+        let lease = config.timeout.saturating_mul(2).saturating_add(LEASE_EXTRA);
+        Ok(Lane {
+            index,
+            sender,
+            limiter,
+            permits: Arc::new(Semaphore::new(concurrency)),
+            concurrency,
+            wake: Notify::new(),
+            outstanding: AtomicUsize::new(0),
+            target,
+            lease,
+            next_due: Mutex::new(None),
+            failing: AtomicBool::new(false),
+            config,
+        })
+    }
+
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// How many more to claim now. A failing listener gets no prefetch: its attempts are
+    /// slow (timeouts) and rows waiting behind them would only sit on their leases.
+    fn room(&self) -> usize {
+        let target = if self.failing.load(Ordering::Acquire) {
+            self.concurrency
+        } else {
+            self.target
+        };
+        target.saturating_sub(self.outstanding.load(Ordering::Acquire))
+    }
+
+    /// When the claimer should look again without being woken.
+    fn next_look(&self) -> Instant {
+        let poll = Instant::now() + POLL_INTERVAL;
+        match *lock(&self.next_due) {
+            Some(due) => due.min(poll),
+            None => poll,
+        }
+    }
+
+    fn schedule(&self, due: Instant) {
+        let mut next = lock(&self.next_due);
+        *next = Some(next.map_or(due, |n| n.min(due)));
+    }
+}
+
+/// The listener's concurrency limit.
+fn listener_concurrency(_config: &ListenerConfig) -> usize {
+    DEFAULT_CONCURRENCY
+}
+
+/// The governor quota for `count` per `per`: a burst of `count`, then one every `per/count`.
+fn quota(rate: RateLimit) -> Option<Quota> {
+    let count = NonZeroU32::new(rate.count)?;
+    let period = rate.per.checked_div(rate.count)?;
+    Some(Quota::with_period(period)?.allow_burst(count))
+}
+
+/// How many a rate-limited listener claims ahead: what it may send in a few seconds.
+fn rate_limited_prefetch(rate: RateLimit) -> usize {
+    let per_second = f64::from(rate.count) / rate.per.as_secs_f64().max(1e-9);
+    let n = (per_second * RATE_LIMITED_PREFETCH.as_secs_f64()).ceil();
+    if n.is_finite() && n >= 1.0 {
+        // Bounded above by MAX_OUTSTANDING through the caller's min.
+        n.min(MAX_OUTSTANDING as f64) as usize
+    } else {
+        1
+    }
+}
+
+/// A claimed notification on its way to the starter.
+struct Claimed {
+    notification: Notification,
+    claimed_at: Instant,
+}
+
+/// What the recorder is told about one claimed notification.
+enum Done {
+    /// An attempt was made.
+    Attempted {
+        lane: usize,
+        id: i64,
+        attempts_before: i32,
+        attempt: Attempt,
+    },
+    /// The claimed row's event could not be read: move it to `walhook.failed`.
+    Unreadable {
+        lane: usize,
+        id: i64,
+        comment: String,
+    },
+    /// Claimed but not attempted: free the lease.
+    Release { lane: usize, id: i64 },
+}
+
+impl Done {
+    fn release(lane: &Lane, n: &Notification) -> Done {
+        Done::Release {
+            lane: lane.index,
+            id: n.id,
+        }
+    }
+}
+
+/// Sleeps for `backoff` (or until stop) and doubles it.
+async fn back_off(backoff: &mut Duration, stop: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = stop.cancelled() => {}
+    }
+    *backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
+}
+
+type Failure = (Option<Arc<NotificationStore>>, DispatchError);
+
+async fn claim_once(
+    link: &Link,
+    lane: &Lane,
+    want: usize,
+) -> Result<Vec<Result<Notification, (i64, String)>>, Failure> {
+    let store = link.store().await.map_err(|e| (None, e))?;
+    match tokio::time::timeout(
+        STATEMENT_TIMEOUT,
+        store.claim(lane.name(), want, lane.lease),
+    )
+    .await
+    {
+        Ok(Ok(rows)) => Ok(rows),
+        Ok(Err(e)) => Err((Some(store), e.into())),
+        Err(_) => Err((
+            Some(store),
+            DispatchError::Timeout {
+                context: "claiming notifications",
+                seconds: STATEMENT_TIMEOUT.as_secs(),
+            },
+        )),
+    }
+}
+
+/// Claims due notifications for one listener until stop.
+async fn claim_loop(
+    lane: Arc<Lane>,
+    link: Arc<Link>,
+    shared: Arc<Shared>,
+    claimed: mpsc::UnboundedSender<Claimed>,
+    done: mpsc::UnboundedSender<Done>,
+) {
+    let mut backoff = RECONNECT_INITIAL;
+    while !shared.stop.is_cancelled() {
+        let room = lane.room();
+        if room > 0 {
+            {
+                let mut due = lock(&lane.next_due);
+                if due.is_some_and(|d| d <= Instant::now()) {
+                    *due = None;
+                }
+            }
+            let want = room.min(CLAIM_BATCH);
+            match claim_once(&link, &lane, want).await {
+                Ok(rows) => {
+                    backoff = RECONNECT_INITIAL;
+                    link.healthy();
+                    let got = rows.len();
+                    lane.outstanding.fetch_add(got, Ordering::AcqRel);
+                    let claimed_at = Instant::now();
+                    for row in rows {
+                        match row {
+                            Ok(notification) => {
+                                if let Err(back) = claimed.send(Claimed {
+                                    notification,
+                                    claimed_at,
+                                }) {
+                                    let _ = done.send(Done::release(&lane, &back.0.notification));
+                                }
+                            }
+                            Err((id, comment)) => {
+                                let _ = done.send(Done::Unreadable {
+                                    lane: lane.index,
+                                    id,
+                                    comment,
+                                });
+                            }
+                        }
+                    }
+                    if got > 0 {
+                        debug!(
+                            listener = lane.name(),
+                            claimed = got,
+                            "claimed notifications"
+                        );
+                    }
+                    if got == want {
+                        // A full batch: more may be due right now.
+                        continue;
+                    }
+                }
+                Err((store, e)) => {
+                    if e.class() != ErrorClass::Transient {
+                        shared.fail(e);
+                        break;
+                    }
+                    link.broken(store.as_ref(), &e).await;
+                    back_off(&mut backoff, &shared.stop).await;
+                    continue;
+                }
+            }
+        }
+        let look = lane.next_look();
+        tokio::select! {
+            _ = lane.wake.notified() => {}
+            _ = tokio::time::sleep_until(look) => {}
+            _ = shared.stop.cancelled() => break,
+        }
+    }
+}
+
+/// Starts deliveries for one listener in claim order, within its concurrency limit and
+/// rate limit; at stop, lets the running ones finish within the deadline.
+async fn start_loop(
+    lane: Arc<Lane>,
+    shared: Arc<Shared>,
+    mut claimed: mpsc::UnboundedReceiver<Claimed>,
+    done: mpsc::UnboundedSender<Done>,
+) {
+    let mut in_flight = JoinSet::new();
+    let stop = &shared.stop;
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            next = claimed.recv() => next,
+        };
+        let Some(next) = next else { break };
+        let permit = tokio::select! {
+            biased;
+            _ = stop.cancelled() => None,
+            permit = lane.permits.clone().acquire_owned() => permit.ok(),
+        };
+        let Some(permit) = permit else {
+            let _ = done.send(Done::release(&lane, &next.notification));
+            break;
+        };
+        if let Some(limiter) = &lane.limiter {
+            let stopped = tokio::select! {
+                biased;
+                _ = stop.cancelled() => true,
+                _ = limiter.until_ready() => false,
+            };
+            if stopped {
+                let _ = done.send(Done::release(&lane, &next.notification));
+                break;
+            }
+        }
+        if next.claimed_at.elapsed() + lane.config.timeout + START_MARGIN > lane.lease {
+            // The lease could run out mid-attempt and another process deliver it at the
+            // same time: hand it back instead.
+            let _ = done.send(Done::release(&lane, &next.notification));
+            continue;
+        }
+        let sender = lane.sender.clone();
+        let done = done.clone();
+        let lane_index = lane.index;
+        in_flight.spawn(async move {
+            let n = next.notification;
+            let attempt = sender.send(&n).await;
+            drop(permit);
+            let _ = done.send(Done::Attempted {
+                lane: lane_index,
+                id: n.id,
+                attempts_before: n.attempts,
+                attempt,
+            });
+        });
+    }
+
+    // Stopping: hand back what was claimed but not started (the claimer closes the channel
+    // when it ends), then give the running attempts until the deadline.
+    while let Some(next) = claimed.recv().await {
+        let _ = done.send(Done::release(&lane, &next.notification));
+    }
+    let deadline = lane.config.timeout.min(MAX_SHUTDOWN_WAIT) + Duration::from_millis(500);
+    let finished = tokio::time::timeout(deadline, async {
+        while in_flight.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        warn!(
+            listener = lane.name(),
+            abandoned = in_flight.len(),
+            "deliveries still running at the shutdown deadline were abandoned; their notifications stay in walhook.new and are delivered again"
+        );
+        in_flight.abort_all();
+    }
+}
+
+/// What recording a batch changes in the lanes once it is written.
+#[derive(Default)]
+struct LaneEffect {
+    finished: usize,
+    delivered: usize,
+    gave_up: usize,
+    last_failure: Option<String>,
+    earliest_retry: Option<Instant>,
+}
+
+/// Records outcomes in batches until every stage has ended, then frees leftover leases.
+async fn record_loop(
+    lanes: Arc<[Arc<Lane>]>,
+    link: Arc<Link>,
+    shared: Arc<Shared>,
+    mut done: mpsc::UnboundedReceiver<Done>,
+) {
+    let mut pending = Vec::new();
+    loop {
+        match done.recv().await {
+            Some(d) => pending.push(d),
+            None => break,
+        }
+        while pending.len() < RECORD_BATCH {
+            match done.try_recv() {
+                Ok(d) => pending.push(d),
+                Err(_) => break,
+            }
+        }
+        let (batch, effects) = build_batch(&lanes, pending.drain(..));
+        record(&link, &shared, &batch).await;
+        apply(&lanes, effects);
+    }
+    release_leftovers(&link, &shared).await;
+}
+
+/// Turns outcomes into the rows to write, applying the retry policy and `max_attempts`.
+fn build_batch(
+    lanes: &[Arc<Lane>],
+    outcomes: impl Iterator<Item = Done>,
+) -> (Completions, Vec<LaneEffect>) {
+    let mut batch = Completions::default();
+    let mut effects: Vec<LaneEffect> = lanes.iter().map(|_| LaneEffect::default()).collect();
+    for outcome in outcomes {
+        let lane_index = match &outcome {
+            Done::Attempted { lane, .. }
+            | Done::Unreadable { lane, .. }
+            | Done::Release { lane, .. } => *lane,
+        };
+        let (Some(lane), Some(effect)) = (lanes.get(lane_index), effects.get_mut(lane_index))
+        else {
+            continue;
+        };
+        effect.finished += 1;
+        match outcome {
+            Done::Release { id, .. } => batch.release.push(id),
+            Done::Unreadable { id, comment, .. } => {
+                effect.gave_up += 1;
+                batch.failed.push(FailedAttemptRow {
+                    id,
+                    status_code: None,
+                    comment,
+                    delay: Duration::ZERO,
+                });
+            }
+            Done::Attempted {
+                id,
+                attempts_before,
+                attempt,
+                ..
+            } => {
+                let made = u32::try_from(attempts_before)
+                    .unwrap_or(0)
+                    .saturating_add(1);
+                let status_code = attempt.status_code.map(i32::from);
+                let comment = || {
+                    attempt
+                        .comment
+                        .clone()
+                        .unwrap_or_else(|| match attempt.status_code {
+                            Some(code) => {
+                                format!("HTTP {code} from {}", lane.sender.url_redacted())
+                            }
+                            None => format!("delivery to {} failed", lane.sender.url_redacted()),
+                        })
+                };
+                match attempt.verdict {
+                    Verdict::Delivered => {
+                        effect.delivered += 1;
+                        batch.delivered.push(DeliveredRow {
+                            id,
+                            status_code,
+                            latency_ms: i32::try_from(attempt.latency.as_millis())
+                                .unwrap_or(i32::MAX),
+                        });
+                    }
+                    Verdict::Retry if made < lane.config.max_attempts => {
+                        let delay =
+                            next_attempt_delay(made, &lane.config.backoff, attempt.retry_after);
+                        let due = Instant::now() + delay + DUE_SLACK;
+                        effect.earliest_retry =
+                            Some(effect.earliest_retry.map_or(due, |e| e.min(due)));
+                        let comment = comment();
+                        effect.last_failure = Some(comment.clone());
+                        batch.retry.push(FailedAttemptRow {
+                            id,
+                            status_code,
+                            comment,
+                            delay,
+                        });
+                    }
+                    Verdict::Retry => {
+                        let comment = format!(
+                            "{} (the last of {} attempts)",
+                            comment(),
+                            lane.config.max_attempts
+                        );
+                        effect.last_failure = Some(comment.clone());
+                        effect.gave_up += 1;
+                        batch.failed.push(FailedAttemptRow {
+                            id,
+                            status_code,
+                            comment,
+                            delay: Duration::ZERO,
+                        });
+                    }
+                    Verdict::Fail => {
+                        let comment = comment();
+                        effect.last_failure = Some(comment.clone());
+                        effect.gave_up += 1;
+                        batch.failed.push(FailedAttemptRow {
+                            id,
+                            status_code,
+                            comment,
+                            delay: Duration::ZERO,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    (batch, effects)
+}
+
+/// Writes one batch, retrying transient errors (for a bounded time once stopping).
+async fn record(link: &Link, shared: &Shared, batch: &Completions) {
+    if batch.is_empty() || shared.failed() {
+        return;
+    }
+    let mut backoff = RECONNECT_INITIAL;
+    let mut give_up_at: Option<Instant> = None;
+    loop {
+        let attempt = async {
+            let store = link.store().await.map_err(|e| (None, e))?;
+            match tokio::time::timeout(STATEMENT_TIMEOUT, store.complete(batch)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err((Some(store), DispatchError::from(e))),
+                Err(_) => Err((
+                    Some(store),
+                    DispatchError::Timeout {
+                        context: "recording delivery outcomes",
+                        seconds: STATEMENT_TIMEOUT.as_secs(),
+                    },
+                )),
+            }
+        };
+        let result: Result<(), Failure> = attempt.await;
+        let (store, e) = match result {
+            Ok(()) => {
+                link.healthy();
+                return;
+            }
+            Err(failure) => failure,
+        };
+        if e.class() != ErrorClass::Transient {
+            shared.fail(e);
+            return;
+        }
+        link.broken(store.as_ref(), &e).await;
+        if shared.stop.is_cancelled() {
+            let at = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_RECORD_DEADLINE);
+            if Instant::now() >= at {
+                warn!(
+                    error = %e,
+                    "could not record the outcome of {} deliveries before stopping; those notifications stay in walhook.new and are delivered again when their leases expire",
+                    batch.delivered.len() + batch.retry.len() + batch.failed.len()
+                );
+                return;
+            }
+        }
+        // Not `back_off`: recording continues after stop, until the deadline.
+        tokio::time::sleep(backoff).await;
+        backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
+    }
+}
+
+/// Updates the lanes after a batch is recorded: frees their room, wakes their claimers
+/// (a recorded delivery can unblock the next change of the same entity), sets retry timers
+/// and logs a listener starting or stopping to fail.
+fn apply(lanes: &[Arc<Lane>], effects: Vec<LaneEffect>) {
+    for (lane, effect) in lanes.iter().zip(effects) {
+        if effect.finished == 0 {
+            continue;
+        }
+        if let Some(due) = effect.earliest_retry {
+            lane.schedule(due);
+        }
+        match (&effect.last_failure, effect.delivered > 0) {
+            (Some(failure), _) => {
+                if !lane.failing.swap(true, Ordering::AcqRel) {
+                    warn!(
+                        listener = lane.name(),
+                        "delivery to listener {} is failing: {failure}; notifications wait in walhook.new",
+                        lane.name()
+                    );
+                }
+            }
+            (None, true) => {
+                if lane.failing.swap(false, Ordering::AcqRel) {
+                    info!(
+                        listener = lane.name(),
+                        "listener {} accepts deliveries again",
+                        lane.name()
+                    );
+                }
+            }
+            (None, false) => {}
+        }
+        if effect.gave_up > 0 {
+            warn!(
+                listener = lane.name(),
+                count = effect.gave_up,
+                "{} notifications for listener {} moved to walhook.failed; see `walhook failed --listener {}`",
+                effect.gave_up,
+                lane.name(),
+                lane.name()
+            );
+        }
+        let _ = lane
+            .outstanding
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                Some(n.saturating_sub(effect.finished))
+            });
+        lane.wake.notify_one();
+    }
+}
+
+/// Frees every lease this process still holds (claims dropped at stop, attempts abandoned).
+async fn release_leftovers(link: &Link, shared: &Shared) {
+    if shared.failed() {
+        return;
+    }
+    let deadline = Instant::now() + SHUTDOWN_RECORD_DEADLINE;
+    let mut backoff = RECONNECT_INITIAL;
+    loop {
+        let attempt = async {
+            let store = link.store().await.map_err(|e| (None, e))?;
+            match tokio::time::timeout(STATEMENT_TIMEOUT, store.release_all()).await {
+                Ok(Ok(n)) => Ok(n),
+                Ok(Err(e)) => Err((Some(store), DispatchError::from(e))),
+                Err(_) => Err((
+                    Some(store),
+                    DispatchError::Timeout {
+                        context: "releasing leases",
+                        seconds: STATEMENT_TIMEOUT.as_secs(),
+                    },
+                )),
+            }
+        };
+        let result: Result<u64, Failure> = attempt.await;
+        match result {
+            Ok(n) => {
+                if n > 0 {
+                    debug!(
+                        released = n,
+                        "released leases of notifications not delivered"
+                    );
+                }
+                return;
+            }
+            Err((store, e)) => {
+                link.broken(store.as_ref(), &e).await;
+                if e.class() != ErrorClass::Transient || Instant::now() >= deadline {
+                    warn!(
+                        error = %e,
+                        "could not release this process's leases in walhook.new; the notifications are delivered once the leases expire"
+                    );
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_quota_allows_a_burst_of_count_then_one_per_period() {
+        let q = quota(RateLimit {
+            count: 20,
+            per: Duration::from_secs(1),
+        })
+        .unwrap();
+        assert_eq!(q.burst_size().get(), 20);
+        assert_eq!(q.replenish_interval(), Duration::from_millis(50));
+        assert!(
+            quota(RateLimit {
+                count: 0,
+                per: Duration::from_secs(1)
+            })
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn rate_limited_listeners_claim_only_a_few_seconds_ahead() {
+        let r = |count, per| rate_limited_prefetch(RateLimit { count, per });
+        assert_eq!(r(20, Duration::from_secs(1)), 100);
+        assert_eq!(r(1, Duration::from_secs(3600)), 1);
+        assert_eq!(r(u32::MAX, Duration::from_millis(1)), MAX_OUTSTANDING);
+    }
+}

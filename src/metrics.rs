@@ -1,0 +1,666 @@
+//! Process metrics and their Prometheus text exposition.
+//!
+//! Unlabelled counters and gauges are plain atomics. Labelled series live in maps behind a
+//! `RwLock`: a series is created once (write lock) and then updated through a shared `Arc`
+//! of atomics under the read lock, so the hot path never waits on another writer and the
+//! label sets stay small (listeners, entities and actions come from the config).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the commit→2xx latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 15] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Queue depth and age of the oldest `New` notification, per listener.
+const SQL_QUEUE_GAUGES: &str = "\
+SELECT listener, count(*)::bigint AS depth,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_age
+  FROM walhook.new
+ GROUP BY listener
+UNION ALL
+SELECT l.name, 0::bigint, 0::float8
+  FROM walhook.listener l
+ WHERE NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.listener = l.name)";
+
+/// Bytes of WAL the slot has not confirmed, and the walsender's flush lag when it reports one.
+///
+/// `flush_lag` is NULL when no walsender is attached or the standby is idle and caught up;
+/// a slot with zero byte lag is zero seconds behind whatever the walsender says.
+const SQL_SLOT_LAG: &str = "\
+SELECT GREATEST(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::float8 AS lag_bytes,
+       CASE WHEN pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn) <= 0 THEN 0::float8
+            ELSE EXTRACT(EPOCH FROM r.flush_lag)::float8 END AS lag_seconds
+  FROM pg_replication_slots s
+  LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+ WHERE s.slot_name = $1";
+
+/// Outcome of one delivery attempt, the `outcome` label of `walhook_delivery_attempts_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AttemptOutcome {
+    /// The listener answered 2xx.
+    Success,
+    /// The attempt failed and the notification will be tried again.
+    Retry,
+    /// The attempt failed and it was the last one: the notification moved to Failed.
+    Failed,
+}
+
+impl AttemptOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Success => "success",
+            AttemptOutcome::Retry => "retry",
+            AttemptOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Final status of a notification, the `status` label of `walhook_notifications_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NotificationStatus {
+    /// Delivered and moved to `walhook.processed`.
+    Processed,
+    /// Given up on and moved to `walhook.failed`.
+    Failed,
+}
+
+impl NotificationStatus {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotificationStatus::Processed => "processed",
+            NotificationStatus::Failed => "failed",
+        }
+    }
+}
+
+/// A float stored in an `AtomicU64` as its bit pattern (gauges may be fractional).
+#[derive(Debug, Default)]
+struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+/// One latency histogram: cumulative-at-render bucket counts, count and sum.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`]; observations above the last
+    /// bound only land in `count`.
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    /// Sum in nanoseconds: integer adds stay lock-free and exact.
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b)
+            && let Some(bucket) = self.buckets.get(i)
+        {
+            bucket.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+/// Queue gauges of one listener.
+#[derive(Debug, Default)]
+struct QueueGauges {
+    depth: AtomicU64,
+    oldest_age_seconds: AtomicF64,
+}
+
+/// A map of label tuples to shared series, created on first use.
+#[derive(Debug)]
+struct Family<K, V> {
+    series: RwLock<BTreeMap<K, Arc<V>>>,
+}
+
+impl<K: Ord + Clone, V: Default> Family<K, V> {
+    fn new() -> Self {
+        Family {
+            series: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    // A panic elsewhere while holding the lock leaves the map itself intact: keep serving it.
+    fn read(&self) -> RwLockReadGuard<'_, BTreeMap<K, Arc<V>>> {
+        self.series.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, BTreeMap<K, Arc<V>>> {
+        self.series.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The series for `key`, looked up under the read lock and created only when missing.
+    fn get<Q>(&self, key: &Q) -> Arc<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ToOwned<Owned = K> + ?Sized,
+    {
+        if let Some(v) = self.read().get(key) {
+            return Arc::clone(v);
+        }
+        Arc::clone(self.write().entry(key.to_owned()).or_default())
+    }
+
+    fn snapshot(&self) -> Vec<(K, Arc<V>)> {
+        self.read()
+            .iter()
+            .map(|(k, v)| (k.clone(), Arc::clone(v)))
+            .collect()
+    }
+}
+
+/// The metrics registry of one walhook process, shared as `Arc<Metrics>`.
+#[derive(Debug)]
+pub struct Metrics {
+    events_read: AtomicU64,
+    events_queued: Family<(String, String), AtomicU64>,
+    notifications: Family<(String, NotificationStatus), AtomicU64>,
+    attempts: Family<(String, AttemptOutcome), AtomicU64>,
+    latency: Family<String, Histogram>,
+    lag_bytes: AtomicU64,
+    lag_seconds: AtomicF64,
+    queues: Family<String, QueueGauges>,
+    reconnects: AtomicU64,
+    streaming: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// An empty registry.
+    pub fn new() -> Metrics {
+        Metrics {
+            events_read: AtomicU64::new(0),
+            events_queued: Family::new(),
+            notifications: Family::new(),
+            attempts: Family::new(),
+            latency: Family::new(),
+            lag_bytes: AtomicU64::new(0),
+            lag_seconds: AtomicF64::default(),
+            queues: Family::new(),
+            reconnects: AtomicU64::new(0),
+            streaming: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts `n` decoded row changes (Insert/Update/Delete messages).
+    pub fn events_read(&self, n: u64) {
+        self.events_read.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one entity event written to the queue.
+    pub fn event_queued(&self, entity: &str, action: &str) {
+        self.events_queued(&[(entity, action, 1)]);
+    }
+
+    /// Counts entity events of one committed queue batch: `(entity, action, count)` triples.
+    pub fn events_queued(&self, batch: &[(&str, &str, u64)]) {
+        for (entity, action, n) in batch {
+            // Two small allocations per (entity, action) of a batch, not per event.
+            let key = ((*entity).to_owned(), (*action).to_owned());
+            let counter = self.events_queued.get(&key);
+            counter.fetch_add(*n, Ordering::Relaxed);
+        }
+    }
+
+    /// Records one delivery attempt; `commit_to_ack` is the time from the source commit to
+    /// the listener's 2xx and feeds the latency histogram (pass it for successes only).
+    pub fn delivery_attempt(
+        &self,
+        listener: &str,
+        outcome: AttemptOutcome,
+        commit_to_ack: Option<Duration>,
+    ) {
+        let key = (listener.to_owned(), outcome);
+        self.attempts.get(&key).fetch_add(1, Ordering::Relaxed);
+        if let Some(d) = commit_to_ack {
+            self.latency.get(listener).observe(d);
+        }
+    }
+
+    /// Counts a notification that reached its final status.
+    pub fn notification_completed(&self, listener: &str, status: NotificationStatus) {
+        let key = (listener.to_owned(), status);
+        self.notifications.get(&key).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the replication slot lag; `seconds: None` (unknown right now) keeps the last value.
+    pub fn set_replication_lag(&self, bytes: u64, seconds: Option<f64>) {
+        self.lag_bytes.store(bytes, Ordering::Relaxed);
+        if let Some(s) = seconds {
+            self.lag_seconds.set(s.max(0.0));
+        }
+    }
+
+    /// Sets one listener's queue depth (New rows) and the age of its oldest New row.
+    pub fn set_queue(&self, listener: &str, depth: u64, oldest_age: Duration) {
+        let q = self.queues.get(listener);
+        q.depth.store(depth, Ordering::Relaxed);
+        q.oldest_age_seconds.set(oldest_age.as_secs_f64());
+    }
+
+    /// Replaces all queue gauges at once: listeners missing from `queues` stop being reported.
+    pub fn set_queues(&self, queues: &[(String, u64, Duration)]) {
+        let mut map = BTreeMap::new();
+        for (listener, depth, age) in queues {
+            let q = QueueGauges::default();
+            q.depth.store(*depth, Ordering::Relaxed);
+            q.oldest_age_seconds.set(age.as_secs_f64());
+            map.insert(listener.clone(), Arc::new(q));
+        }
+        *self.queues.write() = map;
+    }
+
+    /// Counts one reconnect of the replication stream.
+    pub fn reconnect(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the replication stream is currently streaming.
+    pub fn set_streaming(&self, streaming: bool) {
+        self.streaming
+            .store(u64::from(streaming), Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition (format 0.0.4) of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+
+        header(
+            &mut out,
+            "walhook_up",
+            "gauge",
+            "1 while the walhook process runs.",
+        );
+        out.push_str("walhook_up 1\n");
+
+        header(
+            &mut out,
+            "walhook_events_read_total",
+            "counter",
+            "Row changes decoded from the replication stream.",
+        );
+        sample(
+            &mut out,
+            "walhook_events_read_total",
+            &[],
+            self.events_read.load(Ordering::Relaxed),
+        );
+
+        header(
+            &mut out,
+            "walhook_events_queued_total",
+            "counter",
+            "Entity events written to the queue.",
+        );
+        for ((entity, action), c) in self.events_queued.snapshot() {
+            sample(
+                &mut out,
+                "walhook_events_queued_total",
+                &[("entity", &entity), ("action", &action)],
+                c.load(Ordering::Relaxed),
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_notifications_total",
+            "counter",
+            "Notifications that reached a final status.",
+        );
+        for ((listener, status), c) in self.notifications.snapshot() {
+            sample(
+                &mut out,
+                "walhook_notifications_total",
+                &[("listener", &listener), ("status", status.as_str())],
+                c.load(Ordering::Relaxed),
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_delivery_attempts_total",
+            "counter",
+            "Delivery attempts by outcome.",
+        );
+        for ((listener, outcome), c) in self.attempts.snapshot() {
+            sample(
+                &mut out,
+                "walhook_delivery_attempts_total",
+                &[("listener", &listener), ("outcome", outcome.as_str())],
+                c.load(Ordering::Relaxed),
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_delivery_latency_seconds",
+            "histogram",
+            "Time from the source commit to the listener's 2xx answer.",
+        );
+        for (listener, h) in self.latency.snapshot() {
+            render_histogram(&mut out, "walhook_delivery_latency_seconds", &listener, &h);
+        }
+
+        header(
+            &mut out,
+            "walhook_replication_lag_bytes",
+            "gauge",
+            "WAL bytes the replication slot has not confirmed as flushed.",
+        );
+        sample(
+            &mut out,
+            "walhook_replication_lag_bytes",
+            &[],
+            self.lag_bytes.load(Ordering::Relaxed),
+        );
+
+        header(
+            &mut out,
+            "walhook_replication_lag_seconds",
+            "gauge",
+            "How far the replication slot's flush position is behind, in seconds.",
+        );
+        sample(
+            &mut out,
+            "walhook_replication_lag_seconds",
+            &[],
+            self.lag_seconds.get(),
+        );
+
+        let queues = self.queues.snapshot();
+        header(
+            &mut out,
+            "walhook_queue_depth",
+            "gauge",
+            "Notifications waiting for delivery (walhook.new rows).",
+        );
+        for (listener, q) in &queues {
+            sample(
+                &mut out,
+                "walhook_queue_depth",
+                &[("listener", listener)],
+                q.depth.load(Ordering::Relaxed),
+            );
+        }
+        header(
+            &mut out,
+            "walhook_queue_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest notification waiting for delivery.",
+        );
+        for (listener, q) in &queues {
+            sample(
+                &mut out,
+                "walhook_queue_oldest_age_seconds",
+                &[("listener", listener)],
+                q.oldest_age_seconds.get(),
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_reconnects_total",
+            "counter",
+            "Reconnects of the replication stream.",
+        );
+        sample(
+            &mut out,
+            "walhook_reconnects_total",
+            &[],
+            self.reconnects.load(Ordering::Relaxed),
+        );
+
+        header(
+            &mut out,
+            "walhook_streaming",
+            "gauge",
+            "1 while the replication stream is streaming, else 0.",
+        );
+        sample(
+            &mut out,
+            "walhook_streaming",
+            &[],
+            self.streaming.load(Ordering::Relaxed),
+        );
+
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {}", escape_help(help));
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A sample value: integers print exactly, floats in Prometheus spelling.
+trait SampleValue {
+    fn write_to(&self, out: &mut String);
+}
+
+impl SampleValue for u64 {
+    fn write_to(&self, out: &mut String) {
+        let _ = write!(out, "{self}");
+    }
+}
+
+impl SampleValue for f64 {
+    fn write_to(&self, out: &mut String) {
+        if self.is_nan() {
+            out.push_str("NaN");
+        } else if self.is_infinite() {
+            out.push_str(if *self > 0.0 { "+Inf" } else { "-Inf" });
+        } else {
+            let _ = write!(out, "{self}");
+        }
+    }
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl SampleValue) {
+    out.push_str(name);
+    write_labels(out, labels);
+    out.push(' ');
+    value.write_to(out);
+    out.push('\n');
+}
+
+fn write_labels(out: &mut String, labels: &[(&str, &str)]) {
+    if labels.is_empty() {
+        return;
+    }
+    out.push('{');
+    for (i, (k, v)) in labels.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        let _ = write!(out, "{k}=\"{}\"", escape_label_value(v));
+    }
+    out.push('}');
+}
+
+fn render_histogram(out: &mut String, name: &str, listener: &str, h: &Histogram) {
+    let bucket_name = format!("{name}_bucket");
+    let mut cumulative = 0u64;
+    for (bound, count) in LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
+        cumulative += count.load(Ordering::Relaxed);
+        let le = format!("{bound}");
+        sample(
+            out,
+            &bucket_name,
+            &[("listener", listener), ("le", &le)],
+            cumulative,
+        );
+    }
+    let count = h.count.load(Ordering::Relaxed);
+    sample(
+        out,
+        &bucket_name,
+        &[("listener", listener), ("le", "+Inf")],
+        count,
+    );
+    let sum = h.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+    sample(out, &format!("{name}_sum"), &[("listener", listener)], sum);
+    sample(
+        out,
+        &format!("{name}_count"),
+        &[("listener", listener)],
+        count,
+    );
+}
+
+/// Escapes a label value for the text format: backslash, double quote and newline.
+pub fn escape_label_value(v: &str) -> String {
+    let mut s = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => s.push_str("\\\\"),
+            '"' => s.push_str("\\\""),
+            '\n' => s.push_str("\\n"),
+            c => s.push(c),
+        }
+    }
+    s
+}
+
+/// HELP text escapes only backslash and newline.
+fn escape_help(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('\n', "\\n")
+}
+
+/// Reads queue depth and age per listener and the slot's lag from the database into `metrics`.
+///
+/// Call it periodically (every 5–15 s) on an ordinary connection to the queue database; an
+/// error means the queue database is unreachable (or the schema is missing) for readiness.
+pub async fn refresh_gauges(
+    client: &tokio_postgres::Client,
+    metrics: &Metrics,
+    slot: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let rows = client.query(SQL_QUEUE_GAUGES, &[]).await?;
+    let mut queues = Vec::with_capacity(rows.len());
+    for row in rows {
+        let listener: String = row.try_get(0)?;
+        let depth: i64 = row.try_get(1)?;
+        let age: f64 = row.try_get(2)?;
+        queues.push((
+            listener,
+            u64::try_from(depth).unwrap_or(0),
+            duration_from_secs(age),
+        ));
+    }
+    metrics.set_queues(&queues);
+
+    // No slot (not set up yet, or dropped): report nothing rather than a made-up zero.
+    if let Some(row) = client.query_opt(SQL_SLOT_LAG, &[&slot]).await? {
+        let bytes: Option<f64> = row.try_get(0)?;
+        let seconds: Option<f64> = row.try_get(1)?;
+        if let Some(bytes) = bytes {
+            // Saturating float→int conversion; lag is never negative after GREATEST.
+            metrics.set_replication_lag(bytes as u64, seconds);
+        }
+    }
+    Ok(())
+}
+
+fn duration_from_secs(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_escape_quotes_backslashes_and_newlines() {
+        assert_eq!(escape_label_value(r#"a"b\c"#), r#"a\"b\\c"#);
+        assert_eq!(escape_label_value("line1\nline2"), "line1\\nline2");
+        let m = Metrics::new();
+        m.event_queued("Cust\"omer\\\n", "Created");
+        let text = m.render();
+        assert!(
+            text.contains(
+                "walhook_events_queued_total{entity=\"Cust\\\"omer\\\\\\n\",action=\"Created\"} 1\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_overflow_only_in_inf() {
+        let m = Metrics::new();
+        m.delivery_attempt(
+            "crm",
+            AttemptOutcome::Success,
+            Some(Duration::from_millis(3)),
+        );
+        m.delivery_attempt("crm", AttemptOutcome::Success, Some(Duration::from_secs(2)));
+        m.delivery_attempt(
+            "crm",
+            AttemptOutcome::Success,
+            Some(Duration::from_secs(120)),
+        );
+        let text = m.render();
+        for (le, n) in [
+            ("0.001", 0),
+            ("0.005", 1),
+            ("2.5", 2),
+            ("60", 2),
+            ("+Inf", 3),
+        ] {
+            let line = format!(
+                "walhook_delivery_latency_seconds_bucket{{listener=\"crm\",le=\"{le}\"}} {n}\n"
+            );
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        assert!(text.contains("walhook_delivery_latency_seconds_sum{listener=\"crm\"} 122.003\n"));
+        assert!(
+            text.contains(
+                "walhook_delivery_attempts_total{listener=\"crm\",outcome=\"success\"} 3\n"
+            )
+        );
+    }
+
+    #[test]
+    fn set_queues_drops_listeners_no_longer_reported() {
+        let m = Metrics::new();
+        m.set_queue("old", 5, Duration::from_secs(1));
+        m.set_queues(&[("new".to_owned(), 2, Duration::from_secs(3))]);
+        let text = m.render();
+        assert!(!text.contains("listener=\"old\""), "{text}");
+        assert!(text.contains("walhook_queue_depth{listener=\"new\"} 2\n"));
+        assert!(text.contains("walhook_queue_oldest_age_seconds{listener=\"new\"} 3\n"));
+    }
+
+    #[test]
+    fn unknown_lag_seconds_keep_the_last_value() {
+        let m = Metrics::new();
+        m.set_replication_lag(100, Some(1.5));
+        m.set_replication_lag(200, None);
+        let text = m.render();
+        assert!(text.contains("walhook_replication_lag_bytes 200\n"));
+        assert!(text.contains("walhook_replication_lag_seconds 1.5\n"));
+    }
+}
