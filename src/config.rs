@@ -164,6 +164,8 @@ pub struct ListenerConfig {
     pub max_attempts: u32,
     /// Retry backoff (default 5s doubling up to 1h).
     pub backoff: Backoff,
+    /// Most deliveries in flight at once (default 16, 1 to 1000).
+    pub concurrency: usize,
     /// Window in which changes to one entity are coalesced; zero disables (default 0s).
     pub debounce: Duration,
     /// Payload format (default CloudEvents).
@@ -726,6 +728,7 @@ struct RawListener {
     rate_limit: Str,
     max_attempts: Option<Spanned<i64>>,
     backoff: Option<Spanned<RawBackoff>>,
+    concurrency: Option<Spanned<i64>>,
     debounce: Str,
     format: Str,
 }
@@ -891,6 +894,8 @@ const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 const MAX_MAX_ATTEMPTS: i64 = 1000;
+const DEFAULT_CONCURRENCY: usize = 16;
+const MAX_CONCURRENCY: i64 = 1000;
 const DEFAULT_BACKOFF: Backoff = Backoff {
     initial: Duration::from_secs(5),
     max: Duration::from_secs(3600),
@@ -1711,6 +1716,25 @@ impl Checker<'_> {
                 }
             };
 
+            let concurrency = match &l.concurrency {
+                None => DEFAULT_CONCURRENCY,
+                Some(v) => {
+                    let n = *v.get_ref();
+                    match usize::try_from(n) {
+                        Ok(c) if (1..=MAX_CONCURRENCY).contains(&n) => c,
+                        _ => {
+                            self.report(
+                                v.span().start,
+                                &key("concurrency"),
+                                &format!("{n} is out of range"),
+                                &format!("use a number from 1 to {MAX_CONCURRENCY} (default {DEFAULT_CONCURRENCY})"),
+                            );
+                            DEFAULT_CONCURRENCY
+                        }
+                    }
+                }
+            };
+
             let debounce = self.duration(&l.debounce, &key("debounce"), Duration::ZERO);
 
             let format = match &l.format {
@@ -1752,6 +1776,7 @@ impl Checker<'_> {
                     rate_limit,
                     max_attempts,
                     backoff,
+                    concurrency,
                     debounce,
                     format,
                 });
@@ -1931,6 +1956,7 @@ mod tests {
             })
         );
         assert_eq!(l.max_attempts, 12);
+        assert_eq!(l.concurrency, 16);
         assert_eq!(l.backoff, DEFAULT_BACKOFF);
         assert_eq!(l.timeout, Duration::from_secs(10));
         assert_eq!(l.debounce, Duration::ZERO);
@@ -2232,6 +2258,29 @@ subject = \"Order/{id\"
         for off in ["off", "0s"] {
             let text = MINIMAL.replace("[source]\n", &format!("[source]\nheartbeat = \"{off}\"\n"));
             assert_eq!(parse(&text).unwrap().source.heartbeat, None, "{off}");
+        }
+    }
+
+    #[test]
+    fn concurrency_defaults_to_16_and_must_be_1_to_1000() {
+        let listener = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"http://localhost/h\"\n{extra}"
+            )
+        };
+        assert_eq!(parse(&listener("")).unwrap().listeners[0].concurrency, 16);
+        assert_eq!(
+            parse(&listener("concurrency = 1000")).unwrap().listeners[0].concurrency,
+            1000
+        );
+        for bad in ["concurrency = 0", "concurrency = 1001", "concurrency = -3"] {
+            let errors = errors(&listener(bad));
+            assert_eq!(errors.len(), 1, "{errors:?}");
+            assert!(
+                errors[0].contains("listener[0].concurrency")
+                    && errors[0].contains("use a number from 1 to 1000"),
+                "{errors:?}"
+            );
         }
     }
 

@@ -291,10 +291,34 @@ async fn delivery_loop(
         .system_name
         .clone()
         .unwrap_or_else(|| params.dbname().to_owned());
-    // WIRING-PENDING: the dispatcher lands next; until then deliveries wait in walhook.new.
-    let _ = source_system;
-    shutdown.cancelled().await;
-    Ok(())
+    // The dispatcher needs the queue schema, which the capture session may not have
+    // migrated yet; migrations are idempotent and serialized by an advisory lock.
+    loop {
+        let migrated = async {
+            let mut client = connect_ordinary(params).await?;
+            crate::queue::migrate(&mut client)
+                .await
+                .map_err(ServiceError::from_err)
+        }
+        .await;
+        match migrated {
+            Ok(()) => break,
+            Err(e) if e.class != ErrorClass::Transient => return Err(e),
+            Err(e) => debug!("delivery waits for the database: {}", e.message),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(BACKOFF_INITIAL) => {}
+            _ = shutdown.cancelled() => return Ok(()),
+        }
+    }
+    crate::delivery::dispatcher::run(
+        params.to_tokio_postgres(),
+        config.listeners.clone(),
+        source_system,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(ServiceError::from_err)
 }
 
 /// One connected session: setup, stream until error or shutdown.

@@ -219,11 +219,22 @@ fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -
 /// `WATCHDOG=1` at half the watchdog interval, and `STOPPING=1` when `shutdown` fires.
 pub async fn run_notifier(
     notifier: Notifier,
-    mut ready: watch::Receiver<bool>,
+    ready: watch::Receiver<bool>,
     status: impl Fn() -> String + Send + 'static,
     shutdown: CancellationToken,
 ) {
-    let watchdog_every = watchdog_interval().map(|d| (d / 2).max(Duration::from_millis(1)));
+    notify_loop(notifier, ready, status, shutdown, watchdog_interval()).await;
+}
+
+/// [`run_notifier`] with the watchdog timeout given, so tests need not set the environment.
+async fn notify_loop(
+    notifier: Notifier,
+    mut ready: watch::Receiver<bool>,
+    status: impl Fn() -> String + Send + 'static,
+    shutdown: CancellationToken,
+    watchdog: Option<Duration>,
+) {
+    let watchdog_every = watchdog.map(|d| (d / 2).max(Duration::from_millis(1)));
     let mut watchdog_tick = watchdog_every.map(|every| {
         let mut i = tokio::time::interval(every);
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -406,11 +417,12 @@ mod tests {
         let n = Notifier::connect(&path).unwrap();
         let (ready_tx, ready_rx) = watch::channel(false);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(run_notifier(
+        let task = tokio::spawn(notify_loop(
             n,
             ready_rx,
             || "streaming".to_owned(),
             shutdown.clone(),
+            None,
         ));
         let sock = tokio::net::UnixDatagram::from_std({
             sock.set_nonblocking(true).unwrap();
@@ -432,5 +444,37 @@ mod tests {
         shutdown.cancel();
         assert_eq!(next().await, "STOPPING=1");
         task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn notifier_task_pings_the_watchdog_at_half_the_interval() {
+        let (_dir, sock, path) = listener();
+        let n = Notifier::connect(&path).unwrap();
+        let (_ready_tx, ready_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let started = std::time::Instant::now();
+        let task = tokio::spawn(notify_loop(
+            n,
+            ready_rx,
+            String::new,
+            shutdown.clone(),
+            Some(Duration::from_millis(400)),
+        ));
+        let pings = tokio::task::spawn_blocking(move || {
+            let mut pings = Vec::new();
+            while pings.len() < 3 {
+                if recv(&sock) == "WATCHDOG=1" {
+                    pings.push(started.elapsed());
+                }
+            }
+            pings
+        })
+        .await
+        .unwrap();
+        shutdown.cancel();
+        task.await.unwrap();
+        // The first ping at once, then every 200 ms: the third no sooner than 400 ms.
+        assert!(pings[2] >= Duration::from_millis(390), "{pings:?}");
+        assert!(pings[2] < Duration::from_secs(3), "{pings:?}");
     }
 }

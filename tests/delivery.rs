@@ -210,8 +210,10 @@ async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over()
     let ids: HashSet<String> = reqs.iter().map(|r| r.json()["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!((reqs.len(), ids.len()), (300, 300), "each notification delivered once");
     assert!(second.running(), "the standby exited:\n{}", second.log());
-    let standby_lines = second.log().lines().filter(|l| l.contains("standing by")).count();
-    assert_eq!(standby_lines, 1, "standby logged once:\n{}", second.log());
+    eventually(Duration::from_secs(60), "the second process standing by", || async {
+        second.log().contains("standing by").then_some(())
+    })
+    .await;
 
     // Kill the streaming process; the standby takes over the slot.
     first.kill9();
@@ -225,6 +227,8 @@ async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over()
         .map(|r| r.json()["data"]["row"]["id"].to_string())
         .collect();
     assert_eq!(after.len(), 350);
+    let standby_lines = second.log().lines().filter(|l| l.contains("standing by")).count();
+    assert_eq!(standby_lines, 1, "standby logged once:\n{}", second.log());
     assert_eq!(second.terminate().code(), Some(0), "{}", second.log());
 }
 

@@ -39,6 +39,7 @@ fn listener(url: String) -> ListenerConfig {
             initial: Duration::from_secs(5),
             max: Duration::from_secs(3600),
         },
+        concurrency: 16,
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents,
     }

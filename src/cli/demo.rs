@@ -53,7 +53,7 @@ const DEMO_CHANGES: &[(&str, &str)] = &[
     ),
 ];
 
-fn demo_config(url: &str) -> String {
+fn demo_config(url: &str, receiver: &str) -> String {
     format!(
         r#"[source]
 url = "{url}"
@@ -75,8 +75,64 @@ subject = "customers/{{id}}"
 name = "Order"
 table = "public.orders"
 subject = "orders/{{id}}"
+
+[[listener]]
+name = "demo-receiver"
+url = "{receiver}"
+headers = {{ "X-Demo" = "walhook" }}
+timeout = "5s"
 "#
     )
+}
+
+/// The built-in receiver: a real HTTP server on 127.0.0.1 that answers 200 and hands every
+/// CloudEvent it gets to the printer.
+async fn start_receiver(
+    shutdown: CancellationToken,
+) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>), Failure> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| fail(format!("cannot start the demo receiver on 127.0.0.1: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| fail(format!("demo receiver address: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/demo-hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let tx = tx.clone();
+            async move {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                    let _ = tx.send(v);
+                }
+                axum::http::StatusCode::OK
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+    });
+    Ok((format!("http://{addr}/demo-hook"), rx))
+}
+
+fn print_deliveries(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) {
+    while let Ok(ev) = rx.try_recv() {
+        let changed = match &ev["data"]["changedFields"] {
+            serde_json::Value::Array(a) => format!(
+                " changedFields={}",
+                serde_json::Value::Array(a.clone())
+            ),
+            _ => String::new(),
+        };
+        println!(
+            "   delivered to demo-receiver: {} {}{changed} id={}",
+            ev["type"].as_str().unwrap_or("?"),
+            ev["subject"].as_str().unwrap_or(""),
+            ev["id"].as_str().unwrap_or("?"),
+        );
+    }
 }
 
 fn fail(message: String) -> Failure {
@@ -103,7 +159,10 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
         "cluster on 127.0.0.1:{} (data in a temporary directory)",
         cluster.port()
     );
-    let toml = demo_config(&url);
+    let receiver_stop = CancellationToken::new();
+    let (receiver_url, mut deliveries) = start_receiver(receiver_stop.clone()).await?;
+    println!("built-in receiver on {receiver_url}");
+    let toml = demo_config(&url, &receiver_url);
     println!("\nconfiguration:\n{toml}");
     let config = Config::parse(&toml, Path::new("demo.toml"))?;
 
@@ -137,6 +196,7 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
             // Give the event time to arrive, printing it as soon as it is queued.
             for _ in 0..20 {
                 printed = print_new_events(&client, printed).await;
+                print_deliveries(&mut deliveries);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = shutdown.cancelled() => break,
@@ -148,6 +208,7 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
         println!("\nmake your own changes: psql '{url}'  (Ctrl-C to stop)");
         while !shutdown.is_cancelled() {
             printed = print_new_events(&client, printed).await;
+            print_deliveries(&mut deliveries);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = shutdown.cancelled() => {}
@@ -155,6 +216,7 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
         }
     }
     shutdown.cancel();
+    receiver_stop.cancel();
     let result = service
         .await
         .map_err(|e| fail(format!("walhook task failed: {e}")))?;
@@ -219,6 +281,14 @@ async fn print_new_events(client: &tokio_postgres::Client, after: i64) -> i64 {
 }
 
 async fn print_status(client: &tokio_postgres::Client) {
+    let q = "SELECT status, count(*) FROM walhook.notification GROUP BY 1 ORDER BY 1";
+    if let Ok(rows) = client.query(q, &[]).await {
+        let counts: Vec<String> = rows
+            .iter()
+            .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1)))
+            .collect();
+        println!("   notifications: {}", if counts.is_empty() { "none".to_owned() } else { counts.join(", ") });
+    }
     let q = "SELECT entity, action, count(*) FROM walhook.event GROUP BY 1, 2 ORDER BY 1, 2";
     if let Ok(rows) = client.query(q, &[]).await {
         for r in rows {

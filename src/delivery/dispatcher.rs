@@ -66,8 +66,6 @@ const RECONNECT_INITIAL: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 /// Slack on the in-process retry timer, so it fires after the row is due in the database.
 const DUE_SLACK: Duration = Duration::from_millis(10);
-/// Default `concurrency` of a listener.
-pub const DEFAULT_CONCURRENCY: usize = 16;
 
 /// Why the dispatcher stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +346,7 @@ impl Lane {
         source_system: &str,
     ) -> Result<Lane, DispatchError> {
         let sender = Arc::new(HttpSender::new(&config, source_system)?);
-        let concurrency = listener_concurrency(&config).max(1);
+        let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
         let mut target = concurrency
             .saturating_mul(PREFETCH_PER_SLOT)
@@ -401,11 +399,6 @@ impl Lane {
         let mut next = lock(&self.next_due);
         *next = Some(next.map_or(due, |n| n.min(due)));
     }
-}
-
-/// The listener's concurrency limit.
-fn listener_concurrency(_config: &ListenerConfig) -> usize {
-    DEFAULT_CONCURRENCY
 }
 
 /// The governor quota for `count` per `per`: a burst of `count`, then one every `per/count`.
