@@ -225,7 +225,10 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     let walhook_secs = t.elapsed().as_secs_f64();
     peak_kb = peak_kb.max(vm_hwm_kb(pid));
     let cpu = cpu_secs(pid);
-    eprintln!("   walhook process CPU: {cpu:.2}s ({:.0}% of one core)", 100.0 * cpu / walhook_secs);
+    eprintln!(
+        "   walhook process CPU: {cpu:.2}s ({:.0}% of one core)",
+        100.0 * cpu / walhook_secs
+    );
     drop(child);
     eprintln!(
         "   walhook: {walhook_secs:.2}s, peak RSS {} MB",
@@ -246,7 +249,12 @@ fn cpu_secs(pid: u32) -> f64 {
     // The command name may contain spaces; fields after it are space-separated.
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // Fields 14 and 15 of the whole line are indexes 11 and 12 after the name.
     (ticks(11) + ticks(12)) / 100.0
 }

@@ -60,7 +60,8 @@ impl Verdict {
     }
 }
 
-const SQL_RECORDED: &str = "SELECT system_identifier, database_name FROM walhook.state WHERE id = 1";
+const SQL_RECORDED: &str =
+    "SELECT system_identifier, database_name FROM walhook.state WHERE id = 1";
 
 /// Compares the recorded identity with the current one.
 pub async fn verdict(client: &Client, current: &Identity) -> Result<Verdict, QueueError> {

@@ -274,6 +274,18 @@ impl Metrics {
         *self.queues.write() = map;
     }
 
+    /// One line for systemd's STATUS=: replication lag and undelivered notifications.
+    pub fn summary(&self) -> String {
+        let lag = self.lag_bytes.load(Ordering::Relaxed);
+        let depth: u64 = self
+            .queues
+            .read()
+            .values()
+            .map(|q| q.depth.load(Ordering::Relaxed))
+            .sum();
+        format!("replication lag {lag} bytes; {depth} notification(s) undelivered")
+    }
+
     /// Counts one reconnect of the replication stream.
     pub fn reconnect(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);

@@ -8,14 +8,18 @@
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::admin::{AdminState, Health};
 use crate::config::Config;
 use crate::error::{Classify, ErrorClass};
 use crate::guard::Identity;
 use crate::mapper::{EntityEvent, Mapper, TxContext};
+use crate::metrics::Metrics;
 use crate::queue::QueueWriter;
 use crate::replication::conn::{ConnectParams, ReplicationConnection, ReplicationStream};
 use crate::replication::pgoutput::{self, Message};
@@ -90,6 +94,29 @@ fn on_error(class: ErrorClass) -> OnError {
         .unwrap_or(OnError::Stop)
 }
 
+/// What the service tells the outside world: metrics, readiness, systemd.
+#[derive(Clone)]
+pub(crate) struct Observe {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    ready: watch::Sender<bool>,
+    status: watch::Sender<String>,
+}
+
+impl Observe {
+    fn streaming(&self, on: bool, why: Option<&str>) {
+        self.metrics.set_streaming(on);
+        self.health.set_streaming(on);
+        if on {
+            self.ready.send_replace(true);
+        }
+        if let Some(why) = why {
+            self.health.set_last_error(Some(why.to_owned()));
+            self.status.send_replace(format!("not streaming: {why}"));
+        }
+    }
+}
+
 /// Reconnect backoff: doubles from `INITIAL` up to `MAX`.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -103,9 +130,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     )
     .map_err(ServiceError::from_err)?;
 
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let (status_tx, status_rx) = watch::channel(String::from("starting"));
+    let observe = Observe {
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new()),
+        ready: ready_tx,
+        status: status_tx,
+    };
     let stop = shutdown.child_token();
+    // A bad [admin] listen address is a configuration error: fail before streaming.
+    if let Some(admin) = &config.admin {
+        let listener = crate::admin::bind(admin.listen)
+            .await
+            .map_err(ServiceError::from_err)?;
+        let app = crate::admin::router(AdminState {
+            metrics: observe.metrics.clone(),
+            health: observe.health.clone(),
+        });
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve_router(listener, app, stop).await {
+                warn!("admin endpoint stopped: {e}");
+            }
+        });
+        info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
+    }
+    let _notifier = crate::systemd::spawn_from_env(
+        ready_rx,
+        move || status_rx.borrow().clone(),
+        shutdown.clone(),
+    );
+    let gauges = gauge_loop(&config, &params, &observe, &stop);
     let capture = async {
-        let r = capture_loop(&config, &params, &stop).await;
+        let r = capture_loop(&config, &params, &observe, &stop).await;
         if r.is_err() {
             stop.cancel();
         }
@@ -119,11 +177,56 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
         r
     };
     let retention = retention_loop(&config, &params, &stop);
-    let (captured, delivered, ()) = tokio::join!(capture, delivery, retention);
+    let (captured, delivered, (), ()) = tokio::join!(capture, delivery, retention, gauges);
     captured?;
     delivered?;
     info!("walhook stopped");
     Ok(())
+}
+
+/// How often queue depth, slot lag and readiness are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Refreshes the queue and lag gauges, the queue's readiness and the systemd status line.
+async fn gauge_loop(
+    config: &Config,
+    params: &ConnectParams,
+    observe: &Observe,
+    shutdown: &CancellationToken,
+) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = connect_ordinary(params).await.ok();
+        }
+        let refreshed = match client.as_ref() {
+            Some(c) => crate::metrics::refresh_gauges(c, &observe.metrics, &config.source.slot)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err("cannot connect to the queue database".to_owned()),
+        };
+        match refreshed {
+            Ok(()) => {
+                observe.health.set_queue_reachable(true);
+                if observe.health.streaming() {
+                    observe.status.send_replace(format!(
+                        "streaming slot {}; {}",
+                        config.source.slot,
+                        observe.metrics.summary()
+                    ));
+                }
+            }
+            Err(e) => {
+                observe.health.set_queue_reachable(false);
+                observe.health.set_last_error(Some(e));
+                client = None;
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(GAUGE_INTERVAL) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Deletes Processed notifications and events older than `queue.retention`, in small
@@ -149,12 +252,19 @@ async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &Canc
                 }
                 failing = false;
                 if o.processed + o.events > 0 {
-                    debug!(processed = o.processed, events = o.events, "pruned old rows");
+                    debug!(
+                        processed = o.processed,
+                        events = o.events,
+                        "pruned old rows"
+                    );
                 }
             }
             Err(e) => {
                 if !failing {
-                    warn!("retention failed: {}; old rows stay until it works", e.message);
+                    warn!(
+                        "retention failed: {}; old rows stay until it works",
+                        e.message
+                    );
                 }
                 failing = true;
             }
@@ -172,6 +282,7 @@ const STANDBY_RETRY: Duration = Duration::from_secs(2);
 async fn capture_loop(
     config: &Config,
     params: &ConnectParams,
+    observe: &Observe,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
     let mut backoff = BACKOFF_INITIAL;
@@ -181,16 +292,27 @@ async fn capture_loop(
     loop {
         let started = Instant::now();
         let result = tokio::select! {
-            r = session(config, params, shutdown, attempt == 0) => r,
+            r = session(config, params, observe, shutdown, attempt == 0) => r,
             _ = shutdown.cancelled() => Ok(()),
         };
+        if let Err(e) = &result {
+            observe.streaming(false, Some(&e.message));
+        } else {
+            observe.streaming(false, None);
+        }
+        if !shutdown.is_cancelled() {
+            observe.metrics.reconnect();
+        }
         let mut wait = backoff;
         match result {
             Ok(()) if shutdown.is_cancelled() => return Ok(()),
             Ok(()) => {
                 attempt += 1;
                 standby = false;
-                warn!(attempt, "replication stream ended; reconnecting in {backoff:?}");
+                warn!(
+                    attempt,
+                    "replication stream ended; reconnecting in {backoff:?}"
+                );
             }
             Err(e) if e.cloned => {
                 attempt += 1;
@@ -205,7 +327,10 @@ async fn capture_loop(
                 // over within seconds once it is gone. Logged once, not per attempt.
                 attempt += 1;
                 if !standby {
-                    info!("standing by: {}; retrying every {STANDBY_RETRY:?}", e.message);
+                    info!(
+                        "standing by: {}; retrying every {STANDBY_RETRY:?}",
+                        e.message
+                    );
                 }
                 standby = true;
                 wait = STANDBY_RETRY;
@@ -325,6 +450,7 @@ async fn delivery_loop(
 async fn session(
     config: &Config,
     params: &ConnectParams,
+    observe: &Observe,
     shutdown: &CancellationToken,
     first: bool,
 ) -> Result<(), ServiceError> {
@@ -408,6 +534,11 @@ async fn session(
         database = %dbname,
         "streaming changes"
     );
+    observe.streaming(true, None);
+    observe.health.set_last_error(None);
+    observe
+        .status
+        .send_replace(format!("streaming slot {} of {dbname}", config.source.slot));
 
     crate::queue::sync_listeners(&client, &config.listeners)
         .await
@@ -424,6 +555,7 @@ async fn session(
         writer,
         rx,
         durable_tx,
+        observe.metrics.clone(),
         config.queue.batch_size,
         config.queue.batch_delay,
     ));
@@ -436,6 +568,7 @@ async fn session(
     let mut reader = Reader {
         stream,
         mapper,
+        metrics: observe.metrics.clone(),
         events: tx,
         durable: durable_rx,
         status_interval: config.source.status_interval,
@@ -498,6 +631,7 @@ struct OpenTx {
 struct Reader {
     stream: ReplicationStream,
     mapper: Mapper,
+    metrics: Arc<Metrics>,
     events: mpsc::Sender<Item>,
     durable: watch::Receiver<Lsn>,
     status_interval: Duration,
@@ -622,6 +756,7 @@ impl Reader {
                 };
                 let seq = open.seq;
                 open.seq += 1;
+                self.metrics.events_read(1);
                 let ctx = open.ctx;
                 if let Some(event) = self
                     .mapper
@@ -668,6 +803,7 @@ async fn write_loop(
     mut writer: QueueWriter,
     mut rx: mpsc::Receiver<Item>,
     durable: watch::Sender<Lsn>,
+    metrics: Arc<Metrics>,
     batch_size: usize,
     batch_delay: Duration,
 ) -> Result<(), ServiceError> {
@@ -707,6 +843,7 @@ async fn write_loop(
                 .write_batch(&events, commit)
                 .await
                 .map_err(ServiceError::from_err)?;
+            count_queued(&metrics, &events);
             events.clear();
         }
         if let Some(lsn) = commit {
@@ -723,6 +860,18 @@ async fn write_loop(
             return Ok(());
         }
     }
+}
+
+/// Counts a committed batch per (entity, action): one map per batch, not per event.
+fn count_queued(metrics: &Metrics, events: &[EntityEvent]) {
+    let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for e in events {
+        *counts
+            .entry((e.entity.as_str(), e.action.as_str()))
+            .or_default() += 1;
+    }
+    let batch: Vec<(&str, &str, u64)> = counts.into_iter().map(|((e, a), n)| (e, a, n)).collect();
+    metrics.events_queued(&batch);
 }
 
 fn absorb(item: Item, events: &mut Vec<EntityEvent>, commit: &mut Option<Lsn>) {

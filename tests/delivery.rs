@@ -107,12 +107,22 @@ actions = ["created"]
     wait_for_requests(&crm, 2, "2 requests at crm").await;
     wait_for_requests(&billing, 1, "1 request at billing").await;
     // A fence: one more customer change; once it arrives, nothing else is on its way.
-    c.batch_execute("INSERT INTO customer VALUES (2, 'Grace', 'NYC')").await.unwrap();
+    c.batch_execute("INSERT INTO customer VALUES (2, 'Grace', 'NYC')")
+        .await
+        .unwrap();
     wait_for_requests(&crm, 3, "the fence at crm").await;
-    eventually(Duration::from_secs(30), "all notifications processed", || async {
-        let n: i64 = c.query_one("SELECT count(*) FROM walhook.new", &[]).await.ok()?.get(0);
-        (n == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(30),
+        "all notifications processed",
+        || async {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM walhook.new", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
     .await;
 
     let reqs = crm.requests();
@@ -122,22 +132,38 @@ actions = ["created"]
     assert_eq!(first.path, "/hooks/crm");
     assert_eq!(first.header("x-api-key"), Some("k-123"));
     assert_eq!(first.header("x-team"), Some("crm"));
-    assert!(first.header("content-type").unwrap_or("").starts_with("application/cloudevents+json"));
+    assert!(
+        first
+            .header("content-type")
+            .unwrap_or("")
+            .starts_with("application/cloudevents+json")
+    );
     let ev = first.json();
     assert_eq!(ev["specversion"], "1.0");
     assert_eq!(ev["type"], "Customer.Created");
     assert_eq!(ev["subject"], "customers/1");
     assert!(ev["source"].as_str().unwrap().contains("CRM"), "{ev}");
-    assert!(uuid::Uuid::parse_str(ev["id"].as_str().unwrap()).is_ok(), "{ev}");
-    assert!(ev["time"].as_str().unwrap().ends_with('Z') || ev["time"].as_str().unwrap().contains('+'));
-    assert_eq!(ev["data"]["row"], json!({"id": 1, "name": "Ada", "city": "London"}));
+    assert!(
+        uuid::Uuid::parse_str(ev["id"].as_str().unwrap()).is_ok(),
+        "{ev}"
+    );
+    assert!(
+        ev["time"].as_str().unwrap().ends_with('Z') || ev["time"].as_str().unwrap().contains('+')
+    );
+    assert_eq!(
+        ev["data"]["row"],
+        json!({"id": 1, "name": "Ada", "city": "London"})
+    );
     let upd = reqs[1].json();
     assert_eq!(upd["type"], "Customer.Updated");
     assert_eq!(upd["data"]["changedFields"], json!(["city"]));
     assert_eq!(upd["data"]["old"]["city"], "London");
     // The event id is the one stored in walhook.event.
     let stored: uuid::Uuid = c
-        .query_one("SELECT event_id FROM walhook.event WHERE entity = 'Customer' ORDER BY id LIMIT 1", &[])
+        .query_one(
+            "SELECT event_id FROM walhook.event WHERE entity = 'Customer' ORDER BY id LIMIT 1",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -197,29 +223,48 @@ async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over()
     let c = db.client().await;
     wait_streaming(&c).await;
     let mut second = Daemon::start(&toml);
-    c.execute("INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(1, 300) g", &[])
-        .await
-        .unwrap();
+    c.execute(
+        "INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(1, 300) g",
+        &[],
+    )
+    .await
+    .unwrap();
     wait_for_requests(&hook, 300, "300 deliveries").await;
     eventually(Duration::from_secs(30), "queue drained", || async {
-        let n: i64 = c.query_one("SELECT count(*) FROM walhook.new", &[]).await.ok()?.get(0);
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM walhook.new", &[])
+            .await
+            .ok()?
+            .get(0);
         (n == 0).then_some(())
     })
     .await;
     let reqs = hook.requests();
-    let ids: HashSet<String> = reqs.iter().map(|r| r.json()["id"].as_str().unwrap().to_owned()).collect();
-    assert_eq!((reqs.len(), ids.len()), (300, 300), "each notification delivered once");
+    let ids: HashSet<String> = reqs
+        .iter()
+        .map(|r| r.json()["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        (reqs.len(), ids.len()),
+        (300, 300),
+        "each notification delivered once"
+    );
     assert!(second.running(), "the standby exited:\n{}", second.log());
-    eventually(Duration::from_secs(60), "the second process standing by", || async {
-        second.log().contains("standing by").then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the second process standing by",
+        || async { second.log().contains("standing by").then_some(()) },
+    )
     .await;
 
     // Kill the streaming process; the standby takes over the slot.
     first.kill9();
-    c.execute("INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(301, 350) g", &[])
-        .await
-        .unwrap();
+    c.execute(
+        "INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(301, 350) g",
+        &[],
+    )
+    .await
+    .unwrap();
     wait_for_requests(&hook, 350, "deliveries after the takeover").await;
     let after: HashSet<String> = hook
         .requests()
@@ -227,7 +272,11 @@ async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over()
         .map(|r| r.json()["data"]["row"]["id"].to_string())
         .collect();
     assert_eq!(after.len(), 350);
-    let standby_lines = second.log().lines().filter(|l| l.contains("standing by")).count();
+    let standby_lines = second
+        .log()
+        .lines()
+        .filter(|l| l.contains("standing by"))
+        .count();
     assert_eq!(standby_lines, 1, "standby logged once:\n{}", second.log());
     assert_eq!(second.terminate().code(), Some(0), "{}", second.log());
 }
@@ -243,19 +292,28 @@ async fn sigkill_during_delivery_then_restart_delivers_every_event_with_stable_i
     let mut daemon = Daemon::start(&toml);
     let c = db.client().await;
     wait_streaming(&c).await;
-    c.execute("INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(1, 500) g", &[])
-        .await
-        .unwrap();
+    c.execute(
+        "INSERT INTO customer SELECT g, 'n', 'c' FROM generate_series(1, 500) g",
+        &[],
+    )
+    .await
+    .unwrap();
     wait_for_requests(&hook, 50, "some deliveries").await;
     daemon.kill9();
     let _daemon = Daemon::start(&toml);
-    eventually(Duration::from_secs(120), "every customer delivered", || async {
-        (delivered_ids(&hook).len() >= 500).then_some(())
-    })
+    eventually(
+        Duration::from_secs(120),
+        "every customer delivered",
+        || async { (delivered_ids(&hook).len() >= 500).then_some(()) },
+    )
     .await;
     let ids = delivered_ids(&hook);
     assert_eq!(ids.len(), 500);
     for (entity, event_ids) in ids {
-        assert_eq!(event_ids.len(), 1, "duplicates of {entity} must carry the same id");
+        assert_eq!(
+            event_ids.len(),
+            1,
+            "duplicates of {entity} must carry the same id"
+        );
     }
 }

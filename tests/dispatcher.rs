@@ -597,3 +597,73 @@ async fn claiming_from_a_queue_of_100k_rows_uses_indexes() {
     assert!(took < Duration::from_millis(500), "claim took {took:?}");
     eprintln!("claim of 500 from 100k rows took {took:?}\n{plan}");
 }
+
+#[tokio::test]
+async fn delivery_goes_on_after_its_database_connections_are_killed() {
+    let receiver = Receiver::start().await;
+    let mut q = Queue::new(&["crm"]).await;
+    q.write(&[event(0x100, 0, "Customer", "1")]).await;
+    let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
+    support::eventually(Duration::from_secs(10), "the first delivery", || async {
+        (q.count("SELECT count(*) FROM walhook.processed").await == 1).then_some(())
+    })
+    .await;
+    let killed = q
+        .count(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'walhook delivery') t",
+        )
+        .await;
+    assert_eq!(killed, 2, "one claiming and one recording connection");
+
+    q.write(&[event(0x200, 0, "Customer", "2")]).await;
+    support::eventually(
+        Duration::from_secs(10),
+        "delivery after the reconnect",
+        || async { (q.count("SELECT count(*) FROM walhook.processed").await == 2).then_some(()) },
+    )
+    .await;
+    assert!(!task.is_finished());
+    assert_eq!(receiver.count(), 2);
+    stop(token, task).await;
+}
+
+#[tokio::test]
+async fn leases_of_a_killed_process_on_this_host_are_taken_over_at_start() {
+    let receiver = Receiver::start().await;
+    let mut q = Queue::new(&["crm"]).await;
+    q.write(&[event(0x100, 0, "Customer", "1")]).await;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // A pid above any pid_max: that process is surely gone. Another host's lease is kept.
+    let dead = format!("{}:999999999:deadbeef", host.trim());
+    q.client
+        .execute(
+            "UPDATE walhook.new SET locked_by = $1, locked_until = now() + interval '1 hour'",
+            &[&dead],
+        )
+        .await
+        .unwrap();
+    q.write(&[event(0x200, 0, "Customer", "2")]).await;
+    q.client
+        .execute(
+            "UPDATE walhook.new SET locked_by = 'elsewhere:1:cafe', locked_until = now() + interval '1 hour'
+             WHERE locked_by IS NULL",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
+    support::eventually(
+        Duration::from_secs(10),
+        "the dead process's notification",
+        || async { (q.count("SELECT count(*) FROM walhook.processed").await == 1).then_some(()) },
+    )
+    .await;
+    stop(token, task).await;
+    assert_eq!(receiver.count(), 1);
+    assert_eq!(
+        q.count("SELECT count(*) FROM walhook.new WHERE locked_by = 'elsewhere:1:cafe'")
+            .await,
+        1
+    );
+}

@@ -29,7 +29,10 @@ backoff = {{ initial = "100ms", max = "1s" }}
 async fn wait_streaming(c: &tokio_postgres::Client) {
     eventually(Duration::from_secs(60), "walhook streaming", || async {
         let n: i64 = c
-            .query_one("SELECT count(*) FROM pg_replication_slots WHERE active", &[])
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE active",
+                &[],
+            )
             .await
             .ok()?
             .get(0);
@@ -49,10 +52,14 @@ async fn a_restored_copy_delivers_nothing_until_adopted() {
         let mut daemon = Daemon::start(&config(&original.url, &hook.url("/h")));
         let c = original.client().await;
         wait_streaming(&c).await;
-        c.execute("INSERT INTO customer VALUES (1, 'Ada')", &[]).await.unwrap();
-        eventually(Duration::from_secs(60), "delivery from the original", || async {
-            (hook.count() >= 1).then_some(())
-        })
+        c.execute("INSERT INTO customer VALUES (1, 'Ada')", &[])
+            .await
+            .unwrap();
+        eventually(
+            Duration::from_secs(60),
+            "delivery from the original",
+            || async { (hook.count() >= 1).then_some(()) },
+        )
         .await;
         assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
     }
@@ -63,19 +70,46 @@ async fn a_restored_copy_delivers_nothing_until_adopted() {
     let dump = orig_cluster
         .run_tool(
             "pg_dump",
-            &["-h", "127.0.0.1", "-p", &orig_cluster.port().to_string(), "-U", "postgres", &original.name],
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &orig_cluster.port().to_string(),
+                "-U",
+                "postgres",
+                &original.name,
+            ],
         )
         .expect("pg_dump");
     let (_d, dump_file) = write_config(&String::from_utf8_lossy(&dump.stdout));
     let copy_cluster = copy.cluster.as_ref().unwrap();
-    std::fs::set_permissions(dump_file.parent().unwrap(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&dump_file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        dump_file.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &dump_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     copy_cluster
         .run_tool(
             "psql",
             &[
-                "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p",
-                &copy_cluster.port().to_string(), "-U", "postgres", "-d", &copy.name, "-f",
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &copy_cluster.port().to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                &copy.name,
+                "-f",
                 dump_file.to_str().unwrap(),
             ],
         )
@@ -85,33 +119,56 @@ async fn a_restored_copy_delivers_nothing_until_adopted() {
     let copy_config = config(&copy.url, &copy_hook.url("/copy"));
     let daemon = Daemon::start(&copy_config);
     let c = copy.client().await;
-    c.execute("INSERT INTO customer VALUES (2, 'Grace')", &[]).await.unwrap();
-    eventually(Duration::from_secs(30), "the refusal in the log", || async {
-        daemon.log().contains("this is a copy").then_some(())
-    })
+    c.execute("INSERT INTO customer VALUES (2, 'Grace')", &[])
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the refusal in the log",
+        || async { daemon.log().contains("this is a copy").then_some(()) },
+    )
     .await;
     // Give a wrongly running daemon time to deliver; nothing may arrive.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(copy_hook.count(), 0, "the copy delivered");
     assert_eq!(hook.count(), 1, "the copy notified the original's listener");
-    let refusals = daemon.log().lines().filter(|l| l.contains("this is a copy")).count();
-    assert!(refusals <= 2, "refusal logged once per loop, not per retry:\n{}", daemon.log());
+    let refusals = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("this is a copy"))
+        .count();
+    assert!(
+        refusals <= 2,
+        "refusal logged once per loop, not per retry:\n{}",
+        daemon.log()
+    );
     let (_dir, path) = write_config(&copy_config);
     let (code, stdout, stderr) = walhook(&["status", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}{stderr}");
-    assert!(stdout.contains("copy"), "status does not explain the refusal:\n{stdout}");
+    assert!(
+        stdout.contains("copy"),
+        "status does not explain the refusal:\n{stdout}"
+    );
 
     let (code, stdout, stderr) = walhook(&["setup", "--adopt", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("adopted"), "{stdout}");
-    c.execute("INSERT INTO customer VALUES (3, 'Hedy')", &[]).await.unwrap();
-    eventually(Duration::from_secs(60), "delivery after adoption", || async {
-        copy_hook
-            .requests()
-            .iter()
-            .any(|r| r.json()["data"]["row"]["id"] == 3)
-            .then_some(())
-    })
+    // The slot is created once the copy is adopted; changes before it are not captured.
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO customer VALUES (3, 'Hedy')", &[])
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "delivery after adoption",
+        || async {
+            copy_hook
+                .requests()
+                .iter()
+                .any(|r| r.json()["data"]["row"]["id"] == 3)
+                .then_some(())
+        },
+    )
     .await;
     assert_eq!(hook.count(), 1);
 }

@@ -89,7 +89,13 @@ timeout = "5s"
 /// CloudEvent it gets to the printer.
 async fn start_receiver(
     shutdown: CancellationToken,
-) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>), Failure> {
+) -> Result<
+    (
+        String,
+        tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    ),
+    Failure,
+> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(|e| fail(format!("cannot start the demo receiver on 127.0.0.1: {e}")))?;
@@ -120,10 +126,9 @@ async fn start_receiver(
 fn print_deliveries(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>) {
     while let Ok(ev) = rx.try_recv() {
         let changed = match &ev["data"]["changedFields"] {
-            serde_json::Value::Array(a) => format!(
-                " changedFields={}",
-                serde_json::Value::Array(a.clone())
-            ),
+            serde_json::Value::Array(a) => {
+                format!(" changedFields={}", serde_json::Value::Array(a.clone()))
+            }
             _ => String::new(),
         };
         println!(
@@ -287,7 +292,14 @@ async fn print_status(client: &tokio_postgres::Client) {
             .iter()
             .map(|r| format!("{} {}", r.get::<_, String>(0), r.get::<_, i64>(1)))
             .collect();
-        println!("   notifications: {}", if counts.is_empty() { "none".to_owned() } else { counts.join(", ") });
+        println!(
+            "   notifications: {}",
+            if counts.is_empty() {
+                "none".to_owned()
+            } else {
+                counts.join(", ")
+            }
+        );
     }
     let q = "SELECT entity, action, count(*) FROM walhook.event GROUP BY 1, 2 ORDER BY 1, 2";
     if let Ok(rows) = client.query(q, &[]).await {

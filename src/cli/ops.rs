@@ -129,7 +129,10 @@ async fn guard_refusal(config: &Config, client: &tokio_postgres::Client) -> Opti
     )
     .ok()?;
     let current = crate::guard::current_identity(&params).await.ok()?;
-    crate::guard::verdict(client, &current).await.ok()?.explain()
+    crate::guard::verdict(client, &current)
+        .await
+        .ok()?
+        .explain()
 }
 
 pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {

@@ -115,7 +115,7 @@ impl Classify for DispatchError {
 /// errors stop delivery and are returned. `source_system` is the `sourceSystem` of the
 /// payloads. The queue schema must be migrated before.
 pub async fn run(
-    db: tokio_postgres::Config,
+    mut db: tokio_postgres::Config,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -129,7 +129,12 @@ pub async fn run(
         shutdown.cancelled().await;
         return Ok(());
     }
-    let owner = lease_owner();
+    if db.get_application_name().is_none() {
+        // Lets a DBA tell delivery connections apart in pg_stat_activity.
+        db.application_name("walhook delivery");
+    }
+    let host = host_name();
+    let owner = lease_owner(&host);
     let shared = Arc::new(Shared {
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
@@ -145,6 +150,8 @@ pub async fn run(
     };
     let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
     let record_link = Arc::new(Link::new("recording", db, &owner, None));
+
+    release_dead_local_leases(&record_link, &host).await;
 
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record_loop(
@@ -200,17 +207,57 @@ pub async fn run(
     }
 }
 
-/// The lease holder name: host, process and a random instance, so two dispatchers in one
-/// process (tests) or two processes with one pid (containers) never share leases.
-fn lease_owner() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
         .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "walhook".to_owned());
+        .filter(|h| !h.is_empty() && !h.contains(':'))
+        .unwrap_or_else(|| "walhook".to_owned())
+}
+
+/// The lease holder name `host:pid:instance`: the random instance keeps two dispatchers in
+/// one process (tests) apart; host and pid let a restarted process recognise leases of a
+/// predecessor on the same host that is gone.
+fn lease_owner(host: &str) -> String {
     let instance = uuid::Uuid::new_v4().simple().to_string();
     let short = instance.get(..8).unwrap_or(&instance);
     format!("{host}:{}:{short}", std::process::id())
+}
+
+/// The pid of a lease holder on `host`, from its `host:pid:instance` name.
+fn local_pid(holder: &str, host: &str) -> Option<u32> {
+    let rest = holder.strip_prefix(host)?.strip_prefix(':')?;
+    let (pid, _instance) = rest.split_once(':')?;
+    pid.parse().ok()
+}
+
+/// Frees the leases of walhook processes on this host that no longer run (killed or
+/// crashed), so their notifications are delivered now instead of when the leases expire.
+/// Best effort: on any error the leases simply expire.
+async fn release_dead_local_leases(link: &Link, host: &str) {
+    let result = async {
+        let store = link.store().await?;
+        let mut released = 0;
+        for holder in store.lease_holders().await? {
+            let Some(pid) = local_pid(&holder, host) else {
+                continue;
+            };
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            released += store.release_holder(&holder).await?;
+        }
+        Ok::<u64, DispatchError>(released)
+    };
+    match tokio::time::timeout(STATEMENT_TIMEOUT, result).await {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => info!(
+            released = n,
+            "took over notifications leased by a walhook process on this host that is gone"
+        ),
+        Ok(Err(e)) => debug!(error = %e, "could not look for leases of stopped processes"),
+        Err(_) => debug!("looking for leases of stopped processes timed out"),
+    }
 }
 
 /// What every task sees: the stop signal and the first fatal error.
@@ -508,7 +555,13 @@ async fn claim_loop(
                 }
             }
             let want = room.min(CLAIM_BATCH);
-            match claim_once(&link, &lane, want).await {
+            // At stop a claim in progress is abandoned rather than awaited (the database may
+            // be gone); leases it took are freed with the others at the end, or expire.
+            let result = tokio::select! {
+                result = claim_once(&link, &lane, want) => result,
+                _ = shared.stop.cancelled() => break,
+            };
+            match result {
                 Ok(rows) => {
                     backoff = RECONNECT_INITIAL;
                     link.healthy();
@@ -962,6 +1015,17 @@ mod tests {
             })
             .is_none()
         );
+    }
+
+    #[test]
+    fn lease_holders_on_this_host_name_their_pid() {
+        assert_eq!(local_pid("db1:4242:0a1b2c3d", "db1"), Some(4242));
+        assert_eq!(local_pid("db10:4242:0a1b2c3d", "db1"), None);
+        assert_eq!(local_pid("db2:4242:0a1b2c3d", "db1"), None);
+        assert_eq!(local_pid("db1:x:0a1b2c3d", "db1"), None);
+        let owner = lease_owner("db1");
+        assert_eq!(local_pid(&owner, "db1"), Some(std::process::id()));
+        assert_ne!(owner, lease_owner("db1"));
     }
 
     #[test]

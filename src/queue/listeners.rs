@@ -24,7 +24,10 @@ UPDATE walhook.listener SET enabled = false, updated_at = now()
 WHERE enabled AND name <> ALL ($1::text[])";
 
 /// Writes the listeners of the current config to `walhook.listener`.
-pub async fn sync_listeners(client: &Client, listeners: &[ListenerConfig]) -> Result<(), QueueError> {
+pub async fn sync_listeners(
+    client: &Client,
+    listeners: &[ListenerConfig],
+) -> Result<(), QueueError> {
     let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     let urls: Vec<&str> = listeners.iter().map(|l| l.url_redacted.as_str()).collect();
     let entities: Vec<Option<String>> = listeners

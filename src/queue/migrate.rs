@@ -75,20 +75,22 @@ pub async fn migrate(client: &mut Client) -> Result<(), QueueError> {
         .await
         .and_then(|row| row.try_get(0))
         .map_err(db_error("looking for walhook.schema_migration", None))?;
-    let applied: BTreeSet<i32> = if has_table {
-        tx.query(APPLIED_VERSIONS, &[])
-            .await
-            .and_then(|rows| rows.iter().map(|r| r.try_get(0)).collect())
-            .map_err(db_error(
-                "reading walhook.schema_migration",
-                Some((Needs::Use, Some(&session))),
-            ))?
-    } else {
+    if !has_table {
+        // to_regclass may answer from a catalog cache that predates the migration another
+        // process committed while we waited for the lock; the bootstrap is idempotent, and
+        // the versions are read below in any case.
         tx.batch_execute(BOOTSTRAP)
             .await
             .map_err(db_error("creating schema walhook", create))?;
-        BTreeSet::new()
-    };
+    }
+    let applied: BTreeSet<i32> = tx
+        .query(APPLIED_VERSIONS, &[])
+        .await
+        .and_then(|rows| rows.iter().map(|r| r.try_get(0)).collect())
+        .map_err(db_error(
+            "reading walhook.schema_migration",
+            Some((Needs::Use, Some(&session))),
+        ))?;
     let known = latest_version();
     if let Some(&found) = applied.last()
         && found > known

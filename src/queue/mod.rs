@@ -4,8 +4,8 @@
 //!
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
-mod listeners;
 pub mod admin;
+mod listeners;
 mod migrate;
 mod notifications;
 mod state;
@@ -15,8 +15,8 @@ use tokio_postgres::error::SqlState;
 
 use crate::error::{Classify, ErrorClass};
 
-pub use listeners::{subscriptions, sync_listeners};
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
+pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use notifications::{
     CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,

@@ -122,6 +122,14 @@ WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 const RELEASE_ALL: &str =
     "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
 
+/// The holders of live leases.
+const LEASE_HOLDERS: &str = "SELECT DISTINCT locked_by FROM walhook.new
+WHERE locked_by IS NOT NULL AND locked_until > now()";
+
+/// Frees every lease of holder $1 (a process known to be gone).
+const RELEASE_HOLDER: &str =
+    "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
+
 /// A delivered notification, for [`Completions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveredRow {
@@ -357,6 +365,29 @@ impl NotificationStore {
     pub async fn release_all(&self) -> Result<u64, QueueError> {
         self.client
             .execute(&self.release_all, &[&self.owner])
+            .await
+            .map_err(db_error("releasing leases in walhook.new", USE))
+    }
+}
+
+impl NotificationStore {
+    /// Who holds live leases in `walhook.new` (one scan of the table; for startup).
+    pub async fn lease_holders(&self) -> Result<Vec<String>, QueueError> {
+        let rows = self
+            .client
+            .query(LEASE_HOLDERS, &[])
+            .await
+            .map_err(db_error("reading lease holders in walhook.new", USE))?;
+        rows.iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<Vec<String>, _>>()
+            .map_err(db_error("reading lease holders in walhook.new", USE))
+    }
+
+    /// Frees the leases of `holder`, a process known to be gone; returns how many.
+    pub async fn release_holder(&self, holder: &str) -> Result<u64, QueueError> {
+        self.client
+            .execute(RELEASE_HOLDER, &[&holder])
             .await
             .map_err(db_error("releasing leases in walhook.new", USE))
     }
