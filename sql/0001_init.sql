@@ -14,7 +14,7 @@ CREATE TABLE IF NOT EXISTS walhook.schema_migration (
 -- One row per entity event; append-only, pruned by age.
 CREATE TABLE walhook.event (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    event_id        uuid NOT NULL UNIQUE,
+    event_id        uuid NOT NULL,
     commit_lsn      pg_lsn NOT NULL,
     seq             int NOT NULL,
     xid             bigint NOT NULL,
@@ -32,6 +32,10 @@ CREATE TABLE walhook.event (
     CONSTRAINT event_commit_lsn_seq_key UNIQUE (commit_lsn, seq)
 );
 CREATE INDEX event_entity_entity_id_idx ON walhook.event (entity, entity_id);
+-- Lookups by the id listeners receive. Not UNIQUE: the id is derived from (commit_lsn, seq),
+-- which the key above keeps unique. Hash, not btree: per insert a btree over random uuids
+-- cost ~20% of the writer's server CPU, a hash index ~13% (measured on PostgreSQL 15).
+CREATE INDEX event_event_id_idx ON walhook.event USING hash (event_id);
 CREATE INDEX event_queued_at_idx ON walhook.event (queued_at);
 
 COMMENT ON TABLE walhook.event IS 'walhook: one row per entity event (append-only; pruned by age)';

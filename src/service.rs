@@ -124,6 +124,20 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Runs the daemon until `shutdown` is cancelled (returns `Ok`) or a non-transient error
 /// occurs (returns it). Transient errors reconnect with backoff, one log line per attempt.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServiceError> {
+    run_with_reload(config, shutdown, None).await
+}
+
+/// Like [`run`], applying each configuration sent on `reloads` (SIGHUP): listener changes
+/// apply without dropping the replication stream; entity, source and queue changes restart
+/// the replication session.
+pub async fn run_with_reload(
+    config: Config,
+    shutdown: CancellationToken,
+    reloads: Option<watch::Receiver<Arc<Config>>>,
+) -> Result<(), ServiceError> {
+    // The sender lives as long as the service, so `changed()` only fires on real reloads.
+    let (_keep, own_rx) = watch::channel(Arc::new(config.clone()));
+    let config_rx = reloads.unwrap_or(own_rx);
     let params = ConnectParams::parse(
         config.source.url.expose(),
         config.source.password.as_ref().map(|s| s.expose()),
@@ -163,14 +177,14 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Serv
     );
     let gauges = gauge_loop(&config, &params, &observe, &stop);
     let capture = async {
-        let r = capture_loop(&config, &params, &observe, &stop).await;
+        let r = capture_loop(config_rx.clone(), &params, &observe, &stop).await;
         if r.is_err() {
             stop.cancel();
         }
         r
     };
     let delivery = async {
-        let r = delivery_loop(&config, &params, &stop).await;
+        let r = delivery_loop(config_rx.clone(), &params, &stop).await;
         if r.is_err() {
             stop.cancel();
         }
@@ -280,7 +294,7 @@ const STANDBY_RETRY: Duration = Duration::from_secs(2);
 
 /// Streams changes into the queue, reconnecting on transient errors, until `shutdown`.
 async fn capture_loop(
-    config: &Config,
+    mut config_rx: watch::Receiver<Arc<Config>>,
     params: &ConnectParams,
     observe: &Observe,
     shutdown: &CancellationToken,
@@ -291,10 +305,17 @@ async fn capture_loop(
     let mut refused = false;
     loop {
         let started = Instant::now();
+        let config = config_rx.borrow_and_update().clone();
         let result = tokio::select! {
-            r = session(config, params, observe, shutdown, attempt == 0) => r,
-            _ = shutdown.cancelled() => Ok(()),
+            r = session(&config, params, observe, shutdown, attempt == 0, &mut config_rx) => r,
+            _ = shutdown.cancelled() => Ok(SessionEnd::Stopped),
         };
+        if matches!(result, Ok(SessionEnd::Reload)) {
+            // A reloaded entity/source/queue configuration: reconnect at once.
+            backoff = BACKOFF_INITIAL;
+            continue;
+        }
+        let result = result.map(|_| ());
         if let Err(e) = &result {
             observe.streaming(false, Some(&e.message));
         } else {
@@ -400,24 +421,70 @@ async fn wait_until_not_cloned(
     }
 }
 
-/// Delivers queued notifications to the configured listeners until `shutdown`.
+/// Delivers queued notifications to the configured listeners until `shutdown`; a reload
+/// that changes the listeners restarts delivery gracefully (in-flight deliveries finish).
 async fn delivery_loop(
-    config: &Config,
+    mut config_rx: watch::Receiver<Arc<Config>>,
     params: &ConnectParams,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
-    if config.listeners.is_empty() {
-        shutdown.cancelled().await;
-        return Ok(());
+    let mut prepared = false;
+    loop {
+        let config = config_rx.borrow_and_update().clone();
+        if config.listeners.is_empty() {
+            tokio::select! {
+                changed = config_rx.changed() => if changed.is_err() { shutdown.cancelled().await; return Ok(()) },
+                _ = shutdown.cancelled() => return Ok(()),
+            }
+            continue;
+        }
+        if !prepared {
+            wait_until_not_cloned(params, shutdown).await?;
+            migrate_for_delivery(params, shutdown).await?;
+            prepared = true;
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let source_system = config
+            .source
+            .system_name
+            .clone()
+            .unwrap_or_else(|| params.dbname().to_owned());
+        let this_round = shutdown.child_token();
+        let dispatcher = crate::delivery::dispatcher::run(
+            params.to_tokio_postgres(),
+            config.listeners.clone(),
+            source_system,
+            this_round.clone(),
+        );
+        tokio::pin!(dispatcher);
+        loop {
+            tokio::select! {
+                r = &mut dispatcher => return r.map_err(ServiceError::from_err),
+                changed = config_rx.changed() => {
+                    if changed.is_err() {
+                        return (&mut dispatcher).await.map_err(ServiceError::from_err);
+                    }
+                    let new = config_rx.borrow().clone();
+                    if new.listeners != config.listeners || new.source.system_name != config.source.system_name {
+                        info!("listeners changed; restarting delivery with the new configuration");
+                        this_round.cancel();
+                        (&mut dispatcher).await.map_err(ServiceError::from_err)?;
+                        break;
+                    }
+                }
+            }
+        }
     }
-    wait_until_not_cloned(params, shutdown).await?;
-    let source_system = config
-        .source
-        .system_name
-        .clone()
-        .unwrap_or_else(|| params.dbname().to_owned());
-    // The dispatcher needs the queue schema, which the capture session may not have
-    // migrated yet; migrations are idempotent and serialized by an advisory lock.
+}
+
+/// The dispatcher needs the queue schema, which the capture session may not have migrated
+/// yet; migrations are idempotent and serialized by an advisory lock.
+async fn migrate_for_delivery(
+    params: &ConnectParams,
+    shutdown: &CancellationToken,
+) -> Result<(), ServiceError> {
     loop {
         let migrated = async {
             let mut client = connect_ordinary(params).await?;
@@ -427,7 +494,7 @@ async fn delivery_loop(
         }
         .await;
         match migrated {
-            Ok(()) => break,
+            Ok(()) => return Ok(()),
             Err(e) if e.class != ErrorClass::Transient => return Err(e),
             Err(e) => debug!("delivery waits for the database: {}", e.message),
         }
@@ -436,24 +503,26 @@ async fn delivery_loop(
             _ = shutdown.cancelled() => return Ok(()),
         }
     }
-    crate::delivery::dispatcher::run(
-        params.to_tokio_postgres(),
-        config.listeners.clone(),
-        source_system,
-        shutdown.clone(),
-    )
-    .await
-    .map_err(ServiceError::from_err)
 }
 
 /// One connected session: setup, stream until error or shutdown.
+/// How a session ended without error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SessionEnd {
+    /// Shutdown was requested.
+    Stopped,
+    /// A reload changed what the session was built from.
+    Reload,
+}
+
 async fn session(
     config: &Config,
     params: &ConnectParams,
     observe: &Observe,
     shutdown: &CancellationToken,
     first: bool,
-) -> Result<(), ServiceError> {
+    config_rx: &mut watch::Receiver<Arc<Config>>,
+) -> Result<SessionEnd, ServiceError> {
     let mut client = connect_ordinary(params).await?;
     // Prerequisites first: a missing table or wal_level = replica is one clear line and
     // exit 78, not a retry loop.
@@ -547,6 +616,7 @@ async fn session(
         .await
         .map_err(ServiceError::from_err)?;
     writer.set_subscriptions(crate::queue::subscriptions(&config.listeners));
+    let (subs_tx, subs_rx) = watch::channel(crate::queue::subscriptions(&config.listeners));
     let (tx, rx) = mpsc::channel::<Item>(config.queue.batch_size.max(1) * 2);
     let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
 
@@ -555,6 +625,7 @@ async fn session(
         writer,
         rx,
         durable_tx,
+        subs_rx,
         observe.metrics.clone(),
         config.queue.batch_size,
         config.queue.batch_delay,
@@ -578,8 +649,11 @@ async fn session(
         reported_flush: Lsn::ZERO,
         last_status: Instant::now(),
         warned_truncate: Default::default(),
+        config: Arc::new(config.clone()),
+        subscriptions: subs_tx,
+        params: params.clone(),
     };
-    let read_result = reader.run(&stop).await;
+    let read_result = reader.run(&stop, config_rx).await;
     stop.cancel();
     let reported_flush = reader.reported_flush;
     let Reader {
@@ -643,16 +717,33 @@ struct Reader {
     reported_flush: Lsn,
     last_status: Instant,
     warned_truncate: std::collections::HashSet<crate::types::Oid>,
+    /// The configuration this session was built from.
+    config: Arc<Config>,
+    /// Fan-out subscriptions for the writer, replaced on reload.
+    subscriptions: watch::Sender<Vec<crate::queue::Subscription>>,
+    params: ConnectParams,
 }
 
 impl Reader {
-    async fn run(&mut self, stop: &CancellationToken) -> Result<(), ServiceError> {
+    async fn run(
+        &mut self,
+        stop: &CancellationToken,
+        config_rx: &mut watch::Receiver<Arc<Config>>,
+    ) -> Result<SessionEnd, ServiceError> {
         let mut tick = tokio::time::interval(self.status_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return Ok(()),
+                _ = stop.cancelled() => return Ok(SessionEnd::Stopped),
+                changed = config_rx.changed() => {
+                    if changed.is_ok() {
+                        let new = config_rx.borrow_and_update().clone();
+                        if self.apply_reload(new) {
+                            return Ok(SessionEnd::Reload);
+                        }
+                    }
+                }
                 msg = self.stream.recv() => {
                     match msg.map_err(ServiceError::from_err)? {
                         Some(m) => self.handle(m).await?,
@@ -662,7 +753,7 @@ impl Reader {
                 changed = self.durable.changed() => {
                     if changed.is_err() {
                         // The writer stopped: its error is reported by the session.
-                        return Ok(());
+                        return Ok(SessionEnd::Stopped);
                     }
                     // Confirm promptly but not per batch: at most once a second.
                     if self.last_status.elapsed() >= Duration::from_secs(1) {
@@ -672,6 +763,44 @@ impl Reader {
                 _ = tick.tick() => self.send_status(false).await?,
             }
         }
+    }
+
+    /// Applies a reloaded configuration; true when the session must restart to apply it.
+    fn apply_reload(&mut self, new: Arc<Config>) -> bool {
+        let old = self.config.clone();
+        self.config = new.clone();
+        if new.source != old.source || new.entities != old.entities || new.queue != old.queue {
+            info!(
+                "entity, source or queue configuration changed; restarting the replication session"
+            );
+            return true;
+        }
+        if new.listeners != old.listeners {
+            self.subscriptions
+                .send_replace(crate::queue::subscriptions(&new.listeners));
+            let params = self.params.clone();
+            let count = new.listeners.len();
+            tokio::spawn(async move {
+                let synced = async {
+                    let client = connect_ordinary(&params).await?;
+                    crate::queue::sync_listeners(&client, &new.listeners)
+                        .await
+                        .map_err(ServiceError::from_err)
+                }
+                .await;
+                if let Err(e) = synced {
+                    warn!(
+                        "could not mirror the reloaded listeners into walhook.listener: {}",
+                        e.message
+                    );
+                }
+            });
+            info!(
+                listeners = count,
+                "listeners reloaded; the replication stream continues"
+            );
+        }
+        false
     }
 
     /// The position that is safe to confirm: never past an event not yet durable.
@@ -803,6 +932,7 @@ async fn write_loop(
     mut writer: QueueWriter,
     mut rx: mpsc::Receiver<Item>,
     durable: watch::Sender<Lsn>,
+    mut subscriptions: watch::Receiver<Vec<crate::queue::Subscription>>,
     metrics: Arc<Metrics>,
     batch_size: usize,
     batch_delay: Duration,
@@ -837,6 +967,9 @@ async fn write_loop(
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
             }
+        }
+        if subscriptions.has_changed().unwrap_or(false) {
+            writer.set_subscriptions(subscriptions.borrow_and_update().clone());
         }
         if !events.is_empty() {
             writer

@@ -53,6 +53,7 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
         entities,
         admin: None,
         listeners: vec![],
+        monitors: vec![],
     }
 }
 

@@ -134,7 +134,10 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             let config = Config::load(&c.config)?;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
-            crate::service::run(config, shutdown).await?;
+            let (reload_tx, reload_rx) =
+                tokio::sync::watch::channel(std::sync::Arc::new(config.clone()));
+            spawn_reload_handler(c.config.clone(), reload_tx, shutdown.clone());
+            crate::service::run_with_reload(config, shutdown, Some(reload_rx)).await?;
             Ok(0)
         }
         Command::Check(c) => {
@@ -233,6 +236,48 @@ async fn connect(config: &Config) -> Result<tokio_postgres::Client, Failure> {
         config.source.password.as_ref().map(|s| s.expose()),
     )?;
     Ok(crate::service::connect_ordinary(&params).await?)
+}
+
+/// SIGHUP re-reads the configuration file. A file with errors is refused with the errors
+/// logged, and the running configuration stays.
+fn spawn_reload_handler(
+    path: PathBuf,
+    reloads: tokio::sync::watch::Sender<std::sync::Arc<Config>>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot install the SIGHUP handler; configuration reload is off");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let notifier = crate::systemd::Notifier::from_env();
+            if let Some(n) = &notifier {
+                n.reloading();
+            }
+            match Config::load(&path) {
+                Ok(config) => {
+                    tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
+                    reloads.send_replace(std::sync::Arc::new(config));
+                }
+                Err(e) => {
+                    for line in e.to_string().lines() {
+                        tracing::error!(
+                            "SIGHUP: reload refused, the running configuration stays: {line}"
+                        );
+                    }
+                }
+            }
+            if let Some(n) = &notifier {
+                n.ready();
+            }
+        }
+    });
 }
 
 fn spawn_signal_handler(shutdown: CancellationToken) {

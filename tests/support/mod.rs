@@ -158,6 +158,8 @@ pub fn write_config(toml: &str) -> (tempfile::TempDir, std::path::PathBuf) {
 pub struct Daemon {
     pub child: std::process::Child,
     pub log: std::path::PathBuf,
+    /// The config file the daemon was started with (rewrite it and `hup()` to reload).
+    pub config: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -177,6 +179,7 @@ impl Daemon {
         Daemon {
             child,
             log,
+            config: path,
             _dir: dir,
         }
     }
@@ -190,6 +193,12 @@ impl Daemon {
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends SIGHUP (reload the configuration).
+    pub fn hup(&self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP);
     }
 
     /// Sends SIGTERM and waits for the exit status.
