@@ -9,6 +9,7 @@ pub mod error;
 pub mod guard;
 pub mod mapper;
 pub mod metrics;
+pub mod monitor;
 pub mod queue;
 pub mod replication;
 pub mod service;

@@ -537,12 +537,7 @@ async fn session(
     if !failures.is_empty() {
         return Err(ServiceError::new(ErrorClass::Config, failures.join("\n")));
     }
-    // Warnings once per process, not once per reconnect.
-    if first {
-        for w in report.with_verdict(crate::setup::Verdict::Warn) {
-            warn!("{}: {}", w.name, w.detail);
-        }
-    }
+
     let mut repl = ReplicationConnection::connect(params)
         .await
         .map_err(ServiceError::from_err)?;
@@ -570,6 +565,17 @@ async fn session(
         .map_err(ServiceError::from_err)?;
     for step in &applied {
         info!("setup: {}", step.why);
+    }
+    // Warnings once per process, not once per reconnect, and only those setup did not fix.
+    if first {
+        let report = if applied.is_empty() {
+            report
+        } else {
+            crate::setup::check(&client, config).await
+        };
+        for w in report.with_verdict(crate::setup::Verdict::Warn) {
+            warn!("{}: {}", w.name, w.detail);
+        }
     }
     let mut mapper = Mapper::new(&config.entities);
     for entity in config.entities.iter().filter(|e| e.id.is_none()) {

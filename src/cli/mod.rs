@@ -105,7 +105,15 @@ impl<E: Classify + std::fmt::Display> From<E> for Failure {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    // The demo talks to a person: readable text, and only what goes wrong.
+    let (format, default_filter) = match cli.command {
+        Command::Demo { .. } => (
+            Some(cli.log_format.unwrap_or(LogFormat::Text)),
+            "warn,tokio_postgres=error",
+        ),
+        _ => (cli.log_format, "info,tokio_postgres=warn"),
+    };
+    init_logging(format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -298,10 +306,10 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
     });
 }
 
-fn init_logging(format: Option<LogFormat>) {
+fn init_logging(format: Option<LogFormat>, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("WALHOOK_LOG")
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+    let filter =
+        EnvFilter::try_from_env("WALHOOK_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
     let format = format.unwrap_or(if std::io::stderr().is_terminal() {
         LogFormat::Text
     } else {

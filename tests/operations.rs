@@ -1,0 +1,203 @@
+//! Operating walhook: metrics and readiness, log lines, and the demo.
+
+mod support;
+
+use std::time::Duration;
+
+use support::receiver::Receiver;
+use support::{TestDb, eventually, walhook_bin, write_config};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn config(db: &TestDb, admin_port: u16, hook: &str) -> String {
+    format!(
+        r#"[source]
+url = "{}"
+heartbeat = "1s"
+status_interval = "1s"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[[entity]]
+name = "Customer"
+table = "customer"
+
+[[listener]]
+name = "crm"
+url = "{hook}"
+backoff = {{ initial = "100ms", max = "1s" }}
+"#,
+        db.url
+    )
+}
+
+struct Child {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+}
+
+impl Child {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_json(toml: &str) -> Child {
+    let (dir, path) = write_config(toml);
+    let log = dir.path().join("walhook.log");
+    let child = std::process::Command::new(walhook_bin())
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&path)
+        .env("WALHOOK_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    Child {
+        child,
+        _dir: dir,
+        log,
+    }
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let r = reqwest::get(url).await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text format");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_with_events_and_readiness_follows_the_database() {
+    let mut db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text); ALTER TABLE customer REPLICA IDENTITY FULL;")
+        .await;
+    let hook = Receiver::start().await;
+    let port = free_port();
+    let daemon = start_json(&config(&db, port, &hook.url("/h")));
+    let base = format!("http://127.0.0.1:{port}");
+    eventually(Duration::from_secs(60), "/readyz 200", || async {
+        (get(&format!("{base}/readyz")).await?.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        get(&format!("{base}/healthz")).await.map(|r| r.0),
+        Some(200)
+    );
+
+    let c = db.client().await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 'n' FROM generate_series(1, 25) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "25 deliveries", || async {
+        (hook.count() >= 25).then_some(())
+    })
+    .await;
+    let text = eventually(Duration::from_secs(30), "delivery counters", || async {
+        let (_, text) = get(&format!("{base}/metrics")).await?;
+        (sample(
+            &text,
+            "walhook_delivery_attempts_total",
+            &[("listener", "crm"), ("outcome", "success")],
+        ) >= 25.0)
+            .then_some(text)
+    })
+    .await;
+    assert!(
+        sample(&text, "walhook_events_read_total", &[]) >= 25.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "walhook_events_queued_total",
+            &[("entity", "Customer"), ("action", "Created")]
+        ) >= 25.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "walhook_notifications_total",
+            &[("listener", "crm"), ("status", "processed")]
+        ) >= 25.0
+    );
+    assert_eq!(sample(&text, "walhook_streaming", &[]), 1.0);
+
+    // The database stops: not ready. It comes back: ready again.
+    db.cluster().stop_server("fast").unwrap();
+    eventually(Duration::from_secs(60), "/readyz 503", || async {
+        (get(&format!("{base}/readyz")).await?.0 == 503).then_some(())
+    })
+    .await;
+    db.cluster().start_server().unwrap();
+    eventually(Duration::from_secs(90), "/readyz 200 again", || async {
+        (get(&format!("{base}/readyz")).await?.0 == 200).then_some(())
+    })
+    .await;
+
+    // Logs: JSON lines only, and no info line per event.
+    let log = daemon.log();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v.get("level").is_some(), "{line}");
+    }
+    let info_lines = log.lines().filter(|l| l.contains("\"INFO\"")).count();
+    assert!(
+        info_lines < 25,
+        "{info_lines} info lines for 25 events:\n{log}"
+    );
+}
+
+#[test]
+fn demo_prints_delivered_events_and_exits_cleanly() {
+    let out = std::process::Command::new(walhook_bin())
+        .args(["demo", "--duration", "20s"])
+        .env("WALHOOK_LOG", "warn")
+        .output()
+        .expect("run walhook demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("delivered to demo-receiver: Customer.Created"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Customer.Updated"), "{stdout}");
+    assert!(stdout.contains("removing the demo cluster"), "{stdout}");
+}
