@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{AdminState, Health};
 use crate::config::Config;
+use crate::delivery::{DeliveryObserver, Observed};
 use crate::error::{Classify, ErrorClass};
 use crate::guard::Identity;
 use crate::mapper::{EntityEvent, Mapper, TxContext};
@@ -117,6 +118,39 @@ impl Observe {
     }
 }
 
+impl DeliveryObserver for Observe {
+    fn attempted(
+        &self,
+        listener: &str,
+        outcome: Observed,
+        commit_time: std::time::SystemTime,
+        _comment: Option<&str>,
+    ) {
+        use crate::metrics::{AttemptOutcome, NotificationStatus};
+        match outcome {
+            Observed::Delivered => {
+                let latency = std::time::SystemTime::now()
+                    .duration_since(commit_time)
+                    .ok();
+                self.metrics
+                    .delivery_attempt(listener, AttemptOutcome::Success, latency);
+                self.metrics
+                    .notification_completed(listener, NotificationStatus::Processed);
+            }
+            Observed::WillRetry => {
+                self.metrics
+                    .delivery_attempt(listener, AttemptOutcome::Retry, None);
+            }
+            Observed::Failed => {
+                self.metrics
+                    .delivery_attempt(listener, AttemptOutcome::Failed, None);
+                self.metrics
+                    .notification_completed(listener, NotificationStatus::Failed);
+            }
+        }
+    }
+}
+
 /// Reconnect backoff: doubles from `INITIAL` up to `MAX`.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -184,7 +218,7 @@ pub async fn run_with_reload(
         r
     };
     let delivery = async {
-        let r = delivery_loop(config_rx.clone(), &params, &stop).await;
+        let r = delivery_loop(config_rx.clone(), &params, &observe, &stop).await;
         if r.is_err() {
             stop.cancel();
         }
@@ -426,8 +460,10 @@ async fn wait_until_not_cloned(
 async fn delivery_loop(
     mut config_rx: watch::Receiver<Arc<Config>>,
     params: &ConnectParams,
+    observe: &Observe,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
+    let observer: Arc<dyn DeliveryObserver> = Arc::new(observe.clone());
     let mut prepared = false;
     loop {
         let config = config_rx.borrow_and_update().clone();
@@ -452,11 +488,12 @@ async fn delivery_loop(
             .clone()
             .unwrap_or_else(|| params.dbname().to_owned());
         let this_round = shutdown.child_token();
-        let dispatcher = crate::delivery::dispatcher::run(
+        let dispatcher = crate::delivery::dispatcher::run_observed(
             params.to_tokio_postgres(),
             config.listeners.clone(),
             source_system,
             this_round.clone(),
+            Some(observer.clone()),
         );
         tokio::pin!(dispatcher);
         loop {

@@ -30,7 +30,7 @@ use tracing::{debug, error, info, warn};
 
 use super::http::{DeliveryError, HttpSender};
 use super::policy::next_attempt_delay;
-use super::{Attempt, Notification, Verdict};
+use super::{Attempt, DeliveryObserver, Notification, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
@@ -115,10 +115,21 @@ impl Classify for DispatchError {
 /// errors stop delivery and are returned. `source_system` is the `sourceSystem` of the
 /// payloads. The queue schema must be migrated before.
 pub async fn run(
+    db: tokio_postgres::Config,
+    listeners: Vec<ListenerConfig>,
+    source_system: String,
+    shutdown: CancellationToken,
+) -> Result<(), DispatchError> {
+    run_observed(db, listeners, source_system, shutdown, None).await
+}
+
+/// [`run`], telling `observer` the outcome of every attempt.
+pub async fn run_observed(
     mut db: tokio_postgres::Config,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
+    observer: Option<Arc<dyn DeliveryObserver>>,
 ) -> Result<(), DispatchError> {
     let mut lanes = Vec::with_capacity(listeners.len());
     for (index, config) in listeners.into_iter().enumerate() {
@@ -158,6 +169,7 @@ pub async fn run(
         lanes.clone(),
         record_link,
         shared.clone(),
+        observer,
         done_rx,
     ));
     let mut tasks = JoinSet::new();
@@ -481,6 +493,7 @@ enum Done {
         id: i64,
         attempts_before: i32,
         attempt: Attempt,
+        commit_time: std::time::SystemTime,
     },
     /// The claimed row's event could not be read: move it to `walhook.failed`.
     Unreadable {
@@ -675,6 +688,7 @@ async fn start_loop(
                 id: n.id,
                 attempts_before: n.attempts,
                 attempt,
+                commit_time: n.event.commit_time,
             });
         });
     }
@@ -714,6 +728,7 @@ async fn record_loop(
     lanes: Arc<[Arc<Lane>]>,
     link: Arc<Link>,
     shared: Arc<Shared>,
+    observer: Option<Arc<dyn DeliveryObserver>>,
     mut done: mpsc::UnboundedReceiver<Done>,
 ) {
     let mut pending = Vec::new();
@@ -728,7 +743,7 @@ async fn record_loop(
                 Err(_) => break,
             }
         }
-        let (batch, effects) = build_batch(&lanes, pending.drain(..));
+        let (batch, effects) = build_batch(&lanes, pending.drain(..), observer.as_deref());
         record(&link, &shared, &batch).await;
         apply(&lanes, effects);
     }
@@ -739,6 +754,7 @@ async fn record_loop(
 fn build_batch(
     lanes: &[Arc<Lane>],
     outcomes: impl Iterator<Item = Done>,
+    observer: Option<&dyn DeliveryObserver>,
 ) -> (Completions, Vec<LaneEffect>) {
     let mut batch = Completions::default();
     let mut effects: Vec<LaneEffect> = lanes.iter().map(|_| LaneEffect::default()).collect();
@@ -768,8 +784,14 @@ fn build_batch(
                 id,
                 attempts_before,
                 attempt,
+                commit_time,
                 ..
             } => {
+                let observe = |outcome: Observed, comment: Option<&str>| {
+                    if let Some(o) = observer {
+                        o.attempted(lane.config.name.as_str(), outcome, commit_time, comment);
+                    }
+                };
                 let made = u32::try_from(attempts_before)
                     .unwrap_or(0)
                     .saturating_add(1);
@@ -787,6 +809,7 @@ fn build_batch(
                 };
                 match attempt.verdict {
                     Verdict::Delivered => {
+                        observe(Observed::Delivered, None);
                         effect.delivered += 1;
                         batch.delivered.push(DeliveredRow {
                             id,
@@ -802,6 +825,7 @@ fn build_batch(
                         effect.earliest_retry =
                             Some(effect.earliest_retry.map_or(due, |e| e.min(due)));
                         let comment = comment();
+                        observe(Observed::WillRetry, Some(&comment));
                         effect.last_failure = Some(comment.clone());
                         batch.retry.push(FailedAttemptRow {
                             id,
@@ -816,6 +840,7 @@ fn build_batch(
                             comment(),
                             lane.config.max_attempts
                         );
+                        observe(Observed::Failed, Some(&comment));
                         effect.last_failure = Some(comment.clone());
                         effect.gave_up += 1;
                         batch.failed.push(FailedAttemptRow {
@@ -827,6 +852,7 @@ fn build_batch(
                     }
                     Verdict::Fail => {
                         let comment = comment();
+                        observe(Observed::Failed, Some(&comment));
                         effect.last_failure = Some(comment.clone());
                         effect.gave_up += 1;
                         batch.failed.push(FailedAttemptRow {

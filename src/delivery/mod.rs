@@ -83,3 +83,27 @@ pub struct Attempt {
     /// Time from sending the request to the end of the answer (or the failure).
     pub latency: Duration,
 }
+
+/// What became of one attempt, as observers (metrics, monitors) see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Observed {
+    /// Delivered (2xx); moved to `walhook.processed`.
+    Delivered,
+    /// Failed; another attempt is scheduled.
+    WillRetry,
+    /// Failed for good; moved to `walhook.failed`.
+    Failed,
+}
+
+/// Told about every attempt's outcome (called from the dispatcher's recorder, per batch of
+/// outcomes: keep it cheap and non-blocking).
+pub trait DeliveryObserver: Send + Sync {
+    /// One attempt for `listener` ended as `outcome`; `commit_time` is the source commit's.
+    fn attempted(
+        &self,
+        listener: &str,
+        outcome: Observed,
+        commit_time: SystemTime,
+        comment: Option<&str>,
+    );
+}
