@@ -1850,6 +1850,18 @@ impl Checker<'_> {
             };
 
             let debounce = self.duration(&l.debounce, &key("debounce"), Duration::ZERO);
+            // Not built yet: a window that silently did nothing would surprise a listener
+            // that relies on coalescing.
+            if !debounce.is_zero()
+                && let Some(v) = &l.debounce
+            {
+                self.report(
+                    v.span().start,
+                    &key("debounce"),
+                    "debounce is not supported yet",
+                    "remove debounce or set debounce = \"0s\"; every change is delivered on its own",
+                );
+            }
 
             let format = match &l.format {
                 None => ListenerFormat::CloudEvents,
