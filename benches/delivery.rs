@@ -14,6 +14,7 @@
 //!
 //!     cargo bench --bench delivery
 //!     cargo bench --bench delivery -- --events 20000 --latency-secs 10
+//!     cargo bench --bench delivery -- --db-setting enable_seqscan=off   # planner experiment
 //!
 //! Prints a Markdown table with the figures and walhook's peak RSS and CPU.
 
@@ -41,6 +42,8 @@ struct Args {
     rate: u64,
     listeners: usize,
     concurrency: Option<u32>,
+    /// `ALTER DATABASE … SET name = value` before walhook starts (planner experiments).
+    db_settings: Vec<(String, String)>,
 }
 
 fn parse_args() -> Args {
@@ -50,6 +53,7 @@ fn parse_args() -> Args {
         rate: 500,
         listeners: 4,
         concurrency: None,
+        db_settings: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -64,6 +68,13 @@ fn parse_args() -> Args {
             "--rate" => args.rate = num("--rate").max(1),
             "--listeners" => args.listeners = num("--listeners").max(1) as usize,
             "--concurrency" => args.concurrency = Some(num("--concurrency") as u32),
+            "--db-setting" => {
+                let v = it.next().unwrap_or_default();
+                let (name, value) = v
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("--db-setting takes NAME=VALUE, not {v:?}"));
+                args.db_settings.push((name.to_owned(), value.to_owned()));
+            }
             // cargo bench passes --bench; ignore anything else.
             _ => {}
         }
@@ -579,6 +590,14 @@ fn main() {
          ALTER TABLE bench REPLICA IDENTITY FULL;
          CREATE PUBLICATION walhook FOR TABLE bench;",
     );
+    for (name, value) in &args.db_settings {
+        // Applies to every later session, walhook's included.
+        eprintln!("== ALTER DATABASE {DB} SET {name} = {value}");
+        psql(
+            &cluster,
+            &format!("ALTER DATABASE {DB} SET {name} = '{value}'"),
+        );
+    }
 
     let one = throughput(&cluster, &receiver, port, &args, 1, true);
     let lat = (args.latency_secs > 0).then(|| latency(&cluster, &receiver, &rt, port, &args));

@@ -274,6 +274,29 @@ impl Metrics {
         *self.queues.write() = map;
     }
 
+    /// The replication lag in bytes, as last refreshed.
+    pub fn lag_bytes(&self) -> u64 {
+        self.lag_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Each listener's oldest undelivered age, for listeners with something waiting.
+    pub fn queue_ages(&self) -> Vec<(String, Duration)> {
+        self.queues
+            .read()
+            .iter()
+            .filter(|(_, q)| q.depth.load(Ordering::Relaxed) > 0)
+            .map(|(name, q)| {
+                let secs = q.oldest_age_seconds.get();
+                let age = if secs.is_finite() && secs > 0.0 {
+                    Duration::from_secs_f64(secs)
+                } else {
+                    Duration::ZERO
+                };
+                (name.clone(), age)
+            })
+            .collect()
+    }
+
     /// One line for systemd's STATUS=: replication lag and undelivered notifications.
     pub fn summary(&self) -> String {
         let lag = self.lag_bytes.load(Ordering::Relaxed);

@@ -697,10 +697,16 @@ impl Evaluator {
             event: AlertEvent::NotificationFailed,
             summary: format!("{}: {what} to listener {listener} failed", self.prefix()),
             detail: format!(
-                "{what} to listener {listener} ran out of attempts and moved to walhook.failed. The last: notification {} for {} {}: {}. List them with `{}` and requeue them with `walhook retry --listener {listener} --all --config {}` once the listener works.",
-                b.notification_id,
-                b.entity,
-                b.entity_id,
+                "{what} to listener {listener} ran out of attempts and moved to walhook.failed. The last: {}{}. List them with `{}` and requeue them with `walhook retry --listener {listener} --all --config {}` once the listener works.",
+                // Callers that do not know the notification pass an empty entity.
+                if b.entity.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "notification {} for {} {}: ",
+                        b.notification_id, b.entity, b.entity_id
+                    )
+                },
                 b.comment,
                 self.context.failed_command(listener),
                 self.context.config_path,

@@ -99,6 +99,7 @@ fn on_error(class: ErrorClass) -> OnError {
 #[derive(Clone)]
 pub(crate) struct Observe {
     metrics: Arc<Metrics>,
+    monitors: crate::monitor::MonitorHandle,
     health: Arc<Health>,
     ready: watch::Sender<bool>,
     status: watch::Sender<String>,
@@ -124,11 +125,12 @@ impl DeliveryObserver for Observe {
         listener: &str,
         outcome: Observed,
         commit_time: std::time::SystemTime,
-        _comment: Option<&str>,
+        comment: Option<&str>,
     ) {
         use crate::metrics::{AttemptOutcome, NotificationStatus};
         match outcome {
             Observed::Delivered => {
+                self.monitors.delivery_succeeded(listener);
                 let latency = std::time::SystemTime::now()
                     .duration_since(commit_time)
                     .ok();
@@ -138,10 +140,14 @@ impl DeliveryObserver for Observe {
                     .notification_completed(listener, NotificationStatus::Processed);
             }
             Observed::WillRetry => {
+                self.monitors
+                    .delivery_failed_attempt(listener, comment.unwrap_or_default());
                 self.metrics
                     .delivery_attempt(listener, AttemptOutcome::Retry, None);
             }
             Observed::Failed => {
+                self.monitors
+                    .notification_failed(listener, 0, "", "", comment.unwrap_or_default());
                 self.metrics
                     .delivery_attempt(listener, AttemptOutcome::Failed, None);
                 self.metrics
@@ -180,7 +186,37 @@ pub async fn run_with_reload(
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(String::from("starting"));
+    let source_system = config
+        .source
+        .system_name
+        .clone()
+        .unwrap_or_else(|| params.dbname().to_owned());
+    let monitors = crate::monitor::Monitors::spawn(
+        config.monitors.clone(),
+        source_system,
+        config.path.clone(),
+        shutdown.child_token(),
+    );
+    {
+        // Monitors follow reloads too.
+        let mut rx = config_rx.clone();
+        let monitors = monitors.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = rx.changed() => {
+                        if changed.is_err() { return; }
+                        let new = rx.borrow_and_update().clone();
+                        monitors.reload(new.monitors.clone());
+                    }
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
     let observe = Observe {
+        monitors,
         metrics: Arc::new(Metrics::new()),
         health: Arc::new(Health::new()),
         ready: ready_tx,
@@ -256,6 +292,11 @@ async fn gauge_loop(
         match refreshed {
             Ok(()) => {
                 observe.health.set_queue_reachable(true);
+                observe.monitors.database_reachable();
+                observe.monitors.gauges(
+                    Some(observe.metrics.lag_bytes()),
+                    observe.metrics.queue_ages(),
+                );
                 if observe.health.streaming() {
                     observe.status.send_replace(format!(
                         "streaming slot {}; {}",
@@ -266,6 +307,7 @@ async fn gauge_loop(
             }
             Err(e) => {
                 observe.health.set_queue_reachable(false);
+                observe.monitors.database_unreachable(&e);
                 observe.health.set_last_error(Some(e));
                 client = None;
             }

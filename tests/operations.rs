@@ -201,3 +201,100 @@ fn demo_prints_delivered_events_and_exits_cleanly() {
     assert!(stdout.contains("Customer.Updated"), "{stdout}");
     assert!(stdout.contains("removing the demo cluster"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_listener_raises_one_alert_per_episode_and_one_recovery() {
+    let db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text); ALTER TABLE customer REPLICA IDENTITY FULL;")
+        .await;
+    let hook = Receiver::start().await;
+    let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let down = down.clone();
+        hook.respond_with(move |_, _| {
+            if down.load(std::sync::atomic::Ordering::SeqCst) {
+                support::receiver::Reply::status(503).body("maintenance")
+            } else {
+                support::receiver::Reply::status(200)
+            }
+        });
+    }
+    let alerts = Receiver::start().await;
+    let toml = format!(
+        r#"{}
+[[monitor]]
+name = "ops"
+url = "{}"
+listener_failing_for = "1s"
+min_interval = "1s"
+on = ["listener_failing"]
+"#,
+        config(&db, free_port(), &hook.url("/h")),
+        alerts.url("/alerts")
+    );
+    let _daemon = start_json(&toml);
+    let c = db.client().await;
+    eventually(Duration::from_secs(60), "walhook streaming", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE active",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 'n' FROM generate_series(1, 5) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let failing = eventually(
+        Duration::from_secs(60),
+        "a ListenerFailing alert",
+        || async {
+            alerts
+                .requests()
+                .into_iter()
+                .find(|r| r.json()["type"] == "walhook.alert.ListenerFailing")
+        },
+    )
+    .await;
+    let text = failing.json().to_string();
+    assert!(text.contains("crm"), "{text}");
+    assert!(
+        text.contains("503"),
+        "the last error is in the alert: {text}"
+    );
+    // The episode goes on for a while: still one alert.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    down.store(false, std::sync::atomic::Ordering::SeqCst);
+    eventually(
+        Duration::from_secs(60),
+        "a ListenerRecovered alert",
+        || async {
+            alerts
+                .requests()
+                .iter()
+                .any(|r| r.json()["type"] == "walhook.alert.ListenerRecovered")
+                .then_some(())
+        },
+    )
+    .await;
+    let types: Vec<String> = alerts
+        .requests()
+        .iter()
+        .map(|r| r.json()["type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "walhook.alert.ListenerFailing",
+            "walhook.alert.ListenerRecovered"
+        ],
+        "exactly one alert per episode and one recovery"
+    );
+}
