@@ -102,18 +102,7 @@ actions = ["created", "deleted"]
     let svc = Running::start(&toml);
     let c = db.client().await;
     // The slot exists once the service streams; changes before that would be missed.
-    eventually(Duration::from_secs(30), "slot", || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
+    support::wait_streaming(&c).await;
 
     c.batch_execute(
         "INSERT INTO customer (first_name, last_name, city, password_hash, note) VALUES ('Ada', 'Lovelace', 'London', 'secret-hash', 'n1');
@@ -236,18 +225,7 @@ table = "typed"
     );
     let svc = Running::start(&toml);
     let c = db.client().await;
-    eventually(Duration::from_secs(30), "slot", || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE active",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
+    support::wait_streaming(&c).await;
     c.batch_execute(
         r#"SET timezone = 'UTC';
         INSERT INTO typed VALUES (

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::receiver::{Receiver, Reply};
-use support::{Daemon, TestDb, eventually};
+use support::{Daemon, TestDb, eventually, wait_streaming};
 
 async fn setup_tables(db: &TestDb) {
     db.execute(
@@ -43,21 +43,6 @@ table = "orders"
 "#,
         url = db.url
     )
-}
-
-async fn wait_streaming(c: &tokio_postgres::Client) {
-    eventually(Duration::from_secs(60), "walhook streaming", || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
 }
 
 async fn wait_for_requests(r: &Receiver, n: usize, what: &str) {

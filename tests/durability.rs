@@ -7,7 +7,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{ClusterOptions, Daemon, TestDb, config_toml, event_count, eventually};
+use support::{
+    ClusterOptions, Daemon, TestDb, config_toml, event_count, eventually, wait_streaming,
+};
 use walhook::types::Lsn;
 
 const ITEM_ENTITY: &str = r#"
@@ -33,25 +35,6 @@ async fn slot_confirmed(c: &tokio_postgres::Client) -> Option<Lsn> {
         .await
         .ok()??;
     row.get::<_, Option<String>>(0)?.parse().ok()
-}
-
-async fn wait_streaming(c: &tokio_postgres::Client) {
-    eventually(
-        Duration::from_secs(60),
-        "walhook streaming from its slot",
-        || async {
-            let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-            (n == 1).then_some(())
-        },
-    )
-    .await;
 }
 
 /// One source transaction of the workload: its number, how many changes it made and an

@@ -5,7 +5,7 @@ mod support;
 use std::time::Duration;
 
 use support::receiver::Receiver;
-use support::{Daemon, TestDb, eventually, walhook, write_config};
+use support::{Daemon, TestDb, eventually, wait_streaming, walhook, write_config};
 
 fn config(url: &str, hook: &str) -> String {
     format!(
@@ -24,21 +24,6 @@ url = "{hook}"
 backoff = {{ initial = "100ms", max = "1s" }}
 "#
     )
-}
-
-async fn wait_streaming(c: &tokio_postgres::Client) {
-    eventually(Duration::from_secs(60), "walhook streaming", || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE active",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

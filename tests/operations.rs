@@ -234,18 +234,7 @@ on = ["listener_failing"]
     );
     let _daemon = start_json(&toml);
     let c = db.client().await;
-    eventually(Duration::from_secs(60), "walhook streaming", || async {
-        let n: i64 = c
-            .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE active",
-                &[],
-            )
-            .await
-            .ok()?
-            .get(0);
-        (n == 1).then_some(())
-    })
-    .await;
+    support::wait_streaming(&c).await;
     c.execute(
         "INSERT INTO customer SELECT g, 'n' FROM generate_series(1, 5) g",
         &[],

@@ -270,3 +270,24 @@ pub async fn event_count(client: &tokio_postgres::Client) -> i64 {
         .map(|r| r.get::<_, i64>(0))
         .unwrap_or(0)
 }
+
+/// Waits until walhook streams from its slot (`walhook`); changes made before that are not
+/// captured, since the slot may not exist yet.
+pub async fn wait_streaming(c: &tokio_postgres::Client) {
+    eventually(
+        Duration::from_secs(60),
+        "walhook streaming from its slot",
+        || async {
+            let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+}
