@@ -79,6 +79,9 @@ pub struct SourceConfig {
     pub heartbeat: Option<Duration>,
     /// How often to send a standby status update (default 5s, at most 10s).
     pub status_interval: Duration,
+    /// Log a warning when the slot retains more WAL than this (default 1 GiB); the slot
+    /// keeps WAL for walhook, so a stopped or slow walhook fills the server's disk.
+    pub wal_warning_bytes: u64,
 }
 
 /// `[queue]`.
@@ -778,6 +781,7 @@ struct RawSource {
     system_name: Str,
     heartbeat: Str,
     status_interval: Str,
+    wal_warning: Option<Spanned<RawSize>>,
 }
 
 #[derive(Deserialize)]
@@ -1004,6 +1008,7 @@ const DEFAULT_SLOT: &str = "walhook";
 const DEFAULT_PUBLICATION: &str = "walhook";
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(5);
+const DEFAULT_WAL_WARNING: u64 = 1024 * 1024 * 1024;
 const MAX_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 const DEFAULT_BATCH_SIZE: usize = 5000;
@@ -1152,6 +1157,7 @@ impl Checker<'_> {
                 system_name: None,
                 heartbeat: Some(DEFAULT_HEARTBEAT),
                 status_interval: DEFAULT_STATUS_INTERVAL,
+                wal_warning_bytes: DEFAULT_WAL_WARNING,
             };
         };
         let at = raw.span().start;
@@ -1299,6 +1305,40 @@ impl Checker<'_> {
             system_name,
             heartbeat,
             status_interval,
+            wal_warning_bytes: self.size(
+                &raw.wal_warning,
+                "source.wal_warning",
+                DEFAULT_WAL_WARNING,
+            ),
+        }
+    }
+
+    /// A byte size given as a number or as text like "1GB"; must be above 0.
+    fn size(&mut self, v: &Option<Spanned<RawSize>>, key: &str, default: u64) -> u64 {
+        let Some(v) = v else {
+            return default;
+        };
+        let parsed = match v.get_ref() {
+            RawSize::Bytes(n) => u64::try_from(*n).map_err(|_| format!("{n} is negative")),
+            RawSize::Text(t) => match substitute(t, self.env) {
+                Ok(t) => parse_size(t.trim()),
+                Err((problem, _)) => Err(problem),
+            },
+        };
+        match parsed {
+            Ok(0) | Err(_) => {
+                let problem = parsed
+                    .err()
+                    .unwrap_or_else(|| format!("{key} must be above 0"));
+                self.report(
+                    v.span().start,
+                    key,
+                    &problem,
+                    "use a byte count like 1073741824 or a size like \"1GB\" or \"512MB\" (units B, kB, MB, GB, TB; 1 kB = 1024 bytes)",
+                );
+                default
+            }
+            Ok(n) => n,
         }
     }
 
@@ -2029,35 +2069,7 @@ impl Checker<'_> {
                 &key("listener_failing_for"),
                 DEFAULT_LISTENER_FAILING_FOR,
             );
-            let lag_bytes = match &m.lag_bytes {
-                None => DEFAULT_LAG_BYTES,
-                Some(v) => {
-                    let parsed = match v.get_ref() {
-                        RawSize::Bytes(n) => {
-                            u64::try_from(*n).map_err(|_| format!("{n} is negative"))
-                        }
-                        RawSize::Text(t) => match substitute(t, self.env) {
-                            Ok(t) => parse_size(t.trim()),
-                            Err((problem, _)) => Err(problem),
-                        },
-                    };
-                    match parsed {
-                        Ok(0) | Err(_) => {
-                            let problem = parsed
-                                .err()
-                                .unwrap_or_else(|| "lag_bytes must be above 0".to_owned());
-                            self.report(
-                                v.span().start,
-                                &key("lag_bytes"),
-                                &problem,
-                                "use a byte count like 1073741824 or a size like \"1GB\" or \"512MB\" (units B, kB, MB, GB, TB; 1 kB = 1024 bytes)",
-                            );
-                            DEFAULT_LAG_BYTES
-                        }
-                        Ok(n) => n,
-                    }
-                }
-            };
+            let lag_bytes = self.size(&m.lag_bytes, &key("lag_bytes"), DEFAULT_LAG_BYTES);
             let lag_for = self.duration(&m.lag_for, &key("lag_for"), DEFAULT_LAG_FOR);
             let queue_age = self.duration(&m.queue_age, &key("queue_age"), DEFAULT_QUEUE_AGE);
             let database_unreachable_for = self.duration(

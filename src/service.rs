@@ -245,7 +245,7 @@ pub async fn run_with_reload(
         move || status_rx.borrow().clone(),
         shutdown.clone(),
     );
-    let gauges = gauge_loop(&config, &params, &observe, &stop);
+    let gauges = gauge_loop(config_rx.clone(), &params, &observe, &stop);
     let capture = async {
         let r = capture_loop(config_rx.clone(), &params, &observe, &stop).await;
         if r.is_err() {
@@ -273,18 +273,20 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Refreshes the queue and lag gauges, the queue's readiness and the systemd status line.
 async fn gauge_loop(
-    config: &Config,
+    config_rx: watch::Receiver<Arc<Config>>,
     params: &ConnectParams,
     observe: &Observe,
     shutdown: &CancellationToken,
 ) {
     let mut client: Option<tokio_postgres::Client> = None;
+    let mut wal_warned = false;
     loop {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = connect_ordinary(params).await.ok();
         }
+        let slot = config_rx.borrow().source.slot.clone();
         let refreshed = match client.as_ref() {
-            Some(c) => crate::metrics::refresh_gauges(c, &observe.metrics, &config.source.slot)
+            Some(c) => crate::metrics::refresh_gauges(c, &observe.metrics, &slot)
                 .await
                 .map_err(|e| e.to_string()),
             None => Err("cannot connect to the queue database".to_owned()),
@@ -297,10 +299,28 @@ async fn gauge_loop(
                     Some(observe.metrics.lag_bytes()),
                     observe.metrics.queue_ages(),
                 );
+                // Retained WAL: one warning per episode, not one per refresh.
+                let lag = observe.metrics.lag_bytes();
+                let limit = config_rx.borrow().source.wal_warning_bytes;
+                if lag > limit && !wal_warned {
+                    warn!(
+                        lag_bytes = lag,
+                        "slot {} retains {} MB of WAL (more than source.wal_warning); the server keeps it until walhook confirms it — see `walhook status`, and cap it with max_slot_wal_keep_size",
+                        slot,
+                        lag >> 20
+                    );
+                    wal_warned = true;
+                } else if lag <= limit / 2 && wal_warned {
+                    info!(
+                        lag_bytes = lag,
+                        "retained WAL is back under source.wal_warning"
+                    );
+                    wal_warned = false;
+                }
                 if observe.health.streaming() {
                     observe.status.send_replace(format!(
                         "streaming slot {}; {}",
-                        config.source.slot,
+                        slot,
                         observe.metrics.summary()
                     ));
                 }

@@ -334,3 +334,59 @@ async fn an_idle_slot_follows_wal_written_by_untracked_tables() {
     .await;
     assert_eq!(event_count(&c).await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_wal_past_the_threshold_is_warned_once_then_cleared() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let toml = config_toml(&db.url, ITEM_ENTITY).replace(
+        "status_interval = \"1s\"",
+        "status_interval = \"1s\"\nwal_warning = \"1MB\"",
+    );
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO item VALUES (0, 0, 0, 'x')", &[])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), "the first event", || async {
+        (event_count(&c).await >= 1).then_some(())
+    })
+    .await;
+    // Block the queue writer so the slot cannot advance while WAL piles up.
+    let mut blocker = support::connect(&db.url).await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE walhook.event IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO item SELECT g, 1, 0, repeat('p', 500) FROM generate_series(1, 10000) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the retained-WAL warning",
+        || async { daemon.log().contains("retains").then_some(()) },
+    )
+    .await;
+    tx.rollback().await.unwrap();
+    eventually(Duration::from_secs(60), "catching up", || async {
+        (event_count(&c).await >= 10_001).then_some(())
+    })
+    .await;
+    eventually(Duration::from_secs(60), "the all-clear", || async {
+        daemon
+            .log()
+            .contains("back under source.wal_warning")
+            .then_some(())
+    })
+    .await;
+    let warnings = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("retains"))
+        .count();
+    assert_eq!(warnings, 1, "{}", daemon.log());
+}

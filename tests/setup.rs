@@ -44,6 +44,7 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
             system_name: None,
             heartbeat: None,
             status_interval: Duration::from_secs(5),
+            wal_warning_bytes: 1 << 30,
         },
         queue: QueueConfig {
             retention: Duration::from_secs(7 * 86400),
