@@ -302,3 +302,85 @@ async fn sigkill_during_delivery_then_restart_delivers_every_event_with_stable_i
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_after_max_attempts_then_walhook_retry_delivers_once_the_receiver_recovers() {
+    let db = TestDb::new();
+    setup_tables(&db).await;
+    let hook = Receiver::start().await;
+    let healthy = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let healthy = healthy.clone();
+        hook.respond_with(move |_, _| {
+            if healthy.load(std::sync::atomic::Ordering::SeqCst) {
+                Reply::status(200)
+            } else {
+                Reply::status(500).body("database on fire")
+            }
+        });
+    }
+    let toml = config(
+        &db,
+        &format!(
+            r#"
+[[listener]]
+name = "hook"
+url = "{}"
+max_attempts = 3
+backoff = {{ initial = "100ms", max = "200ms" }}
+"#,
+            hook.url("/h")
+        ),
+    );
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO customer VALUES (7, 'Ada', 'London')", &[])
+        .await
+        .unwrap();
+    let comment: String = eventually(
+        Duration::from_secs(60),
+        "the notification in walhook.failed",
+        || async {
+            let row = c
+                .query_opt("SELECT comment, attempts FROM walhook.failed", &[])
+                .await
+                .ok()??;
+            let attempts: i32 = row.get(1);
+            assert_eq!(attempts, 3);
+            row.get(0)
+        },
+    )
+    .await;
+    assert!(comment.contains("500"), "{comment}");
+    assert!(comment.contains(&hook.url("/h")), "{comment}");
+    assert_eq!(hook.count(), 3);
+
+    healthy.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (code, stdout, stderr) = support::walhook(&[
+        "retry",
+        "--all",
+        "--config",
+        daemon.config.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    eventually(Duration::from_secs(60), "delivery after retry", || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM walhook.processed", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
+    assert_eq!(hook.count(), 4);
+    let left: i64 = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM walhook.new) + (SELECT count(*) FROM walhook.failed)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+}
