@@ -29,13 +29,17 @@ const LISTEN: &str = "LISTEN walhook_new";
 /// Permission errors here mean the role may not use the schema.
 const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, None));
 
-/// The claiming connection runs nothing but [`CLAIM_SQL`], whose only good plan is the
-/// ordered index walk with the anti-join probing the per-entity index. With statistics of
-/// an empty `walhook.new` (a fresh queue, before autovacuum analyzes it) the planner may
-/// pick a sequential scan per candidate instead, which makes a claim quadratic in the
-/// backlog: 20-30 s per claim at 20,000 waiting notifications in the delivery benchmark.
-const CLAIM_SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
-     SET enable_sort = off; SET plan_cache_mode = force_custom_plan";
+/// Delivery connections run only the statements below, whose good plans are index walks
+/// and probes by id: the claim walks `walhook.new` in commit order and probes the
+/// per-entity index; completions join a batch of ids to the primary key. With statistics
+/// of an empty `walhook.new` (a fresh queue, before autovacuum analyzes it) the planner
+/// may pick sequential scans instead, which makes each claim and each completion batch
+/// cost a scan of the whole backlog: a claim took 20-30 s at 20,000 waiting notifications
+/// in the delivery benchmark, and delivery fell to ~400 events/s.
+/// JIT is off too: these are short OLTP statements, and compiling one (triggered by the
+/// inflated costs of a stale plan) took 200 ms, longer than the claim itself.
+const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
+     SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
 
 /// Claims up to $2 due notifications of listener $1 for $4, leased for $3 milliseconds.
 ///
@@ -231,11 +235,11 @@ impl NotificationStore {
                 .batch_execute(LISTEN)
                 .await
                 .map_err(db_error("listening for new notifications", None))?;
-            client
-                .batch_execute(CLAIM_SESSION_SETTINGS)
-                .await
-                .map_err(db_error("setting up the claiming connection", None))?;
         }
+        client
+            .batch_execute(SESSION_SETTINGS)
+            .await
+            .map_err(db_error("setting up the delivery connection", None))?;
         Self::new(client, owner).await
     }
 
