@@ -449,9 +449,15 @@ impl ConnectParams {
         if let Some((pw, _)) = &self.password {
             c.password(pw.expose());
         }
-        if let Some(o) = &self.options {
-            c.options(o);
-        }
+        // walhook's statements are short and run thousands of times; JIT compiling one
+        // (triggered by the inflated cost estimates of a queue table not yet analyzed)
+        // costs 100-200 ms, far more than the statement. Options given in the connection
+        // string come after, so a DBA can still turn it back on.
+        let options = match &self.options {
+            Some(o) => format!("-c jit=off {o}"),
+            None => "-c jit=off".to_owned(),
+        };
+        c.options(&options);
         c
     }
 
