@@ -1313,6 +1313,41 @@ impl Checker<'_> {
         }
     }
 
+    /// Checks a listener or monitor name: up to 63 letters, digits, '_', '-' or '.',
+    /// starting with a letter or digit, and not used twice in its section.
+    fn unique_name(
+        &mut self,
+        section: &str,
+        name: &str,
+        at: usize,
+        key: &str,
+        names: &mut std::collections::HashSet<String>,
+    ) {
+        let ok = name.len() <= 63
+            && name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !ok {
+            self.report(
+                at,
+                key,
+                &format!("invalid {section} name {name:?}"),
+                "use up to 63 letters, digits, '_', '-' or '.', starting with a letter or digit",
+            );
+        } else if !names.insert(name.to_owned()) {
+            self.report(
+                at,
+                key,
+                &format!("{section} {name:?} is defined twice"),
+                &format!("give each [[{section}]] its own name"),
+            );
+        }
+    }
+
     /// A byte size given as a number or as text like "1GB"; must be above 0.
     fn size(&mut self, v: &Option<Spanned<RawSize>>, key: &str, default: u64) -> u64 {
         let Some(v) = v else {
@@ -1678,29 +1713,7 @@ impl Checker<'_> {
 
             let name = self.required(&l.name, &key("name"), at, "\"crm\"");
             if let (Some(name), Some(v)) = (&name, &l.name) {
-                let ok = name.len() <= 63
-                    && name
-                        .chars()
-                        .next()
-                        .is_some_and(|c| c.is_ascii_alphanumeric())
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-                if !ok {
-                    self.report(
-                        v.span().start,
-                        &key("name"),
-                        &format!("invalid listener name {name:?}"),
-                        "use up to 63 letters, digits, '_', '-' or '.', starting with a letter or digit",
-                    );
-                } else if !names.insert(name.clone()) {
-                    self.report(
-                        v.span().start,
-                        &key("name"),
-                        &format!("listener {name:?} is defined twice"),
-                        "give each [[listener]] its own name",
-                    );
-                }
+                self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
 
             let url = self.required(
@@ -2031,25 +2044,7 @@ impl Checker<'_> {
 
             let name = self.required(&m.name, &key("name"), at, "\"ops\"");
             if let (Some(name), Some(v)) = (&name, &m.name) {
-                let ok = name.len() <= 63
-                    && name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-                if !ok {
-                    self.report(
-                        v.span().start,
-                        &key("name"),
-                        &format!("invalid monitor name {name:?}"),
-                        "use up to 63 letters, digits, '_', '-' or '.'",
-                    );
-                } else if !names.insert(name.clone()) {
-                    self.report(
-                        v.span().start,
-                        &key("name"),
-                        &format!("monitor {name:?} is defined twice"),
-                        "give each [[monitor]] its own name",
-                    );
-                }
+                self.unique_name("monitor", name, v.span().start, &key("name"), &mut names);
             }
 
             if m.url.is_none() && m.smtp_url.is_none() {

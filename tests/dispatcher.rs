@@ -8,15 +8,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::json;
 use support::receiver::{Receiver, Reply};
 use tokio_util::sync::CancellationToken;
 use walhook::config::{Config, ListenerConfig};
 use walhook::delivery::dispatcher;
 use walhook::mapper::EntityEvent;
 use walhook::queue::{self, QueueWriter};
-use walhook::replication::pgoutput::PgTimestamp;
-use walhook::types::{Action, EntityName, Lsn, TableName, Xid};
 
 const SYSTEM_ID: &str = "7301234567890123456";
 
@@ -45,27 +43,7 @@ fn listener(name: &str, url: &str, extra: &str) -> String {
 }
 
 fn event(lsn: u64, seq: u32, entity: &str, id: &str) -> EntityEvent {
-    let row = match json!({"id": id, "n": lsn}) {
-        Value::Object(m) => m,
-        _ => Map::new(),
-    };
-    EntityEvent {
-        commit_lsn: Lsn(lsn),
-        seq,
-        xid: Xid(4242),
-        commit_time: PgTimestamp(757_479_845_123_456),
-        entity: EntityName::new(entity).unwrap(),
-        table: TableName {
-            schema: "public".into(),
-            name: entity.to_lowercase(),
-        },
-        entity_id: id.to_owned(),
-        action: Action::Updated,
-        changed_fields: Some(vec!["n".into()]),
-        row,
-        old: None,
-        subject: Some(format!("{entity}/{id}")),
-    }
+    support::entity_event(lsn, seq, entity, id, json!({"id": id, "n": lsn}), &["n"])
 }
 
 /// A migrated database, a writer subscribed for `names` (all entities) and a client.

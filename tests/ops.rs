@@ -5,40 +5,23 @@ mod support;
 
 use std::time::Duration;
 
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use walhook::mapper::EntityEvent;
 use walhook::queue::admin::{self, FailedFilter, NotificationStatus, RetrySelection, Since};
 use walhook::queue::{self, QueueWriter};
-use walhook::replication::pgoutput::PgTimestamp;
-use walhook::types::{Action, EntityName, Lsn, TableName, Xid};
+use walhook::types::EntityName;
 
 const SYSTEM_ID: &str = "7301234567890123456";
 
-fn object(v: Value) -> Map<String, Value> {
-    match v {
-        Value::Object(m) => m,
-        other => panic!("not an object: {other}"),
-    }
-}
-
 fn event(lsn: u64, seq: u32, entity: &str, id: &str) -> EntityEvent {
-    EntityEvent {
-        commit_lsn: Lsn(lsn),
+    support::entity_event(
+        lsn,
         seq,
-        xid: Xid(4242),
-        commit_time: PgTimestamp(757_479_845_123_456),
-        entity: EntityName::new(entity).unwrap(),
-        table: TableName {
-            schema: "public".into(),
-            name: entity.to_lowercase(),
-        },
-        entity_id: id.to_owned(),
-        action: Action::Updated,
-        changed_fields: Some(vec!["city".into()]),
-        row: object(json!({"id": id, "city": "Oslo"})),
-        old: None,
-        subject: Some(format!("{entity}/{id}")),
-    }
+        entity,
+        id,
+        json!({"id": id, "city": "Oslo"}),
+        &["city"],
+    )
 }
 
 /// A migrated database whose queue holds events fanned out to `crm` (Customer only) and

@@ -291,3 +291,37 @@ pub async fn wait_streaming(c: &tokio_postgres::Client) {
     )
     .await;
 }
+
+/// An `Updated` entity event built by hand for queue and delivery tests: `row` must be a
+/// JSON object; the subject is `{entity}/{id}`.
+pub fn entity_event(
+    lsn: u64,
+    seq: u32,
+    entity: &str,
+    id: &str,
+    row: serde_json::Value,
+    changed: &[&str],
+) -> walhook::mapper::EntityEvent {
+    use walhook::types::{Action, EntityName, Lsn, TableName, Xid};
+    let serde_json::Value::Object(row) = row else {
+        panic!("row must be a JSON object");
+    };
+    walhook::mapper::EntityEvent {
+        commit_lsn: Lsn(lsn),
+        seq,
+        xid: Xid(4242),
+        // 2024-01-02T03:04:05.123456Z
+        commit_time: walhook::replication::pgoutput::PgTimestamp(757_479_845_123_456),
+        entity: EntityName::new(entity).expect("entity name"),
+        table: TableName {
+            schema: "public".into(),
+            name: entity.to_lowercase(),
+        },
+        entity_id: id.to_owned(),
+        action: Action::Updated,
+        changed_fields: Some(changed.iter().map(|c| (*c).to_owned()).collect()),
+        row,
+        old: None,
+        subject: Some(format!("{entity}/{id}")),
+    }
+}
