@@ -35,3 +35,57 @@ impl ErrorClass {
         }
     }
 }
+
+/// The class of a server error identified by its SQLSTATE: the one table every module
+/// reads, so a code is retried or reported the same way wherever it turns up.
+pub fn sqlstate_class(code: &str) -> ErrorClass {
+    const TRANSIENT_CODES: &[&str] = &[
+        "40001", // serialization_failure
+        "40P01", // deadlock_detected
+        "55P03", // lock_not_available
+        "55006", // object_in_use: e.g. the slot is still held by a previous connection
+        "57014", // query_canceled (statement timeout)
+        "25006", // read_only_sql_transaction: a failover is in progress
+    ];
+    const TRANSIENT_CLASSES: &[&str] = &[
+        "08",  // connection exception
+        "53",  // insufficient resources: disk full, out of memory, too many connections
+        "57P", // operator intervention: shutdown, crash, starting up
+        "58",  // system error (I/O)
+    ];
+    if TRANSIENT_CODES.contains(&code) || TRANSIENT_CLASSES.iter().any(|c| code.starts_with(c)) {
+        ErrorClass::Transient
+    } else if code.starts_with("28") || code == "3D000" {
+        // invalid authorization, database does not exist: fix [source]
+        ErrorClass::Config
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+/// The class of a tokio-postgres error: by SQLSTATE, and transient when there is none
+/// (the connection broke or could not be made).
+pub fn pg_error_class(e: &tokio_postgres::Error) -> ErrorClass {
+    e.code()
+        .map_or(ErrorClass::Transient, |c| sqlstate_class(c.code()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_one_class_each() {
+        for code in [
+            "08006", "53100", "57P01", "57P03", "58030", "40001", "40P01", "55006", "57014",
+        ] {
+            assert_eq!(sqlstate_class(code), ErrorClass::Transient, "{code}");
+        }
+        for code in ["28P01", "28000", "3D000"] {
+            assert_eq!(sqlstate_class(code), ErrorClass::Config, "{code}");
+        }
+        for code in ["42501", "42P01", "23505"] {
+            assert_eq!(sqlstate_class(code), ErrorClass::Permanent, "{code}");
+        }
+    }
+}

@@ -51,6 +51,13 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// Every outcome, in label order.
+    const ALL: [AttemptOutcome; 3] = [
+        AttemptOutcome::Success,
+        AttemptOutcome::Retry,
+        AttemptOutcome::Failed,
+    ];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -71,6 +78,10 @@ pub enum NotificationStatus {
 }
 
 impl NotificationStatus {
+    /// Every status, in label order.
+    const ALL: [NotificationStatus; 2] =
+        [NotificationStatus::Processed, NotificationStatus::Failed];
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -78,6 +89,13 @@ impl NotificationStatus {
             NotificationStatus::Failed => "failed",
         }
     }
+}
+
+/// One listener's delivery counters, indexed by `AttemptOutcome` / `NotificationStatus`.
+#[derive(Debug, Default)]
+struct ListenerCounters {
+    attempts: [AtomicU64; 3],
+    notifications: [AtomicU64; 2],
 }
 
 /// A float stored in an `AtomicU64` as its bit pattern (gauges may be fractional).
@@ -173,8 +191,8 @@ impl<K: Ord + Clone, V: Default> Family<K, V> {
 pub struct Metrics {
     events_read: AtomicU64,
     events_queued: Family<(String, String), AtomicU64>,
-    notifications: Family<(String, NotificationStatus), AtomicU64>,
-    attempts: Family<(String, AttemptOutcome), AtomicU64>,
+    /// Per listener, so an attempt looks the listener up by `&str` without allocating.
+    delivery: Family<String, ListenerCounters>,
     latency: Family<String, Histogram>,
     lag_bytes: AtomicU64,
     lag_seconds: AtomicF64,
@@ -195,8 +213,7 @@ impl Metrics {
         Metrics {
             events_read: AtomicU64::new(0),
             events_queued: Family::new(),
-            notifications: Family::new(),
-            attempts: Family::new(),
+            delivery: Family::new(),
             latency: Family::new(),
             lag_bytes: AtomicU64::new(0),
             lag_seconds: AtomicF64::default(),
@@ -234,8 +251,7 @@ impl Metrics {
         outcome: AttemptOutcome,
         commit_to_ack: Option<Duration>,
     ) {
-        let key = (listener.to_owned(), outcome);
-        self.attempts.get(&key).fetch_add(1, Ordering::Relaxed);
+        self.delivery.get(listener).attempts[outcome as usize].fetch_add(1, Ordering::Relaxed);
         if let Some(d) = commit_to_ack {
             self.latency.get(listener).observe(d);
         }
@@ -243,8 +259,7 @@ impl Metrics {
 
     /// Counts a notification that reached its final status.
     pub fn notification_completed(&self, listener: &str, status: NotificationStatus) {
-        let key = (listener.to_owned(), status);
-        self.notifications.get(&key).fetch_add(1, Ordering::Relaxed);
+        self.delivery.get(listener).notifications[status as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Sets the replication slot lag; `seconds: None` (unknown right now) keeps the last value.
@@ -366,13 +381,20 @@ impl Metrics {
             "counter",
             "Notifications that reached a final status.",
         );
-        for ((listener, status), c) in self.notifications.snapshot() {
-            sample(
-                &mut out,
-                "walhook_notifications_total",
-                &[("listener", &listener), ("status", status.as_str())],
-                c.load(Ordering::Relaxed),
-            );
+        let delivery = self.delivery.snapshot();
+        for (listener, counters) in &delivery {
+            for status in NotificationStatus::ALL {
+                // Series appear once they have counted something, as labels are first used.
+                let n = counters.notifications[status as usize].load(Ordering::Relaxed);
+                if n > 0 {
+                    sample(
+                        &mut out,
+                        "walhook_notifications_total",
+                        &[("listener", listener), ("status", status.as_str())],
+                        n,
+                    );
+                }
+            }
         }
 
         header(
@@ -381,13 +403,18 @@ impl Metrics {
             "counter",
             "Delivery attempts by outcome.",
         );
-        for ((listener, outcome), c) in self.attempts.snapshot() {
-            sample(
-                &mut out,
-                "walhook_delivery_attempts_total",
-                &[("listener", &listener), ("outcome", outcome.as_str())],
-                c.load(Ordering::Relaxed),
-            );
+        for (listener, counters) in &delivery {
+            for outcome in AttemptOutcome::ALL {
+                let n = counters.attempts[outcome as usize].load(Ordering::Relaxed);
+                if n > 0 {
+                    sample(
+                        &mut out,
+                        "walhook_delivery_attempts_total",
+                        &[("listener", listener), ("outcome", outcome.as_str())],
+                        n,
+                    );
+                }
+            }
         }
 
         header(

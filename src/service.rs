@@ -6,9 +6,8 @@
 //! transactions and publishes the end LSN of the last source commit whose events are
 //! durable; only that LSN is ever reported to the server as flushed.
 
-use std::time::{Duration, Instant};
-
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -40,10 +39,30 @@ pub struct ServiceError {
     pub class: ErrorClass,
     /// One line naming the problem and the fix.
     pub message: String,
-    /// The slot is streamed by another process: this one stands by.
-    pub slot_in_use: bool,
-    /// This database is a copy of the one the queue was recorded on: refuse to run.
-    pub cloned: bool,
+    /// Set when the session cannot run yet for a reason that is not a failure: the
+    /// capture loop waits and retries on the hold's own schedule, logging it once.
+    pub hold: Option<Hold>,
+}
+
+/// Why capture waits without counting as a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Another process streams the slot: stand by (deliveries go on) and take over within
+    /// seconds once it is gone.
+    Standby,
+    /// This database is a copy of the one the queue was recorded on: refuse to run until
+    /// `walhook setup --adopt`.
+    Cloned,
+}
+
+impl Hold {
+    /// How long to wait before the next attempt.
+    fn retry_after(self) -> Duration {
+        match self {
+            Hold::Standby => STANDBY_RETRY,
+            Hold::Cloned => CLONED_RETRY,
+        }
+    }
 }
 
 /// `object_in_use`: START_REPLICATION on a slot another process streams.
@@ -54,8 +73,7 @@ impl ServiceError {
         ServiceError {
             class,
             message: message.into(),
-            slot_in_use: false,
-            cloned: false,
+            hold: None,
         }
     }
 
@@ -157,6 +175,15 @@ impl DeliveryObserver for Observe {
     }
 }
 
+/// The `sourceSystem` of payloads and alerts: `[source] system_name`, else the database name.
+fn source_system(config: &Config, params: &ConnectParams) -> String {
+    config
+        .source
+        .system_name
+        .clone()
+        .unwrap_or_else(|| params.dbname().to_owned())
+}
+
 /// Reconnect backoff: doubles from `INITIAL` up to `MAX`.
 const BACKOFF_INITIAL: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -186,14 +213,9 @@ pub async fn run_with_reload(
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(String::from("starting"));
-    let source_system = config
-        .source
-        .system_name
-        .clone()
-        .unwrap_or_else(|| params.dbname().to_owned());
     let monitors = crate::monitor::Monitors::spawn(
         config.monitors.clone(),
-        source_system,
+        source_system(&config, &params),
         config.path.clone(),
         shutdown.child_token(),
     );
@@ -397,8 +419,8 @@ async fn capture_loop(
 ) -> Result<(), ServiceError> {
     let mut backoff = BACKOFF_INITIAL;
     let mut attempt: u32 = 0;
-    let mut standby = false;
-    let mut refused = false;
+    // The hold currently logged, so each hold is logged once, not per attempt.
+    let mut holding: Option<Hold> = None;
     loop {
         let started = Instant::now();
         let config = config_rx.borrow_and_update().clone();
@@ -425,38 +447,32 @@ async fn capture_loop(
             Ok(()) if shutdown.is_cancelled() => return Ok(()),
             Ok(()) => {
                 attempt += 1;
-                standby = false;
+                holding = None;
                 warn!(
                     attempt,
                     "replication stream ended; reconnecting in {backoff:?}"
                 );
             }
-            Err(e) if e.cloned => {
+            Err(ServiceError {
+                hold: Some(hold),
+                message,
+                ..
+            }) => {
                 attempt += 1;
-                if !refused {
-                    warn!("{}", e.message);
+                wait = hold.retry_after();
+                if holding != Some(hold) {
+                    match hold {
+                        Hold::Standby => info!("standing by: {message}; retrying every {wait:?}"),
+                        Hold::Cloned => warn!("{message}"),
+                    }
                 }
-                refused = true;
-                wait = CLONED_RETRY;
-            }
-            Err(e) if e.slot_in_use => {
-                // Another walhook streams this slot: stand by (deliveries go on) and take
-                // over within seconds once it is gone. Logged once, not per attempt.
-                attempt += 1;
-                if !standby {
-                    info!(
-                        "standing by: {}; retrying every {STANDBY_RETRY:?}",
-                        e.message
-                    );
-                }
-                standby = true;
-                wait = STANDBY_RETRY;
+                holding = Some(hold);
             }
             Err(e) => match on_error(e.class) {
                 OnError::Stop => return Err(e),
                 OnError::Reconnect => {
                     attempt += 1;
-                    standby = false;
+                    holding = None;
                     warn!(attempt, "{}; reconnecting in {backoff:?}", e.message);
                 }
             },
@@ -544,16 +560,11 @@ async fn delivery_loop(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let source_system = config
-            .source
-            .system_name
-            .clone()
-            .unwrap_or_else(|| params.dbname().to_owned());
         let this_round = shutdown.child_token();
         let dispatcher = crate::delivery::dispatcher::run_observed(
             params.to_tokio_postgres(),
             config.listeners.clone(),
-            source_system,
+            source_system(&config, params),
             this_round.clone(),
             Some(observer.clone()),
         );
@@ -604,7 +615,6 @@ async fn migrate_for_delivery(
     }
 }
 
-/// One connected session: setup, stream until error or shutdown.
 /// How a session ended without error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SessionEnd {
@@ -614,6 +624,7 @@ enum SessionEnd {
     Reload,
 }
 
+/// One connected session: setup, stream until error or shutdown.
 async fn session(
     config: &Config,
     params: &ConnectParams,
@@ -654,7 +665,7 @@ async fn session(
         .map_err(ServiceError::from_err)?;
     if let Some(why) = verdict.explain() {
         return Err(ServiceError {
-            cloned: true,
+            hold: Some(Hold::Cloned),
             ..ServiceError::new(ErrorClass::Transient, why)
         });
     }
@@ -695,12 +706,9 @@ async fn session(
     let stream = repl
         .start_replication(&config.source.slot, Lsn::ZERO, &config.source.publication)
         .await
-        .map_err(|e| {
-            let slot_in_use = e.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE);
-            ServiceError {
-                slot_in_use,
-                ..ServiceError::from_err(e)
-            }
+        .map_err(|e| ServiceError {
+            hold: (e.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE)).then_some(Hold::Standby),
+            ..ServiceError::from_err(e)
         })?;
     info!(
         slot = %config.source.slot,
@@ -1199,14 +1207,7 @@ fn classify_pg_error(e: &tokio_postgres::Error, params: &ConnectParams) -> Servi
     match e.as_db_error() {
         Some(db) => {
             let code = db.code().code();
-            let class = match code {
-                "28P01" | "28000" | "3D000" => ErrorClass::Config,
-                "42501" => ErrorClass::Permanent,
-                _ if code.starts_with("57") || code.starts_with("08") || code.starts_with("53") => {
-                    ErrorClass::Transient
-                }
-                _ => ErrorClass::Permanent,
-            };
+            let class = crate::error::sqlstate_class(code);
             let fix = match code {
                 "28P01" => {
                     "; check the password in [source] (url, password or password_file), PGPASSWORD or ~/.pgpass"
