@@ -176,7 +176,6 @@ pub struct Mapper {
 #[derive(Debug)]
 struct RelationState {
     table: TableName,
-    relation: Relation,
     /// `None` when the table is not an entity.
     plan: Option<Plan>,
 }
@@ -304,18 +303,8 @@ impl Mapper {
         self.primary_keys.insert(table, columns);
     }
 
-    /// The latest Relation message for `oid`.
-    pub fn relation(&self, oid: Oid) -> Option<&Relation> {
-        self.relations.get(&oid).map(|r| &r.relation)
-    }
-
-    /// The table of a relation seen on the stream.
-    pub fn table_name(&self, oid: Oid) -> Option<&TableName> {
-        self.relations.get(&oid).map(|r| &r.table)
-    }
-
-    /// Caches a Relation message (replacing an earlier one for the same oid) and, when the
-    /// table is an entity, checks the entity's columns against the table's.
+    /// Takes in a Relation message (replacing an earlier one for the same oid) and, when the
+    /// table is an entity, checks the entity's columns against the table's and resolves its plan.
     pub fn on_relation(&mut self, rel: Relation) -> Result<(), MapError> {
         let table = TableName {
             schema: rel.namespace.clone(),
@@ -327,14 +316,8 @@ impl Mapper {
             Some(entity) => Some(plan(entity, &table, &rel, self.primary_keys.get(&table))?),
             None => None,
         };
-        self.relations.insert(
-            rel.oid,
-            RelationState {
-                table,
-                relation: rel,
-                plan,
-            },
-        );
+        self.relations
+            .insert(rel.oid, RelationState { table, plan });
         Ok(())
     }
 
@@ -404,8 +387,7 @@ impl Mapper {
                             .map(|c| c.name.clone())
                             .collect(),
                     );
-                    let full: Vec<Cell<'_>> = values.iter().map(Cell::of).collect();
-                    old_row = Some(row_map(&plan.columns, &full));
+                    old_row = Some(row_map(&plan.columns, values.iter().map(Cell::of)));
                 }
                 cells
             }
@@ -436,7 +418,7 @@ impl Mapper {
             entity_id,
             action,
             changed_fields,
-            row: row_map(&plan.columns, &cells),
+            row: row_map(&plan.columns, cells.iter().copied()),
             old: old_row,
             subject,
         }))
@@ -471,7 +453,10 @@ fn changed_columns(columns: &[ColumnPlan], new: &[ColumnValue], old: &[ColumnVal
         .collect()
 }
 
-fn row_map(columns: &[ColumnPlan], cells: &[Cell<'_>]) -> Map<String, Value> {
+fn row_map<'a>(
+    columns: &[ColumnPlan],
+    cells: impl IntoIterator<Item = Cell<'a>>,
+) -> Map<String, Value> {
     let mut row = Map::new();
     for (column, cell) in columns.iter().zip(cells) {
         if column.emit
@@ -775,13 +760,42 @@ mod tests {
         }
     }
 
+    fn insert(new: TupleData) -> Message {
+        Message::Insert { relation: REL, new }
+    }
+
+    fn delete(old: OldTuple) -> Message {
+        Message::Delete { relation: REL, old }
+    }
+
+    /// The key-only old tuple a DEFAULT identity sends for the customer table.
+    fn key_row(id: &str) -> TupleData {
+        row(vec![
+            t(id),
+            ColumnValue::Null,
+            ColumnValue::Null,
+            ColumnValue::Null,
+            ColumnValue::Null,
+        ])
+    }
+
+    /// A mapper for `ent` on the customer table with REPLICA IDENTITY FULL, which needs an
+    /// explicit id.
+    fn full_identity(mut ent: EntityConfig) -> Mapper {
+        ent.id = Some(vec!["id".into()]);
+        mapper(ent, customer(ReplicaIdentity::Full))
+    }
+
     #[test]
     fn insert_becomes_created_with_typed_row() {
         let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let msg = Message::Insert {
-            relation: REL,
-            new: row(vec![t("42"), t("Ann"), ColumnValue::Null, t("x"), t("b")]),
-        };
+        let msg = insert(row(vec![
+            t("42"),
+            t("Ann"),
+            ColumnValue::Null,
+            t("x"),
+            t("b"),
+        ]));
         let e = map(&mut m, msg).unwrap();
         assert_eq!(e.action, Action::Created);
         assert_eq!(e.entity.as_str(), "Customer");
@@ -798,9 +812,7 @@ mod tests {
 
     #[test]
     fn update_with_full_old_row_reports_changed_fields_and_old_row() {
-        let mut ent = entity();
-        ent.id = Some(vec!["id".into()]);
-        let mut m = mapper(ent, customer(ReplicaIdentity::Full));
+        let mut m = full_identity(entity());
         let old = OldTuple::Full(full_row("Ann", "Oslo"));
         let e = map(&mut m, update(Some(old), full_row("Bea", "Oslo"))).unwrap();
         assert_eq!(e.action, Action::Updated);
@@ -822,13 +834,7 @@ mod tests {
     #[test]
     fn update_with_key_old_tuple_does_not_guess_changed_fields() {
         let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let key = row(vec![
-            t("41"),
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-        ]);
+        let key = key_row("41");
         let e = map(
             &mut m,
             update(Some(OldTuple::Key(key)), full_row("Bea", "Oslo")),
@@ -842,21 +848,8 @@ mod tests {
     #[test]
     fn delete_with_key_tuple_has_only_key_columns_in_row() {
         let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let key = row(vec![
-            t("42"),
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-        ]);
-        let e = map(
-            &mut m,
-            Message::Delete {
-                relation: REL,
-                old: OldTuple::Key(key),
-            },
-        )
-        .unwrap();
+        let key = key_row("42");
+        let e = map(&mut m, delete(OldTuple::Key(key))).unwrap();
         assert_eq!(e.action, Action::Deleted);
         assert_eq!(e.entity_id, "42");
         assert_eq!(Value::Object(e.row), json!({"id": 42}));
@@ -866,13 +859,8 @@ mod tests {
 
     #[test]
     fn delete_with_full_tuple_has_whole_old_row() {
-        let mut ent = entity();
-        ent.id = Some(vec!["id".into()]);
-        let mut m = mapper(ent, customer(ReplicaIdentity::Full));
-        let msg = Message::Delete {
-            relation: REL,
-            old: OldTuple::Full(full_row("Ann", "Oslo")),
-        };
+        let mut m = full_identity(entity());
+        let msg = delete(OldTuple::Full(full_row("Ann", "Oslo")));
         let e = map(&mut m, msg).unwrap();
         assert_eq!(e.row.len(), 5);
         assert_eq!(e.row.get("city"), Some(&json!("Oslo")));
@@ -908,19 +896,13 @@ mod tests {
     #[test]
     fn composite_ids_are_json_arrays_that_never_collide() {
         let mut m = mapper(order_line_entity(), order_line());
-        let ins = |a: &str, b: &str| Message::Insert {
-            relation: REL,
-            new: row(vec![t(a), t(b), t("1")]),
-        };
+        let ins = |a: &str, b: &str| insert(row(vec![t(a), t(b), t("1")]));
         let first = map(&mut m, ins("a,b", "c")).unwrap();
         let second = map(&mut m, ins("a", "b,c")).unwrap();
         assert_eq!(first.entity_id, r#"["a,b","c"]"#);
         assert_eq!(second.entity_id, r#"["a","b,c"]"#);
         assert_eq!(first.subject.as_deref(), Some(r#"lines/["a,b","c"]/1"#));
-        let null_part = Message::Insert {
-            relation: REL,
-            new: row(vec![t("x"), ColumnValue::Null, t("1")]),
-        };
+        let null_part = insert(row(vec![t("x"), ColumnValue::Null, t("1")]));
         assert_eq!(map(&mut m, null_part).unwrap().entity_id, r#"["x",null]"#);
     }
 
@@ -929,23 +911,15 @@ mod tests {
         let mut ent = entity();
         ent.subject = Some("Customer/{id} in {city}".into());
         let mut m = mapper(ent, customer(ReplicaIdentity::Default));
-        let e = map(
-            &mut m,
-            Message::Insert {
-                relation: REL,
-                new: full_row("Ann", "Oslo"),
-            },
-        )
-        .unwrap();
+        let e = map(&mut m, insert(full_row("Ann", "Oslo"))).unwrap();
         assert_eq!(e.subject.as_deref(), Some("Customer/42 in Oslo"));
     }
 
     #[test]
     fn update_touching_no_tracked_column_is_dropped() {
         let mut ent = entity();
-        ent.id = Some(vec!["id".into()]);
         ent.track = Some(vec!["city".into()]);
-        let mut m = mapper(ent, customer(ReplicaIdentity::Full));
+        let mut m = full_identity(ent);
         let old = OldTuple::Full(full_row("Ann", "Oslo"));
         assert_eq!(
             map(&mut m, update(Some(old), full_row("Bea", "Oslo"))),
@@ -968,9 +942,8 @@ mod tests {
     #[test]
     fn excluded_columns_never_appear_in_row_old_or_changed_fields() {
         let mut ent = entity();
-        ent.id = Some(vec!["id".into()]);
         ent.exclude = vec!["password_hash".into()];
-        let mut m = mapper(ent, customer(ReplicaIdentity::Full));
+        let mut m = full_identity(ent);
         let old = OldTuple::Full(full_row("Ann", "Oslo"));
         let new = row(vec![
             t("42"),
@@ -983,24 +956,16 @@ mod tests {
         assert!(!e.row.contains_key("password_hash"));
         assert!(!e.old.unwrap().contains_key("password_hash"));
         assert_eq!(e.changed_fields, Some(vec!["first_name".to_owned()]));
-        let ins = map(
-            &mut m,
-            Message::Insert {
-                relation: REL,
-                new: full_row("A", "B"),
-            },
-        )
-        .unwrap();
+        let ins = map(&mut m, insert(full_row("A", "B"))).unwrap();
         assert!(!ins.row.contains_key("password_hash"));
     }
 
     #[test]
     fn excluded_column_can_still_be_tracked_without_leaking() {
         let mut ent = entity();
-        ent.id = Some(vec!["id".into()]);
         ent.exclude = vec!["password_hash".into()];
         ent.track = Some(vec!["password_hash".into()]);
-        let mut m = mapper(ent, customer(ReplicaIdentity::Full));
+        let mut m = full_identity(ent);
         let old = OldTuple::Full(full_row("Ann", "Oslo"));
         let new = row(vec![
             t("42"),
@@ -1019,40 +984,14 @@ mod tests {
         ent.actions = vec![Action::Created];
         let mut m = mapper(ent, customer(ReplicaIdentity::Default));
         assert_eq!(map(&mut m, update(None, full_row("Bea", "Oslo"))), None);
-        let key = row(vec![
-            t("42"),
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-        ]);
-        assert_eq!(
-            map(
-                &mut m,
-                Message::Delete {
-                    relation: REL,
-                    old: OldTuple::Key(key)
-                }
-            ),
-            None
-        );
-        assert!(
-            map(
-                &mut m,
-                Message::Insert {
-                    relation: REL,
-                    new: full_row("A", "B")
-                }
-            )
-            .is_some()
-        );
+        let key = key_row("42");
+        assert_eq!(map(&mut m, delete(OldTuple::Key(key))), None);
+        assert!(map(&mut m, insert(full_row("A", "B"))).is_some());
     }
 
     #[test]
     fn unchanged_toast_takes_old_value_and_is_not_a_change() {
-        let mut ent = entity();
-        ent.id = Some(vec!["id".into()]);
-        let mut m = mapper(ent, customer(ReplicaIdentity::Full));
+        let mut m = full_identity(entity());
         let old = OldTuple::Full(full_row("Ann", "Oslo"));
         let new = row(vec![
             t("42"),
@@ -1085,14 +1024,7 @@ mod tests {
     fn change_for_unknown_relation_is_a_permanent_error() {
         let mut m = Mapper::new(&[entity()]);
         let err = m
-            .map_change(
-                &tx(),
-                0,
-                &Message::Insert {
-                    relation: REL,
-                    new: full_row("A", "B"),
-                },
-            )
+            .map_change(&tx(), 0, &insert(full_row("A", "B")))
             .unwrap_err();
         assert!(matches!(err, MapError::UnknownRelation { oid: REL }));
         assert_eq!(err.class(), ErrorClass::Permanent);
@@ -1101,10 +1033,7 @@ mod tests {
     #[test]
     fn tables_that_are_not_entities_are_ignored() {
         let mut m = mapper(entity(), order_line());
-        let msg = Message::Insert {
-            relation: REL,
-            new: row(vec![t("a"), t("b"), t("1")]),
-        };
+        let msg = insert(row(vec![t("a"), t("b"), t("1")]));
         assert_eq!(map(&mut m, msg), None);
     }
 
@@ -1112,14 +1041,7 @@ mod tests {
     fn row_with_wrong_column_count_is_an_error() {
         let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
         let err = m
-            .map_change(
-                &tx(),
-                0,
-                &Message::Insert {
-                    relation: REL,
-                    new: row(vec![t("1")]),
-                },
-            )
+            .map_change(&tx(), 0, &insert(row(vec![t("1")])))
             .unwrap_err();
         assert!(matches!(
             err,
@@ -1181,14 +1103,7 @@ mod tests {
         let mut m = Mapper::new(&[entity()]);
         m.set_primary_key(entity().table, vec!["id".into()]);
         m.on_relation(customer(ReplicaIdentity::Full)).unwrap();
-        let e = map(
-            &mut m,
-            Message::Insert {
-                relation: REL,
-                new: full_row("A", "B"),
-            },
-        )
-        .unwrap();
+        let e = map(&mut m, insert(full_row("A", "B"))).unwrap();
         assert_eq!(e.entity_id, "42");
     }
 
@@ -1205,14 +1120,7 @@ mod tests {
         );
         ent.actions = vec![Action::Created, Action::Updated];
         let mut m = mapper(ent, customer(ReplicaIdentity::Default));
-        let e = map(
-            &mut m,
-            Message::Insert {
-                relation: REL,
-                new: full_row("Ann", "B"),
-            },
-        )
-        .unwrap();
+        let e = map(&mut m, insert(full_row("Ann", "B"))).unwrap();
         assert_eq!(e.entity_id, "Ann");
     }
 
@@ -1234,12 +1142,9 @@ mod tests {
         altered.columns.push(column("zip", INT4, false));
         m.on_relation(altered).unwrap();
         let new = row(vec![t("42"), t("A"), t("B"), t("s"), t("b"), t("0150")]);
-        let e = map(&mut m, Message::Insert { relation: REL, new }).unwrap();
+        let e = map(&mut m, insert(new)).unwrap();
         assert_eq!(e.row.get("zip"), Some(&json!(150)));
-        let old_shape = Message::Insert {
-            relation: REL,
-            new: full_row("A", "B"),
-        };
+        let old_shape = insert(full_row("A", "B"));
         assert!(m.map_change(&tx(), 0, &old_shape).is_err());
     }
 
@@ -1251,10 +1156,7 @@ mod tests {
             c.is_key = false;
         }
         assert!(m.on_relation(renamed).is_err());
-        let msg = Message::Insert {
-            relation: REL,
-            new: full_row("A", "B"),
-        };
+        let msg = insert(full_row("A", "B"));
         assert!(matches!(
             m.map_change(&tx(), 0, &msg),
             Err(MapError::UnknownRelation { .. })

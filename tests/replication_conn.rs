@@ -12,6 +12,7 @@ use walhook::error::{Classify, ErrorClass};
 use walhook::replication::conn::{
     AuthMethod, ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
 };
+use walhook::replication::pgoutput::{self, Message};
 use walhook::replication::protocol::ReplicationMessage;
 use walhook::types::Lsn;
 
@@ -283,10 +284,12 @@ async fn next_xlog(stream: &mut ReplicationStream, flushed: Lsn, deadline: Insta
     }
 }
 
-/// pgoutput Commit: 'C', flags, commit_lsn, end_lsn, timestamp.
-fn commit_end_lsn(data: &[u8]) -> Lsn {
-    assert_eq!(data.len(), 26, "commit message length");
-    Lsn(u64::from_be_bytes(data[10..18].try_into().unwrap()))
+/// The end LSN of a pgoutput Commit message.
+fn commit_end_lsn(data: &Bytes) -> Lsn {
+    match pgoutput::decode(data).expect("decode commit") {
+        Message::Commit(commit) => commit.end_lsn,
+        other => panic!("expected a Commit message, got {other:?}"),
+    }
 }
 
 async fn confirmed_flush(client: &tokio_postgres::Client) -> Option<Lsn> {

@@ -17,7 +17,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::config::Secret;
-use crate::error::{Classify, ErrorClass};
+use crate::error::{Classify, ErrorClass, sqlstate_class};
 use crate::replication::protocol::{
     self, AuthRequest, BackendFrame, ProtocolError, ReplicationMessage, ServerMessage,
 };
@@ -605,23 +605,13 @@ fn parse_key_value(s: &str) -> Result<Vec<(String, String)>, ConnError> {
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
         if chars.next_if_eq(&'\'').is_some() {
+            let unterminated =
+                || ConnError::InvalidKeyValue(format!("unterminated quoted value for \"{key}\""));
             loop {
-                match chars.next() {
-                    None => {
-                        return Err(ConnError::InvalidKeyValue(format!(
-                            "unterminated quoted value for \"{key}\""
-                        )));
-                    }
-                    Some('\'') => break,
-                    Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => {
-                            return Err(ConnError::InvalidKeyValue(format!(
-                                "unterminated quoted value for \"{key}\""
-                            )));
-                        }
-                    },
-                    Some(c) => value.push(c),
+                match chars.next().ok_or_else(unterminated)? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next().ok_or_else(unterminated)?),
+                    c => value.push(c),
                 }
             }
         } else {
@@ -866,30 +856,6 @@ impl ReplicationError {
     }
 }
 
-/// The class of an error identified by its SQLSTATE.
-fn sqlstate_class(code: &str) -> ErrorClass {
-    const TRANSIENT_CODES: &[&str] = &[
-        "57P01", // admin_shutdown: the server is stopping or restarting
-        "57P02", // crash_shutdown
-        "57P03", // cannot_connect_now: starting up or in recovery
-        "55006", // object_in_use: the slot is still held by a previous connection
-        "40001", // serialization_failure
-        "40P01", // deadlock_detected
-    ];
-    if TRANSIENT_CODES.contains(&code)
-        || code.starts_with("08") // connection exceptions
-        || code.starts_with("53") // insufficient resources (too many connections, disk full)
-        || code.starts_with("58")
-    // system errors (I/O)
-    {
-        ErrorClass::Transient
-    } else if code.starts_with("28") || code == "3D000" {
-        ErrorClass::Config
-    } else {
-        ErrorClass::Permanent
-    }
-}
-
 impl Classify for ReplicationError {
     fn class(&self) -> ErrorClass {
         use ReplicationError as E;
@@ -946,24 +912,16 @@ impl Wire {
     /// and `read_buf` either appends bytes or is dropped before reading any.
     async fn read_frame(&mut self) -> Result<BackendFrame, ReplicationError> {
         loop {
-            let frame = protocol::take_frame(&mut self.rbuf).map_err(|source| {
-                ReplicationError::Protocol {
-                    addr: self.addr.clone(),
-                    source,
-                }
-            })?;
+            let frame = protocol::take_frame(&mut self.rbuf).map_err(|e| self.protocol(e))?;
             if let Some(f) = frame {
                 return Ok(f);
             }
             self.rbuf.reserve(8 * 1024);
-            let n =
-                self.io
-                    .read_buf(&mut self.rbuf)
-                    .await
-                    .map_err(|source| ReplicationError::Io {
-                        addr: self.addr.clone(),
-                        source,
-                    })?;
+            let n = self
+                .io
+                .read_buf(&mut self.rbuf)
+                .await
+                .map_err(|e| self.io_error(e))?;
             if n == 0 {
                 return Err(ReplicationError::Closed {
                     addr: self.addr.clone(),
@@ -973,18 +931,18 @@ impl Wire {
     }
 
     async fn send(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
-        let io_err = |source| ReplicationError::Io {
+        self.io
+            .write_all(bytes)
+            .await
+            .map_err(|e| self.io_error(e))?;
+        self.io.flush().await.map_err(|e| self.io_error(e))
+    }
+
+    fn io_error(&self, source: std::io::Error) -> ReplicationError {
+        ReplicationError::Io {
             addr: self.addr.clone(),
             source,
-        };
-        self.io.write_all(bytes).await.map_err(io_err)?;
-        self.io
-            .flush()
-            .await
-            .map_err(|source| ReplicationError::Io {
-                addr: self.addr.clone(),
-                source,
-            })
+        }
     }
 
     fn protocol(&self, source: ProtocolError) -> ReplicationError {

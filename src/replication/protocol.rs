@@ -379,13 +379,6 @@ pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<String>>, ProtocolError>
     Ok(values)
 }
 
-/// Parses a CommandComplete ('C') body into its command tag.
-pub fn parse_command_complete(body: &[u8]) -> Result<String, ProtocolError> {
-    let mut r = Reader::new(b'C', body);
-    let tag = r.cstr("command tag")?.to_owned();
-    Ok(tag)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -614,8 +607,6 @@ mod tests {
         huge.put_i16(1);
         huge.put_i32(i32::MAX);
         assert!(parse_data_row(&huge).is_err());
-        assert_eq!(parse_command_complete(b"SELECT 1\0").unwrap(), "SELECT 1");
-        assert!(parse_command_complete(b"SELECT 1").is_err());
         assert_eq!(
             parse_parameter_status(b"server_version\x0015.4\0").unwrap(),
             ("server_version".to_owned(), "15.4".to_owned())
