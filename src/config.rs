@@ -84,6 +84,19 @@ pub struct SourceConfig {
     pub wal_warning_bytes: u64,
 }
 
+impl SourceConfig {
+    /// Connection parameters for this source: `url` with `password`/`password_file`
+    /// overriding any other password source.
+    pub fn connect_params(
+        &self,
+    ) -> Result<crate::replication::conn::ConnectParams, crate::replication::conn::ConnError> {
+        crate::replication::conn::ConnectParams::parse(
+            self.url.expose(),
+            self.password.as_ref().map(Secret::expose),
+        )
+    }
+}
+
 /// `[queue]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueConfig {
@@ -1429,24 +1442,12 @@ impl Checker<'_> {
                 "use a duration like \"7d\"",
             );
         }
-        let batch_size = match &raw.batch_size {
-            None => DEFAULT_BATCH_SIZE,
-            Some(v) => {
-                let n = *v.get_ref();
-                match usize::try_from(n) {
-                    Ok(size) if (1..=MAX_BATCH_SIZE).contains(&n) => size,
-                    _ => {
-                        self.report(
-                            v.span().start,
-                            "queue.batch_size",
-                            &format!("{n} is out of range"),
-                            &format!("use a number from 1 to {MAX_BATCH_SIZE} (default {DEFAULT_BATCH_SIZE})"),
-                        );
-                        DEFAULT_BATCH_SIZE
-                    }
-                }
-            }
-        };
+        let batch_size = self.count(
+            &raw.batch_size,
+            "queue.batch_size",
+            MAX_BATCH_SIZE,
+            DEFAULT_BATCH_SIZE,
+        );
         let batch_delay = self.duration(&raw.batch_delay, "queue.batch_delay", DEFAULT_BATCH_DELAY);
         if let Some(v) = &raw.batch_delay
             && batch_delay > MAX_BATCH_DELAY
@@ -1716,22 +1717,12 @@ impl Checker<'_> {
                 self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
 
-            let url = self.required(
+            let url = self.http_url(
                 &l.url,
                 &key("url"),
                 at,
                 "\"https://example.com/hooks/walhook\"",
             );
-            if let (Some(url), Some(v)) = (&url, &l.url)
-                && let Err(problem) = check_http_url(url)
-            {
-                self.report(
-                    v.span().start,
-                    &key("url"),
-                    &problem,
-                    "write an http:// or https:// URL like \"https://example.com/hooks/walhook\"",
-                );
-            }
 
             let listener_entities = l.entities.as_ref().map(|list| {
                 if list.get_ref().is_empty() {
@@ -1775,28 +1766,8 @@ impl Checker<'_> {
             });
 
             let actions = self.actions(&l.actions, &key("actions"));
-            let headers = self.headers(l, &key("headers"));
-
-            let secret = match &l.secret {
-                None => None,
-                Some(v) => self.string(v, &key("secret")).and_then(|s| {
-                    use base64::Engine as _;
-                    let encoded = s.strip_prefix("whsec_").unwrap_or(&s);
-                    let decoded = base64::engine::general_purpose::STANDARD.decode(encoded);
-                    match decoded {
-                        Ok(bytes) if !bytes.is_empty() => Some(Secret::new(s)),
-                        _ => {
-                            self.report(
-                                v.span().start,
-                                &key("secret"),
-                                "the signing secret is not base64 (optionally prefixed with whsec_)",
-                                "use a Standard Webhooks secret like whsec_ followed by base64 of 24 to 64 random bytes (e.g. `openssl rand -base64 32`)",
-                            );
-                            None
-                        }
-                    }
-                }),
-            };
+            let headers = self.header_map(&l.headers, &key("headers"));
+            let secret = self.signing_secret(&l.secret, &key("secret"));
 
             let timeout = self.duration(&l.timeout, &key("timeout"), DEFAULT_TIMEOUT);
             if let Some(v) = &l.timeout
@@ -1823,24 +1794,12 @@ impl Checker<'_> {
                     }),
             };
 
-            let max_attempts = match &l.max_attempts {
-                None => DEFAULT_MAX_ATTEMPTS,
-                Some(v) => {
-                    let n = *v.get_ref();
-                    match u32::try_from(n) {
-                        Ok(m) if (1..=MAX_MAX_ATTEMPTS).contains(&n) => m,
-                        _ => {
-                            self.report(
-                                v.span().start,
-                                &key("max_attempts"),
-                                &format!("{n} is out of range"),
-                                &format!("use a number from 1 to {MAX_MAX_ATTEMPTS} (default {DEFAULT_MAX_ATTEMPTS})"),
-                            );
-                            DEFAULT_MAX_ATTEMPTS
-                        }
-                    }
-                }
-            };
+            let max_attempts = self.count(
+                &l.max_attempts,
+                &key("max_attempts"),
+                MAX_MAX_ATTEMPTS,
+                DEFAULT_MAX_ATTEMPTS,
+            );
 
             let backoff = match &l.backoff {
                 None => DEFAULT_BACKOFF,
@@ -1883,24 +1842,12 @@ impl Checker<'_> {
                 }
             };
 
-            let concurrency = match &l.concurrency {
-                None => DEFAULT_CONCURRENCY,
-                Some(v) => {
-                    let n = *v.get_ref();
-                    match usize::try_from(n) {
-                        Ok(c) if (1..=MAX_CONCURRENCY).contains(&n) => c,
-                        _ => {
-                            self.report(
-                                v.span().start,
-                                &key("concurrency"),
-                                &format!("{n} is out of range"),
-                                &format!("use a number from 1 to {MAX_CONCURRENCY} (default {DEFAULT_CONCURRENCY})"),
-                            );
-                            DEFAULT_CONCURRENCY
-                        }
-                    }
-                }
-            };
+            let concurrency = self.count(
+                &l.concurrency,
+                &key("concurrency"),
+                MAX_CONCURRENCY,
+                DEFAULT_CONCURRENCY,
+            );
 
             let debounce = self.duration(&l.debounce, &key("debounce"), Duration::ZERO);
             // Not built yet: a window that silently did nothing would surprise a listener
@@ -1964,10 +1911,6 @@ impl Checker<'_> {
         listeners
     }
 
-    fn headers(&mut self, l: &RawListener, key: &str) -> Vec<(String, Secret)> {
-        self.header_map(&l.headers, key)
-    }
-
     fn header_map(&mut self, raw: &RawHeaders, key: &str) -> Vec<(String, Secret)> {
         let Some(raw) = raw else {
             return Vec::new();
@@ -2020,6 +1963,71 @@ impl Checker<'_> {
             headers.push((n.clone(), Secret::new(v)));
         }
         headers
+    }
+}
+
+impl Checker<'_> {
+    /// A required http(s) URL (listener or monitor webhook); `None` (reported) otherwise.
+    fn http_url(
+        &mut self,
+        value: &Str,
+        key: &str,
+        section_at: usize,
+        example: &str,
+    ) -> Option<String> {
+        let url = self.required(value, key, section_at, example)?;
+        match check_http_url(&url) {
+            Ok(()) => Some(url),
+            Err(problem) => {
+                let at = value.as_ref().map_or(section_at, |v| v.span().start);
+                self.report(
+                    at,
+                    key,
+                    &problem,
+                    &format!("write an http:// or https:// URL like {example}"),
+                );
+                None
+            }
+        }
+    }
+
+    /// A Standard Webhooks signing secret, checked the way delivery parses it.
+    fn signing_secret(&mut self, value: &Str, key: &str) -> Option<Secret> {
+        let v = value.as_ref()?;
+        let s = self.string(v, key)?;
+        match crate::delivery::signature::SigningKey::parse(&s) {
+            Ok(_) => Some(Secret::new(s)),
+            Err(e) => {
+                self.report_message(v.span().start, key, &e.to_string());
+                None
+            }
+        }
+    }
+
+    /// An integer from 1 to `max`; `default` when absent, reported when out of range.
+    fn count<T: TryFrom<i64> + std::fmt::Display + Copy>(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        max: i64,
+        default: T,
+    ) -> T {
+        let Some(v) = value else {
+            return default;
+        };
+        let n = *v.get_ref();
+        match T::try_from(n) {
+            Ok(c) if (1..=max).contains(&n) => c,
+            _ => {
+                self.report(
+                    v.span().start,
+                    key,
+                    &format!("{n} is out of range"),
+                    &format!("use a number from 1 to {max} (default {default})"),
+                );
+                default
+            }
+        }
     }
 }
 
@@ -2118,44 +2126,14 @@ impl Checker<'_> {
             }
             return None;
         };
-        let url = self.string(v, &key("url"));
-        let url = match url {
-            Some(u) if u.trim().is_empty() => {
-                self.report(
-                    v.span().start,
-                    &key("url"),
-                    "must not be empty",
-                    "write url = \"https://ops.example.com/walhook-alerts\"",
-                );
-                None
-            }
-            Some(u) => match check_http_url(&u) {
-                Ok(()) => Some(u),
-                Err(problem) => {
-                    self.report(
-                        v.span().start,
-                        &key("url"),
-                        &problem,
-                        "write an http:// or https:// URL like \"https://ops.example.com/walhook-alerts\"",
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
+        let url = self.http_url(
+            &m.url,
+            &key("url"),
+            v.span().start,
+            "\"https://ops.example.com/walhook-alerts\"",
+        );
         let headers = self.header_map(&m.headers, &key("headers"));
-        let secret = match &m.secret {
-            None => None,
-            Some(sv) => self.string(sv, &key("secret")).and_then(|s| {
-                match crate::delivery::signature::SigningKey::parse(&s) {
-                    Ok(_) => Some(Secret::new(s)),
-                    Err(e) => {
-                        self.report_message(sv.span().start, &key("secret"), &e.to_string());
-                        None
-                    }
-                }
-            }),
-        };
+        let secret = self.signing_secret(&m.secret, &key("secret"));
         url.map(|url| MonitorWebhook {
             url_redacted: redact_url(&url),
             url: Secret::new(url),

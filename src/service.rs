@@ -205,11 +205,10 @@ pub async fn run_with_reload(
     // The sender lives as long as the service, so `changed()` only fires on real reloads.
     let (_keep, own_rx) = watch::channel(Arc::new(config.clone()));
     let config_rx = reloads.unwrap_or(own_rx);
-    let params = ConnectParams::parse(
-        config.source.url.expose(),
-        config.source.password.as_ref().map(|s| s.expose()),
-    )
-    .map_err(ServiceError::from_err)?;
+    let params = config
+        .source
+        .connect_params()
+        .map_err(ServiceError::from_err)?;
 
     let (ready_tx, ready_rx) = watch::channel(false);
     let (status_tx, status_rx) = watch::channel(String::from("starting"));

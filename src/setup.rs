@@ -217,6 +217,28 @@ struct Server {
     db_create: bool,
 }
 
+impl Server {
+    fn grant_create_sql(&self) -> String {
+        format!(
+            "GRANT CREATE ON DATABASE {} TO {};",
+            quote_ident(&self.database),
+            quote_ident(&self.role)
+        )
+    }
+
+    fn alter_role_replication_sql(&self) -> String {
+        format!("ALTER ROLE {} REPLICATION;", quote_ident(&self.role))
+    }
+
+    fn own_queue_schema_sql(&self) -> String {
+        format!(
+            "ALTER SCHEMA {} OWNER TO {};",
+            quote_ident(QUEUE_SCHEMA),
+            quote_ident(&self.role)
+        )
+    }
+}
+
 #[derive(Debug)]
 struct SchemaFacts {
     owned: bool,
@@ -649,7 +671,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
         CheckItem::fail(
             "role",
             format!("{} has neither REPLICATION nor superuser", s.role),
-            format!("ALTER ROLE {} REPLICATION;", quote_ident(&s.role)),
+            s.alter_role_replication_sql(),
         )
     });
 
@@ -682,11 +704,7 @@ fn schema_item(facts: &Facts) -> CheckItem {
                 "missing, and {} has no CREATE privilege on database {}",
                 s.role, s.database
             ),
-            format!(
-                "GRANT CREATE ON DATABASE {} TO {};",
-                quote_ident(&s.database),
-                quote_ident(&s.role)
-            ),
+            s.grant_create_sql(),
         ),
         Some(sc) if sc.owned || (sc.usage && sc.create) => {
             CheckItem::ok(name, format!("exists (owner {})", sc.owner))
@@ -697,20 +715,12 @@ fn schema_item(facts: &Facts) -> CheckItem {
                 "exists (owner {}); {} may use it but not create tables in it, so migrations must be run by its owner",
                 sc.owner, s.role
             ),
-            format!(
-                "ALTER SCHEMA {} OWNER TO {};",
-                quote_ident(QUEUE_SCHEMA),
-                quote_ident(&s.role)
-            ),
+            s.own_queue_schema_sql(),
         ),
         Some(sc) => CheckItem::fail(
             name,
             format!("exists (owner {}) but {} may not use it", sc.owner, s.role),
-            format!(
-                "ALTER SCHEMA {} OWNER TO {};",
-                quote_ident(QUEUE_SCHEMA),
-                quote_ident(&s.role)
-            ),
+            s.own_queue_schema_sql(),
         ),
     }
 }
@@ -1314,10 +1324,9 @@ fn plan_from(
             ),
             action: StepAction::MigrateQueue,
             needs: format!(
-                "CREATE on database {} (GRANT CREATE ON DATABASE {} TO {};) or ownership of schema {QUEUE_SCHEMA}",
+                "CREATE on database {} ({}) or ownership of schema {QUEUE_SCHEMA}",
                 s.database,
-                quote_ident(&s.database),
-                quote_ident(&s.role)
+                s.grant_create_sql()
             ),
         });
     }
@@ -1390,10 +1399,9 @@ fn plan_from(
             ),
             action: StepAction::Sql(create_publication_sql(pubname, &tables, &needed)),
             needs: pub_needs(&format!(
-                "CREATE on database {} (GRANT CREATE ON DATABASE {} TO {};)",
+                "CREATE on database {} ({})",
                 s.database,
-                quote_ident(&s.database),
-                quote_ident(&s.role)
+                s.grant_create_sql()
             )),
         }),
         Some(p) => {
@@ -1438,10 +1446,7 @@ fn plan_from(
             action: StepAction::CreateSlot {
                 slot: config.source.slot.clone(),
             },
-            needs: format!(
-                "the REPLICATION attribute: ALTER ROLE {} REPLICATION;",
-                quote_ident(&s.role)
-            ),
+            needs: format!("the REPLICATION attribute: {}", s.alter_role_replication_sql()),
         });
     }
     Ok(steps)
@@ -1708,7 +1713,7 @@ impl Classify for SetupError {
     fn class(&self) -> ErrorClass {
         match self {
             SetupError::Query { source, .. } | SetupError::Statement { source, .. } => {
-                db_class(source)
+                crate::error::pg_error_class(source)
             }
             SetupError::PermissionDenied { .. }
             | SetupError::NoReplicaIdentity { .. }
@@ -1722,26 +1727,6 @@ impl Classify for SetupError {
     }
 }
 
-/// Connection trouble, server shutdown and lock/serialization conflicts pass; the rest needs
-/// someone to change something.
-fn db_class(e: &tokio_postgres::Error) -> ErrorClass {
-    let Some(code) = e.code() else {
-        return ErrorClass::Transient;
-    };
-    let c = code.code();
-    if c.starts_with("08")
-        || c.starts_with("53")
-        || c.starts_with("57P")
-        || c == SqlState::T_R_SERIALIZATION_FAILURE.code()
-        || c == SqlState::T_R_DEADLOCK_DETECTED.code()
-        || c == SqlState::LOCK_NOT_AVAILABLE.code()
-        || c == SqlState::OBJECT_IN_USE.code()
-    {
-        ErrorClass::Transient
-    } else {
-        ErrorClass::Permanent
-    }
-}
 
 /// The server's message with detail and hint; tokio-postgres' own Display says only "db error".
 fn db_message(e: &tokio_postgres::Error) -> String {

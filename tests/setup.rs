@@ -80,24 +80,38 @@ fn assert_all_ok(report: &Report) {
     assert!(not_ok.is_empty(), "expected all ok:\n{report}");
 }
 
+/// Everything `walhook setup` may do, including `--replica-identity-full`.
+const FULL: SetupOptions = SetupOptions {
+    replica_identity_full: true,
+};
+
 async fn full_setup(db: &TestDb, config: &Config) -> Vec<setup::SetupStep> {
     let mut client = db.client().await;
-    setup::setup(
-        &mut client,
-        config,
-        SetupOptions {
-            replica_identity_full: true,
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("setup: {e}"))
+    setup::setup(&mut client, config, FULL)
+        .await
+        .unwrap_or_else(|e| panic!("setup: {e}"))
+}
+
+/// A fresh database with [`SCHEMA`] and the [`default_config`] for it.
+async fn schema_db() -> (TestDb, Config) {
+    let db = TestDb::new();
+    db.execute(SCHEMA).await;
+    let cfg = default_config(&db);
+    (db, cfg)
+}
+
+/// A client logged in as role `app`, created in `db` by `role_sql`, after [`SCHEMA`].
+async fn app_client(db: &mut TestDb, role_sql: &str) -> tokio_postgres::Client {
+    db.execute(SCHEMA).await;
+    db.execute(role_sql).await;
+    let name = db.name.clone();
+    let url = db.cluster().url_as("app", &name);
+    support::connect(&url).await
 }
 
 #[tokio::test]
 async fn setup_then_check_reports_every_line_ok() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (db, cfg) = schema_db().await;
     let client = db.client().await;
 
     let before = setup::check(&client, &cfg).await;
@@ -122,15 +136,11 @@ async fn setup_then_check_reports_every_line_ok() {
 
 #[tokio::test]
 async fn second_setup_finds_nothing_to_do() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (db, cfg) = schema_db().await;
     full_setup(&db, &cfg).await;
 
     let client = db.client().await;
-    let opts = SetupOptions {
-        replica_identity_full: true,
-    };
+    let opts = FULL;
     let steps = setup::plan(&client, &cfg, opts).await.unwrap();
     assert!(steps.is_empty(), "second plan: {steps:?}");
     assert!(full_setup(&db, &cfg).await.is_empty());
@@ -144,13 +154,9 @@ async fn second_setup_finds_nothing_to_do() {
 
 #[tokio::test]
 async fn applying_a_stale_plan_again_is_harmless() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (db, cfg) = schema_db().await;
     let mut client = db.client().await;
-    let opts = SetupOptions {
-        replica_identity_full: true,
-    };
+    let opts = FULL;
     let steps = setup::plan(&client, &cfg, opts).await.unwrap();
     setup::apply(&mut client, &steps).await.unwrap();
     // Another setup ran meanwhile: the objects exist, and applying again must not fail.
@@ -244,9 +250,7 @@ async fn missing_id_track_or_exclude_column_fails() {
 
 #[tokio::test]
 async fn replica_identity_default_warns_naming_the_table() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (db, cfg) = schema_db().await;
     let mut client = db.client().await;
     // Everything but replica identity.
     setup::setup(&mut client, &cfg, SetupOptions::default())
@@ -282,11 +286,9 @@ async fn replica_identity_default_warns_naming_the_table() {
 
 #[tokio::test]
 async fn replica_identity_nothing_fails_and_setup_refuses_to_publish_it() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
+    let (db, cfg) = schema_db().await;
     db.execute("ALTER TABLE orders REPLICA IDENTITY NOTHING")
         .await;
-    let cfg = default_config(&db);
     let client = db.client().await;
     let report = setup::check(&client, &cfg).await;
     assert_eq!(
@@ -307,12 +309,11 @@ async fn replica_identity_nothing_fails_and_setup_refuses_to_publish_it() {
 #[tokio::test]
 async fn role_without_replication_fails_with_alter_role_fix() {
     let mut db = TestDb::new();
-    db.execute(SCHEMA).await;
-    db.execute("CREATE ROLE app LOGIN; GRANT SELECT ON customer, orders TO app")
-        .await;
-    let name = db.name.clone();
-    let url = db.cluster().url_as("app", &name);
-    let client = support::connect(&url).await;
+    let client = app_client(
+        &mut db,
+        "CREATE ROLE app LOGIN; GRANT SELECT ON customer, orders TO app",
+    )
+    .await;
     let cfg = default_config(&db);
     let report = setup::check(&client, &cfg).await;
     let role = item(&report, "role");
@@ -332,12 +333,11 @@ async fn role_without_replication_fails_with_alter_role_fix() {
 #[tokio::test]
 async fn select_privilege_missing_fails_with_grant() {
     let mut db = TestDb::new();
-    db.execute(SCHEMA).await;
-    db.execute("CREATE ROLE app LOGIN REPLICATION; GRANT SELECT ON customer TO app")
-        .await;
-    let name = db.name.clone();
-    let url = db.cluster().url_as("app", &name);
-    let client = support::connect(&url).await;
+    let client = app_client(
+        &mut db,
+        "CREATE ROLE app LOGIN REPLICATION; GRANT SELECT ON customer TO app",
+    )
+    .await;
     let cfg = default_config(&db);
     let report = setup::check(&client, &cfg).await;
     assert_eq!(item(&report, "select public.customer").verdict, Verdict::Ok);
@@ -352,26 +352,14 @@ async fn select_privilege_missing_fails_with_grant() {
 #[tokio::test]
 async fn setup_without_privilege_is_permanent_and_names_what_is_needed() {
     let mut db = TestDb::new();
-    db.execute(SCHEMA).await;
-    db.execute(&format!(
+    let grants = format!(
         "CREATE ROLE app LOGIN REPLICATION; GRANT SELECT ON customer, orders TO app; \
          GRANT CREATE ON DATABASE \"{}\" TO app",
         db.name
-    ))
-    .await;
-    let name = db.name.clone();
-    let url = db.cluster().url_as("app", &name);
-    let mut client = support::connect(&url).await;
+    );
+    let mut client = app_client(&mut db, &grants).await;
     let cfg = default_config(&db);
-    let err = setup::setup(
-        &mut client,
-        &cfg,
-        SetupOptions {
-            replica_identity_full: true,
-        },
-    )
-    .await
-    .unwrap_err();
+    let err = setup::setup(&mut client, &cfg, FULL).await.unwrap_err();
     assert_eq!(err.class(), ErrorClass::Permanent, "{err}");
     let msg = err.to_string();
     assert!(msg.contains("permission denied"), "{msg}");
@@ -383,11 +371,9 @@ async fn setup_without_privilege_is_permanent_and_names_what_is_needed() {
 
 #[tokio::test]
 async fn publication_missing_a_table_fails_with_alter_publication_fix() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
+    let (db, cfg) = schema_db().await;
     db.execute("CREATE PUBLICATION walhook FOR TABLE customer")
         .await;
-    let cfg = default_config(&db);
     let client = db.client().await;
     let report = setup::check(&client, &cfg).await;
     let p = item(&report, "publication walhook");
@@ -408,9 +394,7 @@ async fn publication_missing_a_table_fails_with_alter_publication_fix() {
 
 #[tokio::test]
 async fn missing_publication_fails_when_walhook_may_not_create_it() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let mut cfg = default_config(&db);
+    let (db, mut cfg) = schema_db().await;
     cfg.source.create_publication = false;
     let client = db.client().await;
     let report = setup::check(&client, &cfg).await;
@@ -423,11 +407,9 @@ async fn missing_publication_fails_when_walhook_may_not_create_it() {
 
 #[tokio::test]
 async fn slot_with_another_plugin_fails_and_is_left_alone() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
+    let (db, cfg) = schema_db().await;
     db.execute("SELECT pg_create_logical_replication_slot('walhook', 'test_decoding')")
         .await;
-    let cfg = default_config(&db);
     let client = db.client().await;
     let report = setup::check(&client, &cfg).await;
     let s = item(&report, "slot walhook");
@@ -446,9 +428,7 @@ async fn slot_with_another_plugin_fails_and_is_left_alone() {
 
 #[tokio::test]
 async fn active_slot_warns_and_cannot_be_dropped() {
-    let mut db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (mut db, cfg) = schema_db().await;
     full_setup(&db, &cfg).await;
     let client = db.client().await;
 
@@ -504,9 +484,7 @@ async fn active_slot_warns_and_cannot_be_dropped() {
 
 #[tokio::test]
 async fn drop_removes_slot_and_publication_but_keeps_queue_tables() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (db, cfg) = schema_db().await;
     full_setup(&db, &cfg).await;
     let client = db.client().await;
     let done = setup::drop_all(&client, &cfg, DropOptions::default())
@@ -539,19 +517,9 @@ async fn drop_removes_slot_and_publication_but_keeps_queue_tables() {
 
 #[tokio::test]
 async fn print_sql_lists_every_statement_with_reasons() {
-    let db = TestDb::new();
-    db.execute(SCHEMA).await;
-    let cfg = default_config(&db);
+    let (db, cfg) = schema_db().await;
     let client = db.client().await;
-    let steps = setup::plan(
-        &client,
-        &cfg,
-        SetupOptions {
-            replica_identity_full: true,
-        },
-    )
-    .await
-    .unwrap();
+    let steps = setup::plan(&client, &cfg, FULL).await.unwrap();
     let sql = setup::script(&steps, &cfg);
     for expected in [
         "CREATE SCHEMA IF NOT EXISTS walhook",

@@ -180,11 +180,9 @@ pub(super) async fn run(duration: Option<Duration>) -> Result<i32, Failure> {
             s.cancel();
         });
     }
+    let params = config.source.connect_params()?;
     let service = tokio::spawn(crate::service::run(config, shutdown.clone()));
-    let client = crate::service::connect_ordinary(&crate::replication::conn::ConnectParams::parse(
-        &url, None,
-    )?)
-    .await?;
+    let client = crate::service::connect_ordinary(&params).await?;
 
     // Wait for the stream before changing anything, so the first changes are captured.
     let streaming = wait_for_slot(&client, &shutdown).await;

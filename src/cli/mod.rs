@@ -149,8 +149,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Check(c) => {
-            let config = Config::load(&c.config)?;
-            let client = connect(&config).await?;
+            let (config, client) = c.load_and_connect().await?;
             let report = crate::setup::check(&client, &config).await;
             println!("{report}");
             Ok(if report.ok() {
@@ -168,8 +167,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
 }
 
 async fn setup(args: SetupArgs) -> Result<i32, Failure> {
-    let config = Config::load(&args.config.config)?;
-    let mut client = connect(&config).await?;
+    let (config, mut client) = args.config.load_and_connect().await?;
     if args.adopt {
         return adopt(&config, &mut client, args.discard_pending).await;
     }
@@ -207,10 +205,7 @@ async fn adopt(
     client: &mut tokio_postgres::Client,
     discard_pending: bool,
 ) -> Result<i32, Failure> {
-    let params = crate::replication::conn::ConnectParams::parse(
-        config.source.url.expose(),
-        config.source.password.as_ref().map(|s| s.expose()),
-    )?;
+    let params = config.source.connect_params()?;
     let current = crate::guard::current_identity(&params).await?;
     let adopted = crate::guard::adopt(client, &current, discard_pending)
         .await
@@ -238,12 +233,14 @@ async fn adopt(
     Ok(0)
 }
 
-async fn connect(config: &Config) -> Result<tokio_postgres::Client, Failure> {
-    let params = crate::replication::conn::ConnectParams::parse(
-        config.source.url.expose(),
-        config.source.password.as_ref().map(|s| s.expose()),
-    )?;
-    Ok(crate::service::connect_ordinary(&params).await?)
+impl ConfigArg {
+    /// Loads the configuration and opens an ordinary connection to its source database.
+    async fn load_and_connect(&self) -> Result<(Config, tokio_postgres::Client), Failure> {
+        let config = Config::load(&self.config)?;
+        let params = config.source.connect_params()?;
+        let client = crate::service::connect_ordinary(&params).await?;
+        Ok((config, client))
+    }
 }
 
 /// SIGHUP re-reads the configuration file. A file with errors is refused with the errors

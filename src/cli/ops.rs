@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{ArgGroup, Args};
 use serde_json::{Value, json};
 
-use super::{ConfigArg, Failure, connect};
+use super::{ConfigArg, Failure};
 use crate::config::Config;
 use crate::queue::admin::{
     FailedFilter, FailedPage, RetrySelection, Since, Status, list_failed, retry_failed, status,
@@ -102,8 +102,7 @@ fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 }
 
 pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
-    let config = Config::load(&args.config.config)?;
-    let client = connect(&config).await?;
+    let (config, client) = args.config.load_and_connect().await?;
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let report = status(&client, &names, &config.source.slot).await?;
     let refusal = guard_refusal(&config, &client).await;
@@ -123,11 +122,7 @@ pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
 
 /// Why the daemon refuses to capture and deliver here (an unadopted copy), if it does.
 async fn guard_refusal(config: &Config, client: &tokio_postgres::Client) -> Option<String> {
-    let params = crate::replication::conn::ConnectParams::parse(
-        config.source.url.expose(),
-        config.source.password.as_ref().map(|s| s.expose()),
-    )
-    .ok()?;
+    let params = config.source.connect_params().ok()?;
     let current = crate::guard::current_identity(&params).await.ok()?;
     crate::guard::verdict(client, &current)
         .await
@@ -136,8 +131,7 @@ async fn guard_refusal(config: &Config, client: &tokio_postgres::Client) -> Opti
 }
 
 pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
-    let config = Config::load(&args.config.config)?;
-    let client = connect(&config).await?;
+    let (_, client) = args.config.load_and_connect().await?;
     let filter = FailedFilter {
         listener: args.listener,
         since: args.since,
@@ -149,8 +143,7 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 }
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
-    let config = Config::load(&args.config.config)?;
-    let client = connect(&config).await?;
+    let (_, client) = args.config.load_and_connect().await?;
     let selection = if args.all {
         RetrySelection::All
     } else {
