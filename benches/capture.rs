@@ -9,12 +9,15 @@
 //!
 //! Prints rates, their ratio and walhook's peak RSS as a Markdown table.
 
-use std::process::{Command, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::{
+    DB, Walhook, cpu_secs, create_bench_database, psql, recvlogical_drain, reset_database,
+    vm_hwm_kb,
+};
 use walhook::cluster::LocalCluster;
-
-const DB: &str = "bench";
 
 struct Args {
     bulk: u64,
@@ -60,13 +63,7 @@ struct Outcome {
 fn main() {
     let args = parse_args();
     let cluster = LocalCluster::start().expect("start cluster");
-    cluster.create_database(DB).expect("create database");
-    psql(
-        &cluster,
-        "CREATE TABLE bench (id int PRIMARY KEY, a int NOT NULL, b text, c float8, d timestamptz, e bool);
-         ALTER TABLE bench REPLICA IDENTITY FULL;
-         CREATE PUBLICATION walhook FOR TABLE bench;",
-    );
+    create_bench_database(&cluster);
     let half = args.bulk / 2;
     let shapes = [
         Shape {
@@ -130,12 +127,7 @@ fn main() {
 
 fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     eprintln!("== {}: {} changes", shape.name, shape.changes);
-    psql(
-        cluster,
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
-         DROP SCHEMA IF EXISTS walhook CASCADE;
-         TRUNCATE bench;",
-    );
+    reset_database(cluster);
     psql(
         cluster,
         "SELECT pg_create_logical_replication_slot('drain', 'pgoutput');
@@ -151,58 +143,16 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
     psql(cluster, "CHECKPOINT");
 
     // (a) pg_recvlogical drains the same range to /dev/null.
-    let port = cluster.port().to_string();
-    let t = Instant::now();
-    let status = Command::new(cluster.bindir().join("pg_recvlogical"))
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-U",
-            walhook::cluster::SUPERUSER,
-            "-d",
-            DB,
-            "--slot",
-            "drain",
-            "--start",
-            "--no-loop",
-            "-E",
-            &end_lsn,
-            "-f",
-            "/dev/null",
-            "-o",
-            "proto_version=1",
-            "-o",
-            "publication_names=walhook",
-        ])
-        .status()
-        .expect("run pg_recvlogical");
-    let recvlogical_secs = t.elapsed().as_secs_f64();
-    assert!(status.success(), "pg_recvlogical failed: {status}");
+    let recvlogical_secs = recvlogical_drain(cluster, &end_lsn);
     eprintln!("   pg_recvlogical: {recvlogical_secs:.2}s");
 
     // (b) walhook decodes, maps and commits the same changes to walhook.event.
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("walhook.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[source]\nurl = \"{}\"\nslot = \"walhook\"\npublication = \"walhook\"\nheartbeat = \"off\"\n\n[[entity]]\nname = \"Bench\"\ntable = \"bench\"\n",
-            cluster.url(DB)
-        ),
-    )
-    .expect("write config");
     let t = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
-        .args(["--log-format", "text", "run", "--config"])
-        .arg(&config)
-        .env("WALHOOK_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start walhook");
-    let mut child = KillOnDrop(child);
-    let pid = child.0.id();
+    let mut walhook = Walhook::start(&format!(
+        "[source]\nurl = \"{}\"\nslot = \"walhook\"\npublication = \"walhook\"\nheartbeat = \"off\"\n\n[[entity]]\nname = \"Bench\"\ntable = \"bench\"\n",
+        cluster.url(DB)
+    ));
+    let pid = walhook.pid();
     let mut peak_kb = 0;
     loop {
         peak_kb = peak_kb.max(vm_hwm_kb(pid));
@@ -217,9 +167,7 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
         if queued as u64 >= shape.changes {
             break;
         }
-        if let Ok(Some(status)) = child.0.try_wait() {
-            panic!("walhook exited early: {status}");
-        }
+        walhook.assert_running("early");
         std::thread::sleep(Duration::from_millis(100));
     }
     let walhook_secs = t.elapsed().as_secs_f64();
@@ -229,7 +177,7 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
         "   walhook process CPU: {cpu:.2}s ({:.0}% of one core)",
         100.0 * cpu / walhook_secs
     );
-    drop(child);
+    drop(walhook);
     eprintln!(
         "   walhook: {walhook_secs:.2}s, peak RSS {} MB",
         peak_kb / 1024
@@ -241,48 +189,4 @@ fn run_shape(cluster: &LocalCluster, shape: &Shape) -> Outcome {
         walhook_secs,
         walhook_peak_rss_mb: peak_kb / 1024,
     }
-}
-
-/// User + system CPU seconds of a live process (/proc/PID/stat fields 14 and 15).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may contain spaces; fields after it are space-separated.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of the whole line are indexes 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// Kills the walhook child even when the benchmark panics.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn vm_hwm_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn psql(cluster: &LocalCluster, sql: &str) -> String {
-    cluster
-        .psql(DB, sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }

@@ -18,8 +18,9 @@
 //!
 //! Prints a Markdown table with the figures and walhook's peak RSS and CPU.
 
+mod common;
+
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,9 +29,12 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::post;
+use common::{
+    DB, Walhook, cpu_secs, create_bench_database, psql, recvlogical_drain, reset_database,
+    vm_hwm_kb,
+};
 use walhook::cluster::LocalCluster;
 
-const DB: &str = "bench";
 /// Rows per transaction in the throughput load.
 const TX_ROWS: u64 = 100;
 /// Give up when nothing new arrives for this long.
@@ -182,50 +186,12 @@ fn parse_rfc3339(s: &str) -> Option<f64> {
 // ---------------------------------------------------------------------------------------
 // walhook as a child process.
 
-struct Walhook {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Walhook {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then wait for a graceful exit (SIGKILL after 30 s). Returns the exit code.
-    fn stop(mut self) -> Option<i32> {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Walhook {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_walhook(
     cluster: &LocalCluster,
     receiver_port: u16,
     listeners: usize,
     concurrency: Option<u32>,
 ) -> Walhook {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("walhook.toml");
     let mut text = format!(
         "[source]\nurl = \"{}\"\nslot = \"walhook\"\npublication = \"walhook\"\nheartbeat = \"off\"\n\n\
          [queue]\nbatch_delay = \"0ms\"\n\n\
@@ -240,15 +206,7 @@ fn start_walhook(
             text.push_str(&format!("concurrency = {c}\n"));
         }
     }
-    std::fs::write(&config, text).expect("write config");
-    let child = Command::new(env!("CARGO_BIN_EXE_walhook"))
-        .args(["--log-format", "text", "run", "--config"])
-        .arg(&config)
-        .env("WALHOOK_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("start walhook");
-    Walhook { child, _dir: dir }
+    Walhook::start(&text)
 }
 
 /// Inserts marker rows until every listener has received one: walhook has created its
@@ -261,9 +219,7 @@ fn warm_up(cluster: &LocalCluster, receiver: &Receiver, walhook: &mut Walhook, l
         if receiver.unique().iter().all(|&n| n > 0) {
             break;
         }
-        if let Ok(Some(status)) = walhook.child.try_wait() {
-            panic!("walhook exited during start-up: {status}");
-        }
+        walhook.assert_running("during start-up");
         assert!(
             Instant::now() < deadline,
             "walhook delivered nothing in 90 s"
@@ -296,9 +252,7 @@ fn wait_for_all(receiver: &Receiver, walhook: &mut Walhook, expected: u64) {
             last = now;
             last_change = Instant::now();
         }
-        if let Ok(Some(status)) = walhook.child.try_wait() {
-            panic!("walhook exited during the run: {status}");
-        }
+        walhook.assert_running("during the run");
         assert!(
             last_change.elapsed() < STALL,
             "no progress for {STALL:?}: received {last:?} of {expected} per listener"
@@ -340,27 +294,6 @@ struct Latency {
     insert_p99: f64,
     usage: Usage,
     exit_code: Option<i32>,
-}
-
-fn reset_database(cluster: &LocalCluster) {
-    // A just-stopped walsender may still hold its slot for a moment.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let result = cluster.psql(
-            DB,
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots;
-             DROP SCHEMA IF EXISTS walhook CASCADE;
-             TRUNCATE bench;",
-        );
-        match result {
-            Ok(_) => return,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("   reset retried: {e}");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            Err(e) => panic!("reset: {e}"),
-        }
-    }
 }
 
 fn throughput(
@@ -436,35 +369,7 @@ fn throughput(
     let exit_code = walhook.stop();
 
     let drain_per_sec = with_drain.then(|| {
-        let port = cluster.port().to_string();
-        let t = Instant::now();
-        let status = Command::new(cluster.bindir().join("pg_recvlogical"))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                walhook::cluster::SUPERUSER,
-                "-d",
-                DB,
-                "--slot",
-                "drain",
-                "--start",
-                "--no-loop",
-                "-E",
-                &end_lsn,
-                "-f",
-                "/dev/null",
-                "-o",
-                "proto_version=1",
-                "-o",
-                "publication_names=walhook",
-            ])
-            .status()
-            .expect("run pg_recvlogical");
-        let secs = t.elapsed().as_secs_f64();
-        assert!(status.success(), "pg_recvlogical failed: {status}");
+        let secs = recvlogical_drain(cluster, &end_lsn);
         eprintln!("   pg_recvlogical drained the same range in {secs:.2}s");
         args.events as f64 / secs
     });
@@ -583,13 +488,7 @@ fn main() {
     rt.spawn(async move { axum::serve(listener, app).await });
 
     let cluster = LocalCluster::start().expect("start cluster");
-    cluster.create_database(DB).expect("create database");
-    psql(
-        &cluster,
-        "CREATE TABLE bench (id int PRIMARY KEY, a int NOT NULL, b text, c float8, d timestamptz, e bool);
-         ALTER TABLE bench REPLICA IDENTITY FULL;
-         CREATE PUBLICATION walhook FOR TABLE bench;",
-    );
+    create_bench_database(&cluster);
     for (name, value) in &args.db_settings {
         // Applies to every later session, walhook's included.
         eprintln!("== ALTER DATABASE {DB} SET {name} = {value}");
@@ -666,38 +565,4 @@ fn main() {
         .map(|c| c.map_or("killed".to_owned(), |c| c.to_string()))
         .collect();
     println!("walhook exit codes after SIGTERM: {}", codes.join(", "));
-}
-
-/// User + system CPU seconds of a live process (/proc/PID/stat fields 14 and 15).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name may contain spaces; fields after it are space-separated.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of the whole line are indexes 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-fn vm_hwm_kb(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn psql(cluster: &LocalCluster, sql: &str) -> String {
-    cluster
-        .psql(DB, sql)
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use support::receiver::{Receiver, Reply};
-use support::{Daemon, TestDb, eventually, wait_streaming};
+use support::{Daemon, TestDb, eventually, listener_toml, wait_queue_drained, wait_streaming};
 
 async fn setup_tables(db: &TestDb) {
     db.execute(
@@ -45,12 +45,8 @@ table = "orders"
     )
 }
 
-async fn wait_for_requests(r: &Receiver, n: usize, what: &str) {
-    eventually(Duration::from_secs(90), what, || async {
-        (r.count() >= n).then_some(())
-    })
-    .await;
-}
+/// How long to wait for deliveries to reach a receiver.
+const DELIVERY_WAIT: Duration = Duration::from_secs(90);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listeners_receive_exactly_their_subscribed_events_as_cloudevents() {
@@ -89,26 +85,18 @@ actions = ["created"]
     )
     .await
     .unwrap();
-    wait_for_requests(&crm, 2, "2 requests at crm").await;
-    wait_for_requests(&billing, 1, "1 request at billing").await;
+    crm.wait_for_count(2, DELIVERY_WAIT, "2 requests at crm")
+        .await;
+    billing
+        .wait_for_count(1, DELIVERY_WAIT, "1 request at billing")
+        .await;
     // A fence: one more customer change; once it arrives, nothing else is on its way.
     c.batch_execute("INSERT INTO customer VALUES (2, 'Grace', 'NYC')")
         .await
         .unwrap();
-    wait_for_requests(&crm, 3, "the fence at crm").await;
-    eventually(
-        Duration::from_secs(30),
-        "all notifications processed",
-        || async {
-            let n: i64 = c
-                .query_one("SELECT count(*) FROM walhook.new", &[])
-                .await
-                .ok()?
-                .get(0);
-            (n == 0).then_some(())
-        },
-    )
-    .await;
+    crm.wait_for_count(3, DELIVERY_WAIT, "the fence at crm")
+        .await;
+    wait_queue_drained(&c).await;
 
     let reqs = crm.requests();
     assert_eq!(reqs.len(), 3, "{reqs:#?}");
@@ -174,16 +162,7 @@ actions = ["created"]
 }
 
 fn one_listener(url: &str) -> String {
-    format!(
-        r#"
-[[listener]]
-name = "hook"
-url = "{url}"
-timeout = "2s"
-backoff = {{ initial = "100ms", max = "1s" }}
-max_attempts = 50
-"#
-    )
+    listener_toml("hook", url) + "timeout = \"2s\"\nmax_attempts = 50\n"
 }
 
 /// Event ids per entity id, as the receiver saw them (2xx answers only).
@@ -214,16 +193,9 @@ async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over()
     )
     .await
     .unwrap();
-    wait_for_requests(&hook, 300, "300 deliveries").await;
-    eventually(Duration::from_secs(30), "queue drained", || async {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM walhook.new", &[])
-            .await
-            .ok()?
-            .get(0);
-        (n == 0).then_some(())
-    })
-    .await;
+    hook.wait_for_count(300, DELIVERY_WAIT, "300 deliveries")
+        .await;
+    wait_queue_drained(&c).await;
     let reqs = hook.requests();
     let ids: HashSet<String> = reqs
         .iter()
@@ -250,7 +222,8 @@ async fn two_processes_deliver_each_notification_once_and_a_standby_takes_over()
     )
     .await
     .unwrap();
-    wait_for_requests(&hook, 350, "deliveries after the takeover").await;
+    hook.wait_for_count(350, DELIVERY_WAIT, "deliveries after the takeover")
+        .await;
     let after: HashSet<String> = hook
         .requests()
         .iter()
@@ -283,7 +256,8 @@ async fn sigkill_during_delivery_then_restart_delivers_every_event_with_stable_i
     )
     .await
     .unwrap();
-    wait_for_requests(&hook, 50, "some deliveries").await;
+    hook.wait_for_count(50, DELIVERY_WAIT, "some deliveries")
+        .await;
     daemon.kill9();
     let _daemon = Daemon::start(&toml);
     eventually(

@@ -5,24 +5,15 @@ mod support;
 use std::time::Duration;
 
 use support::receiver::Receiver;
-use support::{Daemon, TestDb, eventually, wait_streaming, walhook, write_config};
+use support::{
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, listener_toml, wait_streaming,
+    walhook, write_config,
+};
 
 fn config(url: &str, hook: &str) -> String {
-    format!(
-        r#"[source]
-url = "{url}"
-heartbeat = "1s"
-status_interval = "1s"
-
-[[entity]]
-name = "Customer"
-table = "customer"
-
-[[listener]]
-name = "crm"
-url = "{hook}"
-backoff = {{ initial = "100ms", max = "1s" }}
-"#
+    config_toml(
+        url,
+        &(CUSTOMER_ENTITY.to_owned() + &listener_toml("crm", hook)),
     )
 }
 
@@ -40,12 +31,8 @@ async fn a_restored_copy_delivers_nothing_until_adopted() {
         c.execute("INSERT INTO customer VALUES (1, 'Ada')", &[])
             .await
             .unwrap();
-        eventually(
-            Duration::from_secs(60),
-            "delivery from the original",
-            || async { (hook.count() >= 1).then_some(()) },
-        )
-        .await;
+        hook.wait_for_count(1, Duration::from_secs(60), "delivery from the original")
+            .await;
         assert_eq!(daemon.terminate().code(), Some(0), "{}", daemon.log());
     }
 
@@ -101,8 +88,7 @@ async fn a_restored_copy_delivers_nothing_until_adopted() {
         .expect("restore the dump");
 
     let copy_hook = Receiver::start().await;
-    let copy_config = config(&copy.url, &copy_hook.url("/copy"));
-    let daemon = Daemon::start(&copy_config);
+    let daemon = Daemon::start(&config(&copy.url, &copy_hook.url("/copy")));
     let c = copy.client().await;
     c.execute("INSERT INTO customer VALUES (2, 'Grace')", &[])
         .await
@@ -127,15 +113,15 @@ async fn a_restored_copy_delivers_nothing_until_adopted() {
         "refusal logged once per loop, not per retry:\n{}",
         daemon.log()
     );
-    let (_dir, path) = write_config(&copy_config);
-    let (code, stdout, stderr) = walhook(&["status", "--config", path.to_str().unwrap()]);
+    let path = daemon.config.to_str().unwrap();
+    let (code, stdout, stderr) = walhook(&["status", "--config", path]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(
         stdout.contains("copy"),
         "status does not explain the refusal:\n{stdout}"
     );
 
-    let (code, stdout, stderr) = walhook(&["setup", "--adopt", "--config", path.to_str().unwrap()]);
+    let (code, stdout, stderr) = walhook(&["setup", "--adopt", "--config", path]);
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("adopted"), "{stdout}");
     // The slot is created once the copy is adopted; changes before it are not captured.

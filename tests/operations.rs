@@ -5,7 +5,9 @@ mod support;
 use std::time::Duration;
 
 use support::receiver::Receiver;
-use support::{TestDb, eventually, walhook_bin, write_config};
+use support::{
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, listener_toml, walhook_bin,
+};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -16,63 +18,16 @@ fn free_port() -> u16 {
 }
 
 fn config(db: &TestDb, admin_port: u16, hook: &str) -> String {
-    format!(
-        r#"[source]
-url = "{}"
-heartbeat = "1s"
-status_interval = "1s"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[[entity]]
-name = "Customer"
-table = "customer"
-
-[[listener]]
-name = "crm"
-url = "{hook}"
-backoff = {{ initial = "100ms", max = "1s" }}
-"#,
-        db.url
-    )
+    let blocks = format!(
+        "[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{CUSTOMER_ENTITY}{}",
+        listener_toml("crm", hook)
+    );
+    config_toml(&db.url, &blocks)
 }
 
-struct Child {
-    child: std::process::Child,
-    _dir: tempfile::TempDir,
-    log: std::path::PathBuf,
-}
-
-impl Child {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_json(toml: &str) -> Child {
-    let (dir, path) = write_config(toml);
-    let log = dir.path().join("walhook.log");
-    let child = std::process::Command::new(walhook_bin())
-        .args(["--log-format", "json", "run", "--config"])
-        .arg(&path)
-        .env("WALHOOK_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Child {
-        child,
-        _dir: dir,
-        log,
-    }
+/// `walhook run` logging JSON lines.
+fn start_json(toml: &str) -> Daemon {
+    Daemon::start_with(toml, "json", |_| {})
 }
 
 async fn get(url: &str) -> Option<(u16, String)> {
@@ -123,10 +78,8 @@ async fn metrics_move_with_events_and_readiness_follows_the_database() {
     )
     .await
     .unwrap();
-    eventually(Duration::from_secs(60), "25 deliveries", || async {
-        (hook.count() >= 25).then_some(())
-    })
-    .await;
+    hook.wait_for_count(25, Duration::from_secs(60), "25 deliveries")
+        .await;
     let text = eventually(Duration::from_secs(30), "delivery counters", || async {
         let (_, text) = get(&format!("{base}/metrics")).await?;
         (sample(

@@ -6,27 +6,16 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use support::receiver::Receiver;
-use support::{Daemon, TestDb, eventually};
+use support::{
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, listener_toml, wait_queue_drained,
+};
 
 fn config(db: &TestDb, listeners: &[(&str, String)]) -> String {
-    let mut toml = format!(
-        r#"[source]
-url = "{}"
-heartbeat = "1s"
-status_interval = "1s"
-
-[[entity]]
-name = "Customer"
-table = "customer"
-"#,
-        db.url
-    );
+    let mut blocks = CUSTOMER_ENTITY.to_owned();
     for (name, url) in listeners {
-        toml.push_str(&format!(
-            "\n[[listener]]\nname = \"{name}\"\nurl = \"{url}\"\nbackoff = {{ initial = \"100ms\", max = \"1s\" }}\n"
-        ));
+        blocks.push_str(&listener_toml(name, url));
     }
-    toml
+    config_toml(&db.url, &blocks)
 }
 
 async fn walsender_pid(c: &tokio_postgres::Client) -> Option<i32> {
@@ -118,15 +107,7 @@ async fn sighup_adds_a_listener_without_restarting_the_stream_and_refuses_a_bad_
         (ids(&a).contains_key(&3) && ids(&b).contains_key(&3)).then_some(())
     })
     .await;
-    eventually(Duration::from_secs(30), "queue drained", || async {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM walhook.new", &[])
-            .await
-            .ok()?
-            .get(0);
-        (n == 0).then_some(())
-    })
-    .await;
+    wait_queue_drained(&c).await;
     // Nothing lost or duplicated for a; b starts at the reload (no replay of 1).
     assert_eq!(
         ids(&a),

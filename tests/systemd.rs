@@ -6,7 +6,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::{TestDb, config_toml, walhook_bin};
+use support::{CUSTOMER_ENTITY, Daemon, TestDb, config_toml, walhook_bin};
 
 /// Where the units expect the binary; replaced by the built one for verification.
 const INSTALLED_BIN: &str = "/usr/local/bin/walhook";
@@ -140,42 +140,6 @@ fn units_run_as_a_notify_service_with_watchdog_and_hardening() {
     }
 }
 
-/// A `walhook run` child with extra environment; killed on drop.
-struct Child {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Child {
-    fn start(dir: &Path, toml: &str, env: &[(&str, &str)]) -> Child {
-        let config = dir.join("walhook.toml");
-        std::fs::write(&config, toml).unwrap();
-        let log = dir.join("walhook.log");
-        let child = std::process::Command::new(walhook_bin())
-            .args(["--log-format", "text", "run", "--config"])
-            .arg(&config)
-            .env("WALHOOK_LOG", "info")
-            .env_remove("WATCHDOG_PID")
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Child { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 async fn slot_active(db: &TestDb) -> bool {
     let c = db.client().await;
     c.query_one(
@@ -192,20 +156,17 @@ async fn daemon_notifies_ready_when_streaming_then_status_and_watchdog() {
     let db = TestDb::new();
     db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text)")
         .await;
-    let toml = config_toml(
-        &db.url,
-        "[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n",
-    );
+    let toml = config_toml(&db.url, CUSTOMER_ENTITY);
     let dir = tempfile::tempdir().unwrap();
     let socket_path = dir.path().join("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
     let socket_str = socket_path.to_str().unwrap();
     // No WATCHDOG_PID: the pid is unknown before spawning, and an absent one means "you".
-    let daemon = Child::start(
-        dir.path(),
-        &toml,
-        &[("NOTIFY_SOCKET", socket_str), ("WATCHDOG_USEC", "2000000")],
-    );
+    let daemon = Daemon::start_with(&toml, "text", |command| {
+        command
+            .env_remove("WATCHDOG_PID")
+            .envs([("NOTIFY_SOCKET", socket_str), ("WATCHDOG_USEC", "2000000")]);
+    });
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut ready_seen = false;

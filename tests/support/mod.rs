@@ -164,18 +164,29 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `walhook run --config <toml>`.
+    /// Starts `walhook --log-format text run --config <toml>`.
     pub fn start(toml: &str) -> Daemon {
+        Self::start_with(toml, "text", |_| {})
+    }
+
+    /// Starts `walhook --log-format <log_format> run --config <toml>`; `configure` may add to
+    /// the command (environment) before it is spawned.
+    pub fn start_with(
+        toml: &str,
+        log_format: &str,
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> Daemon {
         let (dir, path) = write_config(toml);
         let log = dir.path().join("walhook.log");
-        let child = std::process::Command::new(walhook_bin())
-            .args(["--log-format", "text", "run", "--config"])
+        let mut command = std::process::Command::new(walhook_bin());
+        command
+            .args(["--log-format", log_format, "run", "--config"])
             .arg(&path)
             .env("WALHOOK_LOG", "info")
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn walhook");
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        configure(&mut command);
+        let child = command.spawn().expect("spawn walhook");
         Daemon {
             child,
             log,
@@ -260,6 +271,29 @@ batch_delay = "5ms"
 {entities}
 "#
     )
+}
+
+/// An `[[entity]]` block for the `customer` table as entity `Customer`.
+pub const CUSTOMER_ENTITY: &str = "\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n";
+
+/// A `[[listener]]` block with a fast backoff (100ms up to 1s).
+pub fn listener_toml(name: &str, url: &str) -> String {
+    format!(
+        "\n[[listener]]\nname = \"{name}\"\nurl = \"{url}\"\nbackoff = {{ initial = \"100ms\", max = \"1s\" }}\n"
+    )
+}
+
+/// Waits until `walhook.new` is empty: every notification was delivered or failed.
+pub async fn wait_queue_drained(c: &tokio_postgres::Client) {
+    eventually(Duration::from_secs(30), "queue drained", || async {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM walhook.new", &[])
+            .await
+            .ok()?
+            .get(0);
+        (n == 0).then_some(())
+    })
+    .await;
 }
 
 /// Counts rows of `walhook.event`, 0 before the table exists.

@@ -163,6 +163,14 @@ impl Receiver {
         self.state.lock().unwrap().requests.len()
     }
 
+    /// Waits until at least `n` requests arrived; panics naming `what` after `timeout`.
+    pub async fn wait_for_count(&self, n: usize, timeout: Duration, what: &str) {
+        super::eventually(timeout, what, || async {
+            (self.count() >= n).then_some(())
+        })
+        .await;
+    }
+
     /// Stops the server and waits until the port is closed.
     pub async fn stop(mut self) {
         if let Some(s) = self.stop.take() {
