@@ -48,7 +48,6 @@ fn listener(url: String) -> ListenerConfig {
 fn notification() -> Notification {
     Notification {
         id: 7,
-        listener: "crm-hook".into(),
         attempts: 0,
         event: StoredEvent {
             event_id: Uuid::parse_str("6f1c1e5a-0000-5000-8000-000000000042").unwrap(),

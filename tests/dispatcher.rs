@@ -78,6 +78,27 @@ impl Queue {
         self.client.query_one(sql, &[]).await.unwrap().get(0)
     }
 
+    /// Waits up to `within` until `sql` returns a row; returns the first.
+    async fn first_row(&self, within: Duration, what: &str, sql: &str) -> tokio_postgres::Row {
+        support::eventually(within, what, || async {
+            self.client
+                .query(sql, &[])
+                .await
+                .unwrap()
+                .into_iter()
+                .next()
+        })
+        .await
+    }
+
+    /// Waits up to `within` until `walhook.processed` holds exactly `n` rows.
+    async fn wait_processed(&self, n: i64, within: Duration, what: &str) {
+        support::eventually(within, what, || async {
+            (self.count("SELECT count(*) FROM walhook.processed").await == n).then_some(())
+        })
+        .await
+    }
+
     /// Starts a dispatcher; returns its stop token and task.
     fn dispatch(
         &self,
@@ -143,19 +164,14 @@ async fn retried_503s_show_the_last_failure_then_deliver_on_the_fourth_attempt()
     assert_eq!(code, 503);
     assert!(attempts >= 1);
 
-    let (attempts, status): (i32, i32) = support::eventually(
-        Duration::from_secs(15),
-        "delivery on the fourth attempt",
-        || async {
-            let rows = q
-                .client
-                .query("SELECT attempts, status_code FROM walhook.processed", &[])
-                .await
-                .unwrap();
-            rows.first().map(|r| (r.get(0), r.get(1)))
-        },
-    )
-    .await;
+    let row = q
+        .first_row(
+            Duration::from_secs(15),
+            "delivery on the fourth attempt",
+            "SELECT attempts, status_code FROM walhook.processed",
+        )
+        .await;
+    let (attempts, status): (i32, i32) = (row.get(0), row.get(1));
     assert_eq!((attempts, status), (4, 200));
     assert_eq!(receiver.count(), 4);
     assert_eq!(q.count("SELECT count(*) FROM walhook.new").await, 0);
@@ -173,22 +189,14 @@ async fn a_receiver_that_always_fails_ends_in_failed_with_status_and_url_after_m
         &receiver.url("/always-500"),
         "max_attempts = 3",
     )));
-    let (attempts, code, comment): (i32, i32, String) = support::eventually(
-        Duration::from_secs(15),
-        "the row in walhook.failed",
-        || async {
-            let rows = q
-                .client
-                .query(
-                    "SELECT attempts, last_status_code, comment FROM walhook.failed",
-                    &[],
-                )
-                .await
-                .unwrap();
-            rows.first().map(|r| (r.get(0), r.get(1), r.get(2)))
-        },
-    )
-    .await;
+    let row = q
+        .first_row(
+            Duration::from_secs(15),
+            "the row in walhook.failed",
+            "SELECT attempts, last_status_code, comment FROM walhook.failed",
+        )
+        .await;
+    let (attempts, code, comment): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
     assert_eq!((attempts, code), (3, 500));
     assert!(
         comment.contains("HTTP 500 Internal Server Error"),
@@ -209,19 +217,14 @@ async fn a_400_fails_at_once_without_a_retry() {
     let mut q = Queue::new(&["crm"]).await;
     q.write(&[event(0x100, 0, "Customer", "1")]).await;
     let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
-    let (attempts, code): (i32, i32) = support::eventually(
-        Duration::from_secs(10),
-        "the row in walhook.failed",
-        || async {
-            let rows = q
-                .client
-                .query("SELECT attempts, last_status_code FROM walhook.failed", &[])
-                .await
-                .unwrap();
-            rows.first().map(|r| (r.get(0), r.get(1)))
-        },
-    )
-    .await;
+    let row = q
+        .first_row(
+            Duration::from_secs(10),
+            "the row in walhook.failed",
+            "SELECT attempts, last_status_code FROM walhook.failed",
+        )
+        .await;
+    let (attempts, code): (i32, i32) = (row.get(0), row.get(1));
     assert_eq!((attempts, code), (1, 400));
     assert_eq!(q.count("SELECT count(*) FROM walhook.new").await, 0);
     stop(token, task).await;
@@ -235,15 +238,8 @@ async fn a_429_with_retry_after_2_delays_the_next_attempt_by_at_least_2s() {
     let mut q = Queue::new(&["crm"]).await;
     q.write(&[event(0x100, 0, "Customer", "1")]).await;
     let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
-    support::eventually(
-        Duration::from_secs(10),
-        "the delivery after the 429",
-        || async {
-            let n = q.count("SELECT count(*) FROM walhook.processed").await;
-            (n == 1).then_some(())
-        },
-    )
-    .await;
+    q.wait_processed(1, Duration::from_secs(10), "the delivery after the 429")
+        .await;
     let requests = receiver.requests();
     assert_eq!(requests.len(), 2);
     let gap = requests[1].at - requests[0].at;
@@ -293,11 +289,8 @@ async fn a_receiver_down_for_30_seconds_gets_every_event_once_it_is_back() {
     );
 
     let receiver = Receiver::start_on(port).await;
-    support::eventually(Duration::from_secs(15), "all 30 delivered", || async {
-        let n = q.count("SELECT count(*) FROM walhook.processed").await;
-        (n == 30).then_some(())
-    })
-    .await;
+    q.wait_processed(30, Duration::from_secs(15), "all 30 delivered")
+        .await;
     let ids: HashSet<String> = receiver.requests().iter().map(subject).collect();
     assert_eq!(ids.len(), 30);
     assert_eq!(receiver.count(), 30);
@@ -342,11 +335,8 @@ async fn changes_to_one_entity_arrive_in_commit_order_while_others_are_not_block
         &receiver.url("/"),
         "max_attempts = 10",
     )));
-    support::eventually(Duration::from_secs(30), "all 60 delivered", || async {
-        let n = q.count("SELECT count(*) FROM walhook.processed").await;
-        (n == 60).then_some(())
-    })
-    .await;
+    q.wait_processed(60, Duration::from_secs(30), "all 60 delivered")
+        .await;
     let requests = receiver.requests();
     let customer: Vec<u64> = requests
         .iter()
@@ -436,13 +426,10 @@ async fn two_dispatchers_on_one_queue_deliver_each_notification_exactly_once() {
             .collect();
         q.write(&events).await;
     }
-    support::eventually(
+    q.wait_processed(
+        2000,
         Duration::from_secs(30),
         "2000 notifications delivered",
-        || async {
-            let n = q.count("SELECT count(*) FROM walhook.processed").await;
-            (n == 2000).then_some(())
-        },
     )
     .await;
     let requests = receiver.requests();
@@ -507,11 +494,8 @@ async fn shutdown_finishes_in_flight_deliveries_and_releases_every_other_lease()
     // The released rows go to the next dispatcher at once, not after a lease expiry.
     receiver.respond_with(|_, _| Reply::status(200));
     let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
-    support::eventually(Duration::from_secs(5), "the rest delivered", || async {
-        let n = q.count("SELECT count(*) FROM walhook.processed").await;
-        (n == 100).then_some(())
-    })
-    .await;
+    q.wait_processed(100, Duration::from_secs(5), "the rest delivered")
+        .await;
     stop(token, task).await;
 }
 
@@ -582,10 +566,8 @@ async fn delivery_goes_on_after_its_database_connections_are_killed() {
     let mut q = Queue::new(&["crm"]).await;
     q.write(&[event(0x100, 0, "Customer", "1")]).await;
     let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
-    support::eventually(Duration::from_secs(10), "the first delivery", || async {
-        (q.count("SELECT count(*) FROM walhook.processed").await == 1).then_some(())
-    })
-    .await;
+    q.wait_processed(1, Duration::from_secs(10), "the first delivery")
+        .await;
     let killed = q
         .count(
             "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
@@ -595,12 +577,8 @@ async fn delivery_goes_on_after_its_database_connections_are_killed() {
     assert_eq!(killed, 2, "one claiming and one recording connection");
 
     q.write(&[event(0x200, 0, "Customer", "2")]).await;
-    support::eventually(
-        Duration::from_secs(10),
-        "delivery after the reconnect",
-        || async { (q.count("SELECT count(*) FROM walhook.processed").await == 2).then_some(()) },
-    )
-    .await;
+    q.wait_processed(2, Duration::from_secs(10), "delivery after the reconnect")
+        .await;
     assert!(!task.is_finished());
     assert_eq!(receiver.count(), 2);
     stop(token, task).await;
@@ -631,10 +609,10 @@ async fn leases_of_a_killed_process_on_this_host_are_taken_over_at_start() {
         .await
         .unwrap();
     let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
-    support::eventually(
+    q.wait_processed(
+        1,
         Duration::from_secs(10),
         "the dead process's notification",
-        || async { (q.count("SELECT count(*) FROM walhook.processed").await == 1).then_some(()) },
     )
     .await;
     stop(token, task).await;

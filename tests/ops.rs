@@ -608,9 +608,9 @@ async fn retry_all_requeues_every_failed_notification_of_the_listener_only() {
 
 #[tokio::test]
 async fn prune_deletes_old_processed_and_unpinned_events_in_batches_and_keeps_the_rest() {
-    let (_db, client) = seeded().await;
+    let (db, client) = seeded().await;
     // More rows than one batch, to prove the loop continues until nothing is left.
-    let mut w = QueueWriter::new(_db.client().await, SYSTEM_ID)
+    let mut w = QueueWriter::new(db.client().await, SYSTEM_ID)
         .await
         .unwrap();
     w.set_listeners(vec![("bulk".into(), None)]);

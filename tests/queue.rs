@@ -9,8 +9,7 @@ use serde_json::{Map, Value, json};
 use walhook::error::{Classify, ErrorClass};
 use walhook::mapper::EntityEvent;
 use walhook::queue::{self, QueueError, QueueWriter, WriteOutcome};
-use walhook::replication::pgoutput::PgTimestamp;
-use walhook::types::{Action, EntityName, Lsn, TableName, Xid};
+use walhook::types::{Action, EntityName, Lsn};
 
 const SYSTEM_ID: &str = "7301234567890123456";
 
@@ -22,24 +21,10 @@ fn object(v: Value) -> Map<String, Value> {
 }
 
 fn event(lsn: u64, seq: u32, entity: &str, id: &str) -> EntityEvent {
-    EntityEvent {
-        commit_lsn: Lsn(lsn),
-        seq,
-        xid: Xid(4242),
-        // 2024-01-02T03:04:05.123456Z
-        commit_time: PgTimestamp(757_479_845_123_456),
-        entity: EntityName::new(entity).unwrap(),
-        table: TableName {
-            schema: "public".into(),
-            name: entity.to_lowercase(),
-        },
-        entity_id: id.to_owned(),
-        action: Action::Updated,
-        changed_fields: Some(vec!["city".into()]),
-        row: object(json!({"id": id, "city": "Oslo", "n": 1.5})),
-        old: Some(object(json!({"id": id, "city": "Bergen"}))),
-        subject: Some(format!("{entity}/{id}")),
-    }
+    let row = json!({"id": id, "city": "Oslo", "n": 1.5});
+    let mut e = support::entity_event(lsn, seq, entity, id, row, &["city"]);
+    e.old = Some(object(json!({"id": id, "city": "Bergen"})));
+    e
 }
 
 async fn migrated() -> (support::TestDb, tokio_postgres::Client) {

@@ -4,35 +4,22 @@
 
 mod support;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use walhook::mapper::EntityEvent;
 use walhook::queue::{self, QueueWriter, WriteOutcome};
-use walhook::replication::pgoutput::PgTimestamp;
-use walhook::types::{Action, EntityName, Lsn, TableName, Xid};
+use walhook::types::Lsn;
 
 const SYSTEM_ID: &str = "7301234567890123456";
 
 fn event(lsn: u64, seq: u32, id: &str) -> EntityEvent {
-    let Value::Object(row) = json!({"id": id, "city": "Oslo"}) else {
-        unreachable!()
-    };
-    EntityEvent {
-        commit_lsn: Lsn(lsn),
+    support::entity_event(
+        lsn,
         seq,
-        xid: Xid(7),
-        commit_time: PgTimestamp(757_479_845_123_456),
-        entity: EntityName::new("Customer").unwrap(),
-        table: TableName {
-            schema: "public".into(),
-            name: "customer".into(),
-        },
-        entity_id: id.to_owned(),
-        action: Action::Created,
-        changed_fields: None,
-        row,
-        old: None,
-        subject: None,
-    }
+        "Customer",
+        id,
+        json!({"id": id, "city": "Oslo"}),
+        &[],
+    )
 }
 
 async fn migrated() -> (support::TestDb, tokio_postgres::Client) {

@@ -16,6 +16,7 @@
 //! reconnect with backoff. Several processes can share one queue: a row is claimed by one
 //! lease holder at a time, and outcomes are recorded only for rows still leased here.
 
+use std::future::Future;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -525,24 +526,21 @@ async fn back_off(backoff: &mut Duration, stop: &CancellationToken) {
 
 type Failure = (Option<Arc<NotificationStore>>, DispatchError);
 
-async fn claim_once(
-    link: &Link,
-    lane: &Lane,
-    want: usize,
-) -> Result<Vec<Result<Notification, (i64, String)>>, Failure> {
+/// Runs `op` on the link's live connection within [`STATEMENT_TIMEOUT`]; a failure carries
+/// the connection it happened on, for [`Link::broken`].
+async fn on_store<T, F, Fut>(link: &Link, context: &'static str, op: F) -> Result<T, Failure>
+where
+    F: FnOnce(Arc<NotificationStore>) -> Fut,
+    Fut: Future<Output = Result<T, QueueError>>,
+{
     let store = link.store().await.map_err(|e| (None, e))?;
-    match tokio::time::timeout(
-        STATEMENT_TIMEOUT,
-        store.claim(lane.name(), want, lane.lease),
-    )
-    .await
-    {
-        Ok(Ok(rows)) => Ok(rows),
+    match tokio::time::timeout(STATEMENT_TIMEOUT, op(store.clone())).await {
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err((Some(store), e.into())),
         Err(_) => Err((
             Some(store),
             DispatchError::Timeout {
-                context: "claiming notifications",
+                context,
                 seconds: STATEMENT_TIMEOUT.as_secs(),
             },
         )),
@@ -570,8 +568,12 @@ async fn claim_loop(
             let want = room.min(CLAIM_BATCH);
             // At stop a claim in progress is abandoned rather than awaited (the database may
             // be gone); leases it took are freed with the others at the end, or expire.
+            let (name, lease) = (lane.name(), lane.lease);
+            let claim = on_store(&link, "claiming notifications", |store| async move {
+                store.claim(name, want, lease).await
+            });
             let result = tokio::select! {
-                result = claim_once(&link, &lane, want) => result,
+                result = claim => result,
                 _ = shared.stop.cancelled() => break,
             };
             match result {
@@ -834,24 +836,16 @@ fn build_batch(
                             delay,
                         });
                     }
-                    Verdict::Retry => {
-                        let comment = format!(
-                            "{} (the last of {} attempts)",
-                            comment(),
-                            lane.config.max_attempts
-                        );
-                        observe(Observed::Failed, Some(&comment));
-                        effect.last_failure = Some(comment.clone());
-                        effect.gave_up += 1;
-                        batch.failed.push(FailedAttemptRow {
-                            id,
-                            status_code,
-                            comment,
-                            delay: Duration::ZERO,
-                        });
-                    }
-                    Verdict::Fail => {
-                        let comment = comment();
+                    // A final verdict, or a retry after the last attempt: give up.
+                    verdict => {
+                        let comment = match verdict {
+                            Verdict::Retry => format!(
+                                "{} (the last of {} attempts)",
+                                comment(),
+                                lane.config.max_attempts
+                            ),
+                            _ => comment(),
+                        };
                         observe(Observed::Failed, Some(&comment));
                         effect.last_failure = Some(comment.clone());
                         effect.gave_up += 1;
@@ -877,21 +871,10 @@ async fn record(link: &Link, shared: &Shared, batch: &Completions) {
     let mut backoff = RECONNECT_INITIAL;
     let mut give_up_at: Option<Instant> = None;
     loop {
-        let attempt = async {
-            let store = link.store().await.map_err(|e| (None, e))?;
-            match tokio::time::timeout(STATEMENT_TIMEOUT, store.complete(batch)).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err((Some(store), DispatchError::from(e))),
-                Err(_) => Err((
-                    Some(store),
-                    DispatchError::Timeout {
-                        context: "recording delivery outcomes",
-                        seconds: STATEMENT_TIMEOUT.as_secs(),
-                    },
-                )),
-            }
-        };
-        let result: Result<(), Failure> = attempt.await;
+        let result = on_store(link, "recording delivery outcomes", |store| async move {
+            store.complete(batch).await
+        })
+        .await;
         let (store, e) = match result {
             Ok(()) => {
                 link.healthy();
@@ -980,21 +963,10 @@ async fn release_leftovers(link: &Link, shared: &Shared) {
     let deadline = Instant::now() + SHUTDOWN_RECORD_DEADLINE;
     let mut backoff = RECONNECT_INITIAL;
     loop {
-        let attempt = async {
-            let store = link.store().await.map_err(|e| (None, e))?;
-            match tokio::time::timeout(STATEMENT_TIMEOUT, store.release_all()).await {
-                Ok(Ok(n)) => Ok(n),
-                Ok(Err(e)) => Err((Some(store), DispatchError::from(e))),
-                Err(_) => Err((
-                    Some(store),
-                    DispatchError::Timeout {
-                        context: "releasing leases",
-                        seconds: STATEMENT_TIMEOUT.as_secs(),
-                    },
-                )),
-            }
-        };
-        let result: Result<u64, Failure> = attempt.await;
+        let result = on_store(link, "releasing leases", |store| async move {
+            store.release_all().await
+        })
+        .await;
         match result {
             Ok(n) => {
                 if n > 0 {

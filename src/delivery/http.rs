@@ -292,7 +292,8 @@ impl HttpSender {
         }
         let latency = started.elapsed();
 
-        let status_text = match status.canonical_reason() {
+        // Only failures get a comment: nothing is formatted for a delivery.
+        let status_text = || match status.canonical_reason() {
             Some(reason) => format!("HTTP {code} {reason}"),
             None => format!("HTTP {code}"),
         };
@@ -305,16 +306,17 @@ impl HttpSender {
                     self.excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES),
                 ),
                 None => format!(
-                    "{status_text} from {} without a Location header: redirects are not followed; check the listener url",
+                    "{} from {} without a Location header: redirects are not followed; check the listener url",
+                    status_text(),
                     self.url_redacted
                 ),
             }),
             _ => {
                 let text = self.excerpt(&body, COMMENT_BODY_BYTES);
                 Some(if text.is_empty() {
-                    format!("{status_text} from {}", self.url_redacted)
+                    format!("{} from {}", status_text(), self.url_redacted)
                 } else {
-                    format!("{status_text} from {}: {text}", self.url_redacted)
+                    format!("{} from {}: {text}", status_text(), self.url_redacted)
                 })
             }
         };

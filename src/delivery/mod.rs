@@ -50,8 +50,6 @@ pub struct StoredEvent {
 pub struct Notification {
     /// Notification id (stable across `walhook.new` / `processed` / `failed`).
     pub id: i64,
-    /// Listener name.
-    pub listener: String,
     /// Attempts made before this one.
     pub attempts: i32,
     /// The event to deliver.

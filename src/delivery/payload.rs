@@ -2,7 +2,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{Map, Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use super::StoredEvent;
 
@@ -11,48 +12,77 @@ pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json; charse
 
 /// The CloudEvent for `event` as JSON.
 pub fn cloudevent(event: &StoredEvent, source_system: &str) -> Value {
-    let mut data = Map::new();
-    data.insert("entity".into(), Value::String(event.entity.clone()));
-    data.insert("entityId".into(), Value::String(event.entity_id.clone()));
-    data.insert("action".into(), Value::String(event.action.as_str().into()));
-    data.insert(
-        "changedFields".into(),
-        match &event.changed_fields {
-            Some(fields) => Value::from(fields.clone()),
-            None => Value::Null,
-        },
-    );
-    data.insert("row".into(), event.row.clone());
-    if let Some(old) = &event.old {
-        data.insert("old".into(), old.clone());
-    }
-
-    let mut ce = json!({
-        "specversion": "1.0",
-        "id": event.event_id.to_string(),
-        "source": source(source_system, &event.source_table),
-        "type": format!("{}.{}", event.entity, event.action.as_str()),
-        "time": rfc3339_micros(event.commit_time),
-        "datacontenttype": "application/json",
-        "entity": event.entity,
-        "entityid": event.entity_id,
-        "commitlsn": event.commit_lsn.to_string(),
-        "sequence": sequence(event),
-    });
-    if let (Some(subject), Some(obj)) = (&event.subject, ce.as_object_mut()) {
-        obj.insert("subject".into(), Value::String(subject.clone()));
-    }
-    if let Some(obj) = ce.as_object_mut() {
-        obj.insert("data".into(), Value::Object(data));
-    }
-    ce
+    // Serializing string-keyed structs and `Value`s cannot fail.
+    serde_json::to_value(CloudEvent::of(event, source_system)).unwrap_or_default()
 }
 
 /// The CloudEvent for `event` serialized once, ready to send and sign.
 pub fn cloudevent_bytes(event: &StoredEvent, source_system: &str) -> Vec<u8> {
-    // Serializing a `Value` (string keys only) cannot fail; an empty body would be
-    // refused by any listener rather than silently delivered.
-    serde_json::to_vec(&cloudevent(event, source_system)).unwrap_or_default()
+    // Serialized straight from the borrowed event: the row is not copied. An empty body
+    // (impossible, see above) would be refused by any listener rather than delivered.
+    serde_json::to_vec(&CloudEvent::of(event, source_system)).unwrap_or_default()
+}
+
+/// A CloudEvent borrowing its event. Fields are declared in byte order of their names, the
+/// order a `serde_json::Map` writes keys in, so the bytes are those of [`cloudevent`]'s value
+/// serialized.
+#[derive(Serialize)]
+struct CloudEvent<'a> {
+    commitlsn: String,
+    data: CloudEventData<'a>,
+    datacontenttype: &'static str,
+    entity: &'a str,
+    entityid: &'a str,
+    id: String,
+    sequence: String,
+    source: String,
+    specversion: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    subject: Option<&'a str>,
+    time: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// The `data` of a [`CloudEvent`]; fields in byte order of their names, too.
+#[derive(Serialize)]
+struct CloudEventData<'a> {
+    action: &'static str,
+    /// `null` when unknown.
+    #[serde(rename = "changedFields")]
+    changed_fields: Option<&'a [String]>,
+    entity: &'a str,
+    #[serde(rename = "entityId")]
+    entity_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old: Option<&'a Value>,
+    row: &'a Value,
+}
+
+impl<'a> CloudEvent<'a> {
+    fn of(event: &'a StoredEvent, source_system: &str) -> CloudEvent<'a> {
+        CloudEvent {
+            commitlsn: event.commit_lsn.to_string(),
+            data: CloudEventData {
+                action: event.action.as_str(),
+                changed_fields: event.changed_fields.as_deref(),
+                entity: &event.entity,
+                entity_id: &event.entity_id,
+                old: event.old.as_ref(),
+                row: &event.row,
+            },
+            datacontenttype: "application/json",
+            entity: &event.entity,
+            entityid: &event.entity_id,
+            id: event.event_id.to_string(),
+            sequence: sequence(event),
+            source: source(source_system, &event.source_table),
+            specversion: "1.0",
+            subject: event.subject.as_deref(),
+            time: rfc3339_micros(event.commit_time),
+            kind: format!("{}.{}", event.entity, event.action.as_str()),
+        }
+    }
 }
 
 /// `/walhook/{system}/{schema.table}`, each segment percent-encoded so the result stays a
@@ -118,6 +148,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 mod tests {
     use std::time::Duration;
 
+    use serde_json::json;
     use uuid::Uuid;
 
     use super::*;
@@ -209,6 +240,23 @@ mod tests {
         let bytes = cloudevent_bytes(&e, "CRM");
         let back: Value = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back, cloudevent(&e, "CRM"));
+    }
+
+    #[test]
+    fn bytes_list_keys_in_the_order_a_json_map_writes_them() {
+        for e in [event(), {
+            let mut e = event();
+            e.subject = None;
+            e.old = None;
+            e.changed_fields = None;
+            e
+        }] {
+            let sorted = serde_json::to_vec(&cloudevent(&e, "CRM")).unwrap();
+            assert_eq!(
+                String::from_utf8(cloudevent_bytes(&e, "CRM")).unwrap(),
+                String::from_utf8(sorted).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -100,6 +100,21 @@ pub struct ListenerStatus {
 }
 
 impl ListenerStatus {
+    /// A listener with no rows in any status table.
+    fn empty(name: String, configured: bool) -> ListenerStatus {
+        ListenerStatus {
+            name,
+            configured,
+            new: 0,
+            due: 0,
+            waiting: 0,
+            processed: 0,
+            failed: 0,
+            oldest_undelivered: None,
+            last_error: None,
+        }
+    }
+
     /// Age of the oldest New row at `now`.
     pub fn oldest_undelivered_age(&self, now: SystemTime) -> Option<Duration> {
         self.oldest_undelivered
@@ -217,33 +232,13 @@ pub async fn status(
 
     let mut out: Vec<ListenerStatus> = listeners
         .iter()
-        .map(|name| ListenerStatus {
-            name: name.clone(),
-            configured: true,
-            new: 0,
-            due: 0,
-            waiting: 0,
-            processed: 0,
-            failed: 0,
-            oldest_undelivered: None,
-            last_error: None,
-        })
+        .map(|name| ListenerStatus::empty(name.clone(), true))
         .collect();
     let entry = |out: &mut Vec<ListenerStatus>, name: String| -> usize {
         if let Some(i) = out.iter().position(|l| l.name == name) {
             return i;
         }
-        out.push(ListenerStatus {
-            name,
-            configured: false,
-            new: 0,
-            due: 0,
-            waiting: 0,
-            processed: 0,
-            failed: 0,
-            oldest_undelivered: None,
-            last_error: None,
-        });
+        out.push(ListenerStatus::empty(name, false));
         out.len() - 1
     };
 

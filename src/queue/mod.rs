@@ -78,7 +78,7 @@ pub enum QueueError {
 impl Classify for QueueError {
     fn class(&self) -> ErrorClass {
         match self {
-            QueueError::Database { source, .. } => classify_db(source),
+            QueueError::Database { source, .. } => crate::error::pg_error_class(source),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
             | QueueError::Unstorable { .. } => ErrorClass::Permanent,
@@ -87,30 +87,6 @@ impl Classify for QueueError {
     }
 }
 
-fn classify_db(err: &tokio_postgres::Error) -> ErrorClass {
-    let Some(code) = err.code() else {
-        // No SQLSTATE: the connection broke or could not be made.
-        return ErrorClass::Transient;
-    };
-    let transient = code == &SqlState::T_R_SERIALIZATION_FAILURE
-        || code == &SqlState::T_R_DEADLOCK_DETECTED
-        || code == &SqlState::LOCK_NOT_AVAILABLE
-        || code == &SqlState::QUERY_CANCELED
-        || code == &SqlState::ADMIN_SHUTDOWN
-        || code == &SqlState::CRASH_SHUTDOWN
-        || code == &SqlState::CANNOT_CONNECT_NOW
-        || code == &SqlState::READ_ONLY_SQL_TRANSACTION
-        || code == &SqlState::IO_ERROR
-        // Class 08: connection exception; class 53: insufficient resources (disk full,
-        // out of memory, too many connections) — all may clear up on their own.
-        || code.code().starts_with("08")
-        || code.code().starts_with("53");
-    if transient {
-        ErrorClass::Transient
-    } else {
-        ErrorClass::Permanent
-    }
-}
 
 /// The server's message for a database error, or the client's description otherwise.
 fn describe(err: &tokio_postgres::Error) -> String {

@@ -130,17 +130,13 @@ WHERE n.id = r.id AND n.locked_by = $5::text"#;
 const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
 WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 
-/// Frees every lease of one holder (at shutdown).
+/// Frees every lease of holder $1: this process at shutdown, or a process known to be gone.
 const RELEASE_ALL: &str =
     "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
 
 /// The holders of live leases.
 const LEASE_HOLDERS: &str = "SELECT DISTINCT locked_by FROM walhook.new
 WHERE locked_by IS NOT NULL AND locked_until > now()";
-
-/// Frees every lease of holder $1 (a process known to be gone).
-const RELEASE_HOLDER: &str =
-    "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
 
 /// A delivered notification, for [`Completions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,7 +291,7 @@ impl NotificationStore {
             .query(&self.claim, &[&listener, &limit, &lease_ms, &self.owner])
             .await
             .map_err(db_error("claiming notifications from walhook.new", USE))?;
-        Ok(rows.iter().map(|r| notification(r, listener)).collect())
+        Ok(rows.iter().map(notification).collect())
     }
 
     /// Records a batch of outcomes: one statement per non-empty kind, pipelined on the
@@ -403,14 +399,14 @@ impl NotificationStore {
     /// Frees the leases of `holder`, a process known to be gone; returns how many.
     pub async fn release_holder(&self, holder: &str) -> Result<u64, QueueError> {
         self.client
-            .execute(RELEASE_HOLDER, &[&holder])
+            .execute(&self.release_all, &[&holder])
             .await
             .map_err(db_error("releasing leases in walhook.new", USE))
     }
 }
 
 /// Reads one claimed row; a row that cannot be read becomes `(id, comment)`.
-fn notification(row: &Row, listener: &str) -> Result<Notification, (i64, String)> {
+fn notification(row: &Row) -> Result<Notification, (i64, String)> {
     let id: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
     let read = || -> Result<Notification, String> {
         let text = |e: tokio_postgres::Error| e.to_string();
@@ -424,7 +420,6 @@ fn notification(row: &Row, listener: &str) -> Result<Notification, (i64, String)
         };
         Ok(Notification {
             id,
-            listener: listener.to_owned(),
             attempts: row.try_get(1).map_err(text)?,
             event: StoredEvent {
                 event_id: row.try_get::<_, Uuid>(2).map_err(text)?,

@@ -377,14 +377,7 @@ impl QueueWriter {
                 .map_err(db_error("reading the fan-out count", None))?;
             outcome.notifications = u64::try_from(n).unwrap_or(0);
         }
-        if let Some(lsn) = flushed {
-            tx.execute(&self.advance_flushed, &[&PgLsn::from(lsn.0)])
-                .await
-                .map_err(db_error("advancing walhook.state.flushed_lsn", use_schema))?;
-        }
-        tx.commit()
-            .await
-            .map_err(db_error("committing the queue transaction", None))?;
+        commit_flushed(tx, &self.advance_flushed, flushed, &self.session).await?;
         Ok(Some(outcome))
     }
 
@@ -428,16 +421,30 @@ impl QueueWriter {
             outcome.notifications = count(1)?;
             outcome.already_present = (events.len() as u64).saturating_sub(outcome.inserted);
         }
-        if let Some(lsn) = flushed {
-            tx.execute(&self.advance_flushed, &[&PgLsn::from(lsn.0)])
-                .await
-                .map_err(db_error("advancing walhook.state.flushed_lsn", use_schema))?;
-        }
-        tx.commit()
-            .await
-            .map_err(db_error("committing the queue transaction", None))?;
+        commit_flushed(tx, &self.advance_flushed, flushed, &self.session).await?;
         Ok(outcome)
     }
+}
+
+/// Advances `walhook.state.flushed_lsn` to `flushed` (when given) through `advance_flushed`
+/// in the batch's transaction, then commits it.
+async fn commit_flushed(
+    tx: Transaction<'_>,
+    advance_flushed: &Statement,
+    flushed: Option<Lsn>,
+    session: &Session,
+) -> Result<(), QueueError> {
+    if let Some(lsn) = flushed {
+        tx.execute(advance_flushed, &[&PgLsn::from(lsn.0)])
+            .await
+            .map_err(db_error(
+                "advancing walhook.state.flushed_lsn",
+                Some((Needs::Use, Some(session))),
+            ))?;
+    }
+    tx.commit()
+        .await
+        .map_err(db_error("committing the queue transaction", None))
 }
 
 /// The keys of a batch: each event's seq as stored, and the lowest and highest key.
