@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use lettre::AsyncTransport as _;
 use tokio::sync::mpsc;
@@ -16,7 +16,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
-use crate::delivery::signature::{SigningKey, sign};
+use crate::delivery::Verdict;
+use crate::delivery::policy::Outcome;
+use crate::delivery::signature::{SigningKey, webhook_headers};
 
 /// How often time-based conditions (thresholds, gathered failures) are evaluated.
 const TICK: Duration = Duration::from_millis(250);
@@ -1052,20 +1054,17 @@ async fn post_webhook(
             req = req.header(k.as_str(), v.expose());
         }
         if let Some(key) = key {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-            req = req
-                .header("webhook-id", id.as_str())
-                .header("webhook-timestamp", ts.to_string())
-                .header("webhook-signature", sign(key, &id, ts, body.as_bytes()));
+            for (name, value) in webhook_headers(key, &id, body.as_bytes()) {
+                req = req.header(name, value);
+            }
         }
         match req.send().await {
             Ok(resp) if resp.status().is_success() => return Ok(()),
             Ok(resp) => {
                 let status = resp.status().as_u16();
                 last = format!("HTTP {status}");
-                if !(status == 408 || status == 429 || status >= 500) {
+                // The same outcome table as deliveries: 408, 429 and 5xx are worth retrying.
+                if Outcome::from_status(status).verdict() != Verdict::Retry {
                     return Err(last);
                 }
             }
@@ -1481,7 +1480,7 @@ mod tests {
             command: "walhook status".into(),
             count: None,
         };
-        let ce = cloudevent(&alert, "CRM prod", "id-1", UNIX_EPOCH);
+        let ce = cloudevent(&alert, "CRM prod", "id-1", std::time::UNIX_EPOCH);
         assert_eq!(ce["specversion"], "1.0");
         assert_eq!(ce["type"], "walhook.alert.ListenerFailing");
         assert_eq!(ce["source"], "/walhook/CRM-prod");

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{AdminState, Health};
 use crate::config::Config;
-use crate::delivery::{DeliveryObserver, Observed};
+use crate::delivery::{AttemptReport, DeliveryObserver, Observed};
 use crate::error::{Classify, ErrorClass};
 use crate::guard::Identity;
 use crate::mapper::{EntityEvent, Mapper, TxContext};
@@ -138,38 +138,37 @@ impl Observe {
 }
 
 impl DeliveryObserver for Observe {
-    fn attempted(
-        &self,
-        listener: &str,
-        outcome: Observed,
-        commit_time: std::time::SystemTime,
-        comment: Option<&str>,
-    ) {
+    fn attempted(&self, r: &AttemptReport<'_>) {
         use crate::metrics::{AttemptOutcome, NotificationStatus};
-        match outcome {
+        let comment = r.comment.unwrap_or_default();
+        match r.outcome {
             Observed::Delivered => {
-                self.monitors.delivery_succeeded(listener);
+                self.monitors.delivery_succeeded(r.listener);
                 let latency = std::time::SystemTime::now()
-                    .duration_since(commit_time)
+                    .duration_since(r.commit_time)
                     .ok();
                 self.metrics
-                    .delivery_attempt(listener, AttemptOutcome::Success, latency);
+                    .delivery_attempt(r.listener, AttemptOutcome::Success, latency);
                 self.metrics
-                    .notification_completed(listener, NotificationStatus::Processed);
+                    .notification_completed(r.listener, NotificationStatus::Processed);
             }
             Observed::WillRetry => {
-                self.monitors
-                    .delivery_failed_attempt(listener, comment.unwrap_or_default());
+                self.monitors.delivery_failed_attempt(r.listener, comment);
                 self.metrics
-                    .delivery_attempt(listener, AttemptOutcome::Retry, None);
+                    .delivery_attempt(r.listener, AttemptOutcome::Retry, None);
             }
             Observed::Failed => {
-                self.monitors
-                    .notification_failed(listener, 0, "", "", comment.unwrap_or_default());
+                self.monitors.notification_failed(
+                    r.listener,
+                    r.notification_id,
+                    r.entity,
+                    r.entity_id,
+                    comment,
+                );
                 self.metrics
-                    .delivery_attempt(listener, AttemptOutcome::Failed, None);
+                    .delivery_attempt(r.listener, AttemptOutcome::Failed, None);
                 self.metrics
-                    .notification_completed(listener, NotificationStatus::Failed);
+                    .notification_completed(r.listener, NotificationStatus::Failed);
             }
         }
     }

@@ -1727,7 +1727,6 @@ impl Classify for SetupError {
     }
 }
 
-
 /// The server's message with detail and hint; tokio-postgres' own Display says only "db error".
 fn db_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

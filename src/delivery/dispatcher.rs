@@ -31,7 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use super::http::{DeliveryError, HttpSender};
 use super::policy::next_attempt_delay;
-use super::{Attempt, DeliveryObserver, Notification, Observed, Verdict};
+use super::{Attempt, AttemptReport, DeliveryObserver, Notification, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
@@ -495,6 +495,8 @@ enum Done {
         attempts_before: i32,
         attempt: Attempt,
         commit_time: std::time::SystemTime,
+        entity: String,
+        entity_id: String,
     },
     /// The claimed row's event could not be read: move it to `walhook.failed`.
     Unreadable {
@@ -685,12 +687,15 @@ async fn start_loop(
             let n = next.notification;
             let attempt = sender.send(&n).await;
             drop(permit);
+            // The event is done with: move the fields observers name instead of copying.
             let _ = done.send(Done::Attempted {
                 lane: lane_index,
                 id: n.id,
                 attempts_before: n.attempts,
                 attempt,
                 commit_time: n.event.commit_time,
+                entity: n.event.entity,
+                entity_id: n.event.entity_id,
             });
         });
     }
@@ -787,11 +792,21 @@ fn build_batch(
                 attempts_before,
                 attempt,
                 commit_time,
+                entity,
+                entity_id,
                 ..
             } => {
                 let observe = |outcome: Observed, comment: Option<&str>| {
                     if let Some(o) = observer {
-                        o.attempted(lane.config.name.as_str(), outcome, commit_time, comment);
+                        o.attempted(&AttemptReport {
+                            listener: lane.config.name.as_str(),
+                            notification_id: id,
+                            entity: &entity,
+                            entity_id: &entity_id,
+                            outcome,
+                            commit_time,
+                            comment,
+                        });
                     }
                 };
                 let made = u32::try_from(attempts_before)

@@ -1,13 +1,13 @@
 //! Sends one notification to one listener over HTTP and classifies the answer.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Client, Url, redirect};
 
 use super::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
 use super::policy::{Outcome, parse_retry_after};
-use super::signature::{SigningKey, SigningKeyError, sign};
+use super::signature::{SigningKey, SigningKeyError, webhook_headers};
 use super::{Attempt, Notification};
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
@@ -222,16 +222,7 @@ impl HttpSender {
     pub async fn send_raw(&self, body: Vec<u8>, event_id: &str) -> Attempt {
         let mut headers = self.headers.clone();
         if let Some(key) = &self.key {
-            let ts = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-                .unwrap_or(0);
-            let signature = sign(key, event_id, ts, &body);
-            for (name, value) in [
-                ("webhook-id", event_id.to_owned()),
-                ("webhook-timestamp", ts.to_string()),
-                ("webhook-signature", signature),
-            ] {
+            for (name, value) in webhook_headers(key, event_id, &body) {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(HeaderName::from_static(name), v);
                 }

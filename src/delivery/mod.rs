@@ -93,15 +93,28 @@ pub enum Observed {
     Failed,
 }
 
+/// One attempt's outcome as observers see it.
+#[derive(Clone, Copy, Debug)]
+pub struct AttemptReport<'a> {
+    /// Listener name.
+    pub listener: &'a str,
+    /// The notification (its id in `walhook.new` / `processed` / `failed`).
+    pub notification_id: i64,
+    /// Entity type of the event.
+    pub entity: &'a str,
+    /// Entity id of the event.
+    pub entity_id: &'a str,
+    /// What became of the attempt.
+    pub outcome: Observed,
+    /// The source commit's time (for commit→delivery latency).
+    pub commit_time: SystemTime,
+    /// The failure comment, for failed attempts.
+    pub comment: Option<&'a str>,
+}
+
 /// Told about every attempt's outcome (called from the dispatcher's recorder, per batch of
 /// outcomes: keep it cheap and non-blocking).
 pub trait DeliveryObserver: Send + Sync {
-    /// One attempt for `listener` ended as `outcome`; `commit_time` is the source commit's.
-    fn attempted(
-        &self,
-        listener: &str,
-        outcome: Observed,
-        commit_time: SystemTime,
-        comment: Option<&str>,
-    );
+    /// One attempt ended.
+    fn attempted(&self, report: &AttemptReport<'_>);
 }

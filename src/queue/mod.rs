@@ -87,7 +87,6 @@ impl Classify for QueueError {
     }
 }
 
-
 /// The server's message for a database error, or the client's description otherwise.
 fn describe(err: &tokio_postgres::Error) -> String {
     match err.as_db_error() {
