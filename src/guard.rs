@@ -107,16 +107,8 @@ pub async fn current_identity(params: &ConnectParams) -> Result<Identity, Replic
     })
 }
 
-/// Pending notifications copied from the original are moved to `walhook.failed` with a
-/// comment, so nothing is lost silently and nothing reaches a listener by surprise.
-const SQL_DISCARD_PENDING: &str = "WITH moved AS (
-    DELETE FROM walhook.new RETURNING *
-)
-INSERT INTO walhook.failed (id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts,
-                            created_at, failed_at, last_status_code, comment)
-SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts, created_at, now(),
-       last_status_code, 'not delivered: copied from another database; discarded by walhook setup --adopt'
-FROM moved";
+const DISCARDED_COMMENT: &str =
+    "not delivered: copied from another database; discarded by walhook setup --adopt";
 
 const SQL_ADOPT: &str = "UPDATE walhook.state
 SET system_identifier = $1, database_name = $2, flushed_lsn = NULL, updated_at = now()
@@ -148,7 +140,9 @@ pub async fn adopt(
         })
     });
     let discarded = if discard_pending {
-        tx.execute(SQL_DISCARD_PENDING, &[]).await?
+        // Moved to walhook.failed with a comment: nothing is lost silently, and nothing
+        // reaches a listener by surprise.
+        crate::queue::discard_pending(&tx, DISCARDED_COMMENT).await?
     } else {
         0
     };

@@ -667,3 +667,36 @@ async fn write_throughput() {
         );
     }
 }
+
+#[tokio::test]
+async fn discarding_pending_moves_every_new_notification_to_failed_with_the_comment() {
+    let (db, client) = migrated().await;
+    let mut w = writer(&db).await;
+    w.set_listeners(vec![("all".into(), None)]);
+    w.write_batch(
+        &[
+            event(0x100, 0, "Customer", "1"),
+            event(0x100, 1, "Customer", "2"),
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let moved = queue::discard_pending(&client, "discarded in a test")
+        .await
+        .unwrap();
+    assert_eq!(moved, 2);
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM walhook.new), count(*), min(comment), max(attempts)
+             FROM walhook.failed",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (new, failed, comment, attempts): (i64, i64, String, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!((new, failed), (0, 2));
+    assert_eq!(comment, "discarded in a test");
+    assert_eq!(attempts, 0, "no attempt was made");
+}

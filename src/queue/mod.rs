@@ -20,7 +20,7 @@ pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use notifications::{
     CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
-    NotificationStore, OnNewNotifications,
+    NotificationStore, OnNewNotifications, discard_pending,
 };
 pub use state::{QueueState, read_state, record_source};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};

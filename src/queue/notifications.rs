@@ -113,6 +113,28 @@ SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts + 1,
        now(), status_code, comment
 FROM moved"#;
 
+/// Moves every pending notification to `walhook.failed` with comment $1 (attempts kept, no
+/// attempt was made), e.g. when an operator adopts a copied database.
+const DISCARD_PENDING: &str = r#"WITH moved AS (
+    DELETE FROM walhook.new n
+    RETURNING n.id, n.event_id, n.listener, n.entity, n.entity_id, n.commit_lsn, n.seq,
+              n.attempts, n.created_at, n.last_status_code
+)
+INSERT INTO walhook.failed (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                            attempts, created_at, failed_at, last_status_code, comment)
+SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts, created_at,
+       now(), last_status_code, $1::text
+FROM moved"#;
+
+/// Moves every pending notification to `walhook.failed` with `comment`, in one statement
+/// (a notification lives in exactly one table); returns how many moved.
+pub async fn discard_pending(
+    client: &impl tokio_postgres::GenericClient,
+    comment: &str,
+) -> Result<u64, tokio_postgres::Error> {
+    client.execute(DISCARD_PENDING, &[&comment]).await
+}
+
 /// Schedules another attempt and frees the lease: $1 ids, $2 status codes, $3 comments, $4
 /// delays (ms), $5 lease holder.
 const RETRY: &str = r#"UPDATE walhook.new n
