@@ -26,6 +26,14 @@ async fn create_item_table(db: &TestDb) {
     .await;
 }
 
+/// Waits until `walhook.event` holds at least `n` rows.
+async fn wait_event_count(c: &tokio_postgres::Client, n: i64, within: Duration, what: &str) {
+    eventually(within, what, || async {
+        (event_count(c).await >= n).then_some(())
+    })
+    .await;
+}
+
 async fn slot_confirmed(c: &tokio_postgres::Client) -> Option<Lsn> {
     let row = c
         .query_opt(
@@ -149,10 +157,11 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
     };
 
     for threshold in [4_000, 11_000] {
-        eventually(
+        wait_event_count(
+            &c,
+            threshold,
             Duration::from_secs(120),
             "events before the kill",
-            || async { (event_count(&c).await >= threshold).then_some(()) },
         )
         .await;
         daemon.kill9();
@@ -160,10 +169,7 @@ async fn sigkill_mid_stream_loses_and_duplicates_nothing() {
     }
     let total = workload.await.unwrap();
     assert_eq!(total, 20_000);
-    eventually(Duration::from_secs(180), "all 20,000 events", || async {
-        (event_count(&c).await >= 20_000).then_some(())
-    })
-    .await;
+    wait_event_count(&c, 20_000, Duration::from_secs(180), "all 20,000 events").await;
     // Wait for the slot to confirm the last transaction, so the checker sees every one.
     let last = records.lock().unwrap().last().copied().unwrap();
     eventually(
@@ -224,10 +230,7 @@ async fn a_200k_row_transaction_streams_with_bounded_memory() {
     .await
     .unwrap();
     let started = Instant::now();
-    eventually(Duration::from_secs(300), "200,000 events", || async {
-        (event_count(&c).await >= 200_000).then_some(())
-    })
-    .await;
+    wait_event_count(&c, 200_000, Duration::from_secs(300), "200,000 events").await;
     let rss_kb = daemon.peak_rss_kb().expect("daemon alive");
     println!(
         "200k-row transaction: queued in {:.1}s, walhook peak RSS {} MB",
@@ -256,10 +259,7 @@ async fn fast_server_restart_does_not_wait_on_walhook_and_nothing_is_lost() {
         )
         .await
         .unwrap();
-        eventually(Duration::from_secs(60), "first 1000 events", || async {
-            (event_count(&c).await >= 1000).then_some(())
-        })
-        .await;
+        wait_event_count(&c, 1000, Duration::from_secs(60), "first 1000 events").await;
     }
     let started = Instant::now();
     db.cluster().restart_fast().expect("pg_ctl restart -m fast");
@@ -276,10 +276,11 @@ async fn fast_server_restart_does_not_wait_on_walhook_and_nothing_is_lost() {
     )
     .await
     .unwrap();
-    eventually(
+    wait_event_count(
+        &c,
+        2000,
         Duration::from_secs(120),
         "events written after the restart",
-        || async { (event_count(&c).await >= 2000).then_some(()) },
     )
     .await;
     let distinct: i64 = c
@@ -349,10 +350,7 @@ async fn retained_wal_past_the_threshold_is_warned_once_then_cleared() {
     c.execute("INSERT INTO item VALUES (0, 0, 0, 'x')", &[])
         .await
         .unwrap();
-    eventually(Duration::from_secs(30), "the first event", || async {
-        (event_count(&c).await >= 1).then_some(())
-    })
-    .await;
+    wait_event_count(&c, 1, Duration::from_secs(30), "the first event").await;
     // Block the queue writer so the slot cannot advance while WAL piles up.
     let mut blocker = support::connect(&db.url).await;
     let tx = blocker.transaction().await.unwrap();
@@ -372,10 +370,7 @@ async fn retained_wal_past_the_threshold_is_warned_once_then_cleared() {
     )
     .await;
     tx.rollback().await.unwrap();
-    eventually(Duration::from_secs(60), "catching up", || async {
-        (event_count(&c).await >= 10_001).then_some(())
-    })
-    .await;
+    wait_event_count(&c, 10_001, Duration::from_secs(60), "catching up").await;
     eventually(Duration::from_secs(60), "the all-clear", || async {
         daemon
             .log()
