@@ -343,8 +343,14 @@ async fn streamed_insert_arrives_in_order_and_status_update_moves_the_slot() {
 async fn recv_loses_nothing_when_cancelled_by_timers() {
     let db = TestDb::new();
     let mut stream = stream_for(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)").await;
-    db.execute("INSERT INTO t SELECT g, repeat('x', g % 500) FROM generate_series(1, 2000) g")
-        .await;
+    // Insert while recv is already waiting, so frames arrive over time and the timer gets
+    // to cancel recv mid-wait (with everything already buffered recv would always win).
+    let client = db.client().await;
+    let insert = tokio::spawn(async move {
+        client
+            .batch_execute("SELECT pg_sleep(0.2); INSERT INTO t SELECT g, repeat('x', g % 500) FROM generate_series(1, 2000) g")
+            .await
+    });
 
     let deadline = Instant::now() + Duration::from_secs(30);
     let (mut inserts, mut cancelled) = (0, 0);
@@ -369,6 +375,7 @@ async fn recv_loses_nothing_when_cancelled_by_timers() {
             _ = tokio::time::sleep(Duration::from_micros(50)) => cancelled += 1,
         }
     }
+    insert.await.unwrap().unwrap();
     assert_eq!(inserts, 2000);
     assert!(
         cancelled > 0,
