@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod queue;
 pub mod replication;
+pub mod secret;
 pub mod service;
 pub mod setup;
 pub mod systemd;
