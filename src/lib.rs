@@ -16,4 +16,5 @@ pub mod secret;
 pub mod service;
 pub mod setup;
 pub mod systemd;
+pub mod tls;
 pub mod types;

@@ -243,21 +243,19 @@ pub async fn run_with_reload(
         status: status_tx,
     };
     let stop = shutdown.child_token();
-    // A bad [admin] listen address is a configuration error: fail before streaming.
+    // An address that cannot be bound (yet) is not a reason to stop capturing: the admin
+    // task keeps trying and says so once.
     if let Some(admin) = &config.admin {
-        let listener = crate::admin::bind(admin.listen)
-            .await
-            .map_err(ServiceError::from_err)?;
         let app = crate::admin::router(AdminState {
             metrics: observe.metrics.clone(),
             health: observe.health.clone(),
         });
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::admin::serve_router(listener, app, stop).await {
-                warn!("admin endpoint stopped: {e}");
-            }
-        });
+        tokio::spawn(crate::admin::serve_retrying(
+            admin.listen,
+            app,
+            crate::admin::BIND_RETRY,
+            stop.clone(),
+        ));
         info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
     }
     let _notifier = crate::systemd::spawn_from_env(

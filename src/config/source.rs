@@ -122,20 +122,7 @@ impl Checker<'_> {
         }
         let url_redacted = redact_url(&url);
 
-        let password = match (&raw.password, &raw.password_file) {
-            (Some(_), Some(file)) => {
-                self.report(
-                    file.span().start,
-                    "source.password_file",
-                    "both password and password_file are set",
-                    "keep only one of them",
-                );
-                None
-            }
-            (Some(p), None) => self.string(p, "source.password").map(Secret::new),
-            (None, Some(file)) => self.password_file(file),
-            (None, None) => None,
-        };
+        let password = self.secret(&raw.password, &raw.password_file, "source.password");
 
         let slot = match &raw.slot {
             None => DEFAULT_SLOT.to_owned(),
@@ -245,39 +232,6 @@ impl Checker<'_> {
                 "source.wal_warning",
                 DEFAULT_WAL_WARNING,
             ),
-        }
-    }
-
-    /// A password read from `password_file`, relative to the config file's directory.
-    pub(super) fn password_file(&mut self, file: &Spanned<String>) -> Option<Secret> {
-        let name = self.string(file, "source.password_file")?;
-        let path = self.dir.join(&name);
-        match std::fs::read_to_string(&path) {
-            Ok(content) => {
-                let password = content
-                    .strip_suffix('\n')
-                    .map(|s| s.strip_suffix('\r').unwrap_or(s))
-                    .unwrap_or(&content);
-                if password.is_empty() {
-                    self.report(
-                        file.span().start,
-                        "source.password_file",
-                        &format!("{} is empty", path.display()),
-                        "write the password into the file, or remove password_file",
-                    );
-                    return None;
-                }
-                Some(Secret::new(password.to_owned()))
-            }
-            Err(e) => {
-                self.report(
-                    file.span().start,
-                    "source.password_file",
-                    &format!("cannot read {}: {e}", path.display()),
-                    "check the path (relative paths start at the config file's directory) and that walhook's user may read it",
-                );
-                None
-            }
         }
     }
 }

@@ -75,7 +75,7 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(
         c.admin,
         Some(AdminConfig {
-            listen: "127.0.0.1:9187".parse().unwrap()
+            listen: "127.0.0.1:8187".parse().unwrap()
         })
     );
     assert_eq!(c.entities.len(), 2);
@@ -89,10 +89,16 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(c.entities[0].subject.as_deref(), Some("Customer/{id}"));
     let l = &c.listeners[0];
     assert_eq!(l.name, "crm");
-    assert_eq!(l.url.expose(), "https://crm.example.com/hooks/walhook");
+    assert_eq!(
+        l.url.expose().as_str(),
+        "https://crm.example.com/hooks/walhook"
+    );
     assert_eq!(l.entities.as_ref().map(|e| e[0].as_str()), Some("Customer"));
     assert_eq!(l.headers[0].0, "X-Api-Key");
-    assert_eq!(l.headers[0].1.expose(), "api-key");
+    assert_eq!(l.headers[0].1.to_str().unwrap(), "api-key");
+    assert!(l.headers[0].1.is_sensitive());
+    assert!(l.secret.is_some());
+    assert!(l.ca_file.is_none());
     assert_eq!(
         l.rate_limit,
         Some(RateLimit {
@@ -312,8 +318,8 @@ fn secrets_never_appear_in_debug_output_or_errors() {
         "postgres://u:***@h/app?sslmode=require&password=***"
     );
     assert_eq!(
-        c.listeners[0].url_redacted,
-        "https://bob:***@example.com/h?token=***"
+        c.listeners[0].url.redacted(),
+        "https://***@example.com/h?token=***"
     );
 
     let bad = "[source]\nurl = \"postgres://u:topsecret@h/app\"\npassword = 12345\n";
