@@ -202,8 +202,8 @@ impl Checker<'_> {
         monitors
     }
 
-    /// Reports each key in `present` (name, position) that is set although the part of the
-    /// monitor it belongs to (`part`, named by `its_key`) is not.
+    /// Reports each key in `present` (name, position if set) that belongs to a part of the
+    /// monitor (`part`: "the webhook, but …") that is not configured; `add` is the fix.
     fn stray_keys(&mut self, i: usize, present: &[(&str, Option<usize>)], part: &str, add: &str) {
         for (k, at) in present {
             if let Some(at) = at {
@@ -219,11 +219,10 @@ impl Checker<'_> {
 
     fn monitor_webhook(&mut self, m: &RawMonitor, i: usize) -> Option<MonitorWebhook> {
         let Some(v) = &m.url else {
-            let start = |s: Option<usize>| s;
             self.stray_keys(
                 i,
                 &[
-                    ("headers", start(m.headers.as_ref().map(|h| h.span().start))),
+                    ("headers", m.headers.as_ref().map(|h| h.span().start)),
                     (
                         "header_files",
                         m.header_files.as_ref().map(|h| h.span().start),
