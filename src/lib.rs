@@ -1,13 +1,14 @@
 //! walhook: change-data-capture from PostgreSQL logical replication to entity events.
 
 pub mod admin;
+pub mod capture;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+mod db;
 pub mod delivery;
 pub mod error;
 pub mod guard;
-pub mod mapper;
 pub mod metrics;
 pub mod monitor;
 pub mod queue;
@@ -17,3 +18,6 @@ pub mod service;
 pub mod setup;
 pub mod systemd;
 pub mod types;
+
+/// The mapper's types (`EntityEvent`, …) keep their short path.
+pub use capture::mapper;
