@@ -13,8 +13,9 @@ use sha2::Sha256;
 use support::receiver::{Receiver, Reply};
 use uuid::Uuid;
 use walhook::config::{Backoff, Config, ListenerConfig, ListenerFormat, SecretUrl, SigningKey};
+use walhook::delivery::Verdict;
 use walhook::delivery::http::HttpSender;
-use walhook::delivery::{Notification, StoredEvent, Verdict};
+use walhook::queue::{Notification, StoredEvent};
 use walhook::types::{Action, Lsn};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

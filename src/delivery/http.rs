@@ -7,12 +7,13 @@ use base64::Engine as _;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Client, redirect};
 
+use super::Attempt;
 use super::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
 use super::policy::{Outcome, parse_retry_after};
 use super::signature::webhook_headers;
-use super::{Attempt, Notification};
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
+use crate::queue::Notification;
 use crate::secret::{SecretUrl, SigningKey};
 
 /// Most of an answer's body that is read; the rest is dropped unread.
