@@ -336,32 +336,9 @@ async fn url_credentials_never_reach_the_comment() {
     assert!(comment.contains("/hook?token=***"), "{comment}");
 }
 
-/// A test CA and a certificate it signed for 127.0.0.1 and localhost.
-fn test_ca() -> (
-    String,
-    rustls::pki_types::CertificateDer<'static>,
-    rustls::pki_types::PrivateKeyDer<'static>,
-) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "walhook test CA");
-    let ca_key = KeyPair::generate().unwrap();
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    let server_params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
-    (ca_cert.pem(), server_cert.der().clone(), key)
-}
-
 #[tokio::test]
 async fn an_https_listener_behind_an_internal_ca_needs_its_ca_file() {
-    let (ca_pem, cert, key) = test_ca();
+    let (ca_pem, cert, key) = support::receiver::test_ca();
     let rx = Receiver::start_tls(vec![cert], key).await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("internal-ca.pem"), ca_pem).unwrap();
