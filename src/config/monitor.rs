@@ -568,6 +568,16 @@ mod tests {
             ("walhook", "fr0m-file")
         );
 
+        // A wrong type does not echo the value either.
+        let lines = errors(&format!(
+            "{MINIMAL}[[monitor]]\nname = \"m\"\nsmtp_password = 98765\n"
+        ));
+        assert!(
+            lines[0].contains("monitor[0].smtp_password: wrong type"),
+            "{lines:?}"
+        );
+        assert!(!lines[0].contains("98765"), "{lines:?}");
+
         let lines = errors(&format!(
             "{MINIMAL}[[monitor]]\nname = \"hook\"\nurl = \"https://ops.example.com/\"\nsmtp_password_file = \"x\"\n"
         ));
