@@ -210,8 +210,17 @@ pub struct Backoff {
 /// The payload format a listener receives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerFormat {
-    /// CloudEvents 1.0 structured JSON.
-    CloudEvents,
+    /// CloudEvents 1.0 JSON, in the given content mode.
+    CloudEvents(CloudEventsMode),
+}
+
+/// How a CloudEvent travels (`cloudevents_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudEventsMode {
+    /// The whole event as the JSON body (`application/cloudevents+json`); the default.
+    Structured,
+    /// `data` as the body, every other attribute as a `ce-*` header.
+    Binary,
 }
 
 /// One `[[monitor]]`: where alerts go and when they are raised.
@@ -839,6 +848,7 @@ struct RawListener {
     concurrency: Option<Spanned<i64>>,
     debounce: Str,
     format: Str,
+    cloudevents_mode: Str,
 }
 
 #[derive(Deserialize)]
@@ -1863,8 +1873,8 @@ impl Checker<'_> {
                 );
             }
 
-            let format = match &l.format {
-                None => ListenerFormat::CloudEvents,
+            match &l.format {
+                None => {}
                 Some(v) => {
                     let s = self.string(v, &key("format"));
                     match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
@@ -1885,9 +1895,9 @@ impl Checker<'_> {
                             "use format = \"cloudevents\"",
                         ),
                     }
-                    ListenerFormat::CloudEvents
                 }
-            };
+            }
+            let format = ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key));
 
             if let (Some(name), Some(url)) = (name, url) {
                 listeners.push(ListenerConfig {
@@ -1909,6 +1919,33 @@ impl Checker<'_> {
             }
         }
         listeners
+    }
+
+    fn cloudevents_mode(
+        &mut self,
+        l: &RawListener,
+        key: &dyn Fn(&str) -> String,
+    ) -> CloudEventsMode {
+        let Some(v) = &l.cloudevents_mode else {
+            return CloudEventsMode::Structured;
+        };
+        match self
+            .string(v, &key("cloudevents_mode"))
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("structured") => CloudEventsMode::Structured,
+            Some("binary") => CloudEventsMode::Binary,
+            Some(other) => {
+                self.report(
+                    v.span().start,
+                    &key("cloudevents_mode"),
+                    &format!("unknown CloudEvents content mode {other:?}"),
+                    "use cloudevents_mode = \"structured\" (the event as the body) or \"binary\" (ce-* headers, data as the body)",
+                );
+                CloudEventsMode::Structured
+            }
+        }
     }
 
     fn header_map(&mut self, raw: &RawHeaders, key: &str) -> Vec<(String, Secret)> {
@@ -2388,6 +2425,36 @@ mod tests {
     }
 
     #[test]
+    fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
+        let with = |mode: &str| {
+            format!(
+                "{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n"
+            )
+        };
+        let format = |text: &str| parse(text).unwrap().listeners[0].format;
+        assert_eq!(
+            format(&with("")),
+            ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+        );
+        assert_eq!(
+            format(&with("cloudevents_mode = \"structured\"")),
+            ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+        );
+        assert_eq!(
+            format(&with(
+                "format = \"cloudevents\"\ncloudevents_mode = \"binary\""
+            )),
+            ListenerFormat::CloudEvents(CloudEventsMode::Binary)
+        );
+        assert_eq!(
+            errors(&with("cloudevents_mode = \"bin\"")),
+            vec![
+                "walhook.toml:11:20: listener[0].cloudevents_mode: unknown CloudEvents content mode \"bin\"; use cloudevents_mode = \"structured\" (the event as the body) or \"binary\" (ce-* headers, data as the body)"
+            ]
+        );
+    }
+
+    #[test]
     fn minimal_file_gets_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.source.slot, "walhook");
@@ -2466,7 +2533,10 @@ mod tests {
         assert_eq!(l.backoff, DEFAULT_BACKOFF);
         assert_eq!(l.timeout, Duration::from_secs(10));
         assert_eq!(l.debounce, Duration::ZERO);
-        assert_eq!(l.format, ListenerFormat::CloudEvents);
+        assert_eq!(
+            l.format,
+            ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+        );
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The dispatcher: claims due notifications from `walhook.new`, delivers them over HTTP and
-//! records the outcomes, for every configured listener, until shutdown.
+//! The dispatcher: claims due notifications from `walhook.new`, renders each in its
+//! listener's [`Format`], sends it through the listener's [`Sink`] and records what the
+//! attempt ended with (through the retry policy), for every configured listener, until
+//! shutdown. It knows listeners only through those two seams.
 //!
 //! Per listener three stages run as tasks and hand work on through channels:
 //! * the *claimer* claims due notifications in batches under a lease (woken by
@@ -29,8 +31,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::http::{DeliveryError, HttpSender};
-use super::policy::next_attempt_delay;
+use super::format::Format;
+use super::policy::{Outcome, next_attempt_delay};
+use super::sink::{Sink, SinkError};
 use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
@@ -53,6 +56,9 @@ const POLL_INTERVAL: Duration = Duration::from_secs(1);
 const RECORD_BATCH: usize = 2000;
 /// Added to twice the listener timeout to make the lease.
 const LEASE_EXTRA: Duration = Duration::from_secs(30);
+/// An attempt is cut off this long after the listener's timeout, if the sink has not
+/// ended it by then.
+const ATTEMPT_GRACE: Duration = Duration::from_millis(500);
 /// An attempt starts only if it can end this long before the lease runs out.
 const START_MARGIN: Duration = Duration::from_secs(2);
 /// Longest a claim or record statement may take before the connection is considered dead.
@@ -75,9 +81,9 @@ pub enum DispatchError {
     /// The queue tables could not be used.
     #[error(transparent)]
     Queue(#[from] QueueError),
-    /// A listener's sender could not be built (its url, headers or secret).
+    /// A listener's sink could not be built (its url, headers or secret).
     #[error(transparent)]
-    Listener(#[from] DeliveryError),
+    Listener(#[from] SinkError),
     /// The database did not answer in time.
     #[error(
         "no answer from the queue database within {}s while {context}; check that PostgreSQL is running and reachable",
@@ -384,7 +390,8 @@ impl Link {
 struct Lane {
     index: usize,
     config: ListenerConfig,
-    sender: Arc<HttpSender>,
+    format: Format,
+    sink: Sink,
     limiter: Option<DefaultDirectRateLimiter>,
     permits: Arc<Semaphore>,
     concurrency: usize,
@@ -406,7 +413,8 @@ impl Lane {
         config: ListenerConfig,
         source_system: &str,
     ) -> Result<Lane, DispatchError> {
-        let sender = Arc::new(HttpSender::new(&config, source_system)?);
+        let format = Format::for_listener(&config.format, source_system);
+        let sink = Sink::for_listener(&config)?;
         let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
         let mut target = concurrency
@@ -418,7 +426,8 @@ impl Lane {
         let lease = config.timeout.saturating_mul(2).saturating_add(LEASE_EXTRA);
         Ok(Lane {
             index,
-            sender,
+            format,
+            sink,
             limiter,
             permits: Arc::new(Semaphore::new(concurrency)),
             concurrency,
@@ -434,6 +443,32 @@ impl Lane {
 
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Sends `message` through the sink, within the listener's timeout whatever the sink
+    /// does: the lease arithmetic below relies on attempts that end in time.
+    async fn attempt(&self, message: super::format::Message) -> Attempt {
+        let limit = self.attempt_limit();
+        match tokio::time::timeout(limit, self.sink.send(message)).await {
+            Ok(attempt) => attempt,
+            Err(_) => Attempt {
+                outcome: Outcome::TimedOut,
+                status_code: None,
+                comment: Some(format!(
+                    "no outcome within {} from {}",
+                    humantime::format_duration(self.config.timeout),
+                    self.sink.target()
+                )),
+                retry_after: None,
+                latency: limit,
+            },
+        }
+    }
+
+    /// The longest an attempt may take: the listener's timeout, plus a little for the sink
+    /// to notice its own timeout and report it in its words.
+    fn attempt_limit(&self) -> Duration {
+        self.config.timeout.saturating_add(ATTEMPT_GRACE)
     }
 
     /// How many more to claim now. A failing listener gets no prefetch: its attempts are
@@ -675,22 +710,21 @@ async fn start_loop(
                 break;
             }
         }
-        if next.claimed_at.elapsed() + lane.config.timeout + START_MARGIN > lane.lease {
+        if next.claimed_at.elapsed() + lane.attempt_limit() + START_MARGIN > lane.lease {
             // The lease could run out mid-attempt and another process deliver it at the
             // same time: hand it back instead.
             let _ = done.send(Done::release(&lane, &next.notification));
             continue;
         }
-        let sender = lane.sender.clone();
+        let lane = lane.clone();
         let done = done.clone();
-        let lane_index = lane.index;
         in_flight.spawn(async move {
             let n = next.notification;
-            let attempt = sender.send(&n).await;
+            let attempt = lane.attempt(lane.format.render(&n.event)).await;
             drop(permit);
             // The event is done with: move the fields observers name instead of copying.
             let _ = done.send(Done::Attempted {
-                lane: lane_index,
+                lane: lane.index,
                 id: n.id,
                 attempts_before: n.attempts,
                 attempt,
@@ -814,18 +848,13 @@ fn build_batch(
                     .unwrap_or(0)
                     .saturating_add(1);
                 let status_code = attempt.status_code.map(i32::from);
+                // Sinks word their failures; this covers one that gave no comment.
                 let comment = || {
-                    attempt
-                        .comment
-                        .clone()
-                        .unwrap_or_else(|| match attempt.status_code {
-                            Some(code) => {
-                                format!("HTTP {code} from {}", lane.sender.url_redacted())
-                            }
-                            None => format!("delivery to {} failed", lane.sender.url_redacted()),
-                        })
+                    attempt.comment.clone().unwrap_or_else(|| {
+                        format!("{} ({})", attempt.outcome.describe(), lane.sink.target())
+                    })
                 };
-                match attempt.verdict {
+                match attempt.verdict() {
                     Verdict::Delivered => {
                         observe(Observed::Delivered, None);
                         effect.delivered += 1;
