@@ -18,6 +18,7 @@
 
 pub mod dispatcher;
 pub mod format;
+mod lease;
 pub mod policy;
 pub mod signature;
 pub mod sink;
