@@ -6,6 +6,10 @@
 //! its failure comments) lives in its file. A new sink is a new file here, one variant of
 //! [`Sink`] and of [`SinkError`] with their match arms below, and the config that selects it.
 //!
+//! Building a sink only checks its settings (a bad one is a config error). Connecting
+//! belongs to sending: a peer that is down is an attempt's outcome, retried by the policy,
+//! never a reason for delivery to stop.
+//!
 //! [`Outcome`]: super::policy::Outcome
 
 pub mod http;
