@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook, SmtpServer, SmtpTls};
 use crate::delivery::Verdict;
-use crate::delivery::policy::Outcome;
 use crate::delivery::signature::webhook_headers;
+use crate::delivery::sink::http::status_outcome;
 use crate::tls::CaFile;
 
 /// How often time-based conditions (thresholds, gathered failures) are evaluated.
@@ -1056,7 +1056,7 @@ pub fn cloudevent(
         "id": id,
         "source": format!("/walhook/{source}"),
         "type": alert.event.cloudevents_type(),
-        "time": crate::delivery::payload::rfc3339_micros(time),
+        "time": crate::delivery::format::rfc3339_micros(time),
         "datacontenttype": "application/json",
         "data": data,
     });
@@ -1097,7 +1097,7 @@ async fn post_webhook(
                 let status = resp.status().as_u16();
                 last = format!("HTTP {status}");
                 // The same outcome table as deliveries: 408, 429 and 5xx are worth retrying.
-                if Outcome::from_status(status).verdict() != Verdict::Retry {
+                if status_outcome(status).verdict() != Verdict::Retry {
                     return Err(last);
                 }
             }

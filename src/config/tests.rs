@@ -27,6 +27,34 @@ pub(super) fn errors(text: &str) -> Vec<String> {
 }
 
 #[test]
+fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
+    let with = |mode: &str| {
+        format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n")
+    };
+    let format = |text: &str| parse(text).unwrap().listeners[0].format;
+    assert_eq!(
+        format(&with("")),
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    );
+    assert_eq!(
+        format(&with("cloudevents_mode = \"structured\"")),
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    );
+    assert_eq!(
+        format(&with(
+            "format = \"cloudevents\"\ncloudevents_mode = \"binary\""
+        )),
+        ListenerFormat::CloudEvents(CloudEventsMode::Binary)
+    );
+    assert_eq!(
+        errors(&with("cloudevents_mode = \"bin\"")),
+        vec![
+            "walhook.toml:11:20: listener[0].cloudevents_mode: unknown CloudEvents content mode \"bin\"; use cloudevents_mode = \"structured\" (the event as the body) or \"binary\" (ce-* headers, data as the body)"
+        ]
+    );
+}
+
+#[test]
 fn minimal_file_gets_documented_defaults() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.source.slot, "walhook");
@@ -111,7 +139,10 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(l.backoff, DEFAULT_BACKOFF);
     assert_eq!(l.timeout, Duration::from_secs(10));
     assert_eq!(l.debounce, Duration::ZERO);
-    assert_eq!(l.format, ListenerFormat::CloudEvents);
+    assert_eq!(
+        l.format,
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    );
 }
 
 #[test]
