@@ -106,6 +106,12 @@ pub struct QueueConfig {
     pub batch_size: usize,
     /// Longest time an event waits for its batch to fill before it is written (default 20ms).
     pub batch_delay: Duration,
+    /// Most bytes of events written in one queue transaction (default 8 MB); a batch ends at
+    /// whichever of `batch_size` and this comes first.
+    pub batch_bytes: u64,
+    /// Most bytes of decoded events held in memory waiting for the queue writer (default
+    /// 32 MB); capture stops reading the stream until the writer catches up.
+    pub capture_buffer_bytes: u64,
 }
 
 /// One `[[entity]]`.
@@ -279,16 +285,26 @@ pub enum AlertKind {
     QueueAge,
     /// The database was unreachable for longer than `database_unreachable_for` (and recovered).
     DatabaseUnreachable,
+    /// Changes were lost because the replication slot vanished (told once the gap is
+    /// accepted and capture resumes).
+    CaptureGap,
+    /// Changes were set aside in `walhook.rejected` instead of queued.
+    ChangeRejected,
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    SchemaChanged,
 }
 
 impl AlertKind {
     /// Every kind, in the order `on` documents them.
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 8] = [
         AlertKind::NotificationFailed,
         AlertKind::ListenerFailing,
         AlertKind::ReplicationLag,
         AlertKind::QueueAge,
         AlertKind::DatabaseUnreachable,
+        AlertKind::CaptureGap,
+        AlertKind::ChangeRejected,
+        AlertKind::SchemaChanged,
     ];
 
     /// The name used in `on = [...]`.
@@ -299,6 +315,9 @@ impl AlertKind {
             AlertKind::ReplicationLag => "replication_lag",
             AlertKind::QueueAge => "queue_age",
             AlertKind::DatabaseUnreachable => "database_unreachable",
+            AlertKind::CaptureGap => "capture_gap",
+            AlertKind::ChangeRejected => "change_rejected",
+            AlertKind::SchemaChanged => "schema_changed",
         }
     }
 }
@@ -803,6 +822,8 @@ struct RawQueue {
     retention: Str,
     batch_size: Option<Spanned<i64>>,
     batch_delay: Str,
+    batch_bytes: Option<Spanned<RawSize>>,
+    capture_buffer: Option<Spanned<RawSize>>,
 }
 
 #[derive(Deserialize)]
@@ -1025,6 +1046,9 @@ const DEFAULT_WAL_WARNING: u64 = 1024 * 1024 * 1024;
 const MAX_STATUS_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 86_400);
 const DEFAULT_BATCH_SIZE: usize = 5000;
+/// With rows of 1 MB these keep walhook's peak RSS well under 200 MB (docs/benchmarks.md).
+const DEFAULT_BATCH_BYTES: u64 = 8 * 1024 * 1024;
+const DEFAULT_CAPTURE_BUFFER: u64 = 32 * 1024 * 1024;
 const MAX_BATCH_SIZE: i64 = 100_000;
 const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(20);
 const MAX_BATCH_DELAY: Duration = Duration::from_secs(10);
@@ -1428,6 +1452,8 @@ impl Checker<'_> {
                 retention: DEFAULT_RETENTION,
                 batch_size: DEFAULT_BATCH_SIZE,
                 batch_delay: DEFAULT_BATCH_DELAY,
+                batch_bytes: DEFAULT_BATCH_BYTES,
+                capture_buffer_bytes: DEFAULT_CAPTURE_BUFFER,
             };
         };
         let raw = raw.get_ref();
@@ -1459,10 +1485,18 @@ impl Checker<'_> {
                 "use at most \"10s\" (default \"20ms\")",
             );
         }
+        let batch_bytes = self.size(&raw.batch_bytes, "queue.batch_bytes", DEFAULT_BATCH_BYTES);
+        let capture_buffer_bytes = self.size(
+            &raw.capture_buffer,
+            "queue.capture_buffer",
+            DEFAULT_CAPTURE_BUFFER,
+        );
         QueueConfig {
             retention,
             batch_size,
             batch_delay,
+            batch_bytes,
+            capture_buffer_bytes,
         }
     }
 
@@ -1488,18 +1522,20 @@ impl Checker<'_> {
         }
     }
 
-    fn actions(&mut self, raw: &StrList, key: &str) -> Vec<Action> {
+    /// `default` applies when the key is absent: entities capture row changes, listeners
+    /// receive every action.
+    fn actions(&mut self, raw: &StrList, key: &str, default: &[Action]) -> Vec<Action> {
         let Some(list) = raw else {
-            return Action::ALL.to_vec();
+            return default.to_vec();
         };
         if list.get_ref().is_empty() {
             self.report(
                 list.span().start,
                 key,
                 "actions is empty",
-                "list at least one of created, updated, deleted, or remove the key for all three",
+                "list at least one of created, updated, deleted, truncated, or remove the key for the default",
             );
-            return Action::ALL.to_vec();
+            return default.to_vec();
         }
         let mut actions = Vec::new();
         for (i, item) in list.get_ref().iter().enumerate() {
@@ -1515,7 +1551,7 @@ impl Checker<'_> {
                     item.span().start,
                     &item_key,
                     &format!("unknown action {s:?}"),
-                    "use created, updated or deleted",
+                    "use created, updated, deleted or truncated",
                 ),
                 Some(a) if actions.contains(&a) => self.report(
                     item.span().start,
@@ -1662,7 +1698,7 @@ impl Checker<'_> {
                     );
                 }
             }
-            let actions = self.actions(&e.actions, &key("actions"));
+            let actions = self.actions(&e.actions, &key("actions"), &Action::ROW);
 
             let subject = match &e.subject {
                 None => None,
@@ -1765,7 +1801,7 @@ impl Checker<'_> {
                 chosen
             });
 
-            let actions = self.actions(&l.actions, &key("actions"));
+            let actions = self.actions(&l.actions, &key("actions"), &Action::ALL);
             let headers = self.header_map(&l.headers, &key("headers"));
             let secret = self.signing_secret(&l.secret, &key("secret"));
 
@@ -2411,7 +2447,7 @@ mod tests {
                 name: "customer".into()
             }
         );
-        assert_eq!(e.actions, Action::ALL.to_vec());
+        assert_eq!(e.actions, Action::ROW.to_vec());
         assert_eq!(e.id, None);
         assert_eq!(e.track, None);
         assert!(e.exclude.is_empty());
@@ -2574,7 +2610,7 @@ subject = \"Order/{id\"
                 "walhook.toml:11:8: entity[0].name: entity name \"9Customer\" must start with a letter and contain only letters, digits, '_', '-' or '.'; rename it, like \"Customer\" or \"SalesOrder\"",
                 "walhook.toml:12:9: entity[0].table: table \"Public.customer\" has upper-case letters in the unquoted name \"Public\", which PostgreSQL folds to \"public\"; write it in lower case, or double-quote it ('\"Public\"') if the table was created with that exact case",
                 "walhook.toml:13:23: entity[0].actions[1]: action \"created\" is listed twice; remove the duplicate",
-                "walhook.toml:13:34: entity[0].actions[2]: unknown action \"merged\"; use created, updated or deleted",
+                "walhook.toml:13:34: entity[0].actions[2]: unknown action \"merged\"; use created, updated, deleted or truncated",
                 "walhook.toml:14:7: entity[0].id: id column \"id\" is also excluded; remove it from exclude or from id; events need their id",
                 "walhook.toml:16:11: entity[0].subject: placeholder {secret} names an excluded column; excluded columns must not leave the database; use {id} or another column",
                 "walhook.toml:21:11: entity[1].subject: subject \"Order/{id\" has an unclosed '{'; close each placeholder with '}', like \"Customer/{id}\"",
@@ -3007,7 +3043,7 @@ format = \"xml\"
                 "walhook.toml:11:8: monitor[1].name: monitor \"a\" is defined twice; give each [[monitor]] its own name",
                 "walhook.toml:12:7: monitor[1].url: the URL must start with http:// or https://; write an http:// or https:// URL like \"https://ops.example.com/walhook-alerts\"",
                 "walhook.toml:13:10: monitor[1].secret: the signing secret is not base64 (optionally prefixed with whsec_); use a secret like whsec_ followed by base64 of 24 to 64 random bytes (e.g. `openssl rand -base64 32`)",
-                "walhook.toml:14:7: monitor[1].on[0]: unknown alert kind \"everything\"; use one of notification_failed, listener_failing, replication_lag, queue_age, database_unreachable",
+                "walhook.toml:14:7: monitor[1].on[0]: unknown alert kind \"everything\"; use one of notification_failed, listener_failing, replication_lag, queue_age, database_unreachable, capture_gap, change_rejected, schema_changed",
                 "walhook.toml:15:13: monitor[1].lag_bytes: \"1XB\" has an unknown unit; use a byte count like 1073741824 or a size like \"1GB\" or \"512MB\" (units B, kB, MB, GB, TB; 1 kB = 1024 bytes)",
                 "walhook.toml:16:11: monitor[1].lag_for: invalid duration \"soon\"; write a whole number and a unit (ms, s, m, h, d), like \"500ms\", \"5s\", \"10m\", \"2h\" or \"7d\"",
                 "walhook.toml:18:1: monitor[2].to: missing key; add to = [\"dba@example.com\"]",

@@ -385,3 +385,144 @@ async fn retained_wal_past_the_threshold_is_warned_once_then_cleared() {
         .count();
     assert_eq!(warnings, 1, "{}", daemon.log());
 }
+
+/// The final position logged at a clean stop: `stopped; confirmed up to 0/1A2B3C4`.
+fn logged_final_position(log: &str) -> Option<Lsn> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("stopped; confirmed up to "))?;
+    let rest = line.split("stopped; confirmed up to ").nth(1)?;
+    rest.split(|c: char| c.is_whitespace() || c == '"')
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_confirms_what_it_logs_and_a_restart_duplicates_nothing() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let toml = config_toml(&db.url, ITEM_ENTITY);
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+
+    // A steady insert load, one row per transaction, until told to stop.
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let load = {
+        let url = db.url.clone();
+        let running = running.clone();
+        tokio::spawn(async move {
+            let c = support::connect(&url).await;
+            let mut n = 0i32;
+            while running.load(std::sync::atomic::Ordering::SeqCst) {
+                c.execute("INSERT INTO item VALUES ($1, 1, 0, 'x')", &[&n])
+                    .await
+                    .unwrap();
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        })
+    };
+    wait_event_count(&c, 500, Duration::from_secs(60), "events under load").await;
+    let status = daemon.terminate();
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    let log = daemon.log();
+    let logged = logged_final_position(&log).unwrap_or_else(|| panic!("no final line:\n{log}"));
+    assert_eq!(
+        slot_confirmed(&c).await,
+        Some(logged),
+        "the slot's confirmed_flush_lsn differs from the logged position:\n{log}"
+    );
+    let inserted = {
+        running.store(false, std::sync::atomic::Ordering::SeqCst);
+        load.await.unwrap()
+    };
+
+    let _again = Daemon::start(&toml);
+    wait_event_count(
+        &c,
+        i64::from(inserted),
+        Duration::from_secs(120),
+        "every row after the restart",
+    )
+    .await;
+    // Let anything re-sent by mistake show up before counting.
+    c.execute("INSERT INTO item VALUES (-1, 2, 0, 'fence')", &[])
+        .await
+        .unwrap();
+    wait_event_count(
+        &c,
+        i64::from(inserted) + 1,
+        Duration::from_secs(60),
+        "the fence",
+    )
+    .await;
+    let row = c
+        .query_one(
+            "SELECT count(*), count(DISTINCT row->>'id') FROM walhook.event",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (n, distinct): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(
+        (n, distinct),
+        (i64::from(inserted) + 1, i64::from(inserted) + 1),
+        "exactly one event per row"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_exits_at_once_while_the_first_waits_for_the_writer() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let mut daemon = Daemon::start(&config_toml(&db.url, ITEM_ENTITY));
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO item VALUES (0, 0, 0, 'x')", &[])
+        .await
+        .unwrap();
+    wait_event_count(&c, 1, Duration::from_secs(30), "the first event").await;
+    // The writer blocks on the lock, so the first SIGTERM cannot finish quickly.
+    let mut blocker = support::connect(&db.url).await;
+    let tx = blocker.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE walhook.event IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    c.execute("INSERT INTO item VALUES (1, 0, 0, 'y')", &[])
+        .await
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(daemon.child.id() as i32);
+    eventually(Duration::from_secs(30), "the writer waiting on the lock", || async {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE relation = 'walhook.event'::regclass AND NOT granted",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (n > 0).then_some(())
+    })
+    .await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the first SIGTERM logged",
+        || async { daemon.log().contains("SIGTERM received").then_some(()) },
+    )
+    .await;
+    assert!(daemon.running(), "{}", daemon.log());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = daemon.child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("second stop signal"),
+        "{}",
+        daemon.log()
+    );
+    // The lock was never released: the process did not wait for the writer.
+    tx.rollback().await.unwrap();
+}

@@ -143,7 +143,8 @@ async fn writing_the_same_events_twice_inserts_them_once_with_stable_ids() {
         WriteOutcome {
             inserted: 3,
             already_present: 0,
-            notifications: 0
+            notifications: 0,
+            refused: 0
         }
     );
     let ids_sql = "SELECT event_id FROM walhook.event ORDER BY commit_lsn, seq";
@@ -169,7 +170,8 @@ async fn writing_the_same_events_twice_inserts_them_once_with_stable_ids() {
         WriteOutcome {
             inserted: 1,
             already_present: 3,
-            notifications: 0
+            notifications: 0,
+            refused: 0
         }
     );
     assert_eq!(
@@ -356,7 +358,8 @@ async fn fan_out_creates_one_new_row_per_new_event_and_subscribed_listener() {
         WriteOutcome {
             inserted: 3,
             already_present: 0,
-            notifications: 6
+            notifications: 6,
+            refused: 0
         }
     );
 
@@ -388,7 +391,8 @@ async fn fan_out_creates_one_new_row_per_new_event_and_subscribed_listener() {
         WriteOutcome {
             inserted: 0,
             already_present: 3,
-            notifications: 0
+            notifications: 0,
+            refused: 0
         }
     );
     assert_eq!(count(&client, "SELECT count(*) FROM walhook.new").await, 6);
