@@ -60,12 +60,21 @@ const SQL_KEYS: &str = "SELECT a.attname::text, i.indisprimary, i.indisreplident
      WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) ORDER BY a.attnum";
 
 // pubtruncate appeared in PostgreSQL 11: read it through to_jsonb so one query fits all versions.
+// pubviaroot appeared in PostgreSQL 13: read through to_jsonb as well.
 const SQL_PUBLICATION: &str = "SELECT p.puballtables, p.pubinsert, p.pubupdate, p.pubdelete, \
-     coalesce((to_jsonb(p) ->> 'pubtruncate')::bool, false) \
+     coalesce((to_jsonb(p) ->> 'pubtruncate')::bool, false), \
+     coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) \
      FROM pg_publication p WHERE p.pubname = $1";
 
-const SQL_PUBLICATION_TABLES: &str =
-    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1";
+// pg_publication_tables lists the leaves of a partitioned table added to the publication
+// unless it publishes via the root, so the tables added by name are read as well.
+const SQL_PUBLICATION_TABLES: &str = "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 \
+     UNION SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+     JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid \
+     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1";
+
+// Partitions attached now; later ones are covered the same way.
+const SQL_PARTITIONS: &str = "SELECT count(*) FROM pg_inherits WHERE inhparent = $1";
 
 // wal_status appeared in PostgreSQL 13: read it through to_jsonb for the same reason.
 // On a standby pg_current_wal_lsn() raises an error, so use the replay position there.
@@ -260,11 +269,17 @@ struct TableFacts {
     columns: Vec<String>,
     primary_key: Vec<String>,
     identity_index: Vec<String>,
+    /// Partitions attached now, for a partitioned table.
+    partitions: i64,
 }
 
 impl TableFacts {
     fn is_table(&self) -> bool {
         matches!(self.relkind.as_str(), "r" | "p")
+    }
+
+    fn is_partitioned(&self) -> bool {
+        self.relkind == "p"
     }
 
     /// The columns the old tuple carries for updates and deletes; `None` when there are none
@@ -296,6 +311,8 @@ struct PublicationFacts {
     update: bool,
     delete: bool,
     truncate: bool,
+    /// `publish_via_partition_root`: partitions' changes arrive as their root table's.
+    via_root: bool,
     tables: BTreeSet<(String, String)>,
 }
 
@@ -620,8 +637,19 @@ async fn table_facts(client: &Client, table: &TableName) -> Result<Option<TableF
             identity_index.push(col);
         }
     }
+    let relkind: String = row.try_get(1).map_err(q)?;
+    let partitions: i64 = if relkind == "p" {
+        client
+            .query_one(SQL_PARTITIONS, &[&oid])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(q)?
+    } else {
+        0
+    };
     Ok(Some(TableFacts {
-        relkind: row.try_get(1).map_err(q)?,
+        relkind,
+        partitions,
         replident: row.try_get(2).map_err(q)?,
         select: row.try_get(3).map_err(q)?,
         owner: row.try_get(4).map_err(q)?,
@@ -660,6 +688,7 @@ async fn publication_facts(
         update: row.try_get(2).map_err(q)?,
         delete: row.try_get(3).map_err(q)?,
         truncate: row.try_get(4).map_err(q)?,
+        via_root: row.try_get(5).map_err(q)?,
         tables,
     }))
 }
@@ -917,6 +946,9 @@ fn table_items(
     let resuming = facts.captured_up_to(&config.source.slot).is_some();
     items.push(columns_item(tf, config, entity, resuming));
     items.push(replica_identity_item(facts, tf, entity));
+    if tf.is_partitioned() {
+        items.push(partition_item(facts, tf, config, t));
+    }
 }
 
 /// Configured columns the table lacks. Before the first capture that is a mistake in the
@@ -1099,7 +1131,12 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
                 "missing, and [source] create_publication = false",
                 format!(
                     "{} or set create_publication = true and run walhook setup",
-                    create_publication_sql(pubname, &entity_tables(config), &needed_ops(config))
+                    create_publication_sql(
+                        pubname,
+                        &entity_tables(config),
+                        &needed_ops(config),
+                        needs_via_root(facts)
+                    )
                 ),
             )
         });
@@ -1305,14 +1342,77 @@ fn publish_list(p: &PublicationFacts) -> String {
     }
 }
 
-fn create_publication_sql(name: &str, tables: &[&TableName], ops: &BTreeSet<PubOp>) -> String {
+fn create_publication_sql(
+    name: &str,
+    tables: &[&TableName],
+    ops: &BTreeSet<PubOp>,
+    via_root: bool,
+) -> String {
     let ops = publish_value(ops.iter().map(|o| o.keyword()));
+    let via_root = if via_root {
+        ", publish_via_partition_root = true"
+    } else {
+        ""
+    };
     format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {});",
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {}{via_root});",
         quote_ident(name),
         table_list(tables),
         quote_literal(&ops)
     )
+}
+
+fn via_root_sql(name: &str) -> String {
+    format!(
+        "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+        quote_ident(name)
+    )
+}
+
+/// Whether an entity table is partitioned: its publication must publish via the root, so
+/// the changes of every partition, attached now or later, arrive under the entity's table.
+fn needs_via_root(facts: &Facts) -> bool {
+    facts
+        .tables
+        .iter()
+        .flatten()
+        .any(TableFacts::is_partitioned)
+}
+
+/// PostgreSQL 13 added partitioned tables to publications (and publish_via_partition_root).
+const PARTITIONS_VERSION_NUM: i32 = 130_000;
+
+fn partition_item(facts: &Facts, tf: &TableFacts, config: &Config, t: &TableName) -> CheckItem {
+    let name = format!("partitions {t}");
+    let pubname = &config.source.publication;
+    let how = format!(
+        "partitioned ({} partition(s) now); publication {pubname} publishes via the partition root, so every partition's changes, including partitions attached later, arrive as {t}",
+        tf.partitions
+    );
+    if facts.server.version_num < PARTITIONS_VERSION_NUM {
+        return CheckItem::fail(
+            name,
+            format!(
+                "{t} is partitioned, and PostgreSQL {} cannot publish partitioned tables",
+                facts.server.version
+            ),
+            "upgrade to PostgreSQL 13 or newer, or point the entity at a plain table",
+        );
+    }
+    match &facts.publication {
+        Some(p) if !p.via_root => CheckItem::fail(
+            name,
+            format!(
+                "{t} is partitioned, but publication {pubname} publishes each partition under its own name, so its changes would not reach entity {t}"
+            ),
+            format!("{} or walhook setup", via_root_sql(pubname)),
+        ),
+        Some(_) => CheckItem::ok(name, how),
+        None => CheckItem::ok(
+            name,
+            format!("{how} (once setup creates it with publish_via_partition_root = true)"),
+        ),
+    }
 }
 
 fn add_tables_sql(name: &str, tables: &[&TableName]) -> String {
@@ -1480,6 +1580,12 @@ fn plan_from(
                     table: entity.table.to_string(),
                 });
             }
+            Some(tf) if tf.is_partitioned() && s.version_num < PARTITIONS_VERSION_NUM => {
+                return Err(SetupError::PartitionsUnsupported {
+                    table: entity.table.to_string(),
+                    version: s.version.clone(),
+                });
+            }
             Some(_) => {}
         }
     }
@@ -1591,7 +1697,12 @@ fn plan_from(
             why: format!(
                 "Publication {pubname} selects the entity tables whose changes walhook reads."
             ),
-            action: StepAction::Sql(create_publication_sql(pubname, &tables, &needed)),
+            action: StepAction::Sql(create_publication_sql(
+                pubname,
+                &tables,
+                &needed,
+                needs_via_root(facts),
+            )),
             needs: pub_needs(&format!(
                 "CREATE on database {} ({})",
                 s.database,
@@ -1623,6 +1734,15 @@ fn plan_from(
                         publish_value(needed.iter().map(|o| o.keyword()))
                     ),
                     action: StepAction::Sql(set_publish_sql(pubname, p, &needed)),
+                    needs: format!("ownership of publication {pubname}"),
+                });
+            }
+            if needs_via_root(facts) && !p.via_root {
+                steps.push(SetupStep {
+                    why: format!(
+                        "An entity table is partitioned: publication {pubname} must publish its partitions' changes under the partitioned table's name (publish_via_partition_root), or they never reach the entity. Other subscribers of {pubname} see root names too."
+                    ),
+                    action: StepAction::Sql(via_root_sql(pubname)),
                     needs: format!("ownership of publication {pubname}"),
                 });
             }
@@ -1911,6 +2031,16 @@ pub enum SetupError {
         /// Relation name.
         table: String,
     },
+    /// The entity table is partitioned and the server cannot publish partitioned tables.
+    #[error(
+        "{table} is partitioned, and PostgreSQL {version} cannot publish partitioned tables; upgrade to PostgreSQL 13 or newer, or point the entity at a plain table"
+    )]
+    PartitionsUnsupported {
+        /// Table name.
+        table: String,
+        /// The server version.
+        version: String,
+    },
     /// A table without replica identity would make the application's UPDATE/DELETE fail.
     #[error(
         "{table} has REPLICA IDENTITY {identity} and no usable key: once published, UPDATE and DELETE on it would fail; run walhook setup --replica-identity-full or ALTER TABLE {table} REPLICA IDENTITY FULL"
@@ -1982,6 +2112,7 @@ impl Classify for SetupError {
             SetupError::PermissionDenied { .. }
             | SetupError::NoReplicaIdentity { .. }
             | SetupError::SlotActive { .. }
+            | SetupError::PartitionsUnsupported { .. }
             | SetupError::WalLevel { .. } => ErrorClass::Permanent,
             SetupError::TableMissing { .. }
             | SetupError::NotATable { .. }
@@ -2050,6 +2181,7 @@ mod tests {
             update: false,
             delete: false,
             truncate: true,
+            via_root: false,
             tables: BTreeSet::new(),
         };
         let needed = [PubOp::Update].into_iter().collect();

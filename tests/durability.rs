@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    ClusterOptions, Daemon, TestDb, config_toml, event_count, eventually, wait_streaming,
+    ClusterOptions, Daemon, TestDb, config_toml, current_insert_lsn, event_count, eventually,
+    slot_confirmed, wait_streaming,
 };
 use walhook::types::Lsn;
 
@@ -34,17 +35,6 @@ async fn wait_event_count(c: &tokio_postgres::Client, n: i64, within: Duration, 
     .await;
 }
 
-async fn slot_confirmed(c: &tokio_postgres::Client) -> Option<Lsn> {
-    let row = c
-        .query_opt(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'walhook'",
-            &[],
-        )
-        .await
-        .ok()??;
-    row.get::<_, Option<String>>(0)?.parse().ok()
-}
-
 /// One source transaction of the workload: its number, how many changes it made and an
 /// upper bound of its commit's end LSN (the insert position read after COMMIT returned).
 #[derive(Clone, Copy, Debug)]
@@ -52,15 +42,6 @@ struct TxRecord {
     tx: i32,
     changes: i64,
     upper: Lsn,
-}
-
-async fn current_insert_lsn(c: &tokio_postgres::Client) -> Lsn {
-    let s: String = c
-        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
-        .await
-        .unwrap()
-        .get(0);
-    s.parse().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
