@@ -507,3 +507,176 @@ async fn a_second_sigterm_exits_at_once_while_the_first_waits_for_the_writer() {
     // The lock was never released: the process did not wait for the writer.
     tx.rollback().await.unwrap();
 }
+
+/// Runs `walhook run` until it exits by itself; returns its exit code and log.
+fn run_until_exit(toml: &str) -> (Option<i32>, String) {
+    let mut daemon = Daemon::start(toml);
+    let status = daemon.child.wait().expect("wait walhook");
+    (status.code(), daemon.log())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_stopped_is_a_named_gap_until_accepted() {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let monitor = support::receiver::Receiver::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "{ITEM_ENTITY}{}",
+            support::monitor_toml(&monitor.url("/alerts"))
+        ),
+    );
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO item VALUES (1, 1, 0, 'x')", &[])
+        .await
+        .unwrap();
+    wait_event_count(&c, 1, Duration::from_secs(30), "the first event").await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let flushed: String = c
+        .query_one("SELECT flushed_lsn::text FROM walhook.state", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // The slot vanishes while walhook is stopped; changes made meanwhile are lost.
+    c.batch_execute(
+        "SELECT pg_drop_replication_slot('walhook');
+         INSERT INTO item VALUES (2, 1, 0, 'lost');",
+    )
+    .await
+    .unwrap();
+    let (code, log) = run_until_exit(&toml);
+    assert_eq!(code, Some(78), "{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("walhook: error:") && l.contains("slot walhook"))
+        .unwrap_or_else(|| panic!("no error line naming the slot:\n{log}"));
+    println!("{line}");
+    assert!(
+        line.contains(&flushed) && line.contains("walhook setup --accept-gap"),
+        "{line}"
+    );
+    assert!(!log.contains("created replication slot"), "{log}");
+
+    let (_dir, path) = support::write_config(&toml);
+    let (code, out, err) =
+        support::walhook(&["setup", "--accept-gap", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let row = c
+        .query_one(
+            "SELECT last_flushed_lsn::text, resumed_lsn::text, accepted_at IS NOT NULL, reason FROM walhook.capture_gap",
+            &[],
+        )
+        .await
+        .expect("the gap is recorded");
+    let (last, resumed, dated, reason): (String, Option<String>, bool, String) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    assert_eq!(last, flushed);
+    let resumed: Lsn = resumed.expect("resumed_lsn").parse().unwrap();
+    assert!(resumed > flushed.parse().unwrap() && dated, "{reason}");
+    assert!(reason.contains("missing"), "{reason}");
+
+    // The next start streams, and the monitors are told about the gap once.
+    let _daemon = Daemon::start(&toml);
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO item VALUES (3, 1, 0, 'after')", &[])
+        .await
+        .unwrap();
+    wait_event_count(&c, 2, Duration::from_secs(30), "the event after the gap").await;
+    let ids: Vec<String> = c
+        .query("SELECT row->>'id' FROM walhook.event ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, ["1", "3"]);
+    let alert = eventually(Duration::from_secs(30), "the CaptureGap alert", || async {
+        monitor
+            .requests()
+            .iter()
+            .map(|r| r.json())
+            .find(|j| j["type"] == "walhook.alert.CaptureGap")
+    })
+    .await;
+    let summary = alert["data"]["summary"].as_str().unwrap_or_default();
+    assert!(summary.contains(&flushed), "{alert}");
+    let alerted: bool = c
+        .query_one(
+            "SELECT alerted_at IS NOT NULL FROM walhook.capture_gap",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(alerted);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidated_slot_is_a_gap_too() {
+    // A tiny max_slot_wal_keep_size: WAL written while walhook is stopped invalidates the slot.
+    let db = TestDb::with_options(ClusterOptions {
+        extra_conf: vec![
+            "max_slot_wal_keep_size = '1MB'".into(),
+            "min_wal_size = '32MB'".into(),
+            "max_wal_size = '32MB'".into(),
+        ],
+        ..Default::default()
+    });
+    create_item_table(&db).await;
+    let toml = config_toml(&db.url, ITEM_ENTITY);
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO item VALUES (1, 1, 0, 'x')", &[])
+        .await
+        .unwrap();
+    wait_event_count(&c, 1, Duration::from_secs(30), "the first event").await;
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    db.execute("CREATE TABLE noise (pad text)").await;
+    eventually(Duration::from_secs(120), "the slot invalidated", || async {
+        c.batch_execute(
+            "INSERT INTO noise SELECT repeat(md5(g::text), 30) FROM generate_series(1, 5000) g;
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .ok()?;
+        let status: Option<String> = c
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'walhook'",
+                &[],
+            )
+            .await
+            .ok()?
+            .get(0);
+        (status.as_deref() == Some("lost")).then_some(())
+    })
+    .await;
+
+    let (code, log) = run_until_exit(&toml);
+    assert_eq!(code, Some(78), "{log}");
+    assert!(
+        log.contains("invalidated") && log.contains("--accept-gap"),
+        "{log}"
+    );
+    let (_dir, path) = support::write_config(&toml);
+    let (code, out, err) =
+        support::walhook(&["setup", "--accept-gap", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let _daemon = Daemon::start(&toml);
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO item VALUES (2, 1, 0, 'after')", &[])
+        .await
+        .unwrap();
+    wait_event_count(&c, 2, Duration::from_secs(30), "the event after the gap").await;
+    let reason: String = c
+        .query_one("SELECT reason FROM walhook.capture_gap", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(reason.contains("wal_status lost"), "{reason}");
+}
