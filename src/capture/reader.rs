@@ -12,7 +12,7 @@ use super::CaptureObserver;
 use super::mapper::{Mapped, Mapper, Truncation, TxContext};
 use super::session::SessionEnd;
 use super::writer::Item;
-use crate::config::Config;
+use crate::config::{Config, Secret, SourceConfig};
 use crate::db::Source;
 use crate::error::{ErrorClass, ServiceError};
 use crate::replication::conn::ReplicationStream;
@@ -168,11 +168,19 @@ impl Reader {
     fn apply_reload(&mut self, new: Arc<Config>) -> bool {
         let old = self.config.clone();
         self.config = new.clone();
-        if new.source != old.source || new.entities != old.entities || new.queue != old.queue {
+        if !same_but_password(&new.source, &old.source)
+            || new.entities != old.entities
+            || new.queue != old.queue
+        {
             info!(
                 "entity, source or queue configuration changed; restarting the replication session"
             );
             return true;
+        }
+        if new.source != old.source {
+            // A rotated password is usually not valid yet: the stream keeps its connection
+            // and the next one (after any disconnect) logs in with the new password.
+            info!("[source] password changed; the replication stream keeps its connection and reconnects with the new password when it must");
         }
         if new.listeners != old.listeners {
             self.subscriptions
@@ -392,4 +400,15 @@ impl Reader {
             }
         }
     }
+}
+
+/// Whether two `[source]` sections differ at most in the password (in `password`,
+/// `password_file` or the URL's userinfo).
+fn same_but_password(a: &SourceConfig, b: &SourceConfig) -> bool {
+    let strip = |s: &SourceConfig| SourceConfig {
+        url: Secret::new(s.url_redacted.clone()),
+        password: None,
+        ..s.clone()
+    };
+    strip(a) == strip(b)
 }
