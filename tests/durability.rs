@@ -680,3 +680,55 @@ async fn an_invalidated_slot_is_a_gap_too() {
         .get(0);
     assert!(reason.contains("wal_status lost"), "{reason}");
 }
+
+/// Inserts 200 rows of 1 MB in one transaction under walhook configured with `queue_extra`
+/// lines; returns walhook's peak RSS in kB once all 200 events are queued.
+async fn peak_rss_with_1mb_rows(queue_extra: &str) -> u64 {
+    let db = TestDb::new();
+    create_item_table(&db).await;
+    let toml = config_toml(&db.url, ITEM_ENTITY).replace(
+        "batch_delay = \"5ms\"",
+        &format!("batch_delay = \"5ms\"\n{queue_extra}"),
+    );
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO item SELECT g, 1, 0, repeat(md5(g::text), 32768) FROM generate_series(1, 200) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_event_count(&c, 200, Duration::from_secs(300), "200 events of 1 MB").await;
+    let rss_kb = daemon.peak_rss_kb().expect("daemon alive");
+    let stored: i64 = c
+        .query_one("SELECT min(length(row->>'pad')) FROM walhook.event", &[])
+        .await
+        .unwrap()
+        .get::<_, Option<i32>>(0)
+        .map_or(0, i64::from);
+    assert_eq!(stored, 1 << 20, "every row arrives whole");
+    rss_kb
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_rows_of_1mb_in_one_transaction_stay_under_200mb() {
+    let rss_kb = peak_rss_with_1mb_rows("").await;
+    println!(
+        "200 x 1 MB rows in one transaction, default byte limits: walhook peak RSS (VmHWM) {} MB",
+        rss_kb / 1024
+    );
+    assert!(rss_kb < 200 * 1024, "peak RSS {} MB", rss_kb / 1024);
+}
+
+/// For docs/benchmarks.md: the same load with the byte limits out of the way, as before
+/// they existed. `cargo test --test durability unbounded -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement for docs/benchmarks.md, not a check"]
+async fn unbounded_capture_buffers_for_comparison() {
+    let rss_kb = peak_rss_with_1mb_rows("batch_bytes = \"64GB\"\ncapture_buffer = \"64GB\"").await;
+    println!(
+        "200 x 1 MB rows in one transaction, byte limits 64 GB: walhook peak RSS (VmHWM) {} MB",
+        rss_kb / 1024
+    );
+}

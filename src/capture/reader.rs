@@ -180,7 +180,9 @@ impl Reader {
         if new.source != old.source {
             // A rotated password is usually not valid yet: the stream keeps its connection
             // and the next one (after any disconnect) logs in with the new password.
-            info!("[source] password changed; the replication stream keeps its connection and reconnects with the new password when it must");
+            info!(
+                "[source] password changed; the replication stream keeps its connection and reconnects with the new password when it must"
+            );
         }
         if new.listeners != old.listeners {
             self.subscriptions
