@@ -1604,6 +1604,67 @@ mod tests {
     }
 
     #[test]
+    fn capture_gaps_are_told_at_once_and_set_aside_changes_are_gathered() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let gap = Signal::Capture(CaptureSignal::Gap {
+            slot: "walhook".into(),
+            reason: "the replication slot was missing".into(),
+            last_flushed: "0/1A2B3C4".into(),
+            resumed: "0/2000000".into(),
+        });
+        let out = e.signal(&gap, t0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event, AlertEvent::CaptureGap);
+        assert!(out[0].summary.contains("0/1A2B3C4"), "{}", out[0].summary);
+        let rejected = |n| {
+            Signal::Capture(CaptureSignal::Rejected {
+                entity: "Doc".into(),
+                count: n,
+                reason: "jsonb refused it".into(),
+            })
+        };
+        assert!(e.signal(&rejected(2), t0).is_empty());
+        assert!(
+            e.signal(&rejected(3), t0 + Duration::from_secs(1))
+                .is_empty()
+        );
+        let out = e.tick(t0 + Duration::from_secs(6));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].event, out[0].count),
+            (AlertEvent::ChangeRejected, Some(5))
+        );
+        assert!(
+            out[0].detail.contains("jsonb refused it"),
+            "{}",
+            out[0].detail
+        );
+    }
+
+    #[test]
+    fn a_schema_note_repeated_after_a_reconnect_is_not_sent_twice() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let note = |m: &str| {
+            Signal::Capture(CaptureSignal::SchemaChanged {
+                table: "public.customer".into(),
+                message: m.into(),
+            })
+        };
+        assert_eq!(e.signal(&note("city dropped"), t0).len(), 1);
+        assert!(
+            e.signal(&note("city dropped"), t0 + Duration::from_secs(5))
+                .is_empty()
+        );
+        assert_eq!(
+            e.signal(&note("zip renamed"), t0 + Duration::from_secs(6))
+                .len(),
+            1
+        );
+    }
+
+    #[test]
     fn alerts_of_unsubscribed_kinds_are_not_sent() {
         let mut e = evaluator(MonitorConfig {
             on: vec![AlertKind::DatabaseUnreachable],
