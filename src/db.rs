@@ -1,11 +1,36 @@
 //! Ordinary (non-replication) connections to the source database, shared by every loop.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tracing::debug;
 
 use crate::error::ServiceError;
 use crate::replication::conn::ConnectParams;
+
+/// The source database's connection parameters, following reloads: every new connection
+/// uses the parameters current at that moment, connections already open stay as they are.
+#[derive(Clone, Debug)]
+pub(crate) struct Source(watch::Receiver<Arc<ConnectParams>>);
+
+impl Source {
+    /// Parameters replaced by whoever holds the sender (the service, on reload).
+    pub(crate) fn following(rx: watch::Receiver<Arc<ConnectParams>>) -> Source {
+        Source(rx)
+    }
+
+    /// The parameters as they are now.
+    pub(crate) fn current(&self) -> Arc<ConnectParams> {
+        self.0.borrow().clone()
+    }
+
+    /// Opens an ordinary connection with the current parameters.
+    pub(crate) async fn connect(&self) -> Result<tokio_postgres::Client, ServiceError> {
+        let params = self.current();
+        connect_ordinary(&params).await
+    }
+}
 
 /// Opens an ordinary (non-replication) connection and drives it in the background.
 pub(crate) async fn connect_ordinary(

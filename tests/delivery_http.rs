@@ -420,7 +420,12 @@ async fn an_https_listener_behind_an_internal_ca_needs_its_ca_file() {
 
     let trusting = HttpSink::new(&config.listeners[0]).unwrap();
     let attempt = deliver(&config.listeners[0], &trusting).await;
-    assert_eq!(attempt.verdict(), Verdict::Delivered, "{:?}", attempt.comment);
+    assert_eq!(
+        attempt.verdict(),
+        Verdict::Delivered,
+        "{:?}",
+        attempt.comment
+    );
     assert_eq!(rx.count(), 1);
 
     let default_trust = HttpSink::new(&config.listeners[1]).unwrap();

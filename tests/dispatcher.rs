@@ -120,13 +120,12 @@ impl Queue {
         tokio::task::JoinHandle<Result<(), dispatcher::DispatchError>>,
     ) {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(dispatcher::run_with(
-            self.db_config(),
-            listeners,
-            "CRM".into(),
-            stop.clone(),
-            options,
-        ));
+        let stop_for_task = stop.clone();
+        let (db_tx, db) = tokio::sync::watch::channel(self.db_config());
+        let task = tokio::spawn(async move {
+            let _keep = db_tx;
+            dispatcher::run_with(db, listeners, "CRM".into(), stop_for_task, options).await
+        });
         (stop, task)
     }
 }

@@ -24,7 +24,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
             name: table.into(),
         },
         id: None,
-        actions: Action::ALL.to_vec(),
+        actions: Action::ROW.to_vec(),
         track: None,
         exclude: vec![],
         subject: None,
@@ -50,6 +50,8 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
             retention: Duration::from_secs(7 * 86400),
             batch_size: 5000,
             batch_delay: Duration::from_millis(20),
+            batch_bytes: 8 << 20,
+            capture_buffer_bytes: 32 << 20,
         },
         entities,
         admin: None,
@@ -83,6 +85,7 @@ fn assert_all_ok(report: &Report) {
 /// Everything `walhook setup` may do, including `--replica-identity-full`.
 const FULL: SetupOptions = SetupOptions {
     replica_identity_full: true,
+    accept_gap: false,
 };
 
 async fn full_setup(db: &TestDb, config: &Config) -> Vec<setup::SetupStep> {

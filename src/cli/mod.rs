@@ -84,6 +84,11 @@ struct SetupArgs {
     /// With --adopt: move notifications still pending from the original to walhook.failed.
     #[arg(long, requires = "adopt")]
     discard_pending: bool,
+    /// The replication slot vanished while in use, so changes were lost: record the gap in
+    /// walhook.capture_gap (the monitors are told when capture resumes) and create the slot
+    /// again. walhook refuses to start until this is run.
+    #[arg(long, conflicts_with_all = ["drop", "adopt"])]
+    accept_gap: bool,
 }
 
 /// An error that ends the process: one line, and the exit code of its class.
@@ -183,6 +188,7 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     }
     let opts = crate::setup::SetupOptions {
         replica_identity_full: args.replica_identity_full,
+        accept_gap: args.accept_gap,
     };
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
@@ -303,12 +309,25 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             return;
         };
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down (a second one exits at once)"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down (a second one exits at once)"),
         }
         shutdown.cancel();
+        // A second signal means "now": nothing in flight is lost (the slot resends what was
+        // not confirmed), only the clean end of the stream is skipped.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!(
+            "second stop signal: exiting at once; unconfirmed changes are sent again at the next start"
+        );
+        std::process::exit(EXIT_SECOND_SIGNAL);
     });
 }
+
+/// Exit code after a second SIGTERM/SIGINT: 128 + SIGTERM, as a shell reports a killed job.
+const EXIT_SECOND_SIGNAL: i32 = 143;
 
 fn init_logging(format: Option<LogFormat>, default_filter: &str) {
     use tracing_subscriber::EnvFilter;

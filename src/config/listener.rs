@@ -153,7 +153,7 @@ impl Checker<'_> {
                 .entities
                 .as_ref()
                 .map(|list| self.listener_entities(list, &key("entities"), entities));
-            let actions = self.actions(&l.actions, &key("actions"));
+            let actions = self.actions(&l.actions, &key("actions"), &Action::ALL);
             let headers = self.headers(&l.headers, &l.header_files, &section);
             let secret = self.signing_key(&l.secret, &l.secret_file, &key("secret"));
             let ca_file = self.ca_file(&l.ca_file, &key("ca_file"));

@@ -78,7 +78,7 @@ fn minimal_file_gets_documented_defaults() {
             name: "customer".into()
         }
     );
-    assert_eq!(e.actions, Action::ALL.to_vec());
+    assert_eq!(e.actions, Action::ROW.to_vec());
     assert_eq!(e.id, None);
     assert_eq!(e.track, None);
     assert!(e.exclude.is_empty());
@@ -248,7 +248,7 @@ subject = \"Order/{id\"
             "walhook.toml:11:8: entity[0].name: entity name \"9Customer\" must start with a letter and contain only letters, digits, '_', '-' or '.'; rename it, like \"Customer\" or \"SalesOrder\"",
             "walhook.toml:12:9: entity[0].table: table \"Public.customer\" has upper-case letters in the unquoted name \"Public\", which PostgreSQL folds to \"public\"; write it in lower case, or double-quote it ('\"Public\"') if the table was created with that exact case",
             "walhook.toml:13:23: entity[0].actions[1]: action \"created\" is listed twice; remove the duplicate",
-            "walhook.toml:13:34: entity[0].actions[2]: unknown action \"merged\"; use created, updated or deleted",
+            "walhook.toml:13:34: entity[0].actions[2]: unknown action \"merged\"; use created, updated, deleted or truncated",
             "walhook.toml:14:7: entity[0].id: id column \"id\" is also excluded; remove it from exclude or from id; events need their id",
             "walhook.toml:16:11: entity[0].subject: placeholder {secret} names an excluded column; excluded columns must not leave the database; use {id} or another column",
             "walhook.toml:21:11: entity[1].subject: subject \"Order/{id\" has an unclosed '{'; close each placeholder with '}', like \"Customer/{id}\"",

@@ -130,12 +130,26 @@ pub async fn run(
     source_system: String,
     shutdown: CancellationToken,
 ) -> Result<(), DispatchError> {
+    let (_fixed, db) = tokio::sync::watch::channel(db);
     run_with(db, listeners, source_system, shutdown, Options::default()).await
 }
 
 /// [`run`], telling `observer` the outcome of every attempt.
 pub async fn run_observed(
     db: tokio_postgres::Config,
+    listeners: Vec<ListenerConfig>,
+    source_system: String,
+    shutdown: CancellationToken,
+    observer: Option<Arc<dyn DeliveryObserver>>,
+) -> Result<(), DispatchError> {
+    let (_fixed, db) = tokio::sync::watch::channel(db);
+    run_following(db, listeners, source_system, shutdown, observer).await
+}
+
+/// [`run_observed`] with database parameters that may change while it runs (a reloaded
+/// password): each new connection uses the parameters current at that moment.
+pub async fn run_following(
+    db: tokio::sync::watch::Receiver<tokio_postgres::Config>,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -169,7 +183,7 @@ impl Default for Options {
 
 /// [`run`] with [`Options`].
 pub async fn run_with(
-    mut db: tokio_postgres::Config,
+    db: tokio::sync::watch::Receiver<tokio_postgres::Config>,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -188,10 +202,6 @@ pub async fn run_with(
         debug!("no listeners configured: nothing to deliver");
         shutdown.cancelled().await;
         return Ok(());
-    }
-    if db.get_application_name().is_none() {
-        // Lets a DBA tell delivery connections apart in pg_stat_activity.
-        db.application_name("walhook delivery");
     }
     // Random per dispatcher: never shared by two processes (or two dispatchers in one), and
     // nothing about the host, so clones, containers and reused pids cannot collide.
@@ -320,7 +330,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One database connection, reconnected on demand, logging each outage once.
 struct Link {
     purpose: &'static str,
-    config: tokio_postgres::Config,
+    config: tokio::sync::watch::Receiver<tokio_postgres::Config>,
     owner: String,
     on_new: Option<OnNewNotifications>,
     current: tokio::sync::Mutex<Option<Arc<NotificationStore>>>,
@@ -330,7 +340,7 @@ struct Link {
 impl Link {
     fn new(
         purpose: &'static str,
-        config: tokio_postgres::Config,
+        config: tokio::sync::watch::Receiver<tokio_postgres::Config>,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Link {
@@ -353,7 +363,12 @@ impl Link {
             return Ok(store.clone());
         }
         *current = None;
-        let connect = NotificationStore::connect(&self.config, &self.owner, self.on_new.clone());
+        let mut config = self.config.borrow().clone();
+        if config.get_application_name().is_none() {
+            // Lets a DBA tell delivery connections apart in pg_stat_activity.
+            config.application_name("walhook delivery");
+        }
+        let connect = NotificationStore::connect(&config, &self.owner, self.on_new.clone());
         let store = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| DispatchError::Timeout {

@@ -10,6 +10,7 @@ mod listeners;
 mod migrate;
 mod model;
 mod notifications;
+mod rejected;
 mod state;
 mod writer;
 
@@ -25,7 +26,10 @@ pub use notifications::{
     CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
     NotificationStore, OnNewNotifications, discard_pending,
 };
-pub use state::{QueueState, read_state, record_source};
+pub use state::{
+    CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
+    read_state, record_source, record_start, unalerted_gaps,
+};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 
 /// An error talking to the queue tables.

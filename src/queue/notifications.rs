@@ -437,6 +437,7 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
             "Created" => Action::Created,
             "Updated" => Action::Updated,
             "Deleted" => Action::Deleted,
+            "Truncated" => Action::Truncated,
             other => return Err(format!("unknown action {other:?} in walhook.event")),
         };
         Ok(Notification {

@@ -1410,6 +1410,46 @@ impl ReplicationStream {
         self.wire.send(&out).await
     }
 
+    /// Ends the stream cleanly: CopyDone, then waits up to `wait` for the server's CopyDone
+    /// and the end of the command (WAL data still in flight is discarded), then Terminate.
+    /// The server handles messages in order, so a status update sent before this is
+    /// processed once it returns `Ok`.
+    pub async fn finish(mut self, wait: Duration) -> Result<(), ReplicationError> {
+        let mut out = BytesMut::new();
+        if !self.ended {
+            frontend::copy_done(&mut out);
+            self.wire.send(&out).await?;
+            out.clear();
+        }
+        let drained = tokio::time::timeout(wait, async {
+            loop {
+                let frame = self.wire.read_frame().await?;
+                match frame.tag {
+                    b'Z' => return Ok(()),
+                    b'E' => return Err(self.wire.server_error(&frame.body)),
+                    b'N' => self.wire.log_notice(&frame.body),
+                    // XLogData and keepalives sent before the server saw CopyDone, its own
+                    // CopyDone, CommandComplete, ParameterStatus.
+                    b'd' | b'c' | b'C' | b'S' => {}
+                    other => return Err(self.wire.unexpected(other, "ending the stream")),
+                }
+            }
+        })
+        .await;
+        frontend::terminate(&mut out);
+        if let Err(e) = self.wire.send(&out).await {
+            tracing::debug!(error = %e, "sending Terminate failed");
+        }
+        let _ = self.wire.io.shutdown().await;
+        drained.unwrap_or_else(|_| {
+            Err(ReplicationError::BadReply {
+                addr: self.wire.addr.clone(),
+                command: "CopyDone",
+                reason: format!("no answer within {}s", wait.as_secs()),
+            })
+        })
+    }
+
     /// Ends the stream (CopyDone) and the session (Terminate).
     pub async fn close(mut self) {
         let mut out = BytesMut::new();

@@ -141,6 +141,42 @@ where
     }
 }
 
+/// A TCP port nothing listens on right now, for an admin endpoint.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// The `confirmed_flush_lsn` of slot `walhook`, once it exists.
+pub async fn slot_confirmed(c: &tokio_postgres::Client) -> Option<walhook::types::Lsn> {
+    let row = c
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'walhook'",
+            &[],
+        )
+        .await
+        .ok()??;
+    row.get::<_, Option<String>>(0)?.parse().ok()
+}
+
+/// The server's current WAL insert position.
+pub async fn current_insert_lsn(c: &tokio_postgres::Client) -> walhook::types::Lsn {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("pg_current_wal_insert_lsn")
+        .get(0);
+    s.parse().expect("an LSN")
+}
+
+/// A `[[monitor]]` block sending every alert at once to `url`.
+pub fn monitor_toml(url: &str) -> String {
+    format!("\n[[monitor]]\nname = \"ops\"\nurl = \"{url}\"\nmin_interval = \"0s\"\n")
+}
+
 /// The path of the built `walhook` binary.
 pub fn walhook_bin() -> &'static str {
     env!("CARGO_BIN_EXE_walhook")

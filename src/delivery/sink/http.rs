@@ -14,9 +14,9 @@ use crate::delivery::Attempt;
 use crate::delivery::format::Message;
 use crate::delivery::policy::Outcome;
 use crate::delivery::signature::webhook_headers;
-use crate::secret::SigningKey;
 use crate::error::{Classify, ErrorClass};
 use crate::secret::SecretUrl;
+use crate::secret::SigningKey;
 
 /// Most of an answer's body that is read; the rest is dropped unread.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
