@@ -4,6 +4,7 @@ pub mod admin;
 pub mod capture;
 pub mod cli;
 pub mod cluster;
+pub mod condition;
 pub mod config;
 mod db;
 pub mod delivery;

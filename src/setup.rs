@@ -1090,6 +1090,18 @@ fn replica_identity_item(facts: &Facts, tf: &TableFacts, entity: &EntityConfig) 
                 .to_owned()
         });
     }
+    let needing_old: Vec<&str> = entity
+        .derived
+        .iter()
+        .filter(|d| d.when.needs_old_row())
+        .map(|d| d.name.as_str())
+        .collect();
+    if updates && !needing_old.is_empty() {
+        notes.push(format!(
+            "derived action(s) {} test what changed, which needs old values: they never match an update",
+            needing_old.join(", ")
+        ));
+    }
     if deletes {
         let id_cols: &[String] = entity.id.as_deref().unwrap_or(&tf.primary_key);
         let lacking: Vec<&str> = id_cols

@@ -31,6 +31,7 @@ fn listener(url: String) -> ListenerConfig {
         url: secret_url(&url),
         entities: None,
         actions: Action::ALL.to_vec(),
+        derived_actions: Vec::new(),
         headers: vec![
             (
                 HeaderName::from_static("x-api-key"),
@@ -76,6 +77,7 @@ fn notification() -> Notification {
             entity: "Customer".into(),
             entity_id: "42".into(),
             action: Action::Updated,
+            derived: None,
             changed_fields: Some(vec!["city".into()]),
             row: json!({"id": 42, "city": "Paris"}),
             old: Some(json!({"id": 42, "city": "London"})),

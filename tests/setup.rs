@@ -28,6 +28,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
         track: None,
         exclude: vec![],
         subject: None,
+        derived: vec![],
     }
 }
 

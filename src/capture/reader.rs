@@ -315,6 +315,11 @@ impl Reader {
                         self.send_sized(bytes, |p| Item::Event(Box::new(event), p), stop)
                             .await?;
                     }
+                    Some(Mapped::Events(events)) => {
+                        let bytes = events.iter().map(|e| e.approx_bytes()).sum();
+                        self.send_sized(bytes, |p| Item::Events(events, p), stop)
+                            .await?;
+                    }
                     Some(Mapped::SetAside(change)) => {
                         let bytes = change.approx_bytes();
                         self.send_sized(bytes, |p| Item::SetAside(Box::new(change), p), stop)

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::check::Checker;
+use super::derive::{DerivedAction, RawDerivedAction};
 use super::{Str, StrList};
 use crate::types::{Action, EntityName, TableName};
 
@@ -26,6 +27,8 @@ pub struct EntityConfig {
     pub exclude: Vec<String>,
     /// Subject template such as `Customer/{id}`; `{id}` and `{column}` are replaced.
     pub subject: Option<String>,
+    /// `[[entity.action]]`: domain actions derived from changes, in file order.
+    pub derived: Vec<DerivedAction>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +41,8 @@ pub(super) struct RawEntity {
     track: StrList,
     exclude: StrList,
     subject: Str,
+    #[serde(default)]
+    action: Vec<Spanned<RawDerivedAction>>,
 }
 
 /// Parses `schema.table` or `table` (schema `public`); either part may be double-quoted to
@@ -351,6 +356,9 @@ impl Checker<'_> {
                 }),
             };
 
+            let exclude_names: Vec<String> = exclude.iter().map(|(c, _)| c.clone()).collect();
+            let derived = self.derived_actions(&e.action, &format!("entity[{i}]"), &exclude_names);
+
             if let (Some(name), Some(table)) = (name, table) {
                 entities.push(EntityConfig {
                     name,
@@ -358,8 +366,9 @@ impl Checker<'_> {
                     id: id.map(|cols| cols.into_iter().map(|(c, _)| c).collect()),
                     actions,
                     track: track.map(|cols| cols.into_iter().map(|(c, _)| c).collect()),
-                    exclude: exclude.into_iter().map(|(c, _)| c).collect(),
+                    exclude: exclude_names,
                     subject,
+                    derived,
                 });
             }
         }

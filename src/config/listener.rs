@@ -26,8 +26,11 @@ pub struct ListenerConfig {
     pub url: SecretUrl,
     /// Entities this listener receives; `None` means all.
     pub entities: Option<Vec<EntityName>>,
-    /// Actions this listener receives (default: all three).
+    /// Row actions this listener receives (default: all).
     pub actions: Vec<Action>,
+    /// Derived actions (`[[entity.action]]` names) this listener receives (default: all of
+    /// its entities').
+    pub derived_actions: Vec<String>,
     /// Extra HTTP headers (`headers` and `header_files`), in file order; values are marked
     /// sensitive.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -153,7 +156,12 @@ impl Checker<'_> {
                 .entities
                 .as_ref()
                 .map(|list| self.listener_entities(list, &key("entities"), entities));
-            let actions = self.actions(&l.actions, &key("actions"), &Action::ALL);
+            let (actions, derived_actions) = self.listener_actions(
+                &l.actions,
+                &key("actions"),
+                listener_entities.as_deref(),
+                entities,
+            );
             let headers = self.headers(&l.headers, &l.header_files, &section);
             let secret = self.signing_key(&l.secret, &l.secret_file, &key("secret"));
             let ca_file = self.ca_file(&l.ca_file, &key("ca_file"));
@@ -204,6 +212,7 @@ impl Checker<'_> {
                     url,
                     entities: listener_entities,
                     actions,
+                    derived_actions,
                     headers,
                     secret,
                     ca_file,

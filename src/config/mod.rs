@@ -4,6 +4,8 @@
 
 mod admin;
 mod check;
+mod condition;
+mod derive;
 mod entity;
 mod listener;
 mod monitor;
@@ -22,6 +24,7 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::derive::DerivedAction;
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};

@@ -53,6 +53,7 @@ pub fn subscriptions(listeners: &[ListenerConfig]) -> Vec<Subscription> {
             listener: l.name.clone(),
             entities: l.entities.clone(),
             actions: l.actions.clone(),
+            derived_actions: l.derived_actions.clone(),
         })
         .collect()
 }

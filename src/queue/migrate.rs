@@ -34,6 +34,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_capture.sql",
         sql: include_str!("../../sql/0003_capture.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_derived_actions.sql",
+        sql: include_str!("../../sql/0004_derived_actions.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -11,6 +11,7 @@ mod migrate;
 mod model;
 mod notifications;
 mod rejected;
+mod route;
 mod state;
 mod writer;
 
@@ -30,7 +31,9 @@ pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
     read_state, record_source, record_start, unalerted_gaps,
 };
-pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
+pub use writer::{
+    EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id, variant_event_id,
+};
 
 /// An error talking to the queue tables.
 #[derive(Debug, thiserror::Error)]

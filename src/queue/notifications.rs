@@ -18,7 +18,7 @@ use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use uuid::Uuid;
 
 use super::{Needs, Notification, QueueError, StoredEvent, db_error};
-use crate::types::{Action, Lsn};
+use crate::types::Lsn;
 
 /// The channel the queue writer notifies (once per batch that created notifications).
 pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
@@ -75,7 +75,8 @@ pub const CLAIM_SQL: &str = r#"WITH due AS (
     RETURNING n.id, n.event_id, n.attempts
 )
 SELECT c.id, c.attempts, e.event_id, e.commit_lsn, e.seq, e.commit_time, e.entity,
-       e.entity_id, e.action, e.changed_fields, e."row", e.old, e.subject, e.source_table
+       e.entity_id, e.action, e.changed_fields, e."row", e.old, e.subject, e.source_table,
+       e.row_action
 FROM claimed c
 JOIN walhook.event e ON e.id = c.event_id
 ORDER BY e.commit_lsn, e.seq"#;
@@ -433,13 +434,8 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
         let text = |e: tokio_postgres::Error| e.to_string();
         let commit_lsn: PgLsn = row.try_get(3).map_err(text)?;
         let action: String = row.try_get(8).map_err(text)?;
-        let action = match action.as_str() {
-            "Created" => Action::Created,
-            "Updated" => Action::Updated,
-            "Deleted" => Action::Deleted,
-            "Truncated" => Action::Truncated,
-            other => return Err(format!("unknown action {other:?} in walhook.event")),
-        };
+        let row_action: Option<String> = row.try_get(14).map_err(text)?;
+        let (action, derived) = super::model::read_action(action, row_action)?;
         Ok(Notification {
             id,
             attempts: row.try_get(1).map_err(text)?,
@@ -451,6 +447,7 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
                 entity: row.try_get(6).map_err(text)?,
                 entity_id: row.try_get(7).map_err(text)?,
                 action,
+                derived,
                 changed_fields: row.try_get(9).map_err(text)?,
                 row: row.try_get::<_, Value>(10).map_err(text)?,
                 old: row.try_get::<_, Option<Value>>(11).map_err(text)?,

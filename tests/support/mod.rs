@@ -392,6 +392,7 @@ pub fn entity_event(
         },
         entity_id: id.to_owned(),
         action: Action::Updated,
+        derived: None,
         changed_fields: Some(changed.iter().map(|c| (*c).to_owned()).collect()),
         row,
         old: None,

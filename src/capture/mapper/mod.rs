@@ -2,11 +2,13 @@
 //!
 //! Knows relations and entities; knows nothing about the wire or the queue tables.
 
+mod derive;
 mod plan;
 mod values;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::prelude::*;
 use serde_json::{Map, Value};
@@ -50,8 +52,11 @@ pub struct EntityEvent {
     /// composite id, so distinct keys never collide. A NULL (or unknown) single id is the text
     /// `null`; a NULL part of a composite id is JSON `null` in the array: `["a",null]`.
     pub entity_id: String,
-    /// What happened.
+    /// What happened to the row.
     pub action: Action,
+    /// The derived action (`[[entity.action]]` name) this event stands for, when a rule
+    /// matched; the event type is then `{entity}.{derived}`.
+    pub derived: Option<Arc<str>>,
     /// Changed columns for updates when the old row is known; `None` when it is not known.
     /// For inserts and deletes: `None`.
     pub changed_fields: Option<Vec<String>>,
@@ -71,6 +76,11 @@ const VALUE_OVERHEAD: usize = 32;
 const EVENT_OVERHEAD: usize = 256;
 
 impl EntityEvent {
+    /// The action listeners see: the derived action's name, or the row action's.
+    pub fn action_name(&self) -> &str {
+        self.derived.as_deref().unwrap_or(self.action.as_str())
+    }
+
     /// The memory the event holds, roughly: what byte limits on capture buffers count.
     pub fn approx_bytes(&self) -> usize {
         let row = map_bytes(&self.row);
@@ -161,6 +171,10 @@ impl RejectedChange {
 pub enum Mapped {
     /// An entity event for the queue.
     Event(EntityEvent),
+    /// A change that became several events: the derived actions of the rules it matched
+    /// (in rule order), then its plain event unless a rule replaces it. Never empty; kept
+    /// together in one queue batch.
+    Events(Vec<EntityEvent>),
     /// A change set aside with the reason (the entity's id cannot be read).
     SetAside(RejectedChange),
 }
@@ -489,6 +503,8 @@ impl Mapper {
 
         let mut changed_fields = None;
         let mut old_row = None;
+        // An update touching no tracked column emits no plain event; rules still look at it.
+        let mut tracked = true;
         let cells: Vec<Cell<'_>> = match msg {
             Message::Insert { new, .. } => {
                 check(&new.0)?;
@@ -506,7 +522,10 @@ impl Mapper {
                     if let Some(track) = &plan.track
                         && !track.iter().any(|t| changed.contains(t))
                     {
-                        return Ok(None);
+                        if plan.rules.is_empty() {
+                            return Ok(None);
+                        }
+                        tracked = false;
                     }
                     changed_fields = Some(
                         changed
@@ -558,7 +577,7 @@ impl Mapper {
             .subject
             .as_ref()
             .map(|parts| render_subject(parts, &entity_id, &cells));
-        Ok(Some(Mapped::Event(EntityEvent {
+        let event = EntityEvent {
             commit_lsn: tx.commit_lsn,
             seq,
             xid: tx.xid,
@@ -567,11 +586,13 @@ impl Mapper {
             table: state.table.clone(),
             entity_id,
             action,
+            derived: None,
             changed_fields,
             row,
             old: old_row,
             subject,
-        })))
+        };
+        Ok(derive::apply(&plan.rules, event, tracked))
     }
 
     /// Maps the TRUNCATE of relation `oid`: a `Truncated` event with entity id `*`, an
@@ -597,6 +618,7 @@ impl Mapper {
             table: table.clone(),
             entity_id: TRUNCATED_ID.to_owned(),
             action: Action::Truncated,
+            derived: None,
             changed_fields: Some(Vec::new()),
             row: Map::new(),
             old: None,

@@ -50,6 +50,7 @@ fn entity() -> EntityConfig {
         track: None,
         exclude: vec![],
         subject: None,
+        derived: vec![],
     }
 }
 
@@ -79,6 +80,7 @@ fn mapper(entity: EntityConfig, rel: Relation) -> Mapper {
 fn map(m: &mut Mapper, msg: Message) -> Option<EntityEvent> {
     match m.map_change(&tx(), 3, &msg).unwrap()? {
         Mapped::Event(e) => Some(e),
+        Mapped::Events(events) => panic!("several events: {events:?}"),
         Mapped::SetAside(r) => panic!("set aside: {}", r.reason),
     }
 }
@@ -602,4 +604,113 @@ fn template_splitting_handles_unclosed_braces() {
         })
         .collect();
     assert_eq!(parts, ["L:a", "P:b", "L:c{d"]);
+}
+
+/// `Moved` when city changes to Paris; `Renamed` when first_name changes.
+fn with_rules(replace_moved: bool) -> EntityConfig {
+    use crate::condition::{Condition, Test};
+    let mut ent = entity();
+    ent.derived = vec![
+        crate::config::DerivedAction {
+            name: "Moved".into(),
+            when: Condition::Column {
+                column: "city".into(),
+                test: Test::ChangedTo(json!("Paris")),
+            },
+            replace: replace_moved,
+        },
+        crate::config::DerivedAction {
+            name: "Renamed".into(),
+            when: Condition::Column {
+                column: "first_name".into(),
+                test: Test::Changed(true),
+            },
+            replace: false,
+        },
+    ];
+    ent
+}
+
+/// Every event a change became, as (action name, derived name).
+fn all_events(m: &mut Mapper, msg: Message) -> Vec<EntityEvent> {
+    match m.map_change(&tx(), 3, &msg).unwrap() {
+        None => vec![],
+        Some(Mapped::Event(e)) => vec![e],
+        Some(Mapped::Events(events)) => events,
+        Some(Mapped::SetAside(r)) => panic!("set aside: {}", r.reason),
+    }
+}
+
+fn names(events: &[EntityEvent]) -> Vec<&str> {
+    events.iter().map(EntityEvent::action_name).collect()
+}
+
+#[test]
+fn matching_rules_emit_derived_actions_before_the_row_action_they_accompany() {
+    let mut m = full_identity(with_rules(false));
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Bea", "Paris")));
+    assert_eq!(names(&events), ["Moved", "Renamed", "Updated"]);
+    for e in &events {
+        assert_eq!((e.action, e.seq), (Action::Updated, 3));
+        assert_eq!(
+            e.changed_fields,
+            Some(vec!["first_name".to_owned(), "city".to_owned()])
+        );
+    }
+    // A change no rule matches is its row action alone.
+    let old = OldTuple::Full(full_row("Bea", "Paris"));
+    let events = all_events(&mut m, update(Some(old), full_row("Bea", "Rome")));
+    assert_eq!(names(&events), ["Updated"]);
+    assert_eq!(events[0].derived, None);
+    // Inserting a row in Paris counts as changing city to Paris.
+    let events = all_events(&mut m, insert(full_row("Cy", "Paris")));
+    assert_eq!(names(&events), ["Moved", "Renamed", "Created"]);
+}
+
+#[test]
+fn a_replacing_rule_drops_the_row_action_and_unknown_old_rows_match_no_change_test() {
+    let mut m = full_identity(with_rules(true));
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Moved"]);
+    // With DEFAULT identity nothing is known to have changed: no rule matches.
+    let mut m = mapper(with_rules(true), customer(ReplicaIdentity::Default));
+    let events = all_events(&mut m, update(None, full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Updated"]);
+}
+
+#[test]
+fn rules_see_updates_that_track_filters_out_and_follow_renamed_columns() {
+    let mut ent = with_rules(false);
+    ent.track = Some(vec!["bio".into()]);
+    let mut m = full_identity(ent);
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Moved"]);
+
+    let mut renamed = customer(ReplicaIdentity::Full);
+    renamed.columns[2].name = "town".into();
+    let notes = m.on_relation(renamed);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.message.contains("[[entity.action]] Moved")
+                && n.message.contains("renamed to \"town\"")),
+        "{notes:?}"
+    );
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Moved"]);
+
+    // A dropped column disables the rules that name it, with a note.
+    let mut dropped = customer(ReplicaIdentity::Full);
+    dropped.columns.remove(1);
+    let notes = m.on_relation(dropped);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.message.contains("no longer tested for action Renamed")),
+        "{notes:?}"
+    );
 }

@@ -112,7 +112,7 @@ struct CloudEvent<'a> {
 /// The `data` of a [`CloudEvent`]; fields in byte order of their names, too.
 #[derive(Serialize)]
 struct CloudEventData<'a> {
-    action: &'static str,
+    action: &'a str,
     /// `null` when unknown.
     #[serde(rename = "changedFields")]
     changed_fields: Option<&'a [String]>,
@@ -129,7 +129,7 @@ impl<'a> CloudEvent<'a> {
         CloudEvent {
             commitlsn: event.commit_lsn.to_string(),
             data: CloudEventData {
-                action: event.action.as_str(),
+                action: event.action_name(),
                 changed_fields: event.changed_fields.as_deref(),
                 entity: &event.entity,
                 entity_id: &event.entity_id,
@@ -145,7 +145,7 @@ impl<'a> CloudEvent<'a> {
             specversion: "1.0",
             subject: event.subject.as_deref(),
             time: rfc3339_micros(event.commit_time),
-            kind: format!("{}.{}", event.entity, event.action.as_str()),
+            kind: format!("{}.{}", event.entity, event.action_name()),
         }
     }
 
@@ -258,6 +258,7 @@ mod tests {
             entity: "Customer".into(),
             entity_id: "42".into(),
             action: Action::Updated,
+            derived: None,
             changed_fields: Some(vec!["name".into(), "city".into()]),
             row: json!({"id": 42, "name": "Ada", "city": "London"}),
             old: Some(json!({"id": 42})),

@@ -1,0 +1,142 @@
+//! End to end: event semantics through the whole daemon to real HTTP receivers — derived
+//! actions, row filters, debouncing.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use support::receiver::Receiver;
+use support::{Daemon, TestDb, wait_queue_drained, wait_streaming};
+
+/// How long to wait for deliveries to reach a receiver.
+const DELIVERY_WAIT: Duration = Duration::from_secs(90);
+
+fn config(db: &TestDb, entity_extra: &str, listeners: &str) -> String {
+    format!(
+        r#"[source]
+url = "{url}"
+system_name = "CRM"
+heartbeat = "1s"
+status_interval = "1s"
+
+[queue]
+batch_delay = "1ms"
+
+[[entity]]
+name = "Customer"
+table = "customer"
+{entity_extra}
+{listeners}
+"#,
+        url = db.url
+    )
+}
+
+fn listener(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "\n[[listener]]\nname = \"{name}\"\nurl = \"{url}\"\nbackoff = {{ initial = \"100ms\", max = \"1s\" }}\n{extra}\n"
+    )
+}
+
+/// The CloudEvent types a receiver got, per entity id, in arrival order.
+fn types_by_id(r: &Receiver) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for req in r.requests() {
+        let ev = req.json();
+        out.entry(ev["entityid"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(ev["type"].as_str().unwrap_or_default().to_owned());
+    }
+    out
+}
+
+fn types(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_change_to_cancelled_reaches_a_cancelled_only_listener_as_customer_cancelled() {
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, name text, status text);
+         ALTER TABLE customer REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let cancellations = Receiver::start().await;
+    let everything = Receiver::start().await;
+    let toml = config(
+        &db,
+        r#"
+[[entity.action]]
+name = "Cancelled"
+when = { all = [{ column = "status", changed_from = "active" }, { column = "status", changed_to = "cancelled" }] }
+"#,
+        &format!(
+            "{}{}",
+            listener(
+                "cancellations",
+                &cancellations.url("/cancelled"),
+                "actions = [\"Cancelled\"]"
+            ),
+            listener("everything", &everything.url("/all"), "")
+        ),
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.batch_execute(
+        "INSERT INTO customer VALUES (1, 'Ada', 'active'), (2, 'Bob', 'trial');
+         UPDATE customer SET name = 'Ada L.' WHERE id = 1;
+         UPDATE customer SET status = 'cancelled' WHERE id = 1;
+         UPDATE customer SET status = 'cancelled' WHERE id = 2;
+         UPDATE customer SET status = 'active' WHERE id = 1;
+         UPDATE customer SET status = 'cancelled', name = 'Ada' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    cancellations
+        .wait_for_count(2, DELIVERY_WAIT, "two cancellations")
+        .await;
+    everything
+        .wait_for_count(7, DELIVERY_WAIT, "every change once")
+        .await;
+    wait_queue_drained(&c).await;
+
+    // Only the changes from active to cancelled, each once.
+    let got = cancellations.requests();
+    assert_eq!(got.len(), 2);
+    for req in &got {
+        let ev = req.json();
+        assert_eq!(ev["type"], "Customer.Cancelled", "{ev}");
+        assert_eq!(ev["entityid"], "1", "{ev}");
+        assert_eq!(ev["data"]["action"], "Cancelled", "{ev}");
+        assert_eq!(ev["data"]["row"]["status"], "cancelled", "{ev}");
+    }
+    assert_eq!(got[1].json()["data"]["row"]["name"], "Ada");
+    assert_ne!(got[0].json()["id"], got[1].json()["id"]);
+
+    // A listener of every action gets each change once, as its most specific action.
+    let all = types_by_id(&everything);
+    assert_eq!(
+        all.get("1"),
+        Some(&types(&[
+            "Customer.Created",
+            "Customer.Updated",
+            "Customer.Cancelled",
+            "Customer.Updated",
+            "Customer.Cancelled",
+        ]))
+    );
+    assert_eq!(
+        all.get("2"),
+        Some(&types(&["Customer.Created", "Customer.Updated"]))
+    );
+    // The same change reaches the two listeners under one id.
+    let everything_ids: Vec<String> = everything
+        .requests()
+        .iter()
+        .map(|r| r.json()["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert!(everything_ids.contains(&got[0].json()["id"].as_str().unwrap().to_owned()));
+}
