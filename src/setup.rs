@@ -6,6 +6,8 @@
 //! prerequisite; [`plan`] turns the same facts into the statements that are missing, so
 //! running setup a second time finds nothing to do.
 
+mod row_filter;
+
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -373,6 +375,8 @@ struct Facts {
     system_id: Option<String>,
     /// A gap of this slot was accepted and waits for the slot to exist again.
     gap_accepted: bool,
+    /// One per `config.entities`: their row filters (`where`).
+    row_filters: Vec<row_filter::FilterFacts>,
 }
 
 impl Facts {
@@ -552,6 +556,7 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
     }
 
     let publication = publication_facts(client, &config.source.publication).await?;
+    let row_filters = row_filter::gather(client, config, server.version_num).await?;
 
     let slot = match client
         .query_opt(SQL_SLOT, &[&config.source.slot])
@@ -601,6 +606,7 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
         state,
         system_id,
         gap_accepted,
+        row_filters,
     })
 }
 
@@ -843,6 +849,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     }
 
     publication_items(&mut items, facts, config);
+    row_filter::items(&mut items, facts, config);
     items.push(slot_item(facts, config));
     items.push(queue_item(&facts.queue));
     items
@@ -1147,7 +1154,8 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
                         pubname,
                         &entity_tables(config),
                         &needed_ops(config),
-                        needs_via_root(facts)
+                        needs_via_root(facts),
+                        config,
                     )
                 ),
             )
@@ -1171,7 +1179,10 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
         CheckItem::fail(
             name,
             format!("does not include {list}"),
-            format!("{} or walhook setup", add_tables_sql(pubname, &missing)),
+            format!(
+                "{} or walhook setup",
+                add_tables_sql(pubname, &missing, config)
+            ),
         )
     });
     let needed = needed_ops(config);
@@ -1323,10 +1334,11 @@ fn entity_tables(config: &Config) -> Vec<&TableName> {
     seen
 }
 
-fn table_list(tables: &[&TableName]) -> String {
+/// The tables as a publication lists them, each with its entity's row filter.
+fn table_list(tables: &[&TableName], config: &Config) -> String {
     tables
         .iter()
-        .map(|t| t.quoted())
+        .map(|t| row_filter::table_entry(config, t))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -1359,6 +1371,7 @@ fn create_publication_sql(
     tables: &[&TableName],
     ops: &BTreeSet<PubOp>,
     via_root: bool,
+    config: &Config,
 ) -> String {
     let ops = publish_value(ops.iter().map(|o| o.keyword()));
     let via_root = if via_root {
@@ -1369,7 +1382,7 @@ fn create_publication_sql(
     format!(
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {}{via_root});",
         quote_ident(name),
-        table_list(tables),
+        table_list(tables, config),
         quote_literal(&ops)
     )
 }
@@ -1427,11 +1440,11 @@ fn partition_item(facts: &Facts, tf: &TableFacts, config: &Config, t: &TableName
     }
 }
 
-fn add_tables_sql(name: &str, tables: &[&TableName]) -> String {
+fn add_tables_sql(name: &str, tables: &[&TableName], config: &Config) -> String {
     format!(
         "ALTER PUBLICATION {} ADD TABLE {};",
         quote_ident(name),
-        table_list(tables)
+        table_list(tables, config)
     )
 }
 
@@ -1692,6 +1705,8 @@ fn plan_from(
         }
     }
 
+    row_filter::identity_steps(&mut steps, facts, config, opts)?;
+
     let pubname = &config.source.publication;
     let tables = entity_tables(config);
     let pub_needs = |what: &str| {
@@ -1714,6 +1729,7 @@ fn plan_from(
                 &tables,
                 &needed,
                 needs_via_root(facts),
+                config,
             )),
             needs: pub_needs(&format!(
                 "CREATE on database {} ({})",
@@ -1734,7 +1750,7 @@ fn plan_from(
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                    action: StepAction::Sql(add_tables_sql(pubname, &missing)),
+                    action: StepAction::Sql(add_tables_sql(pubname, &missing, config)),
                     needs: pub_needs(&format!("ownership of publication {pubname}")),
                 });
             }
@@ -1760,6 +1776,8 @@ fn plan_from(
             }
         }
     }
+
+    row_filter::publication_steps(&mut steps, facts, config);
 
     // Last: a slot created before its publication cannot decode changes made before the
     // publication existed, and the slot starts retaining WAL the moment it exists.
@@ -2063,6 +2081,16 @@ pub enum SetupError {
         /// Its current identity.
         identity: String,
     },
+    /// An entity's `where` cannot become its table's row filter.
+    #[error("row filter of {table}: {problem}; {fix}")]
+    RowFilter {
+        /// Table name.
+        table: String,
+        /// What prevents it.
+        problem: String,
+        /// What to change.
+        fix: String,
+    },
     /// The slot name is taken by a slot walhook cannot use.
     #[error(
         "replication slot {slot} exists but walhook cannot use it: {detail}; choose another `slot` in [source] or drop that slot"
@@ -2129,6 +2157,7 @@ impl Classify for SetupError {
             SetupError::TableMissing { .. }
             | SetupError::NotATable { .. }
             | SetupError::SlotConflict { .. }
+            | SetupError::RowFilter { .. }
             | SetupError::Gap { .. } => ErrorClass::Config,
             SetupError::Migrate { class, .. } | SetupError::RecordGap { class, .. } => *class,
         }

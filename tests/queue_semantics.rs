@@ -26,6 +26,7 @@ fn sub(listener: &str, actions: &[Action], derived: &[&str]) -> Subscription {
         entities: Some(vec![EntityName::new("Customer").unwrap()]),
         actions: actions.to_vec(),
         derived_actions: derived.iter().map(|d| (*d).to_owned()).collect(),
+        filter: None,
     }
 }
 
@@ -136,4 +137,103 @@ async fn each_listener_gets_one_event_per_change_the_first_it_subscribes_to() {
     assert_eq!(n.event.action, Action::Updated);
     assert_eq!(n.event.action_name(), "Cancelled");
     assert_eq!(n.event.event_id, derived_id);
+}
+
+#[tokio::test]
+async fn a_listener_filter_keeps_only_matching_rows_and_leaves_other_listeners_alone() {
+    use walhook::condition::{Condition, Test};
+    let (db, client) = migrated().await;
+    let mut w = QueueWriter::new(db.client().await, SYSTEM_ID)
+        .await
+        .unwrap();
+    let mut nyt = sub("nyt", &Action::ALL, &["Cancelled"]);
+    nyt.filter = Some(Condition::Column {
+        column: "title_code".into(),
+        test: Test::In(vec![json!("NYT")]),
+    });
+    w.set_subscriptions(vec![nyt, sub("all", &Action::ALL, &["Cancelled"])]);
+    let change = |seq: u32, id: &str, title: &str, action: Action| {
+        let mut e = support::entity_event(
+            0x200,
+            seq,
+            "Customer",
+            id,
+            json!({"id": id, "title_code": title}),
+            &[],
+        );
+        e.action = action;
+        e
+    };
+    let mut batch = vec![
+        change(0, "1", "NYT", Action::Created),
+        change(1, "2", "WSJ", Action::Created),
+        // Moved away from NYT: the new row decides.
+        change(2, "1", "WSJ", Action::Updated),
+        // A delete carries the old row, which decides.
+        change(3, "3", "NYT", Action::Deleted),
+    ];
+    // A change with a derived action: a filtered-out listener gets none of its events.
+    let mut cancelled = cancellation(0x200, 4, "2");
+    for e in &mut cancelled {
+        e.row.insert("title_code".into(), json!("WSJ"));
+    }
+    batch.extend(cancelled);
+    // One without the column: unknown, so not delivered to the filtered listener.
+    batch.push(support::entity_event(
+        0x200,
+        5,
+        "Customer",
+        "4",
+        json!({"id": "4"}),
+        &[],
+    ));
+    w.write_batch(&batch, None).await.unwrap();
+
+    let got = |listener: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    "SELECT n.entity_id, e.action FROM walhook.new n
+                     JOIN walhook.event e ON e.id = n.event_id
+                     WHERE n.listener = $1 ORDER BY n.commit_lsn, n.seq",
+                    &[&listener],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| format!("{}:{}", r.get::<_, String>(0), r.get::<_, String>(1)))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(got("nyt").await, ["1:Created", "3:Deleted"]);
+    assert_eq!(
+        got("all").await,
+        [
+            "1:Created",
+            "2:Created",
+            "1:Updated",
+            "3:Deleted",
+            "2:Cancelled",
+            "4:Updated"
+        ]
+    );
+    let excluded: Vec<Option<Vec<String>>> = client
+        .query(
+            "SELECT excluded_listeners FROM walhook.event WHERE entity_id = '2' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        excluded,
+        [
+            Some(vec!["nyt".to_owned()]),
+            Some(vec!["nyt".to_owned()]),
+            Some(vec!["nyt".to_owned(), "all".to_owned()]),
+        ]
+    );
 }

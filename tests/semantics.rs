@@ -140,3 +140,97 @@ when = { all = [{ column = "status", changed_from = "active" }, { column = "stat
         .collect();
     assert!(everything_ids.contains(&got[0].json()["id"].as_str().unwrap().to_owned()));
 }
+
+/// The value of an unlabelled counter in Prometheus text.
+fn counter(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_keep_rows_from_listeners_and_an_entity_where_keeps_them_on_the_server() {
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, title_code text, status text);
+         ALTER TABLE customer REPLICA IDENTITY FULL;",
+    )
+    .await;
+    let nyt = Receiver::start().await;
+    let everyone = Receiver::start().await;
+    let admin = support::free_port();
+    let toml = config(
+        &db,
+        "where = \"status <> 'draft'\"",
+        &format!(
+            "{}{}\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n",
+            listener(
+                "nyt",
+                &nyt.url("/nyt"),
+                "filter = { column = \"title_code\", in = [\"NYT\"] }"
+            ),
+            listener("everyone", &everyone.url("/all"), "")
+        ),
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let in_force: String = c
+        .query_one(
+            "SELECT rowfilter FROM pg_publication_tables WHERE pubname = 'walhook' AND tablename = 'customer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(in_force.contains("'draft'"), "{in_force}");
+    c.batch_execute(
+        "INSERT INTO customer VALUES (1, 'NYT', 'live'), (2, 'WSJ', 'live'),
+                                     (3, 'NYT', 'draft'), (4, 'WSJ', 'draft');
+         UPDATE customer SET title_code = 'FT' WHERE id = 3;
+         DELETE FROM customer WHERE id = 1;
+         INSERT INTO customer VALUES (5, 'NYT', 'live');",
+    )
+    .await
+    .unwrap();
+    everyone
+        .wait_for_count(4, DELIVERY_WAIT, "the four changes to published rows")
+        .await;
+    nyt.wait_for_count(3, DELIVERY_WAIT, "the NYT changes")
+        .await;
+    wait_queue_drained(&c).await;
+
+    assert_eq!(
+        types_by_id(&nyt),
+        BTreeMap::from([
+            (
+                "1".to_owned(),
+                types(&["Customer.Created", "Customer.Deleted"])
+            ),
+            ("5".to_owned(), types(&["Customer.Created"])),
+        ])
+    );
+    let all = types_by_id(&everyone);
+    assert_eq!(all.keys().collect::<Vec<_>>(), ["1", "2", "5"]);
+    assert_eq!(everyone.count(), 4);
+    // Draft rows never became events, and were never even decoded by walhook.
+    let drafts: i64 = c
+        .query_one(
+            "SELECT count(*) FROM walhook.event WHERE entity_id IN ('3', '4')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(drafts, 0);
+    let metrics = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        counter(&metrics, "walhook_events_read_total"),
+        Some(4.0),
+        "{metrics}"
+    );
+}

@@ -29,6 +29,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
         exclude: vec![],
         subject: None,
         derived: vec![],
+        row_filter: None,
     }
 }
 

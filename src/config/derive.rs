@@ -135,6 +135,28 @@ impl Checker<'_> {
         }
     }
 
+    /// `filter = {...}` of a listener: a condition whose columns no entity it receives
+    /// excludes.
+    pub(super) fn listener_filter(
+        &mut self,
+        raw: &Option<Spanned<RawCondition>>,
+        key: &str,
+        chosen: Option<&[EntityName]>,
+        entities: &[EntityConfig],
+    ) -> Option<Condition> {
+        let raw = raw.as_ref()?;
+        let cond = self.condition(raw, key)?;
+        let mut excluded: Vec<String> = Vec::new();
+        for e in entities
+            .iter()
+            .filter(|e| chosen.is_none_or(|c| c.contains(&e.name)))
+        {
+            excluded.extend(e.exclude.iter().cloned());
+        }
+        self.excluded_in_condition(&cond, &excluded, raw.span().start, key);
+        Some(cond)
+    }
+
     /// `actions = [...]` of a listener: row actions (`created`, …) and derived actions of
     /// the entities it receives (by name, any case). Absent: every row action and every
     /// derived action of its entities.
@@ -303,6 +325,28 @@ mod tests {
             vec![
                 "walhook.toml:15:12: listener[0].actions[0]: unknown action \"Renewed\"; use one of created, updated, deleted, truncated, Cancelled (derived actions come from [[entity.action]] of the entities the listener receives)",
                 "walhook.toml:15:36: listener[0].actions[2]: action \"cancelled\" is listed twice; remove the duplicate",
+            ]
+        );
+    }
+
+    #[test]
+    fn listener_filters_parse_and_may_not_test_excluded_columns() {
+        let text = format!(
+            "{MINIMAL}exclude = [\"ssn\"]\n\n[[listener]]\nname = \"nyt\"\nurl = \"https://example.com/\"\nfilter = {{ column = \"title_code\", in = [\"NYT\"] }}\n"
+        );
+        let c = parse(&text).unwrap();
+        assert_eq!(
+            c.listeners[0].filter,
+            Some(Condition::Column {
+                column: "title_code".into(),
+                test: Test::In(vec![json!("NYT")]),
+            })
+        );
+        let text = text.replace("title_code", "ssn");
+        assert_eq!(
+            errors(&text),
+            vec![
+                "walhook.toml:12:10: listener[0].filter: column \"ssn\" is excluded, so its value is never known; remove it from exclude, or test another column"
             ]
         );
     }

@@ -29,6 +29,9 @@ pub struct EntityConfig {
     pub subject: Option<String>,
     /// `[[entity.action]]`: domain actions derived from changes, in file order.
     pub derived: Vec<DerivedAction>,
+    /// `where`: the publication's row filter for the table (PostgreSQL 15+); rows it
+    /// excludes never leave the server.
+    pub row_filter: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +46,8 @@ pub(super) struct RawEntity {
     subject: Str,
     #[serde(default)]
     action: Vec<Spanned<RawDerivedAction>>,
+    #[serde(rename = "where")]
+    row_filter: Str,
 }
 
 /// Parses `schema.table` or `table` (schema `public`); either part may be double-quoted to
@@ -357,6 +362,16 @@ impl Checker<'_> {
             };
 
             let exclude_names: Vec<String> = exclude.iter().map(|(c, _)| c.clone()).collect();
+            let row_filter = e.row_filter.as_ref().and_then(|v| {
+                let s = self.string(v, &key("where"))?;
+                match super::row_filter::expression_identifiers(&s) {
+                    Ok(_) => Some(s.trim().to_owned()),
+                    Err(message) => {
+                        self.report_message(v.span().start, &key("where"), &message);
+                        None
+                    }
+                }
+            });
             let derived = self.derived_actions(&e.action, &format!("entity[{i}]"), &exclude_names);
 
             if let (Some(name), Some(table)) = (name, table) {
@@ -369,6 +384,7 @@ impl Checker<'_> {
                     exclude: exclude_names,
                     subject,
                     derived,
+                    row_filter,
                 });
             }
         }

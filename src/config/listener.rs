@@ -8,10 +8,12 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::check::Checker;
+use super::condition::RawCondition;
 use super::entity::EntityConfig;
 use super::units::parse_rate_limit;
 use super::webhook::RawHeaders;
 use super::{Str, StrList};
+use crate::condition::Condition;
 use crate::secret::{SecretUrl, SigningKey};
 use crate::tls::CaFile;
 use crate::types::{Action, EntityName};
@@ -53,6 +55,9 @@ pub struct ListenerConfig {
     pub debounce: Duration,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
+    /// Only events whose row (the old row for deletes) matches this are delivered;
+    /// `None` delivers all.
+    pub filter: Option<Condition>,
 }
 
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
@@ -109,6 +114,7 @@ pub(super) struct RawListener {
     debounce: Str,
     format: Str,
     cloudevents_mode: Str,
+    filter: Option<Spanned<RawCondition>>,
 }
 
 #[derive(Deserialize)]
@@ -206,6 +212,13 @@ impl Checker<'_> {
                 }
             };
 
+            let filter = self.listener_filter(
+                &l.filter,
+                &key("filter"),
+                listener_entities.as_deref(),
+                entities,
+            );
+
             if let (Some(name), Some(url)) = (name, url) {
                 listeners.push(ListenerConfig {
                     name,
@@ -223,6 +236,7 @@ impl Checker<'_> {
                     concurrency,
                     debounce,
                     format,
+                    filter,
                 });
             }
         }

@@ -54,6 +54,7 @@ pub fn subscriptions(listeners: &[ListenerConfig]) -> Vec<Subscription> {
             entities: l.entities.clone(),
             actions: l.actions.clone(),
             derived_actions: l.derived_actions.clone(),
+            filter: l.filter.clone(),
         })
         .collect()
 }

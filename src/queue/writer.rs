@@ -18,7 +18,7 @@ use crate::replication::pgoutput::PgTimestamp;
 use crate::types::{Action, EntityName, Lsn};
 
 /// Who receives which events: one listener's subscription.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Subscription {
     /// Listener name.
     pub listener: String,
@@ -28,6 +28,8 @@ pub struct Subscription {
     pub actions: Vec<Action>,
     /// Derived actions it receives, by name.
     pub derived_actions: Vec<String>,
+    /// Only events whose row matches this (the old row for deletes) are for it.
+    pub filter: Option<crate::condition::Condition>,
 }
 
 /// Namespace of the uuid v5 event ids. Never change it: listeners deduplicate on the ids.
@@ -289,6 +291,7 @@ impl QueueWriter {
                     entities,
                     actions: Action::ALL.to_vec(),
                     derived_actions: Vec::new(),
+                    filter: None,
                 })
                 .collect(),
         );

@@ -51,6 +51,7 @@ fn entity() -> EntityConfig {
         exclude: vec![],
         subject: None,
         derived: vec![],
+        row_filter: None,
     }
 }
 
