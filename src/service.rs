@@ -485,6 +485,14 @@ async fn delivery_loop(
             return Ok(());
         }
         let this_round = shutdown.child_token();
+        // Debounce windows become notifications; also drains windows left by listeners
+        // that no longer debounce. Ends with the round.
+        let _round = this_round.clone().drop_guard();
+        tokio::spawn(crate::queue::debounce::run(
+            db.clone(),
+            config.listeners.iter().any(|l| l.debounce.is_some()),
+            this_round.clone(),
+        ));
         let dispatcher = crate::delivery::dispatcher::run_following(
             db.clone(),
             config.listeners.clone(),

@@ -52,7 +52,7 @@ fn listener(url: String) -> ListenerConfig {
             max: Duration::from_secs(3600),
         },
         concurrency: 16,
-        debounce: Duration::ZERO,
+        debounce: None,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         filter: None,
     }

@@ -27,6 +27,7 @@ fn sub(listener: &str, actions: &[Action], derived: &[&str]) -> Subscription {
         actions: actions.to_vec(),
         derived_actions: derived.iter().map(|d| (*d).to_owned()).collect(),
         filter: None,
+        debounce: None,
     }
 }
 
@@ -235,5 +236,136 @@ async fn a_listener_filter_keeps_only_matching_rows_and_leaves_other_listeners_a
             Some(vec!["nyt".to_owned()]),
             Some(vec!["nyt".to_owned(), "all".to_owned()]),
         ]
+    );
+}
+
+/// A commit time of now, as the stream delivers it (microseconds since 2000-01-01).
+fn now() -> walhook::replication::pgoutput::PgTimestamp {
+    let since_1970 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    walhook::replication::pgoutput::PgTimestamp(
+        i64::try_from(since_1970.as_micros()).unwrap() - 946_684_800_000_000,
+    )
+}
+
+fn update(lsn: u64, seq: u32, id: &str, changed: &[&str], n: i64) -> EntityEvent {
+    let mut e = support::entity_event(lsn, seq, "Customer", id, json!({"id": id, "n": n}), changed);
+    e.old = Some(
+        json!({"id": id, "n": n - 1})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+    );
+    e.commit_time = now();
+    e
+}
+
+#[tokio::test]
+async fn a_debounced_listener_gets_one_coalesced_notification_per_window_and_entity() {
+    use walhook::config::{Debounce, DebounceFrom};
+    let (db, client) = migrated().await;
+    // Column order decides the order of the coalesced changedFields.
+    client
+        .batch_execute("CREATE TABLE customer (id int PRIMARY KEY, city text, name text, n int)")
+        .await
+        .unwrap();
+    let mut w = QueueWriter::new(db.client().await, SYSTEM_ID)
+        .await
+        .unwrap();
+    let mut debounced = sub("deb", &Action::ALL, &[]);
+    debounced.debounce = Some(Debounce {
+        window: Duration::from_secs(600),
+        from: DebounceFrom::First,
+        max: None,
+        drop_created_deleted: true,
+    });
+    w.set_subscriptions(vec![debounced, sub("plain", &Action::ALL, &[])]);
+
+    let first = vec![
+        update(0x100, 0, "1", &["name"], 1),
+        update(0x100, 1, "2", &["n"], 1),
+    ];
+    w.write_batch(&first, None).await.unwrap();
+    let second = vec![
+        update(0x200, 0, "1", &["city"], 2),
+        update(0x200, 1, "1", &["n"], 3),
+    ];
+    w.write_batch(&second, None).await.unwrap();
+    // Re-sent after a restart: not merged twice.
+    w.write_batch(&second, None).await.unwrap();
+
+    let count = |sql: &'static str| {
+        let client = &client;
+        async move { client.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) }
+    };
+    assert_eq!(
+        count("SELECT count(*) FROM walhook.new WHERE listener = 'plain'").await,
+        4
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM walhook.new WHERE listener = 'deb'").await,
+        0
+    );
+    assert_eq!(
+        count("SELECT sum(cardinality(event_ids)) FROM walhook.debounce WHERE open").await,
+        4
+    );
+
+    // Nothing is due yet; once the windows are, one notification each.
+    let mut flusher = db.client().await;
+    let f = queue::debounce::flush_due(&mut flusher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.notifications, 0);
+    assert!(f.next_due.unwrap() > Duration::from_secs(500), "{f:?}");
+    client
+        .batch_execute("UPDATE walhook.debounce SET due_at = now() - interval '1 second'")
+        .await
+        .unwrap();
+    let f = queue::debounce::flush_due(&mut flusher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((f.notifications, f.next_due), (2, None));
+    assert_eq!(count("SELECT count(*) FROM walhook.debounce").await, 0);
+
+    let store = NotificationStore::new(db.client().await, "me")
+        .await
+        .unwrap();
+    let claimed = store
+        .claim("deb", 10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let events: Vec<_> = claimed.into_iter().map(|n| n.unwrap().event).collect();
+    assert_eq!(events.len(), 2);
+    let one = events.iter().find(|e| e.entity_id == "1").unwrap();
+    assert_eq!(one.action, Action::Updated);
+    assert_eq!(
+        one.changed_fields,
+        Some(vec!["city".to_owned(), "name".to_owned(), "n".to_owned()])
+    );
+    assert_eq!(one.row["n"], 3);
+    assert_eq!(one.old.as_ref().unwrap()["n"], 0);
+    let ids: Vec<uuid::Uuid> = [(0x100, 0), (0x200, 0), (0x200, 1)]
+        .iter()
+        .map(|(l, s)| queue::event_id(SYSTEM_ID, walhook::types::Lsn(*l), *s))
+        .collect();
+    assert_eq!(one.event_id, queue::debounce::coalesced_id(&ids));
+    // A window of one change is that change's own event.
+    let two = events.iter().find(|e| e.entity_id == "2").unwrap();
+    assert_eq!(
+        two.event_id,
+        queue::event_id(SYSTEM_ID, walhook::types::Lsn(0x100), 1)
+    );
+
+    // A change after the flush never merges into the notification: a new window.
+    w.write_batch(&[update(0x300, 0, "1", &["name"], 4)], None)
+        .await
+        .unwrap();
+    assert_eq!(
+        count("SELECT sum(cardinality(event_ids)) FROM walhook.debounce WHERE open").await,
+        1
     );
 }

@@ -234,3 +234,120 @@ async fn filters_keep_rows_from_listeners_and_an_entity_where_keeps_them_on_the_
         "{metrics}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_second_debounce_coalesces_bursts_per_customer_and_drops_created_then_deleted() {
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, name text, city text, status text);
+         ALTER TABLE customer REPLICA IDENTITY FULL;
+         INSERT INTO customer VALUES (1, 'Ada', 'London', 'a'), (2, 'Bob', 'Paris', 'a');",
+    )
+    .await;
+    let coalescing = Receiver::start().await;
+    let both = Receiver::start().await;
+    let toml = config(
+        &db,
+        "",
+        &format!(
+            "{}{}",
+            listener("coalescing", &coalescing.url("/c"), "debounce = \"2s\""),
+            listener(
+                "both",
+                &both.url("/b"),
+                "debounce = { window = \"2s\", drop_created_deleted = false }"
+            )
+        ),
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    // Ten updates to customer 1 within a second (each its own transaction), touching
+    // different columns; one to customer 2; customer 3 created and deleted.
+    let columns = ["name", "city", "status"];
+    for i in 0..10 {
+        let column = columns[i % 3];
+        c.execute(
+            &format!("UPDATE customer SET {column} = $1 WHERE id = 1"),
+            &[&format!("v{i}")],
+        )
+        .await
+        .unwrap();
+    }
+    c.batch_execute(
+        "UPDATE customer SET city = 'Rome' WHERE id = 2;
+         INSERT INTO customer VALUES (3, 'Cy', 'Oslo', 'a');",
+    )
+    .await
+    .unwrap();
+    c.batch_execute("DELETE FROM customer WHERE id = 3")
+        .await
+        .unwrap();
+    coalescing
+        .wait_for_count(2, DELIVERY_WAIT, "one notification per customer")
+        .await;
+    both.wait_for_count(
+        4,
+        DELIVERY_WAIT,
+        "customers 1 and 2, Created and Deleted of 3",
+    )
+    .await;
+
+    // An update 3 s after the burst (its window is over): a new notification.
+    c.batch_execute("UPDATE customer SET name = 'Ada 2' WHERE id = 1")
+        .await
+        .unwrap();
+    coalescing
+        .wait_for_count(3, DELIVERY_WAIT, "the later update")
+        .await;
+    wait_queue_drained(&c).await;
+    let pending: i64 = c
+        .query_one("SELECT count(*) FROM walhook.debounce", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pending, 0);
+
+    let got = coalescing.requests();
+    assert_eq!(got.len(), 3, "{:?}", types_by_id(&coalescing));
+    let first = got
+        .iter()
+        .map(|r| r.json())
+        .find(|e| e["entityid"] == "1")
+        .unwrap();
+    assert_eq!(first["type"], "Customer.Updated");
+    assert_eq!(
+        first["data"]["changedFields"],
+        serde_json::json!(["name", "city", "status"])
+    );
+    assert_eq!(first["data"]["row"]["name"], "v9");
+    assert_eq!(first["data"]["row"]["city"], "v7");
+    assert_eq!(first["data"]["old"]["name"], "Ada");
+    assert_eq!(
+        types_by_id(&coalescing),
+        BTreeMap::from([
+            (
+                "1".to_owned(),
+                types(&["Customer.Updated", "Customer.Updated"])
+            ),
+            ("2".to_owned(), types(&["Customer.Updated"])),
+        ])
+    );
+    let later = got.last().unwrap().json();
+    assert_eq!(later["data"]["changedFields"], serde_json::json!(["name"]));
+    assert_ne!(later["id"], first["id"]);
+
+    let b = types_by_id(&both);
+    assert_eq!(
+        b.get("3"),
+        Some(&types(&["Customer.Created", "Customer.Deleted"]))
+    );
+    // The same coalesced window has the same id for both listeners.
+    let both_first = both
+        .requests()
+        .iter()
+        .map(|r| r.json())
+        .find(|e| e["entityid"] == "1")
+        .unwrap();
+    assert_eq!(both_first["id"], first["id"]);
+}

@@ -9,6 +9,7 @@ use serde_spanned::Spanned;
 
 use super::check::Checker;
 use super::condition::RawCondition;
+use super::debounce::{Debounce, RawDebounce};
 use super::entity::EntityConfig;
 use super::units::parse_rate_limit;
 use super::webhook::RawHeaders;
@@ -51,8 +52,8 @@ pub struct ListenerConfig {
     pub backoff: Backoff,
     /// Most deliveries in flight at once (default 16, 1 to 1000).
     pub concurrency: usize,
-    /// Window in which changes to one entity are coalesced; zero disables (default 0s).
-    pub debounce: Duration,
+    /// How changes to one entity are coalesced; `None` delivers each on its own (default).
+    pub debounce: Option<Debounce>,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
     /// Only events whose row (the old row for deletes) matches this are delivered;
@@ -111,7 +112,7 @@ pub(super) struct RawListener {
     max_attempts: Option<Spanned<i64>>,
     backoff: Option<Spanned<RawBackoff>>,
     concurrency: Option<Spanned<i64>>,
-    debounce: Str,
+    debounce: Option<Spanned<RawDebounce>>,
     format: Str,
     cloudevents_mode: Str,
     filter: Option<Spanned<RawCondition>>,
@@ -312,23 +313,6 @@ impl Checker<'_> {
             );
         }
         Backoff { initial, max }
-    }
-
-    fn debounce(&mut self, raw: &Str, key: &str) -> Duration {
-        let debounce = self.duration(raw, key, Duration::ZERO);
-        // Not built yet: a window that silently did nothing would surprise a listener
-        // that relies on coalescing.
-        if !debounce.is_zero()
-            && let Some(v) = raw
-        {
-            self.report(
-                v.span().start,
-                key,
-                "debounce is not supported yet",
-                "remove debounce or set debounce = \"0s\"; every change is delivered on its own",
-            );
-        }
-        debounce
     }
 
     fn format(&mut self, raw: &Str, key: &str) -> ListenerFormat {

@@ -5,6 +5,7 @@
 mod admin;
 mod check;
 mod condition;
+mod debounce;
 mod derive;
 mod entity;
 mod listener;
@@ -25,6 +26,7 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::debounce::{Debounce, DebounceFrom};
 pub use self::derive::DerivedAction;
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};

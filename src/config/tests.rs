@@ -138,7 +138,7 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(l.concurrency, 16);
     assert_eq!(l.backoff, DEFAULT_BACKOFF);
     assert_eq!(l.timeout, Duration::from_secs(10));
-    assert_eq!(l.debounce, Duration::ZERO);
+    assert_eq!(l.debounce, None);
     assert_eq!(
         l.format,
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)

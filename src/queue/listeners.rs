@@ -55,6 +55,7 @@ pub fn subscriptions(listeners: &[ListenerConfig]) -> Vec<Subscription> {
             actions: l.actions.clone(),
             derived_actions: l.derived_actions.clone(),
             filter: l.filter.clone(),
+            debounce: l.debounce,
         })
         .collect()
 }

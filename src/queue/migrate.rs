@@ -39,6 +39,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0004_derived_actions.sql",
         sql: include_str!("../../sql/0004_derived_actions.sql"),
     },
+    Migration {
+        version: 5,
+        name: "0005_debounce.sql",
+        sql: include_str!("../../sql/0005_debounce.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -30,6 +30,8 @@ pub struct Subscription {
     pub derived_actions: Vec<String>,
     /// Only events whose row matches this (the old row for deletes) are for it.
     pub filter: Option<crate::condition::Condition>,
+    /// Coalesce its changes to one entity (see `debounce`); `None`: one notification each.
+    pub debounce: Option<crate::config::Debounce>,
 }
 
 /// Namespace of the uuid v5 event ids. Never change it: listeners deduplicate on the ids.
@@ -204,6 +206,8 @@ pub struct QueueWriter {
     subscriptions: Vec<Subscription>,
     /// Per event of the batch being written, the listeners it is not for.
     excluded: Vec<Option<Vec<String>>>,
+    /// Listeners whose changes go to debounce windows instead of `walhook.new`.
+    debounced: Vec<super::debounce::Debounced>,
     /// The events of the last batch that the database refused.
     refused: Vec<RejectedChange>,
 }
@@ -275,6 +279,7 @@ impl QueueWriter {
             listener_actions: Vec::new(),
             subscriptions: Vec::new(),
             excluded: Vec::new(),
+            debounced: Vec::new(),
             refused: Vec::new(),
         })
     }
@@ -292,6 +297,7 @@ impl QueueWriter {
                     actions: Action::ALL.to_vec(),
                     derived_actions: Vec::new(),
                     filter: None,
+                    debounce: None,
                 })
                 .collect(),
         );
@@ -300,7 +306,15 @@ impl QueueWriter {
     /// Sets who receives newly written events, with per-listener action filters.
     pub fn set_subscriptions(&mut self, subscriptions: Vec<Subscription>) {
         let mut rows: BTreeMap<(String, Option<String>), String> = BTreeMap::new();
+        self.debounced.clear();
         for sub in &subscriptions {
+            if let Some(cfg) = sub.debounce {
+                self.debounced.push(super::debounce::Debounced {
+                    sub: sub.clone(),
+                    cfg,
+                });
+                continue;
+            }
             let actions = sub
                 .actions
                 .iter()
@@ -453,6 +467,7 @@ impl QueueWriter {
             }
         }
         let mut outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
+        debounce_batch!(self, &tx, events, keys);
         outcome.refused = refused.len() as u64;
         outcome.already_present = outcome.already_present.saturating_sub(outcome.refused);
         rejected::insert(&tx, &refused).await?;
@@ -516,6 +531,7 @@ impl QueueWriter {
                 .map_err(db_error("reading the fan-out count", None))?;
             outcome.notifications = u64::try_from(n).unwrap_or(0);
         }
+        debounce_batch!(self, &tx, events, keys);
         commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
         Ok(Some(outcome))
     }
@@ -547,11 +563,31 @@ impl QueueWriter {
             .await
             .map_err(db_error("copying events to the staging table", None))?;
             outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
+            debounce_batch!(self, &tx, events, keys);
         }
         commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
         Ok(outcome)
     }
 }
+
+/// Merges the batch's new events into the debounce windows of debounced listeners, in the
+/// batch's transaction (borrowing the writer field by field, like [`staged_insert`]).
+macro_rules! debounce_batch {
+    ($w:expr, $tx:expr, $events:expr, $keys:expr) => {
+        if !$w.debounced.is_empty() && !$events.is_empty() {
+            super::debounce::fan_out(
+                $tx,
+                &$w.debounced,
+                $events,
+                &$w.excluded,
+                ($keys.first, $keys.last),
+                &$w.system_id,
+            )
+            .await?;
+        }
+    };
+}
+use debounce_batch;
 
 /// What [`insert_staged`] needs from a writer, borrowed field by field so that it can be
 /// taken while a transaction holds the writer's client.
