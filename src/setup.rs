@@ -6,6 +6,7 @@
 //! prerequisite; [`plan`] turns the same facts into the statements that are missing, so
 //! running setup a second time finds nothing to do.
 
+mod children;
 mod row_filter;
 
 use std::collections::BTreeSet;
@@ -377,6 +378,8 @@ struct Facts {
     gap_accepted: bool,
     /// One per `config.entities`: their row filters (`where`).
     row_filters: Vec<row_filter::FilterFacts>,
+    /// One per `[[entity.child]]`, entity by entity; `None` when the table does not exist.
+    child_tables: Vec<Option<TableFacts>>,
 }
 
 impl Facts {
@@ -505,11 +508,16 @@ impl PubOp {
 
 /// The operations the publication must publish for the configured entities.
 fn needed_ops(config: &Config) -> BTreeSet<PubOp> {
-    config
+    let mut ops: BTreeSet<PubOp> = config
         .entities
         .iter()
         .flat_map(|e| e.actions.iter().copied().map(PubOp::for_action))
-        .collect()
+        .collect();
+    // Every change of a child row is reported on its parent.
+    if config.entities.iter().any(|e| !e.children.is_empty()) {
+        ops.extend([PubOp::Insert, PubOp::Update, PubOp::Delete]);
+    }
+    ops
 }
 
 async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
@@ -557,6 +565,7 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
 
     let publication = publication_facts(client, &config.source.publication).await?;
     let row_filters = row_filter::gather(client, config, server.version_num).await?;
+    let child_tables = children::gather(client, config).await?;
 
     let slot = match client
         .query_opt(SQL_SLOT, &[&config.source.slot])
@@ -607,6 +616,7 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
         system_id,
         gap_accepted,
         row_filters,
+        child_tables,
     })
 }
 
@@ -847,6 +857,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     for (entity, table) in config.entities.iter().zip(&facts.tables) {
         table_items(&mut items, facts, config, entity, table.as_ref());
     }
+    children::items(&mut items, facts, config);
 
     publication_items(&mut items, facts, config);
     row_filter::items(&mut items, facts, config);
@@ -1324,11 +1335,16 @@ fn human_bytes(b: i64) -> String {
 // ---------------------------------------------------------------------------------------------
 // SQL text shared by check fixes and setup steps
 
+/// The tables the publication must include: entity tables, then child tables.
 fn entity_tables(config: &Config) -> Vec<&TableName> {
     let mut seen = Vec::new();
-    for e in &config.entities {
-        if !seen.contains(&&e.table) {
-            seen.push(&e.table);
+    let children = config
+        .entities
+        .iter()
+        .flat_map(|e| e.children.iter().map(|c| &c.table));
+    for t in config.entities.iter().map(|e| &e.table).chain(children) {
+        if !seen.contains(&t) {
+            seen.push(t);
         }
     }
     seen
@@ -1706,6 +1722,7 @@ fn plan_from(
     }
 
     row_filter::identity_steps(&mut steps, facts, config, opts)?;
+    children::steps(&mut steps, facts, config, opts)?;
 
     let pubname = &config.source.publication;
     let tables = entity_tables(config);

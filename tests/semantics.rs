@@ -351,3 +351,60 @@ async fn a_two_second_debounce_coalesces_bursts_per_customer_and_drops_created_t
         .unwrap();
     assert_eq!(both_first["id"], first["id"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_row_change_reaches_the_parents_listener_as_customer_updated_naming_the_attribute()
+{
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, name text);
+         CREATE TABLE customer_attribute (customer_id int REFERENCES customer,
+             attr_name text, value text, PRIMARY KEY (customer_id, attr_name));
+         INSERT INTO customer VALUES (1, 'Ada');",
+    )
+    .await;
+    let crm = Receiver::start().await;
+    let toml = config(
+        &db,
+        "\n[[entity.child]]\ntable = \"customer_attribute\"\nparent = [\"customer_id\"]\nfield = \"attr_name\"\ninclude = true\n",
+        &listener("crm", &crm.url("/crm"), ""),
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO customer_attribute VALUES (1, 'colour', 'red'), (1, 'size', 'XL');
+         UPDATE customer_attribute SET value = 'L' WHERE attr_name = 'size';
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    crm.wait_for_count(1, DELIVERY_WAIT, "one event for the transaction")
+        .await;
+    c.batch_execute("DELETE FROM customer_attribute WHERE attr_name = 'colour'")
+        .await
+        .unwrap();
+    crm.wait_for_count(2, DELIVERY_WAIT, "the delete").await;
+    wait_queue_drained(&c).await;
+
+    let got: Vec<serde_json::Value> = crm.requests().iter().map(|r| r.json()).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(got[0]["type"], "Customer.Updated");
+    assert_eq!(got[0]["entityid"], "1");
+    assert_eq!(
+        got[0]["data"]["changedFields"],
+        serde_json::json!(["colour", "size"])
+    );
+    let attrs = &got[0]["data"]["row"]["customer_attribute"];
+    assert_eq!(attrs["colour"]["value"], "red");
+    assert_eq!(attrs["size"]["value"], "L");
+    assert_eq!(
+        got[1]["data"]["changedFields"],
+        serde_json::json!(["colour"])
+    );
+    assert_eq!(
+        got[1]["data"]["row"]["customer_attribute"]["colour"],
+        serde_json::Value::Null
+    );
+}

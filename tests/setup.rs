@@ -30,6 +30,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
         subject: None,
         derived: vec![],
         row_filter: None,
+        children: vec![],
     }
 }
 

@@ -191,3 +191,61 @@ async fn check_warns_when_derived_actions_test_changes_without_old_rows() {
         "{report}"
     );
 }
+
+#[tokio::test]
+async fn child_tables_are_published_and_checked_for_what_their_deletes_carry() {
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, status text);
+         ALTER TABLE customer REPLICA IDENTITY FULL;
+         CREATE TABLE customer_attribute (id serial PRIMARY KEY, customer_id int, attr_name text);",
+    )
+    .await;
+    let mut c = db.client().await;
+    let child = "\n[[entity.child]]\ntable = \"customer_attribute\"\nparent = [\"customer_id\"]\nfield = \"attr_name\"\n";
+    let cfg = config(&db, child);
+    let name = "child table public.customer_attribute";
+    let report = setup::check(&c, &cfg).await;
+    let line = item(&report, name);
+    assert_eq!(line.verdict, Verdict::Warn, "{report}");
+    assert!(
+        line.detail
+            .contains("deletes do not carry customer_id, attr_name"),
+        "{report}"
+    );
+    let full = SetupOptions {
+        replica_identity_full: true,
+        accept_gap: false,
+    };
+    setup::setup(&mut c, &cfg, full).await.unwrap();
+    let report = setup::check(&c, &cfg).await;
+    assert_eq!(item(&report, name).verdict, Verdict::Ok, "{report}");
+    assert!(report.ok(), "{report}");
+    let published: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'walhook' AND tablename = 'customer_attribute'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(published, 1);
+
+    // A child table that does not exist, or lacks a named column, fails.
+    let cfg = config(&db, &child.replace("attr_name", "attribute"));
+    let report = setup::check(&c, &cfg).await;
+    assert!(
+        item(&report, name)
+            .detail
+            .contains("has no column(s) attribute"),
+        "{report}"
+    );
+    let cfg = config(&db, &child.replace("customer_attribute", "customer_tag"));
+    let report = setup::check(&c, &cfg).await;
+    assert_eq!(
+        item(&report, "child table public.customer_tag").verdict,
+        Verdict::Fail
+    );
+    let err = setup::setup(&mut c, &cfg, full).await.unwrap_err();
+    assert!(matches!(err, SetupError::TableMissing { .. }), "{err}");
+}

@@ -6,6 +6,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::check::Checker;
+use super::child::{ChildTable, RawChild};
 use super::derive::{DerivedAction, RawDerivedAction};
 use super::{Str, StrList};
 use crate::types::{Action, EntityName, TableName};
@@ -32,6 +33,8 @@ pub struct EntityConfig {
     /// `where`: the publication's row filter for the table (PostgreSQL 15+); rows it
     /// excludes never leave the server.
     pub row_filter: Option<String>,
+    /// `[[entity.child]]`: child tables whose changes are reported on the entity.
+    pub children: Vec<ChildTable>,
 }
 
 #[derive(Deserialize)]
@@ -48,6 +51,8 @@ pub(super) struct RawEntity {
     action: Vec<Spanned<RawDerivedAction>>,
     #[serde(rename = "where")]
     row_filter: Str,
+    #[serde(default)]
+    child: Vec<Spanned<RawChild>>,
 }
 
 /// Parses `schema.table` or `table` (schema `public`); either part may be double-quoted to
@@ -374,6 +379,13 @@ impl Checker<'_> {
             });
             let derived = self.derived_actions(&e.action, &format!("entity[{i}]"), &exclude_names);
 
+            let children = self.children(
+                &e.child,
+                &format!("entity[{i}]"),
+                table.as_ref(),
+                id.as_ref().map(Vec::len),
+            );
+
             if let (Some(name), Some(table)) = (name, table) {
                 entities.push(EntityConfig {
                     name,
@@ -385,6 +397,7 @@ impl Checker<'_> {
                     subject,
                     derived,
                     row_filter,
+                    children,
                 });
             }
         }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod check;
+mod child;
 mod condition;
 mod debounce;
 mod derive;
@@ -26,6 +27,7 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::child::ChildTable;
 pub use self::debounce::{Debounce, DebounceFrom};
 pub use self::derive::DerivedAction;
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};

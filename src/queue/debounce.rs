@@ -404,7 +404,7 @@ pub(crate) async fn fan_out(
     let mut groups: Vec<Group<'_>> = Vec::new();
     let mut index: HashMap<(usize, String, String), usize> = HashMap::new();
     for (i, e) in events.iter().enumerate() {
-        let variant = e.derived.as_deref().unwrap_or("").to_owned();
+        let variant = e.variant_key().to_owned();
         let seq = i32::try_from(e.seq).unwrap_or(i32::MAX);
         let Some(&id) = stored.get(&(e.commit_lsn, seq, variant.clone())) else {
             continue;
@@ -761,6 +761,7 @@ mod tests {
             entity_id: "42".into(),
             action,
             derived: None,
+            variant: None,
             changed_fields: changed.map(|c| c.iter().map(|s| (*s).to_owned()).collect()),
             old: (action == Action::Updated).then(|| {
                 let mut old = row.clone();

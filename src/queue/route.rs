@@ -38,8 +38,13 @@ pub(super) fn exclusions(
     out
 }
 
+/// Events of one change: same key and entity (a parent's event made of child rows may
+/// share the key of the child's own event).
 fn same_change(a: &EntityEvent, b: &EntityEvent) -> bool {
-    a.commit_lsn == b.commit_lsn && a.seq == b.seq
+    a.commit_lsn == b.commit_lsn
+        && a.seq == b.seq
+        && a.entity == b.entity
+        && a.entity_id == b.entity_id
 }
 
 /// Gives each listener whose filter matches the first event of the group it subscribes to.

@@ -727,7 +727,7 @@ async fn copy_events(
     let mut copy = std::pin::pin!(BinaryCopyInWriter::new(sink, &STAGE_TYPES));
     let none = None;
     for (i, (e, seq)) in events.iter().zip(seqs).enumerate() {
-        let variant = e.derived.as_deref().unwrap_or("");
+        let variant = e.variant_key();
         let row_action = e.derived.as_ref().map(|_| e.action.as_str());
         let row: [&(dyn ToSql + Sync); 16] = [
             &variant_event_id(system_id, e.commit_lsn, e.seq, variant),

@@ -393,6 +393,7 @@ pub fn entity_event(
         entity_id: id.to_owned(),
         action: Action::Updated,
         derived: None,
+        variant: None,
         changed_fields: Some(changed.iter().map(|c| (*c).to_owned()).collect()),
         row,
         old: None,

@@ -2,6 +2,7 @@
 //!
 //! Knows relations and entities; knows nothing about the wire or the queue tables.
 
+mod child;
 mod derive;
 mod plan;
 mod values;
@@ -19,6 +20,7 @@ use crate::replication::pgoutput::{ColumnValue, Message, OldTuple, PgTimestamp, 
 use crate::types::{Action, EntityName, Lsn, Oid, TableName, Xid};
 use plan::{ColumnPlan, Plan, Shape, SubjectPart};
 
+pub use child::{ChildChange, ChildEvents};
 pub(crate) use plan::subject_columns;
 
 /// Where a change sits in the source: the transaction it belongs to.
@@ -57,6 +59,9 @@ pub struct EntityEvent {
     /// The derived action (`[[entity.action]]` name) this event stands for, when a rule
     /// matched; the event type is then `{entity}.{derived}`.
     pub derived: Option<Arc<str>>,
+    /// Tells apart events of one change that are not its row event or a derived action:
+    /// `child/{table}` for a parent's event made of child-row changes. `None` otherwise.
+    pub variant: Option<Arc<str>>,
     /// Changed columns for updates when the old row is known; `None` when it is not known.
     /// For inserts and deletes: `None`.
     pub changed_fields: Option<Vec<String>>,
@@ -79,6 +84,15 @@ impl EntityEvent {
     /// The action listeners see: the derived action's name, or the row action's.
     pub fn action_name(&self) -> &str {
         self.derived.as_deref().unwrap_or(self.action.as_str())
+    }
+
+    /// The event's `variant` in the queue's key (commit_lsn, seq, variant): '' for the row
+    /// event, the derived action's name, or [`EntityEvent::variant`].
+    pub fn variant_key(&self) -> &str {
+        self.variant
+            .as_deref()
+            .or(self.derived.as_deref())
+            .unwrap_or("")
     }
 
     /// The memory the event holds, roughly: what byte limits on capture buffers count.
@@ -319,6 +333,8 @@ struct RelationState {
     shape: Shape,
     /// `None` when the table is not an entity.
     plan: Option<Plan>,
+    /// The entities that track the table as a child.
+    children: Vec<child::ChildPlan>,
 }
 
 /// One column's value after resolving unchanged TOAST and key-only old tuples.
@@ -458,9 +474,29 @@ impl Mapper {
                 );
                 plan
             });
+        let mut children = Vec::new();
+        for entity in &self.entities {
+            for c in entity.children.iter().filter(|c| c.table == table) {
+                match child::plan(entity, c, &rel) {
+                    Ok(p) => children.push(p),
+                    Err(message) => notes.push(SchemaNote {
+                        entity: entity.name.clone(),
+                        table: table.clone(),
+                        message,
+                    }),
+                }
+            }
+        }
         let shape = plan::shape(&rel);
-        self.relations
-            .insert(rel.oid, RelationState { table, shape, plan });
+        self.relations.insert(
+            rel.oid,
+            RelationState {
+                table,
+                shape,
+                plan,
+                children,
+            },
+        );
         notes
     }
 
@@ -587,12 +623,30 @@ impl Mapper {
             entity_id,
             action,
             derived: None,
+            variant: None,
             changed_fields,
             row,
             old: old_row,
             subject,
         };
         Ok(derive::apply(&plan.rules, event, tracked))
+    }
+
+    /// What a row change of a child table (`[[entity.child]]`) means for the parents;
+    /// empty for other tables. Gather them per transaction with [`ChildEvents`].
+    pub fn map_child(&self, msg: &Message) -> Vec<ChildChange> {
+        let oid = match msg {
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. } => relation,
+            _ => return Vec::new(),
+        };
+        match self.relations.get(oid) {
+            Some(state) if !state.children.is_empty() => {
+                state.children.iter().flat_map(|c| c.changes(msg)).collect()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Maps the TRUNCATE of relation `oid`: a `Truncated` event with entity id `*`, an
@@ -619,6 +673,7 @@ impl Mapper {
             entity_id: TRUNCATED_ID.to_owned(),
             action: Action::Truncated,
             derived: None,
+            variant: None,
             changed_fields: Some(Vec::new()),
             row: Map::new(),
             old: None,
