@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use crate::error::{Classify, ErrorClass};
+use crate::replication::conninfo as conn;
 use crate::types::{Action, EntityName, TableName};
 
 /// The default location of the configuration file.
@@ -82,6 +83,14 @@ pub struct SourceConfig {
     /// Log a warning when the slot retains more WAL than this (default 1 GiB); the slot
     /// keeps WAL for walhook, so a stopped or slow walhook fills the server's disk.
     pub wal_warning_bytes: u64,
+    /// Send a cleartext or md5 password over TCP without TLS (default false: refused).
+    pub allow_insecure_password: bool,
+    /// A replication stream silent this long is rebuilt (default 60s).
+    pub receive_timeout: Duration,
+    /// `statement_timeout` of walhook's own sessions; `None` keeps the server's (default 5m).
+    pub statement_timeout: Option<Duration>,
+    /// `lock_timeout` of walhook's own sessions; `None` keeps the server's (default 1m).
+    pub lock_timeout: Option<Duration>,
 }
 
 impl SourceConfig {
@@ -90,10 +99,17 @@ impl SourceConfig {
     pub fn connect_params(
         &self,
     ) -> Result<crate::replication::conn::ConnectParams, crate::replication::conn::ConnError> {
+        let policy = crate::replication::conn::ConnPolicy {
+            allow_insecure_password: self.allow_insecure_password,
+            receive_timeout: self.receive_timeout,
+            statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
+        };
         crate::replication::conn::ConnectParams::parse(
             self.url.expose(),
             self.password.as_ref().map(Secret::expose),
         )
+        .map(|p| p.with_policy(policy))
     }
 }
 
@@ -795,6 +811,10 @@ struct RawSource {
     heartbeat: Str,
     status_interval: Str,
     wal_warning: Option<Spanned<RawSize>>,
+    allow_insecure_password: Option<Spanned<bool>>,
+    receive_timeout: Str,
+    statement_timeout: Str,
+    lock_timeout: Str,
 }
 
 #[derive(Deserialize)]
@@ -1020,6 +1040,7 @@ fn display_key(key: &str) -> String {
 const DEFAULT_SLOT: &str = "walhook";
 const DEFAULT_PUBLICATION: &str = "walhook";
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(5);
 const DEFAULT_WAL_WARNING: u64 = 1024 * 1024 * 1024;
 const MAX_STATUS_INTERVAL: Duration = Duration::from_secs(10);
@@ -1098,6 +1119,27 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that may also be "off" (or zero): `None`.
+    fn duration_or_off(
+        &mut self,
+        value: &Str,
+        key: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(v) = value else { return default };
+        let s = self.string(v, key)?;
+        if s.trim() == "off" {
+            return None;
+        }
+        match parse_duration(s.trim()) {
+            Ok(d) => Some(d).filter(|d| !d.is_zero()),
+            Err(message) => {
+                self.report_message(v.span().start, key, &format!("{message}, or \"off\""));
+                None
+            }
+        }
+    }
+
     /// A required, non-empty string.
     fn required(
         &mut self,
@@ -1171,6 +1213,10 @@ impl Checker<'_> {
                 heartbeat: Some(DEFAULT_HEARTBEAT),
                 status_interval: DEFAULT_STATUS_INTERVAL,
                 wal_warning_bytes: DEFAULT_WAL_WARNING,
+                allow_insecure_password: false,
+                receive_timeout: conn::DEFAULT_RECEIVE_TIMEOUT,
+                statement_timeout: Some(conn::DEFAULT_STATEMENT_TIMEOUT),
+                lock_timeout: Some(conn::DEFAULT_LOCK_TIMEOUT),
             };
         };
         let at = raw.span().start;
@@ -1272,25 +1318,33 @@ impl Checker<'_> {
             }
         };
 
-        let heartbeat = match &raw.heartbeat {
-            None => Some(DEFAULT_HEARTBEAT),
-            Some(v) => match self.string(v, "source.heartbeat") {
-                Some(s) if s.trim() == "off" => None,
-                Some(s) => match parse_duration(s.trim()) {
-                    Ok(d) => Some(d),
-                    Err(message) => {
-                        self.report_message(
-                            v.span().start,
-                            "source.heartbeat",
-                            &format!("{message}, or \"off\""),
-                        );
-                        None
-                    }
-                },
-                None => None,
-            },
+        let heartbeat =
+            self.duration_or_off(&raw.heartbeat, "source.heartbeat", Some(DEFAULT_HEARTBEAT));
+        let statement_timeout = self.duration_or_off(
+            &raw.statement_timeout,
+            "source.statement_timeout",
+            Some(conn::DEFAULT_STATEMENT_TIMEOUT),
+        );
+        let lock_timeout = self.duration_or_off(
+            &raw.lock_timeout,
+            "source.lock_timeout",
+            Some(conn::DEFAULT_LOCK_TIMEOUT),
+        );
+        let receive_timeout = self.duration(
+            &raw.receive_timeout,
+            "source.receive_timeout",
+            conn::DEFAULT_RECEIVE_TIMEOUT,
+        );
+        if let Some(v) = &raw.receive_timeout
+            && receive_timeout < MIN_RECEIVE_TIMEOUT
+        {
+            self.report(
+                v.span().start,
+                "source.receive_timeout",
+                &format!("{} is too short", v.get_ref()),
+                "use at least \"1s\"; the default \"60s\" matches the server's wal_receiver_timeout",
+            );
         }
-        .filter(|d| !d.is_zero());
 
         let status_interval = self.duration(
             &raw.status_interval,
@@ -1323,6 +1377,13 @@ impl Checker<'_> {
                 "source.wal_warning",
                 DEFAULT_WAL_WARNING,
             ),
+            allow_insecure_password: raw
+                .allow_insecure_password
+                .as_ref()
+                .is_some_and(|b| *b.get_ref()),
+            receive_timeout,
+            statement_timeout,
+            lock_timeout,
         }
     }
 

@@ -70,8 +70,8 @@ impl Queue {
         assert_eq!(outcome.inserted, events.len() as u64);
     }
 
-    fn db_config(&self) -> tokio_postgres::Config {
-        self.db.url.parse().unwrap()
+    fn db_config(&self) -> walhook::replication::conn::ConnectParams {
+        walhook::replication::conn::ConnectParams::parse(&self.db.url, None).unwrap()
     }
 
     async fn count(&self, sql: &str) -> i64 {

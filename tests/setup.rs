@@ -45,6 +45,10 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
             heartbeat: None,
             status_interval: Duration::from_secs(5),
             wal_warning_bytes: 1 << 30,
+            allow_insecure_password: false,
+            receive_timeout: Duration::from_secs(60),
+            statement_timeout: None,
+            lock_timeout: None,
         },
         queue: QueueConfig {
             retention: Duration::from_secs(7 * 86400),

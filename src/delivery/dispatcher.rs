@@ -34,6 +34,7 @@ use super::policy::next_attempt_delay;
 use super::{Attempt, AttemptReport, DeliveryObserver, Notification, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
+use crate::replication::conn::ConnectParams;
 use crate::queue::{
     Completions, DeliveredRow, FailedAttemptRow, NotificationStore, OnNewNotifications, QueueError,
 };
@@ -116,7 +117,7 @@ impl Classify for DispatchError {
 /// errors stop delivery and are returned. `source_system` is the `sourceSystem` of the
 /// payloads. The queue schema must be migrated before.
 pub async fn run(
-    db: tokio_postgres::Config,
+    db: ConnectParams,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -126,7 +127,7 @@ pub async fn run(
 
 /// [`run`], telling `observer` the outcome of every attempt.
 pub async fn run_observed(
-    mut db: tokio_postgres::Config,
+    db: ConnectParams,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -140,10 +141,6 @@ pub async fn run_observed(
         debug!("no listeners configured: nothing to deliver");
         shutdown.cancelled().await;
         return Ok(());
-    }
-    if db.get_application_name().is_none() {
-        // Lets a DBA tell delivery connections apart in pg_stat_activity.
-        db.application_name("walhook delivery");
     }
     let host = host_name();
     let owner = lease_owner(&host);
@@ -307,7 +304,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One database connection, reconnected on demand, logging each outage once.
 struct Link {
     purpose: &'static str,
-    config: tokio_postgres::Config,
+    config: ConnectParams,
     owner: String,
     on_new: Option<OnNewNotifications>,
     current: tokio::sync::Mutex<Option<Arc<NotificationStore>>>,
@@ -317,7 +314,7 @@ struct Link {
 impl Link {
     fn new(
         purpose: &'static str,
-        config: tokio_postgres::Config,
+        config: ConnectParams,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Link {
