@@ -42,10 +42,13 @@ pub enum DbError {
         class: ErrorClass,
         sqlstate: String,
     },
-    /// The driver failed otherwise (connection lost during startup, protocol error).
-    #[error("cannot connect to PostgreSQL at {addr}: {source}")]
+    /// The driver failed otherwise (connection lost during startup, protocol error,
+    /// channel binding missing).
+    #[error("cannot connect to PostgreSQL at {addr}: {detail}")]
     Driver {
         addr: String,
+        /// The driver's message with its cause.
+        detail: String,
         #[source]
         source: tokio_postgres::Error,
     },
@@ -56,7 +59,16 @@ impl Classify for DbError {
         match self {
             DbError::Transport(e) => e.class(),
             DbError::InsecurePassword(_) => ErrorClass::Config,
-            DbError::Timeout { .. } | DbError::Driver { .. } => ErrorClass::Transient,
+            DbError::Timeout { .. } => ErrorClass::Transient,
+            // The driver refusing the server's authentication (channel binding missing,
+            // no password) is a setting to fix; anything else may pass.
+            DbError::Driver { detail, .. }
+                if detail.starts_with("authentication error")
+                    || detail.starts_with("invalid configuration") =>
+            {
+                ErrorClass::Config
+            }
+            DbError::Driver { .. } => ErrorClass::Transient,
             DbError::Refused { class, .. } => *class,
         }
     }
@@ -157,7 +169,15 @@ async fn connect_once(
 fn classify(e: tokio_postgres::Error, params: &ConnectParams) -> DbError {
     let addr = params.redacted();
     let Some(db) = e.as_db_error() else {
-        return DbError::Driver { addr, source: e };
+        let detail = match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        };
+        return DbError::Driver {
+            addr,
+            detail,
+            source: e,
+        };
     };
     let code = db.code().code();
     let fix = match code {

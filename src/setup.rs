@@ -19,11 +19,6 @@ use crate::types::{Action, TableName, quote_ident, quote_literal};
 /// The schema holding the queue tables.
 pub const QUEUE_SCHEMA: &str = "walhook";
 
-/// Oldest server version with pgoutput and logical replication.
-const MIN_VERSION_NUM: i32 = 100_000;
-/// Older versions work but lack `wal_status`, streaming of large transactions and more.
-const RECOMMENDED_VERSION_NUM: i32 = 140_000;
-
 // Server-wide settings and the role, in one round trip.
 const SQL_SERVER: &str = "SELECT current_setting('server_version_num')::int4, \
      current_setting('server_version'), \
@@ -600,21 +595,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     let s = &facts.server;
     let mut items = Vec::new();
 
-    items.push(if s.version_num < MIN_VERSION_NUM {
-        CheckItem::fail(
-            "server version",
-            &s.version,
-            "walhook needs PostgreSQL 10 or newer (logical replication with pgoutput); upgrade the server",
-        )
-    } else if s.version_num < RECOMMENDED_VERSION_NUM {
-        CheckItem::warn(
-            "server version",
-            format!("{} (supported; 14 or newer recommended)", s.version),
-            "upgrade to PostgreSQL 14+ for slot wal_status reporting and better logical decoding",
-        )
-    } else {
-        CheckItem::ok("server version", &s.version)
-    });
+    items.push(version_item(s));
 
     items.push(if s.wal_level == "logical" {
         CheckItem::ok("wal_level", &s.wal_level)
@@ -685,6 +666,54 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     items.push(slot_item(facts, config));
     items.push(queue_item(&facts.queue));
     items
+}
+
+fn version_item(s: &Server) -> CheckItem {
+    use crate::replication::version::{MIN_SUPPORTED_MAJOR, ServerVersion, TESTED_MAJOR};
+    let version = ServerVersion(u32::try_from(s.version_num).unwrap_or(0));
+    if !version.is_supported() {
+        CheckItem::fail(
+            "server version",
+            &s.version,
+            format!(
+                "walhook supports PostgreSQL {MIN_SUPPORTED_MAJOR} and newer (tested on {TESTED_MAJOR}); upgrade the server"
+            ),
+        )
+    } else {
+        CheckItem::ok("server version", &s.version)
+    }
+}
+
+/// The TLS state of the connection `walhook check` made: protocol, what was verified,
+/// for which host.
+pub fn tls_item(
+    params: &crate::replication::conn::ConnectParams,
+    tls: Option<&crate::replication::conn::TlsInfo>,
+) -> CheckItem {
+    use crate::replication::conn::{Host, Verification};
+    let mode = params.sslmode().as_str();
+    match (tls, params.host()) {
+        (_, Host::Unix(_)) => CheckItem::ok(
+            "tls",
+            format!("not used on the local socket {}", params.host_description()),
+        ),
+        (Some(t), _) if t.verification == Verification::Full => {
+            CheckItem::ok("tls", format!("{t} (sslmode={mode})"))
+        }
+        (Some(t), _) => CheckItem::warn(
+            "tls",
+            format!("{t} (sslmode={mode})"),
+            "set sslrootcert to the server's CA and sslmode=verify-full in [source] url, so walhook knows it talks to the right server",
+        ),
+        (None, _) => CheckItem::warn(
+            "tls",
+            format!(
+                "off: {} is reached unencrypted (sslmode={mode})",
+                params.host_description()
+            ),
+            "turn on ssl in the server's postgresql.conf and use sslmode=verify-full with sslrootcert in [source] url",
+        ),
+    }
 }
 
 fn schema_item(facts: &Facts) -> CheckItem {

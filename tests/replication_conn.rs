@@ -10,7 +10,8 @@ use support::{ClusterOptions, LocalCluster, TestDb};
 use tokio::time::Instant;
 use walhook::error::{Classify, ErrorClass};
 use walhook::replication::conn::{
-    AuthMethod, ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
+    AuthMethod, ConnPolicy, ConnectParams, ReplicationConnection, ReplicationError,
+    ReplicationStream,
 };
 use walhook::replication::pgoutput::{self, Message};
 use walhook::replication::protocol::ReplicationMessage;
@@ -51,8 +52,22 @@ fn auth_cluster() -> LocalCluster {
 }
 
 /// Key=value form so passwords with spaces and colons need no percent-encoding; an empty
-/// passfile keeps a developer's ~/.pgpass out of the test.
+/// passfile keeps a developer's ~/.pgpass out of the test. Readable passwords are allowed
+/// over this plain TCP (see `readable_passwords_are_not_sent_over_plain_tcp`).
 fn tcp(cluster: &LocalCluster, user: &str, password: Option<&str>, db: &str) -> ConnectParams {
+    tcp_strict(cluster, user, password, db).with_policy(ConnPolicy {
+        allow_insecure_password: true,
+        ..ConnPolicy::default()
+    })
+}
+
+/// Like [`tcp`], with walhook's default policy.
+fn tcp_strict(
+    cluster: &LocalCluster,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+) -> ConnectParams {
     let mut s = format!(
         "host=127.0.0.1 port={} user={user} dbname={db} sslmode=disable passfile=/nonexistent",
         cluster.port()
@@ -109,12 +124,16 @@ async fn every_auth_method_connects_and_identifies_the_system() {
         (
             ConnectParams::parse(
                 &format!(
-                    "postgresql://md5user@127.0.0.1:{}/postgres?passfile=/nonexistent",
+                    "postgresql://md5user@127.0.0.1:{}/postgres?passfile=/nonexistent&sslmode=disable",
                     cluster.port()
                 ),
                 Some("md5 secret"),
             )
-            .unwrap(),
+            .unwrap()
+            .with_policy(ConnPolicy {
+                allow_insecure_password: true,
+                ..ConnPolicy::default()
+            }),
             AuthMethod::Md5,
         ),
         (
@@ -217,6 +236,38 @@ async fn auth_failures_have_clear_classified_messages() {
     let e = connect_err(&params).await;
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
     assert_eq!(e.class(), ErrorClass::Transient);
+}
+
+#[tokio::test]
+async fn readable_passwords_are_not_sent_over_plain_tcp() {
+    let cluster = auth_cluster();
+    for (user, password) in [("pwuser", "pw-secret"), ("md5user", "md5 secret")] {
+        let params = tcp_strict(&cluster, user, Some(password), "postgres");
+        let e = connect_err(&params).await;
+        assert!(matches!(e, ReplicationError::InsecurePassword(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("unencrypted TCP") && msg.contains("allow_insecure_password = true"),
+            "{msg}"
+        );
+        assert!(!msg.contains(password) && !msg.contains('\n'), "{msg}");
+        assert_eq!(e.class(), ErrorClass::Config);
+        // Ordinary connections follow the same rule.
+        let e = walhook::db::connect(&params).await.unwrap_err();
+        assert!(
+            matches!(e, walhook::db::DbError::InsecurePassword(_)),
+            "{e}"
+        );
+        assert_eq!(e.class(), ErrorClass::Config);
+    }
+    // SCRAM never reveals the password, so it is fine without TLS, on both connections.
+    let params = tcp_strict(&cluster, "scramuser", Some("scram:secret@1"), "postgres");
+    let conn = ReplicationConnection::connect(&params).await.unwrap();
+    assert_eq!(conn.auth_method(), AuthMethod::ScramSha256);
+    assert!(conn.tls().is_none());
+    conn.close().await;
+    let client = walhook::db::connect(&params).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
 }
 
 async fn repl_conn(db: &TestDb) -> ReplicationConnection {

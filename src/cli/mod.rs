@@ -149,8 +149,14 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Check(c) => {
-            let (config, client) = c.load_and_connect().await?;
-            let report = crate::setup::check(&client, &config).await;
+            let config = Config::load(&c.config)?;
+            let params = config.source.connect_params()?;
+            let (client, conn, tls) = crate::db::connect_raw(&params).await?;
+            tokio::spawn(conn);
+            let mut report = crate::setup::check(&client, &config).await;
+            report
+                .items
+                .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
             println!("{report}");
             Ok(if report.ok() {
                 0

@@ -34,10 +34,10 @@ use super::policy::next_attempt_delay;
 use super::{Attempt, AttemptReport, DeliveryObserver, Notification, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
-use crate::replication::conn::ConnectParams;
 use crate::queue::{
     Completions, DeliveredRow, FailedAttemptRow, NotificationStore, OnNewNotifications, QueueError,
 };
+use crate::replication::conn::ConnectParams;
 
 /// Most notifications one claim statement takes.
 const CLAIM_BATCH: usize = 500;

@@ -18,9 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::{Classify, ErrorClass, sqlstate_class};
 use crate::liveness::Beat;
-use crate::replication::protocol::{
-    self, AuthRequest, BackendFrame, ProtocolError, ServerMessage,
-};
+use crate::replication::protocol::{self, AuthRequest, BackendFrame, ProtocolError, ServerMessage};
 use crate::replication::transport::{self, PgStream, TransportError};
 use crate::replication::version::{self, ServerVersion};
 use crate::types::{Lsn, quote_ident, quote_literal};
@@ -214,9 +212,9 @@ impl Classify for ReplicationError {
         match self {
             E::Params(e) => e.class(),
             E::Transport(e) => e.class(),
-            E::InsecurePassword(_) | E::ChannelBindingMissing { .. } | E::UnsupportedServer { .. } => {
-                ErrorClass::Config
-            }
+            E::InsecurePassword(_)
+            | E::ChannelBindingMissing { .. }
+            | E::UnsupportedServer { .. } => ErrorClass::Config,
             E::ReceiveTimeout { .. } => ErrorClass::Transient,
             E::PasswordFailed { .. }
             | E::PasswordMissing { .. }
@@ -662,7 +660,8 @@ async fn run_startup(
         let frame = wire.read_frame().await?;
         match frame.tag {
             b'R' => {
-                let req = protocol::parse_auth_request(&frame.body).map_err(|e| wire.protocol(e))?;
+                let req =
+                    protocol::parse_auth_request(&frame.body).map_err(|e| wire.protocol(e))?;
                 if let Some(out) = auth.answer(req, wire)? {
                     wire.send(&out).await?;
                 }

@@ -281,7 +281,10 @@ pub enum ConnError {
     NoUser,
     /// A libpq feature walhook does not implement, where ignoring it would weaken security.
     #[error("connection parameter {key} is not supported by walhook: {fix}")]
-    Unsupported { key: &'static str, fix: &'static str },
+    Unsupported {
+        key: &'static str,
+        fix: &'static str,
+    },
     /// The TLS settings contradict each other or name a missing file.
     #[error("{0}")]
     Tls(String),
@@ -513,9 +516,12 @@ impl ConnectParams {
             ),
         };
         let port = look
-            .parsed("port", Some("PGPORT"), "expected a number from 1 to 65535", |p| {
-                p.parse::<u16>().ok().filter(|p| *p != 0)
-            })?
+            .parsed(
+                "port",
+                Some("PGPORT"),
+                "expected a number from 1 to 65535",
+                |p| p.parse::<u16>().ok().filter(|p| *p != 0),
+            )?
             .unwrap_or(5432);
         let user = look
             .get("user", Some("PGUSER"))
@@ -770,11 +776,15 @@ fn keepalive(look: &Lookup<'_>) -> Result<Keepalive, ConnError> {
         |v| v.parse::<u64>().ok(),
     )?;
     // libpq: zero means the system default.
-    let nonzero = |d: Option<Duration>, default: Duration| d.filter(|d| !d.is_zero()).unwrap_or(default);
+    let nonzero =
+        |d: Option<Duration>, default: Duration| d.filter(|d| !d.is_zero()).unwrap_or(default);
     Ok(Keepalive {
         enabled,
         idle: nonzero(look.seconds("keepalives_idle")?, DEFAULT_KEEPALIVES_IDLE),
-        interval: nonzero(look.seconds("keepalives_interval")?, DEFAULT_KEEPALIVES_INTERVAL),
+        interval: nonzero(
+            look.seconds("keepalives_interval")?,
+            DEFAULT_KEEPALIVES_INTERVAL,
+        ),
         count: count.filter(|c| *c > 0).unwrap_or(DEFAULT_KEEPALIVES_COUNT),
         user_timeout: match user_timeout {
             None => Some(DEFAULT_TCP_USER_TIMEOUT),
@@ -883,8 +893,8 @@ fn tls_params(look: &Lookup<'_>) -> Result<TlsParams, ConnError> {
             TlsVersion::parse,
         )
     };
-    let min_version = version("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION")?
-        .unwrap_or(TlsVersion::V1_2);
+    let min_version =
+        version("ssl_min_protocol_version", "PGSSLMINPROTOCOLVERSION")?.unwrap_or(TlsVersion::V1_2);
     let max_version = version("ssl_max_protocol_version", "PGSSLMAXPROTOCOLVERSION")?;
     if let Some(max) = max_version
         && (max < TlsVersion::V1_2 || max < min_version)

@@ -217,7 +217,13 @@ fn pgpass_find(text: &str, host: &str, port: u16, dbname: &str, user: &str) -> O
 }
 
 /// Looks a password up in a password file, ignoring a file others can read as libpq does.
-pub(crate) fn pgpass_lookup(path: &Path, host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
+pub(crate) fn pgpass_lookup(
+    path: &Path,
+    host: &str,
+    port: u16,
+    dbname: &str,
+    user: &str,
+) -> Option<String> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).ok()?;
     if !meta.is_file() {
