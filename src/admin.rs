@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Classify, ErrorClass};
+use crate::liveness::Beat;
 use crate::metrics::Metrics;
 
 /// Content type of the Prometheus text exposition format.
@@ -50,17 +51,39 @@ impl Classify for AdminError {
 }
 
 /// Readiness inputs, updated by the replication loop and the gauge refresher.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     streaming: AtomicBool,
     queue_reachable: AtomicBool,
     last_error: Mutex<Option<String>>,
+    capture: Beat,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            streaming: AtomicBool::new(false),
+            queue_reachable: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            capture: Beat::new("capture"),
+        }
+    }
 }
 
 impl Health {
     /// Not streaming, queue not yet reached, no error.
     pub fn new() -> Health {
         Health::default()
+    }
+
+    /// The sign of life of the replication stream: stamped by every byte the server sends.
+    pub fn capture_beat(&self) -> Beat {
+        self.capture.clone()
+    }
+
+    /// Why the daemon is stuck, when it is: fed to the systemd watchdog.
+    pub fn stalled(&self) -> Option<String> {
+        self.capture.stall_message()
     }
 
     /// Whether the replication stream is streaming.
@@ -96,6 +119,10 @@ impl Health {
         }
         if !self.queue_reachable() {
             reasons.push("queue database is not reachable");
+        }
+        let stalled = self.stalled();
+        if let Some(s) = &stalled {
+            reasons.push(s);
         }
         if reasons.is_empty() {
             return Ok(());

@@ -260,9 +260,11 @@ pub async fn run_with_reload(
         });
         info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
     }
+    let health = observe.health.clone();
     let _notifier = crate::systemd::spawn_from_env(
         ready_rx,
         move || status_rx.borrow().clone(),
+        move || health.stalled(),
         shutdown.clone(),
     );
     let gauges = gauge_loop(config_rx.clone(), &params, &observe, &stop);
@@ -701,13 +703,14 @@ async fn session(
     {
         info!(slot = %config.source.slot, "created replication slot");
     }
-    let stream = repl
+    let mut stream = repl
         .start_replication(&config.source.slot, Lsn::ZERO, &config.source.publication)
         .await
         .map_err(|e| ServiceError {
             hold: (e.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE)).then_some(Hold::Standby),
             ..ServiceError::from_err(e)
         })?;
+    stream.watch(observe.health.capture_beat());
     info!(
         slot = %config.source.slot,
         publication = %config.source.publication,
@@ -783,6 +786,8 @@ async fn session(
         ))),
     };
     if let Some(h) = heartbeat_task {
+        // A heartbeat stuck on a dead connection must not hold the session open.
+        h.abort();
         let _ = h.await;
     }
     if read_result.is_ok() && write_result.is_ok() {

@@ -6,6 +6,7 @@ pub mod receiver;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)]
 pub use walhook::cluster::{ClusterOptions, LocalCluster, ServerTls};
 
 /// A fresh database for one test: in its own throwaway cluster, or, when
