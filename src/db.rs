@@ -198,6 +198,93 @@ fn classify(e: tokio_postgres::Error, params: &ConnectParams) -> DbError {
     }
 }
 
+/// The sessions `pg_blocking_pids` names for backend $1, longest-running transaction first.
+const SQL_BLOCKERS: &str = "SELECT a.pid, a.backend_xid::text, coalesce(a.state, ''), \
+     coalesce(a.application_name, ''), coalesce(a.usename::text, ''), \
+     coalesce(extract(epoch FROM now() - a.xact_start)::int8, 0), \
+     left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 100) \
+     FROM pg_stat_activity a WHERE a.pid = ANY (pg_blocking_pids($1)) \
+     ORDER BY a.xact_start NULLS LAST LIMIT 3";
+
+/// A statement waiting this long gets its blockers looked up and logged.
+const WATCH_AFTER: std::time::Duration = std::time::Duration::from_secs(3);
+/// How often the blockers are looked up again while the statement waits.
+const WATCH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The backend process id of `client`'s session.
+pub async fn backend_pid(client: &tokio_postgres::Client) -> Option<i32> {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .ok()?
+        .try_get(0)
+        .ok()
+}
+
+/// Runs `work` (a statement on the session with process id `pid`); when it waits longer
+/// than a few seconds, looks up on a second connection which sessions block it and logs
+/// them once ("{what} is waiting for transaction 1234 of pid 567 …"). Returns the outcome
+/// and the last blockers seen, for the error message when a lock or statement timeout
+/// ends the wait.
+pub async fn watch_blockers<T>(
+    params: &ConnectParams,
+    pid: i32,
+    what: &str,
+    work: impl std::future::Future<Output = T>,
+) -> (T, Option<String>) {
+    let seen: Mutex<Option<String>> = Mutex::new(None);
+    let watcher = async {
+        tokio::time::sleep(WATCH_AFTER).await;
+        let mut side: Option<tokio_postgres::Client> = None;
+        loop {
+            if side.as_ref().is_none_or(|c| c.is_closed()) {
+                side = connect(params).await.ok();
+            }
+            if let Some(c) = &side
+                && let Some(found) = blockers(c, pid).await
+            {
+                let mut last = seen.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(found.as_str()) {
+                    tracing::warn!("{what} is waiting for {found}; end that transaction, or wait");
+                    *last = Some(found);
+                }
+            }
+            tokio::time::sleep(WATCH_EVERY).await;
+        }
+    };
+    let outcome = tokio::select! {
+        done = work => done,
+        never = watcher => never,
+    };
+    let last = seen.lock().unwrap_or_else(|p| p.into_inner()).take();
+    (outcome, last)
+}
+
+/// One phrase naming the sessions that block `pid`, or `None` when nothing does.
+async fn blockers(client: &tokio_postgres::Client, pid: i32) -> Option<String> {
+    let rows = client.query(SQL_BLOCKERS, &[&pid]).await.ok()?;
+    let described: Vec<String> = rows
+        .iter()
+        .filter_map(|r| {
+            let pid: i32 = r.try_get(0).ok()?;
+            let xid: Option<String> = r.try_get(1).ok()?;
+            let state: String = r.try_get(2).ok()?;
+            let app: String = r.try_get(3).ok()?;
+            let user: String = r.try_get(4).ok()?;
+            let secs: i64 = r.try_get(5).ok()?;
+            let query: String = r.try_get(6).ok()?;
+            let who = match xid {
+                Some(x) => format!("transaction {x} of pid {pid}"),
+                None => format!("pid {pid}"),
+            };
+            Some(format!(
+                "{who} (user {user}, application \"{app}\", {state} for {secs}s, last query: {query})"
+            ))
+        })
+        .collect();
+    (!described.is_empty()).then(|| described.join("; "))
+}
+
 /// The socket as tokio-postgres sees it. On unencrypted TCP it watches the server's
 /// authentication request and fails the read, before the driver sees it, when the server
 /// asks for a cleartext or md5 password.

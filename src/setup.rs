@@ -1482,26 +1482,50 @@ fn plan_from(
 }
 
 /// Runs the steps of a [`plan`] in order, each in its own transaction; a step whose object
-/// already exists (another setup ran meanwhile) counts as done.
-pub async fn apply(client: &mut Client, steps: &[SetupStep]) -> Result<(), SetupError> {
+/// already exists (another setup ran meanwhile) counts as done. With `watch` (the
+/// connection parameters), a step that waits for a lock gets the sessions blocking it
+/// logged and named in its error.
+pub async fn apply(
+    client: &mut Client,
+    steps: &[SetupStep],
+    watch: Option<&crate::replication::conn::ConnectParams>,
+) -> Result<(), SetupError> {
+    let pid = match watch {
+        Some(_) => crate::db::backend_pid(client).await,
+        None => None,
+    };
     for step in steps {
-        let result = match &step.action {
-            StepAction::MigrateQueue => {
-                run_migrations(client).await?;
-                continue;
-            }
-            StepAction::Sql(sql) => client.batch_execute(sql).await,
-            StepAction::CreateSlot { slot } => {
-                client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ())
+        let run = async {
+            match &step.action {
+                StepAction::MigrateQueue => run_migrations(client).await.map(|()| None),
+                StepAction::Sql(sql) => Ok(Some(client.batch_execute(sql).await)),
+                StepAction::CreateSlot { slot } => Ok(Some(
+                    client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ()),
+                )),
             }
         };
-        match result {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-            Err(e) => return Err(step_error(step, e)),
+        let (result, blockers) = match (watch, pid) {
+            (Some(params), Some(pid)) => {
+                crate::db::watch_blockers(params, pid, &step_title(step), run).await
+            }
+            _ => (run.await, None),
+        };
+        match result? {
+            None | Some(Ok(())) => {}
+            Some(Err(e)) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Some(Err(e)) => return Err(step_error(step, e, blockers)),
         }
     }
     Ok(())
+}
+
+/// How a step is named in the "waiting for" warning.
+fn step_title(step: &SetupStep) -> String {
+    match &step.action {
+        StepAction::MigrateQueue => "the queue schema migration".to_owned(),
+        StepAction::CreateSlot { slot } => format!("creating replication slot {slot}"),
+        StepAction::Sql(sql) => format!("`{}`", sql.lines().next().unwrap_or_default()),
+    }
 }
 
 /// Plans and applies in one call; returns the steps that were applied (empty: nothing to do).
@@ -1511,12 +1535,22 @@ pub async fn setup(
     opts: SetupOptions,
 ) -> Result<Vec<SetupStep>, SetupError> {
     let steps = plan(client, config, opts).await?;
-    apply(client, &steps).await?;
+    let params = config.source.connect_params().ok();
+    apply(client, &steps, params.as_ref()).await?;
     Ok(steps)
 }
 
-fn step_error(step: &SetupStep, e: tokio_postgres::Error) -> SetupError {
+fn step_error(step: &SetupStep, e: tokio_postgres::Error, blockers: Option<String>) -> SetupError {
     let statement = step.sql();
+    let gave_up = e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+        || e.code() == Some(&SqlState::QUERY_CANCELED);
+    if let (true, Some(blockers)) = (gave_up, blockers) {
+        return SetupError::Blocked {
+            what: step_title(step),
+            message: db_message(&e),
+            blockers,
+        };
+    }
     if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         SetupError::PermissionDenied {
             statement,
@@ -1674,6 +1708,18 @@ pub enum SetupError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A step gave up waiting (lock_timeout / statement_timeout) on other sessions.
+    #[error(
+        "{what} gave up waiting ({message}): it was blocked by {blockers}; end those sessions or transactions (SELECT pg_terminate_backend(pid)), or raise [source] lock_timeout / statement_timeout, then run it again"
+    )]
+    Blocked {
+        /// The step.
+        what: String,
+        /// The server's message (lock or statement timeout).
+        message: String,
+        /// The sessions that held it up.
+        blockers: String,
+    },
     /// An entity table does not exist.
     #[error(
         "table {table} of entity {entity} does not exist; create it or correct `table` under that [[entity]] in {path} (key [[entity]] table)"
@@ -1752,6 +1798,8 @@ impl Classify for SetupError {
             | SetupError::NotATable { .. }
             | SetupError::SlotConflict { .. } => ErrorClass::Config,
             SetupError::Migrate { class, .. } => *class,
+            // The blockers may be gone on the next attempt.
+            SetupError::Blocked { .. } => ErrorClass::Transient,
         }
     }
 }

@@ -199,7 +199,8 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
         println!("nothing to do: the database is set up for walhook");
         return Ok(0);
     }
-    crate::setup::apply(&mut client, &steps).await?;
+    let params = config.source.connect_params()?;
+    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
     for s in &steps {
         println!("done  {}", s.why);
     }
