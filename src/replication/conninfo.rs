@@ -1200,4 +1200,171 @@ mod tests {
         let s = format!("user=u dbname=app passfile={}", file.display());
         assert_eq!(password(&parse(&s, &e)), Some("frompass"));
     }
+
+    fn home_with(files: &[&str]) -> (tempfile::TempDir, FakeEnv) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(".postgresql")).unwrap();
+        for f in files {
+            std::fs::write(dir.path().join(".postgresql").join(f), "x").unwrap();
+        }
+        let mut e = env(&[]);
+        e.home = Some(dir.path().to_owned());
+        (dir, e)
+    }
+
+    #[test]
+    fn tls_settings_follow_libpq() {
+        let (_home, e) = home_with(&[]);
+        // The default: prefer, nothing to check the server against.
+        let p = parse("host=db", &e);
+        assert_eq!(p.sslmode(), SslMode::Prefer);
+        assert_eq!(p.tls().root_cert, RootCert::None);
+        assert!(!p.tls().verifies_chain());
+        assert_eq!(p.tls_host(), Some("db"));
+        // verify modes need a root certificate, named in the message.
+        for mode in ["verify-ca", "verify-full"] {
+            let err = ConnectParams::parse_with_env(&format!("host=db sslmode={mode}"), None, &e)
+                .unwrap_err();
+            assert!(matches!(err, ConnError::Tls(_)), "{err}");
+            assert!(err.to_string().contains("sslrootcert"), "{err}");
+            let err = ConnectParams::parse_with_env(
+                &format!("host=db sslmode={mode} sslrootcert=/nonexistent/ca.pem"),
+                None,
+                &e,
+            )
+            .unwrap_err();
+            assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+        }
+        // A missing root file is no error where nothing is verified.
+        let p = parse(
+            "host=db sslmode=require sslrootcert=/nonexistent/ca.pem",
+            &e,
+        );
+        assert_eq!(p.tls().root_cert, RootCert::None);
+
+        // With ~/.postgresql/root.crt present, require checks the chain (libpq's rule).
+        let (home, e) = home_with(&["root.crt"]);
+        let p = parse("host=db sslmode=require", &e);
+        let root = home.path().join(".postgresql/root.crt");
+        assert_eq!(p.tls().root_cert, RootCert::File(root));
+        assert!(p.tls().verifies_chain() && !p.tls().verifies_host());
+        let p = parse("host=db sslmode=verify-full", &e);
+        assert!(p.tls().verifies_chain() && p.tls().verifies_host());
+
+        // sslrootcert=system implies verify-full and refuses anything weaker.
+        let p = parse("host=db sslrootcert=system", &e);
+        assert_eq!(p.sslmode(), SslMode::VerifyFull);
+        assert_eq!(p.tls().root_cert, RootCert::System);
+        let err =
+            ConnectParams::parse_with_env("host=db sslrootcert=system sslmode=require", None, &e)
+                .unwrap_err();
+        assert!(err.to_string().contains("verify-full"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_come_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let cert = dir.path().join("client.crt");
+        let key = dir.path().join("client.key");
+        std::fs::write(&cert, "x").unwrap();
+        std::fs::write(&key, "x").unwrap();
+        let e = env(&[
+            ("PGSSLMODE", "verify-ca"),
+            ("PGSSLROOTCERT", ca.to_str().unwrap()),
+            ("PGSSLCERT", cert.to_str().unwrap()),
+            ("PGSSLKEY", key.to_str().unwrap()),
+            ("PGCHANNELBINDING", "require"),
+        ]);
+        let p = parse("postgres://u@db/app", &e);
+        assert_eq!(p.sslmode(), SslMode::VerifyCa);
+        assert_eq!(p.tls().root_cert, RootCert::File(ca));
+        assert_eq!(p.tls().client_cert, Some((cert.clone(), key)));
+        assert_eq!(p.tls().channel_binding, ChannelBindingMode::Require);
+        // The string wins over the environment.
+        let p = parse(
+            "postgres://u@db/app?sslmode=disable&channel_binding=prefer",
+            &e,
+        );
+        assert_eq!(p.sslmode(), SslMode::Disable);
+        // A certificate without a key is an error naming the certificate.
+        let e = env(&[("PGSSLCERT", cert.to_str().unwrap())]);
+        let err =
+            ConnectParams::parse_with_env("host=db sslkey=/nonexistent", None, &e).unwrap_err();
+        assert!(err.to_string().contains("client.crt"), "{err}");
+    }
+
+    #[test]
+    fn contradictions_and_weakening_features_are_refused() {
+        let e = env(&[]);
+        for bad in [
+            "sslmode=disable channel_binding=require",
+            "sslmode=prefer sslnegotiation=direct",
+            "ssl_max_protocol_version=TLSv1.1",
+            "ssl_min_protocol_version=TLSv1.3 ssl_max_protocol_version=TLSv1.2",
+            "require_auth=scram-sha-256",
+            "gssencmode=require",
+            "sslcrldir=/etc/crl",
+            "sslsni=2",
+            "channel_binding=always",
+        ] {
+            let err = ConnectParams::parse_with_env(bad, None, &e).unwrap_err();
+            assert_eq!(err.class(), ErrorClass::Config, "{bad}: {err}");
+        }
+        let p = parse("sslmode=require sslnegotiation=direct", &e);
+        assert_eq!(p.tls().negotiation, SslNegotiation::Direct);
+    }
+
+    #[test]
+    fn hostaddr_is_dialled_and_host_is_verified() {
+        let p = parse("host=db.example.com hostaddr=10.1.2.3", &env(&[]));
+        assert_eq!(p.host(), &Host::Tcp("10.1.2.3".into()));
+        assert_eq!(p.tls_host(), Some("db.example.com"));
+        let p = parse("hostaddr=10.1.2.3", &env(&[]));
+        assert_eq!(p.tls_host(), Some("10.1.2.3"));
+        let p = parse("host=/run/pg", &env(&[]));
+        assert_eq!(p.tls_host(), None);
+    }
+
+    #[test]
+    fn keepalives_default_to_walhook_values_and_follow_the_string() {
+        let p = parse("host=db", &env(&[]));
+        let k = p.keepalive();
+        assert!(k.enabled);
+        assert_eq!(k.idle, DEFAULT_KEEPALIVES_IDLE);
+        assert_eq!(k.interval, DEFAULT_KEEPALIVES_INTERVAL);
+        assert_eq!(k.count, DEFAULT_KEEPALIVES_COUNT);
+        assert_eq!(k.user_timeout, Some(DEFAULT_TCP_USER_TIMEOUT));
+        let p = parse(
+            "host=db keepalives=0 keepalives_idle=5 keepalives_interval=2 keepalives_count=7 tcp_user_timeout=0",
+            &env(&[]),
+        );
+        let k = p.keepalive();
+        assert!(!k.enabled);
+        assert_eq!(k.idle, Duration::from_secs(5));
+        assert_eq!(k.interval, Duration::from_secs(2));
+        assert_eq!(k.count, 7);
+        assert_eq!(k.user_timeout, None);
+        assert!(ConnectParams::parse_with_env("keepalives_idle=soon", None, &env(&[])).is_err());
+    }
+
+    #[test]
+    fn session_options_carry_the_timeouts_before_the_given_options() {
+        let p = parse("host=db options='-c work_mem=64MB'", &env(&[])).with_policy(ConnPolicy {
+            statement_timeout: Some(Duration::from_secs(300)),
+            lock_timeout: Some(Duration::from_millis(1500)),
+            ..ConnPolicy::default()
+        });
+        assert_eq!(
+            p.to_tokio_postgres().get_options(),
+            Some("-c jit=off -c statement_timeout=300000 -c lock_timeout=1500 -c work_mem=64MB")
+        );
+        let p = parse("host=db", &env(&[])).with_policy(ConnPolicy {
+            statement_timeout: None,
+            lock_timeout: None,
+            ..ConnPolicy::default()
+        });
+        assert_eq!(p.to_tokio_postgres().get_options(), Some("-c jit=off"));
+    }
 }

@@ -461,3 +461,73 @@ pub(crate) fn describe_handshake_error(
         None => (format!("TLS handshake failed: {e}"), false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn server_end_point_hashes_with_the_certificate_signature_hash() {
+        // rcgen signs with ECDSA P-256 / SHA-256 by default.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = cert.der().as_ref();
+        assert_eq!(
+            server_end_point(der),
+            Some(sha2::Sha256::digest(der).to_vec())
+        );
+        let p384 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db".to_owned()])
+            .unwrap()
+            .self_signed(&p384)
+            .unwrap();
+        let der = cert.der().as_ref();
+        assert_eq!(
+            server_end_point(der),
+            Some(sha2::Sha384::digest(der).to_vec())
+        );
+        // Ed25519 has no hash of its own: no channel binding, as in PostgreSQL.
+        let ed = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["db".to_owned()])
+            .unwrap()
+            .self_signed(&ed)
+            .unwrap();
+        assert_eq!(server_end_point(cert.der().as_ref()), None);
+        assert_eq!(server_end_point(b"not a certificate"), None);
+    }
+
+    #[test]
+    fn private_keys_must_be_private_and_unencrypted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("client.key");
+        let key = rcgen::KeyPair::generate().unwrap();
+        std::fs::write(&path, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let uid = nix::unistd::geteuid();
+        let err = read_key(&path).unwrap_err().to_string();
+        // root may leave a key group-readable (0640), not world-readable.
+        assert!(err.contains("chmod 0600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_key(&path).is_ok());
+        if uid.is_root() {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+            assert!(read_key(&path).is_ok());
+        }
+        std::fs::write(
+            &path,
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(
+            read_key(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("encrypted")
+        );
+    }
+}
