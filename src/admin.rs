@@ -57,6 +57,7 @@ pub struct Health {
     queue_reachable: AtomicBool,
     last_error: Mutex<Option<String>>,
     capture: Beat,
+    delivery: Beat,
 }
 
 impl Default for Health {
@@ -66,6 +67,7 @@ impl Default for Health {
             queue_reachable: AtomicBool::new(false),
             last_error: Mutex::new(None),
             capture: Beat::new("capture"),
+            delivery: Beat::new("delivery"),
         }
     }
 }
@@ -81,9 +83,18 @@ impl Health {
         self.capture.clone()
     }
 
+    /// The sign of life of delivery: stamped each time a claim loop goes round.
+    pub fn delivery_beat(&self) -> Beat {
+        self.delivery.clone()
+    }
+
     /// Why the daemon is stuck, when it is: fed to the systemd watchdog.
     pub fn stalled(&self) -> Option<String> {
-        self.capture.stall_message()
+        let stalls: Vec<String> = [&self.capture, &self.delivery]
+            .iter()
+            .filter_map(|b| b.stall_message())
+            .collect();
+        (!stalls.is_empty()).then(|| stalls.join("; "))
     }
 
     /// Whether the replication stream is streaming.

@@ -54,6 +54,12 @@ impl Beat {
         self.inner.armed.store(true, Ordering::Relaxed);
     }
 
+    /// Arms the beat until the returned guard is dropped.
+    pub fn armed(&self, limit: Duration) -> Armed {
+        self.arm(limit);
+        Armed(self.clone())
+    }
+
     /// Silence is expected (between sessions, while waiting by design).
     pub fn disarm(&self) {
         self.inner.armed.store(false, Ordering::Relaxed);
@@ -79,6 +85,16 @@ impl Beat {
                 d.as_secs()
             )
         })
+    }
+}
+
+/// Disarms its beat when dropped; see [`Beat::armed`].
+#[derive(Debug)]
+pub struct Armed(Beat);
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        self.0.disarm();
     }
 }
 

@@ -138,6 +138,10 @@ impl Observe {
 }
 
 impl DeliveryObserver for Observe {
+    fn alive(&self) {
+        self.health.delivery_beat().stamp();
+    }
+
     fn attempted(&self, r: &AttemptReport<'_>) {
         use crate::metrics::{AttemptOutcome, NotificationStatus};
         let comment = r.comment.unwrap_or_default();
@@ -561,6 +565,7 @@ async fn delivery_loop(
             return Ok(());
         }
         let this_round = shutdown.child_token();
+        let _armed = observe.health.delivery_beat().armed(DELIVERY_STALL);
         let dispatcher = crate::delivery::dispatcher::run_observed(
             params.clone(),
             config.listeners.clone(),
@@ -588,6 +593,10 @@ async fn delivery_loop(
         }
     }
 }
+
+/// A claim loop goes round at least every poll interval, or within the statement timeout
+/// of its claim: silence much longer than that is a stuck dispatcher.
+const DELIVERY_STALL: Duration = Duration::from_secs(120);
 
 /// The dispatcher needs the queue schema, which the capture session may not have migrated
 /// yet; migrations are idempotent and serialized by an advisory lock.

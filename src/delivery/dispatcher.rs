@@ -147,6 +147,7 @@ pub async fn run_observed(
     let shared = Arc::new(Shared {
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
+        observer: observer.clone(),
     });
     let lanes: Arc<[Arc<Lane>]> = lanes.into();
     let wake_all: OnNewNotifications = {
@@ -274,6 +275,8 @@ async fn release_dead_local_leases(link: &Link, host: &str) {
 struct Shared {
     stop: CancellationToken,
     fatal: Mutex<Option<DispatchError>>,
+    /// Told that claim loops go round, for the watchdog.
+    observer: Option<Arc<dyn DeliveryObserver>>,
 }
 
 impl Shared {
@@ -556,6 +559,9 @@ async fn claim_loop(
 ) {
     let mut backoff = RECONNECT_INITIAL;
     while !shared.stop.is_cancelled() {
+        if let Some(o) = &shared.observer {
+            o.alive();
+        }
         let room = lane.room();
         if room > 0 {
             {
