@@ -501,3 +501,70 @@ async fn answering_keepalives_keeps_the_stream_alive_and_shutdown_is_transient()
     let cluster = stopper.await.unwrap();
     drop(cluster);
 }
+
+/// A fake server that asks for SCRAM-SHA-256, answers the client's first message properly,
+/// then reports success without the server signature that proves it knows the password
+/// (what an impostor that captured the connection would do).
+async fn impostor_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+    async fn read_msg(s: &mut tokio::net::TcpStream, tagged: bool) -> Vec<u8> {
+        if tagged {
+            s.read_u8().await.unwrap();
+        }
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        body
+    }
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                read_msg(&mut s, false).await; // startup
+                let mut sasl = 10i32.to_be_bytes().to_vec();
+                sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
+                s.write_all(&msg(b'R', &sasl)).await.unwrap();
+                let initial = read_msg(&mut s, true).await;
+                let text = String::from_utf8_lossy(&initial).into_owned();
+                let nonce = text.split("r=").nth(1).unwrap_or_default().to_owned();
+                let mut cont = 11i32.to_be_bytes().to_vec();
+                cont.extend_from_slice(format!("r={nonce}srv,s=c2FsdHNhbHQ=,i=4096").as_bytes());
+                s.write_all(&msg(b'R', &cont)).await.unwrap();
+                read_msg(&mut s, true).await; // client final, with its proof
+                let mut out = msg(b'R', &0i32.to_be_bytes());
+                out.extend(msg(b'Z', b"I"));
+                let _ = s.write_all(&out).await;
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn success_before_the_scram_server_signature_is_refused() {
+    let port = impostor_server().await;
+    let params = ConnectParams::parse(
+        &format!("host=127.0.0.1 port={port} user=walrep dbname=app sslmode=disable passfile=/nonexistent"),
+        Some("secret"),
+    )
+    .unwrap();
+    let e = connect_err(&params).await;
+    assert!(matches!(e, ReplicationError::Scram { .. }), "{e}");
+    assert!(e.to_string().contains("without proving"), "{e}");
+    assert_eq!(e.class(), ErrorClass::Config);
+    // tokio-postgres refuses it as well.
+    let e = walhook::db::connect(&params).await.unwrap_err();
+    assert!(e.to_string().contains("unexpected message"), "{e}");
+}
