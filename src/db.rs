@@ -88,6 +88,15 @@ impl DbError {
     }
 }
 
+/// [`connect`] for the daemon's loops, with their error type.
+pub(crate) async fn connect_ordinary(
+    params: &ConnectParams,
+) -> Result<tokio_postgres::Client, crate::error::ServiceError> {
+    connect(params)
+        .await
+        .map_err(crate::error::ServiceError::from_err)
+}
+
 /// Opens an ordinary connection and drives it in a background task.
 pub async fn connect(params: &ConnectParams) -> Result<tokio_postgres::Client, DbError> {
     let (client, conn, _) = connect_raw(params).await?;

@@ -9,8 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::Secret;
 use crate::error::{Classify, ErrorClass};
+use crate::secret::Secret;
 
 use super::connstr::{parse_key_value, parse_url, pgpass_lookup};
 
