@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio::sync::watch;
 use tokio_postgres::types::{Json, PgLsn};
 use tokio_postgres::{Client, GenericClient, Transaction};
 use tokio_util::sync::CancellationToken;
@@ -633,18 +632,14 @@ pub async fn flush_due(client: &mut Client) -> Result<Option<Flushed>, QueueErro
 const FLUSH_POLL: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// Flushes due windows until `stop`. With `debounced` false (no listener debounces now) it
-/// ends once no window is left.
-pub async fn run(
-    db: watch::Receiver<tokio_postgres::Config>,
-    debounced: bool,
-    stop: CancellationToken,
-) {
+/// Flushes due windows until `stop`, on its own connection to `source`. With `debounced`
+/// false (no listener debounces now) it ends once no window is left.
+pub(crate) async fn run(source: crate::db::Source, debounced: bool, stop: CancellationToken) {
     let mut client: Option<Client> = None;
     let mut backoff = Duration::from_millis(100);
     let mut down = false;
     while !stop.is_cancelled() {
-        let wait = match flush_once(&db, &mut client).await {
+        let wait = match flush_once(&source, &mut client).await {
             Ok(Some(f)) => {
                 backoff = Duration::from_millis(100);
                 if down {
@@ -680,32 +675,20 @@ pub async fn run(
 }
 
 async fn flush_once(
-    db: &watch::Receiver<tokio_postgres::Config>,
+    source: &crate::db::Source,
     client: &mut Option<Client>,
-) -> Result<Option<Flushed>, QueueError> {
+) -> Result<Option<Flushed>, String> {
     if client.as_ref().is_none_or(Client::is_closed) {
-        let mut config = db.borrow().clone();
-        if config.get_application_name().is_none() {
-            config.application_name("walhook debounce");
-        }
-        let (c, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(db_error("connecting to the queue database", None))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        *client = Some(c);
+        *client = Some(source.connect().await.map_err(|e| e.message)?);
     }
     let Some(c) = client.as_mut() else {
         return Ok(None);
     };
-    let result = tokio::time::timeout(Duration::from_secs(30), flush_due(c)).await;
-    match result {
-        Ok(r) => r,
+    match tokio::time::timeout(Duration::from_secs(30), flush_due(c)).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => {
             *client = None;
-            Ok(None)
+            Err("no answer from the queue database within 30s".to_owned())
         }
     }
 }
