@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod queue;
 pub mod replication;
+pub mod schedule;
 mod secret;
 pub mod service;
 pub mod setup;

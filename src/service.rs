@@ -278,7 +278,9 @@ pub async fn run_with_reload(
         r
     };
     let retention = retention_loop(&config, &source, &stop);
-    let (captured, delivered, (), ()) = tokio::join!(capture, delivery, retention, gauges);
+    let schedules = crate::schedule::run(config_rx.clone(), source.clone(), stop.clone());
+    let (captured, delivered, (), (), ()) =
+        tokio::join!(capture, delivery, retention, gauges, schedules);
     let confirmed = captured?;
     delivered?;
     match confirmed {

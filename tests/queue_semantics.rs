@@ -369,3 +369,42 @@ async fn a_debounced_listener_gets_one_coalesced_notification_per_window_and_ent
         1
     );
 }
+
+#[tokio::test]
+async fn a_schedule_period_is_claimed_once_and_a_new_schedule_starts_at_its_next_period() {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    use walhook::queue::schedule::{Claim, claim, finish, last_runs};
+    let (db, client) = migrated().await;
+    let other = db.client().await;
+    let p = |s: u64| UNIX_EPOCH + Duration::from_secs(1_800_000_000 + s);
+    assert_eq!(
+        claim(&client, "digest", p(0)).await.unwrap(),
+        Claim::FirstSeen
+    );
+    assert_eq!(claim(&other, "digest", p(0)).await.unwrap(), Claim::Taken);
+    // After downtime the process claims only the current period: once, whoever asks.
+    let Claim::Run(id) = claim(&other, "digest", p(7200)).await.unwrap() else {
+        panic!("the period should be this process's to run");
+    };
+    assert_eq!(
+        claim(&client, "digest", p(7200)).await.unwrap(),
+        Claim::Taken
+    );
+    finish(&other, id, Some(3), 12, None).await.unwrap();
+    let Claim::Run(failed) = claim(&client, "digest", p(10800)).await.unwrap() else {
+        panic!("next period");
+    };
+    finish(&client, failed, None, 5, Some("query failed: boom"))
+        .await
+        .unwrap();
+    let runs = last_runs(&client).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].period, p(10800));
+    assert_eq!(runs[0].error.as_deref(), Some("query failed: boom"));
+    assert!(
+        runs[0]
+            .finished_at
+            .is_some_and(|t| t <= SystemTime::now() + Duration::from_secs(60))
+    );
+    assert_eq!(runs[0].last_error, None);
+}

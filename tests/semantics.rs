@@ -408,3 +408,117 @@ async fn a_child_row_change_reaches_the_parents_listener_as_customer_updated_nam
         serde_json::Value::Null
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schedules_queue_their_rows_each_period_once_across_processes_and_report_failures() {
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, name text, renew boolean);
+         INSERT INTO customer SELECT i, 'c' || i, i <= 3 FROM generate_series(1, 10) i;",
+    )
+    .await;
+    let reminders = Receiver::start().await;
+    let mut toml = config(
+        &db,
+        "",
+        &listener(
+            "reminders",
+            &reminders.url("/r"),
+            "actions = [\"Reminder\"]",
+        ),
+    );
+    toml.push_str(
+        r#"
+[[schedule]]
+name = "renewals"
+entity = "Customer"
+action = "Reminder"
+every = "2s"
+query = "SELECT id, name FROM customer WHERE renew"
+
+[[schedule]]
+name = "broken"
+entity = "Customer"
+action = "Reminder"
+every = "2s"
+query = "SELECT id FROM no_such_table"
+"#,
+    );
+    // Two processes share the queue (the second stands by for the slot).
+    let first = Daemon::start(&toml);
+    let second = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    reminders
+        .wait_for_count(9, DELIVERY_WAIT, "three runs of three rows")
+        .await;
+    let mut first = first;
+    let mut second = second;
+    first.terminate();
+    second.terminate();
+    wait_queue_drained(&c).await;
+
+    let runs: Vec<(String, Option<i64>, Option<String>)> = c
+        .query(
+            "SELECT schedule, rows, error FROM walhook.schedule_run WHERE NOT skipped ORDER BY period",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let good: Vec<&Option<i64>> = runs
+        .iter()
+        .filter(|(s, ..)| s == "renewals")
+        .map(|(_, n, _)| n)
+        .collect();
+    assert!(good.len() >= 3, "{runs:?}");
+    assert!(good.iter().all(|n| **n == Some(3)), "{runs:?}");
+    // Every run's rows were delivered once: no period ran twice.
+    let got = reminders.requests();
+    assert_eq!(got.len(), 3 * good.len(), "{runs:?}");
+    let ids: std::collections::HashSet<String> = got
+        .iter()
+        .map(|r| r.json()["id"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(ids.len(), got.len());
+    let ev = got[0].json();
+    assert_eq!(ev["type"], "Customer.Reminder");
+    assert!(
+        ev["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("/schedule.renewals"),
+        "{ev}"
+    );
+    assert!(["1", "2", "3"].contains(&ev["entityid"].as_str().unwrap()));
+    assert_eq!(
+        ev["data"]["row"]["name"],
+        format!("c{}", ev["entityid"].as_str().unwrap())
+    );
+    // The broken schedule failed each period without stopping anything.
+    let broken: Vec<&Option<String>> = runs
+        .iter()
+        .filter(|(s, ..)| s == "broken")
+        .map(|(.., e)| e)
+        .collect();
+    assert!(!broken.is_empty());
+    assert!(
+        broken
+            .iter()
+            .all(|e| e.as_deref().is_some_and(|e| e.contains("no_such_table"))),
+        "{broken:?}"
+    );
+    let (dir, path) = support::write_config(&toml);
+    let (code, out, err) = support::walhook(&["status", "--config", path.to_str().unwrap()]);
+    drop(dir);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("renewals: last run"), "{out}");
+    assert!(out.contains("3 event(s)"), "{out}");
+    assert!(
+        out.contains("broken: last run")
+            && out.contains("FAILED: query failed: relation \"no_such_table\" does not exist"),
+        "{out}"
+    );
+}

@@ -31,6 +31,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
         derived: vec![],
         row_filter: None,
         children: vec![],
+        scheduled_actions: vec![],
     }
 }
 
@@ -64,6 +65,7 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
         admin: None,
         listeners: vec![],
         monitors: vec![],
+        schedules: vec![],
     }
 }
 

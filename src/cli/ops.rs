@@ -106,15 +106,18 @@ pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let report = status(&client, &names, &config.source.slot).await?;
     let refusal = guard_refusal(&config, &client).await;
+    let schedules = crate::queue::schedule::last_runs(&client).await?;
     if args.json {
         let mut doc = status_json(&report);
         doc["refused"] = json!(refusal);
+        doc["schedules"] = schedules_json(&schedules);
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         if let Some(why) = &refusal {
             println!("REFUSING TO RUN: {why}\n");
         }
         print!("{}", render_status(&report));
+        print!("{}", render_schedules(report.now, &config, &schedules));
     }
     // A report, not a check: failures in the queue are data, not an error of this command.
     Ok(0)
@@ -229,6 +232,72 @@ pub(crate) fn human_bytes(n: i64) -> String {
     } else {
         format!("{v:.0} {unit}")
     }
+}
+
+/// The last run of each configured schedule (and of schedules no longer configured).
+fn render_schedules(
+    now: SystemTime,
+    config: &Config,
+    runs: &[crate::queue::schedule::ScheduleRun],
+) -> String {
+    use std::fmt::Write as _;
+    if config.schedules.is_empty() && runs.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nschedules:\n");
+    let mut names: Vec<&str> = config.schedules.iter().map(|s| s.name.as_str()).collect();
+    for r in runs {
+        if !names.contains(&r.schedule.as_str()) {
+            names.push(&r.schedule);
+        }
+    }
+    for name in names {
+        let line = match runs.iter().find(|r| r.schedule == name) {
+            None => "not run yet".to_owned(),
+            Some(r) if r.skipped => format!(
+                "new since {}; first run at its next period",
+                ago(now, r.started_at)
+            ),
+            Some(r) => {
+                let when = format!("last run {} ({})", time(r.period), ago(now, r.started_at));
+                let how = match (&r.error, r.rows, r.finished_at) {
+                    (Some(e), ..) => format!("FAILED: {}", cell(e)),
+                    (None, Some(n), _) => {
+                        format!("{n} event(s) in {} ms", r.duration_ms.unwrap_or(0))
+                    }
+                    (None, None, None) => "running (or stopped while running)".to_owned(),
+                    (None, None, Some(_)) => "ended".to_owned(),
+                };
+                match &r.last_error {
+                    Some((at, e)) => {
+                        format!("{when}: {how}; last failure {}: {}", time(*at), cell(e))
+                    }
+                    None => format!("{when}: {how}"),
+                }
+            }
+        };
+        let _ = writeln!(out, "  {name}: {line}");
+    }
+    out
+}
+
+fn schedules_json(runs: &[crate::queue::schedule::ScheduleRun]) -> Value {
+    Value::Array(
+        runs.iter()
+            .map(|r| {
+                json!({
+                    "name": r.schedule,
+                    "period": time(r.period),
+                    "started_at": time(r.started_at),
+                    "finished_at": r.finished_at.map(time),
+                    "rows": r.rows,
+                    "duration_ms": r.duration_ms,
+                    "error": r.error,
+                    "skipped": r.skipped,
+                })
+            })
+            .collect(),
+    )
 }
 
 fn time(t: SystemTime) -> String {

@@ -172,9 +172,10 @@ impl Checker<'_> {
             .iter()
             .filter(|e| chosen.is_none_or(|c| c.contains(&e.name)))
         {
-            for d in &e.derived {
-                if !derived_names.contains(&d.name.as_str()) {
-                    derived_names.push(&d.name);
+            let named = e.derived.iter().map(|d| d.name.as_str());
+            for name in named.chain(e.scheduled_actions.iter().map(String::as_str)) {
+                if !derived_names.contains(&name) {
+                    derived_names.push(name);
                 }
             }
         }

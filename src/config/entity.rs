@@ -35,6 +35,8 @@ pub struct EntityConfig {
     pub row_filter: Option<String>,
     /// `[[entity.child]]`: child tables whose changes are reported on the entity.
     pub children: Vec<ChildTable>,
+    /// The actions `[[schedule]]`s send about the entity (listeners subscribe to them).
+    pub scheduled_actions: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -398,6 +400,7 @@ impl Checker<'_> {
                     derived,
                     row_filter,
                     children,
+                    scheduled_actions: Vec::new(),
                 });
             }
         }

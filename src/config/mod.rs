@@ -14,6 +14,7 @@ mod monitor;
 mod position;
 mod queue;
 mod row_filter;
+mod schedule;
 mod smtp;
 mod source;
 mod units;
@@ -35,6 +36,7 @@ pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerForma
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::queue::QueueConfig;
 pub use self::row_filter::expression_identifiers;
+pub use self::schedule::{ScheduleConfig, ScheduleWhen};
 pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};
 pub use self::source::SourceConfig;
 pub use self::units::{parse_duration, parse_rate_limit, parse_size};
@@ -70,6 +72,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// `[[monitor]]`: who is told when something goes wrong, in file order.
     pub monitors: Vec<MonitorConfig>,
+    /// `[[schedule]]`: notifications sent on a schedule, in file order.
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 /// Why the configuration could not be loaded. Its `Display` is the complete message:
@@ -172,6 +176,8 @@ struct RawConfig {
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     monitor: Vec<Spanned<RawMonitor>>,
+    #[serde(default)]
+    schedule: Vec<Spanned<self::schedule::RawSchedule>>,
 }
 
 impl Checker<'_> {
@@ -179,7 +185,16 @@ impl Checker<'_> {
         let source = self.source(raw.source.as_ref());
         let queue = self.queue(raw.queue.as_ref());
         let admin = raw.admin.as_ref().map(|a| self.admin(a));
-        let entities = self.entities(&raw.entity);
+        let mut entities = self.entities(&raw.entity);
+        let schedules = self.schedules(&raw.schedule, &entities);
+        // Listeners subscribe to scheduled actions like to derived ones.
+        for s in &schedules {
+            if let Some(e) = entities.iter_mut().find(|e| e.name == s.entity)
+                && !e.scheduled_actions.contains(&s.action)
+            {
+                e.scheduled_actions.push(s.action.clone());
+            }
+        }
         let listeners = self.listeners(&raw.listener, &entities);
         let monitors = self.monitors(&raw.monitor);
         Config {
@@ -190,6 +205,7 @@ impl Checker<'_> {
             admin,
             listeners,
             monitors,
+            schedules,
         }
     }
 }

@@ -44,6 +44,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_debounce.sql",
         sql: include_str!("../../sql/0005_debounce.sql"),
     },
+    Migration {
+        version: 6,
+        name: "0006_schedule.sql",
+        sql: include_str!("../../sql/0006_schedule.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

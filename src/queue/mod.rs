@@ -13,6 +13,7 @@ mod model;
 mod notifications;
 mod rejected;
 mod route;
+pub mod schedule;
 mod state;
 mod writer;
 

@@ -53,6 +53,7 @@ fn entity() -> EntityConfig {
         derived: vec![],
         row_filter: None,
         children: vec![],
+        scheduled_actions: vec![],
     }
 }
 
