@@ -8,6 +8,7 @@
 
 mod children;
 mod row_filter;
+mod synchronous;
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -375,6 +376,8 @@ struct Facts {
     row_filters: Vec<row_filter::FilterFacts>,
     /// One per `[[entity.child]]`, entity by entity; `None` when the table does not exist.
     child_tables: Vec<Option<TableFacts>>,
+    /// Synchronous replication settings.
+    synchronous: synchronous::SyncFacts,
 }
 
 impl Facts {
@@ -561,6 +564,7 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
     let publication = publication_facts(client, &config.source.publication).await?;
     let row_filters = row_filter::gather(client, config, server.version_num).await?;
     let child_tables = children::gather(client, config).await?;
+    let synchronous = synchronous::gather(client).await?;
 
     let slot = match client
         .query_opt(SQL_SLOT, &[&config.source.slot])
@@ -612,6 +616,7 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
         gap_accepted,
         row_filters,
         child_tables,
+        synchronous,
     })
 }
 
@@ -842,6 +847,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
 
     publication_items(&mut items, facts, config);
     row_filter::items(&mut items, facts, config);
+    items.extend(synchronous::item(facts, config));
     items.push(slot_item(facts, config));
     items.push(queue_item(&facts.queue));
     items

@@ -522,3 +522,86 @@ query = "SELECT id FROM no_such_table"
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_synchronous_mode_a_commit_waits_until_its_event_is_in_the_queue() {
+    let db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text)")
+        .await;
+    let toml = config(&db, "", "").replace(
+        "status_interval = \"1s\"",
+        "status_interval = \"1s\"\nsynchronous = true",
+    );
+    // Without the server setting, synchronous mode refuses to start (exit 78).
+    let mut refused = Daemon::start(&toml);
+    let status = refused.child.wait().unwrap();
+    assert_eq!(status.code(), Some(78), "{}", refused.log());
+    assert!(
+        refused.log().contains("synchronous_standby_names"),
+        "{}",
+        refused.log()
+    );
+    // ALTER SYSTEM runs outside a transaction block: one statement per call.
+    db.execute("ALTER SYSTEM SET synchronous_standby_names = 'walhook'")
+        .await;
+    db.execute("SELECT pg_reload_conf()").await;
+
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    // The COMMIT returns once walhook has the event in the queue: no waiting needed.
+    c.batch_execute("INSERT INTO customer VALUES (1, 'Ada')")
+        .await
+        .unwrap();
+    let queued: i64 = c
+        .query_one(
+            "SELECT count(*) FROM walhook.event WHERE entity_id = '1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 1);
+
+    // With walhook stopped, a COMMIT waits (here until its statement timeout would end it).
+    daemon.terminate();
+    let writer = db.client().await;
+    let insert = tokio::spawn(async move {
+        writer
+            .batch_execute("SET statement_timeout = '120s'; INSERT INTO customer VALUES (2, 'Bob')")
+            .await
+    });
+    support::eventually(
+        Duration::from_secs(30),
+        "a COMMIT waiting for walhook",
+        || async {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    assert!(!insert.is_finished());
+    // Once walhook runs again, the COMMIT completes and its event is in the queue.
+    let _daemon = Daemon::start(&toml);
+    tokio::time::timeout(Duration::from_secs(60), insert)
+        .await
+        .expect("the COMMIT completes once walhook runs")
+        .unwrap()
+        .unwrap();
+    let queued: i64 = c
+        .query_one(
+            "SELECT count(*) FROM walhook.event WHERE entity_id = '2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 1);
+}

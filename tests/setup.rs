@@ -53,6 +53,7 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
             receive_timeout: Duration::from_secs(60),
             statement_timeout: None,
             lock_timeout: None,
+            synchronous: false,
         },
         queue: QueueConfig {
             retention: Duration::from_secs(7 * 86400),

@@ -130,8 +130,11 @@ impl Reader {
                         // The writer stopped: its error is reported by the session.
                         return stopped;
                     }
-                    // Confirm promptly but not per batch: at most once a second.
-                    if self.last_status.elapsed() >= Duration::from_secs(1) {
+                    // Confirm promptly but not per batch: at most once a second; at once
+                    // when writers' COMMITs wait for it (synchronous mode).
+                    if self.config.source.synchronous
+                        || self.last_status.elapsed() >= Duration::from_secs(1)
+                    {
                         self.send_status(false).await?;
                     }
                 }
