@@ -31,7 +31,7 @@ fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
     let with = |mode: &str| {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n")
     };
-    let format = |text: &str| parse(text).unwrap().listeners[0].format;
+    let format = |text: &str| parse(text).unwrap().listeners[0].format.clone();
     assert_eq!(
         format(&with("")),
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)
@@ -103,7 +103,8 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(
         c.admin,
         Some(AdminConfig {
-            listen: "127.0.0.1:8187".parse().unwrap()
+            listen: "127.0.0.1:8187".parse().unwrap(),
+            public_url: None,
         })
     );
     assert_eq!(c.entities.len(), 2);

@@ -437,7 +437,7 @@ impl Lane {
         source_system: &str,
         lease_extra: Duration,
     ) -> Result<Lane, DispatchError> {
-        let format = Format::for_listener(&config.format, source_system);
+        let format = Format::for_listener(&config, source_system);
         let sink = Sink::for_listener(&config)?;
         let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
