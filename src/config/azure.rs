@@ -165,7 +165,17 @@ impl Checker<'_> {
                     "add aeg_sas_key = \"${EVENTGRID_KEY}\" or aeg_sas_key_file = \"%d/eventgrid-key\"",
                 );
             }
-            EventGridDelivery::Topic { key: secret? }
+            let secret = secret?;
+            if !secret.expose().bytes().all(|b| (b' '..=b'~').contains(&b)) {
+                let v = l.aeg_sas_key.as_ref().or(l.aeg_sas_key_file.as_ref());
+                self.report(
+                    v.map_or(at, |v| v.span().start),
+                    &key_name,
+                    "the key contains a character an HTTP header cannot carry",
+                    "copy the key again from the topic's Access keys (visible ASCII only)",
+                );
+            }
+            EventGridDelivery::Topic { key: secret }
         } else {
             if let Some(v) = l.aeg_sas_key.as_ref().or(l.aeg_sas_key_file.as_ref()) {
                 self.report(
