@@ -37,8 +37,9 @@ use super::format::{Format, Message};
 use super::lease::{LeaseBook, LeaseTimes};
 use super::policy::{Outcome, next_attempt_delay};
 use super::sink::{Sink, SinkError};
+use super::validation::Handshake;
 use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
-use crate::config::{ListenerConfig, RateLimit};
+use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
     Completions, DeliveredRow, FailedAttemptRow, Notification, NotificationStore,
@@ -219,6 +220,7 @@ pub async fn run_with(
             }
         })
     };
+    let validation_db = db.clone();
     let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
     let record_link = Arc::new(Link::new("recording", db, &owner, None));
 
@@ -242,6 +244,13 @@ pub async fn run_with(
         done_rx,
     ));
     let mut tasks = JoinSet::new();
+    for lane in lanes.iter().filter(|l| l.validated.is_some()) {
+        tasks.spawn(validate(
+            lane.clone(),
+            validation_db.clone(),
+            shared.clone(),
+        ));
+    }
     for lane in lanes.iter() {
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         tasks.spawn(claim_loop(
@@ -428,6 +437,9 @@ struct Lane {
     next_due: Mutex<Option<Instant>>,
     /// Whether the last recorded attempt failed (logged on change; shrinks prefetch).
     failing: AtomicBool,
+    /// For listeners that must be validated first (Event Grid webhooks): true once they are;
+    /// nothing is claimed before.
+    validated: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Lane {
@@ -448,7 +460,16 @@ impl Lane {
             target = target.min(rate_limited_prefetch(rate));
         }
         let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
+        let validated = match &config.format {
+            ListenerFormat::EventGrid(c)
+                if matches!(c.delivery, EventGridDelivery::Webhook { .. }) =>
+            {
+                Some(tokio::sync::watch::Sender::new(false))
+            }
+            _ => None,
+        };
         Ok(Lane {
+            validated,
             index,
             format,
             sink,
@@ -616,7 +637,37 @@ where
     }
 }
 
-/// Claims due notifications for one listener until stop.
+/// Runs the validation handshake of a listener that needs one (an Event Grid webhook),
+/// which opens its claimer's gate.
+async fn validate(
+    lane: Arc<Lane>,
+    db: tokio::sync::watch::Receiver<tokio_postgres::Config>,
+    shared: Arc<Shared>,
+) {
+    let (Some(validated), Format::EventGrid(format), Some(sink), ListenerFormat::EventGrid(config)) = (
+        &lane.validated,
+        &lane.format,
+        lane.sink.as_http(),
+        &lane.config.format,
+    ) else {
+        return;
+    };
+    let EventGridDelivery::Webhook { validation_url } = &config.delivery else {
+        return;
+    };
+    let handshake = Handshake {
+        listener: &lane.config,
+        format,
+        sink,
+        validation_url,
+    };
+    if let Err(e) = handshake.run(&db, validated, &shared.stop).await {
+        shared.fail(e.into());
+    }
+}
+
+/// Claims due notifications for one listener until stop (after its validation, if it
+/// needs one).
 async fn claim_loop(
     lane: Arc<Lane>,
     link: Arc<Link>,
@@ -624,6 +675,13 @@ async fn claim_loop(
     claimed: mpsc::UnboundedSender<Claimed>,
     done: mpsc::UnboundedSender<Done>,
 ) {
+    if let Some(validated) = &lane.validated {
+        let mut open = validated.subscribe();
+        tokio::select! {
+            _ = open.wait_for(|v| *v) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
     let mut backoff = RECONNECT_INITIAL;
     let mut claims: u64 = 0;
     while !shared.stop.is_cancelled() {
