@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use serde_spanned::Spanned;
 use url::Url;
 
@@ -11,7 +12,7 @@ use super::admin::AdminConfig;
 use super::check::Checker;
 use super::entity::EntityConfig;
 use super::event_types::{EventType, EventTypes};
-use super::listener::RawListener;
+use super::listener::{ListenerFormat, RawListener};
 use crate::secret::Secret;
 use crate::types::{Action, EntityName};
 
@@ -358,6 +359,33 @@ impl Checker<'_> {
         }
     }
 
+    /// Reports a configured header the format sends itself (`Authorization` for Service
+    /// Bus, `aeg-sas-key` for an Event Grid topic): it would be replaced.
+    pub(super) fn azure_headers(
+        &mut self,
+        format: &ListenerFormat,
+        headers: &[(HeaderName, HeaderValue)],
+        section: &str,
+        at: usize,
+    ) {
+        let (name, what) = match format {
+            ListenerFormat::ServiceBus(_) => ("authorization", "the SharedAccessSignature token"),
+            ListenerFormat::EventGrid(EventGridConfig {
+                delivery: EventGridDelivery::Topic { .. },
+                ..
+            }) => ("aeg-sas-key", "aeg_sas_key"),
+            _ => return,
+        };
+        if headers.iter().any(|(h, _)| h.as_str() == name) {
+            self.report(
+                at,
+                &format!("{section}.headers"),
+                &format!("header {name:?} carries {what}, which walhook sends itself"),
+                &format!("remove {name:?} from headers / header_files"),
+            );
+        }
+    }
+
     /// Reports keys set for a format other than the listener's.
     pub(super) fn keys_of_other_formats(
         &mut self,
@@ -406,8 +434,8 @@ pub(super) fn at<T>(v: &Option<Spanned<T>>) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors, parse};
-    use crate::config::{Config, ListenerFormat};
 
     #[test]
     fn topic_templates_take_entity_in_lower_case_and_refuse_what_service_bus_refuses() {
@@ -588,6 +616,16 @@ mod tests {
         );
         assert!(parse(&format!("{text}event_types = {{ truncated = 3 }}\n")).is_ok());
         assert!(parse(&format!("{text}actions = [\"created\"]\n")).is_ok());
+    }
+
+    #[test]
+    fn headers_the_azure_formats_send_themselves_are_refused() {
+        let lines = errors(&servicebus(
+            "sas_key_name = \"send\"\nsas_key = \"a2V5\"\nheaders = { \"Authorization\" = \"Bearer x\" }\n",
+        ));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].contains("listener[0].headers: header \"authorization\" carries the SharedAccessSignature token, which walhook sends itself"), "{lines:?}");
+        assert!(!lines[0].contains("Bearer x"));
     }
 
     #[test]

@@ -233,6 +233,14 @@ impl Checker<'_> {
                 }
             };
 
+            if let Some(format) = &format {
+                self.azure_headers(
+                    format,
+                    &headers,
+                    &section,
+                    start_of(&l.format).unwrap_or(at),
+                );
+            }
             if let (Some(name), Some(url), Some(format)) = (name, url, format) {
                 listeners.push(ListenerConfig {
                     name,
