@@ -65,7 +65,7 @@ impl Handshake<'_> {
     /// (a missing table or privilege).
     pub(crate) async fn run(
         &self,
-        db: &watch::Receiver<tokio_postgres::Config>,
+        db: &Source,
         validated: &watch::Sender<bool>,
         stop: &CancellationToken,
     ) -> Result<(), QueueError> {
@@ -78,10 +78,7 @@ impl Handshake<'_> {
             let pass = async {
                 let c = match client.take() {
                     Some(c) if !c.is_closed() => c,
-                    _ => {
-                        let config = db.borrow().clone();
-                        connect_validation(&config).await?
-                    }
+                    _ => connect_validation(&db.current()).await?,
                 };
                 let pass = self.pass(&c, &fingerprint, stop).await;
                 client = Some(c);

@@ -127,15 +127,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Opens a connection for validation bookkeeping (a handshake is rare and short).
-pub async fn connect_validation(config: &tokio_postgres::Config) -> Result<Client, QueueError> {
-    let (client, connection) = config
-        .connect(tokio_postgres::NoTls)
+pub async fn connect_validation(
+    params: &crate::replication::conn::ConnectParams,
+) -> Result<Client, QueueError> {
+    crate::db::connect(params)
         .await
-        .map_err(db_error("connecting to the queue database", None))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+        .map_err(QueueError::connect)
 }
 
 fn row_to_validation(row: &tokio_postgres::Row) -> Result<Validation, QueueError> {
