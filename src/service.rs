@@ -240,14 +240,16 @@ pub async fn run_with_reload(
         let app = crate::admin::router(AdminState {
             metrics: observe.metrics.clone(),
             health: observe.health.clone(),
-        });
+        })
+        // Event Grid's validationUrl: listeners GET it to prove they want the events.
+        .merge(crate::delivery::validation::router(source.clone()));
         tokio::spawn(crate::admin::serve_retrying(
             admin.listen,
             app,
             crate::admin::BIND_RETRY,
             stop.clone(),
         ));
-        info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
+        info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz /eventgrid/validate");
     }
     let health = observe.health.clone();
     let _notifier = crate::systemd::spawn_from_env(

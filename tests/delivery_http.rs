@@ -53,6 +53,7 @@ fn listener(url: String) -> ListenerConfig {
         concurrency: 16,
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
+        event_types: Default::default(),
     }
 }
 
@@ -88,7 +89,7 @@ fn notification() -> Notification {
 /// Renders the sample notification in `sink`'s listener format and sends it, as the
 /// dispatcher does.
 async fn deliver(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
-    let format = Format::for_listener(&l.format, "CRM");
+    let format = Format::for_listener(l, "CRM");
     sink.send(format.render(&notification().event)).await
 }
 

@@ -106,18 +106,59 @@ pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let report = status(&client, &names, &config.source.slot).await?;
     let refusal = guard_refusal(&config, &client).await;
+    let validation = eventgrid_validation(&config, &client).await;
     if args.json {
         let mut doc = status_json(&report);
         doc["refused"] = json!(refusal);
+        doc["eventgrid_validation"] = validation
+            .iter()
+            .map(|(name, validated, line)| {
+                json!({ "listener": name, "validated": validated, "status": line })
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         if let Some(why) = &refusal {
             println!("REFUSING TO RUN: {why}\n");
         }
         print!("{}", render_status(&report));
+        if !validation.is_empty() {
+            println!("\nEvent Grid validation:");
+            for (name, _, line) in &validation {
+                println!("  {}: {line}", cell(name));
+            }
+        }
     }
     // A report, not a check: failures in the queue are data, not an error of this command.
     Ok(0)
+}
+
+/// Each Event Grid webhook's validation: (listener, validated, what status says).
+async fn eventgrid_validation(
+    config: &Config,
+    client: &tokio_postgres::Client,
+) -> Vec<(String, bool, String)> {
+    use crate::delivery::validation::status_line;
+    if config
+        .listeners
+        .iter()
+        .all(|l| status_line(l, None).is_none())
+    {
+        return Vec::new();
+    }
+    // Before the first migration there is no table: every webhook is then unvalidated.
+    let stored = crate::queue::read_validations(client)
+        .await
+        .unwrap_or_default();
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let row = stored.iter().find(|v| v.listener == l.name);
+            let (validated, line) = status_line(l, row)?;
+            Some((l.name.clone(), validated, line))
+        })
+        .collect()
 }
 
 /// Why the daemon refuses to capture and deliver here (an unadopted copy), if it does.

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 use serde_spanned::Spanned;
+use url::Url;
 
 use super::Str;
 use super::check::Checker;
@@ -14,12 +15,16 @@ pub struct AdminConfig {
     /// Address of the HTTP endpoint serving /metrics and /healthz (default
     /// 127.0.0.1:8187).
     pub listen: SocketAddr,
+    /// The URL under which listeners reach this endpoint (`public_url`): the base of
+    /// Event Grid's `validationUrl`. `None`: `http://{listen}`.
+    pub public_url: Option<Url>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     listen: Str,
+    public_url: Str,
 }
 
 /// The default port: outside 9100-9999 and 10000+, the blocks the Prometheus default port
@@ -30,15 +35,29 @@ pub const DEFAULT_ADMIN_PORT: u16 = 8187;
 
 impl Checker<'_> {
     pub(super) fn admin(&mut self, raw: &Spanned<RawAdmin>) -> AdminConfig {
+        let public_url = raw.get_ref().public_url.as_ref().and_then(|_| {
+            self.http_url(
+                &raw.get_ref().public_url,
+                "admin.public_url",
+                raw.span().start,
+                "\"https://walhook.example.com\"",
+            )
+            .map(|u| u.expose().clone())
+        });
+        let listen = self.admin_listen(raw);
+        AdminConfig { listen, public_url }
+    }
+
+    fn admin_listen(&mut self, raw: &Spanned<RawAdmin>) -> SocketAddr {
         let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT));
         let Some(v) = &raw.get_ref().listen else {
-            return AdminConfig { listen: default };
+            return default;
         };
         let Some(s) = self.string(v, "admin.listen") else {
-            return AdminConfig { listen: default };
+            return default;
         };
         match s.trim().parse() {
-            Ok(listen) => AdminConfig { listen },
+            Ok(listen) => listen,
             Err(_) => {
                 self.report(
                     v.span().start,
@@ -46,7 +65,7 @@ impl Checker<'_> {
                     &format!("invalid address {s:?}"),
                     &format!("write an IP address and port, like \"127.0.0.1:{DEFAULT_ADMIN_PORT}\" or \"[::1]:{DEFAULT_ADMIN_PORT}\""),
                 );
-                AdminConfig { listen: default }
+                default
             }
         }
     }

@@ -12,6 +12,7 @@ mod model;
 mod notifications;
 mod rejected;
 mod state;
+mod validation;
 mod writer;
 
 use tokio_postgres::error::SqlState;
@@ -29,6 +30,11 @@ pub use notifications::{
 pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
     read_state, record_source, record_start, unalerted_gaps,
+};
+pub use validation::{
+    VALIDATION_WINDOW, ValidatedBy, Validation, ValidationState, begin_validation, code_sha256,
+    connect_validation, expire_validation, fingerprint, mark_validated, mark_validation_failed,
+    note_validation, read_validation, read_validations,
 };
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 
