@@ -217,10 +217,13 @@ pub async fn run_with_reload(
         config.path.clone(),
         shutdown.child_token(),
     );
+    let metrics = Arc::new(Metrics::new());
+    metrics.register(&config);
     {
-        // Monitors follow reloads too.
+        // Monitors and metric series follow reloads too.
         let mut rx = config_rx.clone();
         let monitors = monitors.clone();
+        let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -229,6 +232,7 @@ pub async fn run_with_reload(
                         if changed.is_err() { return; }
                         let new = rx.borrow_and_update().clone();
                         monitors.reload(new.monitors.clone());
+                        metrics.register(&new);
                     }
                     _ = shutdown.cancelled() => return,
                 }
@@ -237,7 +241,7 @@ pub async fn run_with_reload(
     }
     let observe = Observe {
         monitors,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         health: Arc::new(Health::new()),
         ready: ready_tx,
         status: status_tx,
@@ -314,7 +318,11 @@ async fn gauge_loop(
         match refreshed {
             Ok(()) => {
                 observe.health.set_queue_reachable(true);
+                observe.metrics.set_database_up(true);
                 observe.monitors.database_reachable();
+                if let Some(counts) = observe.metrics.fresh_failed_counts() {
+                    observe.monitors.failed_rows(counts);
+                }
                 observe.monitors.gauges(
                     Some(observe.metrics.lag_bytes()),
                     observe.metrics.queue_ages(),
@@ -347,6 +355,7 @@ async fn gauge_loop(
             }
             Err(e) => {
                 observe.health.set_queue_reachable(false);
+                observe.metrics.set_database_up(false);
                 observe.monitors.database_unreachable(&e);
                 observe.health.set_last_error(Some(e));
                 client = None;

@@ -85,8 +85,14 @@ fn extra_sections(subcommands: &[String]) -> Roff {
     let mut r = Roff::new();
     r.control("SH", ["EXIT STATUS"]);
     for (code, meaning) in [
-        ("0", "Stopped cleanly (SIGTERM, SIGINT), or the command succeeded."),
-        ("1", "Another error, such as a database that stayed unreachable."),
+        (
+            "0",
+            "Stopped cleanly (SIGTERM, SIGINT), or the command succeeded.",
+        ),
+        (
+            "1",
+            "Another error, such as a database that stayed unreachable.",
+        ),
         ("2", "Bad command-line arguments."),
         (
             "69",
@@ -97,7 +103,9 @@ fn extra_sections(subcommands: &[String]) -> Roff {
             "EX_CONFIG: the configuration or a database prerequisite must be fixed first. The systemd units stop instead of restarting (RestartPreventExitStatus=78); walhook check lists every problem.",
         ),
     ] {
-        r.control("TP", []).text([bold(code)]).text([roman(meaning)]);
+        r.control("TP", [])
+            .text([bold(code)])
+            .text([roman(meaning)]);
     }
 
     r.control("SH", ["ENVIRONMENT"]);
@@ -127,7 +135,9 @@ fn extra_sections(subcommands: &[String]) -> Roff {
             "Set by systemd's LoadCredential=; use it in the configuration as password_file = \"${CREDENTIALS_DIRECTORY}/pgpassword\".",
         ),
     ] {
-        r.control("TP", []).text([bold(name)]).text([roman(meaning)]);
+        r.control("TP", [])
+            .text([bold(name)])
+            .text([roman(meaning)]);
     }
     r.control("PP", []).text([roman(
         "Any string in the configuration may contain ${NAME}, replaced by the environment variable NAME; PGPASSWORD and ~/.pgpass are read as libpq reads them.",
@@ -156,7 +166,9 @@ fn extra_sections(subcommands: &[String]) -> Roff {
             "Every configuration key with a comment.",
         ),
     ] {
-        r.control("TP", []).text([bold(path)]).text([roman(meaning)]);
+        r.control("TP", [])
+            .text([bold(path)])
+            .text([roman(meaning)]);
     }
 
     r.control("SH", ["SEE ALSO"]);
@@ -203,14 +215,23 @@ mod tests {
             "_walhook",
             "walhook.fish",
         ] {
-            assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+            assert!(
+                names.iter().any(|n| n == expected),
+                "{expected} in {names:?}"
+            );
         }
         assert!(
             !names.iter().any(|n| n.contains("assets")),
             "the hidden command has no page: {names:?}"
         );
         let page = std::fs::read_to_string(dir.path().join("man/walhook.1")).unwrap();
-        for section in ["EXIT STATUS", "ENVIRONMENT", "WALHOOK_LOG", "FILES", "SEE ALSO"] {
+        for section in [
+            "EXIT STATUS",
+            "ENVIRONMENT",
+            "WALHOOK_LOG",
+            "FILES",
+            "SEE ALSO",
+        ] {
             assert!(page.contains(section), "{section} missing:\n{page}");
         }
         assert!(page.contains("walhook\\-check"), "{page}");
