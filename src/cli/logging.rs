@@ -6,6 +6,7 @@
 //! entry's PRIORITY, so `journalctl -p warning` shows warnings and errors only.
 
 use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
 
 use clap::ValueEnum;
 use tracing::{Level, Metadata};
@@ -64,12 +65,17 @@ fn destination() -> Destination {
     if stderr.is_terminal() {
         return Destination::Terminal;
     }
-    let stream = std::env::var("JOURNAL_STREAM").ok();
-    let stat = nix::sys::stat::fstat(&stderr).ok();
-    match (stream, stat) {
-        (Some(s), Some(st)) if names_stream(&s, st.st_dev as u64, st.st_ino as u64) => {
-            Destination::Journal
-        }
+    let Ok(stream) = std::env::var("JOURNAL_STREAM") else {
+        return Destination::Other;
+    };
+    // A duplicate of fd 2 as a File, for its metadata; dropping it closes only the copy.
+    let meta = std::os::fd::AsFd::as_fd(&stderr)
+        .try_clone_to_owned()
+        .ok()
+        .map(std::fs::File::from)
+        .and_then(|f| f.metadata().ok());
+    match meta {
+        Some(m) if names_stream(&stream, m.dev(), m.ino()) => Destination::Journal,
         _ => Destination::Other,
     }
 }
