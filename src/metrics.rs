@@ -220,6 +220,8 @@ pub struct Metrics {
     lag_bytes: AtomicU64,
     lag_seconds: AtomicF64,
     queues: Family<String, QueueGauges>,
+    /// The listeners of the current configuration, whose gauges always exist.
+    configured: RwLock<Vec<String>>,
     /// Rows in walhook.failed per listener, as last counted.
     failed: Family<String, AtomicU64>,
     /// When walhook.failed was last counted, and its total then.
@@ -251,6 +253,7 @@ impl Metrics {
             lag_bytes: AtomicU64::new(0),
             lag_seconds: AtomicF64::default(),
             queues: Family::new(),
+            configured: RwLock::new(Vec::new()),
             failed: Family::new(),
             failed_counted: Mutex::new(None),
             failed_fresh: AtomicBool::new(false),
@@ -265,6 +268,8 @@ impl Metrics {
     /// Creates every series of `config`'s listeners and entities at 0; call it at start and
     /// after each reload. Series of listeners and entities removed since keep their values.
     pub fn register(&self, config: &Config) {
+        *self.configured.write().unwrap_or_else(|e| e.into_inner()) =
+            config.listeners.iter().map(|l| l.name.clone()).collect();
         for listener in &config.listeners {
             let name = listener.name.as_str();
             self.delivery.get(name);
@@ -320,12 +325,14 @@ impl Metrics {
     }
 
     /// Replaces the walhook.failed row counts: listeners missing from `counts` stop being
-    /// reported.
+    /// reported, unless they are configured (they read 0).
     pub fn set_failed_counts(&self, counts: &[(String, u64)]) {
-        let map = counts
-            .iter()
-            .map(|(listener, n)| (listener.clone(), Arc::new(AtomicU64::new(*n))))
-            .collect();
+        let mut map = self.configured_at_zero();
+        map.extend(
+            counts
+                .iter()
+                .map(|(listener, n)| (listener.clone(), Arc::new(AtomicU64::new(*n)))),
+        );
         *self.failed.write() = map;
         self.failed_fresh.store(true, Ordering::Relaxed);
     }
@@ -383,9 +390,10 @@ impl Metrics {
         q.oldest_age_seconds.set(oldest_age.as_secs_f64());
     }
 
-    /// Replaces all queue gauges at once: listeners missing from `queues` stop being reported.
+    /// Replaces all queue gauges at once: listeners missing from `queues` stop being
+    /// reported, unless they are configured (they read 0).
     pub fn set_queues(&self, queues: &[(String, u64, Duration)]) {
-        let mut map = BTreeMap::new();
+        let mut map = self.configured_at_zero();
         for (listener, depth, age) in queues {
             let q = QueueGauges::default();
             q.depth.store(*depth, Ordering::Relaxed);
@@ -393,6 +401,16 @@ impl Metrics {
             map.insert(listener.clone(), Arc::new(q));
         }
         *self.queues.write() = map;
+    }
+
+    /// A fresh zero series for every configured listener.
+    fn configured_at_zero<V: Default>(&self) -> BTreeMap<String, Arc<V>> {
+        self.configured
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|l| (l.clone(), Arc::default()))
+            .collect()
     }
 
     /// The replication lag in bytes, as last refreshed.
@@ -898,6 +916,44 @@ mod tests {
         assert!(!text.contains("listener=\"old\""), "{text}");
         assert!(text.contains("walhook_queue_depth{listener=\"new\"} 2\n"));
         assert!(text.contains("walhook_queue_oldest_age_seconds{listener=\"new\"} 3\n"));
+    }
+
+    #[test]
+    fn configured_listeners_keep_their_gauges_at_zero_when_the_database_omits_them() {
+        let text = "[source]\nurl = \"postgres://x@localhost/app\"\n\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n\n[[listener]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9/h\"\n";
+        let config =
+            Config::parse_with_env(text, std::path::Path::new("w.toml"), &|_| None).unwrap();
+        let m = Metrics::new();
+        m.register(&config);
+        m.set_queues(&[]);
+        m.set_failed_counts(&[("gone".to_owned(), 4)]);
+        let text = m.render();
+        for line in [
+            "walhook_queue_depth{listener=\"crm\"} 0\n",
+            "walhook_failed_notifications{listener=\"crm\"} 0\n",
+            "walhook_failed_notifications{listener=\"gone\"} 4\n",
+            "walhook_delivery_attempts_total{listener=\"crm\",outcome=\"retry\"} 0\n",
+            "walhook_events_queued_total{entity=\"Customer\",action=\"Deleted\"} 0\n",
+            "walhook_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in\n{text}");
+        }
+        assert_eq!(m.fresh_failed_counts().map(|c| c.len()), Some(2));
+        assert_eq!(m.fresh_failed_counts(), None, "handed out once per count");
+    }
+
+    #[test]
+    fn the_slot_advance_time_moves_only_when_the_confirmed_position_does() {
+        let m = Metrics::new();
+        let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let stamped = |m: &Metrics| m.slot_advanced_at.get();
+        assert_eq!(stamped(&m), 0.0);
+        m.slot_confirmed("0/16B3748", at(100));
+        assert_eq!(stamped(&m), 100.0);
+        m.slot_confirmed("0/16B3748", at(200));
+        assert_eq!(stamped(&m), 100.0);
+        m.slot_confirmed("0/16B3790", at(300));
+        assert_eq!(stamped(&m), 300.0);
     }
 
     #[test]
