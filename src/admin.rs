@@ -25,7 +25,10 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The listen address cannot be bound (in use, not on this host, privileged port).
-    #[error("cannot listen on {listen} for [admin]: {reason}; change [admin] listen")]
+    /// Transient: whatever holds the port may let go, and capture does not need it.
+    #[error(
+        "cannot listen on {listen} for [admin]: {reason}; stop what holds the address or change [admin] listen"
+    )]
     Bind {
         /// The configured address.
         listen: SocketAddr,
@@ -43,7 +46,7 @@ pub enum AdminError {
 impl Classify for AdminError {
     fn class(&self) -> ErrorClass {
         match self {
-            AdminError::Bind { .. } => ErrorClass::Config,
+            AdminError::Bind { .. } => ErrorClass::Transient,
             AdminError::Serve(_) => ErrorClass::Transient,
         }
     }
@@ -180,6 +183,46 @@ pub async fn serve(
 ) -> Result<(), AdminError> {
     let listener = bind(listen).await?;
     serve_router(listener, router(AdminState { metrics, health }), shutdown).await
+}
+
+/// How long the daemon waits before it tries again to bind the admin address.
+pub const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Binds `listen` and serves `app` until `shutdown` is cancelled. While the address cannot
+/// be bound, tries again every `retry`, with one warning per run of failures: the daemon
+/// captures and delivers without its metrics rather than stopping for them.
+pub async fn serve_retrying(
+    listen: SocketAddr,
+    app: Router,
+    retry: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        match bind(listen).await {
+            Ok(listener) => {
+                if warned {
+                    tracing::info!(%listen, "admin endpoint: {listen} is free again");
+                }
+                if let Err(e) = serve_router(listener, app, shutdown).await {
+                    tracing::warn!("admin endpoint stopped: {e}");
+                }
+                return;
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(
+                    "{e}; walhook keeps capturing and delivering and tries again every {}s",
+                    retry.as_secs()
+                );
+            }
+            Err(e) => tracing::debug!("{e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Serves `app` on an already bound listener until `shutdown` is cancelled.

@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
+use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook, SmtpServer, SmtpTls};
 use crate::delivery::Verdict;
 use crate::delivery::policy::Outcome;
-use crate::delivery::signature::{SigningKey, webhook_headers};
+use crate::delivery::signature::webhook_headers;
+use crate::tls::CaFile;
 
 /// How often time-based conditions (thresholds, gathered failures) are evaluated.
 const TICK: Duration = Duration::from_millis(250);
@@ -974,46 +975,79 @@ fn bytes(n: u64) -> String {
 // ---------------------------------------------------------------------------------------
 // Sending.
 
+type SmtpTransport = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+
 /// Where one monitor's alerts go.
 struct Targets {
-    webhook: Option<(MonitorWebhook, Option<SigningKey>, reqwest::Client)>,
-    email: Option<(
-        MonitorEmail,
-        lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
-    )>,
+    webhook: Option<(MonitorWebhook, reqwest::Client)>,
+    email: Option<(MonitorEmail, SmtpTransport)>,
 }
 
 impl Targets {
     /// Builds clients; a target that cannot be built is logged and left out.
     fn new(config: &MonitorConfig) -> Targets {
+        let ca = config.ca_file.as_ref();
         let webhook = config.webhook.as_ref().and_then(|w| {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .timeout(SEND_TIMEOUT)
-                .build();
-            let key = w.secret.as_ref().and_then(|s| SigningKey::parse(s.expose()).ok());
+            let client = crate::tls::http_client_builder(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    b.redirect(reqwest::redirect::Policy::none())
+                        .no_proxy()
+                        .timeout(SEND_TIMEOUT)
+                        .build()
+                        .map_err(|e| e.without_url().to_string())
+                });
             match client {
-                Ok(client) => Some((w.clone(), key, client)),
+                Ok(client) => Some((w.clone(), client)),
                 Err(e) => {
                     warn!(monitor = %config.name, "cannot create the HTTP client for monitor {}: {e}; its webhook alerts are not sent", config.name);
                     None
                 }
             }
         });
-        let email = config.email.as_ref().and_then(|e| {
-            match lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(
-                e.smtp_url.expose(),
-            ) {
-                Ok(builder) => Some((e.clone(), builder.timeout(Some(SEND_TIMEOUT)).build())),
-                Err(err) => {
-                    warn!(monitor = %config.name, "cannot use smtp_url {} of monitor {}: {err}; its email alerts are not sent", e.smtp_url_redacted, config.name);
-                    None
-                }
+        let email = config.email.as_ref().and_then(|e| match smtp_transport(&e.smtp, ca) {
+            Ok(transport) => Some((e.clone(), transport)),
+            Err(err) => {
+                warn!(monitor = %config.name, "cannot use the mail server {} of monitor {}: {err}; its email alerts are not sent", e.smtp.redacted(), config.name);
+                None
             }
         });
         Targets { webhook, email }
     }
+}
+
+/// The SMTP transport for `server`, trusting the built-in roots, the OS store and `ca`.
+fn smtp_transport(
+    server: &SmtpServer,
+    ca: Option<&CaFile>,
+) -> Result<SmtpTransport, lettre::transport::smtp::Error> {
+    use lettre::transport::smtp::client::Tls;
+    let tls = match server.tls {
+        SmtpTls::Plain => Tls::None,
+        SmtpTls::StartTlsOpportunistic => {
+            Tls::Opportunistic(crate::tls::smtp_tls_parameters(&server.host, ca)?)
+        }
+        SmtpTls::StartTlsRequired => {
+            Tls::Required(crate::tls::smtp_tls_parameters(&server.host, ca)?)
+        }
+        SmtpTls::Tls => Tls::Wrapper(crate::tls::smtp_tls_parameters(&server.host, ca)?),
+    };
+    let mut builder = SmtpTransport::builder_dangerous(server.host.as_str())
+        .port(server.port)
+        .tls(tls)
+        .timeout(Some(SEND_TIMEOUT));
+    if let Some(name) = &server.hello_name {
+        builder = builder.hello_name(lettre::transport::smtp::extension::ClientId::Domain(
+            name.clone(),
+        ));
+    }
+    if let Some(login) = &server.credentials {
+        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            login.user.clone(),
+            login.password.expose().to_owned(),
+        ));
+    }
+    Ok(builder.build())
 }
 
 async fn send_alerts(
@@ -1034,15 +1068,15 @@ async fn send_alerts(
             },
         };
         info!(monitor = %name, alert = alert.event.name(), "alert: {}", alert.summary);
-        if let Some((webhook, key, client)) = &targets.webhook {
+        if let Some((webhook, client)) = &targets.webhook {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = post_webhook(client, webhook, key.as_ref(), &alert, &context) => r,
+                r = post_webhook(client, webhook, &alert, &context) => r,
             };
             report(
                 &name,
                 "webhook",
-                &webhook.url_redacted,
+                webhook.url.redacted(),
                 result,
                 &mut webhook_failing,
             );
@@ -1055,7 +1089,7 @@ async fn send_alerts(
             report(
                 &name,
                 "email",
-                &email.smtp_url_redacted,
+                email.smtp.redacted(),
                 result,
                 &mut email_failing,
             );
@@ -1134,7 +1168,6 @@ pub fn cloudevent(
 async fn post_webhook(
     client: &reqwest::Client,
     webhook: &MonitorWebhook,
-    key: Option<&SigningKey>,
     alert: &Alert,
     context: &Context,
 ) -> Result<(), String> {
@@ -1146,13 +1179,13 @@ async fn post_webhook(
             tokio::time::sleep(*delay).await;
         }
         let mut req = client
-            .post(webhook.url.expose())
+            .post(webhook.url.expose().clone())
             .header("content-type", "application/cloudevents+json")
             .body(body.clone());
         for (k, v) in &webhook.headers {
-            req = req.header(k.as_str(), v.expose());
+            req = req.header(k, v);
         }
-        if let Some(key) = key {
+        if let Some(key) = &webhook.secret {
             for (name, value) in webhook_headers(key, &id, body.as_bytes()) {
                 req = req.header(name, value);
             }
@@ -1180,7 +1213,10 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
         return format!("no answer within {}", human(SEND_TIMEOUT));
     }
     if e.is_connect() {
-        return "cannot connect".to_owned();
+        return match crate::tls::certificate_problem(e) {
+            Some(problem) => format!("TLS handshake failed: {problem}"),
+            None => "cannot connect".to_owned(),
+        };
     }
     let mut s = String::from("request failed");
     let mut source = std::error::Error::source(e);
@@ -1196,18 +1232,12 @@ async fn send_email(
     email: &MonitorEmail,
     alert: &Alert,
 ) -> Result<(), String> {
-    let from: lettre::message::Mailbox = email
-        .from
-        .parse()
-        .map_err(|e| format!("from {:?}: {e}", email.from))?;
     let mut builder = lettre::Message::builder()
-        .from(from)
+        .from(email.from.clone())
         .subject(alert.summary.clone())
         .header(lettre::message::header::ContentType::TEXT_PLAIN);
     for to in &email.to {
-        let mailbox: lettre::message::Mailbox =
-            to.parse().map_err(|e| format!("to {to:?}: {e}"))?;
-        builder = builder.to(mailbox);
+        builder = builder.to(to.clone());
     }
     let body = format!("{}\n\nTo look: {}\n", alert.detail, alert.command);
     let message = builder
@@ -1236,6 +1266,7 @@ mod tests {
             name: "ops".into(),
             webhook: None,
             email: None,
+            ca_file: None,
             on: AlertKind::ALL.to_vec(),
             listener_failing_for: Duration::from_secs(300),
             lag_bytes: 1000,

@@ -7,14 +7,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
+use http::{HeaderName, HeaderValue};
 use serde_json::json;
 use sha2::Sha256;
 use support::receiver::{Receiver, Reply};
 use uuid::Uuid;
-use walhook::config::{Backoff, ListenerConfig, ListenerFormat, Secret};
+use walhook::config::{Backoff, Config, ListenerConfig, ListenerFormat, SecretUrl, SigningKey};
+use walhook::delivery::Verdict;
 use walhook::delivery::http::HttpSender;
-use walhook::delivery::{Notification, StoredEvent, Verdict};
-use walhook::error::{Classify, ErrorClass};
+use walhook::queue::{Notification, StoredEvent};
 use walhook::types::{Action, Lsn};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -23,15 +24,21 @@ const API_KEY: &str = "key-0f8a7d6c5b4a";
 fn listener(url: String) -> ListenerConfig {
     ListenerConfig {
         name: "crm-hook".into(),
-        url: Secret::new(url.clone()),
-        url_redacted: url,
+        url: secret_url(&url),
         entities: None,
         actions: Action::ALL.to_vec(),
         headers: vec![
-            ("X-Api-Key".into(), Secret::new(API_KEY.into())),
-            ("X-Tenant".into(), Secret::new("north".into())),
+            (
+                HeaderName::from_static("x-api-key"),
+                HeaderValue::from_static(API_KEY),
+            ),
+            (
+                HeaderName::from_static("x-tenant"),
+                HeaderValue::from_static("north"),
+            ),
         ],
         secret: None,
+        ca_file: None,
         timeout: Duration::from_secs(5),
         rate_limit: None,
         max_attempts: 12,
@@ -43,6 +50,14 @@ fn listener(url: String) -> ListenerConfig {
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents,
     }
+}
+
+fn secret_url(url: &str) -> SecretUrl {
+    SecretUrl::new(url.parse().unwrap())
+}
+
+fn key() -> SigningKey {
+    SigningKey::parse(SECRET).unwrap()
 }
 
 fn notification() -> Notification {
@@ -267,7 +282,7 @@ fn verify(secret: &str, id: &str, ts: &str, body: &[u8], header: &str) -> bool {
 #[tokio::test]
 async fn signed_delivery_verifies_with_an_independent_implementation() {
     let (rx, attempt) = send_once(Reply::status(204), |l| {
-        l.secret = Some(Secret::new(SECRET.into()));
+        l.secret = Some(key());
     })
     .await;
     assert_eq!(attempt.verdict, Verdict::Delivered);
@@ -292,7 +307,7 @@ async fn signed_delivery_verifies_with_an_independent_implementation() {
 async fn secrets_echoed_by_the_listener_never_reach_the_comment() {
     let echo = format!("denied: key {API_KEY} secret {SECRET}");
     let (_rx, attempt) = send_once(Reply::status(403).body(&echo), |l| {
-        l.secret = Some(Secret::new(SECRET.into()));
+        l.secret = Some(key());
     })
     .await;
     assert_eq!(attempt.verdict, Verdict::Fail);
@@ -309,30 +324,47 @@ async fn secrets_echoed_by_the_listener_never_reach_the_comment() {
 async fn url_credentials_never_reach_the_comment() {
     let rx = Receiver::start().await;
     rx.script([Reply::status(500)]);
-    let mut l = listener(String::new());
-    let base = rx.url("/hook");
-    l.url = Secret::new(base.replace("http://", "http://user:pa55word@"));
-    l.url_redacted = base.replace("http://", "http://user:***@");
+    let base = rx.url("/hook?token=t0ken-value");
+    let l = listener(base.replace("http://", "http://user:pa55word@"));
     let sender = HttpSender::new(&l, "CRM").unwrap();
     assert!(!format!("{sender:?}").contains("pa55word"));
     let attempt = sender.send(&notification()).await;
     let comment = attempt.comment.unwrap();
     assert!(!comment.contains("pa55word"), "{comment}");
-    assert!(comment.contains("user:***@127.0.0.1"), "{comment}");
+    assert!(!comment.contains("t0ken-value"), "{comment}");
+    assert!(comment.contains("http://***@127.0.0.1"), "{comment}");
+    assert!(comment.contains("/hook?token=***"), "{comment}");
 }
 
-#[test]
-fn unusable_listener_settings_are_config_errors_without_secrets() {
-    let mut l = listener("ftp://user:hunter22@example.com/x".into());
-    l.url_redacted = "ftp://user:***@example.com/x".into();
-    let err = HttpSender::new(&l, "CRM").unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Config);
-    assert!(!err.to_string().contains("hunter22"), "{err}");
-    assert!(err.to_string().contains("crm-hook"), "{err}");
+#[tokio::test]
+async fn an_https_listener_behind_an_internal_ca_needs_its_ca_file() {
+    let (ca_pem, cert, key) = support::receiver::test_ca();
+    let rx = Receiver::start_tls(vec![cert], key).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("internal-ca.pem"), ca_pem).unwrap();
+    let toml = format!(
+        "[source]\nurl = \"postgres://walhook@localhost/app\"\n\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n\n[[listener]]\nname = \"trusting\"\nurl = \"{url}\"\nca_file = \"internal-ca.pem\"\n\n[[listener]]\nname = \"default-trust\"\nurl = \"{url}\"\n",
+        url = rx.url("/hook")
+    );
+    let config = Config::parse_with_env(&toml, &dir.path().join("walhook.toml"), &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
 
-    let mut l = listener("http://127.0.0.1:1/hook".into());
-    l.secret = Some(Secret::new("whsec_%%%not-base64%%%".into()));
-    let err = HttpSender::new(&l, "CRM").unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Config);
-    assert!(!err.to_string().contains("not-base64"), "{err}");
+    let trusting = HttpSender::new(&config.listeners[0], "CRM").unwrap();
+    let attempt = trusting.send(&notification()).await;
+    assert_eq!(attempt.verdict, Verdict::Delivered, "{:?}", attempt.comment);
+    assert_eq!(rx.count(), 1);
+
+    let default_trust = HttpSender::new(&config.listeners[1], "CRM").unwrap();
+    let attempt = default_trust.send(&notification()).await;
+    assert_eq!(attempt.verdict, Verdict::Retry);
+    assert_eq!(attempt.status_code, None);
+    let comment = attempt.comment.unwrap();
+    assert_eq!(
+        comment,
+        format!(
+            "TLS handshake with {} failed: its TLS certificate is signed by a CA walhook does not trust; set ca_file to the PEM file of that CA (an internal CA) or add the CA to the OS trust store",
+            rx.addr
+        )
+    );
+    assert_eq!(rx.count(), 1, "nothing was sent without trust");
 }

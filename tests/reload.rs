@@ -8,6 +8,7 @@ use std::time::Duration;
 use support::receiver::Receiver;
 use support::{
     CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, listener_toml, wait_queue_drained,
+    walhook, write_config,
 };
 
 fn config(db: &TestDb, listeners: &[(&str, String)]) -> String {
@@ -20,7 +21,9 @@ fn config(db: &TestDb, listeners: &[(&str, String)]) -> String {
 
 async fn walsender_pid(c: &tokio_postgres::Client) -> Option<i32> {
     c.query_opt(
-        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+        // A slot being created is active too, under the creating backend: count walsenders only.
+        "SELECT s.active_pid FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+         WHERE s.slot_name = 'walhook' AND a.backend_type = 'walsender'",
         &[],
     )
     .await
@@ -117,4 +120,87 @@ async fn sighup_adds_a_listener_without_restarting_the_stream_and_refuses_a_bad_
     );
     assert_eq!(ids(&b), HashMap::from([(2, 1), (3, 1)]));
     assert_eq!(walsender_pid(&c).await, Some(pid));
+}
+
+/// The log lines that refuse a reload.
+fn refusals(daemon: &Daemon) -> Vec<String> {
+    daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("reload refused"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_check_rejects_is_refused_on_reload_in_one_line_and_the_old_one_keeps_delivering() {
+    let db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text)")
+        .await;
+    let a = Receiver::start().await;
+    let mut daemon = Daemon::start(&config(&db, &[("a", a.url("/a"))]));
+    let c = db.client().await;
+    eventually(Duration::from_secs(60), "walhook streaming", || {
+        walsender_pid(&c)
+    })
+    .await;
+
+    let with_header = format!(
+        "{}headers = {{ \"X-Name\" = \"Zoë\" }}\n",
+        listener_toml("a", &a.url("/a"))
+    );
+    let cases = [
+        (
+            listener_toml("a", "http://127.0.0.1:99999/x"),
+            "99999",
+            7,
+            "listener[0].url: the URL's port is not a number from 1 to 65535",
+        ),
+        (
+            with_header,
+            "Zoë",
+            24,
+            "listener[0].headers.X-Name: header value contains a non-ASCII character",
+        ),
+    ];
+    for (id, (block, marker, column, problem)) in (1..).zip(cases) {
+        let bad = config_toml(&db.url, &format!("{CUSTOMER_ENTITY}{block}"));
+        let line = bad.lines().position(|l| l.contains(marker)).unwrap() + 1;
+        let position = format!("walhook.toml:{line}:{column}: {problem}");
+
+        // `walhook check` rejects the file before it touches the database.
+        let (_dir, path) = write_config(&bad);
+        let (code, stdout, stderr) = walhook(&["check", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 78, "{stdout}{stderr}");
+        assert!(stderr.contains(&position), "{stderr}");
+
+        // SIGHUP with the same file: one refusal line, the daemon keeps running.
+        let before = refusals(&daemon).len();
+        std::fs::write(&daemon.config, &bad).unwrap();
+        daemon.hup();
+        eventually(
+            Duration::from_secs(30),
+            "the refusal in the log",
+            || async { (refusals(&daemon).len() > before).then_some(()) },
+        )
+        .await;
+        let new: Vec<String> = refusals(&daemon).split_off(before);
+        assert_eq!(new.len(), 1, "{new:#?}");
+        assert!(new[0].contains(&position), "{}", new[0]);
+        assert!(
+            new[0].contains("the running configuration stays"),
+            "{}",
+            new[0]
+        );
+
+        // ...and the old configuration still delivers.
+        c.execute("INSERT INTO customer VALUES ($1, 'x')", &[&id])
+            .await
+            .unwrap();
+        eventually(Duration::from_secs(30), "a gets the new row", || async {
+            ids(&a).contains_key(&i64::from(id)).then_some(())
+        })
+        .await;
+        assert!(daemon.running(), "walhook exited:\n{}", daemon.log());
+    }
 }

@@ -302,7 +302,7 @@ impl ConfigArg {
 }
 
 /// SIGHUP re-reads the configuration file. A file with errors is refused with the errors
-/// logged, and the running configuration stays.
+/// logged on one line, and the running configuration stays.
 fn spawn_reload_handler(
     path: PathBuf,
     reloads: tokio::sync::watch::Sender<std::sync::Arc<Config>>,
@@ -323,17 +323,24 @@ fn spawn_reload_handler(
             if let Some(n) = &notifier {
                 n.reloading();
             }
+            // The same validator as `walhook check` and start: a file it refuses changes
+            // nothing, and the refusal is one line (problems separated by " | ").
             match Config::load(&path) {
                 Ok(config) => {
+                    if reloads.borrow().admin != config.admin {
+                        tracing::warn!(
+                            "SIGHUP: [admin] changes take effect at the next restart; the admin endpoint stays where it is"
+                        );
+                    }
                     tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
                     reloads.send_replace(std::sync::Arc::new(config));
                 }
                 Err(e) => {
-                    for line in e.to_string().lines() {
-                        tracing::error!(
-                            "SIGHUP: reload refused, the running configuration stays: {line}"
-                        );
-                    }
+                    let problems: Vec<String> = e.to_string().lines().map(str::to_owned).collect();
+                    tracing::error!(
+                        "SIGHUP: reload refused, the running configuration stays: {}",
+                        problems.join(" | ")
+                    );
                 }
             }
             if let Some(n) = &notifier {

@@ -2,15 +2,19 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
-use reqwest::{Client, Url, redirect};
+use base64::Engine as _;
 
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
+use reqwest::{Client, redirect};
+
+use super::Attempt;
 use super::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
 use super::policy::{Outcome, parse_retry_after};
-use super::signature::{SigningKey, SigningKeyError, webhook_headers};
-use super::{Attempt, Notification};
+use super::signature::webhook_headers;
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
+use crate::queue::Notification;
+use crate::secret::{SecretUrl, SigningKey};
 
 /// Most of an answer's body that is read; the rest is dropped unread.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -25,39 +29,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// Shown for configured values that must never reach a comment.
 const REDACTED: &str = "***";
 
-/// Why a listener's sender could not be built. Never carries a secret.
+/// Why a listener's sender could not be built. Never carries a secret. Everything else
+/// about a listener (url, headers, signing key, CA file) was checked when the
+/// configuration was loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
-    /// The url does not parse or is not http(s).
-    #[error(
-        "listener {listener:?}: url {url} is not usable ({reason}); set url to an http:// or https:// URL"
-    )]
-    InvalidUrl {
-        /// Listener name.
-        listener: String,
-        /// The redacted url.
-        url: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The signing secret cannot be decoded.
-    #[error("listener {listener:?}: {source}")]
-    InvalidSecret {
-        /// Listener name.
-        listener: String,
-        /// The decoding problem.
-        source: SigningKeyError,
-    },
-    /// A configured header name or value cannot be sent.
-    #[error(
-        "listener {listener:?}: header {name:?} cannot be sent (invalid name or value); use letters, digits and dashes in the name and visible ASCII in the value"
-    )]
-    InvalidHeader {
-        /// Listener name.
-        listener: String,
-        /// The header name.
-        name: String,
-    },
     /// The HTTP client could not be created (TLS setup).
     #[error("listener {listener:?}: cannot create the HTTP client: {reason}")]
     Client {
@@ -71,9 +47,6 @@ pub enum DeliveryError {
 impl Classify for DeliveryError {
     fn class(&self) -> ErrorClass {
         match self {
-            DeliveryError::InvalidUrl { .. }
-            | DeliveryError::InvalidSecret { .. }
-            | DeliveryError::InvalidHeader { .. } => ErrorClass::Config,
             DeliveryError::Client { .. } => ErrorClass::Permanent,
         }
     }
@@ -83,8 +56,7 @@ impl Classify for DeliveryError {
 pub struct HttpSender {
     listener: String,
     client: Client,
-    url: Url,
-    url_redacted: String,
+    url: SecretUrl,
     /// `content-type` and the configured headers, built once.
     headers: HeaderMap,
     key: Option<SigningKey>,
@@ -99,7 +71,7 @@ impl std::fmt::Debug for HttpSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpSender")
             .field("listener", &self.listener)
-            .field("url", &self.url_redacted)
+            .field("url", &self.url.redacted())
             .field("signed", &self.key.is_some())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
@@ -107,69 +79,44 @@ impl std::fmt::Debug for HttpSender {
 }
 
 impl HttpSender {
-    /// Validates the listener's url, headers and secret and builds its HTTP client.
+    /// Builds the listener's HTTP client and its fixed headers.
     pub fn new(
         listener: &ListenerConfig,
         source_system: &str,
     ) -> Result<HttpSender, DeliveryError> {
         let name = listener.name.clone();
-        let invalid_url = |reason: String| DeliveryError::InvalidUrl {
-            listener: name.clone(),
-            url: listener.url_redacted.clone(),
-            reason,
-        };
-        let url = Url::parse(listener.url.expose()).map_err(|e| invalid_url(e.to_string()))?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(invalid_url(format!(
-                "scheme {:?} is not http or https",
-                url.scheme()
-            )));
-        }
-        if url.host_str().is_none() {
-            return Err(invalid_url("no host".into()));
-        }
-
-        let key = match &listener.secret {
-            Some(s) => Some(SigningKey::parse(s.expose()).map_err(|source| {
-                DeliveryError::InvalidSecret {
-                    listener: name.clone(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-
         let mut headers = HeaderMap::new();
         headers.insert(
             CONTENT_TYPE,
             HeaderValue::from_static(CLOUDEVENTS_CONTENT_TYPE),
         );
-        let mut scrub = Vec::new();
-        for (h, value) in &listener.headers {
-            let invalid = || DeliveryError::InvalidHeader {
-                listener: name.clone(),
-                name: h.clone(),
-            };
-            let header = HeaderName::from_bytes(h.as_bytes()).map_err(|_| invalid())?;
-            let mut v = HeaderValue::from_str(value.expose()).map_err(|_| invalid())?;
-            // Keeps the value out of reqwest's and hyper's debug output.
-            v.set_sensitive(true);
+        let mut scrub = listener.url.secret_parts();
+        for (header, value) in &listener.headers {
             // A configured header replaces walhook's own (e.g. a listener that insists on
             // `content-type: application/json`).
-            headers.insert(header, v);
-            scrub.push(value.expose().to_owned());
+            headers.insert(header.clone(), value.clone());
+            if let Ok(v) = value.to_str() {
+                scrub.push(v.to_owned());
+            }
         }
-        if let Some(s) = &listener.secret {
-            scrub.push(s.expose().to_owned());
-        }
-        if listener.url.expose() != listener.url_redacted {
-            scrub.push(listener.url.expose().to_owned());
+        // A listener that knows the signing secret may quote it back.
+        if let Some(key) = &listener.secret {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(key.expose());
+            scrub.push(format!("whsec_{encoded}"));
+            scrub.push(encoded);
         }
         // Very short values would scrub ordinary words out of answers; they are not
-        // secrets anyone can guess from a 200-byte excerpt either.
+        // secrets anyone can guess from a 200-byte excerpt either. Longest first, so a
+        // value containing another is replaced whole.
         scrub.retain(|s| s.len() >= 4);
+        scrub.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        scrub.dedup();
 
-        let client = Client::builder()
+        let client = crate::tls::http_client_builder(listener.ca_file.as_ref())
+            .map_err(|e| DeliveryError::Client {
+                listener: name.clone(),
+                reason: e.to_string(),
+            })?
             .redirect(redirect::Policy::none())
             .no_proxy()
             .no_gzip()
@@ -187,10 +134,9 @@ impl HttpSender {
         Ok(HttpSender {
             listener: name,
             client,
-            url,
-            url_redacted: listener.url_redacted.clone(),
+            url: listener.url.clone(),
             headers,
-            key,
+            key: listener.secret.clone(),
             timeout: listener.timeout,
             source_system: source_system.to_owned(),
             scrub,
@@ -204,7 +150,7 @@ impl HttpSender {
 
     /// The listener's url with secrets replaced, for messages.
     pub fn url_redacted(&self) -> &str {
-        &self.url_redacted
+        self.url.redacted()
     }
 
     /// The body [`HttpSender::send`] posts for `n`.
@@ -232,7 +178,7 @@ impl HttpSender {
         let started = Instant::now();
         let result = self
             .client
-            .post(self.url.clone())
+            .post(self.url.expose().clone())
             .headers(headers)
             .body(body)
             .send()
@@ -293,21 +239,21 @@ impl HttpSender {
             Outcome::Redirect3xx => Some(match location {
                 Some(loc) => format!(
                     "HTTP {code} redirect from {} to {}: redirects are not followed; set the listener url to the new location",
-                    self.url_redacted,
+                    self.url.redacted(),
                     self.excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES),
                 ),
                 None => format!(
                     "{} from {} without a Location header: redirects are not followed; check the listener url",
                     status_text(),
-                    self.url_redacted
+                    self.url.redacted()
                 ),
             }),
             _ => {
                 let text = self.excerpt(&body, COMMENT_BODY_BYTES);
                 Some(if text.is_empty() {
-                    format!("{} from {}", status_text(), self.url_redacted)
+                    format!("{} from {}", status_text(), self.url.redacted())
                 } else {
-                    format!("{} from {}: {text}", status_text(), self.url_redacted)
+                    format!("{} from {}: {text}", status_text(), self.url.redacted())
                 })
             }
         };
@@ -337,6 +283,12 @@ impl HttpSender {
                     format!("connection refused by {endpoint}"),
                 );
             }
+            if let Some(problem) = crate::tls::certificate_problem(e) {
+                return (
+                    Outcome::ConnectFailed,
+                    format!("TLS handshake with {endpoint} failed: {problem}"),
+                );
+            }
             return (
                 Outcome::ConnectFailed,
                 format!("cannot connect to {endpoint}: {}", self.cause(e)),
@@ -345,19 +297,24 @@ impl HttpSender {
         if e.is_timeout() {
             return (
                 Outcome::Timeout,
-                format!("no answer within {timeout} from {}", self.url_redacted),
+                format!("no answer within {timeout} from {}", self.url.redacted()),
             );
         }
         (
             Outcome::OtherTransport,
-            format!("request to {} failed: {}", self.url_redacted, self.cause(e)),
+            format!(
+                "request to {} failed: {}",
+                self.url.redacted(),
+                self.cause(e)
+            ),
         )
     }
 
     /// `host:port` of the listener (no credentials, no path).
     fn endpoint(&self) -> String {
-        let host = self.url.host_str().unwrap_or("?");
-        match self.url.port_or_known_default() {
+        let url = self.url.expose();
+        let host = url.host_str().unwrap_or("?");
+        match url.port_or_known_default() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         }
