@@ -154,7 +154,12 @@ impl Classify for ConfigError {
 pub struct AdminConfig {
     /// Address of the HTTP endpoint serving /metrics and /healthz (default 127.0.0.1:9187).
     pub listen: SocketAddr,
+    /// The web console's login token (`token_file`); `None` turns the console (/ui) off.
+    pub token: Option<Secret>,
 }
+
+/// Shortest `[admin] token_file` content accepted: guessing it must stay out of reach.
+pub const MIN_ADMIN_TOKEN_BYTES: usize = 24;
 
 /// One `[[listener]]`: an HTTP endpoint that receives events.
 #[derive(Clone, Debug, PartialEq)]
@@ -809,6 +814,7 @@ struct RawQueue {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     listen: Str,
+    token_file: Str,
 }
 
 #[derive(Deserialize)]
@@ -1391,7 +1397,13 @@ impl Checker<'_> {
     }
 
     fn password_file(&mut self, file: &Spanned<String>) -> Option<Secret> {
-        let name = self.string(file, "source.password_file")?;
+        self.secret_file(file, "source.password_file", "the password")
+    }
+
+    /// Reads a secret from the file named at `file` (relative to the config file), without
+    /// its final line break; `what` names the secret in the fix.
+    fn secret_file(&mut self, file: &Spanned<String>, key: &str, what: &str) -> Option<Secret> {
+        let name = self.string(file, key)?;
         let path = self.dir.join(&name);
         match std::fs::read_to_string(&path) {
             Ok(content) => {
@@ -1402,9 +1414,9 @@ impl Checker<'_> {
                 if password.is_empty() {
                     self.report(
                         file.span().start,
-                        "source.password_file",
+                        key,
                         &format!("{} is empty", path.display()),
-                        "write the password into the file, or remove password_file",
+                        &format!("write {what} into the file, or remove the key"),
                     );
                     return None;
                 }
@@ -1413,7 +1425,7 @@ impl Checker<'_> {
             Err(e) => {
                 self.report(
                     file.span().start,
-                    "source.password_file",
+                    key,
                     &format!("cannot read {}: {e}", path.display()),
                     "check the path (relative paths start at the config file's directory) and that walhook's user may read it",
                 );
@@ -1468,24 +1480,35 @@ impl Checker<'_> {
 
     fn admin(&mut self, raw: &Spanned<RawAdmin>) -> AdminConfig {
         let default = SocketAddr::from(([127, 0, 0, 1], 9187));
-        let Some(v) = &raw.get_ref().listen else {
-            return AdminConfig { listen: default };
-        };
-        let Some(s) = self.string(v, "admin.listen") else {
-            return AdminConfig { listen: default };
-        };
-        match s.trim().parse() {
-            Ok(listen) => AdminConfig { listen },
-            Err(_) => {
+        let token = raw.get_ref().token_file.as_ref().and_then(|file| {
+            let token = self.secret_file(file, "admin.token_file", "the console token")?;
+            if token.expose().len() < MIN_ADMIN_TOKEN_BYTES {
                 self.report(
-                    v.span().start,
-                    "admin.listen",
-                    &format!("invalid address {s:?}"),
-                    &format!("write an IP address and port, like \"{DEFAULT_ADMIN_LISTEN}\" or \"[::1]:9187\""),
+                    file.span().start,
+                    "admin.token_file",
+                    &format!("the token is shorter than {MIN_ADMIN_TOKEN_BYTES} bytes"),
+                    "write a long random token into the file, e.g. `openssl rand -base64 32`",
                 );
-                AdminConfig { listen: default }
+                return None;
             }
-        }
+            Some(token)
+        });
+        let listen = match &raw.get_ref().listen {
+            None => default,
+            Some(v) => match self.string(v, "admin.listen") {
+                None => default,
+                Some(s) => s.trim().parse().unwrap_or_else(|_| {
+                    self.report(
+                        v.span().start,
+                        "admin.listen",
+                        &format!("invalid address {s:?}"),
+                        &format!("write an IP address and port, like \"{DEFAULT_ADMIN_LISTEN}\" or \"[::1]:9187\""),
+                    );
+                    default
+                }),
+            },
+        };
+        AdminConfig { listen, token }
     }
 
     fn actions(&mut self, raw: &StrList, key: &str) -> Vec<Action> {
@@ -2436,7 +2459,8 @@ mod tests {
         assert_eq!(
             c.admin,
             Some(AdminConfig {
-                listen: "127.0.0.1:9187".parse().unwrap()
+                listen: "127.0.0.1:9187".parse().unwrap(),
+                token: None,
             })
         );
         assert_eq!(c.entities.len(), 2);
@@ -2900,6 +2924,35 @@ subject = \"Order/{id\"
         let lines = errors(&format!("{MINIMAL}[admin]\nlisten = \"localhost\"\n"));
         assert_eq!(lines.len(), 1);
         assert!(lines[0].starts_with("walhook.toml:8:10: admin.listen: invalid address \"localhost\"; write an IP address and port"), "{}", lines[0]);
+    }
+
+    #[test]
+    fn admin_token_file_is_read_and_must_be_long() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("walhook.toml");
+        std::fs::write(dir.path().join("token"), "0123456789abcdefghijklmnop\n").unwrap();
+        std::fs::write(dir.path().join("short"), "tooshort\n").unwrap();
+        let text = format!("{MINIMAL}[admin]\ntoken_file = \"token\"\n");
+        let c = Config::parse_with_env(&text, &config, &no_env).unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(
+            admin.token.as_ref().map(Secret::expose),
+            Some("0123456789abcdefghijklmnop")
+        );
+        assert!(!format!("{admin:?}").contains("0123456789"));
+
+        let text = format!("{MINIMAL}[admin]\ntoken_file = \"short\"\n");
+        let e = Config::parse_with_env(&text, &config, &no_env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":8:14: admin.token_file: the token is shorter than 24 bytes; write a long random token"),
+            "{e}"
+        );
+        assert!(!e.contains("tooshort"), "{e}");
+
+        let c = parse(&format!("{MINIMAL}[admin]\n")).unwrap();
+        assert_eq!(c.admin.unwrap().token, None);
     }
 
     #[test]
