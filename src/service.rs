@@ -381,9 +381,10 @@ async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &Canc
                     info!("retention works again");
                 }
                 failing = false;
-                if o.processed + o.events > 0 {
+                if o.processed + o.discarded + o.events > 0 {
                     debug!(
                         processed = o.processed,
+                        discarded = o.discarded,
                         events = o.events,
                         "pruned old rows"
                     );

@@ -52,6 +52,8 @@ enum Command {
     Failed(ops::FailedArgs),
     /// Move Failed notifications back to walhook.new for another round of attempts.
     Retry(ops::RetryArgs),
+    /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
+    Discard(ops::DiscardArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
@@ -162,6 +164,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::Discard(args) => ops::run_discard(args).await,
         Command::Demo { duration } => demo::run(duration).await,
     }
 }

@@ -1,5 +1,5 @@
-//! Operator commands over the queue tables: `walhook status`, `walhook failed` and
-//! `walhook retry`. They print for people (aligned tables, human ages and sizes) and, for
+//! Operator commands over the queue tables: `walhook status`, `walhook failed`,
+//! `walhook retry` and `walhook discard`. They print for people (aligned tables, human ages and sizes) and, for
 //! `status --json`, for machines.
 
 use std::fmt::Write as _;
@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use super::{ConfigArg, Failure};
 use crate::config::Config;
 use crate::queue::admin::{
-    FailedFilter, FailedPage, RetrySelection, Since, Status, list_failed, retry_failed, status,
+    DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
+    discard_failed, list_failed, retry_failed, status,
 };
 use crate::types::Lsn;
 
@@ -59,6 +60,34 @@ pub(super) struct RetryArgs {
     /// Requeue every Failed notification (of --listener, when given).
     #[arg(long)]
     all: bool,
+}
+
+/// `walhook discard`.
+#[derive(Args, Debug)]
+#[command(group(
+    ArgGroup::new("which").required(true).args(["ids", "all"]),
+))]
+pub(super) struct DiscardArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Only this listener's notifications.
+    #[arg(long)]
+    listener: Option<String>,
+    /// Discard the Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
+    #[arg(long = "id", value_name = "ID", num_args = 1.., conflicts_with = "all")]
+    ids: Vec<i64>,
+    /// Discard every Failed notification (of --listener, when given).
+    #[arg(long)]
+    all: bool,
+    /// Why they are discarded; kept with them in walhook.discarded.
+    #[arg(long, value_parser = parse_reason)]
+    reason: DiscardReason,
+}
+
+fn parse_reason(s: &str) -> Result<DiscardReason, String> {
+    DiscardReason::new(s).ok_or_else(|| {
+        "the reason is empty: say why, like --reason \"customer deleted upstream\"".to_owned()
+    })
 }
 
 /// Parses `--since`: a duration back from now, or an RFC 3339 time.
@@ -144,33 +173,67 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
     let (_, client) = args.config.load_and_connect().await?;
-    let selection = if args.all {
+    let selection = selection(args.all, args.ids);
+    let outcome = retry_failed(&client, args.listener.as_deref(), &selection).await?;
+    Ok(report_moved(
+        outcome.requeued.len(),
+        ("requeue", "requeued"),
+        "to walhook.new",
+        selection == RetrySelection::All,
+        &args.listener,
+        &outcome.not_requeued,
+    ))
+}
+
+pub(super) async fn run_discard(args: DiscardArgs) -> Result<i32, Failure> {
+    let (_, client) = args.config.load_and_connect().await?;
+    let selection = selection(args.all, args.ids);
+    let outcome =
+        discard_failed(&client, args.listener.as_deref(), &selection, &args.reason).await?;
+    Ok(report_moved(
+        outcome.discarded.len(),
+        ("discard", "discarded"),
+        "to walhook.discarded",
+        selection == RetrySelection::All,
+        &args.listener,
+        &outcome.not_discarded,
+    ))
+}
+
+fn selection(all: bool, ids: Vec<i64>) -> RetrySelection {
+    if all {
         RetrySelection::All
     } else {
-        RetrySelection::Ids(args.ids)
-    };
-    let outcome = retry_failed(&client, args.listener.as_deref(), &selection).await?;
-    let n = outcome.requeued.len();
-    if n == 0 && selection == RetrySelection::All {
+        RetrySelection::Ids(ids)
+    }
+}
+
+/// Prints what a retry or discard moved and what it did not; the exit code is 1 when an id
+/// asked for was not moved.
+fn report_moved(
+    n: usize,
+    (verb, done): (&str, &str),
+    destination: &str,
+    all: bool,
+    listener: &Option<String>,
+    not_moved: &[NotRequeued],
+) -> i32 {
+    if n == 0 && all {
         println!(
-            "nothing to requeue: no Failed notifications{}",
-            for_listener(&args.listener)
+            "nothing to {verb}: no Failed notifications{}",
+            for_listener(listener)
         );
     } else {
         println!(
-            "requeued {n} Failed notification{} to walhook.new{}",
+            "{done} {n} Failed notification{} {destination}{}",
             if n == 1 { "" } else { "s" },
-            for_listener(&args.listener)
+            for_listener(listener)
         );
     }
-    for missing in &outcome.not_requeued {
-        println!("not requeued: {missing}");
+    for missing in not_moved {
+        println!("not {done}: {missing}");
     }
-    Ok(if outcome.not_requeued.is_empty() {
-        0
-    } else {
-        1
-    })
+    if not_moved.is_empty() { 0 } else { 1 }
 }
 
 fn for_listener(listener: &Option<String>) -> String {
