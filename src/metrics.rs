@@ -651,6 +651,52 @@ fn duration_from_secs(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::ZERO)
 }
 
+/// Counter totals at one instant, for in-process history (the console's charts).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Entity events written to the queue, all entities and actions.
+    pub events_queued: u64,
+    /// Per listener: attempts by [`AttemptOutcome`] (success, retry, failed), by name.
+    pub listeners: Vec<(String, [u64; 3])>,
+    /// Commit→2xx latency of every listener together: non-cumulative counts per bucket of
+    /// [`LATENCY_BUCKETS`], the count (including observations above the last bound) and the
+    /// sum in nanoseconds.
+    pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
+    /// Observations in the latency histogram.
+    pub latency_count: u64,
+    /// Their sum in nanoseconds.
+    pub latency_sum_nanos: u64,
+}
+
+impl Metrics {
+    /// The counters' current totals.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            events_queued: self
+                .events_queued
+                .snapshot()
+                .iter()
+                .map(|(_, c)| c.load(Ordering::Relaxed))
+                .sum(),
+            ..Totals::default()
+        };
+        for (listener, c) in self.delivery.snapshot() {
+            let attempts = AttemptOutcome::ALL.map(|o| c.attempts[o as usize].load(Ordering::Relaxed));
+            t.listeners.push((listener, attempts));
+        }
+        for (_, h) in self.latency.snapshot() {
+            for (sum, b) in t.latency_buckets.iter_mut().zip(h.buckets.iter()) {
+                *sum += b.load(Ordering::Relaxed);
+            }
+            t.latency_count += h.count.load(Ordering::Relaxed);
+            t.latency_sum_nanos = t
+                .latency_sum_nanos
+                .saturating_add(h.sum_nanos.load(Ordering::Relaxed));
+        }
+        t
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

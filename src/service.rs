@@ -248,17 +248,29 @@ pub async fn run_with_reload(
         let listener = crate::admin::bind(admin.listen)
             .await
             .map_err(ServiceError::from_err)?;
+        let history = Arc::new(crate::console::History::new());
+        crate::console::spawn_sampler(history.clone(), observe.metrics.clone(), stop.clone());
         let app = crate::admin::router(AdminState {
             metrics: observe.metrics.clone(),
             health: observe.health.clone(),
-        });
+        })
+        .merge(crate::console::router(crate::console::ConsoleDeps {
+            config: config_rx.clone(),
+            metrics: observe.metrics.clone(),
+            health: observe.health.clone(),
+            history,
+        }));
         let stop = stop.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::admin::serve_router(listener, app, stop).await {
                 warn!("admin endpoint stopped: {e}");
             }
         });
-        info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
+        if admin.token.is_some() {
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz, web console on /ui");
+        } else {
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz (web console off: no token_file)");
+        }
     }
     let _notifier = crate::systemd::spawn_from_env(
         ready_rx,
