@@ -267,9 +267,16 @@ async fn read_form(body: axum::body::Body) -> Result<Vec<(String, String)>, Resp
     Ok(form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
-/// Whether `Origin` (when sent) names the host the request was sent to. Browsers send it
-/// with every POST; a request from another site carries that site's origin.
+/// Whether the browser says the request comes from this console: `Sec-Fetch-Site` (when
+/// sent) is `same-origin`, and `Origin` (when sent) names the host the request was sent to.
+/// Browsers send both with every POST; a request from another site carries that site's
+/// origin. Clients that send neither (curl) are not browsers a site can drive.
 fn same_origin(headers: &HeaderMap) -> bool {
+    if let Some(site) = headers.get("sec-fetch-site")
+        && site.as_bytes() != b"same-origin"
+    {
+        return false;
+    }
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
@@ -413,6 +420,9 @@ mod tests {
         h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
         assert!(!same_origin(&h));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
+        assert!(!same_origin(&h));
+        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:9187"));
+        h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert!(!same_origin(&h));
     }
 

@@ -43,6 +43,7 @@ pub fn line_chart(title: &str, now: SystemTime, series: &[Series<'_>], unit: fn(
         TOP + plot - (v / top).clamp(0.0, 1.0) * plot
     };
     let has_data = series.iter().any(|s| s.points.iter().any(|(_, v)| v.is_some()));
+    let sampled = series.iter().any(|s| !s.points.is_empty());
     html! {
         figure.chart {
             figcaption { (title) }
@@ -63,7 +64,8 @@ pub fn line_chart(title: &str, now: SystemTime, series: &[Series<'_>], unit: fn(
                 }
                 @if !has_data {
                     text.label x=((LEFT + WIDTH) / 2.0) y=(HEIGHT / 2.0) text-anchor="middle" {
-                        "no samples yet: the first appear 20 seconds after start"
+                        @if sampled { "nothing in the time sampled so far" }
+                        @else { "no samples yet: the first appear 20 seconds after start" }
                     }
                 }
             }

@@ -191,7 +191,9 @@ async fn gate(State(console): State<Console>, req: Request, next: Next) -> Respo
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // Not no-referrer: with it browsers send `Origin: null` on POST, which the same-origin
+        // check must refuse.
+        (header::REFERRER_POLICY, "same-origin"),
     ] {
         h.insert(name, HeaderValue::from_static(value));
     }

@@ -285,8 +285,8 @@ pub async fn search(
         );
     }
     let sql = format!(
-        "SELECT n.*, e.event_id AS event_uuid, e.action FROM (\n{branches}\n  ORDER BY {order} LIMIT {fetch}\n) n \
-         LEFT JOIN walhook.event e ON e.id = n.event_id ORDER BY n.{}",
+        "SELECT n.*, e.event_id AS event_uuid, e.action FROM (\n  SELECT * FROM (\n{branches}\n  ) u \
+         ORDER BY {order} LIMIT {fetch}\n) n LEFT JOIN walhook.event e ON e.id = n.event_id ORDER BY n.{}",
         order.replace(", ", ", n.")
     );
     let rows = client
