@@ -97,10 +97,7 @@ mod tests {
         assert_eq!(age(Duration::from_secs(192)), "3m12s");
         assert_eq!(age(Duration::from_secs(3600)), "1h");
         assert_eq!(age(Duration::from_secs(3600 + 5)), "1h");
-        assert_eq!(
-            age(Duration::from_secs(2 * 86_400 + 4 * 3600 + 7)),
-            "2d4h"
-        );
+        assert_eq!(age(Duration::from_secs(2 * 86_400 + 4 * 3600 + 7)), "2d4h");
     }
 
     #[test]

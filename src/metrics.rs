@@ -681,7 +681,8 @@ impl Metrics {
             ..Totals::default()
         };
         for (listener, c) in self.delivery.snapshot() {
-            let attempts = AttemptOutcome::ALL.map(|o| c.attempts[o as usize].load(Ordering::Relaxed));
+            let attempts =
+                AttemptOutcome::ALL.map(|o| c.attempts[o as usize].load(Ordering::Relaxed));
             t.listeners.push((listener, attempts));
         }
         for (_, h) in self.latency.snapshot() {

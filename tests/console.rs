@@ -123,7 +123,10 @@ async fn login(base: &str, token: &str) -> String {
     for attribute in ["HttpOnly", "SameSite=Strict", "Path=/ui"] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
-    assert!(!cookie.contains(token), "the cookie must not hold the token: {cookie}");
+    assert!(
+        !cookie.contains(token),
+        "the cookie must not hold the token: {cookie}"
+    );
     cookie.split(';').next().unwrap().to_owned()
 }
 
@@ -131,7 +134,11 @@ async fn login(base: &str, token: &str) -> String {
 async fn the_console_is_off_without_a_token_file_and_metrics_stay_open() {
     let server = InProcess::start(None).await;
     for path in ["/ui", "/ui/login", "/ui/failed", "/ui/static/console.css"] {
-        let r = http().get(format!("{}{path}", server.base)).send().await.unwrap();
+        let r = http()
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
         let body = r.text().await.unwrap();
         assert_eq!(body.lines().count(), 1, "{body}");
@@ -145,7 +152,11 @@ async fn the_console_is_off_without_a_token_file_and_metrics_stay_open() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     for path in ["/metrics", "/healthz"] {
-        let r = http().get(format!("{}{path}", server.base)).send().await.unwrap();
+        let r = http()
+            .get(format!("{}{path}", server.base))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::OK, "{path}");
     }
 }
@@ -156,9 +167,16 @@ async fn pages_need_a_login_and_writes_need_the_csrf_token() {
     let base = &server.base;
 
     // No session: reads go to the login form, writes are refused.
-    let r = http().get(format!("{base}/ui/failed?listener=a")).send().await.unwrap();
+    let r = http()
+        .get(format!("{base}/ui/failed?listener=a"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    assert_eq!(r.headers()[LOCATION], "/ui/login?next=%2Fui%2Ffailed%3Flistener%3Da");
+    assert_eq!(
+        r.headers()[LOCATION],
+        "/ui/login?next=%2Fui%2Ffailed%3Flistener%3Da"
+    );
     let r = http()
         .post(format!("{base}/ui/failed/retry"))
         .form(&[("id", "1")])
@@ -200,7 +218,12 @@ async fn pages_need_a_login_and_writes_need_the_csrf_token() {
     assert_eq!(r.status(), StatusCode::SEE_OTHER, "logged in: no form");
     let headers = r.headers();
     assert_eq!(headers["x-frame-options"], "DENY");
-    assert!(headers["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    assert!(
+        headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
     assert_eq!(headers["cache-control"], "no-store");
 
     // Logged in, but without the CSRF token, or with another one: refused.
@@ -263,7 +286,9 @@ fn browser_programs() -> Option<(PathBuf, PathBuf)> {
             "chromium and chromedriver are needed for the console's browser tests: apt-get install chromium chromium-driver"
         ),
         _ => {
-            eprintln!("skipping: chromium or chromedriver not found (apt-get install chromium chromium-driver)");
+            eprintln!(
+                "skipping: chromium or chromedriver not found (apt-get install chromium chromium-driver)"
+            );
             None
         }
     }
@@ -352,7 +377,11 @@ async fn element(b: &fantoccini::Client, css: &str) -> fantoccini::elements::Ele
     {
         Ok(e) => e,
         Err(e) => {
-            let url = b.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+            let url = b
+                .current_url()
+                .await
+                .map(|u| u.to_string())
+                .unwrap_or_default();
             let source = b.source().await.unwrap_or_default();
             panic!("{css}: {e} on {url}:\n{source}");
         }
@@ -389,9 +418,11 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     })
     .await;
     let c = db.client().await;
-    c.batch_execute("INSERT INTO customer VALUES (4242, 'Ada <script>alert(1)</script>'), (7, 'Bob')")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "INSERT INTO customer VALUES (4242, 'Ada <script>alert(1)</script>'), (7, 'Bob')",
+    )
+    .await
+    .unwrap();
     let failed = wait_status(&c, "4242", "Failed").await;
     wait_status(&c, "7", "Failed").await;
 
@@ -405,7 +436,12 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         .send_keys(TOKEN)
         .await
         .unwrap();
-    b.find(Locator::Css("form button[type=submit]")).await.unwrap().click().await.unwrap();
+    b.find(Locator::Css("form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     assert_eq!(text(&b, "main h1").await, "Overview");
 
     // The overview shows the listener's failures.
@@ -415,7 +451,10 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     assert!(["failing", "idle"].contains(&health.as_str()), "{health}");
     assert!(text(&b, &format!("{row} td.comment")).await.contains("500"));
     let page = b.source().await.unwrap();
-    assert!(!page.contains("do-not-show-me"), "the listener URL's secret is shown");
+    assert!(
+        !page.contains("do-not-show-me"),
+        "the listener URL's secret is shown"
+    );
     // In a directory of this test run that outlives it, so the printed path can be opened.
     let shots = std::env::temp_dir().join(format!("walhook-console-test-{}", std::process::id()));
     std::fs::create_dir_all(&shots).unwrap();
@@ -435,8 +474,16 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     .await;
     let link = format!("table.notifications tr#n{failed} td a");
     assert_eq!(text(&b, &link).await, failed.to_string());
-    assert_eq!(text(&b, &format!("tr#n{failed} td.entity-id")).await, "4242");
-    b.find(Locator::Css(&link)).await.unwrap().click().await.unwrap();
+    assert_eq!(
+        text(&b, &format!("tr#n{failed} td.entity-id")).await,
+        "4242"
+    );
+    b.find(Locator::Css(&link))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
 
     // The event page shows the payload exactly as the listener received it.
     let shown = text(&b, "article.payload[data-listener=crm] pre.payload-body").await;
@@ -447,7 +494,12 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         .find(|body| body.contains("\"entityid\":\"4242\""))
         .expect("the receiver got customer 4242");
     assert_eq!(shown, received);
-    assert!(b.source().await.unwrap().contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(
+        b.source()
+            .await
+            .unwrap()
+            .contains("&lt;script&gt;alert(1)&lt;/script&gt;")
+    );
 
     // Without the CSRF token, or without a session, retry is refused and nothing moves.
     let cookie = b.get_named_cookie("walhook_console").await.unwrap();
@@ -461,7 +513,10 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         }
         assert_eq!(r.send().await.unwrap().status().as_u16(), status);
     }
-    assert_eq!(status_of(&c, "4242").await, vec![(failed, "Failed".to_owned())]);
+    assert_eq!(
+        status_of(&c, "4242").await,
+        vec![(failed, "Failed".to_owned())]
+    );
 
     // Retry from the Failed page: New at once (the listener now takes its time to answer
     // 200), then Processed.
@@ -472,12 +527,29 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         .click()
         .await
         .unwrap();
-    b.find(Locator::Id("retry-selected")).await.unwrap().click().await.unwrap();
-    assert!(text(&b, "p.notice").await.starts_with("Requeued 1 notification"));
-    assert_eq!(status_of(&c, "4242").await, vec![(failed, "New".to_owned())]);
+    b.find(Locator::Id("retry-selected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    assert!(
+        text(&b, "p.notice")
+            .await
+            .starts_with("Requeued 1 notification")
+    );
+    assert_eq!(
+        status_of(&c, "4242").await,
+        vec![(failed, "New".to_owned())]
+    );
     wait_status(&c, "4242", "Processed").await;
-    b.goto(&format!("{base}/ui/notifications?entity_id=4242")).await.unwrap();
-    assert_eq!(text(&b, &format!("tr#n{failed} span.badge")).await, "Processed");
+    b.goto(&format!("{base}/ui/notifications?entity_id=4242"))
+        .await
+        .unwrap();
+    assert_eq!(
+        text(&b, &format!("tr#n{failed} span.badge")).await,
+        "Processed"
+    );
 
     // Discard the other one with a reason (the page asks for confirmation first).
     b.goto(&format!("{base}/ui/failed")).await.unwrap();
@@ -492,11 +564,23 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         .send_keys("customer 7 was deleted upstream")
         .await
         .unwrap();
-    b.find(Locator::Id("discard-selected")).await.unwrap().click().await.unwrap();
+    b.find(Locator::Id("discard-selected"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     b.accept_alert().await.unwrap();
-    assert!(text(&b, "p.notice").await.starts_with("Discarded 1 notification"));
+    assert!(
+        text(&b, "p.notice")
+            .await
+            .starts_with("Discarded 1 notification")
+    );
     let reason: String = c
-        .query_one("SELECT reason FROM walhook.discarded WHERE entity_id = '7'", &[])
+        .query_one(
+            "SELECT reason FROM walhook.discarded WHERE entity_id = '7'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);

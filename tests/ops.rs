@@ -709,7 +709,14 @@ async fn discard_keeps_the_reason_names_what_it_left_and_retention_prunes_it() {
     let (db, client) = seeded().await;
     let (c1, c2, _) = with_history(&client).await;
     let e10 = id_of(&client, "erp", "10").await;
-    fail(&client, e10, "HTTP 410 Gone from http://x/erp", 410, "5 minutes").await;
+    fail(
+        &client,
+        e10,
+        "HTTP 410 Gone from http://x/erp",
+        410,
+        "5 minutes",
+    )
+    .await;
 
     assert!(DiscardReason::new(" \n\t").is_none());
     let reason = DiscardReason::new("  customer\n2 was merged  ").unwrap();
@@ -726,7 +733,10 @@ async fn discard_keeps_the_reason_names_what_it_left_and_retention_prunes_it() {
     let why: Vec<String> = out.not_discarded.iter().map(|n| n.to_string()).collect();
     assert_eq!(why.len(), 3, "{why:?}");
     assert!(why[0].contains("is Processed"), "{why:?}");
-    assert!(why[1].contains("is Failed for listener \"erp\"") && why[1].ends_with("not discarded"), "{why:?}");
+    assert!(
+        why[1].contains("is Failed for listener \"erp\"") && why[1].ends_with("not discarded"),
+        "{why:?}"
+    );
     assert!(why[2].contains("does not exist"), "{why:?}");
 
     let row = client
@@ -769,7 +779,14 @@ async fn discard_keeps_the_reason_names_what_it_left_and_retention_prunes_it() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("the reason is empty"), "{err}");
     let (code, out, err) = support::walhook(&[
-        "discard", "--config", path, "--all", "--listener", "erp", "--reason", "invoice API retired",
+        "discard",
+        "--config",
+        path,
+        "--all",
+        "--listener",
+        "erp",
+        "--reason",
+        "invoice API retired",
     ]);
     assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
     assert!(
@@ -796,7 +813,9 @@ async fn discard_keeps_the_reason_names_what_it_left_and_retention_prunes_it() {
 
 #[tokio::test]
 async fn search_pages_newest_first_through_every_status_and_filter() {
-    use walhook::queue::browse::{PageAt, SearchFilter, event_detail, event_of_notification, search};
+    use walhook::queue::browse::{
+        PageAt, SearchFilter, event_detail, event_of_notification, search,
+    };
     let (_db, client) = seeded().await;
     let (c1, c2, c3) = with_history(&client).await;
     // crm: Customer 1 Processed, 2 Failed, 3 New; erp: Customer 1..3 and Invoice 10 New.
@@ -823,9 +842,14 @@ async fn search_pages_newest_first_through_every_status_and_filter() {
     assert_eq!(seen, expected);
     assert_eq!(seen.len(), 7);
     // And back: the page newer than the last is the middle one.
-    let back = search(&client, &everything, PageAt::After(pages[2].newer.unwrap()), 3)
-        .await
-        .unwrap();
+    let back = search(
+        &client,
+        &everything,
+        PageAt::After(pages[2].newer.unwrap()),
+        3,
+    )
+    .await
+    .unwrap();
     assert_eq!(back.rows, pages[1].rows);
     assert!(back.newer.is_some() && back.older.is_some());
 
@@ -840,33 +864,84 @@ async fn search_pages_newest_first_through_every_status_and_filter() {
     };
     let mut crm = vec![c1, c2, c3];
     crm.sort_unstable();
-    assert_eq!(ids(SearchFilter { listener: Some("crm".into()), ..Default::default() }).await, crm);
     assert_eq!(
-        ids(SearchFilter { statuses: vec![NotificationStatus::Failed], ..Default::default() }).await,
+        ids(SearchFilter {
+            listener: Some("crm".into()),
+            ..Default::default()
+        })
+        .await,
+        crm
+    );
+    assert_eq!(
+        ids(SearchFilter {
+            statuses: vec![NotificationStatus::Failed],
+            ..Default::default()
+        })
+        .await,
         vec![c2]
     );
     let erp2 = id_of(&client, "erp", "2").await;
     let mut two = vec![c2, erp2];
     two.sort_unstable();
-    assert_eq!(ids(SearchFilter { entity_id: Some("2".into()), ..Default::default() }).await, two);
     assert_eq!(
-        ids(SearchFilter { entity: Some("Invoice".into()), ..Default::default() }).await.len(),
+        ids(SearchFilter {
+            entity_id: Some("2".into()),
+            ..Default::default()
+        })
+        .await,
+        two
+    );
+    assert_eq!(
+        ids(SearchFilter {
+            entity: Some("Invoice".into()),
+            ..Default::default()
+        })
+        .await
+        .len(),
         1
     );
     let future = std::time::SystemTime::now() + Duration::from_secs(3600);
-    assert!(ids(SearchFilter { from: Some(future), ..Default::default() }).await.is_empty());
-    assert_eq!(ids(SearchFilter { to: Some(future), ..Default::default() }).await.len(), 7);
+    assert!(
+        ids(SearchFilter {
+            from: Some(future),
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        ids(SearchFilter {
+            to: Some(future),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        7
+    );
 
     // By event id: both listeners' notifications of Customer 2's event.
     let uuid: uuid::Uuid = client
-        .query_one("SELECT event_id FROM walhook.event WHERE entity_id = '2'", &[])
+        .query_one(
+            "SELECT event_id FROM walhook.event WHERE entity_id = '2'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(ids(SearchFilter { event: Some(uuid), ..Default::default() }).await, two);
+    assert_eq!(
+        ids(SearchFilter {
+            event: Some(uuid),
+            ..Default::default()
+        })
+        .await,
+        two
+    );
     let unknown = search(
         &client,
-        &SearchFilter { event: Some(uuid::Uuid::nil()), ..Default::default() },
+        &SearchFilter {
+            event: Some(uuid::Uuid::nil()),
+            ..Default::default()
+        },
         PageAt::First,
         50,
     )
@@ -883,7 +958,15 @@ async fn search_pages_newest_first_through_every_status_and_filter() {
     assert_eq!(failed.event_uuid, Some(uuid));
     assert_eq!(failed.action.as_deref(), Some("Updated"));
     assert_eq!(detail.notifications.len(), 2);
-    assert_eq!(event_of_notification(&client, c2).await.unwrap(), Some(uuid));
+    assert_eq!(
+        event_of_notification(&client, c2).await.unwrap(),
+        Some(uuid)
+    );
     assert_eq!(event_of_notification(&client, 999_999).await.unwrap(), None);
-    assert!(event_detail(&client, uuid::Uuid::nil()).await.unwrap().is_none());
+    assert!(
+        event_detail(&client, uuid::Uuid::nil())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

@@ -10,11 +10,11 @@ use serde_json::{Value, json};
 
 use super::{ConfigArg, Failure};
 use crate::config::Config;
+use crate::human::{age as human_age, bytes as human_bytes};
 use crate::queue::admin::{
     DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
     discard_failed, list_failed, retry_failed, status,
 };
-use crate::human::{age as human_age, bytes as human_bytes};
 use crate::types::Lsn;
 
 /// `walhook status`.

@@ -49,7 +49,10 @@ fn digest(s: &str) -> Digest32 {
 /// the digests are compared).
 fn same_secret(a: &str, b: &str) -> bool {
     let (a, b) = (digest(a), digest(b));
-    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+        == 0
 }
 
 /// 244 random bits from the OS generator (two v4 uuids), as 64 hex digits.
@@ -85,7 +88,8 @@ impl Default for Sessions {
     fn default() -> Self {
         // Ten wrong tokens at once, then one per second: typing errors pass, guessing a
         // 24-byte token does not.
-        let quota = Quota::per_second(NonZeroU32::MIN).allow_burst(NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN));
+        let quota = Quota::per_second(NonZeroU32::MIN)
+            .allow_burst(NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN));
         Sessions {
             open: Mutex::new(HashMap::new()),
             failed_logins: RateLimiter::direct(quota),
@@ -287,7 +291,12 @@ fn same_origin(headers: &HeaderMap) -> bool {
 
 /// A plain-text refusal (the status says what kind).
 pub fn refuse(status: StatusCode, why: &str) -> Response {
-    (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], format!("{why}\n")).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        format!("{why}\n"),
+    )
+        .into_response()
 }
 
 /// Where to go after login: only paths of this console.
@@ -340,13 +349,21 @@ pub async fn login_form(
 pub async fn login(State(console): State<Console>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     if !same_origin(&parts.headers) {
-        return refuse(StatusCode::FORBIDDEN, "refused: the request comes from another site");
+        return refuse(
+            StatusCode::FORBIDDEN,
+            "refused: the request comes from another site",
+        );
     }
     let fields = match read_form(body).await {
         Ok(f) => f,
         Err(r) => return r,
     };
-    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+    let field = |name: &str| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
     let next = safe_next(field("next")).to_owned();
     let Some(token) = console.token() else {
         return StatusCode::NOT_FOUND.into_response();
@@ -381,7 +398,9 @@ pub async fn logout(State(console): State<Console>, form: WriteForm) -> Response
     let mut response = Redirect::to("/ui/login").into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
-        HeaderValue::from_static("walhook_console=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0"),
+        HeaderValue::from_static(
+            "walhook_console=; Path=/ui; HttpOnly; SameSite=Strict; Max-Age=0",
+        ),
     );
     response
 }
@@ -403,8 +422,17 @@ mod tests {
 
     #[test]
     fn only_console_paths_are_followed_after_login() {
-        assert_eq!(safe_next(Some("/ui/failed?listener=a")), "/ui/failed?listener=a");
-        for bad in ["https://evil.example/", "//evil.example/ui", "/metrics", "/ui\\..", ""] {
+        assert_eq!(
+            safe_next(Some("/ui/failed?listener=a")),
+            "/ui/failed?listener=a"
+        );
+        for bad in [
+            "https://evil.example/",
+            "//evil.example/ui",
+            "/metrics",
+            "/ui\\..",
+            "",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/ui", "{bad}");
         }
         assert_eq!(safe_next(None), "/ui");
@@ -415,13 +443,22 @@ mod tests {
         let mut h = HeaderMap::new();
         assert!(same_origin(&h));
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:9187"));
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:9187"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:9187"),
+        );
         assert!(same_origin(&h));
-        h.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
         assert!(!same_origin(&h));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(!same_origin(&h));
-        h.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:9187"));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("http://127.0.0.1:9187"),
+        );
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert!(!same_origin(&h));
     }
@@ -429,7 +466,10 @@ mod tests {
     #[test]
     fn cookies_are_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; walhook_console=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; walhook_console=abc; b=2"),
+        );
         assert_eq!(cookie(&h, COOKIE), Some("abc"));
         assert_eq!(cookie(&h, "walhook"), None);
     }

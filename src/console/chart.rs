@@ -26,7 +26,12 @@ pub struct Series<'a> {
 }
 
 /// A chart of `series` over the hour before `now`, values formatted with `unit`.
-pub fn line_chart(title: &str, now: SystemTime, series: &[Series<'_>], unit: fn(f64) -> String) -> Markup {
+pub fn line_chart(
+    title: &str,
+    now: SystemTime,
+    series: &[Series<'_>],
+    unit: fn(f64) -> String,
+) -> Markup {
     let max = series
         .iter()
         .flat_map(|s| s.points.iter().filter_map(|(_, v)| *v))
@@ -35,14 +40,19 @@ pub fn line_chart(title: &str, now: SystemTime, series: &[Series<'_>], unit: fn(
     let top = nice_ceiling(max);
     let start = now.checked_sub(WINDOW).unwrap_or(now);
     let x = |t: SystemTime| -> f64 {
-        let from_start = t.duration_since(start).unwrap_or(Duration::ZERO).as_secs_f64();
+        let from_start = t
+            .duration_since(start)
+            .unwrap_or(Duration::ZERO)
+            .as_secs_f64();
         LEFT + (from_start / WINDOW.as_secs_f64()).clamp(0.0, 1.0) * (WIDTH - LEFT)
     };
     let y = |v: f64| -> f64 {
         let plot = HEIGHT - BOTTOM - TOP;
         TOP + plot - (v / top).clamp(0.0, 1.0) * plot
     };
-    let has_data = series.iter().any(|s| s.points.iter().any(|(_, v)| v.is_some()));
+    let has_data = series
+        .iter()
+        .any(|s| s.points.iter().any(|(_, v)| v.is_some()));
     let sampled = series.iter().any(|s| !s.points.is_empty());
     html! {
         figure.chart {
@@ -105,7 +115,10 @@ fn polyline_points(
     // A single point still shows as a short flat line.
     let run: Vec<(SystemTime, f64)> = if run.len() == 1 {
         let (t, v) = run[0];
-        vec![(t.checked_sub(Duration::from_secs(5)).unwrap_or(t), v), (t, v)]
+        vec![
+            (t.checked_sub(Duration::from_secs(5)).unwrap_or(t), v),
+            (t, v),
+        ]
     } else {
         run.to_vec()
     };

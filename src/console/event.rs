@@ -97,7 +97,11 @@ fn facts(d: &EventDetail) -> Markup {
 fn payloads(console: &Console, d: &EventDetail) -> Markup {
     let config = console.config();
     let source_system = console.source_system();
-    let mut listeners: Vec<&str> = d.notifications.iter().map(|n| n.listener.as_str()).collect();
+    let mut listeners: Vec<&str> = d
+        .notifications
+        .iter()
+        .map(|n| n.listener.as_str())
+        .collect();
     listeners.sort_unstable();
     listeners.dedup();
     html! {

@@ -165,7 +165,10 @@ fn outcome(q: &FailedQuery) -> Markup {
 
 /// The listener and the selection of a posted form.
 fn selection(form: &WriteForm) -> Result<(Option<String>, RetrySelection), Response> {
-    let listener = form.get("listener").filter(|l| !l.is_empty()).map(str::to_owned);
+    let listener = form
+        .get("listener")
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned);
     if form.get("all") == Some("1") {
         if listener.is_none() {
             return Err(layout::error_page(
@@ -224,7 +227,12 @@ pub(super) async fn retry(State(console): State<Console>, form: WriteForm) -> Re
                 requeued = out.requeued.len(),
                 "console: requeued Failed notifications"
             );
-            back(listener.as_deref(), "requeued", out.requeued.len(), out.not_requeued.len())
+            back(
+                listener.as_deref(),
+                "requeued",
+                out.requeued.len(),
+                out.not_requeued.len(),
+            )
         }
         Err(e) => e.into_response(),
     }
@@ -255,7 +263,12 @@ pub(super) async fn discard(State(console): State<Console>, form: WriteForm) -> 
                 reason = reason.as_str(),
                 "console: discarded Failed notifications"
             );
-            back(listener.as_deref(), "discarded", out.discarded.len(), out.not_discarded.len())
+            back(
+                listener.as_deref(),
+                "discarded",
+                out.discarded.len(),
+                out.not_discarded.len(),
+            )
         }
         Err(e) => e.into_response(),
     }

@@ -148,7 +148,10 @@ fn interval(a: &Sample, b: &Sample) -> Option<Interval> {
         return None;
     }
     let delivered = |t: &Totals| -> u64 { t.listeners.iter().map(|(_, a)| a[0]).sum() };
-    let count = b.totals.latency_count.saturating_sub(a.totals.latency_count);
+    let count = b
+        .totals
+        .latency_count
+        .saturating_sub(a.totals.latency_count);
     let sum = b
         .totals
         .latency_sum_nanos
@@ -164,10 +167,12 @@ fn interval(a: &Sample, b: &Sample) -> Option<Interval> {
     }
     Some(Interval {
         end: b.at,
-        events_per_sec: b.totals.events_queued.saturating_sub(a.totals.events_queued) as f64
+        events_per_sec: b
+            .totals
+            .events_queued
+            .saturating_sub(a.totals.events_queued) as f64
             / secs,
-        delivered_per_sec: delivered(&b.totals).saturating_sub(delivered(&a.totals)) as f64
-            / secs,
+        delivered_per_sec: delivered(&b.totals).saturating_sub(delivered(&a.totals)) as f64 / secs,
         latency_mean: (count > 0).then(|| sum as f64 / 1e9 / count as f64),
         latency_p95: quantile(&buckets, count, 0.95),
     })

@@ -6,12 +6,12 @@ use std::time::Duration;
 use axum::extract::State;
 use maud::{Markup, html};
 
+use super::Console;
 use super::auth::Viewer;
 use super::chart;
 use super::history::ListenerActivity;
 use super::layout::{self, Section};
 use super::overview::{HEALTH_SPAN, enc, health_badge};
-use super::Console;
 use crate::config::{ListenerConfig, ListenerFormat};
 
 /// GET /ui/listeners.

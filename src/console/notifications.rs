@@ -54,8 +54,9 @@ impl SearchQuery {
     fn parse(&self, now: SystemTime) -> Result<(SearchFilter, PageAt), String> {
         let mut f = SearchFilter::default();
         if let Some(s) = given(&self.status) {
-            let status = NotificationStatus::parse(s)
-                .ok_or_else(|| format!("unknown status {s:?}: choose New, Processed, Failed or Discarded"))?;
+            let status = NotificationStatus::parse(s).ok_or_else(|| {
+                format!("unknown status {s:?}: choose New, Processed, Failed or Discarded")
+            })?;
             f.statuses = vec![status];
         }
         f.listener = given(&self.listener).map(str::to_owned);
@@ -66,14 +67,20 @@ impl SearchQuery {
                 format!("event id {s:?} is not a uuid like 0b9c3c2e-7f59-5d7b-9f43-3b1f1a2b3c4d")
             })?);
         }
-        for (field, value, out) in [("from", &self.from, &mut f.from), ("to", &self.to, &mut f.to)] {
+        for (field, value, out) in [
+            ("from", &self.from, &mut f.from),
+            ("to", &self.to, &mut f.to),
+        ] {
             if let Some(s) = given(value) {
                 *out = Some(parse_when(s, now).ok_or_else(|| {
                     format!("{field} {s:?} is not a time: write 2024-05-01 12:00 (UTC), 2024-05-01T14:00:00+02:00, or a duration back from now like 2h")
                 })?);
             }
         }
-        let cursor = |s: &str| Cursor::decode(s).ok_or_else(|| "the page link is damaged: start the search again".to_owned());
+        let cursor = |s: &str| {
+            Cursor::decode(s)
+                .ok_or_else(|| "the page link is damaged: start the search again".to_owned())
+        };
         let at = match (given(&self.before), given(&self.after)) {
             (Some(b), _) => PageAt::Before(cursor(b)?),
             (None, Some(a)) => PageAt::After(cursor(a)?),
@@ -133,7 +140,12 @@ pub(super) async fn page(
             (results_table(&q, page, now))
         }
     };
-    Ok(layout::page("Notifications", Section::Notifications, &viewer, body))
+    Ok(layout::page(
+        "Notifications",
+        Section::Notifications,
+        &viewer,
+        body,
+    ))
 }
 
 fn form(q: &SearchQuery, config: &crate::config::Config) -> Markup {
@@ -273,15 +285,42 @@ mod tests {
         assert_eq!(f.statuses, vec![NotificationStatus::Failed]);
         assert_eq!(f.entity_id.as_deref(), Some("42"));
         assert_eq!(f.entity, None);
-        assert_eq!(f.from, now.checked_sub(std::time::Duration::from_secs(7200)));
+        assert_eq!(
+            f.from,
+            now.checked_sub(std::time::Duration::from_secs(7200))
+        );
         assert_eq!(f.to, humantime::parse_rfc3339("2024-05-01T12:00:00Z").ok());
         assert_eq!(at, PageAt::First);
 
         for (bad, expect) in [
-            (SearchQuery { status: Some("Lost".into()), ..Default::default() }, "unknown status"),
-            (SearchQuery { event: Some("42".into()), ..Default::default() }, "not a uuid"),
-            (SearchQuery { from: Some("yesterday".into()), ..Default::default() }, "from \"yesterday\" is not a time"),
-            (SearchQuery { before: Some("x".into()), ..Default::default() }, "damaged"),
+            (
+                SearchQuery {
+                    status: Some("Lost".into()),
+                    ..Default::default()
+                },
+                "unknown status",
+            ),
+            (
+                SearchQuery {
+                    event: Some("42".into()),
+                    ..Default::default()
+                },
+                "not a uuid",
+            ),
+            (
+                SearchQuery {
+                    from: Some("yesterday".into()),
+                    ..Default::default()
+                },
+                "from \"yesterday\" is not a time",
+            ),
+            (
+                SearchQuery {
+                    before: Some("x".into()),
+                    ..Default::default()
+                },
+                "damaged",
+            ),
         ] {
             let e = bad.parse(now).unwrap_err();
             assert!(e.contains(expect), "{e}");
@@ -295,7 +334,13 @@ mod tests {
             before: Some("1_1".into()),
             ..SearchQuery::default()
         };
-        let c = Cursor { created_at: std::time::UNIX_EPOCH, id: 7 };
-        assert_eq!(q.link(Some(c), None), "/ui/notifications?entity_id=a%26b&before=0_7");
+        let c = Cursor {
+            created_at: std::time::UNIX_EPOCH,
+            id: 7,
+        };
+        assert_eq!(
+            q.link(Some(c), None),
+            "/ui/notifications?entity_id=a%26b&before=0_7"
+        );
     }
 }

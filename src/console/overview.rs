@@ -102,9 +102,10 @@ fn capture(console: &Console, report: Option<&Status>) -> Markup {
 
 fn charts(console: &Console, now: SystemTime) -> Markup {
     let intervals = console.inner.deps.history.intervals();
-    let points = |f: fn(&super::history::Interval) -> Option<f64>| -> Vec<(SystemTime, Option<f64>)> {
-        intervals.iter().map(|i| (i.end, f(i))).collect()
-    };
+    let points =
+        |f: fn(&super::history::Interval) -> Option<f64>| -> Vec<(SystemTime, Option<f64>)> {
+            intervals.iter().map(|i| (i.end, f(i))).collect()
+        };
     html! {
         (chart::line_chart(
             "Events per second (last hour)",

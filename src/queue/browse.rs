@@ -193,26 +193,29 @@ impl Params {
 
 const FIND_EVENT: &str = "SELECT id, entity_id FROM walhook.event WHERE event_id = $1";
 
-/// Searches notifications in every status table the filter allows; at most `limit` rows
-/// (1..=[`MAX_PAGE`]) per page.
-pub async fn search(
+/// A search statement with its parameters, before it runs.
+struct Statement {
+    sql: String,
+    params: Params,
+    limit: i64,
+    newest_first: bool,
+}
+
+/// Builds the statement of [`search`]; `Ok(None)` when the filter's event id is unknown.
+async fn statement(
     client: &Client,
     filter: &SearchFilter,
     at: PageAt,
     limit: i64,
-) -> Result<SearchPage, QueueError> {
-    const CONTEXT: &str = "searching notifications";
-    let err = || db_error(CONTEXT, USE);
+) -> Result<Option<Statement>, QueueError> {
+    let err = || db_error("searching notifications", USE);
     let limit = limit.clamp(1, MAX_PAGE);
     let mut params = Params::default();
     let mut conditions: Vec<String> = Vec::new();
     if let Some(uuid) = filter.event {
         let rows = client.query(FIND_EVENT, &[&uuid]).await.map_err(err())?;
         if rows.is_empty() {
-            return Ok(SearchPage {
-                unknown_event: true,
-                ..SearchPage::default()
-            });
+            return Ok(None);
         }
         let mut ids = Vec::with_capacity(rows.len());
         let mut entity_ids = Vec::with_capacity(rows.len());
@@ -289,17 +292,41 @@ pub async fn search(
          ORDER BY {order} LIMIT {fetch}\n) n LEFT JOIN walhook.event e ON e.id = n.event_id ORDER BY n.{}",
         order.replace(", ", ", n.")
     );
+    Ok(Some(Statement {
+        sql,
+        params,
+        limit,
+        newest_first,
+    }))
+}
+
+/// Searches notifications in every status table the filter allows; at most `limit` rows
+/// (1..=[`MAX_PAGE`]) per page.
+pub async fn search(
+    client: &Client,
+    filter: &SearchFilter,
+    at: PageAt,
+    limit: i64,
+) -> Result<SearchPage, QueueError> {
+    let err = || db_error("searching notifications", USE);
+    let Some(st) = statement(client, filter, at, limit).await? else {
+        return Ok(SearchPage {
+            unknown_event: true,
+            ..SearchPage::default()
+        });
+    };
     let rows = client
-        .query(sql.as_str(), &params.refs())
+        .query(st.sql.as_str(), &st.params.refs())
         .await
         .map_err(err())?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         out.push(read_row(row).map_err(err())?);
     }
-    let more = out.len() > usize::try_from(limit).unwrap_or(usize::MAX);
-    out.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
-    if !newest_first {
+    let page = usize::try_from(st.limit).unwrap_or(usize::MAX);
+    let more = out.len() > page;
+    out.truncate(page);
+    if !st.newest_first {
         out.reverse();
     }
     let (older, newer) = match at {
@@ -320,6 +347,31 @@ pub async fn search(
         newer: newer.flatten(),
         unknown_event: false,
     })
+}
+
+/// The plan of [`search`]'s statement for the same arguments, run with
+/// `EXPLAIN (ANALYZE, BUFFERS)`: for benchmarks and for DBAs checking the indexes.
+pub async fn explain_search(
+    client: &Client,
+    filter: &SearchFilter,
+    at: PageAt,
+    limit: i64,
+) -> Result<String, QueueError> {
+    let err = || db_error("explaining a notification search", USE);
+    let Some(st) = statement(client, filter, at, limit).await? else {
+        return Ok("(no such event: nothing to search)".to_owned());
+    };
+    let sql = format!("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {}", st.sql);
+    let rows = client
+        .query(sql.as_str(), &st.params.refs())
+        .await
+        .map_err(err())?;
+    let mut out = String::new();
+    for row in rows {
+        out.push_str(&row.try_get::<_, String>(0).map_err(err())?);
+        out.push('\n');
+    }
+    Ok(out)
 }
 
 fn read_row(row: &tokio_postgres::Row) -> Result<NotificationRow, tokio_postgres::Error> {
@@ -423,7 +475,16 @@ mod tests {
         };
         assert_eq!(c.encode(), "1714566896123456_42");
         assert_eq!(Cursor::decode(&c.encode()), Some(c));
-        for junk in ["", "_", "1_", "_1", "x_1", "1_x", "1-2", "99999999999999999999_1"] {
+        for junk in [
+            "",
+            "_",
+            "1_",
+            "_1",
+            "x_1",
+            "1_x",
+            "1-2",
+            "99999999999999999999_1",
+        ] {
             assert_eq!(Cursor::decode(junk), None, "{junk}");
         }
     }
