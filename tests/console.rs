@@ -20,7 +20,7 @@ use reqwest::StatusCode;
 use reqwest::header::{COOKIE, LOCATION, ORIGIN, SET_COOKIE};
 use serde_json::json;
 use support::receiver::{Receiver, Reply};
-use support::{CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually};
+use support::{CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, free_port};
 use tokio_util::sync::CancellationToken;
 use walhook::admin::{self, AdminState, Health};
 use walhook::config::Config;
@@ -36,14 +36,6 @@ fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(20))
         .build()
         .unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Writes the token file into `dir` and returns the `[admin]` section naming it.

@@ -44,42 +44,47 @@ pub(super) struct FailedArgs {
     limit: i64,
 }
 
-/// `walhook retry`.
+/// Which Failed notifications `walhook retry` and `walhook discard` move.
 #[derive(Args, Debug)]
 #[command(group(
     ArgGroup::new("which").required(true).args(["ids", "all"]),
 ))]
-pub(super) struct RetryArgs {
+pub(super) struct FailedSelection {
     #[command(flatten)]
     config: ConfigArg,
     /// Only this listener's notifications.
     #[arg(long)]
     listener: Option<String>,
-    /// Requeue the Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
+    /// The Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
     #[arg(long = "id", value_name = "ID", num_args = 1.., conflicts_with = "all")]
     ids: Vec<i64>,
-    /// Requeue every Failed notification (of --listener, when given).
+    /// Every Failed notification (of --listener, when given).
     #[arg(long)]
     all: bool,
 }
 
+impl FailedSelection {
+    fn selection(&self) -> RetrySelection {
+        if self.all {
+            RetrySelection::All
+        } else {
+            RetrySelection::Ids(self.ids.clone())
+        }
+    }
+}
+
+/// `walhook retry`.
+#[derive(Args, Debug)]
+pub(super) struct RetryArgs {
+    #[command(flatten)]
+    which: FailedSelection,
+}
+
 /// `walhook discard`.
 #[derive(Args, Debug)]
-#[command(group(
-    ArgGroup::new("which").required(true).args(["ids", "all"]),
-))]
 pub(super) struct DiscardArgs {
     #[command(flatten)]
-    config: ConfigArg,
-    /// Only this listener's notifications.
-    #[arg(long)]
-    listener: Option<String>,
-    /// Discard the Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
-    #[arg(long = "id", value_name = "ID", num_args = 1.., conflicts_with = "all")]
-    ids: Vec<i64>,
-    /// Discard every Failed notification (of --listener, when given).
-    #[arg(long)]
-    all: bool,
+    which: FailedSelection,
     /// Why they are discarded; kept with them in walhook.discarded.
     #[arg(long, value_parser = parse_reason)]
     reason: DiscardReason,
@@ -145,40 +150,34 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 }
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
-    let (_, client) = args.config.load_and_connect().await?;
-    let selection = selection(args.all, args.ids);
-    let outcome = retry_failed(&client, args.listener.as_deref(), &selection).await?;
+    let which = args.which;
+    let (_, client) = which.config.load_and_connect().await?;
+    let selection = which.selection();
+    let outcome = retry_failed(&client, which.listener.as_deref(), &selection).await?;
     Ok(report_moved(
         outcome.requeued.len(),
         ("requeue", "requeued"),
         "to walhook.new",
         selection == RetrySelection::All,
-        &args.listener,
+        &which.listener,
         &outcome.not_requeued,
     ))
 }
 
 pub(super) async fn run_discard(args: DiscardArgs) -> Result<i32, Failure> {
-    let (_, client) = args.config.load_and_connect().await?;
-    let selection = selection(args.all, args.ids);
+    let which = args.which;
+    let (_, client) = which.config.load_and_connect().await?;
+    let selection = which.selection();
     let outcome =
-        discard_failed(&client, args.listener.as_deref(), &selection, &args.reason).await?;
+        discard_failed(&client, which.listener.as_deref(), &selection, &args.reason).await?;
     Ok(report_moved(
         outcome.discarded.len(),
         ("discard", "discarded"),
         "to walhook.discarded",
         selection == RetrySelection::All,
-        &args.listener,
+        &which.listener,
         &outcome.not_discarded,
     ))
-}
-
-fn selection(all: bool, ids: Vec<i64>) -> RetrySelection {
-    if all {
-        RetrySelection::All
-    } else {
-        RetrySelection::Ids(ids)
-    }
 }
 
 /// Prints what a retry or discard moved and what it did not; the exit code is 1 when an id

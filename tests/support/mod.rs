@@ -141,6 +141,15 @@ where
     }
 }
 
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
 /// The path of the built `walhook` binary.
 pub fn walhook_bin() -> &'static str {
     env!("CARGO_BIN_EXE_walhook")
