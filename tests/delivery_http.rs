@@ -12,9 +12,10 @@ use sha2::Sha256;
 use support::receiver::{Receiver, Reply};
 use uuid::Uuid;
 use walhook::config::{Backoff, ListenerConfig, ListenerFormat, Secret};
+use walhook::delivery::Verdict;
 use walhook::delivery::http::HttpSender;
-use walhook::delivery::{Notification, StoredEvent, Verdict};
 use walhook::error::{Classify, ErrorClass};
+use walhook::queue::{Notification, StoredEvent};
 use walhook::types::{Action, Lsn};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

@@ -6,8 +6,7 @@ use std::time::Duration;
 
 use support::receiver::Receiver;
 use support::{
-    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, free_port, listener_toml,
-    walhook_bin,
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, free_port, listener_toml, walhook_bin,
 };
 
 fn config(db: &TestDb, admin_port: u16, hook: &str) -> String {

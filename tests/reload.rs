@@ -20,7 +20,9 @@ fn config(db: &TestDb, listeners: &[(&str, String)]) -> String {
 
 async fn walsender_pid(c: &tokio_postgres::Client) -> Option<i32> {
     c.query_opt(
-        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+        // A slot being created is active too, under the creating backend: count walsenders only.
+        "SELECT s.active_pid FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+         WHERE s.slot_name = 'walhook' AND a.backend_type = 'walsender'",
         &[],
     )
     .await

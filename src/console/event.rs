@@ -17,8 +17,8 @@ use super::layout::{self, Section, or_dash};
 use super::notifications::rows_table;
 use super::{Console, PageError};
 use crate::config::{ListenerConfig, ListenerFormat};
-use crate::delivery::StoredEvent;
 use crate::delivery::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
+use crate::queue::StoredEvent;
 use crate::queue::browse::{EventDetail, event_detail};
 
 /// The content type and body the dispatcher sends `listener` for `event`: the same

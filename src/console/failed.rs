@@ -163,43 +163,40 @@ fn outcome(q: &FailedQuery) -> Markup {
     }
 }
 
-/// The listener and the selection of a posted form.
-fn selection(form: &WriteForm) -> Result<(Option<String>, RetrySelection), Response> {
+/// The listener and the selection of a posted form, or what is wrong with it.
+fn selection(form: &WriteForm) -> Result<(Option<String>, RetrySelection), String> {
     let listener = form
         .get("listener")
         .filter(|l| !l.is_empty())
         .map(str::to_owned);
     if form.get("all") == Some("1") {
-        if listener.is_none() {
-            return Err(layout::error_page(
-                StatusCode::BAD_REQUEST,
-                Some(&form.viewer),
-                "Retrying or discarding all needs a listener.",
-            ));
-        }
-        return Ok((listener, RetrySelection::All));
+        return match listener {
+            None => Err("Retrying or discarding all needs a listener.".to_owned()),
+            Some(l) => Ok((Some(l), RetrySelection::All)),
+        };
     }
-    let mut ids = Vec::new();
-    for id in form.all("id") {
-        match id.parse::<i64>() {
-            Ok(id) => ids.push(id),
-            Err(_) => {
-                return Err(layout::error_page(
-                    StatusCode::BAD_REQUEST,
-                    Some(&form.viewer),
-                    &format!("{id:?} is not a notification id."),
-                ));
-            }
-        }
-    }
+    let ids = form
+        .all("id")
+        .map(|id| {
+            id.parse::<i64>()
+                .map_err(|_| format!("{id:?} is not a notification id."))
+        })
+        .collect::<Result<Vec<i64>, String>>()?;
     if ids.is_empty() {
-        return Err(layout::error_page(
-            StatusCode::BAD_REQUEST,
-            Some(&form.viewer),
-            "Select at least one notification first.",
-        ));
+        return Err("Select at least one notification first.".to_owned());
     }
     Ok((listener, RetrySelection::Ids(ids)))
+}
+
+/// The selection of a posted form, or the page saying what is wrong with it.
+fn selection_or_page(form: &WriteForm) -> Result<(Option<String>, RetrySelection), Box<Response>> {
+    selection(form).map_err(|problem| {
+        Box::new(layout::error_page(
+            StatusCode::BAD_REQUEST,
+            Some(&form.viewer),
+            &problem,
+        ))
+    })
 }
 
 fn back(listener: Option<&str>, outcome: &str, n: usize, skipped: usize) -> Response {
@@ -212,9 +209,9 @@ fn back(listener: Option<&str>, outcome: &str, n: usize, skipped: usize) -> Resp
 
 /// POST /ui/failed/retry.
 pub(super) async fn retry(State(console): State<Console>, form: WriteForm) -> Response {
-    let (listener, selection) = match selection(&form) {
+    let (listener, selection) = match selection_or_page(&form) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(page) => return *page,
     };
     let result = async {
         let db = console.db().await?;
@@ -240,9 +237,9 @@ pub(super) async fn retry(State(console): State<Console>, form: WriteForm) -> Re
 
 /// POST /ui/failed/discard.
 pub(super) async fn discard(State(console): State<Console>, form: WriteForm) -> Response {
-    let (listener, selection) = match selection(&form) {
+    let (listener, selection) = match selection_or_page(&form) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(page) => return *page,
     };
     let Some(reason) = form.get("reason").and_then(DiscardReason::new) else {
         return layout::error_page(

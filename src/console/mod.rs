@@ -89,7 +89,7 @@ impl Console {
             .source
             .connect_params()
             .map_err(|e| PageError::Unavailable(e.to_string()))?;
-        let client = crate::service::connect_ordinary(&params)
+        let client = crate::db::connect_ordinary(&params)
             .await
             .map_err(|e| PageError::Unavailable(e.message))?;
         client

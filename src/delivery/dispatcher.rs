@@ -31,11 +31,12 @@ use tracing::{debug, error, info, warn};
 
 use super::http::{DeliveryError, HttpSender};
 use super::policy::next_attempt_delay;
-use super::{Attempt, AttemptReport, DeliveryObserver, Notification, Observed, Verdict};
+use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
-    Completions, DeliveredRow, FailedAttemptRow, NotificationStore, OnNewNotifications, QueueError,
+    Completions, DeliveredRow, FailedAttemptRow, Notification, NotificationStore,
+    OnNewNotifications, QueueError,
 };
 
 /// Most notifications one claim statement takes.

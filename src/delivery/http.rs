@@ -5,12 +5,13 @@ use std::time::{Duration, Instant, SystemTime};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Client, Url, redirect};
 
+use super::Attempt;
 use super::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
 use super::policy::{Outcome, parse_retry_after};
 use super::signature::{SigningKey, SigningKeyError, webhook_headers};
-use super::{Attempt, Notification};
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
+use crate::queue::Notification;
 
 /// Most of an answer's body that is read; the rest is dropped unread.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;

@@ -5,7 +5,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::StoredEvent;
+use crate::queue::StoredEvent;
 
 /// The `content-type` of a structured-mode CloudEvent.
 pub const CLOUDEVENTS_CONTENT_TYPE: &str = "application/cloudevents+json; charset=utf-8";

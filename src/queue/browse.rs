@@ -13,10 +13,10 @@ use tokio_postgres::Client;
 use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
+use super::StoredEvent;
 use super::admin::NotificationStatus;
 use super::notifications::{STORED_EVENT_COLUMNS, stored_event};
 use super::{Needs, QueueError, db_error};
-use crate::delivery::StoredEvent;
 
 /// Permission errors here mean the role may not use the schema.
 const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, None));

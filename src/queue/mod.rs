@@ -1,6 +1,7 @@
 //! The durable queue inside the source database: schema migrations, the batch writer that
 //! stores entity events and fans them out to listeners, and the single state row that
-//! remembers which source the queue belongs to and how far it is flushed.
+//! remembers which source the queue belongs to and how far it is flushed. Its model (a
+//! stored event, a notification claimed for a listener) is what delivery reads.
 //!
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
@@ -8,6 +9,7 @@ pub mod admin;
 pub mod browse;
 mod listeners;
 mod migrate;
+mod model;
 mod notifications;
 mod state;
 mod writer;
@@ -19,6 +21,7 @@ use crate::error::{Classify, ErrorClass};
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
+pub use model::{Notification, StoredEvent};
 pub use notifications::{
     CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
     NotificationStore, OnNewNotifications, discard_pending,

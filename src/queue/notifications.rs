@@ -17,8 +17,7 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use uuid::Uuid;
 
-use super::{Needs, QueueError, db_error};
-use crate::delivery::{Notification, StoredEvent};
+use super::{Needs, Notification, QueueError, StoredEvent, db_error};
 use crate::types::{Action, Lsn};
 
 /// The channel the queue writer notifies (once per batch that created notifications).

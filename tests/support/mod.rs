@@ -323,7 +323,10 @@ pub async fn wait_streaming(c: &tokio_postgres::Client) {
         || async {
             let n: i64 = c
             .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+                // A slot being created is active under the creating backend, before its
+                // consistent point: only a walsender streaming from it counts.
+                "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+                 WHERE s.slot_name = 'walhook' AND a.backend_type = 'walsender'",
                 &[],
             )
             .await
