@@ -380,9 +380,34 @@ async fn element(b: &fantoccini::Client, css: &str) -> fantoccini::elements::Ele
     }
 }
 
-/// The visible text of the first element matching `css`.
+/// The visible text of the first element matching `css`, found again if the page
+/// changed under it.
 async fn text(b: &fantoccini::Client, css: &str) -> String {
-    element(b, css).await.text().await.unwrap()
+    for _ in 0..20 {
+        match element(b, css).await.text().await {
+            Ok(t) => return t,
+            Err(fantoccini::error::CmdError::Standard(e))
+                if e.error == fantoccini::error::ErrorStatus::StaleElementReference =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{css}: {e}"),
+        }
+    }
+    panic!("{css}: the page kept changing");
+}
+
+/// Waits until the browser's address contains `part` (the page it navigates to).
+async fn wait_url(b: &fantoccini::Client, part: &str) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("a page at {part}"),
+        || async {
+            let url = b.current_url().await.ok()?;
+            url.as_str().contains(part).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,6 +459,15 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         .click()
         .await
         .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the overview after login",
+        || async {
+            let url = b.current_url().await.ok()?;
+            (url.path() == "/ui").then_some(())
+        },
+    )
+    .await;
     assert_eq!(text(&b, "main h1").await, "Overview");
 
     // The overview shows the listener's failures.
@@ -459,11 +493,7 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     let search = b.form(Locator::Css("form.search")).await.unwrap();
     search.set_by_name("entity_id", "4242").await.unwrap();
     search.submit().await.unwrap();
-    eventually(Duration::from_secs(20), "the search results", || async {
-        let url = b.current_url().await.ok()?;
-        url.as_str().contains("entity_id=4242").then_some(())
-    })
-    .await;
+    wait_url(&b, "entity_id=4242").await;
     let link = format!("table.notifications tr#n{failed} td a");
     assert_eq!(text(&b, &link).await, failed.to_string());
     assert_eq!(
@@ -512,7 +542,7 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
 
     // Retry from the Failed page: New at once (the listener now takes its time to answer
     // 200), then Processed.
-    hook.respond_with(|_, _| Reply::status(200).after(Duration::from_secs(3)));
+    hook.respond_with(|_, _| Reply::status(200).after(Duration::from_secs(5)));
     b.goto(&format!("{base}/ui/failed")).await.unwrap();
     element(&b, &format!("input[name=id][value=\"{failed}\"]"))
         .await
