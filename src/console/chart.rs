@@ -83,7 +83,7 @@ pub fn line_chart(
                 @for s in series {
                     li class=(s.class) {
                         (s.label)
-                        @if let Some(v) = s.points.iter().rev().find_map(|(_, v)| *v) {
+                        @if let Some(v) = s.points.iter().rev().find_map(|(_, v)| v.filter(|v| v.is_finite())) {
                             ": " (unit(v)) " now"
                         }
                     }
