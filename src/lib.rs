@@ -6,11 +6,12 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod console;
-mod db;
+pub mod db;
 pub mod delivery;
 pub mod error;
 pub mod guard;
 pub mod human;
+pub mod liveness;
 pub mod metrics;
 pub mod monitor;
 pub mod queue;
@@ -19,6 +20,7 @@ pub mod secret;
 pub mod service;
 pub mod setup;
 pub mod systemd;
+pub mod tls;
 pub mod types;
 
 /// The mapper's types (`EntityEvent`, …) keep their short path.

@@ -191,6 +191,7 @@ impl<K: Ord + Clone, V: Default> Family<K, V> {
 pub struct Metrics {
     events_read: AtomicU64,
     events_queued: Family<(String, String), AtomicU64>,
+    changes_rejected: Family<String, AtomicU64>,
     /// Per listener, so an attempt looks the listener up by `&str` without allocating.
     delivery: Family<String, ListenerCounters>,
     latency: Family<String, Histogram>,
@@ -213,6 +214,7 @@ impl Metrics {
         Metrics {
             events_read: AtomicU64::new(0),
             events_queued: Family::new(),
+            changes_rejected: Family::new(),
             delivery: Family::new(),
             latency: Family::new(),
             lag_bytes: AtomicU64::new(0),
@@ -241,6 +243,13 @@ impl Metrics {
             let counter = self.events_queued.get(&key);
             counter.fetch_add(*n, Ordering::Relaxed);
         }
+    }
+
+    /// Counts `n` changes of `entity` set aside in `walhook.rejected` instead of queued.
+    pub fn changes_rejected(&self, entity: &str, n: u64) {
+        self.changes_rejected
+            .get(entity)
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Records one delivery attempt; `commit_to_ack` is the time from the source commit to
@@ -371,6 +380,21 @@ impl Metrics {
                 &mut out,
                 "walhook_events_queued_total",
                 &[("entity", &entity), ("action", &action)],
+                c.load(Ordering::Relaxed),
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_changes_rejected_total",
+            "counter",
+            "Row changes set aside in walhook.rejected instead of queued (see its reason column).",
+        );
+        for (entity, c) in self.changes_rejected.snapshot() {
+            sample(
+                &mut out,
+                "walhook_changes_rejected_total",
+                &[("entity", &entity)],
                 c.load(Ordering::Relaxed),
             );
         }

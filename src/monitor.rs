@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
+use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook, SmtpServer, SmtpTls};
 use crate::delivery::Verdict;
-use crate::delivery::policy::Outcome;
-use crate::delivery::signature::{SigningKey, webhook_headers};
+use crate::delivery::signature::webhook_headers;
+use crate::delivery::sink::http::status_outcome;
+use crate::tls::CaFile;
 
 /// How often time-based conditions (thresholds, gathered failures) are evaluated.
 const TICK: Duration = Duration::from_millis(250);
@@ -59,6 +60,12 @@ pub enum AlertEvent {
     DatabaseUnreachable,
     /// The database is reachable again.
     DatabaseReachable,
+    /// Changes were lost because the replication slot vanished; capture resumed.
+    CaptureGap,
+    /// Changes were set aside in `walhook.rejected` instead of queued.
+    ChangeRejected,
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    SchemaChanged,
 }
 
 impl AlertEvent {
@@ -74,6 +81,9 @@ impl AlertEvent {
             AlertEvent::QueueAgeRecovered => "QueueAgeRecovered",
             AlertEvent::DatabaseUnreachable => "DatabaseUnreachable",
             AlertEvent::DatabaseReachable => "DatabaseReachable",
+            AlertEvent::CaptureGap => "CaptureGap",
+            AlertEvent::ChangeRejected => "ChangeRejected",
+            AlertEvent::SchemaChanged => "SchemaChanged",
         }
     }
 
@@ -96,6 +106,9 @@ impl AlertEvent {
             AlertEvent::DatabaseUnreachable | AlertEvent::DatabaseReachable => {
                 AlertKind::DatabaseUnreachable
             }
+            AlertEvent::CaptureGap => AlertKind::CaptureGap,
+            AlertEvent::ChangeRejected => AlertKind::ChangeRejected,
+            AlertEvent::SchemaChanged => AlertKind::SchemaChanged,
         }
     }
 }
@@ -144,7 +157,40 @@ enum Signal {
         error: String,
     },
     DatabaseReachable,
+    Capture(CaptureSignal),
     Reload(Vec<MonitorConfig>),
+}
+
+/// What capture reports to the monitors.
+#[derive(Clone, Debug)]
+pub enum CaptureSignal {
+    /// Capture resumed after a gap accepted with `walhook setup --accept-gap`.
+    Gap {
+        /// The slot that was lost.
+        slot: String,
+        /// Why, in plain words.
+        reason: String,
+        /// The end of the last commit captured before the gap.
+        last_flushed: String,
+        /// Where capture resumed.
+        resumed: String,
+    },
+    /// `count` changes of `entity` were set aside in `walhook.rejected`.
+    Rejected {
+        /// The entity.
+        entity: String,
+        /// How many.
+        count: u64,
+        /// The reason of the last one.
+        reason: String,
+    },
+    /// A schema change on `table` the operator should know about.
+    SchemaChanged {
+        /// The entity's table.
+        table: String,
+        /// What changed and what capture does about it.
+        message: String,
+    },
 }
 
 /// Cheap, cloneable handle the service reports to. Every method is synchronous and never
@@ -217,6 +263,11 @@ impl MonitorHandle {
     /// The database answered again.
     pub fn database_reachable(&self) {
         self.send(Signal::DatabaseReachable);
+    }
+
+    /// Something capture wants the operator to know (a gap, set-aside changes, a schema change).
+    pub fn capture(&self, signal: CaptureSignal) {
+        self.send(Signal::Capture(signal));
     }
 
     /// Replaces the monitors (SIGHUP). Monitors keeping their name keep their state, so an
@@ -440,6 +491,8 @@ struct Evaluator {
     database: Condition,
     database_error: String,
     last_sent: HashMap<(AlertEvent, String), Instant>,
+    /// Set-aside changes per entity gathered for one alert: (count, first at, last reason).
+    rejected: BTreeMap<String, (u64, Instant, String)>,
 }
 
 impl Evaluator {
@@ -453,6 +506,7 @@ impl Evaluator {
             database: Condition::default(),
             database_error: String::new(),
             last_sent: HashMap::new(),
+            rejected: BTreeMap::new(),
         }
     }
 
@@ -548,6 +602,11 @@ impl Evaluator {
                     out.push(self.database_reachable(down_for));
                 }
             }
+            Signal::Capture(c) => {
+                if let Some(alert) = self.capture_signal(c, now) {
+                    out.push(alert);
+                }
+            }
             Signal::Reload(_) => {}
         }
         self.subscribed(out)
@@ -609,6 +668,19 @@ impl Evaluator {
         {
             self.lag.alerted = true;
             out.push(self.lag_alert(now.duration_since(since)));
+        }
+        let due: Vec<String> = self
+            .rejected
+            .iter()
+            .filter(|(_, (_, first, _))| now.duration_since(*first) >= gather)
+            .map(|(entity, _)| entity.clone())
+            .collect();
+        for entity in due {
+            if self.allow(AlertEvent::ChangeRejected, &entity, now)
+                && let Some((count, _, reason)) = self.rejected.remove(&entity)
+            {
+                out.push(self.rejected_alert(&entity, count, &reason));
+            }
         }
         if let Some(since) = self.database.since
             && !self.database.alerted
@@ -830,6 +902,83 @@ impl Evaluator {
         }
     }
 
+    /// Gaps and schema changes are told at once (a repeat of the same schema note within
+    /// `min_interval`, as after a reconnect, is not); set-aside changes are gathered.
+    fn capture_signal(&mut self, signal: &CaptureSignal, now: Instant) -> Option<Alert> {
+        let command = self.context.status_command();
+        match signal {
+            CaptureSignal::Gap {
+                slot,
+                reason,
+                last_flushed,
+                resumed,
+            } => Some(Alert {
+                event: AlertEvent::CaptureGap,
+                summary: format!(
+                    "{}: changes between {last_flushed} and {resumed} were lost",
+                    self.prefix()
+                ),
+                detail: format!(
+                    "Capture resumed at {resumed}, but the changes committed between {last_flushed} and {resumed} were never read: {reason} (slot {slot}). The gap was accepted with `walhook setup --accept-gap` and is recorded in walhook.capture_gap. Listeners did not receive those changes; resynchronise them from the tables if they need them."
+                ),
+                listener: None,
+                last_error: Some(reason.clone()),
+                command,
+                count: None,
+            }),
+            CaptureSignal::Rejected {
+                entity,
+                count,
+                reason,
+            } => {
+                let entry = self
+                    .rejected
+                    .entry(entity.clone())
+                    .or_insert((0, now, String::new()));
+                entry.0 = entry.0.saturating_add(*count);
+                entry.2.clone_from(reason);
+                None
+            }
+            CaptureSignal::SchemaChanged { table, message } => {
+                let key = format!("{table}: {message}");
+                self.allow(AlertEvent::SchemaChanged, &key, now)
+                    .then(|| Alert {
+                        event: AlertEvent::SchemaChanged,
+                        summary: format!("{}: table {table} changed under capture", self.prefix()),
+                        detail: format!("{message}. Capture goes on."),
+                        listener: None,
+                        last_error: None,
+                        command,
+                        count: None,
+                    })
+            }
+        }
+    }
+
+    fn rejected_alert(&self, entity: &str, count: u64, reason: &str) -> Alert {
+        let what = if count == 1 {
+            "1 change".to_owned()
+        } else {
+            format!("{count} changes")
+        };
+        Alert {
+            event: AlertEvent::ChangeRejected,
+            summary: format!(
+                "{}: {what} of entity {entity} set aside in walhook.rejected",
+                self.prefix()
+            ),
+            detail: format!(
+                "{what} of entity {entity} could not be queued and were kept in walhook.rejected instead; capture went on past them. The last reason: {reason}. See them with: SELECT * FROM walhook.rejected WHERE entity = '{entity}' ORDER BY id DESC;"
+            ),
+            listener: None,
+            last_error: Some(reason.to_owned()),
+            command: format!(
+                "psql -c \"SELECT * FROM walhook.rejected WHERE entity = '{entity}' ORDER BY id DESC LIMIT 20\""
+            ),
+            count: Some(count),
+        }
+    }
+
     fn database_reachable(&self, down_for: Duration) -> Alert {
         Alert {
             event: AlertEvent::DatabaseReachable,
@@ -875,46 +1024,79 @@ fn bytes(n: u64) -> String {
 // ---------------------------------------------------------------------------------------
 // Sending.
 
+type SmtpTransport = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+
 /// Where one monitor's alerts go.
 struct Targets {
-    webhook: Option<(MonitorWebhook, Option<SigningKey>, reqwest::Client)>,
-    email: Option<(
-        MonitorEmail,
-        lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
-    )>,
+    webhook: Option<(MonitorWebhook, reqwest::Client)>,
+    email: Option<(MonitorEmail, SmtpTransport)>,
 }
 
 impl Targets {
     /// Builds clients; a target that cannot be built is logged and left out.
     fn new(config: &MonitorConfig) -> Targets {
+        let ca = config.ca_file.as_ref();
         let webhook = config.webhook.as_ref().and_then(|w| {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .timeout(SEND_TIMEOUT)
-                .build();
-            let key = w.secret.as_ref().and_then(|s| SigningKey::parse(s.expose()).ok());
+            let client = crate::tls::http_client_builder(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    b.redirect(reqwest::redirect::Policy::none())
+                        .no_proxy()
+                        .timeout(SEND_TIMEOUT)
+                        .build()
+                        .map_err(|e| e.without_url().to_string())
+                });
             match client {
-                Ok(client) => Some((w.clone(), key, client)),
+                Ok(client) => Some((w.clone(), client)),
                 Err(e) => {
                     warn!(monitor = %config.name, "cannot create the HTTP client for monitor {}: {e}; its webhook alerts are not sent", config.name);
                     None
                 }
             }
         });
-        let email = config.email.as_ref().and_then(|e| {
-            match lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(
-                e.smtp_url.expose(),
-            ) {
-                Ok(builder) => Some((e.clone(), builder.timeout(Some(SEND_TIMEOUT)).build())),
-                Err(err) => {
-                    warn!(monitor = %config.name, "cannot use smtp_url {} of monitor {}: {err}; its email alerts are not sent", e.smtp_url_redacted, config.name);
-                    None
-                }
+        let email = config.email.as_ref().and_then(|e| match smtp_transport(&e.smtp, ca) {
+            Ok(transport) => Some((e.clone(), transport)),
+            Err(err) => {
+                warn!(monitor = %config.name, "cannot use the mail server {} of monitor {}: {err}; its email alerts are not sent", e.smtp.redacted(), config.name);
+                None
             }
         });
         Targets { webhook, email }
     }
+}
+
+/// The SMTP transport for `server`, trusting the built-in roots, the OS store and `ca`.
+fn smtp_transport(
+    server: &SmtpServer,
+    ca: Option<&CaFile>,
+) -> Result<SmtpTransport, lettre::transport::smtp::Error> {
+    use lettre::transport::smtp::client::Tls;
+    let tls = match server.tls {
+        SmtpTls::Plain => Tls::None,
+        SmtpTls::StartTlsOpportunistic => {
+            Tls::Opportunistic(crate::tls::smtp_tls_parameters(&server.host, ca)?)
+        }
+        SmtpTls::StartTlsRequired => {
+            Tls::Required(crate::tls::smtp_tls_parameters(&server.host, ca)?)
+        }
+        SmtpTls::Tls => Tls::Wrapper(crate::tls::smtp_tls_parameters(&server.host, ca)?),
+    };
+    let mut builder = SmtpTransport::builder_dangerous(server.host.as_str())
+        .port(server.port)
+        .tls(tls)
+        .timeout(Some(SEND_TIMEOUT));
+    if let Some(name) = &server.hello_name {
+        builder = builder.hello_name(lettre::transport::smtp::extension::ClientId::Domain(
+            name.clone(),
+        ));
+    }
+    if let Some(login) = &server.credentials {
+        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            login.user.clone(),
+            login.password.expose().to_owned(),
+        ));
+    }
+    Ok(builder.build())
 }
 
 async fn send_alerts(
@@ -935,15 +1117,15 @@ async fn send_alerts(
             },
         };
         info!(monitor = %name, alert = alert.event.name(), "alert: {}", alert.summary);
-        if let Some((webhook, key, client)) = &targets.webhook {
+        if let Some((webhook, client)) = &targets.webhook {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = post_webhook(client, webhook, key.as_ref(), &alert, &context) => r,
+                r = post_webhook(client, webhook, &alert, &context) => r,
             };
             report(
                 &name,
                 "webhook",
-                &webhook.url_redacted,
+                webhook.url.redacted(),
                 result,
                 &mut webhook_failing,
             );
@@ -956,7 +1138,7 @@ async fn send_alerts(
             report(
                 &name,
                 "email",
-                &email.smtp_url_redacted,
+                email.smtp.redacted(),
                 result,
                 &mut email_failing,
             );
@@ -1022,7 +1204,7 @@ pub fn cloudevent(
         "id": id,
         "source": format!("/walhook/{source}"),
         "type": alert.event.cloudevents_type(),
-        "time": crate::delivery::payload::rfc3339_micros(time),
+        "time": crate::delivery::format::rfc3339_micros(time),
         "datacontenttype": "application/json",
         "data": data,
     });
@@ -1035,7 +1217,6 @@ pub fn cloudevent(
 async fn post_webhook(
     client: &reqwest::Client,
     webhook: &MonitorWebhook,
-    key: Option<&SigningKey>,
     alert: &Alert,
     context: &Context,
 ) -> Result<(), String> {
@@ -1047,13 +1228,13 @@ async fn post_webhook(
             tokio::time::sleep(*delay).await;
         }
         let mut req = client
-            .post(webhook.url.expose())
+            .post(webhook.url.expose().clone())
             .header("content-type", "application/cloudevents+json")
             .body(body.clone());
         for (k, v) in &webhook.headers {
-            req = req.header(k.as_str(), v.expose());
+            req = req.header(k, v);
         }
-        if let Some(key) = key {
+        if let Some(key) = &webhook.secret {
             for (name, value) in webhook_headers(key, &id, body.as_bytes()) {
                 req = req.header(name, value);
             }
@@ -1064,7 +1245,7 @@ async fn post_webhook(
                 let status = resp.status().as_u16();
                 last = format!("HTTP {status}");
                 // The same outcome table as deliveries: 408, 429 and 5xx are worth retrying.
-                if Outcome::from_status(status).verdict() != Verdict::Retry {
+                if status_outcome(status).verdict() != Verdict::Retry {
                     return Err(last);
                 }
             }
@@ -1081,7 +1262,10 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
         return format!("no answer within {}", human(SEND_TIMEOUT));
     }
     if e.is_connect() {
-        return "cannot connect".to_owned();
+        return match crate::tls::certificate_problem(e) {
+            Some(problem) => format!("TLS handshake failed: {problem}"),
+            None => "cannot connect".to_owned(),
+        };
     }
     let mut s = String::from("request failed");
     let mut source = std::error::Error::source(e);
@@ -1097,18 +1281,12 @@ async fn send_email(
     email: &MonitorEmail,
     alert: &Alert,
 ) -> Result<(), String> {
-    let from: lettre::message::Mailbox = email
-        .from
-        .parse()
-        .map_err(|e| format!("from {:?}: {e}", email.from))?;
     let mut builder = lettre::Message::builder()
-        .from(from)
+        .from(email.from.clone())
         .subject(alert.summary.clone())
         .header(lettre::message::header::ContentType::TEXT_PLAIN);
     for to in &email.to {
-        let mailbox: lettre::message::Mailbox =
-            to.parse().map_err(|e| format!("to {to:?}: {e}"))?;
-        builder = builder.to(mailbox);
+        builder = builder.to(to.clone());
     }
     let body = format!("{}\n\nTo look: {}\n", alert.detail, alert.command);
     let message = builder
@@ -1137,6 +1315,7 @@ mod tests {
             name: "ops".into(),
             webhook: None,
             email: None,
+            ca_file: None,
             on: AlertKind::ALL.to_vec(),
             listener_failing_for: Duration::from_secs(300),
             lag_bytes: 1000,
@@ -1453,6 +1632,67 @@ mod tests {
         blip.extend(e.tick(t0 + Duration::from_secs(2030)));
         blip.extend(e.signal(&Signal::DatabaseReachable, t0 + Duration::from_secs(2031)));
         assert!(blip.is_empty(), "{blip:?}");
+    }
+
+    #[test]
+    fn capture_gaps_are_told_at_once_and_set_aside_changes_are_gathered() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let gap = Signal::Capture(CaptureSignal::Gap {
+            slot: "walhook".into(),
+            reason: "the replication slot was missing".into(),
+            last_flushed: "0/1A2B3C4".into(),
+            resumed: "0/2000000".into(),
+        });
+        let out = e.signal(&gap, t0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event, AlertEvent::CaptureGap);
+        assert!(out[0].summary.contains("0/1A2B3C4"), "{}", out[0].summary);
+        let rejected = |n| {
+            Signal::Capture(CaptureSignal::Rejected {
+                entity: "Doc".into(),
+                count: n,
+                reason: "jsonb refused it".into(),
+            })
+        };
+        assert!(e.signal(&rejected(2), t0).is_empty());
+        assert!(
+            e.signal(&rejected(3), t0 + Duration::from_secs(1))
+                .is_empty()
+        );
+        let out = e.tick(t0 + Duration::from_secs(6));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].event, out[0].count),
+            (AlertEvent::ChangeRejected, Some(5))
+        );
+        assert!(
+            out[0].detail.contains("jsonb refused it"),
+            "{}",
+            out[0].detail
+        );
+    }
+
+    #[test]
+    fn a_schema_note_repeated_after_a_reconnect_is_not_sent_twice() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let note = |m: &str| {
+            Signal::Capture(CaptureSignal::SchemaChanged {
+                table: "public.customer".into(),
+                message: m.into(),
+            })
+        };
+        assert_eq!(e.signal(&note("city dropped"), t0).len(), 1);
+        assert!(
+            e.signal(&note("city dropped"), t0 + Duration::from_secs(5))
+                .is_empty()
+        );
+        assert_eq!(
+            e.signal(&note("zip renamed"), t0 + Duration::from_secs(6))
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -46,6 +46,31 @@ fn unknown_config_key_names_line_and_column() {
 }
 
 #[test]
+fn check_and_run_refuse_an_unusable_listener_url_with_the_same_line() {
+    let toml = format!(
+        "[source]\nurl = \"postgres://x@127.0.0.1/db\"\n{CUSTOMER}\n[[listener]]\nname = \"crm\"\nurl = \"http://127.0.0.1:99999/x?token=s3cr3t-t0ken\"\n"
+    );
+    let mut lines = Vec::new();
+    for cmd in ["check", "run"] {
+        let (code, _, stderr) = run_with(cmd, &toml);
+        assert_clean_failure(
+            code,
+            &stderr,
+            &["walhook.toml:10:7: listener[0].url: the URL's port is not a number from 1 to 65535"],
+        );
+        assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
+        assert!(!stderr.contains("s3cr3t-t0ken"), "{stderr}");
+        // The same message; only the temporary directory differs.
+        lines.push(
+            stderr
+                .split_once("walhook.toml:")
+                .map(|(_, m)| m.to_owned()),
+        );
+    }
+    assert_eq!(lines[0], lines[1], "check and run use one validator");
+}
+
+#[test]
 fn missing_config_file_says_which_file_and_how_to_choose_one() {
     let (code, _, stderr) = walhook(&["run", "--config", "/nonexistent/walhook.toml"]);
     assert_clean_failure(code, &stderr, &["/nonexistent/walhook.toml", "--config"]);

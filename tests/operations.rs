@@ -129,6 +129,39 @@ async fn metrics_move_with_events_and_readiness_follows_the_database() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_admin_port_does_not_stop_capture_or_delivery() {
+    let db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text)")
+        .await;
+    let hook = Receiver::start().await;
+    // Something else (say, an exporter) already holds the port.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let mut daemon = Daemon::start(&config(&db, port, &hook.url("/h")));
+    let c = db.client().await;
+    support::wait_streaming(&c).await;
+    c.execute("INSERT INTO customer VALUES (1, 'one')", &[])
+        .await
+        .unwrap();
+    hook.wait_for_count(1, Duration::from_secs(60), "the delivery")
+        .await;
+    assert!(daemon.running(), "walhook stopped:\n{}", daemon.log());
+    let log = daemon.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| {
+            l.contains(&format!(
+                "cannot listen on 127.0.0.1:{port} for [admin]: address in use"
+            ))
+        })
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("WARN"), "{log}");
+    assert!(warnings[0].contains("tries again every 30s"), "{log}");
+    drop(taken);
+}
+
 #[test]
 fn demo_prints_delivered_events_and_exits_cleanly() {
     let out = std::process::Command::new(walhook_bin())

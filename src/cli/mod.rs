@@ -86,6 +86,11 @@ struct SetupArgs {
     /// With --adopt: move notifications still pending from the original to walhook.failed.
     #[arg(long, requires = "adopt")]
     discard_pending: bool,
+    /// The replication slot vanished while in use, so changes were lost: record the gap in
+    /// walhook.capture_gap (the monitors are told when capture resumes) and create the slot
+    /// again. walhook refuses to start until this is run.
+    #[arg(long, conflicts_with_all = ["drop", "adopt"])]
+    accept_gap: bool,
 }
 
 /// An error that ends the process: one line, and the exit code of its class.
@@ -151,8 +156,14 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Check(c) => {
-            let (config, client) = c.load_and_connect().await?;
-            let report = crate::setup::check(&client, &config).await;
+            let config = Config::load(&c.config)?;
+            let params = config.source.connect_params()?;
+            let (client, conn, tls) = crate::db::connect_raw(&params).await?;
+            tokio::spawn(conn);
+            let mut report = crate::setup::check(&client, &config).await;
+            report
+                .items
+                .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -186,6 +197,7 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     }
     let opts = crate::setup::SetupOptions {
         replica_identity_full: args.replica_identity_full,
+        accept_gap: args.accept_gap,
     };
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
@@ -196,7 +208,8 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
         println!("nothing to do: the database is set up for walhook");
         return Ok(0);
     }
-    crate::setup::apply(&mut client, &steps).await?;
+    let params = config.source.connect_params()?;
+    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
     for s in &steps {
         println!("done  {}", s.why);
     }
@@ -247,7 +260,7 @@ impl ConfigArg {
 }
 
 /// SIGHUP re-reads the configuration file. A file with errors is refused with the errors
-/// logged, and the running configuration stays.
+/// logged on one line, and the running configuration stays.
 fn spawn_reload_handler(
     path: PathBuf,
     reloads: tokio::sync::watch::Sender<std::sync::Arc<Config>>,
@@ -268,17 +281,24 @@ fn spawn_reload_handler(
             if let Some(n) = &notifier {
                 n.reloading();
             }
+            // The same validator as `walhook check` and start: a file it refuses changes
+            // nothing, and the refusal is one line (problems separated by " | ").
             match Config::load(&path) {
                 Ok(config) => {
+                    if reloads.borrow().admin != config.admin {
+                        tracing::warn!(
+                            "SIGHUP: [admin] changes take effect at the next restart; the admin endpoint stays where it is"
+                        );
+                    }
                     tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
                     reloads.send_replace(std::sync::Arc::new(config));
                 }
                 Err(e) => {
-                    for line in e.to_string().lines() {
-                        tracing::error!(
-                            "SIGHUP: reload refused, the running configuration stays: {line}"
-                        );
-                    }
+                    let problems: Vec<String> = e.to_string().lines().map(str::to_owned).collect();
+                    tracing::error!(
+                        "SIGHUP: reload refused, the running configuration stays: {}",
+                        problems.join(" | ")
+                    );
                 }
             }
             if let Some(n) = &notifier {
@@ -299,12 +319,25 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             return;
         };
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down (a second one exits at once)"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down (a second one exits at once)"),
         }
         shutdown.cancel();
+        // A second signal means "now": nothing in flight is lost (the slot resends what was
+        // not confirmed), only the clean end of the stream is skipped.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!(
+            "second stop signal: exiting at once; unconfirmed changes are sent again at the next start"
+        );
+        std::process::exit(EXIT_SECOND_SIGNAL);
     });
 }
+
+/// Exit code after a second SIGTERM/SIGINT: 128 + SIGTERM, as a shell reports a killed job.
+const EXIT_SECOND_SIGNAL: i32 = 143;
 
 fn init_logging(format: Option<LogFormat>, default_filter: &str) {
     use tracing_subscriber::EnvFilter;

@@ -11,7 +11,8 @@ use super::{Secret, Str};
 /// `[admin]`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {
-    /// Address of the HTTP endpoint serving /metrics and /healthz (default 127.0.0.1:9187).
+    /// Address of the HTTP endpoint serving /metrics and /healthz (default
+    /// 127.0.0.1:8187).
     pub listen: SocketAddr,
     /// The web console's login token (`token_file`); `None` turns the console (/ui) off.
     pub token: Option<Secret>,
@@ -27,13 +28,17 @@ pub(super) struct RawAdmin {
     token_file: Str,
 }
 
-pub(super) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9187";
+/// The default port: outside 9100-9999 and 10000+, the blocks the Prometheus default port
+/// allocation list gives to exporters (9100-9999 is fully allocated; 9187 is
+/// postgres_exporter's, which usually runs on the same host), so it collides with no
+/// registered exporter. Easy to remember next to postgres_exporter's 9187.
+pub const DEFAULT_ADMIN_PORT: u16 = 8187;
 
 impl Checker<'_> {
     pub(super) fn admin(&mut self, raw: &Spanned<RawAdmin>) -> AdminConfig {
-        let default = SocketAddr::from(([127, 0, 0, 1], 9187));
+        let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT));
         let token = raw.get_ref().token_file.as_ref().and_then(|file| {
-            let token = self.secret_file(file, "admin.token_file", "the console token")?;
+            let token = self.secret_file(file, "admin.token_file")?;
             if token.expose().len() < MIN_ADMIN_TOKEN_BYTES {
                 self.report(
                     file.span().start,
@@ -54,7 +59,7 @@ impl Checker<'_> {
                         v.span().start,
                         "admin.listen",
                         &format!("invalid address {s:?}"),
-                        &format!("write an IP address and port, like \"{DEFAULT_ADMIN_LISTEN}\" or \"[::1]:9187\""),
+                        &format!("write an IP address and port, like \"127.0.0.1:{DEFAULT_ADMIN_PORT}\" or \"[::1]:{DEFAULT_ADMIN_PORT}\""),
                     );
                     default
                 }),
@@ -102,7 +107,7 @@ mod tests {
     #[test]
     fn admin_listen_defaults_and_is_checked() {
         let c = parse(&format!("{MINIMAL}[admin]\n")).unwrap();
-        assert_eq!(c.admin.unwrap().listen, "127.0.0.1:9187".parse().unwrap());
+        assert_eq!(c.admin.unwrap().listen, "127.0.0.1:8187".parse().unwrap());
         let lines = errors(&format!("{MINIMAL}[admin]\nlisten = \"localhost\"\n"));
         assert_eq!(lines.len(), 1);
         assert!(lines[0].starts_with("walhook.toml:8:10: admin.listen: invalid address \"localhost\"; write an IP address and port"), "{}", lines[0]);

@@ -9,7 +9,11 @@ use serde_spanned::Spanned;
 use super::position::line_column;
 use super::units::{RawSize, parse_duration, parse_size};
 use super::{Str, StrList};
+use crate::secret::{Secret, read_secret_file};
 use crate::types::Action;
+
+/// The fix for a `*_file` or `ca_file` path that cannot be read.
+const PATH_FIX: &str = "check the path (relative paths start at the config file's directory; %d/ is systemd's credentials directory) and that walhook's user may read it";
 
 pub(super) struct Checker<'a> {
     pub(super) text: &'a str,
@@ -58,6 +62,124 @@ impl Checker<'_> {
             Err(message) => {
                 self.report_message(value.span().start, key, &message);
                 default
+            }
+        }
+    }
+
+    /// A file path: `${ENV}` substituted, a leading `%d/` resolved to systemd's credentials
+    /// directory (`$CREDENTIALS_DIRECTORY`, set by `LoadCredential=`), a relative path taken
+    /// from the config file's directory.
+    pub(super) fn path(&mut self, value: &Spanned<String>, key: &str) -> Option<PathBuf> {
+        let s = self.string(value, key)?;
+        let s = s.trim();
+        if s.is_empty() {
+            self.report(
+                value.span().start,
+                key,
+                "the path is empty",
+                "write a file path",
+            );
+            return None;
+        }
+        if let Some(rest) = s.strip_prefix("%d/") {
+            return match (self.env)("CREDENTIALS_DIRECTORY") {
+                Some(dir) => Some(PathBuf::from(dir).join(rest)),
+                None => {
+                    self.report(
+                        value.span().start,
+                        key,
+                        "%d/ stands for systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set",
+                        "load the credential with LoadCredential= in the unit (systemd sets CREDENTIALS_DIRECTORY), or write the file's full path",
+                    );
+                    None
+                }
+            };
+        }
+        Some(self.dir.join(s))
+    }
+
+    /// A secret written inline (`key`) or read from a file (`key_file`); at most one of
+    /// them may be set. `key` is the full key of the inline form, like `listener[0].secret`.
+    pub(super) fn secret(&mut self, inline: &Str, file: &Str, key: &str) -> Option<Secret> {
+        let file_key = format!("{key}_file");
+        match (inline, file) {
+            (Some(_), Some(f)) => {
+                let name = key.rsplit('.').next().unwrap_or(key);
+                self.report(
+                    f.span().start,
+                    &file_key,
+                    &format!("both {name} and {name}_file are set"),
+                    "keep only one of them",
+                );
+                None
+            }
+            (Some(v), None) => self.string(v, key).map(Secret::new),
+            (None, Some(f)) => self.secret_file(f, &file_key),
+            (None, None) => None,
+        }
+    }
+
+    /// A secret read from the file named by `value`.
+    pub(super) fn secret_file(&mut self, value: &Spanned<String>, key: &str) -> Option<Secret> {
+        let path = self.path(value, key)?;
+        match read_secret_file(&path) {
+            Ok(secret) => Some(secret),
+            Err(problem) if problem.ends_with("is empty") => {
+                let name = key.rsplit('.').next().unwrap_or(key);
+                self.report(
+                    value.span().start,
+                    key,
+                    &problem,
+                    &format!("write the secret into the file, or remove {name}"),
+                );
+                None
+            }
+            Err(problem) => {
+                self.report(value.span().start, key, &problem, PATH_FIX);
+                None
+            }
+        }
+    }
+
+    /// A CA certificate file (`ca_file`) for internal CAs.
+    pub(super) fn ca_file(&mut self, value: &Str, key: &str) -> Option<crate::tls::CaFile> {
+        let value = value.as_ref()?;
+        let path = self.path(value, key)?;
+        match crate::tls::CaFile::load(&path) {
+            Ok(ca) => Some(ca),
+            Err(problem) if problem.starts_with("cannot read") => {
+                self.report(value.span().start, key, &problem, PATH_FIX);
+                None
+            }
+            Err(problem) => {
+                self.report(
+                    value.span().start,
+                    key,
+                    &problem,
+                    "point ca_file at the CA certificate(s) in PEM form (-----BEGIN CERTIFICATE-----)",
+                );
+                None
+            }
+        }
+    }
+
+    /// A duration that may also be "off" (or zero): `None`.
+    pub(super) fn duration_or_off(
+        &mut self,
+        value: &Str,
+        key: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(v) = value else { return default };
+        let s = self.string(v, key)?;
+        if s.trim() == "off" {
+            return None;
+        }
+        match parse_duration(s.trim()) {
+            Ok(d) => Some(d).filter(|d| !d.is_zero()),
+            Err(message) => {
+                self.report_message(v.span().start, key, &format!("{message}, or \"off\""));
+                None
             }
         }
     }
@@ -162,18 +284,20 @@ impl Checker<'_> {
         }
     }
 
-    pub(super) fn actions(&mut self, raw: &StrList, key: &str) -> Vec<Action> {
+    /// `default` applies when the key is absent: entities capture row changes, listeners
+    /// receive every action.
+    pub(super) fn actions(&mut self, raw: &StrList, key: &str, default: &[Action]) -> Vec<Action> {
         let Some(list) = raw else {
-            return Action::ALL.to_vec();
+            return default.to_vec();
         };
         if list.get_ref().is_empty() {
             self.report(
                 list.span().start,
                 key,
                 "actions is empty",
-                "list at least one of created, updated, deleted, or remove the key for all three",
+                "list at least one of created, updated, deleted, truncated, or remove the key for the default",
             );
-            return Action::ALL.to_vec();
+            return default.to_vec();
         }
         let mut actions = Vec::new();
         for (i, item) in list.get_ref().iter().enumerate() {
@@ -189,7 +313,7 @@ impl Checker<'_> {
                     item.span().start,
                     &item_key,
                     &format!("unknown action {s:?}"),
-                    "use created, updated or deleted",
+                    "use created, updated, deleted or truncated",
                 ),
                 Some(a) if actions.contains(&a) => self.report(
                     item.span().start,

@@ -1,17 +1,19 @@
 //! `[[listener]]`: where events are delivered.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
+use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::check::Checker;
 use super::entity::EntityConfig;
-use super::position::display_key;
 use super::units::parse_rate_limit;
+use super::webhook::RawHeaders;
 use super::{Str, StrList};
-use crate::secret::{Secret, redact_url};
+use crate::secret::{SecretUrl, SigningKey};
+use crate::tls::CaFile;
 use crate::types::{Action, EntityName};
 
 /// One `[[listener]]`: an HTTP endpoint that receives events.
@@ -19,18 +21,21 @@ use crate::types::{Action, EntityName};
 pub struct ListenerConfig {
     /// Unique listener name, used in the queue tables and on the command line.
     pub name: String,
-    /// The http(s) URL events are POSTed to; may carry credentials, so print only `url_redacted`.
-    pub url: Secret,
-    /// The URL with any password and secret-looking query values replaced by `***`.
-    pub url_redacted: String,
+    /// The http(s) URL events are POSTed to; it may carry credentials, so messages show
+    /// only `url.redacted()`.
+    pub url: SecretUrl,
     /// Entities this listener receives; `None` means all.
     pub entities: Option<Vec<EntityName>>,
     /// Actions this listener receives (default: all three).
     pub actions: Vec<Action>,
-    /// Extra HTTP headers, in file order; names are letters, digits and dashes.
-    pub headers: Vec<(String, Secret)>,
-    /// Standard Webhooks signing secret (`whsec_…`); `None` sends no signature.
-    pub secret: Option<Secret>,
+    /// Extra HTTP headers (`headers` and `header_files`), in file order; values are marked
+    /// sensitive.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Standard Webhooks signing key (`secret` or `secret_file`); `None` sends no signature.
+    pub secret: Option<SigningKey>,
+    /// Extra CA certificates trusted for this listener's TLS, besides the built-in and OS
+    /// roots.
+    pub ca_file: Option<CaFile>,
     /// Time limit for one delivery attempt (default 10s).
     pub timeout: Duration,
     /// Most deliveries per period; `None` means unlimited.
@@ -68,8 +73,17 @@ pub struct Backoff {
 /// The payload format a listener receives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerFormat {
-    /// CloudEvents 1.0 structured JSON.
-    CloudEvents,
+    /// CloudEvents 1.0 JSON, in the given content mode.
+    CloudEvents(CloudEventsMode),
+}
+
+/// How a CloudEvent travels (`cloudevents_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudEventsMode {
+    /// The whole event as the JSON body (`application/cloudevents+json`); the default.
+    Structured,
+    /// `data` as the body, every other attribute as a `ce-*` header.
+    Binary,
 }
 
 #[derive(Deserialize)]
@@ -79,8 +93,11 @@ pub(super) struct RawListener {
     url: Str,
     entities: StrList,
     actions: StrList,
-    headers: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    headers: RawHeaders,
+    header_files: RawHeaders,
     secret: Str,
+    secret_file: Str,
+    ca_file: Str,
     timeout: Str,
     rate_limit: Str,
     max_attempts: Option<Spanned<i64>>,
@@ -88,6 +105,7 @@ pub(super) struct RawListener {
     concurrency: Option<Spanned<i64>>,
     debounce: Str,
     format: Str,
+    cloudevents_mode: Str,
 }
 
 #[derive(Deserialize)]
@@ -96,8 +114,6 @@ pub(super) struct RawBackoff {
     initial: Str,
     max: Str,
 }
-
-pub(super) type RawHeaders = Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>;
 
 pub(super) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) const DEFAULT_MAX_ATTEMPTS: u32 = 12;
@@ -108,14 +124,6 @@ pub(super) const DEFAULT_BACKOFF: Backoff = Backoff {
     initial: Duration::from_secs(5),
     max: Duration::from_secs(3600),
 };
-/// Headers walhook sets itself; a configured value would be overwritten or break delivery.
-pub(super) const RESERVED_HEADERS: [&str; 5] = [
-    "host",
-    "content-length",
-    "webhook-id",
-    "webhook-timestamp",
-    "webhook-signature",
-];
 
 impl Checker<'_> {
     pub(super) fn listeners(
@@ -128,64 +136,27 @@ impl Checker<'_> {
         for (i, spanned) in raw.iter().enumerate() {
             let at = spanned.span().start;
             let l = spanned.get_ref();
-            let key = |k: &str| format!("listener[{i}].{k}");
+            let section = format!("listener[{i}]");
+            let key = |k: &str| format!("{section}.{k}");
 
             let name = self.required(&l.name, &key("name"), at, "\"crm\"");
             if let (Some(name), Some(v)) = (&name, &l.name) {
                 self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
-
             let url = self.http_url(
                 &l.url,
                 &key("url"),
                 at,
                 "\"https://example.com/hooks/walhook\"",
             );
-
-            let listener_entities = l.entities.as_ref().map(|list| {
-                if list.get_ref().is_empty() {
-                    self.report(
-                        list.span().start,
-                        &key("entities"),
-                        "entities is empty, so this listener would receive nothing",
-                        "list entity names, or remove entities to receive all",
-                    );
-                }
-                let mut chosen: Vec<EntityName> = Vec::new();
-                for (j, item) in list.get_ref().iter().enumerate() {
-                    let item_key = format!("{}[{j}]", key("entities"));
-                    let Some(s) = self.string(item, &item_key) else {
-                        continue;
-                    };
-                    match entities.iter().find(|e| e.name.as_str() == s) {
-                        None => {
-                            let known: Vec<&str> =
-                                entities.iter().map(|e| e.name.as_str()).collect();
-                            self.report(
-                                item.span().start,
-                                &item_key,
-                                &format!("no [[entity]] is named {s:?}"),
-                                &format!(
-                                    "use one of the configured entities: {}",
-                                    known.join(", ")
-                                ),
-                            );
-                        }
-                        Some(e) if chosen.contains(&e.name) => self.report(
-                            item.span().start,
-                            &item_key,
-                            &format!("entity {s:?} is listed twice"),
-                            "remove the duplicate",
-                        ),
-                        Some(e) => chosen.push(e.name.clone()),
-                    }
-                }
-                chosen
-            });
-
-            let actions = self.actions(&l.actions, &key("actions"));
-            let headers = self.header_map(&l.headers, &key("headers"));
-            let secret = self.signing_secret(&l.secret, &key("secret"));
+            let listener_entities = l
+                .entities
+                .as_ref()
+                .map(|list| self.listener_entities(list, &key("entities"), entities));
+            let actions = self.actions(&l.actions, &key("actions"), &Action::ALL);
+            let headers = self.headers(&l.headers, &l.header_files, &section);
+            let secret = self.signing_key(&l.secret, &l.secret_file, &key("secret"));
+            let ca_file = self.ca_file(&l.ca_file, &key("ca_file"));
 
             let timeout = self.duration(&l.timeout, &key("timeout"), DEFAULT_TIMEOUT);
             if let Some(v) = &l.timeout
@@ -198,124 +169,44 @@ impl Checker<'_> {
                     "use a duration like \"10s\"",
                 );
             }
-
-            let rate_limit = match &l.rate_limit {
-                None => None,
-                Some(v) => self
-                    .string(v, &key("rate_limit"))
-                    .and_then(|s| match parse_rate_limit(s.trim()) {
-                        Ok(r) => Some(r),
-                        Err(message) => {
-                            self.report_message(v.span().start, &key("rate_limit"), &message);
-                            None
-                        }
-                    }),
-            };
-
+            let rate_limit = l.rate_limit.as_ref().and_then(|v| {
+                let s = self.string(v, &key("rate_limit"))?;
+                parse_rate_limit(s.trim())
+                    .map_err(|message| {
+                        self.report_message(v.span().start, &key("rate_limit"), &message)
+                    })
+                    .ok()
+            });
             let max_attempts = self.count(
                 &l.max_attempts,
                 &key("max_attempts"),
                 MAX_MAX_ATTEMPTS,
                 DEFAULT_MAX_ATTEMPTS,
             );
-
-            let backoff = match &l.backoff {
-                None => DEFAULT_BACKOFF,
-                Some(b) => {
-                    let raw_b = b.get_ref();
-                    let initial = self.duration(
-                        &raw_b.initial,
-                        &key("backoff.initial"),
-                        DEFAULT_BACKOFF.initial,
-                    );
-                    let max = self.duration(
-                        &raw_b.max,
-                        &key("backoff.max"),
-                        DEFAULT_BACKOFF.max.max(initial),
-                    );
-                    if initial.is_zero() {
-                        let span = raw_b
-                            .initial
-                            .as_ref()
-                            .map_or(b.span().start, |v| v.span().start);
-                        self.report(
-                            span,
-                            &key("backoff.initial"),
-                            "initial backoff must be above 0",
-                            "use a duration like \"5s\"",
-                        );
-                    } else if max < initial {
-                        let span = raw_b
-                            .max
-                            .as_ref()
-                            .map_or(b.span().start, |v| v.span().start);
-                        self.report(
-                            span,
-                            &key("backoff.max"),
-                            "max backoff is shorter than initial",
-                            "make max at least as long as initial",
-                        );
-                    }
-                    Backoff { initial, max }
-                }
-            };
-
+            let backoff = self.backoff(&l.backoff, &section);
             let concurrency = self.count(
                 &l.concurrency,
                 &key("concurrency"),
                 MAX_CONCURRENCY,
                 DEFAULT_CONCURRENCY,
             );
-
-            let debounce = self.duration(&l.debounce, &key("debounce"), Duration::ZERO);
-            // Not built yet: a window that silently did nothing would surprise a listener
-            // that relies on coalescing.
-            if !debounce.is_zero()
-                && let Some(v) = &l.debounce
-            {
-                self.report(
-                    v.span().start,
-                    &key("debounce"),
-                    "debounce is not supported yet",
-                    "remove debounce or set debounce = \"0s\"; every change is delivered on its own",
-                );
-            }
-
-            let format = match &l.format {
-                None => ListenerFormat::CloudEvents,
-                Some(v) => {
-                    let s = self.string(v, &key("format"));
-                    match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
-                        "cloudevents" => {}
-                        "eventgrid" | "servicebus" | "form" | "template" => self.report(
-                            v.span().start,
-                            &key("format"),
-                            &format!(
-                                "format {:?} is not supported yet",
-                                s.as_deref().unwrap_or_default()
-                            ),
-                            "use format = \"cloudevents\"",
-                        ),
-                        _ => self.report(
-                            v.span().start,
-                            &key("format"),
-                            &format!("unknown format {:?}", s.as_deref().unwrap_or_default()),
-                            "use format = \"cloudevents\"",
-                        ),
-                    }
-                    ListenerFormat::CloudEvents
+            let debounce = self.debounce(&l.debounce, &key("debounce"));
+            let format = self.format(&l.format, &key("format"));
+            let format = match format {
+                ListenerFormat::CloudEvents(_) => {
+                    ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key))
                 }
             };
 
             if let (Some(name), Some(url)) = (name, url) {
                 listeners.push(ListenerConfig {
                     name,
-                    url_redacted: redact_url(&url),
-                    url: Secret::new(url),
+                    url,
                     entities: listener_entities,
                     actions,
                     headers,
                     secret,
+                    ca_file,
                     timeout,
                     rate_limit,
                     max_attempts,
@@ -329,119 +220,296 @@ impl Checker<'_> {
         listeners
     }
 
-    pub(super) fn header_map(&mut self, raw: &RawHeaders, key: &str) -> Vec<(String, Secret)> {
-        let Some(raw) = raw else {
-            return Vec::new();
-        };
-        let mut pairs: Vec<(&Spanned<String>, &Spanned<String>)> = raw.get_ref().iter().collect();
-        pairs.sort_by_key(|(name, _)| name.span().start);
-        let mut headers: Vec<(String, Secret)> = Vec::new();
-        for (name, value) in pairs {
-            let header_key = format!("{key}.{}", display_key(name.get_ref()));
-            let n = name.get_ref();
-            if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-                self.report(
-                    name.span().start,
-                    &header_key,
-                    &format!("invalid header name {n:?}"),
-                    "use only letters, digits and dashes, like \"X-Api-Key\"",
-                );
-                continue;
-            }
-            if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(n)) {
-                self.report(
-                    name.span().start,
-                    &header_key,
-                    &format!("header {n:?} is set by walhook"),
-                    "remove it",
-                );
-                continue;
-            }
-            if headers.iter().any(|(h, _)| h.eq_ignore_ascii_case(n)) {
-                self.report(
-                    name.span().start,
-                    &header_key,
-                    &format!("header {n:?} is listed twice (header names ignore case)"),
-                    "keep one of them",
-                );
-                continue;
-            }
-            let Some(v) = self.string(value, &header_key) else {
+    /// `entities = [...]`: configured entity names, each once.
+    fn listener_entities(
+        &mut self,
+        list: &Spanned<Vec<Spanned<String>>>,
+        key: &str,
+        entities: &[EntityConfig],
+    ) -> Vec<EntityName> {
+        if list.get_ref().is_empty() {
+            self.report(
+                list.span().start,
+                key,
+                "entities is empty, so this listener would receive nothing",
+                "list entity names, or remove entities to receive all",
+            );
+        }
+        let mut chosen: Vec<EntityName> = Vec::new();
+        for (j, item) in list.get_ref().iter().enumerate() {
+            let item_key = format!("{key}[{j}]");
+            let Some(s) = self.string(item, &item_key) else {
                 continue;
             };
-            if v.contains(['\r', '\n']) {
-                self.report(
-                    value.span().start,
-                    &header_key,
-                    "header value contains a line break",
-                    "remove the line break from the value",
-                );
-                continue;
+            match entities.iter().find(|e| e.name.as_str() == s) {
+                None => {
+                    let known: Vec<&str> = entities.iter().map(|e| e.name.as_str()).collect();
+                    self.report(
+                        item.span().start,
+                        &item_key,
+                        &format!("no [[entity]] is named {s:?}"),
+                        &format!("use one of the configured entities: {}", known.join(", ")),
+                    );
+                }
+                Some(e) if chosen.contains(&e.name) => self.report(
+                    item.span().start,
+                    &item_key,
+                    &format!("entity {s:?} is listed twice"),
+                    "remove the duplicate",
+                ),
+                Some(e) => chosen.push(e.name.clone()),
             }
-            headers.push((n.clone(), Secret::new(v)));
         }
-        headers
+        chosen
     }
 
-    /// A required http(s) URL (listener or monitor webhook); `None` (reported) otherwise.
-    pub(super) fn http_url(
+    /// `backoff = { initial, max }`: initial above 0, max at least initial.
+    fn backoff(&mut self, raw: &Option<Spanned<RawBackoff>>, section: &str) -> Backoff {
+        let Some(b) = raw else {
+            return DEFAULT_BACKOFF;
+        };
+        let raw_b = b.get_ref();
+        let key = |k: &str| format!("{section}.backoff.{k}");
+        let initial = self.duration(&raw_b.initial, &key("initial"), DEFAULT_BACKOFF.initial);
+        let max = self.duration(&raw_b.max, &key("max"), DEFAULT_BACKOFF.max.max(initial));
+        let span_of = |v: &Str| v.as_ref().map_or(b.span().start, |v| v.span().start);
+        if initial.is_zero() {
+            self.report(
+                span_of(&raw_b.initial),
+                &key("initial"),
+                "initial backoff must be above 0",
+                "use a duration like \"5s\"",
+            );
+        } else if max < initial {
+            self.report(
+                span_of(&raw_b.max),
+                &key("max"),
+                "max backoff is shorter than initial",
+                "make max at least as long as initial",
+            );
+        }
+        Backoff { initial, max }
+    }
+
+    fn debounce(&mut self, raw: &Str, key: &str) -> Duration {
+        let debounce = self.duration(raw, key, Duration::ZERO);
+        // Not built yet: a window that silently did nothing would surprise a listener
+        // that relies on coalescing.
+        if !debounce.is_zero()
+            && let Some(v) = raw
+        {
+            self.report(
+                v.span().start,
+                key,
+                "debounce is not supported yet",
+                "remove debounce or set debounce = \"0s\"; every change is delivered on its own",
+            );
+        }
+        debounce
+    }
+
+    fn format(&mut self, raw: &Str, key: &str) -> ListenerFormat {
+        let Some(v) = raw else {
+            return ListenerFormat::CloudEvents(CloudEventsMode::Structured);
+        };
+        let s = self.string(v, key);
+        match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
+            "cloudevents" => {}
+            "eventgrid" | "servicebus" | "form" | "template" => self.report(
+                v.span().start,
+                key,
+                &format!(
+                    "format {:?} is not supported yet",
+                    s.as_deref().unwrap_or_default()
+                ),
+                "use format = \"cloudevents\"",
+            ),
+            _ => self.report(
+                v.span().start,
+                key,
+                &format!("unknown format {:?}", s.as_deref().unwrap_or_default()),
+                "use format = \"cloudevents\"",
+            ),
+        }
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    }
+
+    /// `cloudevents_mode`: structured (the event as the body) or binary (ce-* headers).
+    fn cloudevents_mode(
         &mut self,
-        value: &Str,
-        key: &str,
-        section_at: usize,
-        example: &str,
-    ) -> Option<String> {
-        let url = self.required(value, key, section_at, example)?;
-        match check_http_url(&url) {
-            Ok(()) => Some(url),
-            Err(problem) => {
-                let at = value.as_ref().map_or(section_at, |v| v.span().start);
+        l: &RawListener,
+        key: &dyn Fn(&str) -> String,
+    ) -> CloudEventsMode {
+        let Some(v) = &l.cloudevents_mode else {
+            return CloudEventsMode::Structured;
+        };
+        match self
+            .string(v, &key("cloudevents_mode"))
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("structured") => CloudEventsMode::Structured,
+            Some("binary") => CloudEventsMode::Binary,
+            Some(other) => {
                 self.report(
-                    at,
-                    key,
-                    &problem,
-                    &format!("write an http:// or https:// URL like {example}"),
+                    v.span().start,
+                    &key("cloudevents_mode"),
+                    &format!("unknown CloudEvents content mode {other:?}"),
+                    "use cloudevents_mode = \"structured\" (the event as the body) or \"binary\" (ce-* headers, data as the body)",
                 );
-                None
+                CloudEventsMode::Structured
             }
         }
     }
-
-    /// A Standard Webhooks signing secret, checked the way delivery parses it.
-    pub(super) fn signing_secret(&mut self, value: &Str, key: &str) -> Option<Secret> {
-        let v = value.as_ref()?;
-        let s = self.string(v, key)?;
-        match crate::delivery::signature::SigningKey::parse(&s) {
-            Ok(_) => Some(Secret::new(s)),
-            Err(e) => {
-                self.report_message(v.span().start, key, &e.to_string());
-                None
-            }
-        }
-    }
-}
-
-/// Checks that `url` is an absolute http(s) URL with a host; the message never repeats the URL.
-pub(super) fn check_http_url(url: &str) -> Result<(), String> {
-    let lower = url.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("https://")
-        .or_else(|| lower.strip_prefix("http://"))
-        .ok_or_else(|| "the URL must start with http:// or https://".to_owned())?;
-    if url.chars().any(char::is_whitespace) {
-        return Err("the URL contains whitespace".to_owned());
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit('@').next().unwrap_or("");
-    if host.is_empty() || host.starts_with(':') {
-        return Err("the URL has no host".to_owned());
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
+    use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors, parse};
+
+    fn listener(extra: &str) -> String {
+        format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\n{extra}")
+    }
+
+    #[test]
+    fn urls_that_cannot_be_sent_to_are_refused_at_load() {
+        let lines = errors(&listener("url = \"http://127.0.0.1:99999/x\"\n"));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:10:7: listener[0].url: the URL's port is not a number from 1 to 65535; write an http:// or https:// URL like \"https://example.com/hooks/walhook\""
+            ]
+        );
+        let lines = errors(&listener(
+            "url = \"https://tok:s3cr3t@exa mple.com/?k=v\"\n",
+        ));
+        assert!(
+            lines[0].contains("the URL contains whitespace"),
+            "{lines:?}"
+        );
+        assert!(!lines[0].contains("s3cr3t"), "{lines:?}");
+    }
+
+    #[test]
+    fn header_values_must_be_visible_ascii_and_are_never_echoed() {
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nheaders = { \"X-Name\" = \"Zoë-secret\" }\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:11:24: listener[0].headers.X-Name: header value contains a non-ASCII character, which HTTP header values cannot carry; encode the value as the receiver expects (percent-encoding or base64), or remove the character"
+            ]
+        );
+    }
+
+    #[test]
+    fn secrets_and_header_values_come_from_files_including_systemd_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("creds");
+        std::fs::create_dir(&creds).unwrap();
+        std::fs::write(
+            creds.join("signing"),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("api-key"), "k3y-from-file\n").unwrap();
+        let text = listener(
+            "url = \"https://example.com/\"\nsecret_file = \"%d/signing\"\nheaders = { \"X-Tenant\" = \"north\" }\nheader_files = { \"X-Api-Key\" = \"api-key\" }\n",
+        );
+        let creds_dir = creds.display().to_string();
+        let env = |name: &str| (name == "CREDENTIALS_DIRECTORY").then(|| creds_dir.clone());
+        let c = Config::parse_with_env(&text, &dir.path().join("walhook.toml"), &env)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let l = &c.listeners[0];
+        assert!(l.secret.is_some());
+        let headers: Vec<(&str, &str)> = l
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(
+            headers,
+            [("x-tenant", "north"), ("x-api-key", "k3y-from-file")]
+        );
+        assert!(l.headers.iter().all(|(_, v)| v.is_sensitive()));
+
+        // Without systemd's variable, %d/ cannot be resolved.
+        let e = Config::parse_with_env(&text, &dir.path().join("walhook.toml"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("listener[0].secret_file: %d/ stands for systemd's credentials directory, but CREDENTIALS_DIRECTORY is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn secret_and_secret_file_together_and_duplicate_headers_across_maps_are_refused() {
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nsecret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\nsecret_file = \"s\"\nheaders = { \"X-Key\" = \"a\" }\nheader_files = { \"x-key\" = \"f\" }\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:15: listener[0].secret_file: both secret and secret_file are set; keep only one of them",
+                "walhook.toml:14:18: listener[0].header_files.x-key: header \"x-key\" is listed twice (header names ignore case); keep one of them",
+            ]
+        );
+    }
+
+    #[test]
+    fn signing_secrets_shorter_than_24_bytes_are_refused() {
+        // base64 of 16 bytes: a common mistake is a hex or short random string.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nsecret = \"whsec_MDEyMzQ1Njc4OWFiY2RlZg==\"\n",
+        ));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with("walhook.toml:11:10: listener[0].secret: the signing secret is only 16 bytes long, fewer than the 24 Standard Webhooks requires"),
+            "{lines:?}"
+        );
+        assert!(!lines[0].contains("MDEyMzQ1"), "{lines:?}");
+    }
+
+    #[test]
+    fn ca_file_is_read_at_load_and_problems_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert.pem()).unwrap();
+        std::fs::write(dir.path().join("junk.pem"), "junk").unwrap();
+        let path = dir.path().join("walhook.toml");
+        let parse_in_dir = |text: &str| Config::parse_with_env(text, Path::new(&path), &|_| None);
+        let c = parse_in_dir(&listener(
+            "url = \"https://example.com/\"\nca_file = \"ca.pem\"\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.listeners[0]
+                .ca_file
+                .as_ref()
+                .unwrap()
+                .certificates()
+                .len(),
+            1
+        );
+        let e = parse_in_dir(&listener(
+            "url = \"https://example.com/\"\nca_file = \"junk.pem\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(":11:11: listener[0].ca_file: "), "{e}");
+        assert!(e.contains("junk.pem holds no PEM certificate"), "{e}");
+        let e = parse_in_dir(&listener(
+            "url = \"https://example.com/\"\nca_file = \"nope.pem\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot read ") && e.contains("nope.pem"), "{e}");
+    }
 
     #[test]
     fn concurrency_defaults_to_16_and_must_be_1_to_1000() {

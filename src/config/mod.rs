@@ -9,8 +9,10 @@ mod listener;
 mod monitor;
 mod position;
 mod queue;
+mod smtp;
 mod source;
 mod units;
+mod webhook;
 
 use std::path::{Path, PathBuf};
 
@@ -19,14 +21,16 @@ use serde_spanned::Spanned;
 
 use crate::error::{Classify, ErrorClass};
 
-pub use self::admin::AdminConfig;
+pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
-pub use self::listener::{Backoff, ListenerConfig, ListenerFormat, RateLimit};
+pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::queue::QueueConfig;
+pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};
 pub use self::source::SourceConfig;
 pub use self::units::{parse_duration, parse_rate_limit, parse_size};
-pub use crate::secret::{Secret, redact_url};
+pub use crate::secret::{Secret, SecretUrl, SigningKey, redact_url};
+pub use crate::tls::CaFile;
 
 use self::admin::RawAdmin;
 use self::check::Checker;

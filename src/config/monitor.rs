@@ -6,11 +6,16 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
+use http::{HeaderName, HeaderValue};
+use lettre::message::Mailbox;
+
 use super::check::Checker;
-use super::listener::RawHeaders;
+use super::smtp::{SmtpServer, parse_smtp_url};
 use super::units::RawSize;
+use super::webhook::RawHeaders;
 use super::{Str, StrList};
-use crate::secret::{Secret, redact_url};
+use crate::secret::{SecretUrl, SigningKey};
+use crate::tls::CaFile;
 
 /// One `[[monitor]]`: where alerts go and when they are raised.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +26,9 @@ pub struct MonitorConfig {
     pub webhook: Option<MonitorWebhook>,
     /// Alerts sent as email over SMTP; `None` when `smtp_url` is absent.
     pub email: Option<MonitorEmail>,
+    /// Extra CA certificates trusted for the webhook's and the mail server's TLS, besides
+    /// the built-in and OS roots.
+    pub ca_file: Option<CaFile>,
     /// Alert kinds this monitor receives (default: all).
     pub on: Vec<AlertKind>,
     /// A listener whose every attempt failed for longer than this is failing (default 5m).
@@ -41,27 +49,24 @@ pub struct MonitorConfig {
 /// The webhook side of a `[[monitor]]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MonitorWebhook {
-    /// The http(s) URL alerts are POSTed to; print only `url_redacted`.
-    pub url: Secret,
-    /// The URL with credentials replaced by `***`.
-    pub url_redacted: String,
-    /// Extra HTTP headers, in file order.
-    pub headers: Vec<(String, Secret)>,
-    /// Standard Webhooks signing secret; `None` sends no signature.
-    pub secret: Option<Secret>,
+    /// The http(s) URL alerts are POSTed to; messages show only `url.redacted()`.
+    pub url: SecretUrl,
+    /// Extra HTTP headers (`headers` and `header_files`), in file order.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Standard Webhooks signing key; `None` sends no signature.
+    pub secret: Option<SigningKey>,
 }
 
 /// The email side of a `[[monitor]]`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MonitorEmail {
-    /// `smtp://host:25`, `smtps://user:pass@host:465` or `smtp://host:587?tls=required`.
-    pub smtp_url: Secret,
-    /// The SMTP URL with the password replaced by `***`.
-    pub smtp_url_redacted: String,
+    /// The mail server, from `smtp_url` (`smtp://host:25`, `smtps://user@host:465`,
+    /// `smtp://host:587?tls=required`) and `smtp_password` / `smtp_password_file`.
+    pub smtp: SmtpServer,
     /// The sender mailbox (`walhook@example.com` or `Walhook <walhook@example.com>`).
-    pub from: String,
+    pub from: Mailbox,
     /// Recipient mailboxes (at least one).
-    pub to: Vec<String>,
+    pub to: Vec<Mailbox>,
 }
 
 /// A kind of alert a monitor can subscribe to with `on`.
@@ -77,16 +82,26 @@ pub enum AlertKind {
     QueueAge,
     /// The database was unreachable for longer than `database_unreachable_for` (and recovered).
     DatabaseUnreachable,
+    /// Changes were lost because the replication slot vanished (told once the gap is
+    /// accepted and capture resumes).
+    CaptureGap,
+    /// Changes were set aside in `walhook.rejected` instead of queued.
+    ChangeRejected,
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    SchemaChanged,
 }
 
 impl AlertKind {
     /// Every kind, in the order `on` documents them.
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 8] = [
         AlertKind::NotificationFailed,
         AlertKind::ListenerFailing,
         AlertKind::ReplicationLag,
         AlertKind::QueueAge,
         AlertKind::DatabaseUnreachable,
+        AlertKind::CaptureGap,
+        AlertKind::ChangeRejected,
+        AlertKind::SchemaChanged,
     ];
 
     /// The name used in `on = [...]`.
@@ -97,6 +112,9 @@ impl AlertKind {
             AlertKind::ReplicationLag => "replication_lag",
             AlertKind::QueueAge => "queue_age",
             AlertKind::DatabaseUnreachable => "database_unreachable",
+            AlertKind::CaptureGap => "capture_gap",
+            AlertKind::ChangeRejected => "change_rejected",
+            AlertKind::SchemaChanged => "schema_changed",
         }
     }
 }
@@ -107,8 +125,14 @@ pub(super) struct RawMonitor {
     name: Str,
     url: Str,
     headers: RawHeaders,
+    header_files: RawHeaders,
     secret: Str,
+    secret_file: Str,
     smtp_url: Str,
+    smtp_password: Str,
+    smtp_password_file: Str,
+    smtp_allow_insecure_password: Option<Spanned<bool>>,
+    ca_file: Str,
     from: Str,
     to: StrList,
     on: StrList,
@@ -149,8 +173,9 @@ impl Checker<'_> {
                     "add url = \"https://ops.example.com/walhook-alerts\" for a webhook, smtp_url = \"smtp://mail.example.com:25\" with from and to for email, or both",
                 );
             }
-            let webhook = self.monitor_webhook(m, &key);
-            let email = self.monitor_email(m, at, &key);
+            let webhook = self.monitor_webhook(m, i);
+            let email = self.monitor_email(m, at, i);
+            let ca_file = self.ca_file(&m.ca_file, &key("ca_file"));
             let on = self.alert_kinds(&m.on, &key("on"));
 
             let listener_failing_for = self.duration(
@@ -176,6 +201,7 @@ impl Checker<'_> {
                     name,
                     webhook,
                     email,
+                    ca_file,
                     on,
                     listener_failing_for,
                     lag_bytes,
@@ -189,81 +215,96 @@ impl Checker<'_> {
         monitors
     }
 
-    fn monitor_webhook(
-        &mut self,
-        m: &RawMonitor,
-        key: &dyn Fn(&str) -> String,
-    ) -> Option<MonitorWebhook> {
-        let Some(v) = &m.url else {
-            for (present, k) in [
-                (m.headers.as_ref().map(|h| h.span().start), "headers"),
-                (m.secret.as_ref().map(|s| s.span().start), "secret"),
-            ] {
-                if let Some(at) = present {
-                    self.report(
-                        at,
-                        &key(k),
-                        &format!("{k} applies only to the webhook, but the monitor has no url"),
-                        &format!(
-                            "add url = \"https://ops.example.com/walhook-alerts\" or remove {k}"
-                        ),
-                    );
-                }
+    /// Reports each key in `present` (name, position if set) that belongs to a part of the
+    /// monitor (`part`: "the webhook, but …") that is not configured; `add` is the fix.
+    fn stray_keys(&mut self, i: usize, present: &[(&str, Option<usize>)], part: &str, add: &str) {
+        for (k, at) in present {
+            if let Some(at) = at {
+                self.report(
+                    *at,
+                    &format!("monitor[{i}].{k}"),
+                    &format!("{k} applies only to {part}"),
+                    &format!("{add} or remove {k}"),
+                );
             }
+        }
+    }
+
+    fn monitor_webhook(&mut self, m: &RawMonitor, i: usize) -> Option<MonitorWebhook> {
+        let Some(v) = &m.url else {
+            self.stray_keys(
+                i,
+                &[
+                    ("headers", m.headers.as_ref().map(|h| h.span().start)),
+                    (
+                        "header_files",
+                        m.header_files.as_ref().map(|h| h.span().start),
+                    ),
+                    ("secret", m.secret.as_ref().map(|s| s.span().start)),
+                    (
+                        "secret_file",
+                        m.secret_file.as_ref().map(|s| s.span().start),
+                    ),
+                ],
+                "the webhook, but the monitor has no url",
+                "add url = \"https://ops.example.com/walhook-alerts\"",
+            );
             return None;
         };
+        let section = format!("monitor[{i}]");
         let url = self.http_url(
             &m.url,
-            &key("url"),
+            &format!("{section}.url"),
             v.span().start,
             "\"https://ops.example.com/walhook-alerts\"",
         );
-        let headers = self.header_map(&m.headers, &key("headers"));
-        let secret = self.signing_secret(&m.secret, &key("secret"));
+        let headers = self.headers(&m.headers, &m.header_files, &section);
+        let secret = self.signing_key(&m.secret, &m.secret_file, &format!("{section}.secret"));
         url.map(|url| MonitorWebhook {
-            url_redacted: redact_url(&url),
-            url: Secret::new(url),
+            url,
             headers,
             secret,
         })
     }
 
-    fn monitor_email(
-        &mut self,
-        m: &RawMonitor,
-        at: usize,
-        key: &dyn Fn(&str) -> String,
-    ) -> Option<MonitorEmail> {
+    fn monitor_email(&mut self, m: &RawMonitor, at: usize, i: usize) -> Option<MonitorEmail> {
+        let key = |k: &str| format!("monitor[{i}].{k}");
         let Some(v) = &m.smtp_url else {
-            for (present, k) in [
-                (m.from.as_ref().map(|f| f.span().start), "from"),
-                (m.to.as_ref().map(|t| t.span().start), "to"),
-            ] {
-                if let Some(at) = present {
-                    self.report(
-                        at,
-                        &key(k),
-                        &format!("{k} applies only to email, but the monitor has no smtp_url"),
-                        &format!("add smtp_url = \"smtp://mail.example.com:25\" or remove {k}"),
-                    );
-                }
-            }
+            self.stray_keys(
+                i,
+                &[
+                    ("from", m.from.as_ref().map(|f| f.span().start)),
+                    ("to", m.to.as_ref().map(|t| t.span().start)),
+                    (
+                        "smtp_password",
+                        m.smtp_password.as_ref().map(|p| p.span().start),
+                    ),
+                    (
+                        "smtp_password_file",
+                        m.smtp_password_file.as_ref().map(|p| p.span().start),
+                    ),
+                    (
+                        "smtp_allow_insecure_password",
+                        m.smtp_allow_insecure_password
+                            .as_ref()
+                            .map(|p| p.span().start),
+                    ),
+                ],
+                "email, but the monitor has no smtp_url",
+                "add smtp_url = \"smtp://mail.example.com:25\"",
+            );
             return None;
         };
-        let smtp_url = self.string(v, &key("smtp_url")).and_then(|u| {
-            match check_smtp_url(u.trim()) {
-                Ok(()) => Some(u.trim().to_owned()),
-                Err(problem) => {
-                    self.report(
-                        v.span().start,
-                        &key("smtp_url"),
-                        &problem,
-                        "write smtp://host:25 (plain), smtp://host:587?tls=required (STARTTLS) or smtps://user:${SMTP_PASSWORD}@host:465 (TLS)",
-                    );
-                    None
-                }
-            }
-        });
+        let password = self.secret(
+            &m.smtp_password,
+            &m.smtp_password_file,
+            &key("smtp_password"),
+        );
+        let allow_insecure = m
+            .smtp_allow_insecure_password
+            .as_ref()
+            .is_some_and(|b| *b.get_ref());
+        let smtp = self.smtp_server(v, password, allow_insecure, &key("smtp_url"));
         let from = self
             .required(&m.from, &key("from"), at, "\"walhook@example.com\"")
             .and_then(|f| {
@@ -273,57 +314,82 @@ impl Checker<'_> {
                     &key("from"),
                 )
             });
-        let to = match &m.to {
-            None => {
-                self.report(
-                    at,
-                    &key("to"),
-                    "missing key",
-                    "add to = [\"dba@example.com\"]",
-                );
-                None
-            }
-            Some(list) if list.get_ref().is_empty() => {
-                self.report(
-                    list.span().start,
-                    &key("to"),
-                    "to is empty, so no one would get the alerts",
-                    "list at least one address, like to = [\"dba@example.com\"]",
-                );
-                None
-            }
-            Some(list) => {
-                let mut to = Vec::new();
-                let mut ok = true;
-                for (j, item) in list.get_ref().iter().enumerate() {
-                    let item_key = format!("{}[{j}]", key("to"));
-                    match self
-                        .string(item, &item_key)
-                        .and_then(|s| self.mailbox(&s, item.span().start, &item_key))
-                    {
-                        Some(s) => to.push(s),
-                        None => ok = false,
-                    }
-                }
-                ok.then_some(to)
-            }
-        };
-        match (smtp_url, from, to) {
-            (Some(smtp_url), Some(from), Some(to)) => Some(MonitorEmail {
-                smtp_url_redacted: redact_url(&smtp_url),
-                smtp_url: Secret::new(smtp_url),
-                from,
-                to,
-            }),
+        let to = self.recipients(&m.to, at, &key("to"));
+        match (smtp, from, to) {
+            (Some(smtp), Some(from), Some(to)) => Some(MonitorEmail { smtp, from, to }),
             _ => None,
         }
     }
 
+    /// The mail server of `smtp_url`; refuses a password that would travel in plain text
+    /// unless `smtp_allow_insecure_password = true`.
+    fn smtp_server(
+        &mut self,
+        v: &Spanned<String>,
+        password: Option<crate::secret::Secret>,
+        allow_insecure: bool,
+        key: &str,
+    ) -> Option<SmtpServer> {
+        let text = self.string(v, key)?;
+        let server = match parse_smtp_url(text.trim(), password) {
+            Ok(server) => server,
+            Err(problem) => {
+                self.report(
+                    v.span().start,
+                    key,
+                    &problem,
+                    "write smtp://host:25 (plain), smtp://host:587?tls=required (STARTTLS) or smtps://user@host:465 (TLS, password in smtp_password_file)",
+                );
+                return None;
+            }
+        };
+        if server.credentials.is_some() && !server.tls.protects_password() && !allow_insecure {
+            self.report(
+                v.span().start,
+                key,
+                "the SMTP password would be sent without TLS (smtp:// without tls=required, or tls=opportunistic, which falls back to plain text)",
+                "use smtps://…:465 or add ?tls=required; set smtp_allow_insecure_password = true only for a mail server reached over a trusted network",
+            );
+            return None;
+        }
+        Some(server)
+    }
+
+    /// `to = [...]`: at least one mailbox.
+    fn recipients(&mut self, raw: &StrList, at: usize, key: &str) -> Option<Vec<Mailbox>> {
+        let Some(list) = raw else {
+            self.report(at, key, "missing key", "add to = [\"dba@example.com\"]");
+            return None;
+        };
+        if list.get_ref().is_empty() {
+            self.report(
+                list.span().start,
+                key,
+                "to is empty, so no one would get the alerts",
+                "list at least one address, like to = [\"dba@example.com\"]",
+            );
+            return None;
+        }
+        let mut to = Vec::new();
+        let mut ok = true;
+        for (j, item) in list.get_ref().iter().enumerate() {
+            let item_key = format!("{key}[{j}]");
+            match self
+                .string(item, &item_key)
+                .and_then(|s| self.mailbox(&s, item.span().start, &item_key))
+            {
+                Some(m) => to.push(m),
+                None => ok = false,
+            }
+        }
+        ok.then_some(to)
+    }
+
     /// A checked mailbox (`a@b.example` or `Name <a@b.example>`); `None` (reported) otherwise.
-    fn mailbox(&mut self, s: &str, at: usize, key: &str) -> Option<String> {
+    fn mailbox(&mut self, s: &str, at: usize, key: &str) -> Option<Mailbox> {
         let s = s.trim();
-        match s.parse::<lettre::message::Mailbox>() {
-            Ok(_) => Some(s.to_owned()),
+        match s.parse::<Mailbox>() {
+            Ok(m) => Some(m),
             Err(_) => {
                 self.report(
                     at,
@@ -378,47 +444,13 @@ impl Checker<'_> {
     }
 }
 
-/// Checks an SMTP URL's scheme, host and `tls` option; the message never repeats the URL.
-fn check_smtp_url(url: &str) -> Result<(), String> {
-    let lower = url.to_ascii_lowercase();
-    let (rest, plain) = if let Some(rest) = lower.strip_prefix("smtp://") {
-        (rest, true)
-    } else if let Some(rest) = lower.strip_prefix("smtps://") {
-        (rest, false)
-    } else {
-        return Err("the SMTP URL must start with smtp:// or smtps://".to_owned());
-    };
-    if url.chars().any(char::is_whitespace) {
-        return Err("the SMTP URL contains whitespace".to_owned());
-    }
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = authority.rsplit('@').next().unwrap_or("");
-    if host.is_empty() || host.starts_with(':') {
-        return Err("the SMTP URL has no host".to_owned());
-    }
-    if let Some((_, query)) = rest.split_once('?') {
-        for pair in query.split('&') {
-            match pair.split_once('=') {
-                Some(("tls", "required" | "opportunistic")) if plain => {}
-                Some(("tls", _)) => {
-                    return Err(
-                        "tls= must be required or opportunistic, and only with smtp://".to_owned(),
-                    );
-                }
-                _ => return Err("the only query option of an SMTP URL is tls=".to_owned()),
-            }
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::path::Path;
 
-    use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors};
+    use crate::config::{Config, SmtpTls};
 
     #[test]
     fn example_monitor_parses_with_webhook_and_email() {
@@ -435,15 +467,17 @@ mod tests {
         assert_eq!(m.name, "ops");
         let w = m.webhook.as_ref().unwrap();
         assert_eq!(
-            w.url.expose(),
+            w.url.expose().as_str(),
             "https://ops.example.com/hooks/walhook-alerts"
         );
         assert_eq!(w.headers[0].0, "X-Team");
         assert!(w.secret.is_none());
         let e = m.email.as_ref().unwrap();
-        assert_eq!(e.smtp_url.expose(), "smtp://mail.example.com:25");
-        assert_eq!(e.from, "walhook <walhook@example.com>");
-        assert_eq!(e.to, vec!["dba@example.com".to_owned()]);
+        assert_eq!(e.smtp.redacted(), "smtp://mail.example.com:25");
+        assert_eq!(e.smtp.tls, SmtpTls::Plain);
+        assert!(e.smtp.credentials.is_none());
+        assert_eq!(e.from.to_string(), "walhook <walhook@example.com>");
+        assert_eq!(e.to, vec!["dba@example.com".parse().unwrap()]);
         assert_eq!(m.on, AlertKind::ALL.to_vec());
         assert_eq!(m.listener_failing_for, DEFAULT_LISTENER_FAILING_FOR);
         assert_eq!(m.lag_bytes, DEFAULT_LAG_BYTES);
@@ -466,13 +500,106 @@ mod tests {
         let m = &c.monitors[0];
         assert!(m.webhook.is_none());
         let e = m.email.as_ref().unwrap();
-        assert_eq!(e.smtp_url.expose(), "smtps://w:pw@mx.example.com");
-        assert_eq!(e.smtp_url_redacted, "smtps://w:***@mx.example.com");
+        let login = e.smtp.credentials.as_ref().unwrap();
+        assert_eq!((login.user.as_str(), login.password.expose()), ("w", "pw"));
+        assert_eq!(e.smtp.redacted(), "smtps://***@mx.example.com:465");
         assert!(!format!("{m:?}").contains("pw@"));
         assert_eq!(e.to.len(), 2);
         assert_eq!(m.on, vec![AlertKind::ListenerFailing]);
         assert_eq!(m.lag_bytes, 1000);
         assert_eq!(m.min_interval, Duration::from_secs(900));
+    }
+
+    #[test]
+    fn smtp_passwords_need_tls_unless_explicitly_allowed() {
+        let monitor = |smtp: &str| {
+            format!(
+                "{MINIMAL}[[monitor]]\nname = \"mail\"\n{smtp}\nfrom = \"w@example.com\"\nto = [\"a@example.com\"]\n"
+            )
+        };
+        for plain in [
+            "smtp_url = \"smtp://w:pw-secret@mx.example.com\"",
+            "smtp_url = \"smtp://w:pw-secret@mx.example.com?tls=opportunistic\"",
+            "smtp_url = \"smtp://w@mx.example.com\"\nsmtp_password = \"pw-secret\"",
+        ] {
+            let lines = errors(&monitor(plain));
+            assert_eq!(lines.len(), 1, "{plain}: {lines:?}");
+            assert!(
+                lines[0].starts_with("walhook.toml:9:12: monitor[0].smtp_url: the SMTP password would be sent without TLS"),
+                "{plain}: {lines:?}"
+            );
+            assert!(
+                lines[0].contains("smtp_allow_insecure_password = true"),
+                "{lines:?}"
+            );
+            assert!(!lines[0].contains("pw-secret"), "{lines:?}");
+        }
+        let allowed = monitor(
+            "smtp_url = \"smtp://w:pw@mx.example.com\"\nsmtp_allow_insecure_password = true",
+        );
+        let c = crate::config::tests::parse(&allowed).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.monitors[0].email.as_ref().unwrap().smtp.tls,
+            SmtpTls::Plain
+        );
+        // Without a password there is nothing to protect.
+        assert!(
+            crate::config::tests::parse(&monitor("smtp_url = \"smtp://mx.example.com\"")).is_ok()
+        );
+        assert!(
+            crate::config::tests::parse(&monitor(
+                "smtp_url = \"smtp://w@mx.example.com?tls=required\"\nsmtp_password = \"pw\""
+            ))
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn smtp_password_file_is_read_and_stray_email_keys_are_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smtp-pw"), "fr0m-file\n").unwrap();
+        let text = format!(
+            "{MINIMAL}[[monitor]]\nname = \"mail\"\nsmtp_url = \"smtps://walhook@mx.example.com\"\nsmtp_password_file = \"smtp-pw\"\nfrom = \"w@example.com\"\nto = [\"a@example.com\"]\nca_file = \"missing.pem\"\n"
+        );
+        let e = Config::parse_with_env(&text, &dir.path().join("walhook.toml"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("monitor[0].ca_file: cannot read "), "{e}");
+        let text = text.replace("ca_file = \"missing.pem\"\n", "");
+        let c = Config::parse_with_env(&text, &dir.path().join("walhook.toml"), &|_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let login = c.monitors[0]
+            .email
+            .as_ref()
+            .unwrap()
+            .smtp
+            .credentials
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (login.user.as_str(), login.password.expose()),
+            ("walhook", "fr0m-file")
+        );
+
+        // A wrong type does not echo the value either.
+        let lines = errors(&format!(
+            "{MINIMAL}[[monitor]]\nname = \"m\"\nsmtp_password = 98765\n"
+        ));
+        assert!(
+            lines[0].contains("monitor[0].smtp_password: wrong type"),
+            "{lines:?}"
+        );
+        assert!(!lines[0].contains("98765"), "{lines:?}");
+
+        let lines = errors(&format!(
+            "{MINIMAL}[[monitor]]\nname = \"hook\"\nurl = \"https://ops.example.com/\"\nsmtp_password_file = \"x\"\n"
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:10:22: monitor[0].smtp_password_file: smtp_password_file applies only to email, but the monitor has no smtp_url; add smtp_url = \"smtp://mail.example.com:25\" or remove smtp_password_file"
+            ]
+        );
     }
 
     #[test]
@@ -487,11 +614,11 @@ mod tests {
                 "walhook.toml:11:8: monitor[1].name: monitor \"a\" is defined twice; give each [[monitor]] its own name",
                 "walhook.toml:12:7: monitor[1].url: the URL must start with http:// or https://; write an http:// or https:// URL like \"https://ops.example.com/walhook-alerts\"",
                 "walhook.toml:13:10: monitor[1].secret: the signing secret is not base64 (optionally prefixed with whsec_); use a secret like whsec_ followed by base64 of 24 to 64 random bytes (e.g. `openssl rand -base64 32`)",
-                "walhook.toml:14:7: monitor[1].on[0]: unknown alert kind \"everything\"; use one of notification_failed, listener_failing, replication_lag, queue_age, database_unreachable",
+                "walhook.toml:14:7: monitor[1].on[0]: unknown alert kind \"everything\"; use one of notification_failed, listener_failing, replication_lag, queue_age, database_unreachable, capture_gap, change_rejected, schema_changed",
                 "walhook.toml:15:13: monitor[1].lag_bytes: \"1XB\" has an unknown unit; use a byte count like 1073741824 or a size like \"1GB\" or \"512MB\" (units B, kB, MB, GB, TB; 1 kB = 1024 bytes)",
                 "walhook.toml:16:11: monitor[1].lag_for: invalid duration \"soon\"; write a whole number and a unit (ms, s, m, h, d), like \"500ms\", \"5s\", \"10m\", \"2h\" or \"7d\"",
                 "walhook.toml:18:1: monitor[2].to: missing key; add to = [\"dba@example.com\"]",
-                "walhook.toml:20:12: monitor[2].smtp_url: the SMTP URL must start with smtp:// or smtps://; write smtp://host:25 (plain), smtp://host:587?tls=required (STARTTLS) or smtps://user:${SMTP_PASSWORD}@host:465 (TLS)",
+                "walhook.toml:20:12: monitor[2].smtp_url: the SMTP URL must start with smtp:// or smtps://; write smtp://host:25 (plain), smtp://host:587?tls=required (STARTTLS) or smtps://user@host:465 (TLS, password in smtp_password_file)",
                 "walhook.toml:21:8: monitor[2].from: \"nobody\" is not an email address; write an address like \"dba@example.com\" or \"DBA team <dba@example.com>\"",
                 "walhook.toml:23:1: monitor[3]: the monitor has neither url nor smtp_url, so its alerts go nowhere; add url = \"https://ops.example.com/walhook-alerts\" for a webhook, smtp_url = \"smtp://mail.example.com:25\" with from and to for email, or both",
                 "walhook.toml:25:6: monitor[3].to: to applies only to email, but the monitor has no smtp_url; add smtp_url = \"smtp://mail.example.com:25\" or remove to",

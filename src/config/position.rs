@@ -86,7 +86,10 @@ pub(super) fn serde_error(
 /// Keys whose values are secrets and so never echoed in messages.
 pub(super) fn is_secret_path(path: &str) -> bool {
     let last = path.rsplit('.').next().unwrap_or("");
-    matches!(last, "password" | "url" | "secret" | "smtp_url") || path.contains(".headers")
+    matches!(
+        last,
+        "password" | "url" | "secret" | "smtp_url" | "smtp_password"
+    ) || path.contains(".headers")
 }
 
 /// The dotted key path (`entity[1].colour`) of the innermost key or value at `at`.

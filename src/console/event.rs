@@ -16,24 +16,15 @@ use super::auth::Viewer;
 use super::layout::{self, Section, or_dash};
 use super::notifications::rows_table;
 use super::{Console, PageError};
-use crate::config::{ListenerConfig, ListenerFormat};
-use crate::delivery::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
+use crate::config::ListenerConfig;
+use crate::delivery::format::{Format, Message};
 use crate::queue::StoredEvent;
 use crate::queue::browse::{EventDetail, event_detail};
 
-/// The content type and body the dispatcher sends `listener` for `event`: the same
-/// functions the HTTP sender calls.
-fn sent_payload(
-    listener: &ListenerConfig,
-    event: &StoredEvent,
-    source_system: &str,
-) -> (&'static str, Vec<u8>) {
-    match listener.format {
-        ListenerFormat::CloudEvents => (
-            CLOUDEVENTS_CONTENT_TYPE,
-            cloudevent_bytes(event, source_system),
-        ),
-    }
+/// The message the dispatcher sends `listener` for `event`, rendered by the same
+/// [`Format`] the dispatcher uses.
+fn sent_payload(listener: &ListenerConfig, event: &StoredEvent, source_system: &str) -> Message {
+    Format::for_listener(&listener.format, source_system).render(event)
 }
 
 /// GET /ui/events/{id}.
@@ -118,12 +109,16 @@ fn payloads(console: &Console, d: &EventDetail) -> Markup {
                     @match config.listeners.iter().find(|l| l.name == name) {
                         None => p { "This listener is no longer configured; its format is unknown." },
                         Some(l) => {
-                            @let (content_type, body) = sent_payload(l, &d.event, &source_system);
-                            p { "POST " code { (l.url_redacted) } ", " code { "content-type: " (content_type) } ", " (body.len()) " bytes" }
-                            pre.payload-body { (String::from_utf8_lossy(&body)) }
+                            @let message = sent_payload(l, &d.event, &source_system);
+                            @let body = &message.body;
+                            p { "POST " code { (l.url.redacted()) } ", " code { "content-type: " (message.content_type) } ", " (body.len()) " bytes" }
+                            @for (name, value) in &message.attributes {
+                                p { code { (name) ": " (value) } }
+                            }
+                            pre.payload-body { (String::from_utf8_lossy(body)) }
                             details {
                                 summary { "Formatted" }
-                                pre { (pretty(&body)) }
+                                pre { (pretty(body)) }
                             }
                         }
                     }

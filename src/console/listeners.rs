@@ -12,7 +12,7 @@ use super::chart;
 use super::history::ListenerActivity;
 use super::layout::{self, Section};
 use super::overview::{HEALTH_SPAN, enc, health_badge};
-use crate::config::{ListenerConfig, ListenerFormat};
+use crate::config::{CloudEventsMode, ListenerConfig, ListenerFormat};
 
 /// GET /ui/listeners.
 pub(super) async fn page(State(console): State<Console>, viewer: Viewer) -> Markup {
@@ -55,10 +55,15 @@ pub(super) async fn page(State(console): State<Console>, viewer: Viewer) -> Mark
 /// header names and values left out, only whether payloads are signed.
 fn settings(l: &ListenerConfig) -> Markup {
     let format = match l.format {
-        ListenerFormat::CloudEvents => "CloudEvents 1.0 (structured JSON)",
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured) => {
+            "CloudEvents 1.0 (structured JSON)"
+        }
+        ListenerFormat::CloudEvents(CloudEventsMode::Binary) => {
+            "CloudEvents 1.0 (binary: ce-* headers, data as the body)"
+        }
     };
     html! {
-        dt { "URL" } dd { code { (l.url_redacted) } }
+        dt { "URL" } dd { code { (l.url.redacted()) } }
         dt { "Format" } dd { (format) }
         dt { "Entities" } dd {
             @match &l.entities {

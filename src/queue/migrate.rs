@@ -31,8 +31,13 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        name: "0003_console.sql",
-        sql: include_str!("../../sql/0003_console.sql"),
+        name: "0003_capture.sql",
+        sql: include_str!("../../sql/0003_capture.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_console.sql",
+        sql: include_str!("../../sql/0004_console.sql"),
     },
 ];
 
