@@ -214,6 +214,7 @@ impl<K: Ord + Clone, V: Default> Family<K, V> {
 pub struct Metrics {
     events_read: AtomicU64,
     events_queued: Family<(String, String), AtomicU64>,
+    changes_rejected: Family<String, AtomicU64>,
     /// Per listener, so an attempt looks the listener up by `&str` without allocating.
     delivery: Family<String, ListenerCounters>,
     latency: Family<String, Histogram>,
@@ -248,6 +249,7 @@ impl Metrics {
         Metrics {
             events_read: AtomicU64::new(0),
             events_queued: Family::new(),
+            changes_rejected: Family::new(),
             delivery: Family::new(),
             latency: Family::new(),
             lag_bytes: AtomicU64::new(0),
@@ -303,6 +305,13 @@ impl Metrics {
             let counter = self.events_queued.get(&key);
             counter.fetch_add(*n, Ordering::Relaxed);
         }
+    }
+
+    /// Counts `n` changes of `entity` set aside in `walhook.rejected` instead of queued.
+    pub fn changes_rejected(&self, entity: &str, n: u64) {
+        self.changes_rejected
+            .get(entity)
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Records one delivery attempt; `commit_to_ack` is the time from the source commit to
@@ -500,6 +509,21 @@ impl Metrics {
                 &mut out,
                 "walhook_events_queued_total",
                 &[("entity", &entity), ("action", &action)],
+                c.load(Ordering::Relaxed),
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_changes_rejected_total",
+            "counter",
+            "Row changes set aside in walhook.rejected instead of queued (see its reason column).",
+        );
+        for (entity, c) in self.changes_rejected.snapshot() {
+            sample(
+                &mut out,
+                "walhook_changes_rejected_total",
+                &[("entity", &entity)],
                 c.load(Ordering::Relaxed),
             );
         }
@@ -851,6 +875,53 @@ async fn refresh_failed_counts(
 
 fn duration_from_secs(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::ZERO)
+}
+
+/// Counter totals at one instant, for in-process history (the console's charts).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Entity events written to the queue, all entities and actions.
+    pub events_queued: u64,
+    /// Per listener: attempts by [`AttemptOutcome`] (success, retry, failed), by name.
+    pub listeners: Vec<(String, [u64; 3])>,
+    /// Commit→2xx latency of every listener together: non-cumulative counts per bucket of
+    /// [`LATENCY_BUCKETS`], the count (including observations above the last bound) and the
+    /// sum in nanoseconds.
+    pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
+    /// Observations in the latency histogram.
+    pub latency_count: u64,
+    /// Their sum in nanoseconds.
+    pub latency_sum_nanos: u64,
+}
+
+impl Metrics {
+    /// The counters' current totals.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            events_queued: self
+                .events_queued
+                .snapshot()
+                .iter()
+                .map(|(_, c)| c.load(Ordering::Relaxed))
+                .sum(),
+            ..Totals::default()
+        };
+        for (listener, c) in self.delivery.snapshot() {
+            let attempts =
+                AttemptOutcome::ALL.map(|o| c.attempts[o as usize].load(Ordering::Relaxed));
+            t.listeners.push((listener, attempts));
+        }
+        for (_, h) in self.latency.snapshot() {
+            for (sum, b) in t.latency_buckets.iter_mut().zip(h.buckets.iter()) {
+                *sum += b.load(Ordering::Relaxed);
+            }
+            t.latency_count += h.count.load(Ordering::Relaxed);
+            t.latency_sum_nanos = t
+                .latency_sum_nanos
+                .saturating_add(h.sum_nanos.load(Ordering::Relaxed));
+        }
+        t
+    }
 }
 
 #[cfg(test)]

@@ -17,8 +17,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook, SmtpServer, SmtpTls};
 use crate::delivery::Verdict;
-use crate::delivery::policy::Outcome;
 use crate::delivery::signature::webhook_headers;
+use crate::delivery::sink::http::status_outcome;
 use crate::tls::CaFile;
 
 /// How often time-based conditions (thresholds, gathered failures) are evaluated.
@@ -62,6 +62,12 @@ pub enum AlertEvent {
     DatabaseUnreachable,
     /// The database is reachable again.
     DatabaseReachable,
+    /// Changes were lost because the replication slot vanished; capture resumed.
+    CaptureGap,
+    /// Changes were set aside in `walhook.rejected` instead of queued.
+    ChangeRejected,
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    SchemaChanged,
 }
 
 impl AlertEvent {
@@ -78,6 +84,9 @@ impl AlertEvent {
             AlertEvent::QueueAgeRecovered => "QueueAgeRecovered",
             AlertEvent::DatabaseUnreachable => "DatabaseUnreachable",
             AlertEvent::DatabaseReachable => "DatabaseReachable",
+            AlertEvent::CaptureGap => "CaptureGap",
+            AlertEvent::ChangeRejected => "ChangeRejected",
+            AlertEvent::SchemaChanged => "SchemaChanged",
         }
     }
 
@@ -102,6 +111,9 @@ impl AlertEvent {
             AlertEvent::DatabaseUnreachable | AlertEvent::DatabaseReachable => {
                 AlertKind::DatabaseUnreachable
             }
+            AlertEvent::CaptureGap => AlertKind::CaptureGap,
+            AlertEvent::ChangeRejected => AlertKind::ChangeRejected,
+            AlertEvent::SchemaChanged => AlertKind::SchemaChanged,
         }
     }
 }
@@ -152,7 +164,40 @@ enum Signal {
     },
     DatabaseReachable,
     FailedRows(Vec<(String, u64)>),
+    Capture(CaptureSignal),
     Reload(Vec<MonitorConfig>),
+}
+
+/// What capture reports to the monitors.
+#[derive(Clone, Debug)]
+pub enum CaptureSignal {
+    /// Capture resumed after a gap accepted with `walhook setup --accept-gap`.
+    Gap {
+        /// The slot that was lost.
+        slot: String,
+        /// Why, in plain words.
+        reason: String,
+        /// The end of the last commit captured before the gap.
+        last_flushed: String,
+        /// Where capture resumed.
+        resumed: String,
+    },
+    /// `count` changes of `entity` were set aside in `walhook.rejected`.
+    Rejected {
+        /// The entity.
+        entity: String,
+        /// How many.
+        count: u64,
+        /// The reason of the last one.
+        reason: String,
+    },
+    /// A schema change on `table` the operator should know about.
+    SchemaChanged {
+        /// The entity's table.
+        table: String,
+        /// What changed and what capture does about it.
+        message: String,
+    },
 }
 
 /// Cheap, cloneable handle the service reports to. Every method is synchronous and never
@@ -231,6 +276,11 @@ impl MonitorHandle {
     /// many remain).
     pub fn failed_rows(&self, counts: Vec<(String, u64)>) {
         self.send(Signal::FailedRows(counts));
+    }
+
+    /// Something capture wants the operator to know (a gap, set-aside changes, a schema change).
+    pub fn capture(&self, signal: CaptureSignal) {
+        self.send(Signal::Capture(signal));
     }
 
     /// Replaces the monitors (SIGHUP). Monitors keeping their name keep their state, so an
@@ -465,6 +515,8 @@ struct Evaluator {
     database: Condition,
     database_error: String,
     last_sent: HashMap<(AlertEvent, String), Instant>,
+    /// Set-aside changes per entity gathered for one alert: (count, first at, last reason).
+    rejected: BTreeMap<String, (u64, Instant, String)>,
 }
 
 impl Evaluator {
@@ -478,6 +530,7 @@ impl Evaluator {
             database: Condition::default(),
             database_error: String::new(),
             last_sent: HashMap::new(),
+            rejected: BTreeMap::new(),
         }
     }
 
@@ -585,6 +638,11 @@ impl Evaluator {
                     out.push(self.database_reachable(down_for));
                 }
             }
+            Signal::Capture(c) => {
+                if let Some(alert) = self.capture_signal(c, now) {
+                    out.push(alert);
+                }
+            }
             Signal::Reload(_) => {}
         }
         self.subscribed(out)
@@ -651,6 +709,19 @@ impl Evaluator {
         {
             self.lag.alerted = true;
             out.push(self.lag_alert(now.duration_since(since)));
+        }
+        let due: Vec<String> = self
+            .rejected
+            .iter()
+            .filter(|(_, (_, first, _))| now.duration_since(*first) >= gather)
+            .map(|(entity, _)| entity.clone())
+            .collect();
+        for entity in due {
+            if self.allow(AlertEvent::ChangeRejected, &entity, now)
+                && let Some((count, _, reason)) = self.rejected.remove(&entity)
+            {
+                out.push(self.rejected_alert(&entity, count, &reason));
+            }
         }
         if let Some(since) = self.database.since
             && !self.database.alerted
@@ -930,6 +1001,83 @@ impl Evaluator {
         }
     }
 
+    /// Gaps and schema changes are told at once (a repeat of the same schema note within
+    /// `min_interval`, as after a reconnect, is not); set-aside changes are gathered.
+    fn capture_signal(&mut self, signal: &CaptureSignal, now: Instant) -> Option<Alert> {
+        let command = self.context.status_command();
+        match signal {
+            CaptureSignal::Gap {
+                slot,
+                reason,
+                last_flushed,
+                resumed,
+            } => Some(Alert {
+                event: AlertEvent::CaptureGap,
+                summary: format!(
+                    "{}: changes between {last_flushed} and {resumed} were lost",
+                    self.prefix()
+                ),
+                detail: format!(
+                    "Capture resumed at {resumed}, but the changes committed between {last_flushed} and {resumed} were never read: {reason} (slot {slot}). The gap was accepted with `walhook setup --accept-gap` and is recorded in walhook.capture_gap. Listeners did not receive those changes; resynchronise them from the tables if they need them."
+                ),
+                listener: None,
+                last_error: Some(reason.clone()),
+                command,
+                count: None,
+            }),
+            CaptureSignal::Rejected {
+                entity,
+                count,
+                reason,
+            } => {
+                let entry = self
+                    .rejected
+                    .entry(entity.clone())
+                    .or_insert((0, now, String::new()));
+                entry.0 = entry.0.saturating_add(*count);
+                entry.2.clone_from(reason);
+                None
+            }
+            CaptureSignal::SchemaChanged { table, message } => {
+                let key = format!("{table}: {message}");
+                self.allow(AlertEvent::SchemaChanged, &key, now)
+                    .then(|| Alert {
+                        event: AlertEvent::SchemaChanged,
+                        summary: format!("{}: table {table} changed under capture", self.prefix()),
+                        detail: format!("{message}. Capture goes on."),
+                        listener: None,
+                        last_error: None,
+                        command,
+                        count: None,
+                    })
+            }
+        }
+    }
+
+    fn rejected_alert(&self, entity: &str, count: u64, reason: &str) -> Alert {
+        let what = if count == 1 {
+            "1 change".to_owned()
+        } else {
+            format!("{count} changes")
+        };
+        Alert {
+            event: AlertEvent::ChangeRejected,
+            summary: format!(
+                "{}: {what} of entity {entity} set aside in walhook.rejected",
+                self.prefix()
+            ),
+            detail: format!(
+                "{what} of entity {entity} could not be queued and were kept in walhook.rejected instead; capture went on past them. The last reason: {reason}. See them with: SELECT * FROM walhook.rejected WHERE entity = '{entity}' ORDER BY id DESC;"
+            ),
+            listener: None,
+            last_error: Some(reason.to_owned()),
+            command: format!(
+                "psql -c \"SELECT * FROM walhook.rejected WHERE entity = '{entity}' ORDER BY id DESC LIMIT 20\""
+            ),
+            count: Some(count),
+        }
+    }
+
     fn database_reachable(&self, down_for: Duration) -> Alert {
         Alert {
             event: AlertEvent::DatabaseReachable,
@@ -1155,7 +1303,7 @@ pub fn cloudevent(
         "id": id,
         "source": format!("/walhook/{source}"),
         "type": alert.event.cloudevents_type(),
-        "time": crate::delivery::payload::rfc3339_micros(time),
+        "time": crate::delivery::format::rfc3339_micros(time),
         "datacontenttype": "application/json",
         "data": data,
     });
@@ -1196,7 +1344,7 @@ async fn post_webhook(
                 let status = resp.status().as_u16();
                 last = format!("HTTP {status}");
                 // The same outcome table as deliveries: 408, 429 and 5xx are worth retrying.
-                if Outcome::from_status(status).verdict() != Verdict::Retry {
+                if status_outcome(status).verdict() != Verdict::Retry {
                     return Err(last);
                 }
             }
@@ -1686,6 +1834,67 @@ mod tests {
         blip.extend(e.tick(t0 + Duration::from_secs(2030)));
         blip.extend(e.signal(&Signal::DatabaseReachable, t0 + Duration::from_secs(2031)));
         assert!(blip.is_empty(), "{blip:?}");
+    }
+
+    #[test]
+    fn capture_gaps_are_told_at_once_and_set_aside_changes_are_gathered() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let gap = Signal::Capture(CaptureSignal::Gap {
+            slot: "walhook".into(),
+            reason: "the replication slot was missing".into(),
+            last_flushed: "0/1A2B3C4".into(),
+            resumed: "0/2000000".into(),
+        });
+        let out = e.signal(&gap, t0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event, AlertEvent::CaptureGap);
+        assert!(out[0].summary.contains("0/1A2B3C4"), "{}", out[0].summary);
+        let rejected = |n| {
+            Signal::Capture(CaptureSignal::Rejected {
+                entity: "Doc".into(),
+                count: n,
+                reason: "jsonb refused it".into(),
+            })
+        };
+        assert!(e.signal(&rejected(2), t0).is_empty());
+        assert!(
+            e.signal(&rejected(3), t0 + Duration::from_secs(1))
+                .is_empty()
+        );
+        let out = e.tick(t0 + Duration::from_secs(6));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].event, out[0].count),
+            (AlertEvent::ChangeRejected, Some(5))
+        );
+        assert!(
+            out[0].detail.contains("jsonb refused it"),
+            "{}",
+            out[0].detail
+        );
+    }
+
+    #[test]
+    fn a_schema_note_repeated_after_a_reconnect_is_not_sent_twice() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let note = |m: &str| {
+            Signal::Capture(CaptureSignal::SchemaChanged {
+                table: "public.customer".into(),
+                message: m.into(),
+            })
+        };
+        assert_eq!(e.signal(&note("city dropped"), t0).len(), 1);
+        assert!(
+            e.signal(&note("city dropped"), t0 + Duration::from_secs(5))
+                .is_empty()
+        );
+        assert_eq!(
+            e.signal(&note("zip renamed"), t0 + Duration::from_secs(6))
+                .len(),
+            1
+        );
     }
 
     #[test]

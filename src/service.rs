@@ -10,10 +10,13 @@ use tracing::{debug, info, warn};
 
 use crate::admin::{AdminState, Health};
 use crate::capture::CaptureObserver;
+use crate::capture::mapper::{RejectedChange, SchemaNote};
 use crate::config::Config;
+use crate::db::Source;
 use crate::delivery::{AttemptReport, DeliveryObserver, Observed};
 use crate::error::ErrorClass;
 use crate::metrics::Metrics;
+use crate::monitor::CaptureSignal;
 use crate::replication::conn::ConnectParams;
 
 pub use crate::capture::HEARTBEAT_PREFIX;
@@ -45,6 +48,10 @@ impl Observe {
 }
 
 impl DeliveryObserver for Observe {
+    fn alive(&self) {
+        self.health.delivery_beat().stamp();
+    }
+
     fn attempted(&self, r: &AttemptReport<'_>) {
         use crate::metrics::{AttemptOutcome, NotificationStatus};
         let comment = r.comment.unwrap_or_default();
@@ -104,6 +111,54 @@ impl CaptureObserver for Observe {
     fn events_queued(&self, batch: &[(&str, &str, u64)]) {
         self.metrics.events_queued(batch);
     }
+
+    fn changes_set_aside(&self, changes: &[RejectedChange]) {
+        // One line and one signal per entity of the batch, not per change.
+        let mut per_entity: std::collections::BTreeMap<&str, (u64, &RejectedChange)> =
+            Default::default();
+        for c in changes {
+            per_entity.entry(c.entity.as_str()).or_insert((0, c)).0 += 1;
+        }
+        for (entity, (n, first)) in per_entity {
+            warn!(
+                entity,
+                count = n,
+                "{n} change(s) of entity {entity} set aside in walhook.rejected instead of queued; capture goes on. First: {} {} of table {} (commit {}, change {}): {}",
+                first.action,
+                first.entity_id.as_deref().unwrap_or("(id unknown)"),
+                first.table,
+                first.commit_lsn,
+                first.seq,
+                first.reason
+            );
+            self.metrics.changes_rejected(entity, n);
+            self.monitors.capture(CaptureSignal::Rejected {
+                entity: entity.to_owned(),
+                count: n,
+                reason: first.reason.clone(),
+            });
+        }
+    }
+
+    fn schema_changed(&self, note: &SchemaNote) {
+        self.monitors.capture(CaptureSignal::SchemaChanged {
+            table: note.table.to_string(),
+            message: note.message.clone(),
+        });
+    }
+
+    fn capture_gap(&self, gap: &crate::queue::CaptureGap) {
+        self.monitors.capture(CaptureSignal::Gap {
+            slot: gap.slot_name.clone(),
+            reason: gap.reason.clone(),
+            last_flushed: gap.last_flushed_lsn.to_string(),
+            resumed: gap.resumed_lsn.to_string(),
+        });
+    }
+
+    fn stream_beat(&self) -> Option<crate::liveness::Beat> {
+        Some(self.health.capture_beat())
+    }
 }
 
 /// The `sourceSystem` of payloads and alerts: `[source] system_name`, else the database name.
@@ -147,13 +202,17 @@ pub async fn run_with_reload(
     );
     let metrics = Arc::new(Metrics::new());
     metrics.register(&config);
+    // Every new connection uses the [source] parameters of the latest reload.
+    let (params_tx, params_rx) = watch::channel(Arc::new(params.clone()));
+    let source = Source::following(params_rx);
     {
-        // Monitors and metric series follow reloads too.
+        // Monitors, metric series and connection parameters follow reloads too.
         let mut rx = config_rx.clone();
         let monitors = monitors.clone();
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let mut current = rx.borrow().source.clone();
             loop {
                 tokio::select! {
                     changed = rx.changed() => {
@@ -161,6 +220,10 @@ pub async fn run_with_reload(
                         let new = rx.borrow_and_update().clone();
                         monitors.reload(new.monitors.clone());
                         metrics.register(&new);
+                        if new.source != current {
+                            follow_source(&new, &params_tx);
+                            current = new.source.clone();
+                        }
                     }
                     _ = shutdown.cancelled() => return,
                 }
@@ -178,45 +241,81 @@ pub async fn run_with_reload(
     // An address that cannot be bound (yet) is not a reason to stop capturing: the admin
     // task keeps trying and says so once.
     if let Some(admin) = &config.admin {
+        let history = Arc::new(crate::console::History::new());
+        crate::console::spawn_sampler(history.clone(), observe.metrics.clone(), stop.clone());
         let app = crate::admin::router(AdminState {
             metrics: observe.metrics.clone(),
             health: observe.health.clone(),
-        });
+        })
+        .merge(crate::console::router(crate::console::ConsoleDeps {
+            config: config_rx.clone(),
+            metrics: observe.metrics.clone(),
+            health: observe.health.clone(),
+            history,
+        }));
         tokio::spawn(crate::admin::serve_retrying(
             admin.listen,
             app,
             crate::admin::BIND_RETRY,
             stop.clone(),
         ));
-        info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
+        if admin.token.is_some() {
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz, web console on /ui");
+        } else {
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz (web console off: no token_file)");
+        }
     }
+    let health = observe.health.clone();
     let _notifier = crate::systemd::spawn_from_env(
         ready_rx,
         move || status_rx.borrow().clone(),
+        move || health.stalled(),
         shutdown.clone(),
     );
-    let gauges = gauge_loop(config_rx.clone(), &params, &observe, &stop);
+    let gauges = gauge_loop(config_rx.clone(), &source, &observe, &stop);
     let capture = async {
-        let r =
-            crate::capture::run(config_rx.clone(), &params, Arc::new(observe.clone()), &stop).await;
+        let r = crate::capture::run(
+            config_rx.clone(),
+            source.clone(),
+            Arc::new(observe.clone()),
+            &stop,
+        )
+        .await;
         if r.is_err() {
             stop.cancel();
         }
         r
     };
     let delivery = async {
-        let r = delivery_loop(config_rx.clone(), &params, &observe, &stop).await;
+        let r = delivery_loop(config_rx.clone(), &source, &observe, &stop).await;
         if r.is_err() {
             stop.cancel();
         }
         r
     };
-    let retention = retention_loop(&config, &params, &stop);
+    let retention = retention_loop(&config, &source, &stop);
     let (captured, delivered, (), ()) = tokio::join!(capture, delivery, retention, gauges);
-    captured?;
+    let confirmed = captured?;
     delivered?;
-    info!("walhook stopped");
+    match confirmed {
+        Some(lsn) => info!("stopped; confirmed up to {lsn}"),
+        None => info!("stopped; capture was not streaming, nothing new confirmed"),
+    }
     Ok(())
+}
+
+/// Makes new connections use the reloaded [source] parameters. Open connections stay:
+/// a rotated password is usually not valid yet when the reload happens.
+fn follow_source(config: &Config, params: &watch::Sender<Arc<ConnectParams>>) {
+    match config.source.connect_params() {
+        Ok(p) => {
+            params.send_replace(Arc::new(p));
+            info!("[source] connection parameters reloaded; new connections use them");
+        }
+        Err(e) => warn!(
+            "[source] of the reloaded configuration is unusable ({e}); connections keep the previous parameters"
+        ),
+    }
 }
 
 /// How often queue depth, slot lag and readiness are refreshed.
@@ -225,7 +324,7 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 /// Refreshes the queue and lag gauges, the queue's readiness and the systemd status line.
 async fn gauge_loop(
     config_rx: watch::Receiver<Arc<Config>>,
-    params: &ConnectParams,
+    source: &Source,
     observe: &Observe,
     shutdown: &CancellationToken,
 ) {
@@ -233,7 +332,7 @@ async fn gauge_loop(
     let mut wal_warned = false;
     loop {
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_ordinary(params).await.ok();
+            client = source.connect().await.ok();
         }
         let slot = config_rx.borrow().source.slot.clone();
         let refreshed = match client.as_ref() {
@@ -297,7 +396,7 @@ async fn gauge_loop(
 
 /// Deletes Processed notifications and events older than `queue.retention`, in small
 /// batches, every [`crate::queue::PRUNE_INTERVAL`].
-async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &CancellationToken) {
+async fn retention_loop(config: &Config, source: &Source, shutdown: &CancellationToken) {
     let mut failing = false;
     loop {
         tokio::select! {
@@ -305,7 +404,7 @@ async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &Canc
             _ = shutdown.cancelled() => return,
         }
         let outcome = async {
-            let client = connect_ordinary(params).await?;
+            let client = source.connect().await?;
             crate::queue::prune(&client, config.queue.retention, crate::queue::PRUNE_BATCH)
                 .await
                 .map_err(ServiceError::from_err)
@@ -317,9 +416,10 @@ async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &Canc
                     info!("retention works again");
                 }
                 failing = false;
-                if o.processed + o.events > 0 {
+                if o.processed + o.discarded + o.events > 0 {
                     debug!(
                         processed = o.processed,
+                        discarded = o.discarded,
                         events = o.events,
                         "pruned old rows"
                     );
@@ -340,16 +440,16 @@ async fn retention_loop(config: &Config, params: &ConnectParams, shutdown: &Canc
 
 /// Blocks delivery while this database is an unadopted copy (or until shutdown).
 async fn wait_until_not_cloned(
-    params: &ConnectParams,
+    source: &Source,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
     let mut logged = false;
     loop {
         let outcome = async {
-            let current = crate::guard::current_identity(params)
+            let current = crate::guard::current_identity(&source.current())
                 .await
                 .map_err(ServiceError::from_err)?;
-            let client = connect_ordinary(params).await?;
+            let client = source.connect().await?;
             crate::guard::verdict(&client, &current)
                 .await
                 .map_err(ServiceError::from_err)
@@ -381,10 +481,12 @@ async fn wait_until_not_cloned(
 }
 
 /// Delivers queued notifications to the configured listeners until `shutdown`; a reload
-/// that changes the listeners restarts delivery gracefully (in-flight deliveries finish).
+/// that changes the listeners or the database restarts delivery gracefully (in-flight
+/// deliveries finish). `source` follows reloaded [source] parameters: a new password is used
+/// on the next connection.
 async fn delivery_loop(
     mut config_rx: watch::Receiver<Arc<Config>>,
-    params: &ConnectParams,
+    source: &Source,
     observe: &Observe,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
@@ -400,20 +502,24 @@ async fn delivery_loop(
             continue;
         }
         if !prepared {
-            wait_until_not_cloned(params, shutdown).await?;
-            migrate_for_delivery(params, shutdown).await?;
+            wait_until_not_cloned(source, shutdown).await?;
+            migrate_for_delivery(source, shutdown).await?;
             prepared = true;
         }
         if shutdown.is_cancelled() {
             return Ok(());
         }
         let this_round = shutdown.child_token();
-        let dispatcher = crate::delivery::dispatcher::run_observed(
-            params.to_tokio_postgres(),
+        let _armed = observe.health.delivery_beat().armed(DELIVERY_STALL);
+        let dispatcher = crate::delivery::dispatcher::run_following(
+            source.clone(),
             config.listeners.clone(),
-            source_system(&config, params),
+            source_system(&config, &source.current()),
             this_round.clone(),
-            Some(observer.clone()),
+            crate::delivery::dispatcher::Options {
+                observer: Some(observer.clone()),
+                ..Default::default()
+            },
         );
         tokio::pin!(dispatcher);
         loop {
@@ -424,8 +530,9 @@ async fn delivery_loop(
                         return (&mut dispatcher).await.map_err(ServiceError::from_err);
                     }
                     let new = config_rx.borrow().clone();
-                    if new.listeners != config.listeners || new.source.system_name != config.source.system_name {
-                        info!("listeners changed; restarting delivery with the new configuration");
+                    let moved = new.source.url_redacted != config.source.url_redacted;
+                    if new.listeners != config.listeners || new.source.system_name != config.source.system_name || moved {
+                        info!("listeners or database changed; restarting delivery with the new configuration");
                         this_round.cancel();
                         (&mut dispatcher).await.map_err(ServiceError::from_err)?;
                         break;
@@ -436,15 +543,19 @@ async fn delivery_loop(
     }
 }
 
+/// A claim loop goes round at least every poll interval, or within the statement timeout
+/// of its claim: silence much longer than that is a stuck dispatcher.
+const DELIVERY_STALL: Duration = Duration::from_secs(120);
+
 /// The dispatcher needs the queue schema, which the capture session may not have migrated
 /// yet; migrations are idempotent and serialized by an advisory lock.
 async fn migrate_for_delivery(
-    params: &ConnectParams,
+    source: &Source,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
     loop {
         let migrated = async {
-            let mut client = connect_ordinary(params).await?;
+            let mut client = source.connect().await?;
             crate::queue::migrate(&mut client)
                 .await
                 .map_err(ServiceError::from_err)

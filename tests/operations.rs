@@ -6,16 +6,8 @@ use std::time::Duration;
 
 use support::receiver::Receiver;
 use support::{
-    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, listener_toml, walhook_bin,
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually, free_port, listener_toml, walhook_bin,
 };
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn config(db: &TestDb, admin_port: u16, hook: &str) -> String {
     let blocks = format!(

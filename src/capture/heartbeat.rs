@@ -6,8 +6,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::db::connect_ordinary;
-use crate::replication::conn::ConnectParams;
+use crate::db::Source;
 
 /// Prefix of the heartbeat messages written with `pg_logical_emit_message`.
 pub const HEARTBEAT_PREFIX: &str = "walhook.heartbeat";
@@ -15,7 +14,7 @@ pub const HEARTBEAT_PREFIX: &str = "walhook.heartbeat";
 const SQL_HEARTBEAT: &str = "SELECT pg_logical_emit_message(false, $1, '')";
 
 /// Writes a heartbeat every `every` until `stop`.
-pub(super) async fn run(params: ConnectParams, every: Duration, stop: CancellationToken) {
+pub(super) async fn run(source: Source, every: Duration, stop: CancellationToken) {
     let mut client: Option<tokio_postgres::Client> = None;
     let mut failing = false;
     loop {
@@ -24,7 +23,7 @@ pub(super) async fn run(params: ConnectParams, every: Duration, stop: Cancellati
             _ = stop.cancelled() => return,
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = connect_ordinary(&params).await.ok();
+            client = source.connect().await.ok();
         }
         let Some(c) = client.as_ref() else { continue };
         match c.execute(SQL_HEARTBEAT, &[&HEARTBEAT_PREFIX]).await {

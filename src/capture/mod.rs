@@ -21,8 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::db::Source;
 use crate::error::{ErrorClass, Hold, ServiceError};
-use crate::replication::conn::ConnectParams;
+use crate::types::Lsn;
 
 pub use heartbeat::HEARTBEAT_PREFIX;
 
@@ -39,6 +40,16 @@ pub(crate) trait CaptureObserver: Send + Sync {
     fn changes_read(&self, n: u64);
     /// A queue batch committed `(entity, action, count)` events.
     fn events_queued(&self, batch: &[(&str, &str, u64)]);
+    /// A queue batch stored these changes in `walhook.rejected` instead of queuing them.
+    fn changes_set_aside(&self, changes: &[mapper::RejectedChange]);
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    fn schema_changed(&self, note: &mapper::SchemaNote);
+    /// Capture resumed after a gap recorded by `walhook setup --accept-gap`.
+    fn capture_gap(&self, gap: &crate::queue::CaptureGap);
+    /// The sign of life the replication stream stamps whenever the server sends something.
+    fn stream_beat(&self) -> Option<crate::liveness::Beat> {
+        None
+    }
 }
 
 /// What the retry loop does with an error of each class: the policy as data.
@@ -81,12 +92,14 @@ fn retry_after(hold: Hold) -> Duration {
 }
 
 /// Streams changes into the queue, reconnecting on transient errors, until `shutdown`.
+/// Returns the flush position the server acknowledged at the end (`None` when capture was
+/// not streaming then), or the error that stopped capture.
 pub(crate) async fn run(
     mut config_rx: watch::Receiver<Arc<Config>>,
-    params: &ConnectParams,
+    source: Source,
     observe: Arc<dyn CaptureObserver>,
     shutdown: &CancellationToken,
-) -> Result<(), ServiceError> {
+) -> Result<Option<Lsn>, ServiceError> {
     let mut backoff = BACKOFF_INITIAL;
     let mut attempt: u32 = 0;
     // The hold currently logged, so each hold is logged once, not per attempt.
@@ -94,15 +107,22 @@ pub(crate) async fn run(
     loop {
         let started = Instant::now();
         let config = config_rx.borrow_and_update().clone();
-        let result = tokio::select! {
-            r = session::run(&config, params, &observe, shutdown, attempt == 0, &mut config_rx) => r,
-            _ = shutdown.cancelled() => Ok(session::SessionEnd::Stopped),
+        let cx = session::Context {
+            source: &source,
+            observe: &observe,
+            shutdown,
+            first: attempt == 0,
         };
-        if matches!(result, Ok(session::SessionEnd::Reload)) {
-            // A reloaded entity/source/queue configuration: reconnect at once.
-            backoff = BACKOFF_INITIAL;
-            continue;
-        }
+        let result = session::run(&config, &cx, &mut config_rx).await;
+        let confirmed = match result {
+            Ok(session::SessionEnd::Reload) => {
+                // A reloaded entity/source/queue configuration: reconnect at once.
+                backoff = BACKOFF_INITIAL;
+                continue;
+            }
+            Ok(session::SessionEnd::Stopped { confirmed }) => confirmed,
+            Err(_) => None,
+        };
         let result = result.map(|_| ());
         if let Err(e) = &result {
             observe.streaming(false, Some(&e.message));
@@ -114,7 +134,7 @@ pub(crate) async fn run(
         }
         let mut wait = backoff;
         match result {
-            Ok(()) if shutdown.is_cancelled() => return Ok(()),
+            Ok(()) if shutdown.is_cancelled() => return Ok(confirmed),
             Ok(()) => {
                 attempt += 1;
                 holding = None;
@@ -153,7 +173,7 @@ pub(crate) async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => return Ok(None),
         }
         if wait == backoff {
             backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -2,46 +2,79 @@
 //! reader, writer and heartbeat tasks until an error, a reload or shutdown.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::CaptureObserver;
 use super::mapper::Mapper;
 use super::reader::Reader;
 use super::writer::Item;
 use crate::config::Config;
-use crate::db::connect_ordinary;
+use crate::db::Source;
 use crate::error::{ErrorClass, Hold, ServiceError};
 use crate::guard::Identity;
 use crate::queue::QueueWriter;
-use crate::replication::conn::{ConnectParams, ReplicationConnection};
+use crate::replication::conn::{ReplicationConnection, ReplicationStream};
 use crate::types::Lsn;
 
 /// `object_in_use`: START_REPLICATION on a slot another process streams.
 const SQLSTATE_OBJECT_IN_USE: &str = "55006";
 
+/// After shutdown is requested, the writer gets this long to commit what it holds.
+const WRITER_DRAIN: Duration = Duration::from_secs(30);
+
+/// How long the server gets to acknowledge the end of the stream (its CopyDone).
+const STREAM_END_WAIT: Duration = Duration::from_secs(5);
+
 /// How a session ended without error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum SessionEnd {
-    /// Shutdown was requested.
-    Stopped,
+    /// Shutdown was requested; `confirmed` is the flush position the server acknowledged
+    /// last, when the session got as far as streaming.
+    Stopped { confirmed: Option<Lsn> },
     /// A reload changed what the session was built from.
     Reload,
 }
 
-/// One connected session: setup, stream until error or shutdown.
+/// What a session needs from its surroundings.
+pub(super) struct Context<'a> {
+    pub(super) source: &'a Source,
+    pub(super) observe: &'a Arc<dyn CaptureObserver>,
+    pub(super) shutdown: &'a CancellationToken,
+    /// Warnings are logged on the first session of the process only.
+    pub(super) first: bool,
+}
+
+/// A session that is streaming, before its tasks start.
+struct Prepared {
+    stream: ReplicationStream,
+    writer: QueueWriter,
+    mapper: Mapper,
+    /// The slot's confirmed position when streaming started.
+    confirmed: Lsn,
+}
+
+/// One connected session: setup, stream until error, reload or shutdown.
 pub(super) async fn run(
     config: &Config,
-    params: &ConnectParams,
-    observe: &Arc<dyn CaptureObserver>,
-    shutdown: &CancellationToken,
-    first: bool,
+    cx: &Context<'_>,
     config_rx: &mut watch::Receiver<Arc<Config>>,
 ) -> Result<SessionEnd, ServiceError> {
-    let mut client = connect_ordinary(params).await?;
+    // Nothing is in flight before streaming starts: shutdown may simply drop the setup.
+    let prepared = tokio::select! {
+        p = prepare(config, cx) => p?,
+        _ = cx.shutdown.cancelled() => return Ok(SessionEnd::Stopped { confirmed: None }),
+    };
+    stream(config, cx, prepared, config_rx).await
+}
+
+/// Checks prerequisites, applies setup and starts streaming.
+async fn prepare(config: &Config, cx: &Context<'_>) -> Result<Prepared, ServiceError> {
+    let params = cx.source.current();
+    let mut client = cx.source.connect().await?;
     // Prerequisites first: a missing table or wal_level = replica is one clear line and
     // exit 78, not a retry loop.
     let report = crate::setup::check(&client, config).await;
@@ -56,7 +89,7 @@ pub(super) async fn run(
         return Err(ServiceError::new(ErrorClass::Config, failures.join("\n")));
     }
 
-    let mut repl = ReplicationConnection::connect(params)
+    let mut repl = ReplicationConnection::connect(&params)
         .await
         .map_err(ServiceError::from_err)?;
     let system = repl
@@ -85,7 +118,7 @@ pub(super) async fn run(
         info!("setup: {}", step.why);
     }
     // Warnings once per process, not once per reconnect, and only those setup did not fix.
-    if first {
+    if cx.first {
         let report = if applied.is_empty() {
             report
         } else {
@@ -104,105 +137,184 @@ pub(super) async fn run(
     crate::queue::record_source(&client, &system.system_id, &dbname, &config.source.slot)
         .await
         .map_err(ServiceError::from_err)?;
-    if repl
-        .create_slot_if_missing(&config.source.slot)
+    let slot = &config.source.slot;
+    let created = repl
+        .create_slot_if_missing(slot)
+        .await
+        .map_err(ServiceError::from_err)?;
+    let confirmed = slot_confirmed(&client, slot).await?;
+    if created {
+        info!(%slot, "created replication slot");
+        // Losing the slot from now on loses changes: make that recognisable.
+        crate::queue::record_start(&client, confirmed)
+            .await
+            .map_err(ServiceError::from_err)?;
+    }
+    if let Some(resumed) = crate::queue::complete_gaps(&client, slot)
         .await
         .map_err(ServiceError::from_err)?
     {
-        info!(slot = %config.source.slot, "created replication slot");
+        info!(%slot, "capture resumes at {resumed} after the gap accepted with walhook setup --accept-gap");
     }
-    let stream = repl
+    let mut stream = repl
         .start_replication(&config.source.slot, Lsn::ZERO, &config.source.publication)
         .await
         .map_err(|e| ServiceError {
             hold: (e.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE)).then_some(Hold::Standby),
             ..ServiceError::from_err(e)
         })?;
+    if let Some(beat) = cx.observe.stream_beat() {
+        stream.watch(beat);
+    }
     info!(
         slot = %config.source.slot,
         publication = %config.source.publication,
         database = %dbname,
         "streaming changes"
     );
-    observe.streaming(true, None);
-    observe.status(format!("streaming slot {} of {dbname}", config.source.slot));
+    cx.observe.streaming(true, None);
+    cx.observe
+        .status(format!("streaming slot {} of {dbname}", config.source.slot));
 
     crate::queue::sync_listeners(&client, &config.listeners)
         .await
         .map_err(ServiceError::from_err)?;
+    report_gaps(&client, cx.observe.as_ref()).await?;
     let mut writer = QueueWriter::new(client, &system.system_id)
         .await
         .map_err(ServiceError::from_err)?;
     writer.set_subscriptions(crate::queue::subscriptions(&config.listeners));
+    Ok(Prepared {
+        stream,
+        writer,
+        mapper,
+        confirmed,
+    })
+}
+
+/// Runs the reader, writer and heartbeat until an error, a reload or shutdown, then ends
+/// the stream cleanly: the writer commits what it holds, the server is told the final
+/// flush position and the stream ends with CopyDone.
+async fn stream(
+    config: &Config,
+    cx: &Context<'_>,
+    prepared: Prepared,
+    config_rx: &mut watch::Receiver<Arc<Config>>,
+) -> Result<SessionEnd, ServiceError> {
+    let Prepared {
+        stream,
+        writer,
+        mapper,
+        confirmed,
+    } = prepared;
     let (subs_tx, subs_rx) = watch::channel(crate::queue::subscriptions(&config.listeners));
     let (tx, rx) = mpsc::channel::<Item>(config.queue.batch_size.max(1) * 2);
-    let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+    let (durable_tx, durable_rx) = watch::channel(confirmed);
 
-    let stop = shutdown.child_token();
-    let writer_task = tokio::spawn(super::writer::run(
+    let stop = cx.shutdown.child_token();
+    let mut writer_task = tokio::spawn(super::writer::run(
         writer,
         rx,
         durable_tx,
         subs_rx,
-        observe.clone(),
-        config.queue.batch_size,
-        config.queue.batch_delay,
+        cx.observe.clone(),
+        super::writer::Limits {
+            batch_size: config.queue.batch_size,
+            batch_bytes: config.queue.batch_bytes,
+            batch_delay: config.queue.batch_delay,
+        },
     ));
+    let heartbeat_stop = stop.child_token();
     let heartbeat_task = config.source.heartbeat.map(|every| {
-        let params = params.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move { super::heartbeat::run(params, every, stop).await })
+        let source = cx.source.clone();
+        let stop = heartbeat_stop.clone();
+        tokio::spawn(async move { super::heartbeat::run(source, every, stop).await })
     });
 
-    let mut reader = Reader {
+    let mut reader = Reader::new(
         stream,
         mapper,
-        observe: observe.clone(),
-        events: tx,
-        durable: durable_rx,
-        status_interval: config.source.status_interval,
-        tx: None,
-        last_commit_sent: Lsn::ZERO,
-        idle_position: Lsn::ZERO,
-        reported_flush: Lsn::ZERO,
-        last_status: Instant::now(),
-        warned_truncate: Default::default(),
-        config: Arc::new(config.clone()),
-        subscriptions: subs_tx,
-        params: params.clone(),
-    };
+        cx.observe.clone(),
+        tx,
+        durable_rx,
+        confirmed,
+        Arc::new(config.clone()),
+        subs_tx,
+        cx.source.clone(),
+    );
     let read_result = reader.run(&stop, config_rx).await;
-    stop.cancel();
-    let reported_flush = reader.reported_flush;
-    let Reader {
-        mut stream,
-        events,
-        mut durable,
-        ..
-    } = reader;
-    // Closing the channel lets the writer commit what it already has, so a clean shutdown
+    heartbeat_stop.cancel();
+    // Closing the channel lets the writer commit what it already has, so a clean end
     // confirms as much as possible.
-    drop(events);
-    let write_result = match writer_task.await {
-        Ok(r) => r,
-        Err(e) => Err(ServiceError::transient(format!(
+    let reader = reader.close_events();
+    let write_result = match tokio::time::timeout(WRITER_DRAIN, &mut writer_task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(ServiceError::transient(format!(
             "queue writer task failed: {e}"
         ))),
+        Err(_) => {
+            writer_task.abort();
+            Err(ServiceError::transient(format!(
+                "the queue writer did not finish within {}s; what it held is written again after the restart",
+                WRITER_DRAIN.as_secs()
+            )))
+        }
     };
+    stop.cancel();
     if let Some(h) = heartbeat_task {
+        // A heartbeat stuck on a dead connection must not hold the session open.
+        h.abort();
         let _ = h.await;
     }
-    if read_result.is_ok() && write_result.is_ok() {
-        let flush = *durable.borrow_and_update();
-        let flush = flush.max(reported_flush);
-        if stream.send_status(flush, flush, flush, false).await.is_ok() {
-            info!(flush = %flush, "reported final flush position");
+    let end = match (&read_result, &write_result) {
+        (Ok(end), Ok(())) => *end,
+        _ => {
+            // The writer's own error explains a reader that stopped because the writer did.
+            write_result?;
+            return read_result;
         }
-        stream.close().await;
+    };
+    let confirmed = reader.finish(STREAM_END_WAIT).await;
+    debug!(?confirmed, "replication stream ended");
+    Ok(match end {
+        SessionEnd::Stopped { .. } => SessionEnd::Stopped { confirmed },
+        SessionEnd::Reload => SessionEnd::Reload,
+    })
+}
+
+/// Tells the monitors (once) about gaps accepted since the last start.
+async fn report_gaps(
+    client: &tokio_postgres::Client,
+    observe: &dyn CaptureObserver,
+) -> Result<(), ServiceError> {
+    let gaps = crate::queue::unalerted_gaps(client)
+        .await
+        .map_err(ServiceError::from_err)?;
+    for gap in gaps {
+        warn!(
+            slot = %gap.slot_name,
+            "changes committed between {} and {} were never captured ({}); the gap was accepted by {} with walhook setup --accept-gap and is recorded in walhook.capture_gap",
+            gap.last_flushed_lsn, gap.resumed_lsn, gap.reason, gap.accepted_by
+        );
+        observe.capture_gap(&gap);
+        crate::queue::mark_gap_alerted(client, gap.id)
+            .await
+            .map_err(ServiceError::from_err)?;
     }
-    // The writer's own error explains a reader that stopped because the writer did.
-    write_result?;
-    read_result
+    Ok(())
+}
+
+const SQL_SLOT_CONFIRMED: &str = "SELECT confirmed_flush_lsn FROM pg_replication_slots
+     WHERE slot_name = $1";
+
+/// The slot's confirmed position: what the server already knows to be flushed.
+async fn slot_confirmed(client: &tokio_postgres::Client, slot: &str) -> Result<Lsn, ServiceError> {
+    let row = client
+        .query_opt(SQL_SLOT_CONFIRMED, &[&slot])
+        .await
+        .map_err(|e| ServiceError::transient(format!("reading slot {slot}: {e}")))?;
+    let lsn: Option<tokio_postgres::types::PgLsn> = row.and_then(|r| r.get(0));
+    Ok(lsn.map_or(Lsn::ZERO, |l| Lsn(u64::from(l))))
 }
 
 const SQL_PRIMARY_KEY: &str = "SELECT a.attname::text

@@ -1,14 +1,18 @@
 //! The writer loop: takes mapped events from the reader and commits them to the queue in
 //! batches that span source transactions; publishes the end LSN of the last source commit
 //! whose events are durable.
+//!
+//! Memory is bounded in bytes as well as in counts: each event handed over holds permits of
+//! the capture buffer for its size until its batch is committed, and a batch ends once it
+//! holds `batch_bytes`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
 
 use super::CaptureObserver;
-use super::mapper::EntityEvent;
+use super::mapper::{EntityEvent, RejectedChange};
 use crate::error::ServiceError;
 use crate::queue::QueueWriter;
 use crate::types::Lsn;
@@ -16,11 +20,62 @@ use crate::types::Lsn;
 /// What the reader hands to the writer.
 #[derive(Debug)]
 pub(super) enum Item {
-    Event(Box<EntityEvent>),
+    /// An event, with the capture-buffer permits it holds until it is committed.
+    Event(Box<EntityEvent>, OwnedSemaphorePermit),
+    /// A change set aside by the mapper, stored in `walhook.rejected` with the batch.
+    SetAside(Box<RejectedChange>, OwnedSemaphorePermit),
     /// A source transaction ended; once everything before it is durable, `end_lsn` is safe.
-    Commit {
-        end_lsn: Lsn,
-    },
+    Commit { end_lsn: Lsn },
+}
+
+/// How big a batch may grow.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    pub(super) batch_size: usize,
+    pub(super) batch_bytes: u64,
+    pub(super) batch_delay: Duration,
+}
+
+/// One batch being gathered.
+#[derive(Default)]
+struct Batch {
+    events: Vec<EntityEvent>,
+    set_aside: Vec<RejectedChange>,
+    /// Released when the batch is committed.
+    permits: Vec<OwnedSemaphorePermit>,
+    bytes: u64,
+    commit: Option<Lsn>,
+}
+
+impl Batch {
+    fn absorb(&mut self, item: Item) {
+        match item {
+            Item::Event(e, permit) => {
+                self.bytes += permit.num_permits() as u64;
+                self.events.push(*e);
+                self.permits.push(permit);
+            }
+            Item::SetAside(r, permit) => {
+                self.bytes += permit.num_permits() as u64;
+                self.set_aside.push(*r);
+                self.permits.push(permit);
+            }
+            Item::Commit { end_lsn } => self.commit = Some(end_lsn),
+        }
+    }
+
+    fn full(&self, limits: &Limits) -> bool {
+        self.events.len() + self.set_aside.len() >= limits.batch_size
+            || self.bytes >= limits.batch_bytes
+    }
+
+    fn clear(&mut self) {
+        self.events.clear();
+        self.set_aside.clear();
+        self.permits.clear();
+        self.bytes = 0;
+        self.commit = None;
+    }
 }
 
 /// Commits events in batches that span source transactions.
@@ -30,24 +85,25 @@ pub(super) async fn run(
     durable: watch::Sender<Lsn>,
     mut subscriptions: watch::Receiver<Vec<crate::queue::Subscription>>,
     observe: Arc<dyn CaptureObserver>,
-    batch_size: usize,
-    batch_delay: Duration,
+    limits: Limits,
 ) -> Result<(), ServiceError> {
-    let batch_size = batch_size.max(1);
-    let mut events: Vec<EntityEvent> = Vec::with_capacity(batch_size);
+    let limits = Limits {
+        batch_size: limits.batch_size.max(1),
+        ..limits
+    };
+    let mut batch = Batch::default();
     loop {
         let Some(first) = rx.recv().await else {
             return Ok(());
         };
-        let mut commit: Option<Lsn> = None;
         let mut closed = false;
-        absorb(first, &mut events, &mut commit);
-        let deadline = tokio::time::Instant::now() + batch_delay;
-        while events.len() < batch_size {
+        batch.absorb(first);
+        let deadline = tokio::time::Instant::now() + limits.batch_delay;
+        while !batch.full(&limits) {
             // Take what is already there without waiting, then wait until the deadline.
             match rx.try_recv() {
                 Ok(item) => {
-                    absorb(item, &mut events, &mut commit);
+                    batch.absorb(item);
                     continue;
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => {
@@ -58,7 +114,7 @@ pub(super) async fn run(
             }
             tokio::select! {
                 item = rx.recv() => match item {
-                    Some(item) => absorb(item, &mut events, &mut commit),
+                    Some(item) => batch.absorb(item),
                     None => { closed = true; break; }
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
@@ -67,15 +123,19 @@ pub(super) async fn run(
         if subscriptions.has_changed().unwrap_or(false) {
             writer.set_subscriptions(subscriptions.borrow_and_update().clone());
         }
-        if !events.is_empty() {
+        if !batch.events.is_empty() || !batch.set_aside.is_empty() {
             writer
-                .write_batch(&events, commit)
+                .write_batch_with(&batch.events, &batch.set_aside, batch.commit)
                 .await
                 .map_err(ServiceError::from_err)?;
-            count_queued(observe.as_ref(), &events);
-            events.clear();
+            let refused = writer.take_refused();
+            count_queued(observe.as_ref(), &batch.events, &refused);
+            if !batch.set_aside.is_empty() || !refused.is_empty() {
+                let all: Vec<RejectedChange> = batch.set_aside.drain(..).chain(refused).collect();
+                observe.changes_set_aside(&all);
+            }
         }
-        if let Some(lsn) = commit {
+        if let Some(lsn) = batch.commit {
             durable.send_if_modified(|d| {
                 if lsn > *d {
                     *d = lsn;
@@ -85,27 +145,31 @@ pub(super) async fn run(
                 }
             });
         }
+        batch.clear();
         if closed {
             return Ok(());
         }
     }
 }
 
-/// Counts a committed batch per (entity, action): one map per batch, not per event.
-fn count_queued(observe: &dyn CaptureObserver, events: &[EntityEvent]) {
+/// Counts a committed batch per (entity, action): one map per batch, not per event. Events
+/// the database refused are not counted as queued.
+fn count_queued(observe: &dyn CaptureObserver, events: &[EntityEvent], refused: &[RejectedChange]) {
     let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
     for e in events {
         *counts
             .entry((e.entity.as_str(), e.action.as_str()))
             .or_default() += 1;
     }
-    let batch: Vec<(&str, &str, u64)> = counts.into_iter().map(|((e, a), n)| (e, a, n)).collect();
-    observe.events_queued(&batch);
-}
-
-fn absorb(item: Item, events: &mut Vec<EntityEvent>, commit: &mut Option<Lsn>) {
-    match item {
-        Item::Event(e) => events.push(*e),
-        Item::Commit { end_lsn } => *commit = Some(end_lsn),
+    for r in refused {
+        if let Some(n) = counts.get_mut(&(r.entity.as_str(), r.action.as_str())) {
+            *n = n.saturating_sub(1);
+        }
     }
+    let batch: Vec<(&str, &str, u64)> = counts
+        .into_iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|((e, a), n)| (e, a, n))
+        .collect();
+    observe.events_queued(&batch);
 }

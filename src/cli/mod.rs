@@ -47,6 +47,8 @@ enum Command {
     Failed(ops::FailedArgs),
     /// Move Failed notifications back to walhook.new for another round of attempts.
     Retry(ops::RetryArgs),
+    /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
+    Discard(ops::DiscardArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
@@ -102,6 +104,11 @@ struct SetupArgs {
     /// With --adopt: move notifications still pending from the original to walhook.failed.
     #[arg(long, requires = "adopt")]
     discard_pending: bool,
+    /// The replication slot vanished while in use, so changes were lost: record the gap in
+    /// walhook.capture_gap (the monitors are told when capture resumes) and create the slot
+    /// again. walhook refuses to start until this is run.
+    #[arg(long, conflicts_with_all = ["drop", "adopt"])]
+    accept_gap: bool,
 }
 
 /// An error that ends the process: one line, and the exit code of its class.
@@ -172,8 +179,13 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Check(args) => {
-            let (config, client) = args.config.load_and_connect().await?;
-            let report = crate::setup::check(&client, &config).await;
+            let (config, params) = args.config.load()?;
+            let (client, conn, tls) = crate::db::connect_raw(&params).await?;
+            tokio::spawn(conn);
+            let mut report = crate::setup::check(&client, &config).await;
+            report
+                .items
+                .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -185,6 +197,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::Discard(args) => ops::run_discard(args).await,
         Command::Demo { duration } => demo::run(duration).await,
         Command::Completions { shell } => {
             assets::print_completions(shell);
@@ -234,6 +247,7 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     }
     let opts = crate::setup::SetupOptions {
         replica_identity_full: args.replica_identity_full,
+        accept_gap: args.accept_gap,
     };
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
@@ -244,7 +258,8 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
         println!("nothing to do: the database is set up for walhook");
         return Ok(0);
     }
-    crate::setup::apply(&mut client, &steps).await?;
+    let params = config.source.connect_params()?;
+    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
     for s in &steps {
         println!("done  {}", s.why);
     }
@@ -361,9 +376,22 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             return;
         };
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down (a second one exits at once)"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down (a second one exits at once)"),
         }
         shutdown.cancel();
+        // A second signal means "now": nothing in flight is lost (the slot resends what was
+        // not confirmed), only the clean end of the stream is skipped.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!(
+            "second stop signal: exiting at once; unconfirmed changes are sent again at the next start"
+        );
+        std::process::exit(EXIT_SECOND_SIGNAL);
     });
 }
+
+/// Exit code after a second SIGTERM/SIGINT: 128 + SIGTERM, as a shell reports a killed job.
+const EXIT_SECOND_SIGNAL: i32 = 143;

@@ -163,6 +163,27 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that may also be "off" (or zero): `None`.
+    pub(super) fn duration_or_off(
+        &mut self,
+        value: &Str,
+        key: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(v) = value else { return default };
+        let s = self.string(v, key)?;
+        if s.trim() == "off" {
+            return None;
+        }
+        match parse_duration(s.trim()) {
+            Ok(d) => Some(d).filter(|d| !d.is_zero()),
+            Err(message) => {
+                self.report_message(v.span().start, key, &format!("{message}, or \"off\""));
+                None
+            }
+        }
+    }
+
     /// A required, non-empty string.
     pub(super) fn required(
         &mut self,
@@ -263,18 +284,20 @@ impl Checker<'_> {
         }
     }
 
-    pub(super) fn actions(&mut self, raw: &StrList, key: &str) -> Vec<Action> {
+    /// `default` applies when the key is absent: entities capture row changes, listeners
+    /// receive every action.
+    pub(super) fn actions(&mut self, raw: &StrList, key: &str, default: &[Action]) -> Vec<Action> {
         let Some(list) = raw else {
-            return Action::ALL.to_vec();
+            return default.to_vec();
         };
         if list.get_ref().is_empty() {
             self.report(
                 list.span().start,
                 key,
                 "actions is empty",
-                "list at least one of created, updated, deleted, or remove the key for all three",
+                "list at least one of created, updated, deleted, truncated, or remove the key for the default",
             );
-            return Action::ALL.to_vec();
+            return default.to_vec();
         }
         let mut actions = Vec::new();
         for (i, item) in list.get_ref().iter().enumerate() {
@@ -290,7 +313,7 @@ impl Checker<'_> {
                     item.span().start,
                     &item_key,
                     &format!("unknown action {s:?}"),
-                    "use created, updated or deleted",
+                    "use created, updated, deleted or truncated",
                 ),
                 Some(a) if actions.contains(&a) => self.report(
                     item.span().start,

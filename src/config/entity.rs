@@ -328,7 +328,7 @@ impl Checker<'_> {
                     );
                 }
             }
-            let actions = self.actions(&e.actions, &key("actions"));
+            let actions = self.actions(&e.actions, &key("actions"), &Action::ROW);
 
             let subject = match &e.subject {
                 None => None,

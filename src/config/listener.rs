@@ -73,8 +73,17 @@ pub struct Backoff {
 /// The payload format a listener receives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ListenerFormat {
-    /// CloudEvents 1.0 structured JSON.
-    CloudEvents,
+    /// CloudEvents 1.0 JSON, in the given content mode.
+    CloudEvents(CloudEventsMode),
+}
+
+/// How a CloudEvent travels (`cloudevents_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloudEventsMode {
+    /// The whole event as the JSON body (`application/cloudevents+json`); the default.
+    Structured,
+    /// `data` as the body, every other attribute as a `ce-*` header.
+    Binary,
 }
 
 #[derive(Deserialize)]
@@ -96,6 +105,7 @@ pub(super) struct RawListener {
     concurrency: Option<Spanned<i64>>,
     debounce: Str,
     format: Str,
+    cloudevents_mode: Str,
 }
 
 #[derive(Deserialize)]
@@ -143,7 +153,7 @@ impl Checker<'_> {
                 .entities
                 .as_ref()
                 .map(|list| self.listener_entities(list, &key("entities"), entities));
-            let actions = self.actions(&l.actions, &key("actions"));
+            let actions = self.actions(&l.actions, &key("actions"), &Action::ALL);
             let headers = self.headers(&l.headers, &l.header_files, &section);
             let secret = self.signing_key(&l.secret, &l.secret_file, &key("secret"));
             let ca_file = self.ca_file(&l.ca_file, &key("ca_file"));
@@ -182,6 +192,11 @@ impl Checker<'_> {
             );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
             let format = self.format(&l.format, &key("format"));
+            let format = match format {
+                ListenerFormat::CloudEvents(_) => {
+                    ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key))
+                }
+            };
 
             if let (Some(name), Some(url)) = (name, url) {
                 listeners.push(ListenerConfig {
@@ -295,7 +310,7 @@ impl Checker<'_> {
 
     fn format(&mut self, raw: &Str, key: &str) -> ListenerFormat {
         let Some(v) = raw else {
-            return ListenerFormat::CloudEvents;
+            return ListenerFormat::CloudEvents(CloudEventsMode::Structured);
         };
         let s = self.string(v, key);
         match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
@@ -316,7 +331,35 @@ impl Checker<'_> {
                 "use format = \"cloudevents\"",
             ),
         }
-        ListenerFormat::CloudEvents
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    }
+
+    /// `cloudevents_mode`: structured (the event as the body) or binary (ce-* headers).
+    fn cloudevents_mode(
+        &mut self,
+        l: &RawListener,
+        key: &dyn Fn(&str) -> String,
+    ) -> CloudEventsMode {
+        let Some(v) = &l.cloudevents_mode else {
+            return CloudEventsMode::Structured;
+        };
+        match self
+            .string(v, &key("cloudevents_mode"))
+            .as_deref()
+            .map(str::trim)
+        {
+            None | Some("structured") => CloudEventsMode::Structured,
+            Some("binary") => CloudEventsMode::Binary,
+            Some(other) => {
+                self.report(
+                    v.span().start,
+                    &key("cloudevents_mode"),
+                    &format!("unknown CloudEvents content mode {other:?}"),
+                    "use cloudevents_mode = \"structured\" (the event as the body) or \"binary\" (ce-* headers, data as the body)",
+                );
+                CloudEventsMode::Structured
+            }
+        }
     }
 }
 

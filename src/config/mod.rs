@@ -23,7 +23,7 @@ use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
-pub use self::listener::{Backoff, ListenerConfig, ListenerFormat, RateLimit};
+pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::queue::QueueConfig;
 pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};

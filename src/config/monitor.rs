@@ -82,16 +82,26 @@ pub enum AlertKind {
     QueueAge,
     /// The database was unreachable for longer than `database_unreachable_for` (and recovered).
     DatabaseUnreachable,
+    /// Changes were lost because the replication slot vanished (told once the gap is
+    /// accepted and capture resumes).
+    CaptureGap,
+    /// Changes were set aside in `walhook.rejected` instead of queued.
+    ChangeRejected,
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    SchemaChanged,
 }
 
 impl AlertKind {
     /// Every kind, in the order `on` documents them.
-    pub const ALL: [AlertKind; 5] = [
+    pub const ALL: [AlertKind; 8] = [
         AlertKind::NotificationFailed,
         AlertKind::ListenerFailing,
         AlertKind::ReplicationLag,
         AlertKind::QueueAge,
         AlertKind::DatabaseUnreachable,
+        AlertKind::CaptureGap,
+        AlertKind::ChangeRejected,
+        AlertKind::SchemaChanged,
     ];
 
     /// The name used in `on = [...]`.
@@ -102,6 +112,9 @@ impl AlertKind {
             AlertKind::ReplicationLag => "replication_lag",
             AlertKind::QueueAge => "queue_age",
             AlertKind::DatabaseUnreachable => "database_unreachable",
+            AlertKind::CaptureGap => "capture_gap",
+            AlertKind::ChangeRejected => "change_rejected",
+            AlertKind::SchemaChanged => "schema_changed",
         }
     }
 }
@@ -601,7 +614,7 @@ mod tests {
                 "walhook.toml:11:8: monitor[1].name: monitor \"a\" is defined twice; give each [[monitor]] its own name",
                 "walhook.toml:12:7: monitor[1].url: the URL must start with http:// or https://; write an http:// or https:// URL like \"https://ops.example.com/walhook-alerts\"",
                 "walhook.toml:13:10: monitor[1].secret: the signing secret is not base64 (optionally prefixed with whsec_); use a secret like whsec_ followed by base64 of 24 to 64 random bytes (e.g. `openssl rand -base64 32`)",
-                "walhook.toml:14:7: monitor[1].on[0]: unknown alert kind \"everything\"; use one of notification_failed, listener_failing, replication_lag, queue_age, database_unreachable",
+                "walhook.toml:14:7: monitor[1].on[0]: unknown alert kind \"everything\"; use one of notification_failed, listener_failing, replication_lag, queue_age, database_unreachable, capture_gap, change_rejected, schema_changed",
                 "walhook.toml:15:13: monitor[1].lag_bytes: \"1XB\" has an unknown unit; use a byte count like 1073741824 or a size like \"1GB\" or \"512MB\" (units B, kB, MB, GB, TB; 1 kB = 1024 bytes)",
                 "walhook.toml:16:11: monitor[1].lag_for: invalid duration \"soon\"; write a whole number and a unit (ms, s, m, h, d), like \"500ms\", \"5s\", \"10m\", \"2h\" or \"7d\"",
                 "walhook.toml:18:1: monitor[2].to: missing key; add to = [\"dba@example.com\"]",

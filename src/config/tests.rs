@@ -27,6 +27,34 @@ pub(super) fn errors(text: &str) -> Vec<String> {
 }
 
 #[test]
+fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
+    let with = |mode: &str| {
+        format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n")
+    };
+    let format = |text: &str| parse(text).unwrap().listeners[0].format;
+    assert_eq!(
+        format(&with("")),
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    );
+    assert_eq!(
+        format(&with("cloudevents_mode = \"structured\"")),
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    );
+    assert_eq!(
+        format(&with(
+            "format = \"cloudevents\"\ncloudevents_mode = \"binary\""
+        )),
+        ListenerFormat::CloudEvents(CloudEventsMode::Binary)
+    );
+    assert_eq!(
+        errors(&with("cloudevents_mode = \"bin\"")),
+        vec![
+            "walhook.toml:11:20: listener[0].cloudevents_mode: unknown CloudEvents content mode \"bin\"; use cloudevents_mode = \"structured\" (the event as the body) or \"binary\" (ce-* headers, data as the body)"
+        ]
+    );
+}
+
+#[test]
 fn minimal_file_gets_documented_defaults() {
     let c = parse(MINIMAL).unwrap();
     assert_eq!(c.source.slot, "walhook");
@@ -50,7 +78,7 @@ fn minimal_file_gets_documented_defaults() {
             name: "customer".into()
         }
     );
-    assert_eq!(e.actions, Action::ALL.to_vec());
+    assert_eq!(e.actions, Action::ROW.to_vec());
     assert_eq!(e.id, None);
     assert_eq!(e.track, None);
     assert!(e.exclude.is_empty());
@@ -75,7 +103,8 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(
         c.admin,
         Some(AdminConfig {
-            listen: "127.0.0.1:8187".parse().unwrap()
+            listen: "127.0.0.1:8187".parse().unwrap(),
+            token: None,
         })
     );
     assert_eq!(c.entities.len(), 2);
@@ -111,7 +140,10 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(l.backoff, DEFAULT_BACKOFF);
     assert_eq!(l.timeout, Duration::from_secs(10));
     assert_eq!(l.debounce, Duration::ZERO);
-    assert_eq!(l.format, ListenerFormat::CloudEvents);
+    assert_eq!(
+        l.format,
+        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+    );
 }
 
 #[test]
@@ -217,7 +249,7 @@ subject = \"Order/{id\"
             "walhook.toml:11:8: entity[0].name: entity name \"9Customer\" must start with a letter and contain only letters, digits, '_', '-' or '.'; rename it, like \"Customer\" or \"SalesOrder\"",
             "walhook.toml:12:9: entity[0].table: table \"Public.customer\" has upper-case letters in the unquoted name \"Public\", which PostgreSQL folds to \"public\"; write it in lower case, or double-quote it ('\"Public\"') if the table was created with that exact case",
             "walhook.toml:13:23: entity[0].actions[1]: action \"created\" is listed twice; remove the duplicate",
-            "walhook.toml:13:34: entity[0].actions[2]: unknown action \"merged\"; use created, updated or deleted",
+            "walhook.toml:13:34: entity[0].actions[2]: unknown action \"merged\"; use created, updated, deleted or truncated",
             "walhook.toml:14:7: entity[0].id: id column \"id\" is also excluded; remove it from exclude or from id; events need their id",
             "walhook.toml:16:11: entity[0].subject: placeholder {secret} names an excluded column; excluded columns must not leave the database; use {id} or another column",
             "walhook.toml:21:11: entity[1].subject: subject \"Order/{id\" has an unclosed '{'; close each placeholder with '}', like \"Customer/{id}\"",

@@ -29,6 +29,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_delivery.sql",
         sql: include_str!("../../sql/0002_delivery.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_capture.sql",
+        sql: include_str!("../../sql/0003_capture.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_console.sql",
+        sql: include_str!("../../sql/0004_console.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -6,10 +6,12 @@
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
+pub mod browse;
 mod listeners;
 mod migrate;
 mod model;
 mod notifications;
+mod rejected;
 mod state;
 mod writer;
 
@@ -25,7 +27,10 @@ pub use notifications::{
     CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
     NotificationStore, OnNewNotifications, discard_pending,
 };
-pub use state::{QueueState, read_state, record_source};
+pub use state::{
+    CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
+    read_state, record_source, record_start, unalerted_gaps,
+};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 
 /// An error talking to the queue tables.
@@ -42,6 +47,9 @@ pub enum QueueError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The queue database could not be reached (or refused the login).
+    #[error("connecting to the queue database: {0}")]
+    Connect(#[source] crate::db::DbError),
     /// The walhook role lacks a privilege; `grant` is the statement that fixes it.
     #[error("{context}: {detail}; fix: {grant}")]
     PermissionDenied {
@@ -78,10 +86,17 @@ pub enum QueueError {
     },
 }
 
+impl QueueError {
+    pub(crate) fn connect(e: crate::db::DbError) -> QueueError {
+        QueueError::Connect(e)
+    }
+}
+
 impl Classify for QueueError {
     fn class(&self) -> ErrorClass {
         match self {
             QueueError::Database { source, .. } => crate::error::pg_error_class(source),
+            QueueError::Connect(e) => e.class(),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
             | QueueError::Unstorable { .. } => ErrorClass::Permanent,

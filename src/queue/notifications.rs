@@ -40,7 +40,9 @@ const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, 
 const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
      SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
 
-/// Claims up to $2 due notifications of listener $1 for $4, leased for $3 milliseconds.
+/// Claims up to $2 due notifications of listener $1 for $4, leased for $3 milliseconds
+/// from the moment each row is taken (`clock_timestamp()`, not the statement's start, so a
+/// slow claim does not shorten its leases).
 ///
 /// Due: `next_attempt_at` has come and nobody holds a live lease. Ordering per entity: a
 /// row is claimable only while no earlier change of the same entity (smaller (commit_lsn,
@@ -66,7 +68,7 @@ pub const CLAIM_SQL: &str = r#"WITH due AS (
     FOR UPDATE OF n SKIP LOCKED
 ), claimed AS (
     UPDATE walhook.new n
-    SET locked_until = now() + $3::float8 * interval '1 millisecond',
+    SET locked_until = clock_timestamp() + $3::float8 * interval '1 millisecond',
         locked_by = $4::text
     FROM due
     WHERE n.id = due.id
@@ -151,13 +153,16 @@ WHERE n.id = r.id AND n.locked_by = $5::text"#;
 const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
 WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 
-/// Frees every lease of holder $1: this process at shutdown, or a process known to be gone.
+/// Frees every lease of holder $1: this process at shutdown.
 const RELEASE_ALL: &str =
     "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
 
-/// The holders of live leases.
-const LEASE_HOLDERS: &str = "SELECT DISTINCT locked_by FROM walhook.new
-WHERE locked_by IS NOT NULL AND locked_until > now()";
+/// Extends the leases of holder $3 on notifications $1 to $2 milliseconds from now;
+/// returns the ids still held (the others were moved, or taken over after expiring).
+const RENEW: &str =
+    "UPDATE walhook.new SET locked_until = now() + $2::float8 * interval '1 millisecond'
+WHERE id = ANY($1::bigint[]) AND locked_by = $3::text
+RETURNING id";
 
 /// A delivered notification, for [`Completions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +221,7 @@ pub struct NotificationStore {
     retry: Statement,
     release: Statement,
     release_all: Statement,
+    renew: Statement,
 }
 
 impl std::fmt::Debug for NotificationStore {
@@ -230,19 +236,18 @@ impl std::fmt::Debug for NotificationStore {
 pub type OnNewNotifications = Arc<dyn Fn() + Send + Sync>;
 
 impl NotificationStore {
-    /// Connects (without TLS, like every ordinary walhook connection), drives the
-    /// connection in a background task and prepares the statements. With `on_new`, the
+    /// Connects (TLS, keepalives and timeouts as for every ordinary walhook connection),
+    /// drives the connection in a background task and prepares the statements. With `on_new`, the
     /// connection also listens on [`NEW_NOTIFICATIONS_CHANNEL`] and calls it for every
     /// notification. `owner` names this process in `walhook.new.locked_by`.
     pub async fn connect(
-        config: &tokio_postgres::Config,
+        params: &crate::replication::conn::ConnectParams,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Result<NotificationStore, QueueError> {
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
+        let (client, connection, _) = crate::db::connect_raw(params)
             .await
-            .map_err(db_error("connecting to the queue database", None))?;
+            .map_err(QueueError::connect)?;
         tokio::spawn(Driver {
             connection,
             on_new: on_new.clone(),
@@ -266,13 +271,14 @@ impl NotificationStore {
             let client = &client;
             async move { client.prepare(sql).await.map_err(db_error(what, USE)) }
         };
-        let (claim, delivered, failed, retry, release, release_all) = tokio::try_join!(
+        let (claim, delivered, failed, retry, release, release_all, renew) = tokio::try_join!(
             prepare(CLAIM_SQL, "preparing the notification claim"),
             prepare(DELIVERED, "preparing the move to walhook.processed"),
             prepare(FAILED, "preparing the move to walhook.failed"),
             prepare(RETRY, "preparing the retry update"),
             prepare(RELEASE, "preparing the lease release"),
             prepare(RELEASE_ALL, "preparing the lease release"),
+            prepare(RENEW, "preparing the lease renewal"),
         )?;
         Ok(NotificationStore {
             client,
@@ -283,6 +289,7 @@ impl NotificationStore {
             retry,
             release,
             release_all,
+            renew,
         })
     }
 
@@ -394,6 +401,21 @@ impl NotificationStore {
         Ok(())
     }
 
+    /// Extends this holder's leases on `ids` to `lease` from now; returns the ids whose
+    /// leases it still held (one primary-key probe per id).
+    pub async fn renew(&self, ids: &[i64], lease: Duration) -> Result<Vec<i64>, QueueError> {
+        let lease_ms = lease.as_secs_f64() * 1000.0;
+        let rows = self
+            .client
+            .query(&self.renew, &[&ids, &lease_ms, &self.owner])
+            .await
+            .map_err(db_error("renewing leases in walhook.new", USE))?;
+        rows.iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(db_error("renewing leases in walhook.new", USE))
+    }
+
     /// Frees every lease this holder still has; returns how many.
     pub async fn release_all(&self) -> Result<u64, QueueError> {
         self.client
@@ -403,59 +425,14 @@ impl NotificationStore {
     }
 }
 
-impl NotificationStore {
-    /// Who holds live leases in `walhook.new` (one scan of the table; for startup).
-    pub async fn lease_holders(&self) -> Result<Vec<String>, QueueError> {
-        let rows = self
-            .client
-            .query(LEASE_HOLDERS, &[])
-            .await
-            .map_err(db_error("reading lease holders in walhook.new", USE))?;
-        rows.iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<Vec<String>, _>>()
-            .map_err(db_error("reading lease holders in walhook.new", USE))
-    }
-
-    /// Frees the leases of `holder`, a process known to be gone; returns how many.
-    pub async fn release_holder(&self, holder: &str) -> Result<u64, QueueError> {
-        self.client
-            .execute(&self.release_all, &[&holder])
-            .await
-            .map_err(db_error("releasing leases in walhook.new", USE))
-    }
-}
-
 /// Reads one claimed row; a row that cannot be read becomes `(id, comment)`.
 fn notification(row: &Row) -> Result<Notification, (i64, String)> {
     let id: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
     let read = || -> Result<Notification, String> {
-        let text = |e: tokio_postgres::Error| e.to_string();
-        let commit_lsn: PgLsn = row.try_get(3).map_err(text)?;
-        let action: String = row.try_get(8).map_err(text)?;
-        let action = match action.as_str() {
-            "Created" => Action::Created,
-            "Updated" => Action::Updated,
-            "Deleted" => Action::Deleted,
-            other => return Err(format!("unknown action {other:?} in walhook.event")),
-        };
         Ok(Notification {
             id,
-            attempts: row.try_get(1).map_err(text)?,
-            event: StoredEvent {
-                event_id: row.try_get::<_, Uuid>(2).map_err(text)?,
-                commit_lsn: Lsn(u64::from(commit_lsn)),
-                seq: row.try_get(4).map_err(text)?,
-                commit_time: row.try_get::<_, SystemTime>(5).map_err(text)?,
-                entity: row.try_get(6).map_err(text)?,
-                entity_id: row.try_get(7).map_err(text)?,
-                action,
-                changed_fields: row.try_get(9).map_err(text)?,
-                row: row.try_get::<_, Value>(10).map_err(text)?,
-                old: row.try_get::<_, Option<Value>>(11).map_err(text)?,
-                subject: row.try_get(12).map_err(text)?,
-                source_table: row.try_get(13).map_err(text)?,
-            },
+            attempts: row.try_get(1).map_err(|e| e.to_string())?,
+            event: stored_event(row, 2)?,
         })
     };
     read().map_err(|detail| {
@@ -466,10 +443,41 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
     })
 }
 
+/// The `walhook.event` columns (alias `e`) [`stored_event`] reads, in its order.
+pub(crate) const STORED_EVENT_COLUMNS: &str = "e.event_id, e.commit_lsn, e.seq, e.commit_time, \
+     e.entity, e.entity_id, e.action, e.changed_fields, e.\"row\", e.old, e.subject, e.source_table";
+
+/// Reads the [`STORED_EVENT_COLUMNS`] of `row`, starting at column `first`.
+pub(crate) fn stored_event(row: &Row, first: usize) -> Result<StoredEvent, String> {
+    let text = |e: tokio_postgres::Error| e.to_string();
+    let commit_lsn: PgLsn = row.try_get(first + 1).map_err(text)?;
+    let action: String = row.try_get(first + 6).map_err(text)?;
+    let action = match action.as_str() {
+        "Created" => Action::Created,
+        "Updated" => Action::Updated,
+        "Deleted" => Action::Deleted,
+        "Truncated" => Action::Truncated,
+        other => return Err(format!("unknown action {other:?} in walhook.event")),
+    };
+    Ok(StoredEvent {
+        event_id: row.try_get::<_, Uuid>(first).map_err(text)?,
+        commit_lsn: Lsn(u64::from(commit_lsn)),
+        seq: row.try_get(first + 2).map_err(text)?,
+        commit_time: row.try_get::<_, SystemTime>(first + 3).map_err(text)?,
+        entity: row.try_get(first + 4).map_err(text)?,
+        entity_id: row.try_get(first + 5).map_err(text)?,
+        action,
+        changed_fields: row.try_get(first + 7).map_err(text)?,
+        row: row.try_get::<_, Value>(first + 8).map_err(text)?,
+        old: row.try_get::<_, Option<Value>>(first + 9).map_err(text)?,
+        subject: row.try_get(first + 10).map_err(text)?,
+        source_table: row.try_get(first + 11).map_err(text)?,
+    })
+}
+
 /// Drives a tokio-postgres connection and passes on `NOTIFY walhook_new`.
 struct Driver {
-    connection:
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    connection: crate::db::PgConnection,
     on_new: Option<OnNewNotifications>,
 }
 

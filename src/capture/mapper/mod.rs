@@ -2,6 +2,7 @@
 //!
 //! Knows relations and entities; knows nothing about the wire or the queue tables.
 
+mod plan;
 mod values;
 
 use std::borrow::Cow;
@@ -12,10 +13,11 @@ use serde_json::{Map, Value};
 
 use crate::config::EntityConfig;
 use crate::error::{Classify, ErrorClass};
-use crate::replication::pgoutput::{
-    ColumnValue, Message, OldTuple, PgTimestamp, Relation, ReplicaIdentity,
-};
+use crate::replication::pgoutput::{ColumnValue, Message, OldTuple, PgTimestamp, Relation};
 use crate::types::{Action, EntityName, Lsn, Oid, TableName, Xid};
+use plan::{ColumnPlan, Plan, Shape, SubjectPart};
+
+pub(crate) use plan::subject_columns;
 
 /// Where a change sits in the source: the transaction it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,129 @@ pub struct EntityEvent {
     pub old: Option<Map<String, Value>>,
     /// Subject rendered from the entity's template.
     pub subject: Option<String>,
+}
+
+/// Fixed cost counted per JSON value and per event on top of their text (allocations,
+/// map entries), so rows of many small values are not undercounted.
+const VALUE_OVERHEAD: usize = 32;
+const EVENT_OVERHEAD: usize = 256;
+
+impl EntityEvent {
+    /// The memory the event holds, roughly: what byte limits on capture buffers count.
+    pub fn approx_bytes(&self) -> usize {
+        let row = map_bytes(&self.row);
+        let old = self.old.as_ref().map_or(0, map_bytes);
+        let fields = self
+            .changed_fields
+            .as_ref()
+            .map_or(0, |f| f.iter().map(|c| c.len() + VALUE_OVERHEAD).sum());
+        EVENT_OVERHEAD + row + old + fields + self.entity_id.len()
+    }
+}
+
+fn map_bytes(map: &Map<String, Value>) -> usize {
+    map.iter()
+        .map(|(k, v)| k.len() + VALUE_OVERHEAD + value_bytes(v))
+        .sum()
+}
+
+fn value_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(|v| VALUE_OVERHEAD + value_bytes(v)).sum(),
+        Value::Object(m) => map_bytes(m),
+        Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+    }
+}
+
+/// A change that did not become an event, kept with the reason (in `walhook.rejected`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RejectedChange {
+    /// Commit LSN of the source transaction.
+    pub commit_lsn: Lsn,
+    /// Ordinal of the change within its transaction, as for events.
+    pub seq: u32,
+    /// Source transaction id.
+    pub xid: Xid,
+    /// Source commit time.
+    pub commit_time: PgTimestamp,
+    /// Entity type.
+    pub entity: EntityName,
+    /// The source table.
+    pub table: TableName,
+    /// Entity id, when it could be read.
+    pub entity_id: Option<String>,
+    /// What happened.
+    pub action: Action,
+    /// Why the change was set aside, in plain words.
+    pub reason: String,
+    /// The SQLSTATE the queue database refused it with, if it did.
+    pub sqlstate: Option<String>,
+    /// The row as JSON text, excluded columns removed.
+    pub row: Option<String>,
+    /// The old row as JSON text, when known.
+    pub old: Option<String>,
+}
+
+impl RejectedChange {
+    /// The event the queue refused, kept as text with the reason.
+    pub fn of_event(e: &EntityEvent, reason: String, sqlstate: Option<String>) -> Self {
+        RejectedChange {
+            commit_lsn: e.commit_lsn,
+            seq: e.seq,
+            xid: e.xid,
+            commit_time: e.commit_time,
+            entity: e.entity.clone(),
+            table: e.table.clone(),
+            entity_id: Some(e.entity_id.clone()),
+            action: e.action,
+            reason,
+            sqlstate,
+            // serde_json escapes control characters (\u0000 stays six characters of text).
+            row: Some(Value::Object(e.row.clone()).to_string()),
+            old: e.old.as_ref().map(|o| Value::Object(o.clone()).to_string()),
+        }
+    }
+
+    /// The memory the change holds, roughly.
+    pub fn approx_bytes(&self) -> usize {
+        EVENT_OVERHEAD
+            + self.reason.len()
+            + self.row.as_ref().map_or(0, String::len)
+            + self.old.as_ref().map_or(0, String::len)
+    }
+}
+
+/// What one row change became.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mapped {
+    /// An entity event for the queue.
+    Event(EntityEvent),
+    /// A change set aside with the reason (the entity's id cannot be read).
+    SetAside(RejectedChange),
+}
+
+/// A schema change on an entity table the operator should hear about (a configured column
+/// renamed or dropped, an id that can no longer be read). Capture goes on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SchemaNote {
+    /// The entity.
+    pub entity: EntityName,
+    /// Its table.
+    pub table: TableName,
+    /// What changed, what capture does about it and what to update.
+    pub message: String,
+}
+
+/// What a TRUNCATE of one relation becomes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Truncation {
+    /// The relation is not an entity table (or unknown).
+    NotEntity,
+    /// An entity table whose `actions` do not include `truncated`.
+    NotWanted(EntityName, TableName),
+    /// A `Truncated` event.
+    Event(EntityEvent),
 }
 
 /// A relation or change that cannot be mapped.
@@ -176,35 +301,10 @@ pub struct Mapper {
 #[derive(Debug)]
 struct RelationState {
     table: TableName,
+    /// The columns as last announced, to recognise renames.
+    shape: Shape,
     /// `None` when the table is not an entity.
     plan: Option<Plan>,
-}
-
-/// Everything per event needs, resolved once per Relation message.
-#[derive(Debug)]
-struct Plan {
-    entity: EntityName,
-    actions: Vec<Action>,
-    columns: Vec<ColumnPlan>,
-    id: Vec<usize>,
-    track: Option<Vec<usize>>,
-    subject: Option<Vec<SubjectPart>>,
-}
-
-#[derive(Debug)]
-struct ColumnPlan {
-    name: String,
-    type_oid: Oid,
-    is_key: bool,
-    /// False for excluded columns.
-    emit: bool,
-}
-
-#[derive(Debug, PartialEq)]
-enum SubjectPart {
-    Literal(String),
-    Id,
-    Column(usize),
 }
 
 /// One column's value after resolving unchanged TOAST and key-only old tuples.
@@ -304,32 +404,61 @@ impl Mapper {
     }
 
     /// Takes in a Relation message (replacing an earlier one for the same oid) and, when the
-    /// table is an entity, checks the entity's columns against the table's and resolves its plan.
-    pub fn on_relation(&mut self, rel: Relation) -> Result<(), MapError> {
+    /// table is an entity, resolves the entity's columns against the table's. Never fails:
+    /// what the operator should know about (a configured column renamed or gone, an id that
+    /// can no longer be read) comes back as notes, and capture goes on.
+    pub fn on_relation(&mut self, rel: Relation) -> Vec<SchemaNote> {
         let table = TableName {
             schema: rel.namespace.clone(),
             name: rel.name.clone(),
         };
-        // A failed check must not leave the previous shape of the table in use.
-        self.relations.remove(&rel.oid);
-        let plan = match self.entities.iter().find(|e| e.table == table) {
-            Some(entity) => Some(plan(entity, &table, &rel, self.primary_keys.get(&table))?),
-            None => None,
-        };
+        let previous = self.relations.remove(&rel.oid).map(|r| r.shape);
+        let mut notes = Vec::new();
+        let plan = self
+            .entities
+            .iter()
+            .find(|e| e.table == table)
+            .map(|entity| {
+                let (plan, messages) = plan::plan(
+                    entity,
+                    &table,
+                    &rel,
+                    self.primary_keys.get(&table),
+                    previous.as_ref(),
+                );
+                let set_aside = plan.set_aside.iter().map(|reason| {
+                    format!(
+                        "changes of entity {} are set aside in walhook.rejected: {reason}",
+                        entity.name
+                    )
+                });
+                notes.extend(
+                    messages
+                        .into_iter()
+                        .chain(set_aside)
+                        .map(|message| SchemaNote {
+                            entity: entity.name.clone(),
+                            table: table.clone(),
+                            message,
+                        }),
+                );
+                plan
+            });
+        let shape = plan::shape(&rel);
         self.relations
-            .insert(rel.oid, RelationState { table, plan });
-        Ok(())
+            .insert(rel.oid, RelationState { table, shape, plan });
+        notes
     }
 
-    /// Maps one Insert, Update or Delete to an entity event. `Ok(None)` when the table is not
-    /// an entity, the action is not configured, an update touches no tracked column, or the
-    /// message is not a row change.
+    /// Maps one Insert, Update or Delete. `Ok(None)` when the table is not an entity, the
+    /// action is not configured, an update touches no tracked column, or the message is not
+    /// a row change; a change whose id cannot be read is set aside with the reason.
     pub fn map_change(
         &mut self,
         tx: &TxContext,
         seq: u32,
         msg: &Message,
-    ) -> Result<Option<EntityEvent>, MapError> {
+    ) -> Result<Option<Mapped>, MapError> {
         let (oid, action) = match msg {
             Message::Insert { relation, .. } => (*relation, Action::Created),
             Message::Update { relation, .. } => (*relation, Action::Updated),
@@ -403,12 +532,33 @@ impl Mapper {
             _ => return Ok(None),
         };
 
+        let row = row_map(&plan.columns, cells.iter().copied());
+        let set_aside = match action {
+            Action::Deleted => plan.set_aside.as_ref().or(plan.deletes_set_aside.as_ref()),
+            _ => plan.set_aside.as_ref(),
+        };
+        if let Some(reason) = set_aside {
+            return Ok(Some(Mapped::SetAside(RejectedChange {
+                commit_lsn: tx.commit_lsn,
+                seq,
+                xid: tx.xid,
+                commit_time: tx.commit_time,
+                entity: plan.entity.clone(),
+                table: state.table.clone(),
+                entity_id: None,
+                action,
+                reason: reason.clone(),
+                sqlstate: None,
+                row: Some(Value::Object(row).to_string()),
+                old: old_row.map(|o| Value::Object(o).to_string()),
+            })));
+        }
         let entity_id = entity_id(&plan.id, &cells);
         let subject = plan
             .subject
             .as_ref()
             .map(|parts| render_subject(parts, &entity_id, &cells));
-        Ok(Some(EntityEvent {
+        Ok(Some(Mapped::Event(EntityEvent {
             commit_lsn: tx.commit_lsn,
             seq,
             xid: tx.xid,
@@ -418,12 +568,45 @@ impl Mapper {
             entity_id,
             action,
             changed_fields,
-            row: row_map(&plan.columns, cells.iter().copied()),
+            row,
             old: old_row,
             subject,
-        }))
+        })))
+    }
+
+    /// Maps the TRUNCATE of relation `oid`: a `Truncated` event with entity id `*`, an
+    /// empty row and no changed fields, when the entity's `actions` include `truncated`.
+    pub fn map_truncate(&self, tx: &TxContext, seq: u32, oid: Oid) -> Truncation {
+        let Some(RelationState {
+            table,
+            plan: Some(plan),
+            ..
+        }) = self.relations.get(&oid)
+        else {
+            return Truncation::NotEntity;
+        };
+        if !plan.actions.contains(&Action::Truncated) {
+            return Truncation::NotWanted(plan.entity.clone(), table.clone());
+        }
+        Truncation::Event(EntityEvent {
+            commit_lsn: tx.commit_lsn,
+            seq,
+            xid: tx.xid,
+            commit_time: tx.commit_time,
+            entity: plan.entity.clone(),
+            table: table.clone(),
+            entity_id: TRUNCATED_ID.to_owned(),
+            action: Action::Truncated,
+            changed_fields: Some(Vec::new()),
+            row: Map::new(),
+            old: None,
+            subject: None,
+        })
     }
 }
+
+/// The entity id of a `Truncated` event: every row of the table.
+pub const TRUNCATED_ID: &str = "*";
 
 /// The new row of an update, with unchanged TOAST values taken from the old tuple when it
 /// has them and left absent otherwise.
@@ -502,676 +685,5 @@ fn render_subject(parts: &[SubjectPart], entity_id: &str, cells: &[Cell<'_>]) ->
     out
 }
 
-/// Resolves an entity's configuration against the columns the table actually has.
-fn plan(
-    entity: &EntityConfig,
-    table: &TableName,
-    rel: &Relation,
-    primary_key: Option<&Vec<String>>,
-) -> Result<Plan, MapError> {
-    let index_of = |role: &'static str, name: &str| {
-        rel.columns
-            .iter()
-            .position(|c| c.name == name)
-            .ok_or_else(|| {
-                MapError::UnknownColumn(Box::new(UnknownColumn {
-                    entity: entity.name.clone(),
-                    table: table.clone(),
-                    role,
-                    column: name.to_owned(),
-                    available: rel
-                        .columns
-                        .iter()
-                        .map(|c| c.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }))
-            })
-    };
-
-    let exclude = entity
-        .exclude
-        .iter()
-        .map(|name| index_of("exclude", name))
-        .collect::<Result<Vec<_>, _>>()?;
-    let columns: Vec<ColumnPlan> = rel
-        .columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| ColumnPlan {
-            name: c.name.clone(),
-            type_oid: c.type_oid,
-            is_key: c.is_key,
-            emit: !exclude.contains(&i),
-        })
-        .collect();
-
-    let id = match (&entity.id, primary_key) {
-        (Some(names), _) | (None, Some(names)) => names
-            .iter()
-            .map(|name| index_of("id", name))
-            .collect::<Result<Vec<_>, _>>()?,
-        (None, None) if rel.replica_identity == ReplicaIdentity::Full => {
-            return Err(MapError::KeyHiddenByFullIdentity {
-                table: table.clone(),
-                entity: entity.name.clone(),
-            });
-        }
-        (None, None) => {
-            let keys: Vec<usize> = columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.is_key)
-                .map(|(i, _)| i)
-                .collect();
-            if keys.is_empty() {
-                return Err(MapError::NoPrimaryKey {
-                    table: table.clone(),
-                    entity: entity.name.clone(),
-                });
-            }
-            keys
-        }
-    };
-    if id.is_empty() {
-        return Err(MapError::NoPrimaryKey {
-            table: table.clone(),
-            entity: entity.name.clone(),
-        });
-    }
-    // With DEFAULT or USING INDEX identity a delete carries only the key columns.
-    let key_only = matches!(
-        rel.replica_identity,
-        ReplicaIdentity::Default | ReplicaIdentity::Index
-    );
-    if key_only
-        && entity.actions.contains(&Action::Deleted)
-        && let Some(c) = id
-            .iter()
-            .filter_map(|&i| columns.get(i))
-            .find(|c| !c.is_key)
-    {
-        return Err(MapError::IdNotInReplicaIdentity {
-            entity: entity.name.clone(),
-            table: table.clone(),
-            column: c.name.clone(),
-        });
-    }
-
-    let track = match &entity.track {
-        Some(names) => Some(
-            names
-                .iter()
-                .map(|name| index_of("track", name))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
-        None => None,
-    };
-
-    let subject = match &entity.subject {
-        Some(template) => {
-            let mut parts = Vec::new();
-            for part in split_template(template) {
-                parts.push(match part {
-                    TemplatePart::Literal(s) => SubjectPart::Literal(s.to_owned()),
-                    TemplatePart::Placeholder("id") => SubjectPart::Id,
-                    TemplatePart::Placeholder(name) => {
-                        let i = index_of("subject", name)?;
-                        if columns.get(i).is_some_and(|c| !c.emit) {
-                            return Err(MapError::ExcludedInSubject {
-                                entity: entity.name.clone(),
-                                column: name.to_owned(),
-                            });
-                        }
-                        SubjectPart::Column(i)
-                    }
-                });
-            }
-            Some(parts)
-        }
-        None => None,
-    };
-
-    Ok(Plan {
-        entity: entity.name.clone(),
-        actions: entity.actions.clone(),
-        columns,
-        id,
-        track,
-        subject,
-    })
-}
-
-enum TemplatePart<'a> {
-    Literal(&'a str),
-    Placeholder(&'a str),
-}
-
-/// Splits `Customer/{id}` into literal text and `{name}` placeholders; a `{` without a
-/// closing `}` is literal text.
-fn split_template(template: &str) -> Vec<TemplatePart<'_>> {
-    let mut parts = Vec::new();
-    let mut rest = template;
-    while let Some(open) = rest.find('{') {
-        let Some(close) = rest[open..].find('}') else {
-            break;
-        };
-        if open > 0 {
-            parts.push(TemplatePart::Literal(&rest[..open]));
-        }
-        parts.push(TemplatePart::Placeholder(&rest[open + 1..open + close]));
-        rest = &rest[open + close + 1..];
-    }
-    if !rest.is_empty() {
-        parts.push(TemplatePart::Literal(rest));
-    }
-    parts
-}
-
 #[cfg(test)]
-mod tests {
-    use bytes::Bytes;
-    use serde_json::json;
-
-    use super::*;
-    use crate::replication::pgoutput::{Column, TupleData};
-
-    const REL: Oid = Oid(16_384);
-    const INT4: Oid = Oid(23);
-    const TEXT: Oid = Oid(25);
-
-    fn column(name: &str, type_oid: Oid, is_key: bool) -> Column {
-        Column {
-            is_key,
-            name: name.to_owned(),
-            type_oid,
-            type_modifier: -1,
-        }
-    }
-
-    /// public.customer(id int4 primary key, first_name text, city text, password_hash text, bio text)
-    fn customer(identity: ReplicaIdentity) -> Relation {
-        let full = identity == ReplicaIdentity::Full;
-        Relation {
-            oid: REL,
-            namespace: "public".into(),
-            name: "customer".into(),
-            replica_identity: identity,
-            columns: vec![
-                column("id", INT4, true),
-                column("first_name", TEXT, full),
-                column("city", TEXT, full),
-                column("password_hash", TEXT, full),
-                column("bio", TEXT, full),
-            ],
-        }
-    }
-
-    fn entity() -> EntityConfig {
-        EntityConfig {
-            name: EntityName::new("Customer").unwrap(),
-            table: TableName {
-                schema: "public".into(),
-                name: "customer".into(),
-            },
-            id: None,
-            actions: Action::ALL.to_vec(),
-            track: None,
-            exclude: vec![],
-            subject: None,
-        }
-    }
-
-    fn t(s: &str) -> ColumnValue {
-        ColumnValue::Text(Bytes::from(s.to_owned()))
-    }
-
-    fn row(values: Vec<ColumnValue>) -> TupleData {
-        TupleData(values)
-    }
-
-    fn tx() -> TxContext {
-        TxContext {
-            commit_lsn: Lsn(0x10),
-            xid: Xid(7),
-            commit_time: PgTimestamp(1),
-        }
-    }
-
-    fn mapper(entity: EntityConfig, rel: Relation) -> Mapper {
-        let mut m = Mapper::new(&[entity]);
-        m.on_relation(rel).unwrap();
-        m
-    }
-
-    fn map(m: &mut Mapper, msg: Message) -> Option<EntityEvent> {
-        m.map_change(&tx(), 3, &msg).unwrap()
-    }
-
-    fn full_row(first: &str, city: &str) -> TupleData {
-        row(vec![t("42"), t(first), t(city), t("secret"), t("long bio")])
-    }
-
-    fn update(old: Option<OldTuple>, new: TupleData) -> Message {
-        Message::Update {
-            relation: REL,
-            old,
-            new,
-        }
-    }
-
-    fn insert(new: TupleData) -> Message {
-        Message::Insert { relation: REL, new }
-    }
-
-    fn delete(old: OldTuple) -> Message {
-        Message::Delete { relation: REL, old }
-    }
-
-    /// The key-only old tuple a DEFAULT identity sends for the customer table.
-    fn key_row(id: &str) -> TupleData {
-        row(vec![
-            t(id),
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-            ColumnValue::Null,
-        ])
-    }
-
-    /// A mapper for `ent` on the customer table with REPLICA IDENTITY FULL, which needs an
-    /// explicit id.
-    fn full_identity(mut ent: EntityConfig) -> Mapper {
-        ent.id = Some(vec!["id".into()]);
-        mapper(ent, customer(ReplicaIdentity::Full))
-    }
-
-    #[test]
-    fn insert_becomes_created_with_typed_row() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let msg = insert(row(vec![
-            t("42"),
-            t("Ann"),
-            ColumnValue::Null,
-            t("x"),
-            t("b"),
-        ]));
-        let e = map(&mut m, msg).unwrap();
-        assert_eq!(e.action, Action::Created);
-        assert_eq!(e.entity.as_str(), "Customer");
-        assert_eq!(e.entity_id, "42");
-        assert_eq!((e.commit_lsn, e.seq, e.xid), (Lsn(0x10), 3, Xid(7)));
-        assert_eq!(e.table.to_string(), "public.customer");
-        assert_eq!(e.changed_fields, None);
-        assert_eq!(e.old, None);
-        assert_eq!(
-            Value::Object(e.row),
-            json!({"id": 42, "first_name": "Ann", "city": null, "password_hash": "x", "bio": "b"})
-        );
-    }
-
-    #[test]
-    fn update_with_full_old_row_reports_changed_fields_and_old_row() {
-        let mut m = full_identity(entity());
-        let old = OldTuple::Full(full_row("Ann", "Oslo"));
-        let e = map(&mut m, update(Some(old), full_row("Bea", "Oslo"))).unwrap();
-        assert_eq!(e.action, Action::Updated);
-        assert_eq!(e.entity_id, "42");
-        assert_eq!(e.changed_fields, Some(vec!["first_name".to_owned()]));
-        assert_eq!(e.row.get("first_name"), Some(&json!("Bea")));
-        assert_eq!(e.old.unwrap().get("first_name"), Some(&json!("Ann")));
-    }
-
-    #[test]
-    fn update_without_old_row_has_unknown_changed_fields() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let e = map(&mut m, update(None, full_row("Bea", "Oslo"))).unwrap();
-        assert_eq!(e.changed_fields, None);
-        assert_eq!(e.old, None);
-        assert_eq!(e.row.get("city"), Some(&json!("Oslo")));
-    }
-
-    #[test]
-    fn update_with_key_old_tuple_does_not_guess_changed_fields() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let key = key_row("41");
-        let e = map(
-            &mut m,
-            update(Some(OldTuple::Key(key)), full_row("Bea", "Oslo")),
-        )
-        .unwrap();
-        assert_eq!(e.entity_id, "42");
-        assert_eq!(e.changed_fields, None);
-        assert_eq!(e.old, None);
-    }
-
-    #[test]
-    fn delete_with_key_tuple_has_only_key_columns_in_row() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let key = key_row("42");
-        let e = map(&mut m, delete(OldTuple::Key(key))).unwrap();
-        assert_eq!(e.action, Action::Deleted);
-        assert_eq!(e.entity_id, "42");
-        assert_eq!(Value::Object(e.row), json!({"id": 42}));
-        assert_eq!(e.old, None);
-        assert_eq!(e.changed_fields, None);
-    }
-
-    #[test]
-    fn delete_with_full_tuple_has_whole_old_row() {
-        let mut m = full_identity(entity());
-        let msg = delete(OldTuple::Full(full_row("Ann", "Oslo")));
-        let e = map(&mut m, msg).unwrap();
-        assert_eq!(e.row.len(), 5);
-        assert_eq!(e.row.get("city"), Some(&json!("Oslo")));
-        assert_eq!(e.old, None);
-    }
-
-    fn order_line() -> Relation {
-        Relation {
-            oid: REL,
-            namespace: "sales".into(),
-            name: "order_line".into(),
-            replica_identity: ReplicaIdentity::Default,
-            columns: vec![
-                column("a", TEXT, true),
-                column("b", TEXT, true),
-                column("qty", INT4, false),
-            ],
-        }
-    }
-
-    fn order_line_entity() -> EntityConfig {
-        EntityConfig {
-            name: EntityName::new("OrderLine").unwrap(),
-            table: TableName {
-                schema: "sales".into(),
-                name: "order_line".into(),
-            },
-            subject: Some("lines/{id}/{qty}".into()),
-            ..entity()
-        }
-    }
-
-    #[test]
-    fn composite_ids_are_json_arrays_that_never_collide() {
-        let mut m = mapper(order_line_entity(), order_line());
-        let ins = |a: &str, b: &str| insert(row(vec![t(a), t(b), t("1")]));
-        let first = map(&mut m, ins("a,b", "c")).unwrap();
-        let second = map(&mut m, ins("a", "b,c")).unwrap();
-        assert_eq!(first.entity_id, r#"["a,b","c"]"#);
-        assert_eq!(second.entity_id, r#"["a","b,c"]"#);
-        assert_eq!(first.subject.as_deref(), Some(r#"lines/["a,b","c"]/1"#));
-        let null_part = insert(row(vec![t("x"), ColumnValue::Null, t("1")]));
-        assert_eq!(map(&mut m, null_part).unwrap().entity_id, r#"["x",null]"#);
-    }
-
-    #[test]
-    fn subject_template_renders_id_and_columns() {
-        let mut ent = entity();
-        ent.subject = Some("Customer/{id} in {city}".into());
-        let mut m = mapper(ent, customer(ReplicaIdentity::Default));
-        let e = map(&mut m, insert(full_row("Ann", "Oslo"))).unwrap();
-        assert_eq!(e.subject.as_deref(), Some("Customer/42 in Oslo"));
-    }
-
-    #[test]
-    fn update_touching_no_tracked_column_is_dropped() {
-        let mut ent = entity();
-        ent.track = Some(vec!["city".into()]);
-        let mut m = full_identity(ent);
-        let old = OldTuple::Full(full_row("Ann", "Oslo"));
-        assert_eq!(
-            map(&mut m, update(Some(old), full_row("Bea", "Oslo"))),
-            None
-        );
-        let old = OldTuple::Full(full_row("Ann", "Oslo"));
-        let e = map(&mut m, update(Some(old), full_row("Ann", "Bergen"))).unwrap();
-        assert_eq!(e.changed_fields, Some(vec!["city".to_owned()]));
-    }
-
-    #[test]
-    fn tracked_update_with_unknown_old_row_is_emitted() {
-        let mut ent = entity();
-        ent.track = Some(vec!["city".into()]);
-        let mut m = mapper(ent, customer(ReplicaIdentity::Default));
-        let e = map(&mut m, update(None, full_row("Bea", "Oslo"))).unwrap();
-        assert_eq!(e.changed_fields, None);
-    }
-
-    #[test]
-    fn excluded_columns_never_appear_in_row_old_or_changed_fields() {
-        let mut ent = entity();
-        ent.exclude = vec!["password_hash".into()];
-        let mut m = full_identity(ent);
-        let old = OldTuple::Full(full_row("Ann", "Oslo"));
-        let new = row(vec![
-            t("42"),
-            t("Bea"),
-            t("Oslo"),
-            t("changed"),
-            t("long bio"),
-        ]);
-        let e = map(&mut m, update(Some(old), new)).unwrap();
-        assert!(!e.row.contains_key("password_hash"));
-        assert!(!e.old.unwrap().contains_key("password_hash"));
-        assert_eq!(e.changed_fields, Some(vec!["first_name".to_owned()]));
-        let ins = map(&mut m, insert(full_row("A", "B"))).unwrap();
-        assert!(!ins.row.contains_key("password_hash"));
-    }
-
-    #[test]
-    fn excluded_column_can_still_be_tracked_without_leaking() {
-        let mut ent = entity();
-        ent.exclude = vec!["password_hash".into()];
-        ent.track = Some(vec!["password_hash".into()]);
-        let mut m = full_identity(ent);
-        let old = OldTuple::Full(full_row("Ann", "Oslo"));
-        let new = row(vec![
-            t("42"),
-            t("Ann"),
-            t("Oslo"),
-            t("changed"),
-            t("long bio"),
-        ]);
-        let e = map(&mut m, update(Some(old), new)).unwrap();
-        assert_eq!(e.changed_fields, Some(vec![]));
-    }
-
-    #[test]
-    fn actions_not_configured_emit_nothing() {
-        let mut ent = entity();
-        ent.actions = vec![Action::Created];
-        let mut m = mapper(ent, customer(ReplicaIdentity::Default));
-        assert_eq!(map(&mut m, update(None, full_row("Bea", "Oslo"))), None);
-        let key = key_row("42");
-        assert_eq!(map(&mut m, delete(OldTuple::Key(key))), None);
-        assert!(map(&mut m, insert(full_row("A", "B"))).is_some());
-    }
-
-    #[test]
-    fn unchanged_toast_takes_old_value_and_is_not_a_change() {
-        let mut m = full_identity(entity());
-        let old = OldTuple::Full(full_row("Ann", "Oslo"));
-        let new = row(vec![
-            t("42"),
-            t("Bea"),
-            t("Oslo"),
-            t("secret"),
-            ColumnValue::UnchangedToast,
-        ]);
-        let e = map(&mut m, update(Some(old), new)).unwrap();
-        assert_eq!(e.row.get("bio"), Some(&json!("long bio")));
-        assert_eq!(e.changed_fields, Some(vec!["first_name".to_owned()]));
-    }
-
-    #[test]
-    fn unchanged_toast_without_old_value_is_absent_not_null() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let new = row(vec![
-            t("42"),
-            t("Bea"),
-            t("Oslo"),
-            t("secret"),
-            ColumnValue::UnchangedToast,
-        ]);
-        let e = map(&mut m, update(None, new)).unwrap();
-        assert!(!e.row.contains_key("bio"));
-        assert_eq!(e.row.len(), 4);
-    }
-
-    #[test]
-    fn change_for_unknown_relation_is_a_permanent_error() {
-        let mut m = Mapper::new(&[entity()]);
-        let err = m
-            .map_change(&tx(), 0, &insert(full_row("A", "B")))
-            .unwrap_err();
-        assert!(matches!(err, MapError::UnknownRelation { oid: REL }));
-        assert_eq!(err.class(), ErrorClass::Permanent);
-    }
-
-    #[test]
-    fn tables_that_are_not_entities_are_ignored() {
-        let mut m = mapper(entity(), order_line());
-        let msg = insert(row(vec![t("a"), t("b"), t("1")]));
-        assert_eq!(map(&mut m, msg), None);
-    }
-
-    #[test]
-    fn row_with_wrong_column_count_is_an_error() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let err = m
-            .map_change(&tx(), 0, &insert(row(vec![t("1")])))
-            .unwrap_err();
-        assert!(matches!(
-            err,
-            MapError::ColumnCount {
-                expected: 5,
-                got: 1,
-                ..
-            }
-        ));
-    }
-
-    #[test]
-    fn missing_configured_columns_are_config_errors_naming_the_column() {
-        for (role, configure) in [
-            (
-                "id",
-                (|e: &mut EntityConfig| e.id = Some(vec!["nope".into()])) as fn(&mut EntityConfig),
-            ),
-            ("track", |e| e.track = Some(vec!["nope".into()])),
-            ("exclude", |e| e.exclude = vec!["nope".into()]),
-            ("subject", |e| e.subject = Some("x/{nope}".into())),
-        ] {
-            let mut ent = entity();
-            configure(&mut ent);
-            let err = Mapper::new(&[ent])
-                .on_relation(customer(ReplicaIdentity::Default))
-                .unwrap_err();
-            assert_eq!(err.class(), ErrorClass::Config);
-            let msg = err.to_string();
-            assert!(msg.contains("entity Customer"), "{msg}");
-            assert!(msg.contains(&format!("{role} column \"nope\"")), "{msg}");
-            assert!(
-                msg.contains("id, first_name, city, password_hash, bio"),
-                "{msg}"
-            );
-        }
-    }
-
-    #[test]
-    fn table_without_key_and_without_id_is_a_config_error() {
-        let mut rel = customer(ReplicaIdentity::Nothing);
-        for c in &mut rel.columns {
-            c.is_key = false;
-        }
-        let err = Mapper::new(&[entity()]).on_relation(rel).unwrap_err();
-        assert_eq!(err.class(), ErrorClass::Config);
-        assert_eq!(
-            err.to_string(),
-            "table public.customer has no primary key; set id = [...] for entity Customer"
-        );
-    }
-
-    #[test]
-    fn full_identity_needs_configured_or_supplied_primary_key() {
-        let err = Mapper::new(&[entity()])
-            .on_relation(customer(ReplicaIdentity::Full))
-            .unwrap_err();
-        assert!(matches!(err, MapError::KeyHiddenByFullIdentity { .. }));
-        let mut m = Mapper::new(&[entity()]);
-        m.set_primary_key(entity().table, vec!["id".into()]);
-        m.on_relation(customer(ReplicaIdentity::Full)).unwrap();
-        let e = map(&mut m, insert(full_row("A", "B"))).unwrap();
-        assert_eq!(e.entity_id, "42");
-    }
-
-    #[test]
-    fn id_outside_replica_identity_is_rejected_only_when_deletes_are_wanted() {
-        let mut ent = entity();
-        ent.id = Some(vec!["first_name".into()]);
-        let err = Mapper::new(&[ent.clone()])
-            .on_relation(customer(ReplicaIdentity::Default))
-            .unwrap_err();
-        assert!(
-            matches!(err, MapError::IdNotInReplicaIdentity { .. }),
-            "{err}"
-        );
-        ent.actions = vec![Action::Created, Action::Updated];
-        let mut m = mapper(ent, customer(ReplicaIdentity::Default));
-        let e = map(&mut m, insert(full_row("Ann", "B"))).unwrap();
-        assert_eq!(e.entity_id, "Ann");
-    }
-
-    #[test]
-    fn subject_may_not_use_excluded_columns() {
-        let mut ent = entity();
-        ent.exclude = vec!["password_hash".into()];
-        ent.subject = Some("c/{password_hash}".into());
-        let err = Mapper::new(&[ent])
-            .on_relation(customer(ReplicaIdentity::Default))
-            .unwrap_err();
-        assert!(matches!(err, MapError::ExcludedInSubject { .. }));
-    }
-
-    #[test]
-    fn resent_relation_replaces_the_cached_one() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let mut altered = customer(ReplicaIdentity::Default);
-        altered.columns.push(column("zip", INT4, false));
-        m.on_relation(altered).unwrap();
-        let new = row(vec![t("42"), t("A"), t("B"), t("s"), t("b"), t("0150")]);
-        let e = map(&mut m, insert(new)).unwrap();
-        assert_eq!(e.row.get("zip"), Some(&json!(150)));
-        let old_shape = insert(full_row("A", "B"));
-        assert!(m.map_change(&tx(), 0, &old_shape).is_err());
-    }
-
-    #[test]
-    fn failed_relation_check_forgets_the_previous_shape() {
-        let mut m = mapper(entity(), customer(ReplicaIdentity::Default));
-        let mut renamed = customer(ReplicaIdentity::Default);
-        for c in &mut renamed.columns {
-            c.is_key = false;
-        }
-        assert!(m.on_relation(renamed).is_err());
-        let msg = insert(full_row("A", "B"));
-        assert!(matches!(
-            m.map_change(&tx(), 0, &msg),
-            Err(MapError::UnknownRelation { .. })
-        ));
-    }
-
-    #[test]
-    fn template_splitting_handles_unclosed_braces() {
-        let parts: Vec<String> = split_template("a{b}c{d")
-            .into_iter()
-            .map(|p| match p {
-                TemplatePart::Literal(s) => format!("L:{s}"),
-                TemplatePart::Placeholder(s) => format!("P:{s}"),
-            })
-            .collect();
-        assert_eq!(parts, ["L:a", "P:b", "L:c{d"]);
-    }
-}
+mod tests;
