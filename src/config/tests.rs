@@ -106,6 +106,7 @@ fn example_file_parses_with_its_environment() {
         Some(AdminConfig {
             listen: "127.0.0.1:8187".parse().unwrap(),
             public_url: Some("https://walhook.example.com:8187".parse().unwrap()),
+            token: None,
         })
     );
     assert_eq!(c.entities.len(), 2);

@@ -37,6 +37,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../sql/0003_capture.sql"),
     },
     Migration {
+        version: 4,
+        name: "0004_console.sql",
+        sql: include_str!("../../sql/0004_console.sql"),
+    },
+    Migration {
         version: 5,
         name: "0005_listener_validation.sql",
         sql: include_str!("../../sql/0005_listener_validation.sql"),

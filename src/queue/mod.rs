@@ -6,6 +6,7 @@
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
+pub mod browse;
 mod listeners;
 mod migrate;
 mod model;
