@@ -55,6 +55,7 @@ fn listener(url: String) -> ListenerConfig {
         debounce: None,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         filter: None,
+        event_types: Default::default(),
     }
 }
 
@@ -91,7 +92,7 @@ fn notification() -> Notification {
 /// Renders the sample notification in `sink`'s listener format and sends it, as the
 /// dispatcher does.
 async fn deliver(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
-    let format = Format::for_listener(&l.format, "CRM");
+    let format = Format::for_listener(l, "CRM");
     sink.send(format.render(&notification().event)).await
 }
 

@@ -3,12 +3,14 @@
 //! Everything after this module works with [`Config`] and never sees TOML.
 
 mod admin;
+mod azure;
 mod check;
 mod child;
 mod condition;
 mod debounce;
 mod derive;
 mod entity;
+mod event_types;
 mod listener;
 mod monitor;
 mod position;
@@ -28,10 +30,14 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::azure::{
+    EventGridConfig, EventGridDelivery, ServiceBusConfig, TopicTemplate, VALIDATION_PATH,
+};
 pub use self::child::ChildTable;
 pub use self::debounce::{Debounce, DebounceFrom};
 pub use self::derive::DerivedAction;
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
+pub use self::event_types::{EventType, EventTypes};
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::queue::QueueConfig;
@@ -195,7 +201,7 @@ impl Checker<'_> {
                 e.scheduled_actions.push(s.action.clone());
             }
         }
-        let listeners = self.listeners(&raw.listener, &entities);
+        let listeners = self.listeners(&raw.listener, &entities, admin.as_ref());
         let monitors = self.monitors(&raw.monitor);
         Config {
             path: path.to_owned(),

@@ -1,5 +1,5 @@
 //! Debouncing: a debounced listener's changes to one entity coalesce in a window in
-//! `walhook.debounce` (see `sql/0005_debounce.sql`) instead of becoming a notification each.
+//! `walhook.debounce` (see `sql/0007_debounce.sql`) instead of becoming a notification each.
 //!
 //! * At fan-out (in the queue writer's transaction) each newly stored event a debounced
 //!   listener receives is merged into the entity's open window, or opens one. Created then

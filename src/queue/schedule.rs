@@ -1,4 +1,4 @@
-//! Runs of scheduled notifications in `walhook.schedule_run` (see `sql/0006_schedule.sql`):
+//! Runs of scheduled notifications in `walhook.schedule_run` (see `sql/0008_schedule.sql`):
 //! claiming a period (at most one run per schedule and period across processes), recording
 //! how it ended, and the last run of each schedule for `walhook status`.
 

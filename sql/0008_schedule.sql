@@ -1,4 +1,4 @@
--- walhook queue schema, version 6: runs of scheduled notifications.
+-- walhook queue schema, version 8: runs of scheduled notifications.
 --
 -- A [[schedule]] runs at most once per period across every walhook process: the process
 -- that inserts the period's row runs it; the others find the row and skip. After downtime

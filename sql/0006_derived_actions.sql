@@ -1,4 +1,4 @@
--- walhook queue schema, version 4: derived actions and per-listener routing.
+-- walhook queue schema, version 6: derived actions and per-listener routing.
 --
 -- A change may become several events: its row action (Created/Updated/Deleted) and the
 -- domain actions [[entity.action]] rules derive from it (Customer.Cancelled). They share the

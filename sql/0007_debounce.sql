@@ -1,4 +1,4 @@
--- walhook queue schema, version 5: debounce windows.
+-- walhook queue schema, version 7: debounce windows.
 --
 -- A listener with `debounce` does not get a notification per change: its changes to one
 -- entity coalesce here, in a window, until the window closes (measured from the first
