@@ -605,3 +605,64 @@ async fn in_synchronous_mode_a_commit_waits_until_its_event_is_in_the_queue() {
         .get(0);
     assert_eq!(queued, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debounce_windows_survive_a_killed_daemon_and_are_delivered_once_after_restart() {
+    let db = TestDb::new();
+    db.execute(
+        "CREATE TABLE customer (id int PRIMARY KEY, name text, city text);
+         ALTER TABLE customer REPLICA IDENTITY FULL;
+         INSERT INTO customer VALUES (1, 'Ada', 'London');",
+    )
+    .await;
+    let crm = Receiver::start().await;
+    let toml = config(
+        &db,
+        "",
+        &listener("crm", &crm.url("/crm"), "debounce = \"3s\""),
+    );
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.batch_execute("UPDATE customer SET name = 'Ada L.' WHERE id = 1")
+        .await
+        .unwrap();
+    c.batch_execute("UPDATE customer SET city = 'Paris' WHERE id = 1")
+        .await
+        .unwrap();
+    // Both changes are in the window before the daemon dies.
+    support::eventually(
+        Duration::from_secs(30),
+        "an open window of two changes",
+        || async {
+            let n: i32 = c
+                .query_one(
+                    "SELECT coalesce(max(cardinality(event_ids)), 0) FROM walhook.debounce",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 2).then_some(())
+        },
+    )
+    .await;
+    daemon.kill9();
+    let _daemon = Daemon::start(&toml);
+    crm.wait_for_count(1, DELIVERY_WAIT, "the coalesced notification")
+        .await;
+    wait_queue_drained(&c).await;
+    // A fence: one more change, its own notification; nothing else arrived meanwhile.
+    c.batch_execute("UPDATE customer SET name = 'Ada' WHERE id = 1")
+        .await
+        .unwrap();
+    crm.wait_for_count(2, DELIVERY_WAIT, "the fence").await;
+    wait_queue_drained(&c).await;
+    let got: Vec<serde_json::Value> = crm.requests().iter().map(|r| r.json()).collect();
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(
+        got[0]["data"]["changedFields"],
+        serde_json::json!(["name", "city"])
+    );
+    assert_eq!(got[1]["data"]["changedFields"], serde_json::json!(["name"]));
+}
