@@ -53,6 +53,9 @@ fn listener(url: String) -> ListenerConfig {
         concurrency: 16,
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
+        batch_size: 1,
+        batch_bytes: 1 << 20,
+        auth: None,
     }
 }
 

@@ -7,9 +7,12 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
+use super::auth::{ListenerAuth, RawAuth};
 use super::check::Checker;
 use super::entity::EntityConfig;
-use super::units::parse_rate_limit;
+use super::form::{FormConfig, RawFormFields};
+use super::template::TemplateConfig;
+use super::units::{RawSize, parse_rate_limit};
 use super::webhook::RawHeaders;
 use super::{Str, StrList};
 use crate::secret::{SecretUrl, SigningKey};
@@ -50,6 +53,12 @@ pub struct ListenerConfig {
     pub debounce: Duration,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
+    /// Most events in one message (default 1: no batching; up to 1000).
+    pub batch_size: usize,
+    /// Most bytes of one batch's body (default 1 MiB); an event larger than this goes alone.
+    pub batch_bytes: u64,
+    /// How walhook authenticates to the listener (`auth`); `None`: only `headers` and the url.
+    pub auth: Option<ListenerAuth>,
 }
 
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
@@ -71,10 +80,14 @@ pub struct Backoff {
 }
 
 /// The payload format a listener receives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ListenerFormat {
     /// CloudEvents 1.0 JSON, in the given content mode.
     CloudEvents(CloudEventsMode),
+    /// A posted HTML form (`application/x-www-form-urlencoded`).
+    Form(FormConfig),
+    /// A body rendered from the listener's template.
+    Template(TemplateConfig),
 }
 
 /// How a CloudEvent travels (`cloudevents_mode`).
@@ -106,6 +119,14 @@ pub(super) struct RawListener {
     debounce: Str,
     format: Str,
     cloudevents_mode: Str,
+    template: Str,
+    batch_template: Str,
+    content_type: Str,
+    form_fields: RawFormFields,
+    form_columns: Option<Spanned<bool>>,
+    batch_size: Option<Spanned<i64>>,
+    batch_bytes: Option<Spanned<RawSize>>,
+    auth: Option<Spanned<RawAuth>>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +141,8 @@ pub(super) const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 pub(super) const MAX_MAX_ATTEMPTS: i64 = 1000;
 pub(super) const DEFAULT_CONCURRENCY: usize = 16;
 pub(super) const MAX_CONCURRENCY: i64 = 1000;
+pub(super) const MAX_BATCH_SIZE: i64 = 1000;
+pub(super) const DEFAULT_BATCH_BYTES: u64 = 1 << 20;
 pub(super) const DEFAULT_BACKOFF: Backoff = Backoff {
     initial: Duration::from_secs(5),
     max: Duration::from_secs(3600),
@@ -191,12 +214,13 @@ impl Checker<'_> {
                 DEFAULT_CONCURRENCY,
             );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
-            let format = self.format(&l.format, &key("format"));
-            let format = match format {
-                ListenerFormat::CloudEvents(_) => {
-                    ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key))
-                }
-            };
+            let batch_size = self.count(&l.batch_size, &key("batch_size"), MAX_BATCH_SIZE, 1usize);
+            let batch_bytes = self.size(&l.batch_bytes, &key("batch_bytes"), DEFAULT_BATCH_BYTES);
+            let format = self.listener_format(l, at, &section, batch_size);
+            let auth = l.auth.as_ref().and_then(|a| self.auth(a, &key("auth")));
+            if let (Some(a), Some(_)) = (&l.auth, &auth) {
+                self.auth_conflicts(a.span().start, &key("auth"), &headers, url.as_ref());
+            }
 
             if let (Some(name), Some(url)) = (name, url) {
                 listeners.push(ListenerConfig {
@@ -213,7 +237,11 @@ impl Checker<'_> {
                     backoff,
                     concurrency,
                     debounce,
-                    format,
+                    format: format
+                        .unwrap_or(ListenerFormat::CloudEvents(CloudEventsMode::Structured)),
+                    batch_size,
+                    batch_bytes,
+                    auth,
                 });
             }
         }
@@ -308,30 +336,154 @@ impl Checker<'_> {
         debounce
     }
 
-    fn format(&mut self, raw: &Str, key: &str) -> ListenerFormat {
-        let Some(v) = raw else {
-            return ListenerFormat::CloudEvents(CloudEventsMode::Structured);
+    /// `format` and the keys that belong to it; `None` (reported) when they do not fit.
+    fn listener_format(
+        &mut self,
+        l: &RawListener,
+        at: usize,
+        section: &str,
+        batch_size: usize,
+    ) -> Option<ListenerFormat> {
+        let key = |k: &str| format!("{section}.{k}");
+        let name = match &l.format {
+            None => "cloudevents".to_owned(),
+            Some(v) => self.string(v, &key("format"))?.trim().to_owned(),
         };
-        let s = self.string(v, key);
-        match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
-            "cloudevents" => {}
-            "eventgrid" | "servicebus" | "form" | "template" => self.report(
-                v.span().start,
-                key,
-                &format!(
-                    "format {:?} is not supported yet",
-                    s.as_deref().unwrap_or_default()
-                ),
-                "use format = \"cloudevents\"",
+        let at_format = l.format.as_ref().map_or(at, |v| v.span().start);
+        // Keys that mean something for one format only: set with another, they would do
+        // nothing, which surprises whoever wrote them.
+        let owned: [(&str, &str, Option<usize>); 6] = [
+            (
+                "cloudevents_mode",
+                "cloudevents",
+                l.cloudevents_mode.as_ref().map(|v| v.span().start),
             ),
-            _ => self.report(
-                v.span().start,
-                key,
-                &format!("unknown format {:?}", s.as_deref().unwrap_or_default()),
-                "use format = \"cloudevents\"",
+            (
+                "template",
+                "template",
+                l.template.as_ref().map(|v| v.span().start),
             ),
+            (
+                "batch_template",
+                "template",
+                l.batch_template.as_ref().map(|v| v.span().start),
+            ),
+            (
+                "content_type",
+                "template",
+                l.content_type.as_ref().map(|v| v.span().start),
+            ),
+            (
+                "form_fields",
+                "form",
+                l.form_fields.as_ref().map(|v| v.span().start),
+            ),
+            (
+                "form_columns",
+                "form",
+                l.form_columns.as_ref().map(|v| v.span().start),
+            ),
+        ];
+        let known = ["cloudevents", "form", "template"];
+        let mut fits = true;
+        for (k, belongs, span) in owned {
+            if let Some(span) = span
+                && belongs != name
+                && known.contains(&name.as_str())
+            {
+                self.report(
+                    span,
+                    &key(k),
+                    &format!("{k} applies to format = \"{belongs}\" only, and this listener's format is \"{name}\""),
+                    &format!("set format = \"{belongs}\", or remove {k}"),
+                );
+                fits = false;
+            }
         }
-        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+        if batch_size <= 1
+            && let Some(v) = &l.batch_template
+        {
+            self.report(
+                v.span().start,
+                &key("batch_template"),
+                "batch_template is used only when batch_size is above 1",
+                "set batch_size (events per request), or remove batch_template",
+            );
+            fits = false;
+        }
+        let format = match name.as_str() {
+            "cloudevents" => ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key)),
+            "form" => {
+                if let Some(v) = l.batch_size.as_ref().filter(|_| batch_size > 1) {
+                    self.report(
+                        v.span().start,
+                        &key("batch_size"),
+                        "a form post carries one event",
+                        "remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                    );
+                    fits = false;
+                }
+                ListenerFormat::Form(self.form(&l.form_fields, l.form_columns.as_ref(), section))
+            }
+            "template" => ListenerFormat::Template(self.template_format(
+                &l.template,
+                &l.batch_template,
+                &l.content_type,
+                at,
+                section,
+            )?),
+            "eventgrid" | "servicebus" => {
+                self.report(
+                    at_format,
+                    &key("format"),
+                    &format!("format {name:?} is not supported yet"),
+                    "use format = \"cloudevents\", \"form\" or \"template\"",
+                );
+                return None;
+            }
+            _ => {
+                self.report(
+                    at_format,
+                    &key("format"),
+                    &format!("unknown format {name:?}"),
+                    "use format = \"cloudevents\", \"form\" or \"template\"",
+                );
+                return None;
+            }
+        };
+        fits.then_some(format)
+    }
+
+    /// `auth` sets the Authorization header: a configured one, or credentials in the url
+    /// (which the HTTP client would send as Basic), would compete with it.
+    fn auth_conflicts(
+        &mut self,
+        at: usize,
+        key: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        url: Option<&SecretUrl>,
+    ) {
+        if headers
+            .iter()
+            .any(|(n, _)| n == http::header::AUTHORIZATION)
+        {
+            self.report(
+                at,
+                key,
+                "auth and an Authorization header are both set",
+                "keep auth, and remove Authorization from headers / header_files",
+            );
+        }
+        if let Some(url) = url
+            && (!url.expose().username().is_empty() || url.expose().password().is_some())
+        {
+            self.report(
+                at,
+                key,
+                "auth is set and the url carries user:password@ as well",
+                "remove the credentials from the url (auth = { basic = { user, password } } sends them)",
+            );
+        }
     }
 
     /// `cloudevents_mode`: structured (the event as the body) or binary (ce-* headers).
@@ -367,8 +519,8 @@ impl Checker<'_> {
 mod tests {
     use std::path::Path;
 
-    use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors, parse};
+    use crate::config::{Config, ListenerFormat};
 
     fn listener(extra: &str) -> String {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\n{extra}")
@@ -565,10 +717,116 @@ format = \"xml\"
                 "walhook.toml:13:14: listener[0].rate_limit: invalid rate limit \"fast\"; write a count and a period, like \"50/s\", \"1000/m\" or \"10/h\"",
                 "walhook.toml:14:16: listener[0].max_attempts: 0 is out of range; use a number from 1 to 1000 (default 12)",
                 "walhook.toml:15:35: listener[0].backoff.max: max backoff is shorter than initial; make max at least as long as initial",
-                "walhook.toml:16:10: listener[0].format: format \"eventgrid\" is not supported yet; use format = \"cloudevents\"",
+                "walhook.toml:16:10: listener[0].format: format \"eventgrid\" is not supported yet; use format = \"cloudevents\", \"form\" or \"template\"",
                 "walhook.toml:19:8: listener[1].name: listener \"a\" is defined twice; give each [[listener]] its own name",
-                "walhook.toml:21:10: listener[1].format: unknown format \"xml\"; use format = \"cloudevents\"",
+                "walhook.toml:21:10: listener[1].format: unknown format \"xml\"; use format = \"cloudevents\", \"form\" or \"template\"",
             ]
         );
+    }
+
+    #[test]
+    fn an_unknown_template_placeholder_names_its_line_and_column_in_the_file() {
+        // Line 11 is `template = ...`; the placeholder sits after an escaped quote.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = \"{\\\"Data\\\": {\\\"BaseId\\\": \\\"{idd}\\\"}}\"\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:39: listener[0].template: unknown placeholder {idd} (a column is written {row.idd}); use one of {id}, {entity}, {action}, {action_code}, {event_id}, {time}, {changed_fields}, {subject}, {source_system}, {source_table}, {commit_lsn}, {row}, {old}, {row.COLUMN} or {old.COLUMN}; write {{ for a literal {"
+            ]
+        );
+        // A multi-line literal string: the position is on the placeholder's own line.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = '''\n{\n  \"Type\": {action_cod}\n}'''\n",
+        ));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "walhook.toml:14:11: listener[0].template: unknown placeholder {action_cod}"
+            ),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn template_form_and_batch_keys_are_checked_against_the_format() {
+        let c = parse(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = '{\"id\": \"{id}\"}'\nbatch_size = 10\nbatch_bytes = \"64kB\"\nbatch_template = '{\"n\": {count}, \"e\": [{events}]}'\n",
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!((l.batch_size, l.batch_bytes), (10, 64 << 10));
+        let ListenerFormat::Template(t) = &l.format else {
+            panic!("{:?}", l.format)
+        };
+        assert_eq!(t.content_type, "application/json");
+        assert!(t.batch.uses(&crate::config::Field::Count));
+
+        let c = parse(&listener(
+            "url = \"https://example.com/\"\nformat = \"form\"\nform_fields = { id = \"BaseId\", time = \"\", action_code = \"ChangeType\" }\nform_columns = false\n",
+        ))
+        .unwrap();
+        let ListenerFormat::Form(f) = &c.listeners[0].format else {
+            panic!()
+        };
+        let names: Vec<&str> = f.fields.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "entity",
+                "BaseId",
+                "action",
+                "changedFields",
+                "eventId",
+                "ChangeType"
+            ]
+        );
+        assert!(!f.columns);
+        assert_eq!(c.listeners[0].batch_size, 1);
+
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"form\"\nbatch_size = 5\ntemplate = \"{id}\"\nform_fields = { nope = \"x\" }\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:14: listener[0].batch_size: a form post carries one event; remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                "walhook.toml:13:12: listener[0].template: template applies to format = \"template\" only, and this listener's format is \"form\"; set format = \"template\", or remove template",
+                "walhook.toml:14:17: listener[0].form_fields.nope: unknown form field \"nope\"; use one of entity, id, action, action_code, changed_fields, event_id, time, subject, source_system, source_table, commit_lsn (columns of the row are sent with form_columns = true)",
+            ]
+        );
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\nbatch_template = \"[{events}]\"\ncontent_type = \"json\"\nbatch_size = 0\n",
+        ));
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(
+            lines[0].contains("listener[0].template: missing key"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("batch_template is used only when batch_size is above 1"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("content_type: \"json\" is not a media type"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[3]
+                .contains("batch_size: 0 is out of range; use a number from 1 to 1000 (default 1)"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn auth_cannot_share_the_authorization_header_or_url_credentials() {
+        let lines = errors(&listener(
+            "url = \"https://u:p4ss@example.com/\"\nheaders = { Authorization = \"Bearer x\" }\nauth = { bearer = \"tok3n\" }\n",
+        ));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("auth and an Authorization header are both set"));
+        assert!(lines[1].contains("auth is set and the url carries user:password@ as well"));
+        assert!(!lines.join("\n").contains("p4ss") && !lines.join("\n").contains("tok3n"));
     }
 }

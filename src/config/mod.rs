@@ -3,14 +3,17 @@
 //! Everything after this module works with [`Config`] and never sees TOML.
 
 mod admin;
+mod auth;
 mod check;
 mod entity;
+mod form;
 mod listener;
 mod monitor;
 mod position;
 mod queue;
 mod smtp;
 mod source;
+mod template;
 mod units;
 mod webhook;
 
@@ -22,12 +25,17 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::auth::{BearerToken, ClientAuth, ListenerAuth, OAuth2Config};
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
+pub use self::form::FormConfig;
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::queue::QueueConfig;
 pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};
 pub use self::source::SourceConfig;
+pub use self::template::{
+    Escape, Field, Segment, Template, TemplateConfig, TemplateKind, TemplateProblem,
+};
 pub use self::units::{parse_duration, parse_rate_limit, parse_size};
 pub use crate::secret::{Secret, SecretUrl, SigningKey, redact_url};
 pub use crate::tls::CaFile;

@@ -31,7 +31,7 @@ fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
     let with = |mode: &str| {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n")
     };
-    let format = |text: &str| parse(text).unwrap().listeners[0].format;
+    let format = |text: &str| parse(text).unwrap().listeners[0].format.clone();
     assert_eq!(
         format(&with("")),
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)
