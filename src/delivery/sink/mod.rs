@@ -12,6 +12,7 @@
 //!
 //! [`Outcome`]: super::policy::Outcome
 
+pub mod auth;
 pub mod http;
 
 use super::Attempt;
@@ -19,7 +20,7 @@ use super::format::Message;
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
 
-pub use http::{HttpSink, HttpSinkError};
+pub use http::{HttpSink, HttpSinkError, Trace, TracedResponse};
 
 /// Why a listener's sink could not be built. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
