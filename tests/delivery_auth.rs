@@ -4,15 +4,16 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::json;
+use support::oauth::{CLIENT_SECRET, OAuthWorld, TOKEN_LIFETIME, bearer};
 use support::queue::listeners;
-use support::receiver::{Received, Receiver, Reply};
+use support::receiver::{Receiver, Reply};
 use uuid::Uuid;
 use walhook::config::ListenerConfig;
 use walhook::delivery::format::Format;
@@ -21,9 +22,6 @@ use walhook::delivery::sink::HttpSink;
 use walhook::delivery::{Attempt, Verdict};
 use walhook::queue::StoredEvent;
 use walhook::types::{Action, Lsn};
-
-const CLIENT_SECRET: &str = "cl13nt-s3cr3t~with.odd_chars";
-const TOKEN_LIFETIME: Duration = Duration::from_secs(2);
 
 fn event() -> StoredEvent {
     StoredEvent {
@@ -47,105 +45,10 @@ async fn send(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
         .await
 }
 
-/// A token endpoint that checks the client credentials and issues `tok-N` tokens valid for
-/// two seconds; a listener that accepts only live, unrevoked tokens.
-struct OAuthWorld {
-    idp: Receiver,
-    listener: Receiver,
-    /// Token → when it was issued.
-    issued: Arc<Mutex<HashMap<String, Instant>>>,
-    revoked: Arc<Mutex<HashSet<String>>>,
-}
-
-fn bearer(r: &Received) -> Option<String> {
-    r.header("authorization")?
-        .strip_prefix("Bearer ")
-        .map(str::to_owned)
-}
-
-impl OAuthWorld {
-    async fn start() -> OAuthWorld {
-        let idp = Receiver::start().await;
-        let listener = Receiver::start().await;
-        let issued: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let revoked: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let expected_basic = format!(
-            "Basic {}",
-            STANDARD.encode(format!("walhook-client:{CLIENT_SECRET}"))
-        );
-        {
-            let issued = issued.clone();
-            idp.respond_with(move |r, n| {
-                let form: HashMap<String, String> =
-                    url::form_urlencoded::parse(&r.body).into_owned().collect();
-                if r.header("authorization") != Some(expected_basic.as_str()) {
-                    return Reply::status(401).body(r#"{"error":"invalid_client"}"#);
-                }
-                if r.header("content-type") != Some("application/x-www-form-urlencoded")
-                    || form.get("grant_type").map(String::as_str) != Some("client_credentials")
-                    || form.get("scope").map(String::as_str) != Some("api://crm/.default")
-                {
-                    return Reply::status(400).body(r#"{"error":"invalid_request"}"#);
-                }
-                let token = format!("tok-{n}");
-                issued.lock().unwrap().insert(token.clone(), Instant::now());
-                Reply::status(200)
-                    .header("content-type", "application/json")
-                    .body(
-                        &json!({"access_token": token, "token_type": "Bearer", "expires_in": TOKEN_LIFETIME.as_secs()})
-                            .to_string(),
-                    )
-            });
-        }
-        {
-            let (issued, revoked) = (issued.clone(), revoked.clone());
-            listener.respond_with(move |r, _| {
-                let Some(token) = bearer(r) else {
-                    return Reply::status(401);
-                };
-                let live = issued
-                    .lock()
-                    .unwrap()
-                    .get(&token)
-                    .is_some_and(|at| at.elapsed() < TOKEN_LIFETIME);
-                if live && !revoked.lock().unwrap().contains(&token) {
-                    Reply::status(200)
-                } else {
-                    Reply::status(401).body(&format!("token {token} refused"))
-                }
-            });
-        }
-        OAuthWorld {
-            idp,
-            listener,
-            issued,
-            revoked,
-        }
-    }
-
-    fn config(&self, secret: &str) -> ListenerConfig {
-        listeners(&format!(
-            r#"[[listener]]
-name = "crm"
-url = "{}"
-timeout = "5s"
-auth = {{ oauth2 = {{ token_url = "{}", client_id = "walhook-client", client_secret = "{secret}", scope = "api://crm/.default" }} }}
-"#,
-            self.listener.url("/hook"),
-            self.idp.url("/oauth2/token"),
-        ))
-        .remove(0)
-    }
-
-    fn last_token(&self) -> String {
-        bearer(self.listener.requests().last().expect("a request")).expect("a bearer token")
-    }
-}
-
 #[tokio::test]
 async fn oauth2_tokens_are_cached_renewed_before_expiry_and_refreshed_once_after_a_401() {
     let w = OAuthWorld::start().await;
-    let l = w.config(CLIENT_SECRET);
+    let l = w.listener(CLIENT_SECRET);
     let sink = HttpSink::new(&l).unwrap();
 
     // The first delivery fetches a token; the next ones reuse it.
@@ -205,7 +108,7 @@ async fn oauth2_tokens_are_cached_renewed_before_expiry_and_refreshed_once_after
 #[tokio::test]
 async fn a_token_endpoint_that_refuses_the_client_is_retried_and_named_without_the_secret() {
     let w = OAuthWorld::start().await;
-    let l = w.config("wrong-s3cret-value");
+    let l = w.listener("wrong-s3cret-value");
     let sink = HttpSink::new(&l).unwrap();
     let a = send(&l, &sink).await;
     assert_eq!(a.outcome, Outcome::Unauthenticated);
@@ -313,7 +216,7 @@ async fn basic_credentials_and_a_bearer_token_file_that_changes_reach_the_listen
 #[tokio::test]
 async fn the_traced_exchange_masks_credentials_and_configured_header_values() {
     let w = OAuthWorld::start().await;
-    let mut l = w.config(CLIENT_SECRET);
+    let mut l = w.listener(CLIENT_SECRET);
     l.headers.push((
         http::HeaderName::from_static("x-api-key"),
         http::HeaderValue::from_static("k3y-value-1234"),

@@ -2,6 +2,7 @@
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
 mod demo;
+mod manual;
 mod ops;
 
 use std::io::IsTerminal;
@@ -50,8 +51,12 @@ enum Command {
     Status(ops::StatusArgs),
     /// List Failed notifications with their comments, newest first.
     Failed(ops::FailedArgs),
-    /// Move Failed notifications back to walhook.new for another round of attempts.
+    /// Move Failed notifications back to walhook.new for another round of attempts, or
+    /// (--event) queue one stored event again for a listener.
     Retry(ops::RetryArgs),
+    /// Send one sample (or stored) event to a listener in its format and authentication,
+    /// and show the request (secrets masked) and the answer; exits 1 when the listener fails.
+    TestListener(manual::TestListenerArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
@@ -167,6 +172,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::TestListener(args) => manual::run_test_listener(args).await,
         Command::Demo { duration } => demo::run(duration).await,
     }
 }

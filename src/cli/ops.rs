@@ -45,12 +45,12 @@ pub(super) struct FailedArgs {
 /// `walhook retry`.
 #[derive(Args, Debug)]
 #[command(group(
-    ArgGroup::new("which").required(true).args(["ids", "all"]),
+    ArgGroup::new("which").required(true).args(["ids", "all", "event"]),
 ))]
 pub(super) struct RetryArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// Only this listener's notifications.
+    /// Only this listener's notifications (with --event: the listener to send to).
     #[arg(long)]
     listener: Option<String>,
     /// Requeue the Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
@@ -59,6 +59,10 @@ pub(super) struct RetryArgs {
     /// Requeue every Failed notification (of --listener, when given).
     #[arg(long)]
     all: bool,
+    /// Send this stored event (its event id) to --listener again, as a new notification;
+    /// the earlier ones stay in walhook.processed / walhook.failed.
+    #[arg(long, value_name = "EVENT_ID", requires = "listener", conflicts_with_all = ["ids", "all"])]
+    event: Option<uuid::Uuid>,
 }
 
 /// Parses `--since`: a duration back from now, or an RFC 3339 time.
@@ -143,6 +147,9 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 }
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
+    if let (Some(event), Some(listener)) = (args.event, &args.listener) {
+        return super::manual::run_resend(&args.config, event, listener).await;
+    }
     let (_, client) = args.config.load_and_connect().await?;
     let selection = if args.all {
         RetrySelection::All

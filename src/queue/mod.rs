@@ -11,6 +11,7 @@ mod migrate;
 mod model;
 mod notifications;
 mod rejected;
+pub mod resend;
 mod state;
 mod writer;
 
@@ -70,6 +71,12 @@ pub enum QueueError {
         /// What is out of range.
         detail: String,
     },
+    /// A stored event cannot be read back (a value walhook does not know).
+    #[error("an event in walhook.event cannot be read: {detail}")]
+    Unreadable {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The database was migrated by a newer walhook than this binary.
     #[error(
         "the walhook schema in this database is version {found}, but this walhook knows versions up to {known}: upgrade walhook, or point it at the right database"
@@ -88,7 +95,8 @@ impl Classify for QueueError {
             QueueError::Database { source, .. } => crate::error::pg_error_class(source),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
-            | QueueError::Unstorable { .. } => ErrorClass::Permanent,
+            | QueueError::Unstorable { .. }
+            | QueueError::Unreadable { .. } => ErrorClass::Permanent,
             QueueError::SchemaTooNew { .. } => ErrorClass::Config,
         }
     }
