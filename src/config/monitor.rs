@@ -457,6 +457,7 @@ mod tests {
         let env = |name: &str| match name {
             "WALHOOK_DB_PASSWORD" | "CRM_API_KEY" => Some("x".to_owned()),
             "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            "ASSETS_CLIENT_SECRET" | "FORMS_PASSWORD" => Some("x".to_owned()),
             _ => None,
         };
         let text = include_str!("../../config.example.toml");
