@@ -159,8 +159,14 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Check(c) => {
-            let (config, client) = c.load_and_connect().await?;
-            let report = crate::setup::check(&client, &config).await;
+            let config = Config::load(&c.config)?;
+            let params = config.source.connect_params()?;
+            let (client, conn, tls) = crate::db::connect_raw(&params).await?;
+            tokio::spawn(conn);
+            let mut report = crate::setup::check(&client, &config).await;
+            report
+                .items
+                .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -205,7 +211,8 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
         println!("nothing to do: the database is set up for walhook");
         return Ok(0);
     }
-    crate::setup::apply(&mut client, &steps).await?;
+    let params = config.source.connect_params()?;
+    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
     for s in &steps {
         println!("done  {}", s.why);
     }

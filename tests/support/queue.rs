@@ -75,19 +75,15 @@ impl QueueDb {
     /// Starts a dispatcher for `listeners` (sourceSystem "CRM").
     pub fn dispatch(&self, listeners: Vec<ListenerConfig>) -> Dispatch {
         let stop = CancellationToken::new();
-        let stop_for_task = stop.clone();
-        let (db_tx, db) = tokio::sync::watch::channel(self.db.url.parse().expect("db url"));
-        let task = tokio::spawn(async move {
-            let _keep = db_tx;
-            dispatcher::run_with(
-                db,
-                listeners,
-                "CRM".into(),
-                stop_for_task,
-                dispatcher::Options::default(),
-            )
-            .await
-        });
+        let db =
+            walhook::replication::conn::ConnectParams::parse(&self.db.url, None).expect("db url");
+        let task = tokio::spawn(dispatcher::run_with(
+            db,
+            listeners,
+            "CRM".into(),
+            stop.clone(),
+            dispatcher::Options::default(),
+        ));
         Dispatch { stop, task }
     }
 }
