@@ -464,3 +464,42 @@ auth = {{ bearer_file = "{token_file}" }}
         }
     }
 }
+
+#[tokio::test]
+async fn check_warns_about_template_columns_no_entity_sends() {
+    let db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text, secret text)")
+        .await;
+    let toml = config(
+        &db.url,
+        r#"exclude = ["secret"]
+
+[[listener]]
+name = "legacy"
+url = "http://127.0.0.1:9/hook"
+format = "template"
+template = '{"Id": "{id}", "Name": {row.name}, "Typo": "{row.nmae}", "Hidden": {old.secret}}'
+
+[[listener]]
+name = "fine"
+url = "http://127.0.0.1:9/hook"
+format = "template"
+template = '{"Id": "{id}", "Name": {row.name}}'
+"#,
+    );
+    let (_dir, path) = write_config(&toml);
+    let (_, stdout, stderr) = walhook(&["check", "--config", path.to_str().unwrap()], "warn").await;
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("template legacy"))
+        .unwrap_or_else(|| panic!("no template line:\n{stdout}{stderr}"));
+    assert!(line.starts_with("WARN") || line.contains("warn"), "{line}");
+    assert!(line.contains("nmae, secret"), "{line}");
+    assert!(!line.contains("name,"), "{line}");
+    assert!(stdout.contains("the columns are: id, name"), "{stdout}");
+    let fine = stdout
+        .lines()
+        .find(|l| l.contains("template fine"))
+        .unwrap();
+    assert!(fine.to_lowercase().starts_with("ok"), "{fine}");
+}
