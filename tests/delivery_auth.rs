@@ -123,6 +123,42 @@ async fn a_token_endpoint_that_refuses_the_client_is_retried_and_named_without_t
         )
     );
 
+    // Malformed answers, and an error page that echoes the request (with the secret in
+    // the body, as client_auth = "body" sends it).
+    let body_auth = listeners(&w.block("crm", CLIENT_SECRET).replace(
+        "scope = \"api://crm/.default\"",
+        "scope = \"api://crm/.default\", client_auth = \"body\"",
+    ))
+    .remove(0);
+    let cases: [(Reply, &str); 3] = [
+        (
+            Reply::status(200).body("<html>login</html>"),
+            "the answer is not a JSON token response with access_token",
+        ),
+        (
+            Reply::status(200).body(r#"{"access_token": "x", "token_type": "mac"}"#),
+            "token_type \"mac\" is not Bearer, the only type walhook sends",
+        ),
+        (Reply::status(502), "HTTP 502"),
+    ];
+    for (reply, expected) in cases {
+        w.idp.script([reply]);
+        let a = send(&l, &sink).await;
+        assert_eq!(a.outcome, Outcome::Unauthenticated, "{a:?}");
+        assert!(a.comment.as_deref().unwrap().ends_with(expected), "{a:?}");
+    }
+    w.idp.respond_with(|r, _| {
+        Reply::status(400).body(&format!(
+            "bad request: {}",
+            String::from_utf8_lossy(&r.body)
+        ))
+    });
+    let a = send(&body_auth, &HttpSink::new(&body_auth).unwrap()).await;
+    let comment = a.comment.unwrap();
+    assert!(comment.contains("client_secret=***"), "{comment}");
+    assert!(comment.contains("client_id=walhook-client"), "{comment}");
+    assert!(!comment.contains("s3cr3t"), "{comment}");
+
     // A token endpoint that is down is a connection failure, retried too.
     let url = w.idp.url("/oauth2/token");
     w.idp.stop().await;

@@ -354,9 +354,13 @@ impl OAuth2 {
             ));
             request = request.header(AUTHORIZATION, value);
         }
+        // A token endpoint's error page may echo the request: the secret as written, as
+        // encoded for Basic, and as form-encoded in the body.
+        let secret = c.client_secret.expose();
         let scrub = Scrub::new(vec![
-            c.client_secret.expose().to_owned(),
-            utf8_percent_encode(c.client_secret.expose(), CLIENT_CREDENTIAL).to_string(),
+            secret.to_owned(),
+            utf8_percent_encode(secret, CLIENT_CREDENTIAL).to_string(),
+            url::form_urlencoded::byte_serialize(secret.as_bytes()).collect(),
         ]);
         let failed = |outcome, what: String| AuthFailure {
             outcome,
