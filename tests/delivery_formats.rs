@@ -311,3 +311,29 @@ batch_size = 5"#,
     );
     assert!(comment.ends_with(": bad batch"), "{comment}");
 }
+
+#[tokio::test]
+async fn a_rate_limit_counts_requests_so_a_limited_listener_still_gets_full_batches() {
+    let rx = Receiver::start().await;
+    let mut q = QueueDb::new(&["hook"]).await;
+    let events: Vec<EntityEvent> = (0..40u64)
+        .map(|i| {
+            event(
+                100 + i,
+                &format!("r{i}"),
+                Action::Updated,
+                json!({"id": i, "n": i}),
+            )
+        })
+        .collect();
+    q.write(&events).await;
+    let d = q.dispatch(listeners(&listener(
+        &rx.url("/limited"),
+        "batch_size = 50\nrate_limit = \"1/s\"",
+    )));
+    q.wait_processed(40, WAIT).await;
+    d.stop().await;
+    let requests = rx.requests();
+    assert_eq!(requests.len(), 1, "one request under a 1/s limit");
+    assert_eq!(batch_events(&requests[0]).len(), 40);
+}

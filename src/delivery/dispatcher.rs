@@ -477,7 +477,9 @@ impl Lane {
             .saturating_mul(per_slot)
             .clamp(concurrency, MAX_OUTSTANDING.max(concurrency));
         if let Some(rate) = config.rate_limit {
-            target = target.min(rate_limited_prefetch(rate));
+            // The rate counts requests; a batch is one.
+            let per_request = batch.map_or(1, |b| b.size);
+            target = target.min(rate_limited_prefetch(rate).saturating_mul(per_request));
         }
         let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
         Ok(Lane {
