@@ -1,6 +1,7 @@
 //! The command line: parses arguments, sets up logging, runs a command, maps errors to
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
+#[cfg(feature = "demo")]
 mod demo;
 mod manual;
 mod ops;
@@ -58,6 +59,7 @@ enum Command {
     /// and show the request (secrets masked) and the answer; exits 1 when the listener fails.
     TestListener(manual::TestListenerArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
+    #[cfg(feature = "demo")]
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -117,6 +119,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     // The demo talks to a person: readable text, and only what goes wrong.
     let (format, default_filter) = match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => (
             Some(cli.log_format.unwrap_or(LogFormat::Text)),
             "warn,tokio_postgres=error",
@@ -179,6 +182,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
         Command::TestListener(args) => manual::run_test_listener(args).await,
+        #[cfg(feature = "demo")]
         Command::Demo { duration } => demo::run(duration).await,
     }
 }
