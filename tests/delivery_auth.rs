@@ -41,7 +41,7 @@ fn event() -> StoredEvent {
 }
 
 async fn send(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
-    sink.send(Format::for_listener(&l.format, "CRM").render(&event()))
+    sink.send(Format::for_listener(l, "CRM").render(&event()))
         .await
 }
 
@@ -259,7 +259,7 @@ async fn the_traced_exchange_masks_credentials_and_configured_header_values() {
     ));
     let sink = HttpSink::new(&l).unwrap();
     let (attempt, trace) = sink
-        .exchange(Format::for_listener(&l.format, "CRM").render(&event()))
+        .exchange(Format::for_listener(&l, "CRM").render(&event()))
         .await;
     assert_eq!(attempt.verdict(), Verdict::Delivered);
     assert_eq!(

@@ -56,6 +56,7 @@ fn listener(url: String) -> ListenerConfig {
         batch_size: 1,
         batch_bytes: 1 << 20,
         auth: None,
+        event_types: Default::default(),
     }
 }
 
@@ -91,7 +92,7 @@ fn notification() -> Notification {
 /// Renders the sample notification in `sink`'s listener format and sends it, as the
 /// dispatcher does.
 async fn deliver(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
-    let format = Format::for_listener(&l.format, "CRM");
+    let format = Format::for_listener(l, "CRM");
     sink.send(format.render(&notification().event)).await
 }
 

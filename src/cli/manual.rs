@@ -187,7 +187,7 @@ pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Fai
             .map(|p| p.dbname().to_owned())
             .unwrap_or_default()
     });
-    let format = Format::for_listener(&listener.format, &source_system);
+    let format = Format::for_listener(listener, &source_system);
     let batch = listener.batch_size > 1 && format.batches();
     let message = if batch {
         format.render_batch(&[&event])

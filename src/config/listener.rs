@@ -7,9 +7,12 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
+use super::admin::AdminConfig;
 use super::auth::{ListenerAuth, RawAuth};
+use super::azure::{EventGridConfig, ServiceBusConfig, at as start_of, received};
 use super::check::Checker;
 use super::entity::EntityConfig;
+use super::event_types::{EventTypes, RawEventTypes};
 use super::form::{FormConfig, RawFormFields};
 use super::template::TemplateConfig;
 use super::units::{RawSize, parse_rate_limit};
@@ -53,6 +56,8 @@ pub struct ListenerConfig {
     pub debounce: Duration,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
+    /// What each action is sent as, where the format has an event type (`event_types`).
+    pub event_types: EventTypes,
     /// Most events in one message (default 1: no batching; up to 1000).
     pub batch_size: usize,
     /// Most bytes of one batch's body (default 1 MiB); an event larger than this goes alone.
@@ -80,10 +85,14 @@ pub struct Backoff {
 }
 
 /// The payload format a listener receives.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ListenerFormat {
     /// CloudEvents 1.0 JSON, in the given content mode.
     CloudEvents(CloudEventsMode),
+    /// The Azure Event Grid event schema, to a validated webhook or an Event Grid topic.
+    EventGrid(EventGridConfig),
+    /// Azure Service Bus messages, one topic or queue per entity.
+    ServiceBus(ServiceBusConfig),
     /// A posted HTML form (`application/x-www-form-urlencoded`).
     Form(FormConfig),
     /// A body rendered from the listener's template.
@@ -119,6 +128,18 @@ pub(super) struct RawListener {
     debounce: Str,
     format: Str,
     cloudevents_mode: Str,
+    pub(super) event_types: RawEventTypes,
+    pub(super) eventgrid_topic: Option<Spanned<bool>>,
+    pub(super) aeg_sas_key: Str,
+    pub(super) aeg_sas_key_file: Str,
+    pub(super) topic: Str,
+    pub(super) data_version: Str,
+    pub(super) sas_key_name: Str,
+    pub(super) sas_key: Str,
+    pub(super) sas_key_file: Str,
+    pub(super) sas_token_ttl: Str,
+    pub(super) on_behalf_of: Str,
+    pub(super) user_properties: Option<Spanned<bool>>,
     template: Str,
     batch_template: Str,
     content_type: Str,
@@ -153,6 +174,7 @@ impl Checker<'_> {
         &mut self,
         raw: &[Spanned<RawListener>],
         entities: &[EntityConfig],
+        admin: Option<&AdminConfig>,
     ) -> Vec<ListenerConfig> {
         let mut listeners = Vec::new();
         let mut names: HashSet<String> = HashSet::new();
@@ -216,13 +238,73 @@ impl Checker<'_> {
             let debounce = self.debounce(&l.debounce, &key("debounce"));
             let batch_size = self.count(&l.batch_size, &key("batch_size"), MAX_BATCH_SIZE, 1usize);
             let batch_bytes = self.size(&l.batch_bytes, &key("batch_bytes"), DEFAULT_BATCH_BYTES);
-            let format = self.listener_format(l, at, &section, batch_size);
             let auth = l.auth.as_ref().and_then(|a| self.auth(a, &key("auth")));
             if let (Some(a), Some(_)) = (&l.auth, &auth) {
                 self.auth_conflicts(a.span().start, &key("auth"), &headers, url.as_ref());
             }
+            if batch_size <= 1
+                && let Some(v) = &l.batch_template
+            {
+                self.report(
+                    v.span().start,
+                    &key("batch_template"),
+                    "batch_template is used only when batch_size is above 1",
+                    "set batch_size (events per request), or remove batch_template",
+                );
+            }
+            let kind = self.format(&l.format, &key("format"));
+            self.keys_of_other_formats(&format_keys(l), kind.name(), &section);
+            let event_types = self.event_types(&l.event_types, &key("event_types"));
+            let format = match kind {
+                FormatKind::CloudEvents => {
+                    Some(ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key)))
+                }
+                FormatKind::EventGrid => {
+                    let format_at = start_of(&l.format).unwrap_or(at);
+                    self.eventgrid(l, &section, format_at, admin)
+                        .map(ListenerFormat::EventGrid)
+                }
+                FormatKind::ServiceBus => {
+                    let receives = received(entities, listener_entities.as_deref());
+                    self.servicebus_event_types(l, &section, at, &event_types, &actions, &receives);
+                    self.servicebus(l, &section, at)
+                        .map(ListenerFormat::ServiceBus)
+                }
+                FormatKind::Form => {
+                    if let Some(v) = l.batch_size.as_ref().filter(|_| batch_size > 1) {
+                        self.report(
+                            v.span().start,
+                            &key("batch_size"),
+                            "a form post carries one event",
+                            "remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                        );
+                    }
+                    Some(ListenerFormat::Form(self.form(
+                        &l.form_fields,
+                        l.form_columns.as_ref(),
+                        &section,
+                    )))
+                }
+                FormatKind::Template => self
+                    .template_format(
+                        &l.template,
+                        &l.batch_template,
+                        &l.content_type,
+                        at,
+                        &section,
+                    )
+                    .map(ListenerFormat::Template),
+            };
 
-            if let (Some(name), Some(url)) = (name, url) {
+            if let Some(format) = &format {
+                self.azure_headers(
+                    format,
+                    &headers,
+                    &section,
+                    start_of(&l.format).unwrap_or(at),
+                );
+            }
+            if let (Some(name), Some(url), Some(format)) = (name, url, format) {
                 listeners.push(ListenerConfig {
                     name,
                     url,
@@ -237,8 +319,8 @@ impl Checker<'_> {
                     backoff,
                     concurrency,
                     debounce,
-                    format: format
-                        .unwrap_or(ListenerFormat::CloudEvents(CloudEventsMode::Structured)),
+                    format,
+                    event_types,
                     batch_size,
                     batch_bytes,
                     auth,
@@ -336,122 +418,26 @@ impl Checker<'_> {
         debounce
     }
 
-    /// `format` and the keys that belong to it; `None` (reported) when they do not fit.
-    fn listener_format(
-        &mut self,
-        l: &RawListener,
-        at: usize,
-        section: &str,
-        batch_size: usize,
-    ) -> Option<ListenerFormat> {
-        let key = |k: &str| format!("{section}.{k}");
-        let name = match &l.format {
-            None => "cloudevents".to_owned(),
-            Some(v) => self.string(v, &key("format"))?.trim().to_owned(),
+    fn format(&mut self, raw: &Str, key: &str) -> FormatKind {
+        let Some(v) = raw else {
+            return FormatKind::CloudEvents;
         };
-        let at_format = l.format.as_ref().map_or(at, |v| v.span().start);
-        // Keys that mean something for one format only: set with another, they would do
-        // nothing, which surprises whoever wrote them.
-        let owned: [(&str, &str, Option<usize>); 6] = [
-            (
-                "cloudevents_mode",
-                "cloudevents",
-                l.cloudevents_mode.as_ref().map(|v| v.span().start),
-            ),
-            (
-                "template",
-                "template",
-                l.template.as_ref().map(|v| v.span().start),
-            ),
-            (
-                "batch_template",
-                "template",
-                l.batch_template.as_ref().map(|v| v.span().start),
-            ),
-            (
-                "content_type",
-                "template",
-                l.content_type.as_ref().map(|v| v.span().start),
-            ),
-            (
-                "form_fields",
-                "form",
-                l.form_fields.as_ref().map(|v| v.span().start),
-            ),
-            (
-                "form_columns",
-                "form",
-                l.form_columns.as_ref().map(|v| v.span().start),
-            ),
-        ];
-        let known = ["cloudevents", "form", "template"];
-        let mut fits = true;
-        for (k, belongs, span) in owned {
-            if let Some(span) = span
-                && belongs != name
-                && known.contains(&name.as_str())
-            {
-                self.report(
-                    span,
-                    &key(k),
-                    &format!("{k} applies to format = \"{belongs}\" only, and this listener's format is \"{name}\""),
-                    &format!("set format = \"{belongs}\", or remove {k}"),
-                );
-                fits = false;
-            }
+        let s = self.string(v, key);
+        let name = s.as_deref().map(str::trim).unwrap_or("cloudevents");
+        if let Some(kind) = FormatKind::ALL.into_iter().find(|k| k.name() == name) {
+            return kind;
         }
-        if batch_size <= 1
-            && let Some(v) = &l.batch_template
-        {
-            self.report(
-                v.span().start,
-                &key("batch_template"),
-                "batch_template is used only when batch_size is above 1",
-                "set batch_size (events per request), or remove batch_template",
-            );
-            fits = false;
-        }
-        let format = match name.as_str() {
-            "cloudevents" => ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key)),
-            "form" => {
-                if let Some(v) = l.batch_size.as_ref().filter(|_| batch_size > 1) {
-                    self.report(
-                        v.span().start,
-                        &key("batch_size"),
-                        "a form post carries one event",
-                        "remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
-                    );
-                    fits = false;
-                }
-                ListenerFormat::Form(self.form(&l.form_fields, l.form_columns.as_ref(), section))
-            }
-            "template" => ListenerFormat::Template(self.template_format(
-                &l.template,
-                &l.batch_template,
-                &l.content_type,
-                at,
-                section,
-            )?),
-            "eventgrid" | "servicebus" => {
-                self.report(
-                    at_format,
-                    &key("format"),
-                    &format!("format {name:?} is not supported yet"),
-                    "use format = \"cloudevents\", \"form\" or \"template\"",
-                );
-                return None;
-            }
-            _ => {
-                self.report(
-                    at_format,
-                    &key("format"),
-                    &format!("unknown format {name:?}"),
-                    "use format = \"cloudevents\", \"form\" or \"template\"",
-                );
-                return None;
-            }
-        };
-        fits.then_some(format)
+        let known: Vec<String> = FormatKind::ALL
+            .iter()
+            .map(|k| format!("\"{}\"", k.name()))
+            .collect();
+        self.report(
+            v.span().start,
+            key,
+            &format!("unknown format {name:?}"),
+            &format!("use format = {}", known.join(", ")),
+        );
+        FormatKind::CloudEvents
     }
 
     /// `auth` sets the Authorization header: a configured one, or credentials in the url
@@ -513,6 +499,70 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// The formats `format = …` names; each builds its [`ListenerFormat`] from its own keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FormatKind {
+    CloudEvents,
+    EventGrid,
+    ServiceBus,
+    Form,
+    Template,
+}
+
+impl FormatKind {
+    const ALL: [FormatKind; 5] = [
+        FormatKind::CloudEvents,
+        FormatKind::EventGrid,
+        FormatKind::ServiceBus,
+        FormatKind::Form,
+        FormatKind::Template,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            FormatKind::CloudEvents => "cloudevents",
+            FormatKind::EventGrid => "eventgrid",
+            FormatKind::ServiceBus => "servicebus",
+            FormatKind::Form => "form",
+            FormatKind::Template => "template",
+        }
+    }
+}
+
+/// The format-specific keys of a listener: name, where it is set, the formats using it.
+fn format_keys(l: &RawListener) -> Vec<(&'static str, Option<usize>, &'static [&'static str])> {
+    const EVENTGRID: &[&str] = &["eventgrid"];
+    const SERVICEBUS: &[&str] = &["servicebus"];
+    const AZURE: &[&str] = &["eventgrid", "servicebus"];
+    const TYPED: &[&str] = &["eventgrid", "servicebus", "template"];
+    const TEMPLATE: &[&str] = &["template"];
+    const FORM: &[&str] = &["form"];
+    vec![
+        (
+            "cloudevents_mode",
+            start_of(&l.cloudevents_mode),
+            &["cloudevents"],
+        ),
+        ("event_types", start_of(&l.event_types), TYPED),
+        ("template", start_of(&l.template), TEMPLATE),
+        ("batch_template", start_of(&l.batch_template), TEMPLATE),
+        ("content_type", start_of(&l.content_type), TEMPLATE),
+        ("form_fields", start_of(&l.form_fields), FORM),
+        ("form_columns", start_of(&l.form_columns), FORM),
+        ("eventgrid_topic", start_of(&l.eventgrid_topic), EVENTGRID),
+        ("aeg_sas_key", start_of(&l.aeg_sas_key), EVENTGRID),
+        ("aeg_sas_key_file", start_of(&l.aeg_sas_key_file), EVENTGRID),
+        ("topic", start_of(&l.topic), AZURE),
+        ("data_version", start_of(&l.data_version), EVENTGRID),
+        ("sas_key_name", start_of(&l.sas_key_name), SERVICEBUS),
+        ("sas_key", start_of(&l.sas_key), SERVICEBUS),
+        ("sas_key_file", start_of(&l.sas_key_file), SERVICEBUS),
+        ("sas_token_ttl", start_of(&l.sas_token_ttl), SERVICEBUS),
+        ("on_behalf_of", start_of(&l.on_behalf_of), SERVICEBUS),
+        ("user_properties", start_of(&l.user_properties), SERVICEBUS),
+    ]
 }
 
 #[cfg(test)]
@@ -717,9 +767,9 @@ format = \"xml\"
                 "walhook.toml:13:14: listener[0].rate_limit: invalid rate limit \"fast\"; write a count and a period, like \"50/s\", \"1000/m\" or \"10/h\"",
                 "walhook.toml:14:16: listener[0].max_attempts: 0 is out of range; use a number from 1 to 1000 (default 12)",
                 "walhook.toml:15:35: listener[0].backoff.max: max backoff is shorter than initial; make max at least as long as initial",
-                "walhook.toml:16:10: listener[0].format: format \"eventgrid\" is not supported yet; use format = \"cloudevents\", \"form\" or \"template\"",
+                "walhook.toml:16:10: listener[0].format: an Event Grid webhook is validated through walhook's admin endpoint, and there is no [admin] section; add [admin] with listen and public_url (the address the listener can reach), or set eventgrid_topic = true for an Event Grid topic endpoint",
                 "walhook.toml:19:8: listener[1].name: listener \"a\" is defined twice; give each [[listener]] its own name",
-                "walhook.toml:21:10: listener[1].format: unknown format \"xml\"; use format = \"cloudevents\", \"form\" or \"template\"",
+                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\"",
             ]
         );
     }

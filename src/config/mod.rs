@@ -4,8 +4,10 @@
 
 mod admin;
 mod auth;
+mod azure;
 mod check;
 mod entity;
+mod event_types;
 mod form;
 mod listener;
 mod monitor;
@@ -26,7 +28,11 @@ use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
 pub use self::auth::{BearerToken, ClientAuth, ListenerAuth, OAuth2Config};
+pub use self::azure::{
+    EventGridConfig, EventGridDelivery, ServiceBusConfig, TopicTemplate, VALIDATION_PATH,
+};
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
+pub use self::event_types::{EventType, EventTypes};
 pub use self::form::FormConfig;
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
@@ -179,7 +185,7 @@ impl Checker<'_> {
         let queue = self.queue(raw.queue.as_ref());
         let admin = raw.admin.as_ref().map(|a| self.admin(a));
         let entities = self.entities(&raw.entity);
-        let listeners = self.listeners(&raw.listener, &entities);
+        let listeners = self.listeners(&raw.listener, &entities, admin.as_ref());
         let monitors = self.monitors(&raw.monitor);
         Config {
             path: path.to_owned(),

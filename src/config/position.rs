@@ -88,7 +88,15 @@ pub(super) fn is_secret_path(path: &str) -> bool {
     let last = path.rsplit('.').next().unwrap_or("");
     matches!(
         last,
-        "password" | "url" | "secret" | "smtp_url" | "smtp_password" | "client_secret" | "bearer"
+        "password"
+            | "url"
+            | "secret"
+            | "smtp_url"
+            | "smtp_password"
+            | "client_secret"
+            | "bearer"
+            | "sas_key"
+            | "aeg_sas_key"
     ) || path.contains(".headers")
 }
 

@@ -92,6 +92,7 @@ fn example_file_parses_with_its_environment() {
         "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
         "ASSETS_CLIENT_SECRET" => Some("client-secret".to_owned()),
         "FORMS_PASSWORD" => Some("forms-password".to_owned()),
+        "EVENTGRID_TOPIC_KEY" | "SERVICEBUS_SAS_KEY" => Some("azure-key".to_owned()),
         _ => None,
     };
     let text = include_str!("../../config.example.toml");
@@ -105,7 +106,9 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(
         c.admin,
         Some(AdminConfig {
-            listen: "127.0.0.1:8187".parse().unwrap()
+            listen: "127.0.0.1:8187".parse().unwrap(),
+            public_url: Some("https://walhook.example.com:8187".parse().unwrap()),
+            token: None,
         })
     );
     assert_eq!(c.entities.len(), 2);
@@ -184,6 +187,30 @@ fn example_file_parses_with_its_environment() {
             password: Secret::new("forms-password".into())
         })
     );
+    let ListenerFormat::EventGrid(grid) = &c.listeners[3].format else {
+        panic!("listener grid is not eventgrid")
+    };
+    assert_eq!(
+        grid.delivery,
+        EventGridDelivery::Webhook {
+            validation_url: "https://walhook.example.com:8187/eventgrid/validate"
+                .parse()
+                .unwrap()
+        }
+    );
+    assert_eq!(
+        c.listeners[3].event_types.get(Action::Deleted),
+        Some(&EventType::Name("AssetChanged".into()))
+    );
+    assert!(matches!(
+        &c.listeners[4].format,
+        ListenerFormat::EventGrid(g) if matches!(&g.delivery, EventGridDelivery::Topic { key } if key.expose() == "azure-key")
+    ));
+    let ListenerFormat::ServiceBus(bus) = &c.listeners[5].format else {
+        panic!("listener bus is not servicebus")
+    };
+    assert_eq!(bus.topic.render("Customer"), "api.event.customer");
+    assert_eq!(bus.sas_key.expose(), "azure-key");
 }
 
 #[test]
@@ -206,6 +233,15 @@ fn example_file_without_its_environment_names_each_missing_variable() {
     assert!(lines[4].contains(
         "listener[2].auth.basic.password: environment variable FORMS_PASSWORD is not set"
     ));
+    assert!(
+        lines[5].contains(
+            "listener[4].aeg_sas_key: environment variable EVENTGRID_TOPIC_KEY is not set"
+        )
+    );
+    assert!(
+        lines[6]
+            .contains("listener[5].sas_key: environment variable SERVICEBUS_SAS_KEY is not set")
+    );
 }
 
 #[test]

@@ -44,8 +44,9 @@ use super::format::{Format, Message};
 use super::lease::{LeaseBook, LeaseTimes};
 use super::policy::{Outcome, delay_with_jitter};
 use super::sink::{Sink, SinkError};
+use super::validation::Handshake;
 use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
-use crate::config::{ListenerConfig, RateLimit};
+use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit};
 use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
@@ -230,6 +231,7 @@ pub(crate) async fn run_following(
             }
         })
     };
+    let validation_db = db.clone();
     let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
     let record_link = Arc::new(Link::new("recording", db, &owner, None));
 
@@ -253,6 +255,13 @@ pub(crate) async fn run_following(
         done_rx,
     ));
     let mut tasks = JoinSet::new();
+    for lane in lanes.iter().filter(|l| l.validated.is_some()) {
+        tasks.spawn(validate(
+            lane.clone(),
+            validation_db.clone(),
+            shared.clone(),
+        ));
+    }
     for lane in lanes.iter() {
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         tasks.spawn(claim_loop(
@@ -443,6 +452,9 @@ struct Lane {
     failing: AtomicBool,
     /// Batch limits, for a listener whose format and `batch_size` send batches.
     batch: Option<BatchLimits>,
+    /// For listeners that must be validated first (Event Grid webhooks): true once they are;
+    /// nothing is claimed before.
+    validated: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 /// How much one batch message may carry.
@@ -461,7 +473,7 @@ impl Lane {
         source_system: &str,
         lease_extra: Duration,
     ) -> Result<Lane, DispatchError> {
-        let format = Format::for_listener(&config.format, source_system);
+        let format = Format::for_listener(&config, source_system);
         let sink = Sink::for_listener(&config)?;
         let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
@@ -482,7 +494,16 @@ impl Lane {
             target = target.min(rate_limited_prefetch(rate).saturating_mul(per_request));
         }
         let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
+        let validated = match &config.format {
+            ListenerFormat::EventGrid(c)
+                if matches!(c.delivery, EventGridDelivery::Webhook { .. }) =>
+            {
+                Some(tokio::sync::watch::Sender::new(false))
+            }
+            _ => None,
+        };
         Ok(Lane {
+            validated,
             index,
             format,
             sink,
@@ -725,7 +746,33 @@ where
     }
 }
 
-/// Claims due notifications for one listener until stop.
+/// Runs the validation handshake of a listener that needs one (an Event Grid webhook),
+/// which opens its claimer's gate.
+async fn validate(lane: Arc<Lane>, db: Source, shared: Arc<Shared>) {
+    let (Some(validated), Format::EventGrid(format), Some(sink), ListenerFormat::EventGrid(config)) = (
+        &lane.validated,
+        &lane.format,
+        lane.sink.as_http(),
+        &lane.config.format,
+    ) else {
+        return;
+    };
+    let EventGridDelivery::Webhook { validation_url } = &config.delivery else {
+        return;
+    };
+    let handshake = Handshake {
+        listener: &lane.config,
+        format,
+        sink,
+        validation_url,
+    };
+    if let Err(e) = handshake.run(&db, validated, &shared.stop).await {
+        shared.fail(e.into());
+    }
+}
+
+/// Claims due notifications for one listener until stop (after its validation, if it
+/// needs one).
 async fn claim_loop(
     lane: Arc<Lane>,
     link: Arc<Link>,
@@ -733,6 +780,13 @@ async fn claim_loop(
     claimed: mpsc::UnboundedSender<Vec<Claimed>>,
     done: mpsc::UnboundedSender<Report>,
 ) {
+    if let Some(validated) = &lane.validated {
+        let mut open = validated.subscribe();
+        tokio::select! {
+            _ = open.wait_for(|v| *v) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
     let mut backoff = RECONNECT_INITIAL;
     let mut claims: u64 = 0;
     while !shared.stop.is_cancelled() {

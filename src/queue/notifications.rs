@@ -432,7 +432,7 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
         Ok(Notification {
             id,
             attempts: row.try_get(1).map_err(|e| e.to_string())?,
-            event: read_event(row, 2)?,
+            event: stored_event(row, 2)?,
         })
     };
     read().map_err(|detail| {
@@ -443,15 +443,15 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
     })
 }
 
-/// The columns [`read_event`] reads, in order, from `walhook.event e`.
-pub(super) const EVENT_COLUMNS: &str = r#"e.event_id, e.commit_lsn, e.seq, e.commit_time, e.entity, e.entity_id, e.action, e.changed_fields, e."row", e.old, e.subject, e.source_table"#;
+/// The `walhook.event` columns (alias `e`) [`stored_event`] reads, in its order.
+pub(crate) const STORED_EVENT_COLUMNS: &str = "e.event_id, e.commit_lsn, e.seq, e.commit_time, \
+     e.entity, e.entity_id, e.action, e.changed_fields, e.\"row\", e.old, e.subject, e.source_table";
 
-/// Reads an event from [`EVENT_COLUMNS`] starting at column `first` of `row`.
-pub(super) fn read_event(row: &Row, first: usize) -> Result<StoredEvent, String> {
+/// Reads the [`STORED_EVENT_COLUMNS`] of `row`, starting at column `first`.
+pub(crate) fn stored_event(row: &Row, first: usize) -> Result<StoredEvent, String> {
     let text = |e: tokio_postgres::Error| e.to_string();
-    let at = |i: usize| first + i;
-    let commit_lsn: PgLsn = row.try_get(at(1)).map_err(text)?;
-    let action: String = row.try_get(at(6)).map_err(text)?;
+    let commit_lsn: PgLsn = row.try_get(first + 1).map_err(text)?;
+    let action: String = row.try_get(first + 6).map_err(text)?;
     let action = match action.as_str() {
         "Created" => Action::Created,
         "Updated" => Action::Updated,
@@ -460,18 +460,18 @@ pub(super) fn read_event(row: &Row, first: usize) -> Result<StoredEvent, String>
         other => return Err(format!("unknown action {other:?} in walhook.event")),
     };
     Ok(StoredEvent {
-        event_id: row.try_get::<_, Uuid>(at(0)).map_err(text)?,
+        event_id: row.try_get::<_, Uuid>(first).map_err(text)?,
         commit_lsn: Lsn(u64::from(commit_lsn)),
-        seq: row.try_get(at(2)).map_err(text)?,
-        commit_time: row.try_get::<_, SystemTime>(at(3)).map_err(text)?,
-        entity: row.try_get(at(4)).map_err(text)?,
-        entity_id: row.try_get(at(5)).map_err(text)?,
+        seq: row.try_get(first + 2).map_err(text)?,
+        commit_time: row.try_get::<_, SystemTime>(first + 3).map_err(text)?,
+        entity: row.try_get(first + 4).map_err(text)?,
+        entity_id: row.try_get(first + 5).map_err(text)?,
         action,
-        changed_fields: row.try_get(at(7)).map_err(text)?,
-        row: row.try_get::<_, Value>(at(8)).map_err(text)?,
-        old: row.try_get::<_, Option<Value>>(at(9)).map_err(text)?,
-        subject: row.try_get(at(10)).map_err(text)?,
-        source_table: row.try_get(at(11)).map_err(text)?,
+        changed_fields: row.try_get(first + 7).map_err(text)?,
+        row: row.try_get::<_, Value>(first + 8).map_err(text)?,
+        old: row.try_get::<_, Option<Value>>(first + 9).map_err(text)?,
+        subject: row.try_get(first + 10).map_err(text)?,
+        source_table: row.try_get(first + 11).map_err(text)?,
     })
 }
 

@@ -4,7 +4,7 @@
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-use super::notifications::{EVENT_COLUMNS, read_event};
+use super::notifications::{STORED_EVENT_COLUMNS as EVENT_COLUMNS, stored_event as read_event};
 use super::{Needs, QueueError, StoredEvent, db_error};
 
 const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, None));

@@ -53,6 +53,7 @@ impl Form {
             body: form.finish().into_bytes(),
             content_type: Cow::Borrowed(FORM_CONTENT_TYPE),
             attributes: Vec::new(),
+            topic: None,
         }
     }
 }

@@ -6,7 +6,9 @@
 //! variant of [`ListenerFormat`] in the config.
 
 pub mod cloudevents;
+pub mod eventgrid;
 pub mod form;
+pub mod servicebus;
 pub mod template;
 
 use std::borrow::Cow;
@@ -15,12 +17,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::config::{Field, ListenerFormat};
+use crate::config::{Field, ListenerConfig, ListenerFormat};
 use crate::queue::StoredEvent;
 use crate::types::Action;
 
 pub use cloudevents::CloudEvents;
+pub use eventgrid::EventGrid;
 pub use form::Form;
+pub use servicebus::ServiceBus;
 pub use template::TemplateFormat;
 
 /// A rendered message, ready for a sink: what one event or one batch of events becomes.
@@ -36,6 +40,9 @@ pub struct Message {
     /// Attributes the format carries beside the body (CloudEvents binary mode's `ce-*`),
     /// lower-case names; a sink sends them as headers or message properties.
     pub attributes: Vec<(Cow<'static, str>, String)>,
+    /// Where within the listener the message goes, for formats that address one topic per
+    /// entity (a Service Bus topic or queue); `None`: the listener itself.
+    pub topic: Option<String>,
 }
 
 /// A listener's payload format.
@@ -47,18 +54,29 @@ pub enum Format {
     Form(Form),
     /// A body from the listener's template.
     Template(TemplateFormat),
+    /// The Azure Event Grid event schema.
+    EventGrid(EventGrid),
+    /// Azure Service Bus's flat message contract.
+    ServiceBus(ServiceBus),
 }
 
 impl Format {
     /// The format a listener's config asks for; `source_system` names the database.
-    pub fn for_listener(format: &ListenerFormat, source_system: &str) -> Format {
-        match format {
+    pub fn for_listener(listener: &ListenerConfig, source_system: &str) -> Format {
+        let types = &listener.event_types;
+        match &listener.format {
             ListenerFormat::CloudEvents(mode) => {
                 Format::CloudEvents(CloudEvents::new(source_system, *mode))
             }
             ListenerFormat::Form(config) => Format::Form(Form::new(config, source_system)),
             ListenerFormat::Template(config) => {
                 Format::Template(TemplateFormat::new(config, source_system))
+            }
+            ListenerFormat::EventGrid(c) => {
+                Format::EventGrid(EventGrid::new(c, types, source_system))
+            }
+            ListenerFormat::ServiceBus(c) => {
+                Format::ServiceBus(ServiceBus::new(c, types, source_system))
             }
         }
     }
@@ -69,6 +87,8 @@ impl Format {
             Format::CloudEvents(f) => f.render(event),
             Format::Form(f) => f.render(event),
             Format::Template(f) => f.render(event),
+            Format::EventGrid(f) => f.render(event),
+            Format::ServiceBus(f) => f.render(event),
         }
     }
 
@@ -78,11 +98,13 @@ impl Format {
         self.assemble_batch(events, &parts)
     }
 
-    /// Whether the format can carry several events in one message (a form cannot).
+    /// Whether the format can carry several events in one message. A form cannot; a
+    /// Service Bus message goes to one entity's topic, and a batch may hold several
+    /// entities, so Service Bus listeners get one message per request.
     pub fn batches(&self) -> bool {
         match self {
-            Format::CloudEvents(_) | Format::Template(_) => true,
-            Format::Form(_) => false,
+            Format::CloudEvents(_) | Format::Template(_) | Format::EventGrid(_) => true,
+            Format::Form(_) | Format::ServiceBus(_) => false,
         }
     }
 
@@ -93,6 +115,8 @@ impl Format {
             Format::CloudEvents(f) => f.batch_part(event),
             Format::Form(f) => f.render(event).body,
             Format::Template(f) => f.batch_part(event),
+            Format::EventGrid(f) => f.batch_part(event),
+            Format::ServiceBus(f) => f.render(event).body,
         }
     }
 
@@ -101,8 +125,8 @@ impl Format {
     pub fn batch_overhead(&self, parts: usize) -> usize {
         let separators = parts.saturating_sub(1);
         match self {
-            Format::CloudEvents(_) => 2 + separators,
-            Format::Form(_) => separators,
+            Format::CloudEvents(_) | Format::EventGrid(_) => 2 + separators,
+            Format::Form(_) | Format::ServiceBus(_) => separators,
             Format::Template(f) => f.batch_overhead(parts),
         }
     }
@@ -116,6 +140,13 @@ impl Format {
                 body: join(b"[", parts, b",", b"]"),
                 content_type: Cow::Borrowed(cloudevents::CLOUDEVENTS_BATCH_CONTENT_TYPE),
                 attributes: Vec::new(),
+                topic: None,
+            },
+            Format::EventGrid(f) => f.assemble(batch_id(events), join(b"[", parts, b",", b"]")),
+            // Never configured (see `batches`): one event's message.
+            Format::ServiceBus(f) => match events {
+                [one] => f.render(one),
+                _ => f.render_batch(events),
             },
             // Never configured (a form carries one event); fields of several events in one
             // form would still be read in order.
@@ -124,6 +155,7 @@ impl Format {
                 body: join(b"", parts, b"&", b""),
                 content_type: Cow::Borrowed(form::FORM_CONTENT_TYPE),
                 attributes: Vec::new(),
+                topic: None,
             },
             Format::Template(f) => f.assemble_batch(events, parts),
         }

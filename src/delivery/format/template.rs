@@ -35,6 +35,7 @@ impl TemplateFormat {
             body: self.batch_part(event),
             content_type: Cow::Owned(self.config.content_type.clone()),
             attributes: Vec::new(),
+            topic: None,
         }
     }
 
@@ -117,6 +118,7 @@ impl TemplateFormat {
             body,
             content_type: Cow::Owned(self.config.content_type.clone()),
             attributes: Vec::new(),
+            topic: None,
         }
     }
 }

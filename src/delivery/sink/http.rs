@@ -14,6 +14,7 @@ use reqwest::{Client, StatusCode, redirect};
 
 use super::auth::Auth;
 
+use super::azure::Azure;
 use crate::config::ListenerConfig;
 use crate::delivery::Attempt;
 use crate::delivery::format::Message;
@@ -72,6 +73,8 @@ pub struct HttpSink {
     scrub: Scrub,
     /// How requests are authenticated, beyond the configured headers.
     auth: Option<Auth>,
+    /// Azure's authentication and per-topic addresses (Event Grid topics, Service Bus).
+    azure: Option<Azure>,
 }
 
 /// Secret strings that must never appear in text walhook quotes (answers, error causes).
@@ -164,6 +167,13 @@ impl HttpSink {
             scrub.push(format!("whsec_{encoded}"));
             scrub.push(encoded);
         }
+        let azure = Azure::for_listener(listener).map_err(|reason| HttpSinkError::Client {
+            listener: name.clone(),
+            reason,
+        })?;
+        if let Some(azure) = &azure {
+            scrub.extend(azure.secrets());
+        }
         let scrub = Scrub::new(scrub);
 
         let client = crate::tls::http_client_builder(listener.ca_file.as_ref())
@@ -198,6 +208,7 @@ impl HttpSink {
             timeout: listener.timeout,
             scrub,
             auth,
+            azure,
         })
     }
 
@@ -250,46 +261,69 @@ impl HttpSink {
 
     /// POSTs `message` and classifies the answer.
     pub async fn send(&self, message: Message) -> Attempt {
-        self.send_traced(message, None).await
+        self.send_traced(message, None).await.0
     }
 
     /// [`HttpSink::send`], also returning what went over the wire (secrets masked).
     pub async fn exchange(&self, message: Message) -> (Attempt, Trace) {
         let mut trace = Trace::default();
-        let attempt = self.send_traced(message, Some(&mut trace)).await;
+        let (attempt, _) = self.send_traced(message, Some(&mut trace)).await;
         (attempt, trace)
     }
 
-    async fn send_traced(&self, message: Message, mut trace: Option<&mut Trace>) -> Attempt {
+    /// POSTs `message`, classifies the answer and returns its body (up to 64 kB; empty
+    /// without an answer), for exchanges that read it (Event Grid's handshake).
+    pub async fn exchange_body(&self, message: Message) -> (Attempt, Vec<u8>) {
+        self.send_traced(message, None).await
+    }
+
+    fn unsendable(&self, problem: &str) -> Attempt {
+        Attempt {
+            outcome: Outcome::Unsendable,
+            status_code: None,
+            comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
+            retry_after: None,
+            latency: Duration::ZERO,
+        }
+    }
+
+    async fn send_traced(
+        &self,
+        message: Message,
+        mut trace: Option<&mut Trace>,
+    ) -> (Attempt, Vec<u8>) {
+        let target = match &self.azure {
+            None => self.url.expose().clone(),
+            Some(azure) => match azure.target(self.url.expose(), message.topic.as_deref()) {
+                Ok(url) => url,
+                Err(problem) => return (self.unsendable(&problem), Vec::new()),
+            },
+        };
         let mut headers = match self.headers_for(&message) {
             Ok(h) => h,
-            Err(problem) => {
-                return Attempt {
-                    outcome: Outcome::Unsendable,
-                    status_code: None,
-                    comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
-                    retry_after: None,
-                    latency: Duration::ZERO,
-                };
-            }
+            Err(problem) => return (self.unsendable(&problem), Vec::new()),
         };
+        if let Some(azure) = &self.azure {
+            let (name, value) = azure.header(&target);
+            headers.insert(name, value);
+        }
         let credential = match &self.auth {
             None => None,
             Some(auth) => match auth.header().await {
                 Ok(h) => Some(h),
-                Err(failure) => return failure.attempt(),
+                Err(failure) => return (failure.attempt(), Vec::new()),
             },
         };
         if let Some(h) = &credential {
             headers.insert(AUTHORIZATION, h.clone());
         }
         if let Some(t) = trace.as_deref_mut() {
-            t.request_line = format!("POST {}", self.url.redacted());
+            t.request_line = format!("POST {}", SecretUrl::new(target.clone()).redacted());
             t.request_headers = self.shown(&headers);
         }
         let body = Bytes::from(message.body);
         let started = Instant::now();
-        let mut result = self.post(&headers, &body).await;
+        let mut result = self.post(&target, &headers, &body).await;
         // A 401 may mean the token expired early or was revoked: new credentials, once.
         if let (Some(auth), Some(used), Ok(resp)) = (&self.auth, &credential, &result)
             && resp.status() == StatusCode::UNAUTHORIZED
@@ -297,14 +331,15 @@ impl HttpSink {
             match auth.renew_after_401(used).await {
                 Ok(Some(fresh)) => {
                     headers.insert(AUTHORIZATION, fresh);
-                    let first = std::mem::replace(&mut result, self.post(&headers, &body).await);
+                    let first =
+                        std::mem::replace(&mut result, self.post(&target, &headers, &body).await);
                     if let (Some(t), Ok(resp)) = (trace.as_deref_mut(), first) {
                         let (response, _) = self.read(resp).await;
                         t.responses.push(response);
                     }
                 }
                 Ok(None) => {}
-                Err(failure) => return failure.attempt(),
+                Err(failure) => return (failure.attempt(), Vec::new()),
             }
         }
         match result {
@@ -313,20 +348,26 @@ impl HttpSink {
                 let live = self.live_secrets();
                 let (outcome, comment) =
                     transport_failure(&e, &self.url, self.timeout, &self.scrub, &live);
-                Attempt {
+                let attempt = Attempt {
                     outcome,
                     status_code: None,
                     comment: Some(comment),
                     retry_after: None,
                     latency: started.elapsed(),
-                }
+                };
+                (attempt, Vec::new())
             }
         }
     }
 
-    async fn post(&self, headers: &HeaderMap, body: &Bytes) -> reqwest::Result<reqwest::Response> {
+    async fn post(
+        &self,
+        target: &reqwest::Url,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> reqwest::Result<reqwest::Response> {
         self.client
-            .post(self.url.expose().clone())
+            .post(target.clone())
             .headers(headers.clone())
             .body(body.clone())
             .send()
@@ -397,7 +438,7 @@ impl HttpSink {
         resp: reqwest::Response,
         started: Instant,
         trace: Option<&mut Trace>,
-    ) -> Attempt {
+    ) -> (Attempt, Vec<u8>) {
         let status = resp.status();
         let code = status.as_u16();
         let outcome = status_outcome(code);
@@ -414,11 +455,12 @@ impl HttpSink {
             .get(LOCATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
-        let (shown, body) = self.read(resp).await;
+        let (traced, body) = self.read(resp).await;
         let latency = started.elapsed();
         if let Some(t) = trace {
-            t.responses.push(shown);
+            t.responses.push(traced);
         }
+        let shown = self.url.redacted();
 
         // Only failures get a comment: nothing is formatted for a delivery.
         let status_text = || status_text(status);
@@ -435,25 +477,26 @@ impl HttpSink {
                 None => format!(
                     "{} from {} without a Location header: redirects are not followed; check the listener url",
                     status_text(),
-                    self.url.redacted()
+                    shown
                 ),
             }),
             _ => {
                 let text = self.scrub.excerpt(&body, COMMENT_BODY_BYTES, &live);
                 Some(if text.is_empty() {
-                    format!("{} from {}", status_text(), self.url.redacted())
+                    format!("{} from {}", status_text(), shown)
                 } else {
-                    format!("{} from {}: {text}", status_text(), self.url.redacted())
+                    format!("{} from {}: {text}", status_text(), shown)
                 })
             }
         };
-        Attempt {
+        let attempt = Attempt {
             outcome,
             status_code: Some(code),
             comment,
             retry_after,
             latency,
-        }
+        };
+        (attempt, body)
     }
 }
 

@@ -13,6 +13,7 @@
 //! [`Outcome`]: super::policy::Outcome
 
 pub mod auth;
+mod azure;
 pub mod http;
 
 use super::Attempt;
@@ -20,6 +21,7 @@ use super::format::Message;
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
 
+pub use azure::sas_token;
 pub use http::{HttpSink, HttpSinkError, Trace, TracedResponse};
 
 /// Why a listener's sink could not be built. Never carries a secret.
@@ -56,6 +58,13 @@ impl Sink {
     pub async fn send(&self, message: Message) -> Attempt {
         match self {
             Sink::Http(s) => s.send(message).await,
+        }
+    }
+
+    /// The HTTP sink, for exchanges only HTTP has (Event Grid's validation handshake).
+    pub fn as_http(&self) -> Option<&HttpSink> {
+        match self {
+            Sink::Http(s) => Some(s),
         }
     }
 
