@@ -434,7 +434,7 @@ impl Checker<'_> {
         self.report(
             v.span().start,
             key,
-            &format!("unknown format {name:?}"),
+            &format!("format {name:?} is unknown"),
             &format!("use format = {}", known.join(", ")),
         );
         FormatKind::CloudEvents
@@ -769,7 +769,7 @@ format = \"xml\"
                 "walhook.toml:15:35: listener[0].backoff.max: max backoff is shorter than initial; make max at least as long as initial",
                 "walhook.toml:16:10: listener[0].format: an Event Grid webhook is validated through walhook's admin endpoint, and there is no [admin] section; add [admin] with listen and public_url (the address the listener can reach), or set eventgrid_topic = true for an Event Grid topic endpoint",
                 "walhook.toml:19:8: listener[1].name: listener \"a\" is defined twice; give each [[listener]] its own name",
-                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\"",
+                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\", \"form\", \"template\"",
             ]
         );
     }
@@ -842,7 +842,7 @@ format = \"xml\"
             lines,
             vec![
                 "walhook.toml:12:14: listener[0].batch_size: a form post carries one event; remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
-                "walhook.toml:13:12: listener[0].template: template applies to format = \"template\" only, and this listener's format is \"form\"; set format = \"template\", or remove template",
+                "walhook.toml:13:12: listener[0].template: template applies to format = \"template\", and this listener has format = \"form\"; remove template, or change the format",
                 "walhook.toml:14:17: listener[0].form_fields.nope: unknown form field \"nope\"; use one of entity, id, action, action_code, changed_fields, event_id, time, subject, source_system, source_table, commit_lsn (columns of the row are sent with form_columns = true)",
             ]
         );

@@ -216,7 +216,7 @@ fn example_file_parses_with_its_environment() {
 #[test]
 fn example_file_without_its_environment_names_each_missing_variable() {
     let lines = errors(include_str!("../../config.example.toml"));
-    assert_eq!(lines.len(), 5, "{lines:#?}");
+    assert_eq!(lines.len(), 7, "{lines:#?}");
     assert!(
         lines[0].contains("source.password: environment variable WALHOOK_DB_PASSWORD is not set")
     );
