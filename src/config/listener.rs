@@ -9,6 +9,7 @@ use serde_spanned::Spanned;
 
 use super::check::Checker;
 use super::entity::EntityConfig;
+use super::nats::{NatsConfig, RawNats};
 use super::units::parse_rate_limit;
 use super::webhook::RawHeaders;
 use super::{Str, StrList};
@@ -50,6 +51,8 @@ pub struct ListenerConfig {
     pub debounce: Duration,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
+    /// `Some` for a `nats://` or `tls://` url: the listener publishes to NATS JetStream.
+    pub nats: Option<NatsConfig>,
 }
 
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
@@ -106,6 +109,7 @@ pub(super) struct RawListener {
     debounce: Str,
     format: Str,
     cloudevents_mode: Str,
+    nats: Option<Spanned<RawNats>>,
 }
 
 #[derive(Deserialize)]
@@ -143,7 +147,7 @@ impl Checker<'_> {
             if let (Some(name), Some(v)) = (&name, &l.name) {
                 self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
-            let url = self.http_url(
+            let url = self.listener_url(
                 &l.url,
                 &key("url"),
                 at,
@@ -190,6 +194,12 @@ impl Checker<'_> {
                 MAX_CONCURRENCY,
                 DEFAULT_CONCURRENCY,
             );
+            let nats = self.listener_nats(
+                l.nats.as_ref(),
+                url.as_ref(),
+                [&l.secret, &l.secret_file],
+                &section,
+            );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
             let format = self.format(&l.format, &key("format"));
             let format = match format {
@@ -214,6 +224,7 @@ impl Checker<'_> {
                     concurrency,
                     debounce,
                     format,
+                    nats,
                 });
             }
         }

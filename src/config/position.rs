@@ -88,7 +88,7 @@ pub(super) fn is_secret_path(path: &str) -> bool {
     let last = path.rsplit('.').next().unwrap_or("");
     matches!(
         last,
-        "password" | "url" | "secret" | "smtp_url" | "smtp_password"
+        "password" | "url" | "secret" | "smtp_url" | "smtp_password" | "token" | "nkey_seed"
     ) || path.contains(".headers")
 }
 
