@@ -16,6 +16,7 @@ pub mod replication;
 pub mod secret;
 pub mod service;
 pub mod setup;
+pub mod streams;
 pub mod systemd;
 pub mod tls;
 pub mod types;

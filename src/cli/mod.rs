@@ -155,7 +155,8 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         }
         Command::Check(c) => {
             let (config, client) = c.load_and_connect().await?;
-            let report = crate::setup::check(&client, &config).await;
+            let mut report = crate::setup::check(&client, &config).await;
+            report.items.extend(crate::streams::check(&config).await);
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -193,15 +194,19 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
         print!("{}", crate::setup::script(&steps, &config));
+        print!("{}", crate::streams::describe_plan(&config));
         return Ok(0);
     }
     if steps.is_empty() {
         println!("nothing to do: the database is set up for walhook");
-        return Ok(0);
+    } else {
+        crate::setup::apply(&mut client, &steps).await?;
+        for s in &steps {
+            println!("done  {}", s.why);
+        }
     }
-    crate::setup::apply(&mut client, &steps).await?;
-    for s in &steps {
-        println!("done  {}", s.why);
+    for (changed, line) in crate::streams::setup(&config).await? {
+        println!("{}{line}", if changed { "done  " } else { "ok    " });
     }
     Ok(0)
 }

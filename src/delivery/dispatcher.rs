@@ -42,7 +42,7 @@ use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
     Completions, DeliveredRow, FailedAttemptRow, Notification, NotificationStore,
-    OnNewNotifications, QueueError,
+    OnNewNotifications, QueueError, StoredEvent,
 };
 
 /// Most notifications one claim statement takes.
@@ -472,9 +472,9 @@ impl Lane {
 
     /// Sends `message` through the sink, within the listener's timeout whatever the sink
     /// does: the lease arithmetic below relies on attempts that end in time.
-    async fn attempt(&self, message: Message) -> Attempt {
+    async fn attempt(&self, event: &StoredEvent, message: Message) -> Attempt {
         let limit = self.lease.attempt;
-        match tokio::time::timeout(limit, self.sink.send(message)).await {
+        match tokio::time::timeout(limit, self.sink.send(event, message)).await {
             Ok(attempt) => attempt,
             Err(_) => Attempt {
                 outcome: Outcome::TimedOut,
@@ -786,7 +786,7 @@ async fn start_loop(
                 notification: n,
                 claim,
             } = next;
-            let attempt = lane.attempt(lane.format.render(&n.event)).await;
+            let attempt = lane.attempt(&n.event, lane.format.render(&n.event)).await;
             drop(permit);
             // The event is done with: move the fields observers name instead of copying.
             let _ = done.send(Done {
