@@ -1,6 +1,7 @@
 //! Test support: a throwaway PostgreSQL cluster and a fresh database per test.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod receiver;
 
 use std::sync::atomic::{AtomicU32, Ordering};
