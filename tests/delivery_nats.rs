@@ -7,12 +7,15 @@ mod support;
 #[path = "../examples/nats_consumer.rs"]
 mod consumer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::Value;
 use support::nats::NatsServer;
-use support::{Daemon, TestDb, config_toml, eventually, wait_streaming, walhook, write_config};
+use support::receiver::Receiver;
+use support::{
+    Daemon, TestDb, config_toml, eventually, listener_toml, wait_streaming, walhook, write_config,
+};
 
 const TABLES: &str = "CREATE TABLE customer (id int PRIMARY KEY, first_name text, city text);
 ALTER TABLE customer REPLICA IDENTITY FULL;
@@ -343,4 +346,271 @@ async fn messages_the_server_refuses_fail_with_its_words_and_check_says_how_to_f
         .state
         .messages;
     assert_eq!(stored, 1);
+}
+
+/// Counts rows of walhook.processed for `listener`.
+async fn processed(c: &tokio_postgres::Client, listener: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM walhook.processed WHERE listener = $1",
+        &[&listener],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(0)
+}
+
+/// Runs `walhook setup` on `toml` (queue, publication, slot and the stream).
+fn setup(toml: &str) -> (tempfile::TempDir, String) {
+    let (dir, path) = write_config(toml);
+    let path = path.to_str().unwrap().to_owned();
+    let (code, out, err) = walhook(&["setup", "--config", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+    (dir, path)
+}
+
+/// The event ids of walhook.event.
+async fn event_ids(c: &tokio_postgres::Client) -> BTreeSet<String> {
+    c.query("SELECT event_id::text FROM walhook.event", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Checks that `messages` hold each event of `expected` once, and per customer id the
+/// values of column `n` in increasing order (one Created, then Updates).
+fn assert_once_in_entity_order(messages: &[consumer::Received], expected: &BTreeSet<String>) {
+    let mut ids = BTreeSet::new();
+    let mut last_n: BTreeMap<i64, i64> = BTreeMap::new();
+    for m in messages {
+        let id = m.headers.get("Nats-Msg-Id").cloned().expect("Nats-Msg-Id");
+        assert!(ids.insert(id.clone()), "event {id} stored twice");
+        let ce = body(m);
+        let row = &ce["data"]["row"];
+        let (Some(key), Some(n)) = (row["id"].as_i64(), row["n"].as_i64()) else {
+            panic!("unexpected row {ce}");
+        };
+        if let Some(prev) = last_n.insert(key, n) {
+            assert!(n > prev, "customer {key}: n={n} after n={prev}");
+        }
+    }
+    assert_eq!(ids.len(), expected.len());
+    assert!(
+        ids == *expected,
+        "the stream's ids differ from walhook.event's"
+    );
+}
+
+const COUNTER_TABLE: &str = "CREATE TABLE customer (id int PRIMARY KEY, n int NOT NULL);
+ALTER TABLE customer REPLICA IDENTITY FULL;";
+
+const CUSTOMER: &str = "\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_entity_order() {
+    const ROWS: i32 = 10_000;
+    const ROUNDS: i32 = 4; // updates per row: ROWS × (1 + ROUNDS) = 50,000 events
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let nats = NatsServer::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "{CUSTOMER}{}",
+            nats_listener("bus", &nats.url(), &format!("concurrency = 64\n{STREAM}"))
+        ),
+    );
+    let (_dir, _path) = setup(&toml);
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+
+    let url = db.url.clone();
+    let load = tokio::spawn(async move {
+        let c = support::connect(&url).await;
+        for chunk in 0..ROWS / 1000 {
+            let from = chunk * 1000 + 1;
+            c.execute(
+                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+                &[&from, &(from + 999)],
+            )
+            .await
+            .unwrap();
+        }
+        for _ in 0..ROUNDS {
+            for chunk in 0..ROWS / 1000 {
+                let from = chunk * 1000 + 1;
+                c.execute(
+                    "UPDATE customer SET n = n + 1 WHERE id BETWEEN $1 AND $2",
+                    &[&from, &(from + 999)],
+                )
+                .await
+                .unwrap();
+            }
+        }
+    });
+
+    eventually(
+        Duration::from_secs(180),
+        "10,000 events published",
+        || async { (processed(&c, "bus").await >= 10_000).then_some(()) },
+    )
+    .await;
+    daemon.kill9();
+    let at_kill = processed(&c, "bus").await;
+    load.await.unwrap();
+
+    // The new process takes over the dead one's notifications when their leases end.
+    let daemon = Daemon::start(&toml);
+    let total = i64::from(ROWS * (1 + ROUNDS));
+    eventually(
+        Duration::from_secs(300),
+        "all 50,000 events published",
+        || async { (processed(&c, "bus").await == total).then_some(()) },
+    )
+    .await;
+    assert!(
+        at_kill < total,
+        "the kill came after the load was delivered"
+    );
+    let expected = event_ids(&c).await;
+    assert_eq!(expected.len() as i64, total, "{}", daemon.log());
+
+    let js = nats.jetstream().await;
+    let mut stream = js.get_stream("WALHOOK").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, total as u64, "messages in the stream");
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        total as usize,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing() {
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let mut nats = NatsServer::start().await;
+    let hook = Receiver::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "{CUSTOMER}{}{}",
+            nats_listener("bus", &nats.url(), STREAM),
+            listener_toml("crm", &hook.url("/h"))
+        ),
+    );
+    let (_dir, path) = setup(&toml);
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let insert = |from: i32, to: i32| {
+        let c = &c;
+        async move {
+            c.execute(
+                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+                &[&from, &to],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    insert(1, 500).await;
+    eventually(Duration::from_secs(60), "500 published", || async {
+        (processed(&c, "bus").await == 500).then_some(())
+    })
+    .await;
+
+    nats.stop();
+    let stopped = std::time::Instant::now();
+    for k in 0..15 {
+        insert(501 + k * 100, 600 + k * 100).await;
+        c.execute("UPDATE customer SET n = n + 1 WHERE id <= 100", &[])
+            .await
+            .unwrap();
+    }
+    // 2000 inserts and 1500 updates: the HTTP listener gets them all while NATS is down.
+    hook.wait_for_count(
+        3500,
+        Duration::from_secs(120),
+        "HTTP deliveries during the outage",
+    )
+    .await;
+    let status = eventually(
+        Duration::from_secs(60),
+        "status shows the held listener",
+        || {
+            let (path, daemon) = (path.clone(), &daemon);
+            async move {
+                let (code, out, _) = walhook(&["status", "--json", "--config", &path]);
+                let doc: Value = serde_json::from_str(&out).ok()?;
+                let bus = doc["listeners"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| l["name"] == "bus")?
+                    .clone();
+                (code == 0
+                    && bus["new"] == 3000
+                    && daemon.log().contains("holds its notifications"))
+                .then_some(doc)
+            }
+        },
+    )
+    .await;
+    let crm = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "crm")
+        .unwrap();
+    assert_eq!(crm["new"], 0, "{status}");
+    assert!(
+        status["listeners"][0]["oldest_undelivered"].is_string()
+            || status["listeners"][1]["oldest_undelivered"].is_string(),
+        "{status}"
+    );
+    assert_eq!(
+        processed(&c, "bus").await,
+        500,
+        "nothing published while down"
+    );
+    // Hold the outage a few seconds more: the listener must not give up meanwhile.
+    while stopped.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    nats.resume().await;
+    eventually(
+        Duration::from_secs(120),
+        "3500 published after the outage",
+        || async { (processed(&c, "bus").await == 3500).then_some(()) },
+    )
+    .await;
+    let failed: i64 = c
+        .query_one("SELECT count(*) FROM walhook.failed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 0);
+    assert!(
+        daemon.log().contains("is reachable again"),
+        "{}",
+        daemon.log()
+    );
+    let js = nats.jetstream().await;
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        3500,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &event_ids(&c).await);
 }

@@ -744,6 +744,18 @@ async fn start_loop(
             next = claimed.recv() => next,
         };
         let Some(next) = next else { break };
+        // A transport that is down as a whole (a broker outage) holds the listener here: no
+        // attempt is made or counted, claimed rows keep their renewed leases, and delivery
+        // resumes in order once it is back.
+        let ready = tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = lane.sink.ready() => true,
+        };
+        if !ready {
+            let _ = done.send(Done::release(&lane, next.notification.id, next.claim));
+            break;
+        }
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => None,

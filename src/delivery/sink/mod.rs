@@ -72,6 +72,16 @@ impl Sink {
         }
     }
 
+    /// Returns once the transport can take messages. HTTP always can (each attempt
+    /// reports its own failure); a broker whose connection is down holds the listener here
+    /// until it is back, so an outage costs no attempts and keeps the listener's position.
+    pub async fn ready(&self) {
+        match self {
+            Sink::Http(_) => {}
+            Sink::Nats(s) => s.ready().await,
+        }
+    }
+
     /// Where messages go, with secrets redacted: for comments and logs.
     pub fn target(&self) -> &str {
         match self {

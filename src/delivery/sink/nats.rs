@@ -3,14 +3,16 @@
 //! result as a policy [`Outcome`] with a comment in the server's words.
 //!
 //! The connection is made on the first attempt and kept: the client reconnects by itself
-//! (without limit, backing off up to 4 s), and while it is down attempts report the
-//! listener unreachable, so notifications wait in `walhook.new` and are retried with the
-//! listener's backoff while other listeners go on. Many publishes are in flight at once
+//! (without limit, backing off up to 4 s). While it is down the listener is held before
+//! its next attempt ([`NatsSink::ready`]): its notifications wait in `walhook.new` without
+//! using up attempts, in order, while other listeners go on, and delivery resumes as soon
+//! as the server is back. Many publishes are in flight at once
 //! (one per concurrency slot); per-entity order comes from the claim, which hands out the
 //! next change of an entity only after the previous one was recorded. A retry of a message
 //! whose acknowledgement was lost is dropped by the stream's duplicate window, so the stream
 //! holds each event once.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -81,6 +83,8 @@ pub struct NatsSink {
     connection: tokio::sync::OnceCell<Connection>,
     /// The last connection problem the client reported, for comments.
     last_error: Arc<Mutex<Option<String>>>,
+    /// Whether the listener is held for an outage (logged when it starts and ends).
+    held: AtomicBool,
 }
 
 struct Connection {
@@ -129,6 +133,7 @@ impl NatsSink {
             timeout: listener.timeout,
             connection: tokio::sync::OnceCell::new(),
             last_error: Arc::new(Mutex::new(None)),
+            held: AtomicBool::new(false),
         };
         // Credentials and TLS settings are checked now, not at the first attempt.
         sink.options()?;
@@ -208,12 +213,7 @@ impl NatsSink {
             }
         };
         if !self.wait_connected(&connection.client).await {
-            let why = self
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-                .unwrap_or_else(|| "connecting".to_owned());
+            let why = self.connection_problem();
             return failed(
                 Outcome::Unreachable,
                 format!(
@@ -255,6 +255,48 @@ impl NatsSink {
                 failed(outcome, comment)
             }
         }
+    }
+
+    /// Returns once the client is connected (at once, usually). While the server cannot be
+    /// reached this waits, logging the outage once after a grace period for (re)connecting.
+    pub async fn ready(&self) {
+        let Ok(connection) = self.connection().await else {
+            // The attempt reports why there is no client.
+            return;
+        };
+        let client = &connection.client;
+        let since = Instant::now();
+        loop {
+            if client.connection_state() == async_nats::connection::State::Connected {
+                if self.held.swap(false, Ordering::AcqRel) {
+                    tracing::info!(
+                        listener = %self.listener,
+                        "NATS at {} is reachable again: listener {} resumes delivery",
+                        self.endpoint(),
+                        self.listener
+                    );
+                }
+                return;
+            }
+            if since.elapsed() >= CONNECT_WAIT && !self.held.swap(true, Ordering::AcqRel) {
+                tracing::warn!(
+                    listener = %self.listener,
+                    "NATS at {} is unreachable ({}): listener {} holds its notifications in walhook.new until it is back",
+                    self.endpoint(),
+                    self.connection_problem(),
+                    self.listener
+                );
+            }
+            tokio::time::sleep(CONNECTED_POLL).await;
+        }
+    }
+
+    fn connection_problem(&self) -> String {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "connecting".to_owned())
     }
 
     /// Waits (briefly, within the attempt's time) for a connection being made or remade.
