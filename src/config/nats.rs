@@ -686,6 +686,32 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_has_a_nats_listener_with_its_stream() {
+        let env = |name: &str| match name {
+            "WALHOOK_DB_PASSWORD" => Some("db-secret".to_owned()),
+            "CRM_API_KEY" => Some("api-key".to_owned()),
+            "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            _ => None,
+        };
+        let text = include_str!("../../config.example.toml");
+        let c = crate::config::Config::parse_with_env(
+            text,
+            std::path::Path::new("config.example.toml"),
+            &env,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let bus = c.listeners.iter().find(|l| l.name == "bus").expect("bus");
+        let n = bus.nats.as_ref().expect("a NATS listener");
+        assert_eq!(n.subject.as_str(), DEFAULT_SUBJECT);
+        let s = n.stream.as_ref().expect("stream");
+        assert_eq!(s.name, "WALHOOK");
+        assert_eq!(s.subjects, vec!["api.event.*".to_owned()]);
+        assert_eq!(s.max_age, DEFAULT_MAX_AGE);
+        assert_eq!(s.duplicate_window, DEFAULT_DUPLICATE_WINDOW);
+        assert_eq!(bus.concurrency, 64);
+    }
+
+    #[test]
     fn credentials_come_from_files_and_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let seed = nkeys::KeyPair::new_user().seed().unwrap();
