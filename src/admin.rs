@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Classify, ErrorClass};
+use crate::liveness::Beat;
 use crate::metrics::Metrics;
 
 /// Content type of the Prometheus text exposition format.
@@ -53,17 +54,50 @@ impl Classify for AdminError {
 }
 
 /// Readiness inputs, updated by the replication loop and the gauge refresher.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     streaming: AtomicBool,
     queue_reachable: AtomicBool,
     last_error: Mutex<Option<String>>,
+    capture: Beat,
+    delivery: Beat,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            streaming: AtomicBool::new(false),
+            queue_reachable: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            capture: Beat::new("capture"),
+            delivery: Beat::new("delivery"),
+        }
+    }
 }
 
 impl Health {
     /// Not streaming, queue not yet reached, no error.
     pub fn new() -> Health {
         Health::default()
+    }
+
+    /// The sign of life of the replication stream: stamped by every byte the server sends.
+    pub fn capture_beat(&self) -> Beat {
+        self.capture.clone()
+    }
+
+    /// The sign of life of delivery: stamped each time a claim loop goes round.
+    pub fn delivery_beat(&self) -> Beat {
+        self.delivery.clone()
+    }
+
+    /// Why the daemon is stuck, when it is: fed to the systemd watchdog.
+    pub fn stalled(&self) -> Option<String> {
+        let stalls: Vec<String> = [&self.capture, &self.delivery]
+            .iter()
+            .filter_map(|b| b.stall_message())
+            .collect();
+        (!stalls.is_empty()).then(|| stalls.join("; "))
     }
 
     /// Whether the replication stream is streaming.
@@ -99,6 +133,10 @@ impl Health {
         }
         if !self.queue_reachable() {
             reasons.push("queue database is not reachable");
+        }
+        let stalled = self.stalled();
+        if let Some(s) = &stalled {
+            reasons.push(s);
         }
         if reasons.is_empty() {
             return Ok(());

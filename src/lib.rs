@@ -1,24 +1,27 @@
 //! walhook: change-data-capture from PostgreSQL logical replication to entity events.
 
 pub mod admin;
-pub mod capture;
+mod capture;
 pub mod cli;
+/// Throwaway local PostgreSQL clusters, for `walhook demo` and the tests.
+#[cfg(feature = "demo")]
 pub mod cluster;
 pub mod config;
-mod db;
+pub mod db;
 pub mod delivery;
 pub mod error;
-pub mod guard;
+mod guard;
+mod liveness;
 pub mod metrics;
 pub mod monitor;
 pub mod queue;
 pub mod replication;
-pub mod secret;
+mod secret;
 pub mod service;
 pub mod setup;
 pub mod streams;
-pub mod systemd;
-pub mod tls;
+mod systemd;
+mod tls;
 pub mod types;
 
 /// The mapper's types (`EntityEvent`, …) keep their short path.

@@ -48,6 +48,10 @@ impl Observe {
 }
 
 impl DeliveryObserver for Observe {
+    fn alive(&self) {
+        self.health.delivery_beat().stamp();
+    }
+
     fn attempted(&self, r: &AttemptReport<'_>) {
         use crate::metrics::{AttemptOutcome, NotificationStatus};
         let comment = r.comment.unwrap_or_default();
@@ -151,6 +155,10 @@ impl CaptureObserver for Observe {
             resumed: gap.resumed_lsn.to_string(),
         });
     }
+
+    fn stream_beat(&self) -> Option<crate::liveness::Beat> {
+        Some(self.health.capture_beat())
+    }
 }
 
 /// The `sourceSystem` of payloads and alerts: `[source] system_name`, else the database name.
@@ -195,7 +203,6 @@ pub async fn run_with_reload(
     // Every new connection uses the [source] parameters of the latest reload.
     let (params_tx, params_rx) = watch::channel(Arc::new(params.clone()));
     let source = Source::following(params_rx);
-    let (dispatch_db_tx, dispatch_db_rx) = watch::channel(params.to_tokio_postgres());
     {
         // Monitors and connection parameters follow reloads too.
         let mut rx = config_rx.clone();
@@ -210,7 +217,7 @@ pub async fn run_with_reload(
                         let new = rx.borrow_and_update().clone();
                         monitors.reload(new.monitors.clone());
                         if new.source != current {
-                            follow_source(&new, &params_tx, &dispatch_db_tx);
+                            follow_source(&new, &params_tx);
                             current = new.source.clone();
                         }
                     }
@@ -242,9 +249,11 @@ pub async fn run_with_reload(
         ));
         info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
     }
+    let health = observe.health.clone();
     let _notifier = crate::systemd::spawn_from_env(
         ready_rx,
         move || status_rx.borrow().clone(),
+        move || health.stalled(),
         shutdown.clone(),
     );
     let gauges = gauge_loop(config_rx.clone(), &source, &observe, &stop);
@@ -262,7 +271,7 @@ pub async fn run_with_reload(
         r
     };
     let delivery = async {
-        let r = delivery_loop(config_rx.clone(), &source, dispatch_db_rx, &observe, &stop).await;
+        let r = delivery_loop(config_rx.clone(), &source, &observe, &stop).await;
         if r.is_err() {
             stop.cancel();
         }
@@ -281,14 +290,9 @@ pub async fn run_with_reload(
 
 /// Makes new connections use the reloaded [source] parameters. Open connections stay:
 /// a rotated password is usually not valid yet when the reload happens.
-fn follow_source(
-    config: &Config,
-    params: &watch::Sender<Arc<ConnectParams>>,
-    dispatch_db: &watch::Sender<tokio_postgres::Config>,
-) {
+fn follow_source(config: &Config, params: &watch::Sender<Arc<ConnectParams>>) {
     match config.source.connect_params() {
         Ok(p) => {
-            dispatch_db.send_replace(p.to_tokio_postgres());
             params.send_replace(Arc::new(p));
             info!("[source] connection parameters reloaded; new connections use them");
         }
@@ -456,12 +460,11 @@ async fn wait_until_not_cloned(
 
 /// Delivers queued notifications to the configured listeners until `shutdown`; a reload
 /// that changes the listeners or the database restarts delivery gracefully (in-flight
-/// deliveries finish). `db` follows reloaded [source] parameters: a new password is used
+/// deliveries finish). `source` follows reloaded [source] parameters: a new password is used
 /// on the next connection.
 async fn delivery_loop(
     mut config_rx: watch::Receiver<Arc<Config>>,
     source: &Source,
-    db: watch::Receiver<tokio_postgres::Config>,
     observe: &Observe,
     shutdown: &CancellationToken,
 ) -> Result<(), ServiceError> {
@@ -485,12 +488,16 @@ async fn delivery_loop(
             return Ok(());
         }
         let this_round = shutdown.child_token();
+        let _armed = observe.health.delivery_beat().armed(DELIVERY_STALL);
         let dispatcher = crate::delivery::dispatcher::run_following(
-            db.clone(),
+            source.clone(),
             config.listeners.clone(),
             source_system(&config, &source.current()),
             this_round.clone(),
-            Some(observer.clone()),
+            crate::delivery::dispatcher::Options {
+                observer: Some(observer.clone()),
+                ..Default::default()
+            },
         );
         tokio::pin!(dispatcher);
         loop {
@@ -513,6 +520,10 @@ async fn delivery_loop(
         }
     }
 }
+
+/// A claim loop goes round at least every poll interval, or within the statement timeout
+/// of its claim: silence much longer than that is a stuck dispatcher.
+const DELIVERY_STALL: Duration = Duration::from_secs(120);
 
 /// The dispatcher needs the queue schema, which the capture session may not have migrated
 /// yet; migrations are idempotent and serialized by an advisory lock.

@@ -19,11 +19,6 @@ use crate::types::{Action, TableName, quote_ident, quote_literal};
 /// The schema holding the queue tables.
 pub const QUEUE_SCHEMA: &str = "walhook";
 
-/// Oldest server version with pgoutput and logical replication.
-const MIN_VERSION_NUM: i32 = 100_000;
-/// Older versions work but lack `wal_status`, streaming of large transactions and more.
-const RECOMMENDED_VERSION_NUM: i32 = 140_000;
-
 // Server-wide settings and the role, in one round trip.
 const SQL_SERVER: &str = "SELECT current_setting('server_version_num')::int4, \
      current_setting('server_version'), \
@@ -761,21 +756,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     let s = &facts.server;
     let mut items = Vec::new();
 
-    items.push(if s.version_num < MIN_VERSION_NUM {
-        CheckItem::fail(
-            "server version",
-            &s.version,
-            "walhook needs PostgreSQL 10 or newer (logical replication with pgoutput); upgrade the server",
-        )
-    } else if s.version_num < RECOMMENDED_VERSION_NUM {
-        CheckItem::warn(
-            "server version",
-            format!("{} (supported; 14 or newer recommended)", s.version),
-            "upgrade to PostgreSQL 14+ for slot wal_status reporting and better logical decoding",
-        )
-    } else {
-        CheckItem::ok("server version", &s.version)
-    });
+    items.push(version_item(s));
 
     items.push(if s.wal_level == "logical" {
         CheckItem::ok("wal_level", &s.wal_level)
@@ -846,6 +827,54 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     items.push(slot_item(facts, config));
     items.push(queue_item(&facts.queue));
     items
+}
+
+fn version_item(s: &Server) -> CheckItem {
+    use crate::replication::version::{MIN_SUPPORTED_MAJOR, ServerVersion, TESTED_MAJOR};
+    let version = ServerVersion(u32::try_from(s.version_num).unwrap_or(0));
+    if !version.is_supported() {
+        CheckItem::fail(
+            "server version",
+            &s.version,
+            format!(
+                "walhook supports PostgreSQL {MIN_SUPPORTED_MAJOR} and newer (tested on {TESTED_MAJOR}); upgrade the server"
+            ),
+        )
+    } else {
+        CheckItem::ok("server version", &s.version)
+    }
+}
+
+/// The TLS state of the connection `walhook check` made: protocol, what was verified,
+/// for which host.
+pub fn tls_item(
+    params: &crate::replication::conn::ConnectParams,
+    tls: Option<&crate::replication::conn::TlsInfo>,
+) -> CheckItem {
+    use crate::replication::conn::{Host, Verification};
+    let mode = params.sslmode().as_str();
+    match (tls, params.host()) {
+        (_, Host::Unix(_)) => CheckItem::ok(
+            "tls",
+            format!("not used on the local socket {}", params.host_description()),
+        ),
+        (Some(t), _) if t.verification == Verification::Full => {
+            CheckItem::ok("tls", format!("{t} (sslmode={mode})"))
+        }
+        (Some(t), _) => CheckItem::warn(
+            "tls",
+            format!("{t} (sslmode={mode})"),
+            "set sslrootcert to the server's CA and sslmode=verify-full in [source] url, so walhook knows it talks to the right server",
+        ),
+        (None, _) => CheckItem::warn(
+            "tls",
+            format!(
+                "off: {} is reached unencrypted (sslmode={mode})",
+                params.host_description()
+            ),
+            "turn on ssl in the server's postgresql.conf and use sslmode=verify-full with sslrootcert in [source] url",
+        ),
+    }
 }
 
 fn schema_item(facts: &Facts) -> CheckItem {
@@ -1781,27 +1810,39 @@ fn plan_from(
 }
 
 /// Runs the steps of a [`plan`] in order, each in its own transaction; a step whose object
-/// already exists (another setup ran meanwhile) counts as done.
-pub async fn apply(client: &mut Client, steps: &[SetupStep]) -> Result<(), SetupError> {
+/// already exists (another setup ran meanwhile) counts as done. With `watch` (the
+/// connection parameters), a step that waits for a lock gets the sessions blocking it
+/// logged and named in its error.
+pub async fn apply(
+    client: &mut Client,
+    steps: &[SetupStep],
+    watch: Option<&crate::replication::conn::ConnectParams>,
+) -> Result<(), SetupError> {
+    let pid = match watch {
+        Some(_) => crate::db::backend_pid(client).await,
+        None => None,
+    };
     for step in steps {
-        let result = match &step.action {
-            StepAction::MigrateQueue => {
-                run_migrations(client).await?;
-                continue;
-            }
-            StepAction::Sql(sql) => client.batch_execute(sql).await,
-            StepAction::CreateSlot { slot } => {
-                client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ())
-            }
-            StepAction::AcceptGap(gap) => {
-                accept_gap(client, gap, step).await?;
-                continue;
+        let run = async {
+            match &step.action {
+                StepAction::MigrateQueue => run_migrations(client).await.map(|()| None),
+                StepAction::Sql(sql) => Ok(Some(client.batch_execute(sql).await)),
+                StepAction::CreateSlot { slot } => Ok(Some(
+                    client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ()),
+                )),
+                StepAction::AcceptGap(gap) => accept_gap(client, gap, step).await.map(|()| None),
             }
         };
-        match result {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-            Err(e) => return Err(step_error(step, e)),
+        let (result, blockers) = match (watch, pid) {
+            (Some(params), Some(pid)) => {
+                crate::db::watch_blockers(params, pid, &step_title(step), run).await
+            }
+            _ => (run.await, None),
+        };
+        match result? {
+            None | Some(Ok(())) => {}
+            Some(Err(e)) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Some(Err(e)) => return Err(step_error(step, e, blockers)),
         }
     }
     Ok(())
@@ -1828,19 +1869,31 @@ async fn accept_gap(client: &Client, gap: &Gap, step: &SetupStep) -> Result<(), 
                 });
             }
             Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
-            Err(e) => return Err(step_error(step, e)),
+            Err(e) => return Err(step_error(step, e, None)),
         }
     }
     match client.execute(SQL_CREATE_SLOT, &[&gap.slot]).await {
         Ok(_) => {}
         // Another setup or walhook created it meanwhile: capture resumes from there.
         Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-        Err(e) => return Err(step_error(step, e)),
+        Err(e) => return Err(step_error(step, e, None)),
     }
     crate::queue::complete_gaps(client, &gap.slot)
         .await
         .map_err(record)?;
     Ok(())
+}
+
+/// How a step is named in the "waiting for" warning.
+fn step_title(step: &SetupStep) -> String {
+    match &step.action {
+        StepAction::MigrateQueue => "the queue schema migration".to_owned(),
+        StepAction::CreateSlot { slot } => format!("creating replication slot {slot}"),
+        StepAction::Sql(sql) => format!("`{}`", sql.lines().next().unwrap_or_default()),
+        StepAction::AcceptGap(gap) => {
+            format!("recreating replication slot {} after the gap", gap.slot)
+        }
+    }
 }
 
 /// Plans and applies in one call; returns the steps that were applied (empty: nothing to do).
@@ -1850,12 +1903,22 @@ pub async fn setup(
     opts: SetupOptions,
 ) -> Result<Vec<SetupStep>, SetupError> {
     let steps = plan(client, config, opts).await?;
-    apply(client, &steps).await?;
+    let params = config.source.connect_params().ok();
+    apply(client, &steps, params.as_ref()).await?;
     Ok(steps)
 }
 
-fn step_error(step: &SetupStep, e: tokio_postgres::Error) -> SetupError {
+fn step_error(step: &SetupStep, e: tokio_postgres::Error, blockers: Option<String>) -> SetupError {
     let statement = step.sql();
+    let gave_up = e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+        || e.code() == Some(&SqlState::QUERY_CANCELED);
+    if let (true, Some(blockers)) = (gave_up, blockers) {
+        return SetupError::Blocked {
+            what: step_title(step),
+            message: db_message(&e),
+            blockers,
+        };
+    }
     if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         SetupError::PermissionDenied {
             statement,
@@ -2013,6 +2076,18 @@ pub enum SetupError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A step gave up waiting (lock_timeout / statement_timeout) on other sessions.
+    #[error(
+        "{what} gave up waiting ({message}): it was blocked by {blockers}; end those sessions or transactions (SELECT pg_terminate_backend(pid)), or raise [source] lock_timeout / statement_timeout, then run it again"
+    )]
+    Blocked {
+        /// The step.
+        what: String,
+        /// The server's message (lock or statement timeout).
+        message: String,
+        /// The sessions that held it up.
+        blockers: String,
+    },
     /// An entity table does not exist.
     #[error(
         "table {table} of entity {entity} does not exist; create it or correct `table` under that [[entity]] in {path} (key [[entity]] table)"
@@ -2119,6 +2194,8 @@ impl Classify for SetupError {
             | SetupError::SlotConflict { .. }
             | SetupError::Gap { .. } => ErrorClass::Config,
             SetupError::Migrate { class, .. } | SetupError::RecordGap { class, .. } => *class,
+            // The blockers may be gone on the next attempt.
+            SetupError::Blocked { .. } => ErrorClass::Transient,
         }
     }
 }

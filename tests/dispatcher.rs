@@ -70,8 +70,8 @@ impl Queue {
         assert_eq!(outcome.inserted, events.len() as u64);
     }
 
-    fn db_config(&self) -> tokio_postgres::Config {
-        self.db.url.parse().unwrap()
+    fn db_config(&self) -> walhook::replication::conn::ConnectParams {
+        walhook::replication::conn::ConnectParams::parse(&self.db.url, None).unwrap()
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -120,12 +120,13 @@ impl Queue {
         tokio::task::JoinHandle<Result<(), dispatcher::DispatchError>>,
     ) {
         let stop = CancellationToken::new();
-        let stop_for_task = stop.clone();
-        let (db_tx, db) = tokio::sync::watch::channel(self.db_config());
-        let task = tokio::spawn(async move {
-            let _keep = db_tx;
-            dispatcher::run_with(db, listeners, "CRM".into(), stop_for_task, options).await
-        });
+        let task = tokio::spawn(dispatcher::run_with(
+            self.db_config(),
+            listeners,
+            "CRM".into(),
+            stop.clone(),
+            options,
+        ));
         (stop, task)
     }
 }

@@ -616,7 +616,7 @@ async fn write_throughput() {
             "full_page_writes = on".into(),
             "synchronous_commit = on".into(),
         ],
-        hba: None,
+        ..Default::default()
     });
     let mut client = db.client().await;
     queue::migrate(&mut client).await.unwrap();

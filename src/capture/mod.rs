@@ -46,6 +46,10 @@ pub(crate) trait CaptureObserver: Send + Sync {
     fn schema_changed(&self, note: &mapper::SchemaNote);
     /// Capture resumed after a gap recorded by `walhook setup --accept-gap`.
     fn capture_gap(&self, gap: &crate::queue::CaptureGap);
+    /// The sign of life the replication stream stamps whenever the server sends something.
+    fn stream_beat(&self) -> Option<crate::liveness::Beat> {
+        None
+    }
 }
 
 /// What the retry loop does with an error of each class: the policy as data.

@@ -156,13 +156,16 @@ async fn prepare(config: &Config, cx: &Context<'_>) -> Result<Prepared, ServiceE
     {
         info!(%slot, "capture resumes at {resumed} after the gap accepted with walhook setup --accept-gap");
     }
-    let stream = repl
+    let mut stream = repl
         .start_replication(&config.source.slot, Lsn::ZERO, &config.source.publication)
         .await
         .map_err(|e| ServiceError {
             hold: (e.sqlstate() == Some(SQLSTATE_OBJECT_IN_USE)).then_some(Hold::Standby),
             ..ServiceError::from_err(e)
         })?;
+    if let Some(beat) = cx.observe.stream_beat() {
+        stream.watch(beat);
+    }
     info!(
         slot = %config.source.slot,
         publication = %config.source.publication,
@@ -259,6 +262,8 @@ async fn stream(
     };
     stop.cancel();
     if let Some(h) = heartbeat_task {
+        // A heartbeat stuck on a dead connection must not hold the session open.
+        h.abort();
         let _ = h.await;
     }
     let end = match (&read_result, &write_result) {

@@ -1,6 +1,7 @@
 //! The command line: parses arguments, sets up logging, runs a command, maps errors to
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
+#[cfg(feature = "demo")]
 mod demo;
 mod ops;
 
@@ -53,6 +54,7 @@ enum Command {
     /// Move Failed notifications back to walhook.new for another round of attempts.
     Retry(ops::RetryArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
+    #[cfg(feature = "demo")]
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -112,6 +114,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     // The demo talks to a person: readable text, and only what goes wrong.
     let (format, default_filter) = match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => (
             Some(cli.log_format.unwrap_or(LogFormat::Text)),
             "warn,tokio_postgres=error",
@@ -154,8 +157,14 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             Ok(0)
         }
         Command::Check(c) => {
-            let (config, client) = c.load_and_connect().await?;
+            let config = Config::load(&c.config)?;
+            let params = config.source.connect_params()?;
+            let (client, conn, tls) = crate::db::connect_raw(&params).await?;
+            tokio::spawn(conn);
             let mut report = crate::setup::check(&client, &config).await;
+            report
+                .items
+                .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
             report.items.extend(crate::streams::check(&config).await);
             println!("{report}");
             Ok(if report.ok() {
@@ -168,6 +177,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        #[cfg(feature = "demo")]
         Command::Demo { duration } => demo::run(duration).await,
     }
 }
@@ -200,7 +210,8 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     if steps.is_empty() {
         println!("nothing to do: the database is set up for walhook");
     } else {
-        crate::setup::apply(&mut client, &steps).await?;
+        let params = config.source.connect_params()?;
+        crate::setup::apply(&mut client, &steps, Some(&params)).await?;
         for s in &steps {
             println!("done  {}", s.why);
         }

@@ -163,6 +163,27 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that may also be "off" (or zero): `None`.
+    pub(super) fn duration_or_off(
+        &mut self,
+        value: &Str,
+        key: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let Some(v) = value else { return default };
+        let s = self.string(v, key)?;
+        if s.trim() == "off" {
+            return None;
+        }
+        match parse_duration(s.trim()) {
+            Ok(d) => Some(d).filter(|d| !d.is_zero()),
+            Err(message) => {
+                self.report_message(v.span().start, key, &format!("{message}, or \"off\""));
+                None
+            }
+        }
+    }
+
     /// A required, non-empty string.
     pub(super) fn required(
         &mut self,

@@ -7,7 +7,8 @@ use serde_spanned::Spanned;
 
 use super::Str;
 use super::check::Checker;
-use super::units::{RawSize, parse_duration};
+use super::units::RawSize;
+use crate::replication::conninfo as conn;
 use crate::secret::{Secret, redact_url};
 
 /// `[source]`.
@@ -36,6 +37,14 @@ pub struct SourceConfig {
     /// Log a warning when the slot retains more WAL than this (default 1 GiB); the slot
     /// keeps WAL for walhook, so a stopped or slow walhook fills the server's disk.
     pub wal_warning_bytes: u64,
+    /// Send a cleartext or md5 password over TCP without TLS (default false: refused).
+    pub allow_insecure_password: bool,
+    /// A replication stream silent this long is rebuilt (default 60s).
+    pub receive_timeout: Duration,
+    /// `statement_timeout` of walhook's own sessions; `None` keeps the server's (default 5m).
+    pub statement_timeout: Option<Duration>,
+    /// `lock_timeout` of walhook's own sessions; `None` keeps the server's (default 1m).
+    pub lock_timeout: Option<Duration>,
 }
 
 impl SourceConfig {
@@ -44,10 +53,17 @@ impl SourceConfig {
     pub fn connect_params(
         &self,
     ) -> Result<crate::replication::conn::ConnectParams, crate::replication::conn::ConnError> {
+        let policy = crate::replication::conn::ConnPolicy {
+            allow_insecure_password: self.allow_insecure_password,
+            receive_timeout: self.receive_timeout,
+            statement_timeout: self.statement_timeout,
+            lock_timeout: self.lock_timeout,
+        };
         crate::replication::conn::ConnectParams::parse(
             self.url.expose(),
             self.password.as_ref().map(Secret::expose),
         )
+        .map(|p| p.with_policy(policy))
     }
 }
 
@@ -64,6 +80,10 @@ pub(super) struct RawSource {
     heartbeat: Str,
     status_interval: Str,
     wal_warning: Option<Spanned<RawSize>>,
+    allow_insecure_password: Option<Spanned<bool>>,
+    receive_timeout: Str,
+    statement_timeout: Str,
+    lock_timeout: Str,
 }
 
 pub(super) const DEFAULT_SLOT: &str = "walhook";
@@ -72,6 +92,7 @@ pub(super) const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
 pub(super) const DEFAULT_STATUS_INTERVAL: Duration = Duration::from_secs(5);
 pub(super) const DEFAULT_WAL_WARNING: u64 = 1024 * 1024 * 1024;
 pub(super) const MAX_STATUS_INTERVAL: Duration = Duration::from_secs(10);
+const MIN_RECEIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 impl Checker<'_> {
     pub(super) fn source(&mut self, raw: Option<&Spanned<RawSource>>) -> SourceConfig {
@@ -93,6 +114,10 @@ impl Checker<'_> {
                 heartbeat: Some(DEFAULT_HEARTBEAT),
                 status_interval: DEFAULT_STATUS_INTERVAL,
                 wal_warning_bytes: DEFAULT_WAL_WARNING,
+                allow_insecure_password: false,
+                receive_timeout: conn::DEFAULT_RECEIVE_TIMEOUT,
+                statement_timeout: Some(conn::DEFAULT_STATEMENT_TIMEOUT),
+                lock_timeout: Some(conn::DEFAULT_LOCK_TIMEOUT),
             };
         };
         let at = raw.span().start;
@@ -181,25 +206,33 @@ impl Checker<'_> {
             }
         };
 
-        let heartbeat = match &raw.heartbeat {
-            None => Some(DEFAULT_HEARTBEAT),
-            Some(v) => match self.string(v, "source.heartbeat") {
-                Some(s) if s.trim() == "off" => None,
-                Some(s) => match parse_duration(s.trim()) {
-                    Ok(d) => Some(d),
-                    Err(message) => {
-                        self.report_message(
-                            v.span().start,
-                            "source.heartbeat",
-                            &format!("{message}, or \"off\""),
-                        );
-                        None
-                    }
-                },
-                None => None,
-            },
+        let heartbeat =
+            self.duration_or_off(&raw.heartbeat, "source.heartbeat", Some(DEFAULT_HEARTBEAT));
+        let statement_timeout = self.duration_or_off(
+            &raw.statement_timeout,
+            "source.statement_timeout",
+            Some(conn::DEFAULT_STATEMENT_TIMEOUT),
+        );
+        let lock_timeout = self.duration_or_off(
+            &raw.lock_timeout,
+            "source.lock_timeout",
+            Some(conn::DEFAULT_LOCK_TIMEOUT),
+        );
+        let receive_timeout = self.duration(
+            &raw.receive_timeout,
+            "source.receive_timeout",
+            conn::DEFAULT_RECEIVE_TIMEOUT,
+        );
+        if let Some(v) = &raw.receive_timeout
+            && receive_timeout < MIN_RECEIVE_TIMEOUT
+        {
+            self.report(
+                v.span().start,
+                "source.receive_timeout",
+                &format!("{} is too short", v.get_ref()),
+                "use at least \"1s\"; the default \"60s\" matches the server's wal_receiver_timeout",
+            );
         }
-        .filter(|d| !d.is_zero());
 
         let status_interval = self.duration(
             &raw.status_interval,
@@ -232,6 +265,13 @@ impl Checker<'_> {
                 "source.wal_warning",
                 DEFAULT_WAL_WARNING,
             ),
+            allow_insecure_password: raw
+                .allow_insecure_password
+                .as_ref()
+                .is_some_and(|b| *b.get_ref()),
+            receive_timeout,
+            statement_timeout,
+            lock_timeout,
         }
     }
 }
@@ -240,6 +280,33 @@ impl Checker<'_> {
 mod tests {
     use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors, no_env, parse};
+
+    #[test]
+    fn connection_policy_keys_reach_the_connect_params() {
+        let text = MINIMAL.replace(
+            "[source]\n",
+            "[source]\nallow_insecure_password = true\nreceive_timeout = \"5s\"\nstatement_timeout = \"off\"\nlock_timeout = \"2s\"\n",
+        );
+        let c = parse(&text).unwrap();
+        let p = c.source.connect_params().unwrap();
+        let policy = p.policy();
+        assert!(policy.allow_insecure_password);
+        assert_eq!(policy.receive_timeout, std::time::Duration::from_secs(5));
+        assert_eq!(policy.statement_timeout, None);
+        assert_eq!(policy.lock_timeout, Some(std::time::Duration::from_secs(2)));
+        let defaults = parse(MINIMAL).unwrap().source.connect_params().unwrap();
+        assert!(!defaults.policy().allow_insecure_password);
+        assert_eq!(
+            defaults.policy().receive_timeout,
+            crate::replication::conn::DEFAULT_RECEIVE_TIMEOUT
+        );
+        let text = MINIMAL.replace("[source]\n", "[source]\nreceive_timeout = \"10ms\"\n");
+        assert!(
+            errors(&text)[0].contains("source.receive_timeout"),
+            "{:?}",
+            errors(&text)
+        );
+    }
 
     #[test]
     fn heartbeat_can_be_disabled() {

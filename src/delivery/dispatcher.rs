@@ -39,11 +39,13 @@ use super::policy::{Outcome, next_attempt_delay};
 use super::sink::{Sink, SinkError};
 use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
+use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
     Completions, DeliveredRow, FailedAttemptRow, Notification, NotificationStore,
     OnNewNotifications, QueueError, StoredEvent,
 };
+use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
 
 /// Most notifications one claim statement takes.
 const CLAIM_BATCH: usize = 500;
@@ -125,31 +127,17 @@ impl Classify for DispatchError {
 /// errors stop delivery and are returned. `source_system` is the `sourceSystem` of the
 /// payloads. The queue schema must be migrated before.
 pub async fn run(
-    db: tokio_postgres::Config,
+    db: ConnectParams,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
 ) -> Result<(), DispatchError> {
-    let (_fixed, db) = tokio::sync::watch::channel(db);
     run_with(db, listeners, source_system, shutdown, Options::default()).await
 }
 
 /// [`run`], telling `observer` the outcome of every attempt.
 pub async fn run_observed(
-    db: tokio_postgres::Config,
-    listeners: Vec<ListenerConfig>,
-    source_system: String,
-    shutdown: CancellationToken,
-    observer: Option<Arc<dyn DeliveryObserver>>,
-) -> Result<(), DispatchError> {
-    let (_fixed, db) = tokio::sync::watch::channel(db);
-    run_following(db, listeners, source_system, shutdown, observer).await
-}
-
-/// [`run_observed`] with database parameters that may change while it runs (a reloaded
-/// password): each new connection uses the parameters current at that moment.
-pub async fn run_following(
-    db: tokio::sync::watch::Receiver<tokio_postgres::Config>,
+    db: ConnectParams,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -183,7 +171,21 @@ impl Default for Options {
 
 /// [`run`] with [`Options`].
 pub async fn run_with(
-    db: tokio::sync::watch::Receiver<tokio_postgres::Config>,
+    db: ConnectParams,
+    listeners: Vec<ListenerConfig>,
+    source_system: String,
+    shutdown: CancellationToken,
+    options: Options,
+) -> Result<(), DispatchError> {
+    let (_fixed, db) = tokio::sync::watch::channel(Arc::new(db));
+    let db = Source::following(db);
+    run_following(db, listeners, source_system, shutdown, options).await
+}
+
+/// [`run_with`] with database parameters that may change while it runs (a reloaded
+/// password): each new connection uses the parameters current at that moment.
+pub(crate) async fn run_following(
+    db: Source,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
@@ -209,6 +211,7 @@ pub async fn run_with(
     let shared = Arc::new(Shared {
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
+        observer: options.observer.clone(),
     });
     let lanes: Arc<[Arc<Lane>]> = lanes.into();
     let wake_all: OnNewNotifications = {
@@ -300,6 +303,8 @@ pub async fn run_with(
 struct Shared {
     stop: CancellationToken,
     fatal: Mutex<Option<DispatchError>>,
+    /// Told that claim loops go round, for the watchdog.
+    observer: Option<Arc<dyn DeliveryObserver>>,
 }
 
 impl Shared {
@@ -330,7 +335,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One database connection, reconnected on demand, logging each outage once.
 struct Link {
     purpose: &'static str,
-    config: tokio::sync::watch::Receiver<tokio_postgres::Config>,
+    config: Source,
     owner: String,
     on_new: Option<OnNewNotifications>,
     current: tokio::sync::Mutex<Option<Arc<NotificationStore>>>,
@@ -340,7 +345,7 @@ struct Link {
 impl Link {
     fn new(
         purpose: &'static str,
-        config: tokio::sync::watch::Receiver<tokio_postgres::Config>,
+        config: Source,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Link {
@@ -363,10 +368,10 @@ impl Link {
             return Ok(store.clone());
         }
         *current = None;
-        let mut config = self.config.borrow().clone();
-        if config.get_application_name().is_none() {
+        let mut config = ConnectParams::clone(&self.config.current());
+        if config.application_name == DEFAULT_APPLICATION_NAME {
             // Lets a DBA tell delivery connections apart in pg_stat_activity.
-            config.application_name("walhook delivery");
+            config.application_name = "walhook delivery".to_owned();
         }
         let connect = NotificationStore::connect(&config, &self.owner, self.on_new.clone());
         let store = tokio::time::timeout(CONNECT_TIMEOUT, connect)
@@ -627,6 +632,9 @@ async fn claim_loop(
     let mut backoff = RECONNECT_INITIAL;
     let mut claims: u64 = 0;
     while !shared.stop.is_cancelled() {
+        if let Some(o) = &shared.observer {
+            o.alive();
+        }
         let room = lane.room();
         if room > 0 {
             {

@@ -96,4 +96,8 @@ pub struct AttemptReport<'a> {
 pub trait DeliveryObserver: Send + Sync {
     /// One attempt ended.
     fn attempted(&self, report: &AttemptReport<'_>);
+
+    /// The claim loop of a listener went round once (claimed, or looked and found nothing):
+    /// delivery is alive, busy or idle by design.
+    fn alive(&self) {}
 }

@@ -46,6 +46,9 @@ pub enum QueueError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The queue database could not be reached (or refused the login).
+    #[error("connecting to the queue database: {0}")]
+    Connect(#[source] crate::db::DbError),
     /// The walhook role lacks a privilege; `grant` is the statement that fixes it.
     #[error("{context}: {detail}; fix: {grant}")]
     PermissionDenied {
@@ -82,10 +85,17 @@ pub enum QueueError {
     },
 }
 
+impl QueueError {
+    pub(crate) fn connect(e: crate::db::DbError) -> QueueError {
+        QueueError::Connect(e)
+    }
+}
+
 impl Classify for QueueError {
     fn class(&self) -> ErrorClass {
         match self {
             QueueError::Database { source, .. } => crate::error::pg_error_class(source),
+            QueueError::Connect(e) => e.class(),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
             | QueueError::Unstorable { .. } => ErrorClass::Permanent,

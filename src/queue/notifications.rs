@@ -236,19 +236,18 @@ impl std::fmt::Debug for NotificationStore {
 pub type OnNewNotifications = Arc<dyn Fn() + Send + Sync>;
 
 impl NotificationStore {
-    /// Connects (without TLS, like every ordinary walhook connection), drives the
-    /// connection in a background task and prepares the statements. With `on_new`, the
+    /// Connects (TLS, keepalives and timeouts as for every ordinary walhook connection),
+    /// drives the connection in a background task and prepares the statements. With `on_new`, the
     /// connection also listens on [`NEW_NOTIFICATIONS_CHANNEL`] and calls it for every
     /// notification. `owner` names this process in `walhook.new.locked_by`.
     pub async fn connect(
-        config: &tokio_postgres::Config,
+        params: &crate::replication::conn::ConnectParams,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Result<NotificationStore, QueueError> {
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
+        let (client, connection, _) = crate::db::connect_raw(params)
             .await
-            .map_err(db_error("connecting to the queue database", None))?;
+            .map_err(QueueError::connect)?;
         tokio::spawn(Driver {
             connection,
             on_new: on_new.clone(),
@@ -469,8 +468,7 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
 
 /// Drives a tokio-postgres connection and passes on `NOTIFY walhook_new`.
 struct Driver {
-    connection:
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    connection: crate::db::PgConnection,
     on_new: Option<OnNewNotifications>,
 }
 

@@ -7,7 +7,8 @@ pub mod receiver;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use walhook::cluster::{ClusterOptions, LocalCluster};
+#[allow(unused_imports)]
+pub use walhook::cluster::{ClusterOptions, LocalCluster, ServerTls};
 
 /// A fresh database for one test: in its own throwaway cluster, or, when
 /// `WALHOOK_TEST_DATABASE_URL` is set, on that existing server.

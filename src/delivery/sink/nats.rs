@@ -75,12 +75,13 @@ impl Classify for NatsSinkError {
 pub struct NatsSink {
     listener: String,
     url: SecretUrl,
-    settings: NatsConfig,
+    // Boxed, like the connection: keeps `Sink`'s variants of similar size.
+    settings: Box<NatsConfig>,
     ca_file: Option<CaFile>,
     /// The configured headers, sent with every message.
     headers: Vec<(HeaderName, HeaderValue)>,
     timeout: Duration,
-    connection: tokio::sync::OnceCell<Connection>,
+    connection: Box<tokio::sync::OnceCell<Connection>>,
     /// The last connection problem the client reported, for comments.
     last_error: Arc<Mutex<Option<String>>>,
     /// Whether the listener is held for an outage (logged when it starts and ends).
@@ -127,11 +128,11 @@ impl NatsSink {
         let sink = NatsSink {
             listener: listener.name.clone(),
             url: listener.url.clone(),
-            settings,
+            settings: Box::new(settings),
             ca_file: listener.ca_file.clone(),
             headers,
             timeout: listener.timeout,
-            connection: tokio::sync::OnceCell::new(),
+            connection: Box::new(tokio::sync::OnceCell::new()),
             last_error: Arc::new(Mutex::new(None)),
             held: AtomicBool::new(false),
         };
