@@ -614,3 +614,69 @@ async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing()
     .await;
     assert_once_in_entity_order(&messages, &event_ids(&c).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nkey_listener_publishes_and_wrong_credentials_are_named_by_check() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = NatsServer::start_with(&format!(
+        "authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n",
+        user.public_key()
+    ))
+    .await;
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let seed = secrets.path().join("walhook.nk");
+    std::fs::write(&seed, format!("{}\n", user.seed().unwrap())).unwrap();
+    let stranger = secrets.path().join("stranger.nk");
+    std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let config = |seed_file: &std::path::Path| {
+        config_toml(
+            &db.url,
+            &format!(
+                "{CUSTOMER}{}",
+                nats_listener(
+                    "bus",
+                    &nats.url(),
+                    &format!(
+                        "[listener.nats]\nnkey_seed_file = \"{}\"\n{STREAM}",
+                        seed_file.display()
+                    )
+                )
+            ),
+        )
+    };
+
+    let (dir, path) = write_config(&config(&stranger));
+    let (code, out, err) = walhook(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("nats listener bus"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAIL") && line.to_lowercase().contains("authorization violation"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&user.seed().unwrap()),
+        "the seed is never printed"
+    );
+    drop(dir);
+
+    let toml = config(&seed);
+    let (_dir, _path) = setup(&toml);
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 0 FROM generate_series(1, 20) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "20 published", || async {
+        (processed(&c, "bus").await == 20).then_some(())
+    })
+    .await;
+}
