@@ -680,3 +680,84 @@ async fn an_nkey_listener_publishes_and_wrong_credentials_are_named_by_check() {
     })
     .await;
 }
+
+/// PEM text of one DER item.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_trusts_its_ca_file_and_check_names_an_untrusted_certificate() {
+    let (ca_pem, cert, key) = support::receiver::test_ca();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, cert_file, key_file) = (
+        files.path().join("ca.pem"),
+        files.path().join("server.pem"),
+        files.path().join("server.key"),
+    );
+    std::fs::write(&ca, ca_pem).unwrap();
+    std::fs::write(&cert_file, pem("CERTIFICATE", cert.as_ref())).unwrap();
+    std::fs::write(&key_file, pem("PRIVATE KEY", key.secret_der())).unwrap();
+    let nats = NatsServer::start_with(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+        cert_file.display(),
+        key_file.display()
+    ))
+    .await;
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let config = |extra: &str| {
+        config_toml(
+            &db.url,
+            &format!(
+                "{CUSTOMER}{}",
+                nats_listener("bus", &url, &format!("{extra}{STREAM}"))
+            ),
+        )
+    };
+
+    let (_d, path) = write_config(&config(""));
+    let (code, out, err) = walhook(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("nats listener bus"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAIL") && line.contains("cannot connect to tls://127.0.0.1"),
+        "{out}"
+    );
+
+    let toml = config(&format!("ca_file = \"{}\"\n", ca.display()));
+    let (_dir, path) = setup(&toml);
+    let (code, out, _) = walhook(&["check", "--config", &path]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("nats listener bus")),
+        "{code} {out}"
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 0 FROM generate_series(1, 20) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "20 published over TLS", || async {
+        (processed(&c, "bus").await == 20).then_some(())
+    })
+    .await;
+}
