@@ -1,7 +1,8 @@
 //! The HTTP admin endpoint (`[admin] listen`): `/metrics`, `/healthz`, `/readyz`.
 //!
-//! [`router`] builds the routes so that later features (endpoint-validation callbacks) can
-//! `merge` their own routes into the same server before [`serve_router`] runs it.
+//! [`router`] builds the routes so that later features can `merge` their own routes into
+//! the same server before [`serve_router`] runs it: the service merges the web console's
+//! (`crate::console`, under `/ui`); endpoint-validation callbacks will follow.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

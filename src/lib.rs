@@ -7,10 +7,12 @@ pub mod cli;
 #[cfg(feature = "demo")]
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod delivery;
 pub mod error;
 mod guard;
+mod human;
 mod liveness;
 pub mod metrics;
 pub mod monitor;

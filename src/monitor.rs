@@ -44,6 +44,8 @@ const GATHER: Duration = Duration::from_secs(5);
 pub enum AlertEvent {
     /// Notifications were moved to `walhook.failed`.
     NotificationFailed,
+    /// After a `NotificationFailed` alert, a delivery to that listener succeeded again.
+    NotificationFailedRecovered,
     /// A listener failed continuously for longer than the threshold.
     ListenerFailing,
     /// A failing listener accepted a delivery again.
@@ -73,6 +75,7 @@ impl AlertEvent {
     pub fn name(self) -> &'static str {
         match self {
             AlertEvent::NotificationFailed => "NotificationFailed",
+            AlertEvent::NotificationFailedRecovered => "NotificationFailedRecovered",
             AlertEvent::ListenerFailing => "ListenerFailing",
             AlertEvent::ListenerRecovered => "ListenerRecovered",
             AlertEvent::ReplicationLag => "ReplicationLag",
@@ -95,7 +98,9 @@ impl AlertEvent {
     /// The `on = [...]` kind that subscribes to this event (recoveries go with their problem).
     pub fn kind(self) -> AlertKind {
         match self {
-            AlertEvent::NotificationFailed => AlertKind::NotificationFailed,
+            AlertEvent::NotificationFailed | AlertEvent::NotificationFailedRecovered => {
+                AlertKind::NotificationFailed
+            }
             AlertEvent::ListenerFailing | AlertEvent::ListenerRecovered => {
                 AlertKind::ListenerFailing
             }
@@ -128,7 +133,8 @@ pub struct Alert {
     pub last_error: Option<String>,
     /// The command that shows more, e.g. `walhook failed --listener crm --config …`.
     pub command: String,
-    /// How many notifications a `NotificationFailed` alert covers.
+    /// How many notifications the alert is about: those a `NotificationFailed` alert
+    /// covers; in a recovery, those of the listener still in `walhook.failed`.
     pub count: Option<u64>,
 }
 
@@ -157,6 +163,7 @@ enum Signal {
         error: String,
     },
     DatabaseReachable,
+    FailedRows(Vec<(String, u64)>),
     Capture(CaptureSignal),
     Reload(Vec<MonitorConfig>),
 }
@@ -265,6 +272,12 @@ impl MonitorHandle {
         self.send(Signal::DatabaseReachable);
     }
 
+    /// Rows in `walhook.failed` per listener, as just counted (recovery messages say how
+    /// many remain).
+    pub fn failed_rows(&self, counts: Vec<(String, u64)>) {
+        self.send(Signal::FailedRows(counts));
+    }
+
     /// Something capture wants the operator to know (a gap, set-aside changes, a schema change).
     pub fn capture(&self, signal: CaptureSignal) {
         self.send(Signal::Capture(signal));
@@ -337,6 +350,13 @@ impl Context {
     fn failed_command(&self, listener: &str) -> String {
         format!(
             "walhook failed --listener {listener} --config {}",
+            self.config_path
+        )
+    }
+
+    fn retry_command(&self, listener: &str) -> String {
+        format!(
+            "walhook retry --listener {listener} --all --config {}",
             self.config_path
         )
     }
@@ -471,6 +491,10 @@ struct ListenerState {
     last_error: String,
     failing_alerted: bool,
     failed: Option<FailedBatch>,
+    /// A `NotificationFailed` alert went out and no delivery has succeeded since.
+    failed_alerted: bool,
+    /// Rows in walhook.failed as last counted plus failures since; `None` before a count.
+    failed_rows: Option<u64>,
     queue_age: Duration,
     queue_alerted: bool,
 }
@@ -529,6 +553,7 @@ impl Evaluator {
                 let st = self.listener(listener);
                 st.failing_since.get_or_insert(now);
                 st.last_error.clone_from(comment);
+                st.failed_rows = st.failed_rows.map(|n| n.saturating_add(1));
                 match &mut st.failed {
                     Some(batch) => {
                         batch.count = batch.count.saturating_add(1);
@@ -552,10 +577,21 @@ impl Evaluator {
             Signal::DeliverySucceeded { listener } => {
                 let st = self.listener(listener);
                 let since = st.failing_since.take();
-                if std::mem::take(&mut st.failing_alerted) {
+                let failing_alerted = std::mem::take(&mut st.failing_alerted);
+                let failed_alerted = std::mem::take(&mut st.failed_alerted);
+                let remaining = st.failed_rows;
+                let last_error = st.last_error.clone();
+                // One recovery message: ListenerRecovered also counts what remains failed.
+                if failing_alerted && self.subscribes(AlertEvent::ListenerRecovered) {
                     let failed_for = since.map_or(Duration::ZERO, |s| now.duration_since(s));
-                    let last_error = st.last_error.clone();
-                    out.push(self.listener_recovered(listener, failed_for, &last_error));
+                    out.push(self.listener_recovered(listener, failed_for, &last_error, remaining));
+                } else if failed_alerted {
+                    out.push(self.notification_failed_recovered(listener, remaining));
+                }
+            }
+            Signal::FailedRows(counts) => {
+                for (name, n) in counts {
+                    self.listener(name).failed_rows = Some(*n);
                 }
             }
             Signal::Gauges {
@@ -645,6 +681,11 @@ impl Evaluator {
                     .and_then(|st| st.failed.take());
                 if let Some(batch) = batch {
                     out.push(self.notification_failed(&name, &batch));
+                    if self.subscribes(AlertEvent::NotificationFailed)
+                        && let Some(st) = self.listeners.get_mut(&name)
+                    {
+                        st.failed_alerted = true;
+                    }
                 }
             }
             let age = self
@@ -710,8 +751,12 @@ impl Evaluator {
     }
 
     fn subscribed(&self, mut alerts: Vec<Alert>) -> Vec<Alert> {
-        alerts.retain(|a| self.config.on.contains(&a.event.kind()));
+        alerts.retain(|a| self.subscribes(a.event));
         alerts
+    }
+
+    fn subscribes(&self, event: AlertEvent) -> bool {
+        self.config.on.contains(&event.kind())
     }
 
     fn prefix(&self) -> String {
@@ -741,7 +786,13 @@ impl Evaluator {
         }
     }
 
-    fn listener_recovered(&self, listener: &str, failed_for: Duration, last_error: &str) -> Alert {
+    fn listener_recovered(
+        &self,
+        listener: &str,
+        failed_for: Duration,
+        last_error: &str,
+        remaining: Option<u64>,
+    ) -> Alert {
         Alert {
             event: AlertEvent::ListenerRecovered,
             summary: format!(
@@ -750,15 +801,63 @@ impl Evaluator {
                 human(failed_for)
             ),
             detail: format!(
-                "A delivery to listener {listener} succeeded again after {} of failures (last error: {last_error}). Waiting notifications are being delivered; any that ran out of attempts are in walhook.failed and can be requeued with `walhook retry --listener {listener} --all --config {}`.",
+                "A delivery to listener {listener} succeeded again after {} of failures (last error: {last_error}). Waiting notifications are being delivered. {}",
                 human(failed_for),
-                self.context.config_path,
+                self.remaining_failed(listener, remaining),
             ),
             listener: Some(listener.to_owned()),
             last_error: Some(last_error.to_owned()),
-            command: self.context.failed_command(listener),
-            count: None,
+            command: self.context.retry_command(listener),
+            count: remaining,
         }
+    }
+
+    fn notification_failed_recovered(&self, listener: &str, remaining: Option<u64>) -> Alert {
+        let left = match remaining {
+            Some(0) => "none remain in walhook.failed".to_owned(),
+            Some(1) => "1 notification remains in walhook.failed".to_owned(),
+            Some(n) => format!("{n} notifications remain in walhook.failed"),
+            None => "failed ones stay in walhook.failed".to_owned(),
+        };
+        Alert {
+            event: AlertEvent::NotificationFailedRecovered,
+            summary: format!(
+                "{}: listener {listener} accepts deliveries again; {left}",
+                self.prefix()
+            ),
+            detail: format!(
+                "A delivery to listener {listener} succeeded after notifications to it had run out of attempts. {}",
+                self.remaining_failed(listener, remaining),
+            ),
+            listener: Some(listener.to_owned()),
+            last_error: None,
+            command: self.context.retry_command(listener),
+            count: remaining,
+        }
+    }
+
+    /// What is left in walhook.failed for `listener`, and the commands for it.
+    fn remaining_failed(&self, listener: &str, remaining: Option<u64>) -> String {
+        let what = match remaining {
+            Some(0) => {
+                return format!(
+                    "No notification of listener {listener} remains in walhook.failed."
+                );
+            }
+            Some(1) => "1 notification of listener".to_owned(),
+            Some(n) => format!("{n} notifications of listener"),
+            None => "Notifications of listener".to_owned(),
+        };
+        let verb = if remaining == Some(1) {
+            "remains"
+        } else {
+            "remain"
+        };
+        format!(
+            "{what} {listener} that ran out of attempts {verb} in walhook.failed: list them with `{}` and requeue them with `{}`.",
+            self.context.failed_command(listener),
+            self.context.retry_command(listener),
+        )
     }
 
     fn notification_failed(&self, listener: &str, b: &FailedBatch) -> Alert {
@@ -771,7 +870,7 @@ impl Evaluator {
             event: AlertEvent::NotificationFailed,
             summary: format!("{}: {what} to listener {listener} failed", self.prefix()),
             detail: format!(
-                "{what} to listener {listener} ran out of attempts and moved to walhook.failed. The last: {}{}. List them with `{}` and requeue them with `walhook retry --listener {listener} --all --config {}` once the listener works.",
+                "{what} to listener {listener} ran out of attempts and moved to walhook.failed. The last: {}{}. List them with `{}` and requeue them with `{}` once the listener works.",
                 // Callers that do not know the notification pass an empty entity.
                 if b.entity.is_empty() {
                     String::new()
@@ -783,7 +882,7 @@ impl Evaluator {
                 },
                 b.comment,
                 self.context.failed_command(listener),
-                self.context.config_path,
+                self.context.retry_command(listener),
             ),
             listener: Some(listener.to_owned()),
             last_error: Some(b.comment.clone()),
@@ -1518,6 +1617,109 @@ mod tests {
                 (AlertEvent::ListenerFailing, None),
                 (AlertEvent::NotificationFailed, Some(1)),
             ]
+        );
+    }
+
+    fn notification_failed(listener: &str, id: i64) -> Signal {
+        Signal::NotificationFailed {
+            listener: listener.into(),
+            notification_id: id,
+            entity: "Customer".into(),
+            entity_id: id.to_string(),
+            comment: "HTTP 404".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_success_after_a_failed_alert_says_how_many_remain_failed() {
+        let mut e = evaluator(MonitorConfig {
+            on: vec![AlertKind::NotificationFailed],
+            ..config()
+        });
+        let t0 = Instant::now();
+        let mut out = e.signal(
+            &Signal::FailedRows(vec![("crm".into(), 2), ("other".into(), 7)]),
+            t0,
+        );
+        for i in 0..3 {
+            out.extend(e.signal(&notification_failed("crm", i), t0));
+        }
+        // A success before the alert went out is no recovery: nothing was reported yet.
+        out.extend(e.signal(&ok("crm"), t0 + Duration::from_secs(1)));
+        out.extend(e.tick(t0 + Duration::from_secs(6)));
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].event, AlertEvent::NotificationFailed);
+        assert_eq!(out[0].count, Some(3));
+
+        let recovered = e.signal(&ok("crm"), t0 + Duration::from_secs(7));
+        assert_eq!(recovered.len(), 1, "{recovered:#?}");
+        let r = &recovered[0];
+        assert_eq!(r.event, AlertEvent::NotificationFailedRecovered);
+        assert_eq!(r.listener.as_deref(), Some("crm"));
+        assert_eq!(r.count, Some(5));
+        assert!(
+            r.summary.contains(
+                "listener crm accepts deliveries again; 5 notifications remain in walhook.failed"
+            ),
+            "{}",
+            r.summary
+        );
+        assert_eq!(
+            r.command,
+            "walhook retry --listener crm --all --config /etc/walhook/walhook.toml"
+        );
+        assert!(r.detail.contains(&r.command), "{}", r.detail);
+        assert!(e.signal(&ok("crm"), t0 + Duration::from_secs(8)).is_empty());
+        assert!(e.tick(t0 + Duration::from_secs(2000)).is_empty());
+    }
+
+    #[test]
+    fn a_listener_failing_episode_and_failed_notifications_end_with_one_recovery() {
+        let mut e = evaluator(MonitorConfig {
+            listener_failing_for: Duration::from_secs(10),
+            ..config()
+        });
+        let t0 = Instant::now();
+        let mut out = e.signal(&Signal::FailedRows(vec![("crm".into(), 0)]), t0);
+        fail_for(&mut e, t0, Duration::from_secs(20), &mut out);
+        out.extend(e.signal(&notification_failed("crm", 1), t0 + Duration::from_secs(21)));
+        out.extend(e.tick(t0 + Duration::from_secs(30)));
+        let events: Vec<AlertEvent> = out.iter().map(|a| a.event).collect();
+        assert_eq!(
+            events,
+            [AlertEvent::ListenerFailing, AlertEvent::NotificationFailed]
+        );
+        let recovered = e.signal(&ok("crm"), t0 + Duration::from_secs(31));
+        assert_eq!(recovered.len(), 1, "{recovered:#?}");
+        assert_eq!(recovered[0].event, AlertEvent::ListenerRecovered);
+        assert_eq!(recovered[0].count, Some(1));
+        assert!(
+            recovered[0]
+                .detail
+                .contains("1 notification of listener crm that ran out of attempts remains"),
+            "{}",
+            recovered[0].detail
+        );
+    }
+
+    #[test]
+    fn without_a_count_the_recovery_names_no_number() {
+        let mut e = evaluator(MonitorConfig {
+            on: vec![AlertKind::NotificationFailed],
+            ..config()
+        });
+        let t0 = Instant::now();
+        let mut out = e.signal(&notification_failed("crm", 1), t0);
+        out.extend(e.tick(t0 + Duration::from_secs(6)));
+        out.extend(e.signal(&ok("crm"), t0 + Duration::from_secs(7)));
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert_eq!(out[1].count, None);
+        assert!(
+            out[1]
+                .summary
+                .ends_with("failed ones stay in walhook.failed"),
+            "{}",
+            out[1].summary
         );
     }
 

@@ -200,13 +200,16 @@ pub async fn run_with_reload(
         config.path.clone(),
         shutdown.child_token(),
     );
+    let metrics = Arc::new(Metrics::new());
+    metrics.register(&config);
     // Every new connection uses the [source] parameters of the latest reload.
     let (params_tx, params_rx) = watch::channel(Arc::new(params.clone()));
     let source = Source::following(params_rx);
     {
-        // Monitors and connection parameters follow reloads too.
+        // Monitors, metric series and connection parameters follow reloads too.
         let mut rx = config_rx.clone();
         let monitors = monitors.clone();
+        let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let mut current = rx.borrow().source.clone();
@@ -216,6 +219,7 @@ pub async fn run_with_reload(
                         if changed.is_err() { return; }
                         let new = rx.borrow_and_update().clone();
                         monitors.reload(new.monitors.clone());
+                        metrics.register(&new);
                         if new.source != current {
                             follow_source(&new, &params_tx);
                             current = new.source.clone();
@@ -228,7 +232,7 @@ pub async fn run_with_reload(
     }
     let observe = Observe {
         monitors,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
         health: Arc::new(Health::new()),
         ready: ready_tx,
         status: status_tx,
@@ -237,17 +241,31 @@ pub async fn run_with_reload(
     // An address that cannot be bound (yet) is not a reason to stop capturing: the admin
     // task keeps trying and says so once.
     if let Some(admin) = &config.admin {
+        let history = Arc::new(crate::console::History::new());
+        crate::console::spawn_sampler(history.clone(), observe.metrics.clone(), stop.clone());
         let app = crate::admin::router(AdminState {
             metrics: observe.metrics.clone(),
             health: observe.health.clone(),
-        });
+        })
+        .merge(crate::console::router(crate::console::ConsoleDeps {
+            config: config_rx.clone(),
+            metrics: observe.metrics.clone(),
+            health: observe.health.clone(),
+            history,
+        }))
+        // Event Grid's validationUrl: listeners GET it to prove they want the events.
+        .merge(crate::delivery::validation::router(source.clone()));
         tokio::spawn(crate::admin::serve_retrying(
             admin.listen,
             app,
             crate::admin::BIND_RETRY,
             stop.clone(),
         ));
-        info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz");
+        if admin.token.is_some() {
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz /eventgrid/validate, web console on /ui");
+        } else {
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz /eventgrid/validate (web console off: no token_file)");
+        }
     }
     let health = observe.health.clone();
     let _notifier = crate::systemd::spawn_from_env(
@@ -328,7 +346,11 @@ async fn gauge_loop(
         match refreshed {
             Ok(()) => {
                 observe.health.set_queue_reachable(true);
+                observe.metrics.set_database_up(true);
                 observe.monitors.database_reachable();
+                if let Some(counts) = observe.metrics.fresh_failed_counts() {
+                    observe.monitors.failed_rows(counts);
+                }
                 observe.monitors.gauges(
                     Some(observe.metrics.lag_bytes()),
                     observe.metrics.queue_ages(),
@@ -361,6 +383,7 @@ async fn gauge_loop(
             }
             Err(e) => {
                 observe.health.set_queue_reachable(false);
+                observe.metrics.set_database_up(false);
                 observe.monitors.database_unreachable(&e);
                 observe.health.set_last_error(Some(e));
                 client = None;
@@ -395,9 +418,10 @@ async fn retention_loop(config: &Config, source: &Source, shutdown: &Cancellatio
                     info!("retention works again");
                 }
                 failing = false;
-                if o.processed + o.events > 0 {
+                if o.processed + o.discarded + o.events > 0 {
                     debug!(
                         processed = o.processed,
+                        discarded = o.discarded,
                         events = o.events,
                         "pruned old rows"
                     );

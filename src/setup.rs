@@ -89,7 +89,8 @@ const SQL_CURRENT_DATABASE: &str = "SELECT current_database()::text";
 const SQL_DROP_SLOT: &str = "SELECT pg_drop_replication_slot($1)";
 const SQL_MIGRATION_TABLE_EXISTS: &str =
     "SELECT to_regclass('walhook.schema_migration') IS NOT NULL";
-const SQL_QUEUE_VERSION: &str = "SELECT max(version) FROM walhook.schema_migration";
+const SQL_QUEUE_VERSION: &str =
+    "SELECT array_agg(version ORDER BY version) FROM walhook.schema_migration";
 
 // ---------------------------------------------------------------------------------------------
 // Report
@@ -706,16 +707,33 @@ async fn queue_state(client: &Client, schema_exists: bool) -> QueueSchema {
         client
             .query_one(SQL_QUEUE_VERSION, &[])
             .await?
-            .try_get::<_, Option<i32>>(0)
+            .try_get::<_, Option<Vec<i32>>>(0)
     };
     let latest = crate::queue::latest_version();
+    // Versions may be applied out of order: one missing below the highest is behind too.
+    let missing = |applied: &[i32]| -> Vec<String> {
+        crate::queue::MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| m.name.to_owned())
+            .collect()
+    };
     match version.await {
         Ok(None) => QueueSchema::Missing,
-        Ok(Some(v)) if v == latest => QueueSchema::Current(format!("version {v}")),
-        Ok(Some(v)) if v < latest => QueueSchema::Behind(format!("version {v} of {latest}")),
-        Ok(Some(v)) => QueueSchema::TooNew(format!(
-            "version {v}, newer than this walhook knows ({latest})"
-        )),
+        Ok(Some(applied)) => match applied.iter().max().copied() {
+            None => QueueSchema::Missing,
+            Some(v) if v > latest => QueueSchema::TooNew(format!(
+                "version {v}, newer than this walhook knows ({latest})"
+            )),
+            Some(v) => match missing(&applied) {
+                m if m.is_empty() => QueueSchema::Current(format!("version {v}")),
+                _ if v < latest => QueueSchema::Behind(format!("version {v} of {latest}")),
+                m => QueueSchema::Behind(format!(
+                    "version {v} of {latest}, without {}",
+                    m.join(", ")
+                )),
+            },
+        },
         Err(e) => QueueSchema::Unknown(db_message(&e)),
     }
 }

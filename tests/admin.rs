@@ -116,7 +116,11 @@ fn gauge(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 async fn metrics_parse_as_prometheus_text_and_counters_move() {
     let server = Server::start().await;
     let before = server.scrape().await;
-    assert_eq!(gauge(&before, "walhook_up", &[]), 1.0);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        gauge(&before, "walhook_build_info", &[("version", version)]),
+        1.0
+    );
     assert_eq!(counter(&before, "walhook_events_read_total", &[]), 0.0);
     assert_eq!(gauge(&before, "walhook_streaming", &[]), 0.0);
 

@@ -54,6 +54,7 @@ fn listener(url: String) -> ListenerConfig {
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         nats: None,
+        event_types: Default::default(),
     }
 }
 
@@ -89,7 +90,7 @@ fn notification() -> Notification {
 /// Renders the sample notification in `sink`'s listener format and sends it, as the
 /// dispatcher does.
 async fn deliver(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
-    let format = Format::for_listener(&l.format, "CRM");
+    let format = Format::for_listener(l, "CRM");
     sink.send(format.render(&notification().event)).await
 }
 

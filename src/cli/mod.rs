@@ -1,35 +1,30 @@
 //! The command line: parses arguments, sets up logging, runs a command, maps errors to
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
+mod assets;
 #[cfg(feature = "demo")]
 mod demo;
+mod logging;
 mod ops;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DEFAULT_PATH};
 use crate::error::{Classify, ErrorClass};
 
-/// walhook: PostgreSQL change data capture to webhooks.
+/// PostgreSQL change data capture to webhooks.
 #[derive(Parser, Debug)]
 #[command(name = "walhook", version, about, long_about = None)]
 struct Cli {
-    /// Log format: text for terminals, json for log collectors (default: text on a terminal,
-    /// json otherwise).
+    /// Log format: text for people, json for log collectors (default: text on a terminal
+    /// and in systemd's journal, json otherwise). WALHOOK_LOG sets the level (e.g. debug).
     #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -44,7 +39,7 @@ enum Command {
     /// Run the daemon: stream changes into the queue tables.
     Run(ConfigArg),
     /// Check the configuration and the database prerequisites; one line per check.
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Create the queue tables, publication and slot (or print the SQL for a DBA).
     Setup(SetupArgs),
     /// Queue counts per listener, last errors, slot lag and the flushed position.
@@ -53,6 +48,8 @@ enum Command {
     Failed(ops::FailedArgs),
     /// Move Failed notifications back to walhook.new for another round of attempts.
     Retry(ops::RetryArgs),
+    /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
+    Discard(ops::DiscardArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     #[cfg(feature = "demo")]
     Demo {
@@ -60,6 +57,29 @@ enum Command {
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
     },
+    /// Print a shell completion script, e.g. `walhook completions bash >
+    /// /etc/bash_completion.d/walhook`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages and completion scripts into a directory (for packaging).
+    #[command(hide = true)]
+    Assets {
+        /// The directory; created when missing.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Check only the file, without connecting to the database: syntax, keys, values,
+    /// referenced files and environment variables (for config management and CI).
+    #[arg(long)]
+    offline: bool,
 }
 
 #[derive(Args, Debug)]
@@ -116,12 +136,12 @@ pub fn main() -> i32 {
     let (format, default_filter) = match cli.command {
         #[cfg(feature = "demo")]
         Command::Demo { .. } => (
-            Some(cli.log_format.unwrap_or(LogFormat::Text)),
+            Some(cli.log_format.unwrap_or(logging::LogFormat::Text)),
             "warn,tokio_postgres=error",
         ),
         _ => (cli.log_format, "info,tokio_postgres=warn"),
     };
-    init_logging(format, default_filter);
+    logging::init(format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -156,9 +176,13 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             crate::service::run_with_reload(config, shutdown, Some(reload_rx)).await?;
             Ok(0)
         }
-        Command::Check(c) => {
-            let config = Config::load(&c.config)?;
-            let params = config.source.connect_params()?;
+        Command::Check(args) if args.offline => {
+            let (config, _) = args.config.load()?;
+            println!("{}", offline_verdict(&config));
+            Ok(0)
+        }
+        Command::Check(args) => {
+            let (config, params) = args.config.load()?;
             let (client, conn, tls) = crate::db::connect_raw(&params).await?;
             tokio::spawn(conn);
             let mut report = crate::setup::check(&client, &config).await;
@@ -177,9 +201,38 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::Discard(args) => ops::run_discard(args).await,
         #[cfg(feature = "demo")]
         Command::Demo { duration } => demo::run(duration).await,
+        Command::Completions { shell } => {
+            assets::print_completions(shell);
+            Ok(0)
+        }
+        Command::Assets { out } => {
+            let written = assets::write_assets(&out).map_err(|e| Failure {
+                class: ErrorClass::Transient,
+                message: format!("cannot write to {}: {e}", out.display()),
+            })?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            Ok(0)
+        }
     }
+}
+
+/// The line `walhook check --offline` prints for a file without errors.
+fn offline_verdict(config: &Config) -> String {
+    fn count(n: usize, one: &str, many: &str) -> String {
+        format!("{n} {}", if n == 1 { one } else { many })
+    }
+    format!(
+        "ok    configuration {}: {}, {}, {} (database not checked: --offline)",
+        config.path.display(),
+        count(config.entities.len(), "entity", "entities"),
+        count(config.listeners.len(), "listener", "listeners"),
+        count(config.monitors.len(), "monitor", "monitors"),
+    )
 }
 
 async fn setup(args: SetupArgs) -> Result<i32, Failure> {
@@ -256,10 +309,17 @@ async fn adopt(
 }
 
 impl ConfigArg {
-    /// Loads the configuration and opens an ordinary connection to its source database.
-    async fn load_and_connect(&self) -> Result<(Config, tokio_postgres::Client), Failure> {
+    /// Loads and checks the configuration, including the connection string, without
+    /// connecting: everything `check --offline` and the commands that connect both find.
+    fn load(&self) -> Result<(Config, crate::replication::conn::ConnectParams), Failure> {
         let config = Config::load(&self.config)?;
         let params = config.source.connect_params()?;
+        Ok((config, params))
+    }
+
+    /// Loads the configuration and opens an ordinary connection to its source database.
+    async fn load_and_connect(&self) -> Result<(Config, tokio_postgres::Client), Failure> {
+        let (config, params) = self.load()?;
         let client = crate::service::connect_ordinary(&params).await?;
         Ok((config, client))
     }
@@ -344,21 +404,3 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 
 /// Exit code after a second SIGTERM/SIGINT: 128 + SIGTERM, as a shell reports a killed job.
 const EXIT_SECOND_SIGNAL: i32 = 143;
-
-fn init_logging(format: Option<LogFormat>, default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("WALHOOK_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Text
-    } else {
-        LogFormat::Json
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}

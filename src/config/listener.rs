@@ -7,8 +7,11 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
+use super::admin::AdminConfig;
+use super::azure::{EventGridConfig, ServiceBusConfig, at as start_of, received};
 use super::check::Checker;
 use super::entity::EntityConfig;
+use super::event_types::{EventTypes, RawEventTypes};
 use super::nats::{NatsConfig, RawNats};
 use super::units::parse_rate_limit;
 use super::webhook::RawHeaders;
@@ -53,6 +56,8 @@ pub struct ListenerConfig {
     pub format: ListenerFormat,
     /// `Some` for a `nats://` or `tls://` url: the listener publishes to NATS JetStream.
     pub nats: Option<NatsConfig>,
+    /// What each action is sent as, where the format has an event type (`event_types`).
+    pub event_types: EventTypes,
 }
 
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
@@ -74,10 +79,14 @@ pub struct Backoff {
 }
 
 /// The payload format a listener receives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ListenerFormat {
     /// CloudEvents 1.0 JSON, in the given content mode.
     CloudEvents(CloudEventsMode),
+    /// The Azure Event Grid event schema, to a validated webhook or an Event Grid topic.
+    EventGrid(EventGridConfig),
+    /// Azure Service Bus messages, one topic or queue per entity.
+    ServiceBus(ServiceBusConfig),
 }
 
 /// How a CloudEvent travels (`cloudevents_mode`).
@@ -110,6 +119,18 @@ pub(super) struct RawListener {
     format: Str,
     cloudevents_mode: Str,
     nats: Option<Spanned<RawNats>>,
+    pub(super) event_types: RawEventTypes,
+    pub(super) eventgrid_topic: Option<Spanned<bool>>,
+    pub(super) aeg_sas_key: Str,
+    pub(super) aeg_sas_key_file: Str,
+    pub(super) topic: Str,
+    pub(super) data_version: Str,
+    pub(super) sas_key_name: Str,
+    pub(super) sas_key: Str,
+    pub(super) sas_key_file: Str,
+    pub(super) sas_token_ttl: Str,
+    pub(super) on_behalf_of: Str,
+    pub(super) user_properties: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -134,6 +155,7 @@ impl Checker<'_> {
         &mut self,
         raw: &[Spanned<RawListener>],
         entities: &[EntityConfig],
+        admin: Option<&AdminConfig>,
     ) -> Vec<ListenerConfig> {
         let mut listeners = Vec::new();
         let mut names: HashSet<String> = HashSet::new();
@@ -201,14 +223,36 @@ impl Checker<'_> {
                 &section,
             );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
-            let format = self.format(&l.format, &key("format"));
-            let format = match format {
-                ListenerFormat::CloudEvents(_) => {
-                    ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key))
+            let kind = self.format(&l.format, &key("format"));
+            self.nats_format(nats.is_some(), kind.name(), &l.format, &key("format"));
+            self.keys_of_other_formats(&format_keys(l), kind.name(), &section);
+            let event_types = self.event_types(&l.event_types, &key("event_types"));
+            let format = match kind {
+                FormatKind::CloudEvents => {
+                    Some(ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key)))
+                }
+                FormatKind::EventGrid => {
+                    let format_at = start_of(&l.format).unwrap_or(at);
+                    self.eventgrid(l, &section, format_at, admin)
+                        .map(ListenerFormat::EventGrid)
+                }
+                FormatKind::ServiceBus => {
+                    let receives = received(entities, listener_entities.as_deref());
+                    self.servicebus_event_types(l, &section, at, &event_types, &actions, &receives);
+                    self.servicebus(l, &section, at)
+                        .map(ListenerFormat::ServiceBus)
                 }
             };
 
-            if let (Some(name), Some(url)) = (name, url) {
+            if let Some(format) = &format {
+                self.azure_headers(
+                    format,
+                    &headers,
+                    &section,
+                    start_of(&l.format).unwrap_or(at),
+                );
+            }
+            if let (Some(name), Some(url), Some(format)) = (name, url, format) {
                 listeners.push(ListenerConfig {
                     name,
                     url,
@@ -225,6 +269,7 @@ impl Checker<'_> {
                     debounce,
                     format,
                     nats,
+                    event_types,
                 });
             }
         }
@@ -319,30 +364,30 @@ impl Checker<'_> {
         debounce
     }
 
-    fn format(&mut self, raw: &Str, key: &str) -> ListenerFormat {
+    fn format(&mut self, raw: &Str, key: &str) -> FormatKind {
         let Some(v) = raw else {
-            return ListenerFormat::CloudEvents(CloudEventsMode::Structured);
+            return FormatKind::CloudEvents;
         };
         let s = self.string(v, key);
-        match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
-            "cloudevents" => {}
-            "eventgrid" | "servicebus" | "form" | "template" => self.report(
-                v.span().start,
-                key,
-                &format!(
-                    "format {:?} is not supported yet",
-                    s.as_deref().unwrap_or_default()
-                ),
-                "use format = \"cloudevents\"",
-            ),
-            _ => self.report(
-                v.span().start,
-                key,
-                &format!("unknown format {:?}", s.as_deref().unwrap_or_default()),
-                "use format = \"cloudevents\"",
-            ),
+        let name = s.as_deref().map(str::trim).unwrap_or("cloudevents");
+        if let Some(kind) = FormatKind::ALL.into_iter().find(|k| k.name() == name) {
+            return kind;
         }
-        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+        let known: Vec<String> = FormatKind::ALL
+            .iter()
+            .map(|k| format!("\"{}\"", k.name()))
+            .collect();
+        let problem = match name {
+            "form" | "template" => "is not supported yet",
+            _ => "is unknown",
+        };
+        self.report(
+            v.span().start,
+            key,
+            &format!("format {name:?} {problem}"),
+            &format!("use format = {}", known.join(", ")),
+        );
+        FormatKind::CloudEvents
     }
 
     /// `cloudevents_mode`: structured (the event as the body) or binary (ce-* headers).
@@ -372,6 +417,56 @@ impl Checker<'_> {
             }
         }
     }
+}
+
+/// The formats `format = …` names; each builds its [`ListenerFormat`] from its own keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FormatKind {
+    CloudEvents,
+    EventGrid,
+    ServiceBus,
+}
+
+impl FormatKind {
+    const ALL: [FormatKind; 3] = [
+        FormatKind::CloudEvents,
+        FormatKind::EventGrid,
+        FormatKind::ServiceBus,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            FormatKind::CloudEvents => "cloudevents",
+            FormatKind::EventGrid => "eventgrid",
+            FormatKind::ServiceBus => "servicebus",
+        }
+    }
+}
+
+/// The format-specific keys of a listener: name, where it is set, the formats using it.
+fn format_keys(l: &RawListener) -> Vec<(&'static str, Option<usize>, &'static [&'static str])> {
+    const EVENTGRID: &[&str] = &["eventgrid"];
+    const SERVICEBUS: &[&str] = &["servicebus"];
+    const AZURE: &[&str] = &["eventgrid", "servicebus"];
+    vec![
+        (
+            "cloudevents_mode",
+            start_of(&l.cloudevents_mode),
+            &["cloudevents"],
+        ),
+        ("event_types", start_of(&l.event_types), AZURE),
+        ("eventgrid_topic", start_of(&l.eventgrid_topic), EVENTGRID),
+        ("aeg_sas_key", start_of(&l.aeg_sas_key), EVENTGRID),
+        ("aeg_sas_key_file", start_of(&l.aeg_sas_key_file), EVENTGRID),
+        ("topic", start_of(&l.topic), AZURE),
+        ("data_version", start_of(&l.data_version), EVENTGRID),
+        ("sas_key_name", start_of(&l.sas_key_name), SERVICEBUS),
+        ("sas_key", start_of(&l.sas_key), SERVICEBUS),
+        ("sas_key_file", start_of(&l.sas_key_file), SERVICEBUS),
+        ("sas_token_ttl", start_of(&l.sas_token_ttl), SERVICEBUS),
+        ("on_behalf_of", start_of(&l.on_behalf_of), SERVICEBUS),
+        ("user_properties", start_of(&l.user_properties), SERVICEBUS),
+    ]
 }
 
 #[cfg(test)]
@@ -576,9 +671,9 @@ format = \"xml\"
                 "walhook.toml:13:14: listener[0].rate_limit: invalid rate limit \"fast\"; write a count and a period, like \"50/s\", \"1000/m\" or \"10/h\"",
                 "walhook.toml:14:16: listener[0].max_attempts: 0 is out of range; use a number from 1 to 1000 (default 12)",
                 "walhook.toml:15:35: listener[0].backoff.max: max backoff is shorter than initial; make max at least as long as initial",
-                "walhook.toml:16:10: listener[0].format: format \"eventgrid\" is not supported yet; use format = \"cloudevents\"",
+                "walhook.toml:16:10: listener[0].format: an Event Grid webhook is validated through walhook's admin endpoint, and there is no [admin] section; add [admin] with listen and public_url (the address the listener can reach), or set eventgrid_topic = true for an Event Grid topic endpoint",
                 "walhook.toml:19:8: listener[1].name: listener \"a\" is defined twice; give each [[listener]] its own name",
-                "walhook.toml:21:10: listener[1].format: unknown format \"xml\"; use format = \"cloudevents\"",
+                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\"",
             ]
         );
     }

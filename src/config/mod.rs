@@ -3,8 +3,10 @@
 //! Everything after this module works with [`Config`] and never sees TOML.
 
 mod admin;
+mod azure;
 mod check;
 mod entity;
+mod event_types;
 mod listener;
 mod monitor;
 mod nats;
@@ -23,7 +25,11 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::azure::{
+    EventGridConfig, EventGridDelivery, ServiceBusConfig, TopicTemplate, VALIDATION_PATH,
+};
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
+pub use self::event_types::{EventType, EventTypes};
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::nats::{NatsAuth, NatsConfig, Retention, Storage, StreamSettings, SubjectTemplate};
@@ -173,7 +179,7 @@ impl Checker<'_> {
         let queue = self.queue(raw.queue.as_ref());
         let admin = raw.admin.as_ref().map(|a| self.admin(a));
         let entities = self.entities(&raw.entity);
-        let listeners = self.listeners(&raw.listener, &entities);
+        let listeners = self.listeners(&raw.listener, &entities, admin.as_ref());
         let monitors = self.monitors(&raw.monitor);
         Config {
             path: path.to_owned(),

@@ -295,6 +295,22 @@ impl Checker<'_> {
         Some(self.nats(raw, url, section))
     }
 
+    /// The formats a NATS listener can publish. The Azure formats' settings (Event Grid's
+    /// validation handshake, Service Bus's SAS keys and topics) belong to their HTTP APIs.
+    pub(super) fn nats_format(&mut self, nats: bool, format: &str, raw: &Str, key: &str) {
+        if nats
+            && format != "cloudevents"
+            && let Some(v) = raw
+        {
+            self.report(
+                v.span().start,
+                key,
+                &format!("format {format:?} is not available for a NATS listener yet"),
+                "use format = \"cloudevents\" (structured or binary) for nats:// and tls:// urls",
+            );
+        }
+    }
+
     /// The url of a `nats://` / `tls://` listener; `None` (reported) when invalid.
     fn nats_url(&mut self, value: &Spanned<String>, key: &str) -> Option<SecretUrl> {
         let text = self.string(value, key)?;
@@ -664,6 +680,13 @@ mod tests {
             lines[0].contains("the value is not an NKey seed; use the user's seed"),
             "{lines:?}"
         );
+        let lines = errors(&nats_listener("format = \"eventgrid\"\n"));
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("format \"eventgrid\" is not available for a NATS listener")),
+            "{lines:?}"
+        );
         let lines = errors(&nats_listener("[listener.nats]\nuser = \"walhook\"\n"));
         assert!(
             lines[0].contains("user is set without a password"),
@@ -691,7 +714,7 @@ mod tests {
             "WALHOOK_DB_PASSWORD" => Some("db-secret".to_owned()),
             "CRM_API_KEY" => Some("api-key".to_owned()),
             "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
-            _ => None,
+            _ => Some("value-from-the-environment".to_owned()),
         };
         let text = include_str!("../../config.example.toml");
         let c = crate::config::Config::parse_with_env(
@@ -700,7 +723,11 @@ mod tests {
             &env,
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let bus = c.listeners.iter().find(|l| l.name == "bus").expect("bus");
+        let bus = c
+            .listeners
+            .iter()
+            .find(|l| l.name == "stream")
+            .expect("stream");
         let n = bus.nats.as_ref().expect("a NATS listener");
         assert_eq!(n.subject.as_str(), DEFAULT_SUBJECT);
         let s = n.stream.as_ref().expect("stream");

@@ -88,7 +88,15 @@ pub(super) fn is_secret_path(path: &str) -> bool {
     let last = path.rsplit('.').next().unwrap_or("");
     matches!(
         last,
-        "password" | "url" | "secret" | "smtp_url" | "smtp_password" | "token" | "nkey_seed"
+        "password"
+            | "url"
+            | "secret"
+            | "smtp_url"
+            | "smtp_password"
+            | "token"
+            | "nkey_seed"
+            | "sas_key"
+            | "aeg_sas_key"
     ) || path.contains(".headers")
 }
 

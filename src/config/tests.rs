@@ -31,7 +31,7 @@ fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
     let with = |mode: &str| {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n")
     };
-    let format = |text: &str| parse(text).unwrap().listeners[0].format;
+    let format = |text: &str| parse(text).unwrap().listeners[0].format.clone();
     assert_eq!(
         format(&with("")),
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)
@@ -90,6 +90,7 @@ fn example_file_parses_with_its_environment() {
         "WALHOOK_DB_PASSWORD" => Some("db-secret".to_owned()),
         "CRM_API_KEY" => Some("api-key".to_owned()),
         "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+        "EVENTGRID_TOPIC_KEY" | "SERVICEBUS_SAS_KEY" => Some("azure-key".to_owned()),
         _ => None,
     };
     let text = include_str!("../../config.example.toml");
@@ -103,7 +104,9 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(
         c.admin,
         Some(AdminConfig {
-            listen: "127.0.0.1:8187".parse().unwrap()
+            listen: "127.0.0.1:8187".parse().unwrap(),
+            public_url: Some("https://walhook.example.com:8187".parse().unwrap()),
+            token: None,
         })
     );
     assert_eq!(c.entities.len(), 2);
@@ -143,12 +146,36 @@ fn example_file_parses_with_its_environment() {
         l.format,
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)
     );
+    let ListenerFormat::EventGrid(grid) = &c.listeners[1].format else {
+        panic!("listener grid is not eventgrid")
+    };
+    assert_eq!(
+        grid.delivery,
+        EventGridDelivery::Webhook {
+            validation_url: "https://walhook.example.com:8187/eventgrid/validate"
+                .parse()
+                .unwrap()
+        }
+    );
+    assert_eq!(
+        c.listeners[1].event_types.get(Action::Deleted),
+        Some(&EventType::Name("AssetChanged".into()))
+    );
+    assert!(matches!(
+        &c.listeners[2].format,
+        ListenerFormat::EventGrid(g) if matches!(&g.delivery, EventGridDelivery::Topic { key } if key.expose() == "azure-key")
+    ));
+    let ListenerFormat::ServiceBus(bus) = &c.listeners[3].format else {
+        panic!("listener bus is not servicebus")
+    };
+    assert_eq!(bus.topic.render("Customer"), "api.event.customer");
+    assert_eq!(bus.sas_key.expose(), "azure-key");
 }
 
 #[test]
 fn example_file_without_its_environment_names_each_missing_variable() {
     let lines = errors(include_str!("../../config.example.toml"));
-    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(lines.len(), 5, "{lines:#?}");
     assert!(
         lines[0].contains("source.password: environment variable WALHOOK_DB_PASSWORD is not set")
     );
@@ -158,6 +185,15 @@ fn example_file_without_its_environment_names_each_missing_variable() {
     );
     assert!(
         lines[2].contains("listener[0].secret: environment variable CRM_SIGNING_SECRET is not set")
+    );
+    assert!(
+        lines[3].contains(
+            "listener[2].aeg_sas_key: environment variable EVENTGRID_TOPIC_KEY is not set"
+        )
+    );
+    assert!(
+        lines[4]
+            .contains("listener[3].sas_key: environment variable SERVICEBUS_SAS_KEY is not set")
     );
 }
 

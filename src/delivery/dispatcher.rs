@@ -37,8 +37,9 @@ use super::format::{Format, Message};
 use super::lease::{LeaseBook, LeaseTimes};
 use super::policy::{Outcome, next_attempt_delay};
 use super::sink::{Sink, SinkError};
+use super::validation::Handshake;
 use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
-use crate::config::{ListenerConfig, RateLimit};
+use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit};
 use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
@@ -222,6 +223,7 @@ pub(crate) async fn run_following(
             }
         })
     };
+    let validation_db = db.clone();
     let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
     let record_link = Arc::new(Link::new("recording", db, &owner, None));
 
@@ -245,6 +247,13 @@ pub(crate) async fn run_following(
         done_rx,
     ));
     let mut tasks = JoinSet::new();
+    for lane in lanes.iter().filter(|l| l.validated.is_some()) {
+        tasks.spawn(validate(
+            lane.clone(),
+            validation_db.clone(),
+            shared.clone(),
+        ));
+    }
     for lane in lanes.iter() {
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         tasks.spawn(claim_loop(
@@ -433,6 +442,9 @@ struct Lane {
     next_due: Mutex<Option<Instant>>,
     /// Whether the last recorded attempt failed (logged on change; shrinks prefetch).
     failing: AtomicBool,
+    /// For listeners that must be validated first (Event Grid webhooks): true once they are;
+    /// nothing is claimed before.
+    validated: Option<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Lane {
@@ -442,7 +454,7 @@ impl Lane {
         source_system: &str,
         lease_extra: Duration,
     ) -> Result<Lane, DispatchError> {
-        let format = Format::for_listener(&config.format, source_system);
+        let format = Format::for_listener(&config, source_system);
         let sink = Sink::for_listener(&config)?;
         let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
@@ -453,7 +465,16 @@ impl Lane {
             target = target.min(rate_limited_prefetch(rate));
         }
         let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
+        let validated = match &config.format {
+            ListenerFormat::EventGrid(c)
+                if matches!(c.delivery, EventGridDelivery::Webhook { .. }) =>
+            {
+                Some(tokio::sync::watch::Sender::new(false))
+            }
+            _ => None,
+        };
         Ok(Lane {
+            validated,
             index,
             format,
             sink,
@@ -621,7 +642,33 @@ where
     }
 }
 
-/// Claims due notifications for one listener until stop.
+/// Runs the validation handshake of a listener that needs one (an Event Grid webhook),
+/// which opens its claimer's gate.
+async fn validate(lane: Arc<Lane>, db: Source, shared: Arc<Shared>) {
+    let (Some(validated), Format::EventGrid(format), Some(sink), ListenerFormat::EventGrid(config)) = (
+        &lane.validated,
+        &lane.format,
+        lane.sink.as_http(),
+        &lane.config.format,
+    ) else {
+        return;
+    };
+    let EventGridDelivery::Webhook { validation_url } = &config.delivery else {
+        return;
+    };
+    let handshake = Handshake {
+        listener: &lane.config,
+        format,
+        sink,
+        validation_url,
+    };
+    if let Err(e) = handshake.run(&db, validated, &shared.stop).await {
+        shared.fail(e.into());
+    }
+}
+
+/// Claims due notifications for one listener until stop (after its validation, if it
+/// needs one).
 async fn claim_loop(
     lane: Arc<Lane>,
     link: Arc<Link>,
@@ -629,6 +676,13 @@ async fn claim_loop(
     claimed: mpsc::UnboundedSender<Claimed>,
     done: mpsc::UnboundedSender<Done>,
 ) {
+    if let Some(validated) = &lane.validated {
+        let mut open = validated.subscribe();
+        tokio::select! {
+            _ = open.wait_for(|v| *v) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
     let mut backoff = RECONNECT_INITIAL;
     let mut claims: u64 = 0;
     while !shared.stop.is_cancelled() {

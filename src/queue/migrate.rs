@@ -9,7 +9,9 @@ use super::{Needs, QueueError, Session, db_error};
 /// One schema migration: a version and the SQL that brings the schema to it.
 #[derive(Clone, Copy, Debug)]
 pub struct Migration {
-    /// Version recorded in `walhook.schema_migration`; strictly increasing.
+    /// Version recorded in `walhook.schema_migration`; strictly increasing. Numbers may
+    /// leave gaps (work in progress elsewhere reserves one): each migration applies once,
+    /// in version order, whichever others were applied before it.
     pub version: i32,
     /// File name in `sql/`, for messages.
     pub name: &'static str,
@@ -33,6 +35,16 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "0003_capture.sql",
         sql: include_str!("../../sql/0003_capture.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_console.sql",
+        sql: include_str!("../../sql/0004_console.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_listener_validation.sql",
+        sql: include_str!("../../sql/0005_listener_validation.sql"),
     },
 ];
 
@@ -149,8 +161,8 @@ mod tests {
     #[test]
     fn migration_versions_strictly_increase_from_one() {
         let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
-        let expected: Vec<i32> = (1..=i32::try_from(MIGRATIONS.len()).unwrap()).collect();
-        assert_eq!(versions, expected);
+        assert_eq!(versions.first(), Some(&1));
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
         assert_eq!(latest_version(), *versions.last().unwrap());
     }
 

@@ -6,12 +6,14 @@
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
+pub mod browse;
 mod listeners;
 mod migrate;
 mod model;
 mod notifications;
 mod rejected;
 mod state;
+mod validation;
 mod writer;
 
 use tokio_postgres::error::SqlState;
@@ -29,6 +31,11 @@ pub use notifications::{
 pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
     read_state, record_source, record_start, unalerted_gaps,
+};
+pub use validation::{
+    VALIDATION_WINDOW, ValidatedBy, Validation, ValidationState, begin_validation, code_sha256,
+    connect_validation, expire_validation, fingerprint, mark_validated, mark_validation_failed,
+    note_validation, read_validation, read_validations,
 };
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 

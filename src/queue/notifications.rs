@@ -429,33 +429,10 @@ impl NotificationStore {
 fn notification(row: &Row) -> Result<Notification, (i64, String)> {
     let id: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
     let read = || -> Result<Notification, String> {
-        let text = |e: tokio_postgres::Error| e.to_string();
-        let commit_lsn: PgLsn = row.try_get(3).map_err(text)?;
-        let action: String = row.try_get(8).map_err(text)?;
-        let action = match action.as_str() {
-            "Created" => Action::Created,
-            "Updated" => Action::Updated,
-            "Deleted" => Action::Deleted,
-            "Truncated" => Action::Truncated,
-            other => return Err(format!("unknown action {other:?} in walhook.event")),
-        };
         Ok(Notification {
             id,
-            attempts: row.try_get(1).map_err(text)?,
-            event: StoredEvent {
-                event_id: row.try_get::<_, Uuid>(2).map_err(text)?,
-                commit_lsn: Lsn(u64::from(commit_lsn)),
-                seq: row.try_get(4).map_err(text)?,
-                commit_time: row.try_get::<_, SystemTime>(5).map_err(text)?,
-                entity: row.try_get(6).map_err(text)?,
-                entity_id: row.try_get(7).map_err(text)?,
-                action,
-                changed_fields: row.try_get(9).map_err(text)?,
-                row: row.try_get::<_, Value>(10).map_err(text)?,
-                old: row.try_get::<_, Option<Value>>(11).map_err(text)?,
-                subject: row.try_get(12).map_err(text)?,
-                source_table: row.try_get(13).map_err(text)?,
-            },
+            attempts: row.try_get(1).map_err(|e| e.to_string())?,
+            event: stored_event(row, 2)?,
         })
     };
     read().map_err(|detail| {
@@ -463,6 +440,38 @@ fn notification(row: &Row) -> Result<Notification, (i64, String)> {
             id,
             format!("the event of this notification cannot be read from walhook.event: {detail}"),
         )
+    })
+}
+
+/// The `walhook.event` columns (alias `e`) [`stored_event`] reads, in its order.
+pub(crate) const STORED_EVENT_COLUMNS: &str = "e.event_id, e.commit_lsn, e.seq, e.commit_time, \
+     e.entity, e.entity_id, e.action, e.changed_fields, e.\"row\", e.old, e.subject, e.source_table";
+
+/// Reads the [`STORED_EVENT_COLUMNS`] of `row`, starting at column `first`.
+pub(crate) fn stored_event(row: &Row, first: usize) -> Result<StoredEvent, String> {
+    let text = |e: tokio_postgres::Error| e.to_string();
+    let commit_lsn: PgLsn = row.try_get(first + 1).map_err(text)?;
+    let action: String = row.try_get(first + 6).map_err(text)?;
+    let action = match action.as_str() {
+        "Created" => Action::Created,
+        "Updated" => Action::Updated,
+        "Deleted" => Action::Deleted,
+        "Truncated" => Action::Truncated,
+        other => return Err(format!("unknown action {other:?} in walhook.event")),
+    };
+    Ok(StoredEvent {
+        event_id: row.try_get::<_, Uuid>(first).map_err(text)?,
+        commit_lsn: Lsn(u64::from(commit_lsn)),
+        seq: row.try_get(first + 2).map_err(text)?,
+        commit_time: row.try_get::<_, SystemTime>(first + 3).map_err(text)?,
+        entity: row.try_get(first + 4).map_err(text)?,
+        entity_id: row.try_get(first + 5).map_err(text)?,
+        action,
+        changed_fields: row.try_get(first + 7).map_err(text)?,
+        row: row.try_get::<_, Value>(first + 8).map_err(text)?,
+        old: row.try_get::<_, Option<Value>>(first + 9).map_err(text)?,
+        subject: row.try_get(first + 10).map_err(text)?,
+        source_table: row.try_get(first + 11).map_err(text)?,
     })
 }
 

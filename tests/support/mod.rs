@@ -143,10 +143,10 @@ where
     }
 }
 
-/// A TCP port nothing listens on right now, for an admin endpoint.
+/// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
+        .expect("bind 127.0.0.1:0")
         .local_addr()
         .expect("local address")
         .port()

@@ -52,12 +52,14 @@ impl CloudEvents {
                 body: serde_json::to_vec(&ce).unwrap_or_default(),
                 content_type: Cow::Borrowed(CLOUDEVENTS_CONTENT_TYPE),
                 attributes: Vec::new(),
+                topic: None,
             },
             CloudEventsMode::Binary => Message {
                 body: serde_json::to_vec(&ce.data).unwrap_or_default(),
                 content_type: Cow::Borrowed(DATA_CONTENT_TYPE),
                 attributes: ce.binary_attributes(),
                 id: ce.id,
+                topic: None,
             },
         }
     }
@@ -69,17 +71,23 @@ impl CloudEvents {
             .iter()
             .map(|e| CloudEvent::of(e, &self.source_system))
             .collect();
-        let ids: Vec<u8> = events
-            .iter()
-            .flat_map(|e| e.event_id.as_bytes().iter().copied())
-            .collect();
         Message {
-            id: Uuid::new_v5(&BATCH_ID_NAMESPACE, &ids).to_string(),
+            id: batch_id(events),
             body: serde_json::to_vec(&batch).unwrap_or_default(),
             content_type: Cow::Borrowed(CLOUDEVENTS_BATCH_CONTENT_TYPE),
             attributes: Vec::new(),
+            topic: None,
         }
     }
+}
+
+/// The id of a batch: the same events in the same order keep it when sent again.
+pub(super) fn batch_id(events: &[&StoredEvent]) -> String {
+    let ids: Vec<u8> = events
+        .iter()
+        .flat_map(|e| e.event_id.as_bytes().iter().copied())
+        .collect();
+    Uuid::new_v5(&BATCH_ID_NAMESPACE, &ids).to_string()
 }
 
 /// The CloudEvent for `event` as JSON (structured mode).
@@ -109,9 +117,10 @@ struct CloudEvent<'a> {
     kind: String,
 }
 
-/// The `data` of a [`CloudEvent`]; fields in byte order of their names, too.
+/// The `data` of a [`CloudEvent`] (and of an Event Grid event); fields in byte order of
+/// their names, too.
 #[derive(Serialize)]
-struct CloudEventData<'a> {
+pub(super) struct CloudEventData<'a> {
     action: &'static str,
     /// `null` when unknown.
     #[serde(rename = "changedFields")]
@@ -124,18 +133,25 @@ struct CloudEventData<'a> {
     row: &'a Value,
 }
 
+impl<'a> CloudEventData<'a> {
+    /// What happened to the entity: action, changedFields, row and old row.
+    pub(super) fn of(event: &'a StoredEvent) -> CloudEventData<'a> {
+        CloudEventData {
+            action: event.action.as_str(),
+            changed_fields: event.changed_fields.as_deref(),
+            entity: &event.entity,
+            entity_id: &event.entity_id,
+            old: event.old.as_ref(),
+            row: &event.row,
+        }
+    }
+}
+
 impl<'a> CloudEvent<'a> {
     fn of(event: &'a StoredEvent, source_system: &str) -> CloudEvent<'a> {
         CloudEvent {
             commitlsn: event.commit_lsn.to_string(),
-            data: CloudEventData {
-                action: event.action.as_str(),
-                changed_fields: event.changed_fields.as_deref(),
-                entity: &event.entity,
-                entity_id: &event.entity_id,
-                old: event.old.as_ref(),
-                row: &event.row,
-            },
+            data: CloudEventData::of(event),
             datacontenttype: DATA_CONTENT_TYPE,
             entity: &event.entity,
             entityid: &event.entity_id,
@@ -182,7 +198,7 @@ fn source(source_system: &str, source_table: &str) -> String {
     )
 }
 
-fn encode_segment(s: &str) -> String {
+pub(super) fn encode_segment(s: &str) -> String {
     percent_encode(s, |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
 }
 

@@ -6,14 +6,18 @@
 //! variant of [`ListenerFormat`] in the config.
 
 pub mod cloudevents;
+pub mod eventgrid;
+pub mod servicebus;
 
 use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::ListenerFormat;
+use crate::config::{ListenerConfig, ListenerFormat};
 use crate::queue::StoredEvent;
 
 pub use cloudevents::CloudEvents;
+pub use eventgrid::EventGrid;
+pub use servicebus::ServiceBus;
 
 /// A rendered message, ready for a sink: what one event or one batch of events becomes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +32,9 @@ pub struct Message {
     /// Attributes the format carries beside the body (CloudEvents binary mode's `ce-*`),
     /// lower-case names; a sink sends them as headers or message properties.
     pub attributes: Vec<(Cow<'static, str>, String)>,
+    /// Where within the listener the message goes, for formats that address one topic per
+    /// entity (a Service Bus topic or queue); `None`: the listener itself.
+    pub topic: Option<String>,
 }
 
 /// A listener's payload format.
@@ -35,14 +42,25 @@ pub struct Message {
 pub enum Format {
     /// CloudEvents 1.0, structured or binary content mode.
     CloudEvents(CloudEvents),
+    /// The Azure Event Grid event schema.
+    EventGrid(EventGrid),
+    /// Azure Service Bus's flat message contract.
+    ServiceBus(ServiceBus),
 }
 
 impl Format {
     /// The format a listener's config asks for; `source_system` names the database.
-    pub fn for_listener(format: &ListenerFormat, source_system: &str) -> Format {
-        match format {
+    pub fn for_listener(listener: &ListenerConfig, source_system: &str) -> Format {
+        let types = &listener.event_types;
+        match &listener.format {
             ListenerFormat::CloudEvents(mode) => {
                 Format::CloudEvents(CloudEvents::new(source_system, *mode))
+            }
+            ListenerFormat::EventGrid(c) => {
+                Format::EventGrid(EventGrid::new(c, types, source_system))
+            }
+            ListenerFormat::ServiceBus(c) => {
+                Format::ServiceBus(ServiceBus::new(c, types, source_system))
             }
         }
     }
@@ -51,6 +69,8 @@ impl Format {
     pub fn render(&self, event: &StoredEvent) -> Message {
         match self {
             Format::CloudEvents(f) => f.render(event),
+            Format::EventGrid(f) => f.render(event),
+            Format::ServiceBus(f) => f.render(event),
         }
     }
 
@@ -58,6 +78,8 @@ impl Format {
     pub fn render_batch(&self, events: &[&StoredEvent]) -> Message {
         match self {
             Format::CloudEvents(f) => f.render_batch(events),
+            Format::EventGrid(f) => f.render_batch(events),
+            Format::ServiceBus(f) => f.render_batch(events),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! headers and a Standard Webhooks signature, and classifies the answer as a policy
 //! [`Outcome`] with a comment a DBA reads ("HTTP 503 Service Unavailable from …").
 
+use std::borrow::Cow;
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
@@ -9,6 +10,7 @@ use base64::Engine as _;
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
 use reqwest::{Client, redirect};
 
+use super::azure::Azure;
 use crate::config::ListenerConfig;
 use crate::delivery::Attempt;
 use crate::delivery::format::Message;
@@ -65,6 +67,8 @@ pub struct HttpSink {
     timeout: Duration,
     /// Configured secret strings that must be scrubbed from any quoted answer text.
     scrub: Vec<String>,
+    /// Azure's authentication and per-topic addresses (Event Grid topics, Service Bus).
+    azure: Option<Azure>,
 }
 
 /// Shows only what may be logged: the url with secrets redacted, never headers or keys.
@@ -98,6 +102,13 @@ impl HttpSink {
             let encoded = base64::engine::general_purpose::STANDARD.encode(key.expose());
             scrub.push(format!("whsec_{encoded}"));
             scrub.push(encoded);
+        }
+        let azure = Azure::for_listener(listener).map_err(|reason| HttpSinkError::Client {
+            listener: name.clone(),
+            reason,
+        })?;
+        if let Some(azure) = &azure {
+            scrub.extend(azure.secrets());
         }
         // Very short values would scrub ordinary words out of answers; they are not
         // secrets anyone can guess from a 200-byte excerpt either. Longest first, so a
@@ -133,6 +144,7 @@ impl HttpSink {
             key: listener.secret.clone(),
             timeout: listener.timeout,
             scrub,
+            azure,
         })
     }
 
@@ -180,43 +192,74 @@ impl HttpSink {
 
     /// POSTs `message` and classifies the answer.
     pub async fn send(&self, message: Message) -> Attempt {
-        let headers = match self.headers_for(&message) {
-            Ok(h) => h,
-            Err(problem) => {
-                return Attempt {
-                    outcome: Outcome::Unsendable,
-                    status_code: None,
-                    comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
-                    retry_after: None,
-                    latency: Duration::ZERO,
-                };
-            }
+        self.exchange(message).await.0
+    }
+
+    /// POSTs `message`, classifies the answer and returns its body (up to 64 kB; empty
+    /// without an answer), for exchanges that read it (Event Grid's handshake).
+    pub async fn exchange(&self, message: Message) -> (Attempt, Vec<u8>) {
+        let (target, shown) = match &self.azure {
+            None => (
+                self.url.expose().clone(),
+                Cow::Borrowed(self.url.redacted()),
+            ),
+            Some(azure) => match azure.target(self.url.expose(), message.topic.as_deref()) {
+                Ok(url) => {
+                    let shown = SecretUrl::new(url.clone()).redacted().to_owned();
+                    (url, Cow::Owned(shown))
+                }
+                Err(problem) => return (self.unsendable(&problem), Vec::new()),
+            },
         };
+        let mut headers = match self.headers_for(&message) {
+            Ok(h) => h,
+            Err(problem) => return (self.unsendable(&problem), Vec::new()),
+        };
+        if let Some(azure) = &self.azure {
+            let (name, value) = azure.header(&target);
+            headers.insert(name, value);
+        }
         let body = message.body;
         let started = Instant::now();
         let result = self
             .client
-            .post(self.url.expose().clone())
+            .post(target)
             .headers(headers)
             .body(body)
             .send()
             .await;
         match result {
-            Ok(resp) => self.answered(resp, started).await,
+            Ok(resp) => self.answered(resp, started, &shown).await,
             Err(e) => {
-                let (outcome, comment) = self.transport_failure(&e);
-                Attempt {
+                let (outcome, comment) = self.transport_failure(&e, &shown);
+                let attempt = Attempt {
                     outcome,
                     status_code: None,
                     comment: Some(comment),
                     retry_after: None,
                     latency: started.elapsed(),
-                }
+                };
+                (attempt, Vec::new())
             }
         }
     }
 
-    async fn answered(&self, mut resp: reqwest::Response, started: Instant) -> Attempt {
+    fn unsendable(&self, problem: &str) -> Attempt {
+        Attempt {
+            outcome: Outcome::Unsendable,
+            status_code: None,
+            comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
+            retry_after: None,
+            latency: Duration::ZERO,
+        }
+    }
+
+    async fn answered(
+        &self,
+        mut resp: reqwest::Response,
+        started: Instant,
+        shown: &str,
+    ) -> (Attempt, Vec<u8>) {
         let status = resp.status();
         let code = status.as_u16();
         let outcome = status_outcome(code);
@@ -257,35 +300,36 @@ impl HttpSink {
             Outcome::Moved => Some(match location {
                 Some(loc) => format!(
                     "HTTP {code} redirect from {} to {}: redirects are not followed; set the listener url to the new location",
-                    self.url.redacted(),
+                    shown,
                     self.excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES),
                 ),
                 None => format!(
                     "{} from {} without a Location header: redirects are not followed; check the listener url",
                     status_text(),
-                    self.url.redacted()
+                    shown
                 ),
             }),
             _ => {
                 let text = self.excerpt(&body, COMMENT_BODY_BYTES);
                 Some(if text.is_empty() {
-                    format!("{} from {}", status_text(), self.url.redacted())
+                    format!("{} from {}", status_text(), shown)
                 } else {
-                    format!("{} from {}: {text}", status_text(), self.url.redacted())
+                    format!("{} from {}: {text}", status_text(), shown)
                 })
             }
         };
-        Attempt {
+        let attempt = Attempt {
             outcome,
             status_code: Some(code),
             comment,
             retry_after,
             latency,
-        }
+        };
+        (attempt, body)
     }
 
     /// The outcome class and a one-line comment for a request that got no HTTP answer.
-    fn transport_failure(&self, e: &reqwest::Error) -> (Outcome, String) {
+    fn transport_failure(&self, e: &reqwest::Error, shown: &str) -> (Outcome, String) {
         let endpoint = self.endpoint();
         let timeout = humantime::format_duration(self.timeout);
         if e.is_connect() {
@@ -315,16 +359,12 @@ impl HttpSink {
         if e.is_timeout() {
             return (
                 Outcome::TimedOut,
-                format!("no answer within {timeout} from {}", self.url.redacted()),
+                format!("no answer within {timeout} from {}", shown),
             );
         }
         (
             Outcome::TransportError,
-            format!(
-                "request to {} failed: {}",
-                self.url.redacted(),
-                self.cause(e)
-            ),
+            format!("request to {} failed: {}", shown, self.cause(e)),
         )
     }
 

@@ -12,6 +12,7 @@
 //!
 //! [`Outcome`]: super::policy::Outcome
 
+mod azure;
 pub mod http;
 pub mod nats;
 
@@ -21,6 +22,7 @@ use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::StoredEvent;
 
+pub use azure::sas_token;
 pub use http::{HttpSink, HttpSinkError};
 pub use nats::{NatsSink, NatsSinkError};
 
@@ -79,6 +81,14 @@ impl Sink {
         match self {
             Sink::Http(_) => {}
             Sink::Nats(s) => s.ready().await,
+        }
+    }
+
+    /// The HTTP sink, for exchanges only HTTP has (Event Grid's validation handshake).
+    pub fn as_http(&self) -> Option<&HttpSink> {
+        match self {
+            Sink::Http(s) => Some(s),
+            Sink::Nats(_) => None,
         }
     }
 
