@@ -54,6 +54,9 @@ fn listener(url: String) -> ListenerConfig {
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         nats: None,
+        batch_size: 1,
+        batch_bytes: 1 << 20,
+        auth: None,
         event_types: Default::default(),
     }
 }

@@ -5,6 +5,7 @@ mod assets;
 #[cfg(feature = "demo")]
 mod demo;
 mod logging;
+mod manual;
 mod ops;
 
 use std::path::PathBuf;
@@ -46,8 +47,12 @@ enum Command {
     Status(ops::StatusArgs),
     /// List Failed notifications with their comments, newest first.
     Failed(ops::FailedArgs),
-    /// Move Failed notifications back to walhook.new for another round of attempts.
+    /// Move Failed notifications back to walhook.new for another round of attempts, or
+    /// (--event) queue one stored event again for a listener.
     Retry(ops::RetryArgs),
+    /// Send one sample (or stored) event to a listener in its format and authentication,
+    /// and show the request (secrets masked) and the answer; exits 1 when the listener fails.
+    TestListener(manual::TestListenerArgs),
     /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
     Discard(ops::DiscardArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
@@ -201,6 +206,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::TestListener(args) => manual::run_test_listener(args).await,
         Command::Discard(args) => ops::run_discard(args).await,
         #[cfg(feature = "demo")]
         Command::Demo { duration } => demo::run(duration).await,

@@ -3,10 +3,12 @@
 //! Everything after this module works with [`Config`] and never sees TOML.
 
 mod admin;
+mod auth;
 mod azure;
 mod check;
 mod entity;
 mod event_types;
+mod form;
 mod listener;
 mod monitor;
 mod nats;
@@ -14,6 +16,7 @@ mod position;
 mod queue;
 mod smtp;
 mod source;
+mod template;
 mod units;
 mod webhook;
 
@@ -25,17 +28,22 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::auth::{BearerToken, ClientAuth, ListenerAuth, OAuth2Config};
 pub use self::azure::{
     EventGridConfig, EventGridDelivery, ServiceBusConfig, TopicTemplate, VALIDATION_PATH,
 };
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
 pub use self::event_types::{EventType, EventTypes};
+pub use self::form::FormConfig;
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
 pub use self::nats::{NatsAuth, NatsConfig, Retention, Storage, StreamSettings, SubjectTemplate};
 pub use self::queue::QueueConfig;
 pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};
 pub use self::source::SourceConfig;
+pub use self::template::{
+    Escape, Field, Segment, Template, TemplateConfig, TemplateKind, TemplateProblem,
+};
 pub use self::units::{parse_duration, parse_rate_limit, parse_size};
 pub use crate::secret::{Secret, SecretUrl, SigningKey, redact_url};
 pub use crate::tls::CaFile;

@@ -311,6 +311,28 @@ impl Checker<'_> {
         }
     }
 
+    /// A NATS listener publishes one message per event: each has its own subject and
+    /// `Nats-Msg-Id`, which a batch would merge.
+    pub(super) fn nats_batch(
+        &mut self,
+        nats: bool,
+        batch_size: usize,
+        raw: &Option<Spanned<i64>>,
+        key: &str,
+    ) {
+        if nats
+            && batch_size > 1
+            && let Some(v) = raw
+        {
+            self.report(
+                v.span().start,
+                key,
+                "a NATS listener publishes one message per event (its own subject and Nats-Msg-Id)",
+                "remove batch_size; raise concurrency for more messages in flight",
+            );
+        }
+    }
+
     /// The url of a `nats://` / `tls://` listener; `None` (reported) when invalid.
     fn nats_url(&mut self, value: &Spanned<String>, key: &str) -> Option<SecretUrl> {
         let text = self.string(value, key)?;
@@ -678,6 +700,13 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert!(
             lines[0].contains("the value is not an NKey seed; use the user's seed"),
+            "{lines:?}"
+        );
+        let lines = errors(&nats_listener("batch_size = 10\n"));
+        assert!(
+            lines[0].contains(
+                "listener[0].batch_size: a NATS listener publishes one message per event"
+            ),
             "{lines:?}"
         );
         let lines = errors(&nats_listener("format = \"eventgrid\"\n"));

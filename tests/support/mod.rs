@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod nats;
+pub mod oauth;
+pub mod queue;
 pub mod receiver;
 
 use std::sync::atomic::{AtomicU32, Ordering};

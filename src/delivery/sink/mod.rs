@@ -12,6 +12,7 @@
 //!
 //! [`Outcome`]: super::policy::Outcome
 
+pub mod auth;
 mod azure;
 pub mod http;
 pub mod nats;
@@ -23,7 +24,7 @@ use crate::error::{Classify, ErrorClass};
 use crate::queue::StoredEvent;
 
 pub use azure::sas_token;
-pub use http::{HttpSink, HttpSinkError};
+pub use http::{HttpSink, HttpSinkError, Trace, TracedResponse};
 pub use nats::{NatsSink, NatsSinkError};
 
 /// Why a listener's sink could not be built. Never carries a secret.
@@ -47,6 +48,8 @@ impl Classify for SinkError {
 }
 
 /// A listener's transport: built once per listener, shared, used for every attempt.
+// One per listener, never moved once built: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Sink {
     /// HTTP POST to the listener's url.
