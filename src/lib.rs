@@ -21,6 +21,7 @@ pub mod replication;
 mod secret;
 pub mod service;
 pub mod setup;
+pub mod streams;
 mod systemd;
 mod tls;
 pub mod types;

@@ -53,6 +53,7 @@ fn listener(url: String) -> ListenerConfig {
         concurrency: 16,
         debounce: Duration::ZERO,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
+        nats: None,
         batch_size: 1,
         batch_bytes: 1 << 20,
         auth: None,

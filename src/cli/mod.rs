@@ -194,6 +194,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             report
                 .items
                 .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
+            report.items.extend(crate::streams::check(&config).await);
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -262,16 +263,20 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
         print!("{}", crate::setup::script(&steps, &config));
+        print!("{}", crate::streams::describe_plan(&config));
         return Ok(0);
     }
     if steps.is_empty() {
         println!("nothing to do: the database is set up for walhook");
-        return Ok(0);
+    } else {
+        let params = config.source.connect_params()?;
+        crate::setup::apply(&mut client, &steps, Some(&params)).await?;
+        for s in &steps {
+            println!("done  {}", s.why);
+        }
     }
-    let params = config.source.connect_params()?;
-    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
-    for s in &steps {
-        println!("done  {}", s.why);
+    for (changed, line) in crate::streams::setup(&config).await? {
+        println!("{}{line}", if changed { "done  " } else { "ok    " });
     }
     Ok(0)
 }

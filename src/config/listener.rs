@@ -14,6 +14,7 @@ use super::check::Checker;
 use super::entity::EntityConfig;
 use super::event_types::{EventTypes, RawEventTypes};
 use super::form::{FormConfig, RawFormFields};
+use super::nats::{NatsConfig, RawNats};
 use super::template::TemplateConfig;
 use super::units::{RawSize, parse_rate_limit};
 use super::webhook::RawHeaders;
@@ -56,6 +57,8 @@ pub struct ListenerConfig {
     pub debounce: Duration,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
+    /// `Some` for a `nats://` or `tls://` url: the listener publishes to NATS JetStream.
+    pub nats: Option<NatsConfig>,
     /// What each action is sent as, where the format has an event type (`event_types`).
     pub event_types: EventTypes,
     /// Most events in one message (default 1: no batching; up to 1000).
@@ -128,6 +131,7 @@ pub(super) struct RawListener {
     debounce: Str,
     format: Str,
     cloudevents_mode: Str,
+    nats: Option<Spanned<RawNats>>,
     pub(super) event_types: RawEventTypes,
     pub(super) eventgrid_topic: Option<Spanned<bool>>,
     pub(super) aeg_sas_key: Str,
@@ -188,7 +192,7 @@ impl Checker<'_> {
             if let (Some(name), Some(v)) = (&name, &l.name) {
                 self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
-            let url = self.http_url(
+            let url = self.listener_url(
                 &l.url,
                 &key("url"),
                 at,
@@ -235,8 +239,20 @@ impl Checker<'_> {
                 MAX_CONCURRENCY,
                 DEFAULT_CONCURRENCY,
             );
+            let nats = self.listener_nats(
+                l.nats.as_ref(),
+                url.as_ref(),
+                [&l.secret, &l.secret_file],
+                &section,
+            );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
             let batch_size = self.count(&l.batch_size, &key("batch_size"), MAX_BATCH_SIZE, 1usize);
+            self.nats_batch(
+                nats.is_some(),
+                batch_size,
+                &l.batch_size,
+                &key("batch_size"),
+            );
             let batch_bytes = self.size(&l.batch_bytes, &key("batch_bytes"), DEFAULT_BATCH_BYTES);
             let auth = l.auth.as_ref().and_then(|a| self.auth(a, &key("auth")));
             if let (Some(a), Some(_)) = (&l.auth, &auth) {
@@ -253,6 +269,7 @@ impl Checker<'_> {
                 );
             }
             let kind = self.format(&l.format, &key("format"));
+            self.nats_format(nats.is_some(), kind.name(), &l.format, &key("format"));
             self.keys_of_other_formats(&format_keys(l), kind.name(), &section);
             let event_types = self.event_types(&l.event_types, &key("event_types"));
             let format = match kind {
@@ -320,6 +337,7 @@ impl Checker<'_> {
                     concurrency,
                     debounce,
                     format,
+                    nats,
                     event_types,
                     batch_size,
                     batch_bytes,

@@ -93,6 +93,8 @@ pub(super) fn is_secret_path(path: &str) -> bool {
             | "secret"
             | "smtp_url"
             | "smtp_password"
+            | "token"
+            | "nkey_seed"
             | "client_secret"
             | "bearer"
             | "sas_key"

@@ -51,7 +51,7 @@ use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
     Completions, DeliveredRow, FailedAttemptRow, Notification, NotificationStore,
-    OnNewNotifications, QueueError,
+    OnNewNotifications, QueueError, StoredEvent,
 };
 use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
 use batch::{Backlog, Pending};
@@ -528,9 +528,9 @@ impl Lane {
 
     /// Sends `message` through the sink, within the listener's timeout whatever the sink
     /// does: the lease arithmetic below relies on attempts that end in time.
-    async fn attempt(&self, message: Message) -> Attempt {
+    async fn attempt(&self, event: &StoredEvent, message: Message) -> Attempt {
         let limit = self.lease.attempt;
-        match tokio::time::timeout(limit, self.sink.send(message)).await {
+        match tokio::time::timeout(limit, self.sink.send(event, message)).await {
             Ok(attempt) => attempt,
             Err(_) => Attempt {
                 outcome: Outcome::TimedOut,
@@ -920,6 +920,19 @@ async fn start_loop(
             next = backlog.next() => next,
         };
         let Some(next) = next else { break };
+        // A transport that is down as a whole (a broker outage) holds the listener here: no
+        // attempt is made or counted, claimed rows keep their renewed leases, and delivery
+        // resumes in order once it is back.
+        let ready = tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = lane.sink.ready() => true,
+        };
+        if !ready {
+            let claimed = &next.claimed;
+            let _ = done.send(Done::release(&lane, claimed.notification.id, claimed.claim).into());
+            break;
+        }
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => None,
@@ -959,7 +972,7 @@ async fn start_loop(
                 notification: n,
                 claim,
             } = next.claimed;
-            let attempt = lane.attempt(lane.format.render(&n.event)).await;
+            let attempt = lane.attempt(&n.event, lane.format.render(&n.event)).await;
             drop(permit);
             let _ = done.send(Done::attempted(&lane, n, claim, attempt).into());
         });

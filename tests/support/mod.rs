@@ -1,6 +1,7 @@
 //! Test support: a throwaway PostgreSQL cluster and a fresh database per test.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod oauth;
 pub mod queue;
 pub mod receiver;

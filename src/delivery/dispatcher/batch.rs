@@ -119,15 +119,18 @@ pub(super) async fn attempt(
         .iter_mut()
         .map(|p| p.part.take().unwrap_or_default())
         .collect();
-    let message = {
-        let events: Vec<&StoredEvent> = items
-            .iter()
-            .map(|p| &p.claimed.notification.event)
-            .collect();
-        lane.format.assemble_batch(&events, &parts)
-    };
+    let events: Vec<&StoredEvent> = items
+        .iter()
+        .map(|p| &p.claimed.notification.event)
+        .collect();
+    let message = lane.format.assemble_batch(&events, &parts);
     drop(parts);
-    let attempt = lane.attempt(message).await;
+    // A batch is never empty; the sink routes and labels by its first event.
+    let Some(first) = events.first().copied() else {
+        return;
+    };
+    let attempt = lane.attempt(first, message).await;
+    drop(events);
     drop(permit);
     // One draw for the batch: with the same attempt count, its notifications come due
     // together and are claimed, and sent, together again.
