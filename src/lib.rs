@@ -23,6 +23,7 @@ pub mod schedule;
 mod secret;
 pub mod service;
 pub mod setup;
+pub mod streams;
 mod systemd;
 mod tls;
 pub mod types;

@@ -862,6 +862,12 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
         table_items(&mut items, facts, config, entity, table.as_ref());
     }
     children::items(&mut items, facts, config);
+    items.extend(
+        config
+            .listeners
+            .iter()
+            .filter_map(|l| template_item(facts, config, l)),
+    );
 
     publication_items(&mut items, facts, config);
     row_filter::items(&mut items, facts, config);
@@ -1020,6 +1026,70 @@ fn table_items(
     if tf.is_partitioned() {
         items.push(partition_item(facts, tf, config, t));
     }
+}
+
+/// A template listener's `{row.COLUMN}` / `{old.COLUMN}` placeholders that name no column
+/// any of its entities sends (a typo renders null, or an empty string, in every event).
+fn template_item(
+    facts: &Facts,
+    config: &Config,
+    listener: &crate::config::ListenerConfig,
+) -> Option<CheckItem> {
+    use crate::config::{Field, ListenerFormat, Segment};
+    let ListenerFormat::Template(t) = &listener.format else {
+        return None;
+    };
+    let name = format!("template {}", listener.name);
+    let mut sent: Vec<&str> = Vec::new();
+    for (entity, table) in config.entities.iter().zip(&facts.tables) {
+        let receives = listener
+            .entities
+            .as_ref()
+            .is_none_or(|list| list.contains(&entity.name));
+        let Some(tf) = table.as_ref().filter(|_| receives) else {
+            continue;
+        };
+        sent.extend(
+            tf.columns
+                .iter()
+                .filter(|c| !entity.exclude.contains(c))
+                .map(String::as_str),
+        );
+    }
+    let mut unknown: Vec<String> = t
+        .event
+        .segments
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Field {
+                field: Field::RowColumn(c) | Field::OldColumn(c),
+                ..
+            } if !sent.contains(&c.as_str()) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    unknown.dedup();
+    if unknown.is_empty() {
+        return Some(CheckItem::ok(
+            name,
+            "every column placeholder names a column",
+        ));
+    }
+    sent.sort_unstable();
+    sent.dedup();
+    Some(CheckItem::warn(
+        name,
+        format!(
+            "column placeholder(s) for {} name no column the listener's entities send (excluded columns are never sent); they stay empty",
+            unknown.join(", "),
+        ),
+        format!(
+            "correct the template of listener {} in {}; the columns are: {}",
+            listener.name,
+            config.path.display(),
+            sent.join(", ")
+        ),
+    ))
 }
 
 /// Configured columns the table lacks. Before the first capture that is a mistake in the

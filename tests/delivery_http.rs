@@ -55,6 +55,10 @@ fn listener(url: String) -> ListenerConfig {
         debounce: None,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         filter: None,
+        nats: None,
+        batch_size: 1,
+        batch_bytes: 1 << 20,
+        auth: None,
         event_types: Default::default(),
     }
 }

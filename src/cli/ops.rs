@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::{ConfigArg, Failure};
 use crate::config::Config;
+use crate::error::ErrorClass;
 use crate::human::{age as human_age, bytes as human_bytes};
 use crate::queue::admin::{
     DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
@@ -47,12 +48,12 @@ pub(super) struct FailedArgs {
 /// Which Failed notifications `walhook retry` and `walhook discard` move.
 #[derive(Args, Debug)]
 #[command(group(
-    ArgGroup::new("which").required(true).args(["ids", "all"]),
+    ArgGroup::new("which").required(true).args(["ids", "all", "event"]),
 ))]
 pub(super) struct FailedSelection {
     #[command(flatten)]
     config: ConfigArg,
-    /// Only this listener's notifications.
+    /// Only this listener's notifications (with --event: the listener to send to).
     #[arg(long)]
     listener: Option<String>,
     /// The Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
@@ -61,6 +62,10 @@ pub(super) struct FailedSelection {
     /// Every Failed notification (of --listener, when given).
     #[arg(long)]
     all: bool,
+    /// Send this stored event (its event id) to --listener again, as a new notification;
+    /// the earlier ones stay in walhook.processed / walhook.failed.
+    #[arg(long, value_name = "EVENT_ID", requires = "listener", conflicts_with_all = ["ids", "all"])]
+    event: Option<uuid::Uuid>,
 }
 
 impl FailedSelection {
@@ -195,6 +200,9 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
     let which = args.which;
+    if let (Some(event), Some(listener)) = (which.event, &which.listener) {
+        return super::manual::run_resend(&which.config, event, listener).await;
+    }
     let (_, client) = which.config.load_and_connect().await?;
     let selection = which.selection();
     let outcome = retry_failed(&client, which.listener.as_deref(), &selection).await?;
@@ -210,6 +218,12 @@ pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
 
 pub(super) async fn run_discard(args: DiscardArgs) -> Result<i32, Failure> {
     let which = args.which;
+    if which.event.is_some() {
+        return Err(Failure {
+            class: ErrorClass::Config,
+            message: "--event sends a stored event again and goes with walhook retry; discard takes --id or --all".to_owned(),
+        });
+    }
     let (_, client) = which.config.load_and_connect().await?;
     let selection = which.selection();
     let outcome =

@@ -8,13 +8,17 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::admin::AdminConfig;
+use super::auth::{ListenerAuth, RawAuth};
 use super::azure::{EventGridConfig, ServiceBusConfig, at as start_of, received};
 use super::check::Checker;
 use super::condition::RawCondition;
 use super::debounce::{Debounce, RawDebounce};
 use super::entity::EntityConfig;
 use super::event_types::{EventTypes, RawEventTypes};
-use super::units::parse_rate_limit;
+use super::form::{FormConfig, RawFormFields};
+use super::nats::{NatsConfig, RawNats};
+use super::template::TemplateConfig;
+use super::units::{RawSize, parse_rate_limit};
 use super::webhook::RawHeaders;
 use super::{Str, StrList};
 use crate::condition::Condition;
@@ -62,8 +66,16 @@ pub struct ListenerConfig {
     /// Only events whose row (the old row for deletes) matches this are delivered;
     /// `None` delivers all.
     pub filter: Option<Condition>,
+    /// `Some` for a `nats://` or `tls://` url: the listener publishes to NATS JetStream.
+    pub nats: Option<NatsConfig>,
     /// What each action is sent as, where the format has an event type (`event_types`).
     pub event_types: EventTypes,
+    /// Most events in one message (default 1: no batching; up to 1000).
+    pub batch_size: usize,
+    /// Most bytes of one batch's body (default 1 MiB); an event larger than this goes alone.
+    pub batch_bytes: u64,
+    /// How walhook authenticates to the listener (`auth`); `None`: only `headers` and the url.
+    pub auth: Option<ListenerAuth>,
 }
 
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
@@ -93,6 +105,10 @@ pub enum ListenerFormat {
     EventGrid(EventGridConfig),
     /// Azure Service Bus messages, one topic or queue per entity.
     ServiceBus(ServiceBusConfig),
+    /// A posted HTML form (`application/x-www-form-urlencoded`).
+    Form(FormConfig),
+    /// A body rendered from the listener's template.
+    Template(TemplateConfig),
 }
 
 /// How a CloudEvent travels (`cloudevents_mode`).
@@ -125,6 +141,7 @@ pub(super) struct RawListener {
     format: Str,
     cloudevents_mode: Str,
     filter: Option<Spanned<RawCondition>>,
+    nats: Option<Spanned<RawNats>>,
     pub(super) event_types: RawEventTypes,
     pub(super) eventgrid_topic: Option<Spanned<bool>>,
     pub(super) aeg_sas_key: Str,
@@ -137,6 +154,14 @@ pub(super) struct RawListener {
     pub(super) sas_token_ttl: Str,
     pub(super) on_behalf_of: Str,
     pub(super) user_properties: Option<Spanned<bool>>,
+    template: Str,
+    batch_template: Str,
+    content_type: Str,
+    form_fields: RawFormFields,
+    form_columns: Option<Spanned<bool>>,
+    batch_size: Option<Spanned<i64>>,
+    batch_bytes: Option<Spanned<RawSize>>,
+    auth: Option<Spanned<RawAuth>>,
 }
 
 #[derive(Deserialize)]
@@ -151,6 +176,8 @@ pub(super) const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 pub(super) const MAX_MAX_ATTEMPTS: i64 = 1000;
 pub(super) const DEFAULT_CONCURRENCY: usize = 16;
 pub(super) const MAX_CONCURRENCY: i64 = 1000;
+pub(super) const MAX_BATCH_SIZE: i64 = 1000;
+pub(super) const DEFAULT_BATCH_BYTES: u64 = 1 << 20;
 pub(super) const DEFAULT_BACKOFF: Backoff = Backoff {
     initial: Duration::from_secs(5),
     max: Duration::from_secs(3600),
@@ -175,7 +202,7 @@ impl Checker<'_> {
             if let (Some(name), Some(v)) = (&name, &l.name) {
                 self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
-            let url = self.http_url(
+            let url = self.listener_url(
                 &l.url,
                 &key("url"),
                 at,
@@ -227,8 +254,37 @@ impl Checker<'_> {
                 MAX_CONCURRENCY,
                 DEFAULT_CONCURRENCY,
             );
+            let nats = self.listener_nats(
+                l.nats.as_ref(),
+                url.as_ref(),
+                [&l.secret, &l.secret_file],
+                &section,
+            );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
+            let batch_size = self.count(&l.batch_size, &key("batch_size"), MAX_BATCH_SIZE, 1usize);
+            self.nats_batch(
+                nats.is_some(),
+                batch_size,
+                &l.batch_size,
+                &key("batch_size"),
+            );
+            let batch_bytes = self.size(&l.batch_bytes, &key("batch_bytes"), DEFAULT_BATCH_BYTES);
+            let auth = l.auth.as_ref().and_then(|a| self.auth(a, &key("auth")));
+            if let (Some(a), Some(_)) = (&l.auth, &auth) {
+                self.auth_conflicts(a.span().start, &key("auth"), &headers, url.as_ref());
+            }
+            if batch_size <= 1
+                && let Some(v) = &l.batch_template
+            {
+                self.report(
+                    v.span().start,
+                    &key("batch_template"),
+                    "batch_template is used only when batch_size is above 1",
+                    "set batch_size (events per request), or remove batch_template",
+                );
+            }
             let kind = self.format(&l.format, &key("format"));
+            self.nats_format(nats.is_some(), kind.name(), &l.format, &key("format"));
             self.keys_of_other_formats(&format_keys(l), kind.name(), &section);
             let event_types = self.event_types(&l.event_types, &key("event_types"));
             let format = match kind {
@@ -246,6 +302,30 @@ impl Checker<'_> {
                     self.servicebus(l, &section, at)
                         .map(ListenerFormat::ServiceBus)
                 }
+                FormatKind::Form => {
+                    if let Some(v) = l.batch_size.as_ref().filter(|_| batch_size > 1) {
+                        self.report(
+                            v.span().start,
+                            &key("batch_size"),
+                            "a form post carries one event",
+                            "remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                        );
+                    }
+                    Some(ListenerFormat::Form(self.form(
+                        &l.form_fields,
+                        l.form_columns.as_ref(),
+                        &section,
+                    )))
+                }
+                FormatKind::Template => self
+                    .template_format(
+                        &l.template,
+                        &l.batch_template,
+                        &l.content_type,
+                        at,
+                        &section,
+                    )
+                    .map(ListenerFormat::Template),
             };
 
             let filter = self.listener_filter(
@@ -281,7 +361,11 @@ impl Checker<'_> {
                     debounce,
                     format,
                     filter,
+                    nats,
                     event_types,
+                    batch_size,
+                    batch_bytes,
+                    auth,
                 });
             }
         }
@@ -372,17 +456,45 @@ impl Checker<'_> {
             .iter()
             .map(|k| format!("\"{}\"", k.name()))
             .collect();
-        let problem = match name {
-            "form" | "template" => "is not supported yet",
-            _ => "is unknown",
-        };
         self.report(
             v.span().start,
             key,
-            &format!("format {name:?} {problem}"),
+            &format!("format {name:?} is unknown"),
             &format!("use format = {}", known.join(", ")),
         );
         FormatKind::CloudEvents
+    }
+
+    /// `auth` sets the Authorization header: a configured one, or credentials in the url
+    /// (which the HTTP client would send as Basic), would compete with it.
+    fn auth_conflicts(
+        &mut self,
+        at: usize,
+        key: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        url: Option<&SecretUrl>,
+    ) {
+        if headers
+            .iter()
+            .any(|(n, _)| n == http::header::AUTHORIZATION)
+        {
+            self.report(
+                at,
+                key,
+                "auth and an Authorization header are both set",
+                "keep auth, and remove Authorization from headers / header_files",
+            );
+        }
+        if let Some(url) = url
+            && (!url.expose().username().is_empty() || url.expose().password().is_some())
+        {
+            self.report(
+                at,
+                key,
+                "auth is set and the url carries user:password@ as well",
+                "remove the credentials from the url (auth = { basic = { user, password } } sends them)",
+            );
+        }
     }
 
     /// `cloudevents_mode`: structured (the event as the body) or binary (ce-* headers).
@@ -420,13 +532,17 @@ pub(super) enum FormatKind {
     CloudEvents,
     EventGrid,
     ServiceBus,
+    Form,
+    Template,
 }
 
 impl FormatKind {
-    const ALL: [FormatKind; 3] = [
+    const ALL: [FormatKind; 5] = [
         FormatKind::CloudEvents,
         FormatKind::EventGrid,
         FormatKind::ServiceBus,
+        FormatKind::Form,
+        FormatKind::Template,
     ];
 
     fn name(self) -> &'static str {
@@ -434,6 +550,8 @@ impl FormatKind {
             FormatKind::CloudEvents => "cloudevents",
             FormatKind::EventGrid => "eventgrid",
             FormatKind::ServiceBus => "servicebus",
+            FormatKind::Form => "form",
+            FormatKind::Template => "template",
         }
     }
 }
@@ -443,13 +561,21 @@ fn format_keys(l: &RawListener) -> Vec<(&'static str, Option<usize>, &'static [&
     const EVENTGRID: &[&str] = &["eventgrid"];
     const SERVICEBUS: &[&str] = &["servicebus"];
     const AZURE: &[&str] = &["eventgrid", "servicebus"];
+    const TYPED: &[&str] = &["eventgrid", "servicebus", "template"];
+    const TEMPLATE: &[&str] = &["template"];
+    const FORM: &[&str] = &["form"];
     vec![
         (
             "cloudevents_mode",
             start_of(&l.cloudevents_mode),
             &["cloudevents"],
         ),
-        ("event_types", start_of(&l.event_types), AZURE),
+        ("event_types", start_of(&l.event_types), TYPED),
+        ("template", start_of(&l.template), TEMPLATE),
+        ("batch_template", start_of(&l.batch_template), TEMPLATE),
+        ("content_type", start_of(&l.content_type), TEMPLATE),
+        ("form_fields", start_of(&l.form_fields), FORM),
+        ("form_columns", start_of(&l.form_columns), FORM),
         ("eventgrid_topic", start_of(&l.eventgrid_topic), EVENTGRID),
         ("aeg_sas_key", start_of(&l.aeg_sas_key), EVENTGRID),
         ("aeg_sas_key_file", start_of(&l.aeg_sas_key_file), EVENTGRID),
@@ -468,8 +594,8 @@ fn format_keys(l: &RawListener) -> Vec<(&'static str, Option<usize>, &'static [&
 mod tests {
     use std::path::Path;
 
-    use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors, parse};
+    use crate::config::{Config, ListenerFormat};
 
     fn listener(extra: &str) -> String {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\n{extra}")
@@ -668,8 +794,114 @@ format = \"xml\"
                 "walhook.toml:15:35: listener[0].backoff.max: max backoff is shorter than initial; make max at least as long as initial",
                 "walhook.toml:16:10: listener[0].format: an Event Grid webhook is validated through walhook's admin endpoint, and there is no [admin] section; add [admin] with listen and public_url (the address the listener can reach), or set eventgrid_topic = true for an Event Grid topic endpoint",
                 "walhook.toml:19:8: listener[1].name: listener \"a\" is defined twice; give each [[listener]] its own name",
-                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\"",
+                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\", \"form\", \"template\"",
             ]
         );
+    }
+
+    #[test]
+    fn an_unknown_template_placeholder_names_its_line_and_column_in_the_file() {
+        // Line 11 is `template = ...`; the placeholder sits after an escaped quote.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = \"{\\\"Data\\\": {\\\"BaseId\\\": \\\"{idd}\\\"}}\"\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:39: listener[0].template: unknown placeholder {idd} (a column is written {row.idd}); use one of {id}, {entity}, {action}, {action_code}, {event_id}, {time}, {changed_fields}, {subject}, {source_system}, {source_table}, {commit_lsn}, {row}, {old}, {row.COLUMN} or {old.COLUMN}; write {{ for a literal {"
+            ]
+        );
+        // A multi-line literal string: the position is on the placeholder's own line.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = '''\n{\n  \"Type\": {action_cod}\n}'''\n",
+        ));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "walhook.toml:14:11: listener[0].template: unknown placeholder {action_cod}"
+            ),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn template_form_and_batch_keys_are_checked_against_the_format() {
+        let c = parse(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = '{\"id\": \"{id}\"}'\nbatch_size = 10\nbatch_bytes = \"64kB\"\nbatch_template = '{\"n\": {count}, \"e\": [{events}]}'\n",
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!((l.batch_size, l.batch_bytes), (10, 64 << 10));
+        let ListenerFormat::Template(t) = &l.format else {
+            panic!("{:?}", l.format)
+        };
+        assert_eq!(t.content_type, "application/json");
+        assert!(t.batch.uses(&crate::config::Field::Count));
+
+        let c = parse(&listener(
+            "url = \"https://example.com/\"\nformat = \"form\"\nform_fields = { id = \"BaseId\", time = \"\", action_code = \"ChangeType\" }\nform_columns = false\n",
+        ))
+        .unwrap();
+        let ListenerFormat::Form(f) = &c.listeners[0].format else {
+            panic!()
+        };
+        let names: Vec<&str> = f.fields.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "entity",
+                "BaseId",
+                "action",
+                "changedFields",
+                "eventId",
+                "ChangeType"
+            ]
+        );
+        assert!(!f.columns);
+        assert_eq!(c.listeners[0].batch_size, 1);
+
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"form\"\nbatch_size = 5\ntemplate = \"{id}\"\nform_fields = { nope = \"x\" }\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:14: listener[0].batch_size: a form post carries one event; remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                "walhook.toml:13:12: listener[0].template: template applies to format = \"template\", and this listener has format = \"form\"; remove template, or change the format",
+                "walhook.toml:14:17: listener[0].form_fields.nope: unknown form field \"nope\"; use one of entity, id, action, action_code, changed_fields, event_id, time, subject, source_system, source_table, commit_lsn (columns of the row are sent with form_columns = true)",
+            ]
+        );
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\nbatch_template = \"[{events}]\"\ncontent_type = \"json\"\nbatch_size = 0\n",
+        ));
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(
+            lines[0].contains("listener[0].template: missing key"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("batch_template is used only when batch_size is above 1"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("content_type: \"json\" is not a media type"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[3]
+                .contains("batch_size: 0 is out of range; use a number from 1 to 1000 (default 1)"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn auth_cannot_share_the_authorization_header_or_url_credentials() {
+        let lines = errors(&listener(
+            "url = \"https://u:p4ss@example.com/\"\nheaders = { Authorization = \"Bearer x\" }\nauth = { bearer = \"tok3n\" }\n",
+        ));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("auth and an Authorization header are both set"));
+        assert!(lines[1].contains("auth is set and the url carries user:password@ as well"));
+        assert!(!lines.join("\n").contains("p4ss") && !lines.join("\n").contains("tok3n"));
     }
 }

@@ -3,6 +3,7 @@
 //! Everything after this module works with [`Config`] and never sees TOML.
 
 mod admin;
+mod auth;
 mod azure;
 mod check;
 mod child;
@@ -11,14 +12,17 @@ mod debounce;
 mod derive;
 mod entity;
 mod event_types;
+mod form;
 mod listener;
 mod monitor;
+mod nats;
 mod position;
 mod queue;
 mod row_filter;
 mod schedule;
 mod smtp;
 mod source;
+mod template;
 mod units;
 mod webhook;
 
@@ -30,6 +34,7 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::auth::{BearerToken, ClientAuth, ListenerAuth, OAuth2Config};
 pub use self::azure::{
     EventGridConfig, EventGridDelivery, ServiceBusConfig, TopicTemplate, VALIDATION_PATH,
 };
@@ -38,13 +43,18 @@ pub use self::debounce::{Debounce, DebounceFrom};
 pub use self::derive::DerivedAction;
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
 pub use self::event_types::{EventType, EventTypes};
+pub use self::form::FormConfig;
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
+pub use self::nats::{NatsAuth, NatsConfig, Retention, Storage, StreamSettings, SubjectTemplate};
 pub use self::queue::QueueConfig;
 pub use self::row_filter::expression_identifiers;
 pub use self::schedule::{ScheduleConfig, ScheduleWhen};
 pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};
 pub use self::source::SourceConfig;
+pub use self::template::{
+    Escape, Field, Segment, Template, TemplateConfig, TemplateKind, TemplateProblem,
+};
 pub use self::units::{parse_duration, parse_rate_limit, parse_size};
 pub use crate::secret::{Secret, SecretUrl, SigningKey, redact_url};
 pub use crate::tls::CaFile;

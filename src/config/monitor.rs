@@ -460,6 +460,7 @@ mod tests {
             | "EVENTGRID_TOPIC_KEY"
             | "SERVICEBUS_SAS_KEY" => Some("x".to_owned()),
             "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            "ASSETS_CLIENT_SECRET" | "FORMS_PASSWORD" => Some("x".to_owned()),
             _ => None,
         };
         let text = include_str!("../../config.example.toml");

@@ -68,6 +68,8 @@ fn settings(l: &ListenerConfig) -> Markup {
             }
         },
         ListenerFormat::ServiceBus(_) => "Azure Service Bus messages, one topic per entity",
+        ListenerFormat::Form(_) => "a posted HTML form (application/x-www-form-urlencoded)",
+        ListenerFormat::Template(_) => "a body from the listener's template",
     };
     html! {
         dt { "URL" } dd { code { (l.url.redacted()) } }

@@ -178,7 +178,7 @@ impl Handshake<'_> {
             .format
             .validation(&code, url.as_str(), SystemTime::now());
         let (attempt, body) = tokio::select! {
-            exchange = self.sink.exchange(message) => exchange,
+            exchange = self.sink.exchange_body(message) => exchange,
             _ = stop.cancelled() => return Ok(Pass::Stopped),
         };
         let failed = |why: String| {

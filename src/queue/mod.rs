@@ -13,6 +13,7 @@ mod migrate;
 mod model;
 mod notifications;
 mod rejected;
+pub mod resend;
 mod route;
 pub mod schedule;
 mod state;
@@ -85,6 +86,12 @@ pub enum QueueError {
         /// What is out of range.
         detail: String,
     },
+    /// A stored event cannot be read back (a value walhook does not know).
+    #[error("an event in walhook.event cannot be read: {detail}")]
+    Unreadable {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The database was migrated by a newer walhook than this binary.
     #[error(
         "the walhook schema in this database is version {found}, but this walhook knows versions up to {known}: upgrade walhook, or point it at the right database"
@@ -110,7 +117,8 @@ impl Classify for QueueError {
             QueueError::Connect(e) => e.class(),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
-            | QueueError::Unstorable { .. } => ErrorClass::Permanent,
+            | QueueError::Unstorable { .. }
+            | QueueError::Unreadable { .. } => ErrorClass::Permanent,
             QueueError::SchemaTooNew { .. } => ErrorClass::Config,
         }
     }

@@ -1,6 +1,9 @@
 //! Test support: a throwaway PostgreSQL cluster and a fresh database per test.
 #![allow(dead_code)]
 
+pub mod nats;
+pub mod oauth;
+pub mod queue;
 pub mod receiver;
 
 use std::sync::atomic::{AtomicU32, Ordering};

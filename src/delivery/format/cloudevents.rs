@@ -6,7 +6,6 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 use serde_json::Value;
-use uuid::Uuid;
 
 use super::{Message, rfc3339_micros};
 use crate::config::CloudEventsMode;
@@ -20,9 +19,6 @@ pub const CLOUDEVENTS_BATCH_CONTENT_TYPE: &str =
 /// The media type of `data`: the `datacontenttype` attribute, and the body's content type
 /// in binary mode.
 const DATA_CONTENT_TYPE: &str = "application/json";
-/// Names batch ids (uuid v5 over the batch's event ids), so a batch sent again with the
-/// same events keeps its id.
-const BATCH_ID_NAMESPACE: Uuid = Uuid::from_u128(0x9d2f_41c7_5a0e_4b8e_8c3d_62a1_6261_7463);
 
 /// The CloudEvents format of one listener.
 #[derive(Clone, Debug)]
@@ -64,30 +60,11 @@ impl CloudEvents {
         }
     }
 
-    /// `events` as one batched-mode message, a JSON array of structured CloudEvents. The
-    /// CloudEvents spec has no binary batch, so binary-mode listeners get this form too.
-    pub fn render_batch(&self, events: &[&StoredEvent]) -> Message {
-        let batch: Vec<CloudEvent<'_>> = events
-            .iter()
-            .map(|e| CloudEvent::of(e, &self.source_system))
-            .collect();
-        Message {
-            id: batch_id(events),
-            body: serde_json::to_vec(&batch).unwrap_or_default(),
-            content_type: Cow::Borrowed(CLOUDEVENTS_BATCH_CONTENT_TYPE),
-            attributes: Vec::new(),
-            topic: None,
-        }
+    /// One event inside a batched-mode message (a JSON array of structured CloudEvents;
+    /// the spec has no binary batch, so binary-mode listeners get this form too).
+    pub fn batch_part(&self, event: &StoredEvent) -> Vec<u8> {
+        serde_json::to_vec(&CloudEvent::of(event, &self.source_system)).unwrap_or_default()
     }
-}
-
-/// The id of a batch: the same events in the same order keep it when sent again.
-pub(super) fn batch_id(events: &[&StoredEvent]) -> String {
-    let ids: Vec<u8> = events
-        .iter()
-        .flat_map(|e| e.event_id.as_bytes().iter().copied())
-        .collect();
-    Uuid::new_v5(&BATCH_ID_NAMESPACE, &ids).to_string()
 }
 
 /// The CloudEvent for `event` as JSON (structured mode).
@@ -239,6 +216,11 @@ mod tests {
 
     use super::*;
     use crate::types::{Action, Lsn};
+
+    fn batch(mode: CloudEventsMode, events: &[&StoredEvent]) -> Message {
+        crate::delivery::format::Format::CloudEvents(CloudEvents::new("CRM", mode))
+            .render_batch(events)
+    }
 
     fn structured(e: &StoredEvent) -> Message {
         CloudEvents::new("CRM", CloudEventsMode::Structured).render(e)
@@ -444,8 +426,7 @@ mod tests {
         b.event_id = Uuid::parse_str("1b9c3c2e-7f59-5d7b-9f43-3b1f1a2b3c4d").unwrap();
         b.entity_id = "43".into();
         for mode in [CloudEventsMode::Structured, CloudEventsMode::Binary] {
-            let f = CloudEvents::new("CRM", mode);
-            let m = f.render_batch(&[&a, &b]);
+            let m = batch(mode, &[&a, &b]);
             assert_eq!(m.content_type, CLOUDEVENTS_BATCH_CONTENT_TYPE);
             assert!(m.attributes.is_empty());
             let body: Value = serde_json::from_slice(&m.body).unwrap();
@@ -454,9 +435,9 @@ mod tests {
                 Value::Array(vec![cloudevent(&a, "CRM"), cloudevent(&b, "CRM")])
             );
             // The same events keep their batch id; other events or another order do not.
-            assert_eq!(m.id, f.render_batch(&[&a, &b]).id);
-            assert_ne!(m.id, f.render_batch(&[&b, &a]).id);
-            assert_ne!(m.id, f.render_batch(&[&a]).id);
+            assert_eq!(m.id, batch(mode, &[&a, &b]).id);
+            assert_ne!(m.id, batch(mode, &[&b, &a]).id);
+            assert_ne!(m.id, batch(mode, &[&a]).id);
             assert_ne!(m.id, a.event_id.to_string());
         }
     }

@@ -10,8 +10,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 use uuid::Uuid;
 
-use super::cloudevents::{CloudEventData, batch_id, encode_segment};
-use super::{Message, rfc3339_micros};
+use super::cloudevents::{CloudEventData, encode_segment};
+use super::{Message, batch_id, rfc3339_micros};
 use crate::config::{EventGridConfig, EventGridDelivery, EventTypes};
 use crate::queue::StoredEvent;
 
@@ -67,6 +67,16 @@ impl EventGrid {
             events.iter().map(|e| self.event(e)).collect();
         let body = serde_json::to_vec(&batch).unwrap_or_default();
         self.message(batch_id(events), body)
+    }
+
+    /// One event of a batch: the event object, without the array around it.
+    pub fn batch_part(&self, event: &StoredEvent) -> Vec<u8> {
+        serde_json::to_vec(&self.event(event)).unwrap_or_default()
+    }
+
+    /// A batch message from its body (the parts in an array) and its id.
+    pub fn assemble(&self, id: String, body: Vec<u8>) -> Message {
+        self.message(id, body)
     }
 
     /// The handshake's request: one `SubscriptionValidationEvent` carrying `code`, which

@@ -11,8 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::cloudevents::batch_id;
-use super::{Message, rfc3339_micros};
+use super::{Message, batch_id, rfc3339_micros};
 use crate::config::{EventType, EventTypes, ServiceBusConfig, TopicTemplate};
 use crate::queue::StoredEvent;
 use crate::types::Action;

@@ -49,7 +49,9 @@ impl Azure {
                 c.sas_key.clone(),
                 c.token_ttl,
             )))),
-            ListenerFormat::CloudEvents(_) => Ok(None),
+            ListenerFormat::CloudEvents(_)
+            | ListenerFormat::Form(_)
+            | ListenerFormat::Template(_) => Ok(None),
         }
     }
 
