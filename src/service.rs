@@ -41,7 +41,7 @@ impl Observe {
             self.ready.send_replace(true);
         }
         if let Some(why) = why {
-            self.health.set_last_error(Some(why.to_owned()));
+            self.health.set_capture_error(Some(why.to_owned()));
             self.status.send_replace(format!("not streaming: {why}"));
         }
     }
@@ -91,9 +91,6 @@ impl DeliveryObserver for Observe {
 impl CaptureObserver for Observe {
     fn streaming(&self, on: bool, why: Option<&str>) {
         Observe::streaming(self, on, why);
-        if on {
-            self.health.set_last_error(None);
-        }
     }
 
     fn status(&self, line: String) {
@@ -387,7 +384,7 @@ async fn gauge_loop(
                 observe.health.set_queue_reachable(false);
                 observe.metrics.set_database_up(false);
                 observe.monitors.database_unreachable(&e);
-                observe.health.set_last_error(Some(e));
+                observe.health.set_queue_error(Some(e));
                 client = None;
             }
         }

@@ -343,7 +343,11 @@ impl HttpSink {
             }
         }
         match result {
-            Ok(resp) => self.answered(resp, started, trace).await,
+            Ok(resp) => {
+                // Azure listeners post to a per-topic address under the configured url.
+                let shown = SecretUrl::new(target.clone()).redacted().to_owned();
+                self.answered(resp, started, trace, &shown).await
+            }
             Err(e) => {
                 let live = self.live_secrets();
                 let (outcome, comment) =
@@ -438,6 +442,7 @@ impl HttpSink {
         resp: reqwest::Response,
         started: Instant,
         trace: Option<&mut Trace>,
+        shown: &str,
     ) -> (Attempt, Vec<u8>) {
         let status = resp.status();
         let code = status.as_u16();
@@ -460,7 +465,6 @@ impl HttpSink {
         if let Some(t) = trace {
             t.responses.push(traced);
         }
-        let shown = self.url.redacted();
 
         // Only failures get a comment: nothing is formatted for a delivery.
         let status_text = || status_text(status);
