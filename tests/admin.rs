@@ -262,9 +262,7 @@ async fn healthz_is_ok_and_readyz_needs_streaming_and_queue() {
         .health
         .set_capture_error(Some("nothing received (receive_timeout)".to_owned()));
     server.health.set_queue_reachable(false);
-    server
-        .health
-        .set_queue_error(Some("timed out".to_owned()));
+    server.health.set_queue_error(Some("timed out".to_owned()));
     let both = server.get("/readyz").await;
     assert_eq!(both.status(), 503);
     assert_eq!(
