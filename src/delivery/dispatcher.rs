@@ -4,9 +4,9 @@
 //! Per listener three stages run as tasks and hand work on through channels:
 //! * the *claimer* claims due notifications in batches under a lease (woken by
 //!   `NOTIFY walhook_new`, by recorded outcomes, at the earliest retry it scheduled, and by a
-//!   one-second poll that covers other processes), keeping up to a prefetch target of
-//!   notifications outstanding so the next batch is claimed while the previous one is in
-//!   flight;
+//!   one-second sweep that covers other processes), keeping up to a prefetch target of
+//!   notifications and bytes outstanding so the next batch is claimed while the previous
+//!   one is in flight; claims resume after a cursor (see [`claimer`]);
 //! * the *starter* starts deliveries in claim order, each after a concurrency permit and
 //!   the rate limiter allow it;
 //! * one *recorder*, shared by all listeners, records outcomes in batches: whatever has
@@ -16,9 +16,11 @@
 //! reconnect with backoff. Several processes can share one queue: a row is claimed by one
 //! lease holder at a time, and outcomes are recorded only for rows still leased here.
 
+mod claimer;
+
 use std::future::Future;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -35,19 +37,16 @@ use super::{Attempt, AttemptReport, DeliveryObserver, Notification, Observed, Ve
 use crate::config::{ListenerConfig, RateLimit};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
-    Completions, DeliveredRow, FailedAttemptRow, NotificationStore, OnNewNotifications, QueueError,
+    Claimed, Completions, DeliveredRow, EntityKey, FailedAttemptRow, NotificationStore,
+    OnNewNotifications, QueueError, SWEEP_PAYLOAD,
 };
-
-/// Most notifications one claim statement takes.
-const CLAIM_BATCH: usize = 500;
+use claimer::{ClaimState, TotalBytes};
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
 const PREFETCH_PER_SLOT: usize = 8;
 /// Upper bound of notifications outstanding (claimed, not yet recorded) per listener.
 const MAX_OUTSTANDING: usize = 4000;
 /// A rate-limited listener claims no more than it may send in this long.
 const RATE_LIMITED_PREFETCH: Duration = Duration::from_secs(5);
-/// Fallback poll: finds work other processes made due (their retries, expired leases).
-const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Most outcomes recorded in one batch.
 const RECORD_BATCH: usize = 2000;
 /// Added to twice the listener timeout to make the lease.
@@ -150,12 +149,16 @@ pub async fn run_observed(
     let shared = Arc::new(Shared {
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
+        bytes: TotalBytes::default(),
     });
     let lanes: Arc<[Arc<Lane>]> = lanes.into();
     let wake_all: OnNewNotifications = {
         let lanes = lanes.clone();
-        Arc::new(move || {
+        Arc::new(move |payload: &str| {
             for lane in lanes.iter() {
+                if payload == SWEEP_PAYLOAD {
+                    lane.claims.sweep_soon();
+                }
                 lane.wake.notify_one();
             }
         })
@@ -176,7 +179,7 @@ pub async fn run_observed(
     let mut tasks = JoinSet::new();
     for lane in lanes.iter() {
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
-        tasks.spawn(claim_loop(
+        tasks.spawn(claimer::claim_loop(
             lane.clone(),
             claim_link.clone(),
             shared.clone(),
@@ -273,10 +276,11 @@ async fn release_dead_local_leases(link: &Link, host: &str) {
     }
 }
 
-/// What every task sees: the stop signal and the first fatal error.
+/// What every task sees: the stop signal, the first fatal error and the bytes claimed.
 struct Shared {
     stop: CancellationToken,
     fatal: Mutex<Option<DispatchError>>,
+    bytes: TotalBytes,
 }
 
 impl Shared {
@@ -349,9 +353,10 @@ impl Link {
             })??;
         let store = Arc::new(store);
         *current = Some(store.clone());
-        // Notifications sent while this connection was not listening are lost: look now.
+        // Notifications sent while this connection was not listening are lost: look now,
+        // behind the cursors too.
         if let Some(wake) = &self.on_new {
-            wake();
+            wake(SWEEP_PAYLOAD);
         }
         Ok(store)
     }
@@ -388,8 +393,8 @@ struct Lane {
     permits: Arc<Semaphore>,
     concurrency: usize,
     wake: Notify,
-    /// Claimed and not yet recorded.
-    outstanding: AtomicUsize,
+    /// Cursor-independent claim state, shared with the recorder.
+    claims: ClaimState,
     /// Claim no more than this many ahead.
     target: usize,
     lease: Duration,
@@ -422,7 +427,7 @@ impl Lane {
             permits: Arc::new(Semaphore::new(concurrency)),
             concurrency,
             wake: Notify::new(),
-            outstanding: AtomicUsize::new(0),
+            claims: ClaimState::new(),
             target,
             lease,
             next_due: Mutex::new(None),
@@ -435,24 +440,29 @@ impl Lane {
         &self.config.name
     }
 
-    /// How many more to claim now. A failing listener gets no prefetch: its attempts are
-    /// slow (timeouts) and rows waiting behind them would only sit on their leases.
-    fn room(&self) -> usize {
-        let target = if self.failing.load(Ordering::Acquire) {
+    /// How many to hold claimed. A failing listener gets no prefetch: its attempts are slow
+    /// (timeouts) and rows waiting behind them would only sit on their leases.
+    fn target(&self) -> usize {
+        if self.failing.load(Ordering::Acquire) {
             self.concurrency
         } else {
             self.target
-        };
-        target.saturating_sub(self.outstanding.load(Ordering::Acquire))
+        }
     }
 
-    /// When the claimer should look again without being woken.
-    fn next_look(&self) -> Instant {
-        let poll = Instant::now() + POLL_INTERVAL;
-        match *lock(&self.next_due) {
-            Some(due) => due.min(poll),
-            None => poll,
+    /// When the earliest retry this process scheduled becomes due.
+    fn next_due(&self) -> Option<Instant> {
+        *lock(&self.next_due)
+    }
+
+    /// Whether a retry this process scheduled is due now (then forgets it).
+    fn take_due(&self) -> bool {
+        let mut due = lock(&self.next_due);
+        if due.is_some_and(|d| d <= Instant::now()) {
+            *due = None;
+            return true;
         }
+        false
     }
 
     fn schedule(&self, due: Instant) {
@@ -481,8 +491,10 @@ fn rate_limited_prefetch(rate: RateLimit) -> usize {
 }
 
 /// A claimed notification on its way to the starter.
-struct Claimed {
+struct ClaimedRow {
     notification: Notification,
+    /// Received size of its event's `row` and `old`, counted against the byte budgets.
+    bytes: u64,
     claimed_at: Instant,
 }
 
@@ -492,6 +504,7 @@ enum Done {
     Attempted {
         lane: usize,
         id: i64,
+        bytes: u64,
         attempts_before: i32,
         attempt: Attempt,
         commit_time: std::time::SystemTime,
@@ -505,14 +518,15 @@ enum Done {
         comment: String,
     },
     /// Claimed but not attempted: free the lease.
-    Release { lane: usize, id: i64 },
+    Release { lane: usize, id: i64, bytes: u64 },
 }
 
 impl Done {
-    fn release(lane: &Lane, n: &Notification) -> Done {
+    fn release(lane: &Lane, row: &ClaimedRow) -> Done {
         Done::Release {
             lane: lane.index,
-            id: n.id,
+            id: row.notification.id,
+            bytes: row.bytes,
         }
     }
 }
@@ -549,99 +563,12 @@ where
     }
 }
 
-/// Claims due notifications for one listener until stop.
-async fn claim_loop(
-    lane: Arc<Lane>,
-    link: Arc<Link>,
-    shared: Arc<Shared>,
-    claimed: mpsc::UnboundedSender<Claimed>,
-    done: mpsc::UnboundedSender<Done>,
-) {
-    let mut backoff = RECONNECT_INITIAL;
-    while !shared.stop.is_cancelled() {
-        let room = lane.room();
-        if room > 0 {
-            {
-                let mut due = lock(&lane.next_due);
-                if due.is_some_and(|d| d <= Instant::now()) {
-                    *due = None;
-                }
-            }
-            let want = room.min(CLAIM_BATCH);
-            // At stop a claim in progress is abandoned rather than awaited (the database may
-            // be gone); leases it took are freed with the others at the end, or expire.
-            let (name, lease) = (lane.name(), lane.lease);
-            let claim = on_store(&link, "claiming notifications", |store| async move {
-                store.claim(name, want, lease).await
-            });
-            let result = tokio::select! {
-                result = claim => result,
-                _ = shared.stop.cancelled() => break,
-            };
-            match result {
-                Ok(rows) => {
-                    backoff = RECONNECT_INITIAL;
-                    link.healthy();
-                    let got = rows.len();
-                    lane.outstanding.fetch_add(got, Ordering::AcqRel);
-                    let claimed_at = Instant::now();
-                    for row in rows {
-                        match row {
-                            Ok(notification) => {
-                                if let Err(back) = claimed.send(Claimed {
-                                    notification,
-                                    claimed_at,
-                                }) {
-                                    let _ = done.send(Done::release(&lane, &back.0.notification));
-                                }
-                            }
-                            Err((id, comment)) => {
-                                let _ = done.send(Done::Unreadable {
-                                    lane: lane.index,
-                                    id,
-                                    comment,
-                                });
-                            }
-                        }
-                    }
-                    if got > 0 {
-                        debug!(
-                            listener = lane.name(),
-                            claimed = got,
-                            "claimed notifications"
-                        );
-                    }
-                    if got == want {
-                        // A full batch: more may be due right now.
-                        continue;
-                    }
-                }
-                Err((store, e)) => {
-                    if e.class() != ErrorClass::Transient {
-                        shared.fail(e);
-                        break;
-                    }
-                    link.broken(store.as_ref(), &e).await;
-                    back_off(&mut backoff, &shared.stop).await;
-                    continue;
-                }
-            }
-        }
-        let look = lane.next_look();
-        tokio::select! {
-            _ = lane.wake.notified() => {}
-            _ = tokio::time::sleep_until(look) => {}
-            _ = shared.stop.cancelled() => break,
-        }
-    }
-}
-
 /// Starts deliveries for one listener in claim order, within its concurrency limit and
 /// rate limit; at stop, lets the running ones finish within the deadline.
 async fn start_loop(
     lane: Arc<Lane>,
     shared: Arc<Shared>,
-    mut claimed: mpsc::UnboundedReceiver<Claimed>,
+    mut claimed: mpsc::UnboundedReceiver<ClaimedRow>,
     done: mpsc::UnboundedSender<Done>,
 ) {
     let mut in_flight = JoinSet::new();
@@ -660,7 +587,7 @@ async fn start_loop(
             permit = lane.permits.clone().acquire_owned() => permit.ok(),
         };
         let Some(permit) = permit else {
-            let _ = done.send(Done::release(&lane, &next.notification));
+            let _ = done.send(Done::release(&lane, &next));
             break;
         };
         if let Some(limiter) = &lane.limiter {
@@ -670,19 +597,20 @@ async fn start_loop(
                 _ = limiter.until_ready() => false,
             };
             if stopped {
-                let _ = done.send(Done::release(&lane, &next.notification));
+                let _ = done.send(Done::release(&lane, &next));
                 break;
             }
         }
         if next.claimed_at.elapsed() + lane.config.timeout + START_MARGIN > lane.lease {
             // The lease could run out mid-attempt and another process deliver it at the
             // same time: hand it back instead.
-            let _ = done.send(Done::release(&lane, &next.notification));
+            let _ = done.send(Done::release(&lane, &next));
             continue;
         }
         let sender = lane.sender.clone();
         let done = done.clone();
         let lane_index = lane.index;
+        let bytes = next.bytes;
         in_flight.spawn(async move {
             let n = next.notification;
             let attempt = sender.send(&n).await;
@@ -691,6 +619,7 @@ async fn start_loop(
             let _ = done.send(Done::Attempted {
                 lane: lane_index,
                 id: n.id,
+                bytes,
                 attempts_before: n.attempts,
                 attempt,
                 commit_time: n.event.commit_time,
@@ -703,7 +632,7 @@ async fn start_loop(
     // Stopping: hand back what was claimed but not started (the claimer closes the channel
     // when it ends), then give the running attempts until the deadline.
     while let Some(next) = claimed.recv().await {
-        let _ = done.send(Done::release(&lane, &next.notification));
+        let _ = done.send(Done::release(&lane, &next));
     }
     let deadline = lane.config.timeout.min(MAX_SHUTDOWN_WAIT) + Duration::from_millis(500);
     let finished = tokio::time::timeout(deadline, async {
@@ -724,6 +653,12 @@ async fn start_loop(
 #[derive(Default)]
 struct LaneEffect {
     finished: usize,
+    /// Received bytes of the finished notifications.
+    finished_bytes: u64,
+    /// Entities whose change left `walhook.new` (delivered or given up on).
+    completed: Vec<EntityKey>,
+    /// Rows went back behind the claim cursor (released, or failed without an entity).
+    behind_cursor: bool,
     delivered: usize,
     gave_up: usize,
     last_failure: Option<String>,
@@ -752,7 +687,7 @@ async fn record_loop(
         }
         let (batch, effects) = build_batch(&lanes, pending.drain(..), observer.as_deref());
         record(&link, &shared, &batch).await;
-        apply(&lanes, effects);
+        apply(&lanes, &shared, effects);
     }
     release_leftovers(&link, &shared).await;
 }
@@ -777,8 +712,13 @@ fn build_batch(
         };
         effect.finished += 1;
         match outcome {
-            Done::Release { id, .. } => batch.release.push(id),
+            Done::Release { id, bytes, .. } => {
+                effect.finished_bytes += bytes;
+                effect.behind_cursor = true;
+                batch.release.push(id);
+            }
             Done::Unreadable { id, comment, .. } => {
+                effect.behind_cursor = true;
                 effect.gave_up += 1;
                 batch.failed.push(FailedAttemptRow {
                     id,
@@ -794,8 +734,10 @@ fn build_batch(
                 commit_time,
                 entity,
                 entity_id,
+                bytes,
                 ..
             } => {
+                effect.finished_bytes += bytes;
                 let observe = |outcome: Observed, comment: Option<&str>| {
                     if let Some(o) = observer {
                         o.attempted(&AttemptReport {
@@ -824,7 +766,7 @@ fn build_batch(
                             None => format!("delivery to {} failed", lane.sender.url_redacted()),
                         })
                 };
-                match attempt.verdict {
+                let left_queue = match attempt.verdict {
                     Verdict::Delivered => {
                         observe(Observed::Delivered, None);
                         effect.delivered += 1;
@@ -834,6 +776,7 @@ fn build_batch(
                             latency_ms: i32::try_from(attempt.latency.as_millis())
                                 .unwrap_or(i32::MAX),
                         });
+                        true
                     }
                     Verdict::Retry if made < lane.config.max_attempts => {
                         let delay =
@@ -850,6 +793,7 @@ fn build_batch(
                             comment,
                             delay,
                         });
+                        false
                     }
                     // A final verdict, or a retry after the last attempt: give up.
                     verdict => {
@@ -870,7 +814,11 @@ fn build_batch(
                             comment,
                             delay: Duration::ZERO,
                         });
+                        true
                     }
+                };
+                if left_queue {
+                    effect.completed.push(EntityKey { entity, entity_id });
                 }
             }
         }
@@ -922,7 +870,7 @@ async fn record(link: &Link, shared: &Shared, batch: &Completions) {
 /// Updates the lanes after a batch is recorded: frees their room, wakes their claimers
 /// (a recorded delivery can unblock the next change of the same entity), sets retry timers
 /// and logs a listener starting or stopping to fail.
-fn apply(lanes: &[Arc<Lane>], effects: Vec<LaneEffect>) {
+fn apply(lanes: &[Arc<Lane>], shared: &Shared, effects: Vec<LaneEffect>) {
     for (lane, effect) in lanes.iter().zip(effects) {
         if effect.finished == 0 {
             continue;
@@ -961,11 +909,15 @@ fn apply(lanes: &[Arc<Lane>], effects: Vec<LaneEffect>) {
                 lane.name()
             );
         }
-        let _ = lane
-            .outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(effect.finished))
-            });
+        if effect.behind_cursor {
+            lane.claims.sweep_soon();
+        }
+        lane.claims.recorded(
+            &shared.bytes,
+            effect.finished,
+            effect.finished_bytes,
+            effect.completed,
+        );
         lane.wake.notify_one();
     }
 }

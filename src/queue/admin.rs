@@ -523,9 +523,9 @@ SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, 0,
 FROM moved
 RETURNING id";
 
-/// Wakes the dispatchers (they LISTEN on this channel) instead of leaving the requeued rows
-/// to their poll.
-const WAKE_DISPATCHERS: &str = "SELECT pg_notify('walhook_new', '')";
+/// Wakes the dispatchers (they LISTEN on this channel) and has them sweep behind their
+/// cursors, where the requeued rows are, instead of leaving them to the periodic sweep.
+const WAKE_DISPATCHERS: &str = "SELECT pg_notify('walhook_new', 'sweep')";
 
 const LOCATE: &str = "SELECT id, 'New', listener FROM walhook.new WHERE id = ANY($1)
 UNION ALL

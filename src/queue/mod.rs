@@ -5,6 +5,7 @@
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
+mod claims;
 mod listeners;
 mod migrate;
 mod notifications;
@@ -16,11 +17,12 @@ use tokio_postgres::error::SqlState;
 use crate::error::{Classify, ErrorClass};
 
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
+pub use claims::{CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Claimed, Cursor, EntityKey, SWEEP};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use notifications::{
-    CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
-    NotificationStore, OnNewNotifications, discard_pending,
+    Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
+    OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
 };
 pub use state::{QueueState, read_state, record_source};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};

@@ -10,19 +10,23 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use serde_json::Value;
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::{AsyncMessage, Client, Row, Statement};
-use uuid::Uuid;
+use tokio_postgres::{AsyncMessage, Client, Statement};
 
+use super::claims::{
+    CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Cursor, EntityKey, SWEEP, run_claim,
+};
 use super::{Needs, QueueError, db_error};
-use crate::delivery::{Notification, StoredEvent};
-use crate::types::{Action, Lsn};
 
 /// The channel the queue writer notifies (once per batch that created notifications).
 pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
+
+/// The payload of a notification on [`NEW_NOTIFICATIONS_CHANNEL`] that asks dispatchers to
+/// sweep behind their cursors: rows there became claimable (leases released, `walhook
+/// retry`). The writer's notifications have an empty payload: new rows after the cursors.
+pub const SWEEP_PAYLOAD: &str = "sweep";
 
 const LISTEN: &str = "LISTEN walhook_new";
 
@@ -40,44 +44,6 @@ const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, 
 /// inflated costs of a stale plan) took 200 ms, longer than the claim itself.
 const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
      SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
-
-/// Claims up to $2 due notifications of listener $1 for $4, leased for $3 milliseconds.
-///
-/// Due: `next_attempt_at` has come and nobody holds a live lease. Ordering per entity: a
-/// row is claimable only while no earlier change of the same entity (smaller (commit_lsn,
-/// seq)) for the same listener is still in `walhook.new` — pending, leased or waiting for
-/// a retry — so a listener never sees a change to X before an earlier change to X, while
-/// other entities proceed. The anti-join is an index probe on
-/// `new_listener_entity_order_idx`; the walk in commit order uses
-/// `new_listener_commit_order_idx` and stops at the limit.
-pub const CLAIM_SQL: &str = r#"WITH due AS (
-    SELECT n.id
-    FROM walhook.new n
-    WHERE n.listener = $1
-      AND n.next_attempt_at <= now()
-      AND (n.locked_until IS NULL OR n.locked_until <= now())
-      AND NOT EXISTS (
-          SELECT 1 FROM walhook.new p
-          WHERE p.listener = n.listener
-            AND p.entity = n.entity
-            AND p.entity_id = n.entity_id
-            AND (p.commit_lsn, p.seq) < (n.commit_lsn, n.seq))
-    ORDER BY n.commit_lsn, n.seq
-    LIMIT $2::bigint
-    FOR UPDATE OF n SKIP LOCKED
-), claimed AS (
-    UPDATE walhook.new n
-    SET locked_until = now() + $3::float8 * interval '1 millisecond',
-        locked_by = $4::text
-    FROM due
-    WHERE n.id = due.id
-    RETURNING n.id, n.event_id, n.attempts
-)
-SELECT c.id, c.attempts, e.event_id, e.commit_lsn, e.seq, e.commit_time, e.entity,
-       e.entity_id, e.action, e.changed_fields, e."row", e.old, e.subject, e.source_table
-FROM claimed c
-JOIN walhook.event e ON e.id = c.event_id
-ORDER BY e.commit_lsn, e.seq"#;
 
 /// Moves delivered notifications to `walhook.processed`: $1 ids, $2 status codes, $3
 /// latencies (ms), $4 lease holder.
@@ -153,8 +119,14 @@ const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = N
 WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 
 /// Frees every lease of holder $1: this process at shutdown, or a process known to be gone.
-const RELEASE_ALL: &str =
-    "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
+/// The released rows are behind the other dispatchers' cursors: they are told to sweep.
+const RELEASE_ALL: &str = "WITH released AS (
+    UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
+    WHERE locked_by = $1::text
+    RETURNING 1
+)
+SELECT count(*), (SELECT pg_notify('walhook_new', 'sweep') WHERE EXISTS (SELECT 1 FROM released))
+FROM released";
 
 /// The holders of live leases.
 const LEASE_HOLDERS: &str = "SELECT DISTINCT locked_by FROM walhook.new
@@ -211,7 +183,9 @@ impl Completions {
 pub struct NotificationStore {
     client: Client,
     owner: String,
-    claim: Statement,
+    claim_next: Statement,
+    sweep: Statement,
+    claim_heads: Statement,
     delivered: Statement,
     failed: Statement,
     retry: Statement,
@@ -227,8 +201,8 @@ impl std::fmt::Debug for NotificationStore {
     }
 }
 
-/// Called for every `NOTIFY walhook_new` the connection receives.
-pub type OnNewNotifications = Arc<dyn Fn() + Send + Sync>;
+/// Called for every `NOTIFY walhook_new` the connection receives, with its payload.
+pub type OnNewNotifications = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl NotificationStore {
     /// Connects (without TLS, like every ordinary walhook connection), drives the
@@ -267,8 +241,12 @@ impl NotificationStore {
             let client = &client;
             async move { client.prepare(sql).await.map_err(db_error(what, USE)) }
         };
-        let (claim, delivered, failed, retry, release, release_all) = tokio::try_join!(
-            prepare(CLAIM_SQL, "preparing the notification claim"),
+        let (claim_next, sweep, claim_heads) = tokio::try_join!(
+            prepare(CLAIM_NEXT, "preparing the notification claim"),
+            prepare(SWEEP, "preparing the notification sweep"),
+            prepare(CLAIM_HEADS, "preparing the notification claim by entity"),
+        )?;
+        let (delivered, failed, retry, release, release_all) = tokio::try_join!(
             prepare(DELIVERED, "preparing the move to walhook.processed"),
             prepare(FAILED, "preparing the move to walhook.failed"),
             prepare(RETRY, "preparing the retry update"),
@@ -278,7 +256,9 @@ impl NotificationStore {
         Ok(NotificationStore {
             client,
             owner: owner.to_owned(),
-            claim,
+            claim_next,
+            sweep,
+            claim_heads,
             delivered,
             failed,
             retry,
@@ -297,23 +277,77 @@ impl NotificationStore {
         self.client.is_closed()
     }
 
-    /// Claims up to `limit` due notifications of `listener` in commit order, leased for
-    /// `lease`, at most one per entity (see [`CLAIM_SQL`]). Rows whose event cannot be read
-    /// back come as `Err((id, comment))` so the caller can move them to `walhook.failed`.
-    pub async fn claim(
+    /// Claims due notifications of `listener` after `cursor` in commit order, leased for
+    /// `lease` (see [`CLAIM_NEXT`]); the caller moves its cursor to
+    /// [`Claim::scanned_to`].
+    pub async fn claim_next(
         &self,
         listener: &str,
-        limit: usize,
+        cursor: Cursor,
+        limits: ClaimLimits,
         lease: Duration,
-    ) -> Result<Vec<Result<Notification, (i64, String)>>, QueueError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let lease_ms = lease.as_secs_f64() * 1000.0;
-        let rows = self
-            .client
-            .query(&self.claim, &[&listener, &limit, &lease_ms, &self.owner])
+    ) -> Result<Claim, QueueError> {
+        let lsn = PgLsn::from(cursor.commit_lsn.0);
+        self.run(
+            &self.claim_next,
+            listener,
+            limits,
+            lease,
+            [&lsn, &cursor.seq],
+        )
+        .await
+        .map_err(db_error("claiming notifications from walhook.new", USE))
+    }
+
+    /// Claims due notifications of `listener` up to `cursor` from the head (see [`SWEEP`]).
+    pub async fn sweep(
+        &self,
+        listener: &str,
+        cursor: Cursor,
+        limits: ClaimLimits,
+        lease: Duration,
+    ) -> Result<Claim, QueueError> {
+        let lsn = PgLsn::from(cursor.commit_lsn.0);
+        self.run(&self.sweep, listener, limits, lease, [&lsn, &cursor.seq])
             .await
-            .map_err(db_error("claiming notifications from walhook.new", USE))?;
-        Ok(rows.iter().map(notification).collect())
+            .map_err(db_error("sweeping walhook.new for due notifications", USE))
+    }
+
+    /// Claims the oldest notification of each of `entities` for `listener` when it is due
+    /// (see [`CLAIM_HEADS`]).
+    pub async fn claim_heads(
+        &self,
+        listener: &str,
+        entities: &[EntityKey],
+        limits: ClaimLimits,
+        lease: Duration,
+    ) -> Result<Claim, QueueError> {
+        let names: Vec<&str> = entities.iter().map(|k| k.entity.as_str()).collect();
+        let ids: Vec<&str> = entities.iter().map(|k| k.entity_id.as_str()).collect();
+        self.run(&self.claim_heads, listener, limits, lease, [&names, &ids])
+            .await
+            .map_err(db_error("claiming notifications by entity", USE))
+    }
+
+    async fn run(
+        &self,
+        statement: &Statement,
+        listener: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+        extra: [&(dyn tokio_postgres::types::ToSql + Sync); 2],
+    ) -> Result<Claim, tokio_postgres::Error> {
+        let lease_ms = lease.as_secs_f64() * 1000.0;
+        run_claim(
+            &self.client,
+            statement,
+            listener,
+            limits,
+            lease_ms,
+            &self.owner,
+            extra,
+        )
+        .await
     }
 
     /// Records a batch of outcomes: one statement per non-empty kind, pipelined on the
@@ -397,10 +431,17 @@ impl NotificationStore {
 
     /// Frees every lease this holder still has; returns how many.
     pub async fn release_all(&self) -> Result<u64, QueueError> {
-        self.client
-            .execute(&self.release_all, &[&self.owner])
+        self.release_of(&self.owner).await
+    }
+
+    async fn release_of(&self, holder: &str) -> Result<u64, QueueError> {
+        let released: i64 = self
+            .client
+            .query_one(&self.release_all, &[&holder])
             .await
-            .map_err(db_error("releasing leases in walhook.new", USE))
+            .and_then(|row| row.try_get(0))
+            .map_err(db_error("releasing leases in walhook.new", USE))?;
+        Ok(u64::try_from(released).unwrap_or(0))
     }
 }
 
@@ -420,51 +461,8 @@ impl NotificationStore {
 
     /// Frees the leases of `holder`, a process known to be gone; returns how many.
     pub async fn release_holder(&self, holder: &str) -> Result<u64, QueueError> {
-        self.client
-            .execute(&self.release_all, &[&holder])
-            .await
-            .map_err(db_error("releasing leases in walhook.new", USE))
+        self.release_of(holder).await
     }
-}
-
-/// Reads one claimed row; a row that cannot be read becomes `(id, comment)`.
-fn notification(row: &Row) -> Result<Notification, (i64, String)> {
-    let id: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
-    let read = || -> Result<Notification, String> {
-        let text = |e: tokio_postgres::Error| e.to_string();
-        let commit_lsn: PgLsn = row.try_get(3).map_err(text)?;
-        let action: String = row.try_get(8).map_err(text)?;
-        let action = match action.as_str() {
-            "Created" => Action::Created,
-            "Updated" => Action::Updated,
-            "Deleted" => Action::Deleted,
-            other => return Err(format!("unknown action {other:?} in walhook.event")),
-        };
-        Ok(Notification {
-            id,
-            attempts: row.try_get(1).map_err(text)?,
-            event: StoredEvent {
-                event_id: row.try_get::<_, Uuid>(2).map_err(text)?,
-                commit_lsn: Lsn(u64::from(commit_lsn)),
-                seq: row.try_get(4).map_err(text)?,
-                commit_time: row.try_get::<_, SystemTime>(5).map_err(text)?,
-                entity: row.try_get(6).map_err(text)?,
-                entity_id: row.try_get(7).map_err(text)?,
-                action,
-                changed_fields: row.try_get(9).map_err(text)?,
-                row: row.try_get::<_, Value>(10).map_err(text)?,
-                old: row.try_get::<_, Option<Value>>(11).map_err(text)?,
-                subject: row.try_get(12).map_err(text)?,
-                source_table: row.try_get(13).map_err(text)?,
-            },
-        })
-    };
-    read().map_err(|detail| {
-        (
-            id,
-            format!("the event of this notification cannot be read from walhook.event: {detail}"),
-        )
-    })
 }
 
 /// Drives a tokio-postgres connection and passes on `NOTIFY walhook_new`.
@@ -480,9 +478,9 @@ impl Future for Driver {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.connection.poll_message(cx) {
-                Poll::Ready(Some(Ok(AsyncMessage::Notification(_)))) => {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
                     if let Some(f) = &self.on_new {
-                        f();
+                        f(n.payload());
                     }
                 }
                 Poll::Ready(Some(Ok(_))) => {}
