@@ -1038,7 +1038,8 @@ impl Reader {
     }
 }
 
-/// Commits events in batches that span source transactions.
+/// Commits events in batches that span source transactions: group commit (see
+/// [`crate::queue::FlushPolicy`]).
 async fn write_loop(
     mut writer: QueueWriter,
     mut rx: mpsc::Receiver<Item>,
@@ -1048,35 +1049,46 @@ async fn write_loop(
     batch_size: usize,
     batch_delay: Duration,
 ) -> Result<(), ServiceError> {
-    let batch_size = batch_size.max(1);
-    let mut events: Vec<EntityEvent> = Vec::with_capacity(batch_size);
+    let policy = crate::queue::FlushPolicy {
+        max_events: batch_size.max(1),
+        max_bytes: crate::queue::MAX_BATCH_BYTES,
+        max_delay: batch_delay,
+    };
+    let mut events: Vec<EntityEvent> = Vec::new();
     loop {
         let Some(first) = rx.recv().await else {
             return Ok(());
         };
+        let started = tokio::time::Instant::now();
+        let mut gathered = crate::queue::Gathered::default();
         let mut commit: Option<Lsn> = None;
         let mut closed = false;
-        absorb(first, &mut events, &mut commit);
-        let deadline = tokio::time::Instant::now() + batch_delay;
-        while events.len() < batch_size {
-            // Take what is already there without waiting, then wait until the deadline.
-            match rx.try_recv() {
-                Ok(item) => {
-                    absorb(item, &mut events, &mut commit);
-                    continue;
-                }
+        absorb(first, &mut events, &mut commit, &mut gathered);
+        loop {
+            // Take what is already there without waiting; the policy decides on the rest.
+            let item = match rx.try_recv() {
+                Ok(item) => Some(item),
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
                     break;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Empty) => None,
+            };
+            let idle = item.is_none();
+            if let Some(item) = item {
+                absorb(item, &mut events, &mut commit, &mut gathered);
             }
-            tokio::select! {
-                item = rx.recv() => match item {
-                    Some(item) => absorb(item, &mut events, &mut commit),
-                    None => { closed = true; break; }
+            let now = tokio::time::Instant::now();
+            match policy.decide(gathered, idle, started, now) {
+                crate::queue::Flush::Now => break,
+                crate::queue::Flush::ReadUntil(_) if !idle => {}
+                crate::queue::Flush::ReadUntil(deadline) => tokio::select! {
+                    item = rx.recv() => match item {
+                        Some(item) => absorb(item, &mut events, &mut commit, &mut gathered),
+                        None => { closed = true; break; }
+                    },
+                    _ = tokio::time::sleep_until(deadline) => break,
                 },
-                _ = tokio::time::sleep_until(deadline) => break,
             }
         }
         if subscriptions.has_changed().unwrap_or(false) {
@@ -1118,10 +1130,23 @@ fn count_queued(metrics: &Metrics, events: &[EntityEvent]) {
     metrics.events_queued(&batch);
 }
 
-fn absorb(item: Item, events: &mut Vec<EntityEvent>, commit: &mut Option<Lsn>) {
+fn absorb(
+    item: Item,
+    events: &mut Vec<EntityEvent>,
+    commit: &mut Option<Lsn>,
+    gathered: &mut crate::queue::Gathered,
+) {
     match item {
-        Item::Event(e) => events.push(*e),
-        Item::Commit { end_lsn } => *commit = Some(end_lsn),
+        Item::Event(e) => {
+            gathered.events += 1;
+            gathered.bytes += crate::queue::approx_bytes(&e);
+            gathered.at_commit = false;
+            events.push(*e);
+        }
+        Item::Commit { end_lsn } => {
+            gathered.at_commit = true;
+            *commit = Some(end_lsn);
+        }
     }
 }
 

@@ -258,7 +258,7 @@ pub enum Claimed {
     /// Ready to deliver; `bytes` is the size of its `row` and `old` as received.
     Ready {
         /// The notification.
-        notification: Notification,
+        notification: Box<Notification>,
         /// Received size of `row` and `old`.
         bytes: u64,
         /// Their stored size (`pg_column_size`).
@@ -357,7 +357,7 @@ pub(super) async fn run_claim(
                 received += bytes;
                 claim.rows.push(match notification(&row, id) {
                     Ok(notification) => Claimed::Ready {
-                        notification,
+                        notification: Box::new(notification),
                         bytes,
                         stored_bytes: stored.and_then(|s| u64::try_from(s).ok()).unwrap_or(0),
                     },

@@ -5,6 +5,7 @@
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
+mod batch;
 mod claims;
 mod listeners;
 mod migrate;
@@ -17,6 +18,7 @@ use tokio_postgres::error::SqlState;
 use crate::error::{Classify, ErrorClass};
 
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
+pub use batch::{Flush, FlushPolicy, Gathered, MAX_BATCH_BYTES, approx_bytes};
 pub use claims::{CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Claimed, Cursor, EntityKey, SWEEP};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};

@@ -189,8 +189,7 @@ impl ClaimState {
             } => (r + bytes, s + stored_bytes),
             _ => (r, s),
         });
-        if stored > 0 {
-            let milli = received.saturating_mul(1000) / stored;
+        if let Some(milli) = received.saturating_mul(1000).checked_div(stored) {
             self.expansion_milli
                 .store(milli.clamp(1000, 1_000_000), Ordering::Release);
         }
@@ -373,7 +372,7 @@ fn hand_over(
                 ..
             } => {
                 if let Err(back) = claimed.send(super::ClaimedRow {
-                    notification,
+                    notification: *notification,
                     bytes,
                     claimed_at,
                 }) {
