@@ -614,7 +614,7 @@ pub struct PruneOutcome {
 /// Fixed once per run so that the batches agree on what "old" means.
 const PRUNE_CUTOFF: &str = "SELECT now() - $1::float8 * interval '1 second'";
 
-const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
+pub const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
     SELECT id FROM walhook.processed WHERE delivered_at < $1
     ORDER BY delivered_at LIMIT $2
 )";
@@ -624,7 +624,7 @@ const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
 /// move between status tables is one statement, so this statement's snapshot never sees an
 /// event without the notification that pins it. SKIP LOCKED: a row a concurrent foreign key
 /// check holds is left for the next run rather than waited for.
-const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
+pub const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
     SELECT e.id FROM walhook.event e
     WHERE e.queued_at < $1
       AND NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.event_id = e.id)

@@ -29,22 +29,33 @@ use crate::delivery::{Notification, StoredEvent};
 use crate::types::{Action, Lsn};
 
 /// Candidates whose summed stored size is under `$3` bytes are kept (the first always is).
-/// Needs a CTE `scanned (id, event_id, commit_lsn, seq)`; defines `kept (id, commit_lsn,
-/// seq)`. `pg_column_size` reads a TOAST pointer's size without fetching the value.
+/// Needs a CTE `scanned` of locked rows with the columns of `scanned_columns!`; defines
+/// `kept` with the same columns. The size is `walhook.new.payload_bytes`, stored by the
+/// fan-out; rows without it (moved back from `walhook.failed`) read it from the event
+/// (`pg_column_size` reads a TOAST pointer's size without fetching the value).
 macro_rules! within_budget {
     () => {
         r#"kept AS (
-    SELECT s.id, s.commit_lsn, s.seq
+    SELECT s.id, s.tid, s.event_id, s.entity, s.entity_id, s.commit_lsn, s.seq
     FROM (
-        SELECT s.id, s.commit_lsn, s.seq,
-               sum(pg_column_size(e."row") + coalesce(pg_column_size(e.old), 0))
+        SELECT s.*,
+               sum(coalesce(s.payload_bytes, (
+                       SELECT pg_column_size(e."row") + coalesce(pg_column_size(e.old), 0)
+                       FROM walhook.event e WHERE e.id = s.event_id)))
                    OVER (ORDER BY s.commit_lsn, s.seq
                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before
         FROM scanned s
-        LEFT JOIN walhook.event e ON e.id = s.event_id
     ) s
     WHERE coalesce(s.before, 0) < $3::bigint
 )"#
+    };
+}
+
+/// The columns a `scanned` CTE selects from `walhook.new n`; `tid` lets the lease update
+/// the locked row version without another index probe.
+macro_rules! scanned_columns {
+    () => {
+        "n.id, n.ctid AS tid, n.event_id, n.entity, n.entity_id, n.commit_lsn, n.seq, n.payload_bytes"
     };
 }
 
@@ -60,7 +71,7 @@ macro_rules! lease {
     FROM ",
             $from,
             " r
-    WHERE n.id = r.id",
+    WHERE n.ctid = r.tid",
             $cond,
             "
     RETURNING n.id, n.event_id, n.attempts, n.commit_lsn, n.seq, n.entity, n.entity_id
@@ -103,14 +114,16 @@ ORDER BY 1, 6, 7"#
 /// lease holder, $6/$7 the cursor (commit_lsn, seq).
 ///
 /// Candidates are the due, unleased rows after the cursor in commit order
-/// (`new_listener_commit_order_idx`), up to $2 rows and the byte budget; the caller moves its
-/// cursor to the last of them. Each is locked (SKIP LOCKED: another claimer has it) and
-/// leased unless an earlier change of the same entity for the listener is still in
+/// (`new_listener_commit_order_idx`), locked as the walk finds them (SKIP LOCKED: another
+/// claimer has it), up to $2 rows and the byte budget; the caller moves its cursor to the
+/// last kept one (rows locked past the budget stay after it). Each is leased unless an earlier change of the same entity for the listener is still in
 /// `walhook.new` — then it is returned as held back (`h`) and left for [`CLAIM_HEADS`] or
 /// [`SWEEP`]: a listener never sees a change to X before an earlier change to X.
 pub const CLAIM_NEXT: &str = concat!(
-    r#"WITH scanned AS (
-    SELECT n.id, n.event_id, n.commit_lsn, n.seq
+    "WITH scanned AS (
+    SELECT ",
+    scanned_columns!(),
+    r#"
     FROM walhook.new n
     WHERE n.listener = $1
       AND (n.commit_lsn, n.seq) > ($6::pg_lsn, $7::int)
@@ -118,23 +131,17 @@ pub const CLAIM_NEXT: &str = concat!(
       AND (n.locked_until IS NULL OR n.locked_until <= now())
     ORDER BY n.commit_lsn, n.seq
     LIMIT $2::bigint
+    FOR UPDATE OF n SKIP LOCKED
 ), "#,
     within_budget!(),
-    r#", locked AS (
-    SELECT n.id, n.entity, n.entity_id, n.commit_lsn, n.seq
-    FROM walhook.new n
-    WHERE n.id IN (SELECT id FROM kept)
-      AND n.next_attempt_at <= now()
-      AND (n.locked_until IS NULL OR n.locked_until <= now())
-    FOR UPDATE OF n SKIP LOCKED
-), checked AS (
-    SELECT l.*, EXISTS (
+    r#", checked AS (
+    SELECT k.*, EXISTS (
         SELECT 1 FROM walhook.new p
         WHERE p.listener = $1
-          AND p.entity = l.entity
-          AND p.entity_id = l.entity_id
-          AND (p.commit_lsn, p.seq) < (l.commit_lsn, l.seq)) AS waits
-    FROM locked l
+          AND p.entity = k.entity
+          AND p.entity_id = k.entity_id
+          AND (p.commit_lsn, p.seq) < (k.commit_lsn, k.seq)) AS waits
+    FROM kept k
 ), held AS (
     SELECT id, entity, entity_id, commit_lsn, seq FROM checked WHERE waits
 ), "#,
@@ -147,8 +154,10 @@ pub const CLAIM_NEXT: &str = concat!(
 /// order, skipping rows in flight, not yet due, or waiting for an earlier change of their
 /// entity, and stops at the cursor or at $2 rows.
 pub const SWEEP: &str = concat!(
-    r#"WITH scanned AS (
-    SELECT n.id, n.event_id, n.commit_lsn, n.seq
+    "WITH scanned AS (
+    SELECT ",
+    scanned_columns!(),
+    r#"
     FROM walhook.new n
     WHERE n.listener = $1
       AND (n.commit_lsn, n.seq) <= ($6::pg_lsn, $7::int)
@@ -190,7 +199,9 @@ pub const CLAIM_HEADS: &str = concat!(
         LIMIT 1
     ) h
 ), scanned AS (
-    SELECT n.id, n.event_id, n.commit_lsn, n.seq
+    SELECT "#,
+    scanned_columns!(),
+    r#"
     FROM walhook.new n
     WHERE n.id IN (SELECT id FROM head)
       AND n.next_attempt_at <= now()

@@ -29,6 +29,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_delivery.sql",
         sql: include_str!("../../sql/0002_delivery.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_claim_cursor.sql",
+        sql: include_str!("../../sql/0003_claim_cursor.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

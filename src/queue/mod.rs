@@ -29,6 +29,14 @@ pub use notifications::{
 pub use state::{QueueState, read_state, record_source};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 
+/// The statements that run per notification or per batch, for benchmarks and plan checks.
+pub mod statements {
+    pub use super::admin::{PRUNE_EVENTS, PRUNE_PROCESSED};
+    pub use super::claims::{CLAIM_HEADS, CLAIM_NEXT, SWEEP};
+    pub use super::notifications::{DELIVERED, FAILED, RELEASE, RETRY, SESSION_SETTINGS};
+    pub use super::writer::{FAN_OUT_COPIED, INSERT_EVENTS};
+}
+
 /// An error talking to the queue tables.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {

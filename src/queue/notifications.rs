@@ -42,12 +42,12 @@ const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, 
 /// in the delivery benchmark, and delivery fell to ~400 events/s.
 /// JIT is off too: these are short OLTP statements, and compiling one (triggered by the
 /// inflated costs of a stale plan) took 200 ms, longer than the claim itself.
-const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
+pub const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
      SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
 
 /// Moves delivered notifications to `walhook.processed`: $1 ids, $2 status codes, $3
 /// latencies (ms), $4 lease holder.
-const DELIVERED: &str = r#"WITH r AS (
+pub const DELIVERED: &str = r#"WITH r AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[]) AS r(id, status_code, latency_ms)
 ), moved AS (
     DELETE FROM walhook.new n
@@ -64,7 +64,7 @@ FROM moved"#;
 
 /// Moves notifications given up on to `walhook.failed`: $1 ids, $2 status codes (NULL
 /// without an answer), $3 comments, $4 lease holder.
-const FAILED: &str = r#"WITH r AS (
+pub const FAILED: &str = r#"WITH r AS (
     SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, status_code, comment)
 ), moved AS (
     DELETE FROM walhook.new n
@@ -103,7 +103,7 @@ pub async fn discard_pending(
 
 /// Schedules another attempt and frees the lease: $1 ids, $2 status codes, $3 comments, $4
 /// delays (ms), $5 lease holder.
-const RETRY: &str = r#"UPDATE walhook.new n
+pub const RETRY: &str = r#"UPDATE walhook.new n
 SET attempts = n.attempts + 1,
     next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
     last_attempt_at = now(),
@@ -115,7 +115,7 @@ FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[]) AS r(id, status_c
 WHERE n.id = r.id AND n.locked_by = $5::text"#;
 
 /// Frees the leases of notifications claimed but not attempted: $1 ids, $2 lease holder.
-const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
+pub const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
 WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 
 /// Frees every lease of holder $1: this process at shutdown, or a process known to be gone.

@@ -6,7 +6,9 @@
 //! oldest change of an entity whose earlier change this process just recorded
 //! (`CLAIM_HEADS`); a sweep from the head (`SWEEP`) when something is known to have become
 //! due there (a retry's time, a released lease, `walhook retry`, a peer's release); and a
-//! sweep every [`SWEEP_INTERVAL`] for what only other processes know about.
+//! periodic sweep for what only other processes know about: every [`SWEEP_MIN`] while sweeps
+//! find something, backing off to [`SWEEP_MAX`] while they find nothing (in a long drain
+//! a sweep walks the index entries of the rows delivered since the last autovacuum).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -30,9 +32,11 @@ pub(super) const LANE_BYTES: u64 = 16 << 20;
 /// The same across all listeners of the process. With 1 MB rows, the payloads being sent
 /// (bounded by `concurrency`) come on top; together they keep the process well under 200 MB.
 pub(super) const TOTAL_BYTES: u64 = 32 << 20;
-/// A sweep behind the cursor at least this often: finds rows other processes made
-/// claimable (their retries, expired leases, changes their deliveries unblocked).
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// The periodic sweep behind the cursor runs this often while it finds rows other processes
+/// made claimable (their retries, expired leases, changes their deliveries unblocked)...
+const SWEEP_MIN: Duration = Duration::from_secs(1);
+/// ...and backs off to this while it finds nothing.
+const SWEEP_MAX: Duration = Duration::from_secs(8);
 /// Most entities remembered as held back per listener; beyond, the sweep finds them.
 const HELD_MAX: usize = 20_000;
 
@@ -247,18 +251,18 @@ pub(super) async fn claim_loop(
 ) {
     let state = &lane.claims;
     let mut cursor = Cursor::START;
-    let mut next_sweep = Instant::now() + SWEEP_INTERVAL;
+    let mut sweep_every = SWEEP_MIN;
+    let mut next_sweep = Instant::now() + sweep_every;
     let mut backoff = super::RECONNECT_INITIAL;
     while !shared.stop.is_cancelled() {
         let mut more = false;
         if let Some(limits) = limits(&lane, &shared.bytes) {
             let step = if state.has_unblocked() {
                 Step::Heads(state.take_unblocked(limits.rows))
-            } else if state.sweep_soon.swap(false, Ordering::AcqRel)
-                || Instant::now() >= next_sweep
-                || lane.take_due()
-            {
-                next_sweep = Instant::now() + SWEEP_INTERVAL;
+            } else if state.sweep_soon.swap(false, Ordering::AcqRel) || lane.take_due() {
+                sweep_every = SWEEP_MIN;
+                Step::Sweep
+            } else if Instant::now() >= next_sweep {
                 Step::Sweep
             } else {
                 Step::Next
@@ -296,6 +300,12 @@ pub(super) async fn claim_loop(
                             if claim.full {
                                 state.sweep_soon();
                             }
+                            sweep_every = if claim.rows.is_empty() {
+                                (sweep_every * 2).min(SWEEP_MAX)
+                            } else {
+                                SWEEP_MIN
+                            };
+                            next_sweep = Instant::now() + sweep_every;
                             // And after the cursor: a wake-up may have been missed (a
                             // reconnect, another process's rows).
                             true
