@@ -1,7 +1,8 @@
 //! The HTTP admin endpoint (`[admin] listen`): `/metrics`, `/healthz`, `/readyz`.
 //!
-//! [`router`] builds the routes so that later features (endpoint-validation callbacks) can
-//! `merge` their own routes into the same server before [`serve_router`] runs it.
+//! [`router`] builds the routes so that later features can `merge` their own routes into
+//! the same server before [`serve_router`] runs it: the service merges the web console's
+//! (`crate::console`, under `/ui`); endpoint-validation callbacks will follow.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Classify, ErrorClass};
+use crate::liveness::Beat;
 use crate::metrics::Metrics;
 
 /// Content type of the Prometheus text exposition format.
@@ -25,7 +27,10 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The listen address cannot be bound (in use, not on this host, privileged port).
-    #[error("cannot listen on {listen} for [admin]: {reason}; change [admin] listen")]
+    /// Transient: whatever holds the port may let go, and capture does not need it.
+    #[error(
+        "cannot listen on {listen} for [admin]: {reason}; stop what holds the address or change [admin] listen"
+    )]
     Bind {
         /// The configured address.
         listen: SocketAddr,
@@ -43,24 +48,57 @@ pub enum AdminError {
 impl Classify for AdminError {
     fn class(&self) -> ErrorClass {
         match self {
-            AdminError::Bind { .. } => ErrorClass::Config,
+            AdminError::Bind { .. } => ErrorClass::Transient,
             AdminError::Serve(_) => ErrorClass::Transient,
         }
     }
 }
 
 /// Readiness inputs, updated by the replication loop and the gauge refresher.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     streaming: AtomicBool,
     queue_reachable: AtomicBool,
     last_error: Mutex<Option<String>>,
+    capture: Beat,
+    delivery: Beat,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            streaming: AtomicBool::new(false),
+            queue_reachable: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            capture: Beat::new("capture"),
+            delivery: Beat::new("delivery"),
+        }
+    }
 }
 
 impl Health {
     /// Not streaming, queue not yet reached, no error.
     pub fn new() -> Health {
         Health::default()
+    }
+
+    /// The sign of life of the replication stream: stamped by every byte the server sends.
+    pub fn capture_beat(&self) -> Beat {
+        self.capture.clone()
+    }
+
+    /// The sign of life of delivery: stamped each time a claim loop goes round.
+    pub fn delivery_beat(&self) -> Beat {
+        self.delivery.clone()
+    }
+
+    /// Why the daemon is stuck, when it is: fed to the systemd watchdog.
+    pub fn stalled(&self) -> Option<String> {
+        let stalls: Vec<String> = [&self.capture, &self.delivery]
+            .iter()
+            .filter_map(|b| b.stall_message())
+            .collect();
+        (!stalls.is_empty()).then(|| stalls.join("; "))
     }
 
     /// Whether the replication stream is streaming.
@@ -96,6 +134,10 @@ impl Health {
         }
         if !self.queue_reachable() {
             reasons.push("queue database is not reachable");
+        }
+        let stalled = self.stalled();
+        if let Some(s) = &stalled {
+            reasons.push(s);
         }
         if reasons.is_empty() {
             return Ok(());
@@ -180,6 +222,46 @@ pub async fn serve(
 ) -> Result<(), AdminError> {
     let listener = bind(listen).await?;
     serve_router(listener, router(AdminState { metrics, health }), shutdown).await
+}
+
+/// How long the daemon waits before it tries again to bind the admin address.
+pub const BIND_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Binds `listen` and serves `app` until `shutdown` is cancelled. While the address cannot
+/// be bound, tries again every `retry`, with one warning per run of failures: the daemon
+/// captures and delivers without its metrics rather than stopping for them.
+pub async fn serve_retrying(
+    listen: SocketAddr,
+    app: Router,
+    retry: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        match bind(listen).await {
+            Ok(listener) => {
+                if warned {
+                    tracing::info!(%listen, "admin endpoint: {listen} is free again");
+                }
+                if let Err(e) = serve_router(listener, app, shutdown).await {
+                    tracing::warn!("admin endpoint stopped: {e}");
+                }
+                return;
+            }
+            Err(e) if !warned => {
+                warned = true;
+                tracing::warn!(
+                    "{e}; walhook keeps capturing and delivering and tries again every {}s",
+                    retry.as_secs()
+                );
+            }
+            Err(e) => tracing::debug!("{e}"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(retry) => {}
+            _ = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// Serves `app` on an already bound listener until `shutdown` is cancelled.

@@ -50,6 +50,17 @@ pub struct ClusterOptions {
     pub extra_conf: Vec<String>,
     /// `pg_hba.conf` content replacing the default trust-everything file.
     pub hba: Option<String>,
+    /// A server certificate and key: the cluster starts with `ssl = on`.
+    pub ssl: Option<ServerTls>,
+}
+
+/// The PEM certificate (chain) and private key of a TLS-enabled cluster.
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// The server certificate, optionally followed by intermediates.
+    pub cert_pem: String,
+    /// Its private key.
+    pub key_pem: String,
 }
 
 /// A running throwaway cluster.
@@ -128,12 +139,38 @@ impl LocalCluster {
             conf.push_str(line);
             conf.push('\n');
         }
+        if let Some(tls) = &options.ssl {
+            cluster.write_private(&data.join("server.crt"), &tls.cert_pem)?;
+            cluster.write_private(&data.join("server.key"), &tls.key_pem)?;
+            conf.push_str("ssl = on\n");
+        }
         append(&data.join("postgresql.conf"), &conf)?;
         if let Some(hba) = &options.hba {
             std::fs::write(data.join("pg_hba.conf"), hba).map_err(io("writing pg_hba.conf"))?;
         }
         cluster.start_server()?;
         Ok(cluster)
+    }
+
+    /// Writes a file only the cluster's owner may read (the server refuses a key others can).
+    fn write_private(&self, path: &Path, text: &str) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        let what = format!("writing {}", path.display());
+        std::fs::write(path, text).map_err(io(what.clone()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(what.clone()))?;
+        if let Some((uid, gid)) = self.run_as {
+            nix::unistd::chown(
+                path,
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(gid)),
+            )
+            .map_err(|e| ClusterError::Io {
+                what,
+                source: e.into(),
+            })?;
+        }
+        Ok(())
     }
 
     /// The TCP port the server listens on (127.0.0.1).

@@ -70,6 +70,57 @@ pub fn pg_error_class(e: &tokio_postgres::Error) -> ErrorClass {
         .map_or(ErrorClass::Transient, |c| sqlstate_class(c.code()))
 }
 
+/// Why the service (or one of its loops) stopped with an error: a class and one line.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ServiceError {
+    /// The classification of the underlying error.
+    pub class: ErrorClass,
+    /// One line naming the problem and the fix.
+    pub message: String,
+    /// Set when the session cannot run yet for a reason that is not a failure: the
+    /// capture loop waits and retries on the hold's own schedule, logging it once.
+    pub hold: Option<Hold>,
+}
+
+/// Why capture waits without counting as a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hold {
+    /// Another process streams the slot: stand by (deliveries go on) and take over within
+    /// seconds once it is gone.
+    Standby,
+    /// This database is a copy of the one the queue was recorded on: refuse to run until
+    /// `walhook setup --adopt`.
+    Cloned,
+}
+
+impl ServiceError {
+    /// An error of `class` with a one-line message.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        ServiceError {
+            class,
+            message: message.into(),
+            hold: None,
+        }
+    }
+
+    /// Keeps the class and message of a module error.
+    pub fn from_err<E: Classify + std::fmt::Display>(e: E) -> Self {
+        ServiceError::new(e.class(), e.to_string())
+    }
+
+    /// A transient error: worth a reconnect.
+    pub fn transient(message: impl Into<String>) -> Self {
+        ServiceError::new(ErrorClass::Transient, message)
+    }
+}
+
+impl Classify for ServiceError {
+    fn class(&self) -> ErrorClass {
+        self.class
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,12 +4,20 @@
 //! `RwLock`: a series is created once (write lock) and then updated through a shared `Arc`
 //! of atomics under the read lock, so the hot path never waits on another writer and the
 //! label sets stay small (listeners, entities and actions come from the config).
+//!
+//! Every series of a configured listener or entity exists from start at 0
+//! ([`Metrics::register`]), so alert rules see `rate()` and `increase()` from the first
+//! scrape instead of a series appearing with its first failure.
+
+mod process;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::Config;
 
 /// Upper bounds (seconds) of the commit→2xx latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 15] = [
@@ -27,6 +35,20 @@ SELECT l.name, 0::bigint, 0::float8
   FROM walhook.listener l
  WHERE NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.listener = l.name)";
 
+/// Rows in `walhook.failed` per listener, configured listeners included at 0.
+const SQL_FAILED_COUNTS: &str = "\
+SELECT listener, count(*)::bigint FROM walhook.failed GROUP BY listener
+UNION ALL
+SELECT l.name, 0::bigint
+  FROM walhook.listener l
+ WHERE NOT EXISTS (SELECT 1 FROM walhook.failed f WHERE f.listener = l.name)";
+
+/// Counting walhook.failed scans it (nothing indexes the listener): while it holds more
+/// rows than this, the count is refreshed every [`FAILED_SLOW_INTERVAL`] only.
+const FAILED_LARGE: u64 = 100_000;
+/// How often the count of a large walhook.failed is refreshed.
+const FAILED_SLOW_INTERVAL: Duration = Duration::from_secs(60);
+
 /// Bytes of WAL the slot has not confirmed, and the walsender's flush lag when it reports one.
 ///
 /// `flush_lag` is NULL when no walsender is attached or the standby is idle and caught up;
@@ -34,7 +56,8 @@ SELECT l.name, 0::bigint, 0::float8
 const SQL_SLOT_LAG: &str = "\
 SELECT GREATEST(pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn), 0)::float8 AS lag_bytes,
        CASE WHEN pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn) <= 0 THEN 0::float8
-            ELSE EXTRACT(EPOCH FROM r.flush_lag)::float8 END AS lag_seconds
+            ELSE EXTRACT(EPOCH FROM r.flush_lag)::float8 END AS lag_seconds,
+       s.confirmed_flush_lsn::text AS confirmed
   FROM pg_replication_slots s
   LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
  WHERE s.slot_name = $1";
@@ -191,12 +214,25 @@ impl<K: Ord + Clone, V: Default> Family<K, V> {
 pub struct Metrics {
     events_read: AtomicU64,
     events_queued: Family<(String, String), AtomicU64>,
+    changes_rejected: Family<String, AtomicU64>,
     /// Per listener, so an attempt looks the listener up by `&str` without allocating.
     delivery: Family<String, ListenerCounters>,
     latency: Family<String, Histogram>,
     lag_bytes: AtomicU64,
     lag_seconds: AtomicF64,
     queues: Family<String, QueueGauges>,
+    /// The listeners of the current configuration, whose gauges always exist.
+    configured: RwLock<Vec<String>>,
+    /// Rows in walhook.failed per listener, as last counted.
+    failed: Family<String, AtomicU64>,
+    /// When walhook.failed was last counted, and its total then.
+    failed_counted: Mutex<Option<(Instant, u64)>>,
+    /// A count arrived that [`Metrics::fresh_failed_counts`] has not handed out yet.
+    failed_fresh: AtomicBool,
+    database_up: AtomicU64,
+    /// The slot's confirmed_flush_lsn as last seen, and when it last moved (unix seconds).
+    slot_confirmed: Mutex<Option<String>>,
+    slot_advanced_at: AtomicF64,
     reconnects: AtomicU64,
     streaming: AtomicU64,
 }
@@ -213,13 +249,41 @@ impl Metrics {
         Metrics {
             events_read: AtomicU64::new(0),
             events_queued: Family::new(),
+            changes_rejected: Family::new(),
             delivery: Family::new(),
             latency: Family::new(),
             lag_bytes: AtomicU64::new(0),
             lag_seconds: AtomicF64::default(),
             queues: Family::new(),
+            configured: RwLock::new(Vec::new()),
+            failed: Family::new(),
+            failed_counted: Mutex::new(None),
+            failed_fresh: AtomicBool::new(false),
+            database_up: AtomicU64::new(0),
+            slot_confirmed: Mutex::new(None),
+            slot_advanced_at: AtomicF64::default(),
             reconnects: AtomicU64::new(0),
             streaming: AtomicU64::new(0),
+        }
+    }
+
+    /// Creates every series of `config`'s listeners and entities at 0; call it at start and
+    /// after each reload. Series of listeners and entities removed since keep their values.
+    pub fn register(&self, config: &Config) {
+        *self.configured.write().unwrap_or_else(|e| e.into_inner()) =
+            config.listeners.iter().map(|l| l.name.clone()).collect();
+        for listener in &config.listeners {
+            let name = listener.name.as_str();
+            self.delivery.get(name);
+            self.latency.get(name);
+            self.queues.get(name);
+            self.failed.get(name);
+        }
+        for entity in &config.entities {
+            for action in &entity.actions {
+                let key = (entity.name.as_str().to_owned(), action.as_str().to_owned());
+                self.events_queued.get(&key);
+            }
         }
     }
 
@@ -243,6 +307,13 @@ impl Metrics {
         }
     }
 
+    /// Counts `n` changes of `entity` set aside in `walhook.rejected` instead of queued.
+    pub fn changes_rejected(&self, entity: &str, n: u64) {
+        self.changes_rejected
+            .get(entity)
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
     /// Records one delivery attempt; `commit_to_ack` is the time from the source commit to
     /// the listener's 2xx and feeds the latency histogram (pass it for successes only).
     pub fn delivery_attempt(
@@ -262,6 +333,57 @@ impl Metrics {
         self.delivery.get(listener).notifications[status as usize].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Replaces the walhook.failed row counts: listeners missing from `counts` stop being
+    /// reported, unless they are configured (they read 0).
+    pub fn set_failed_counts(&self, counts: &[(String, u64)]) {
+        let mut map = self.configured_at_zero();
+        map.extend(
+            counts
+                .iter()
+                .map(|(listener, n)| (listener.clone(), Arc::new(AtomicU64::new(*n)))),
+        );
+        *self.failed.write() = map;
+        self.failed_fresh.store(true, Ordering::Relaxed);
+    }
+
+    /// The walhook.failed row counts once after each new count, else `None` (a large table
+    /// is counted less often than the other gauges are refreshed).
+    pub fn fresh_failed_counts(&self) -> Option<Vec<(String, u64)>> {
+        self.failed_fresh
+            .swap(false, Ordering::Relaxed)
+            .then(|| self.failed_counts())
+    }
+
+    /// Rows in walhook.failed per listener, as last counted.
+    pub fn failed_counts(&self) -> Vec<(String, u64)> {
+        self.failed
+            .snapshot()
+            .into_iter()
+            .map(|(listener, n)| (listener, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Whether the last query on the queue database succeeded.
+    pub fn set_database_up(&self, up: bool) {
+        self.database_up.store(u64::from(up), Ordering::Relaxed);
+    }
+
+    /// Records the slot's confirmed_flush_lsn; a change (or the first sight) stamps
+    /// `walhook_replication_last_advance_timestamp_seconds`.
+    fn slot_confirmed(&self, lsn: &str, now: SystemTime) {
+        let mut last = self
+            .slot_confirmed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if last.as_deref() != Some(lsn) {
+            *last = Some(lsn.to_owned());
+            let secs = now
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.slot_advanced_at.set(secs);
+        }
+    }
+
     /// Sets the replication slot lag; `seconds: None` (unknown right now) keeps the last value.
     pub fn set_replication_lag(&self, bytes: u64, seconds: Option<f64>) {
         self.lag_bytes.store(bytes, Ordering::Relaxed);
@@ -277,9 +399,10 @@ impl Metrics {
         q.oldest_age_seconds.set(oldest_age.as_secs_f64());
     }
 
-    /// Replaces all queue gauges at once: listeners missing from `queues` stop being reported.
+    /// Replaces all queue gauges at once: listeners missing from `queues` stop being
+    /// reported, unless they are configured (they read 0).
     pub fn set_queues(&self, queues: &[(String, u64, Duration)]) {
-        let mut map = BTreeMap::new();
+        let mut map = self.configured_at_zero();
         for (listener, depth, age) in queues {
             let q = QueueGauges::default();
             q.depth.store(*depth, Ordering::Relaxed);
@@ -287,6 +410,16 @@ impl Metrics {
             map.insert(listener.clone(), Arc::new(q));
         }
         *self.queues.write() = map;
+    }
+
+    /// A fresh zero series for every configured listener.
+    fn configured_at_zero<V: Default>(&self) -> BTreeMap<String, Arc<V>> {
+        self.configured
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|l| (l.clone(), Arc::default()))
+            .collect()
     }
 
     /// The replication lag in bytes, as last refreshed.
@@ -341,11 +474,16 @@ impl Metrics {
 
         header(
             &mut out,
-            "walhook_up",
+            "walhook_build_info",
             "gauge",
-            "1 while the walhook process runs.",
+            "Always 1; the labels name the running walhook.",
         );
-        out.push_str("walhook_up 1\n");
+        sample(
+            &mut out,
+            "walhook_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))],
+            1u64,
+        );
 
         header(
             &mut out,
@@ -377,6 +515,21 @@ impl Metrics {
 
         header(
             &mut out,
+            "walhook_changes_rejected_total",
+            "counter",
+            "Row changes set aside in walhook.rejected instead of queued (see its reason column).",
+        );
+        for (entity, c) in self.changes_rejected.snapshot() {
+            sample(
+                &mut out,
+                "walhook_changes_rejected_total",
+                &[("entity", &entity)],
+                c.load(Ordering::Relaxed),
+            );
+        }
+
+        header(
+            &mut out,
             "walhook_notifications_total",
             "counter",
             "Notifications that reached a final status.",
@@ -384,16 +537,12 @@ impl Metrics {
         let delivery = self.delivery.snapshot();
         for (listener, counters) in &delivery {
             for status in NotificationStatus::ALL {
-                // Series appear once they have counted something, as labels are first used.
-                let n = counters.notifications[status as usize].load(Ordering::Relaxed);
-                if n > 0 {
-                    sample(
-                        &mut out,
-                        "walhook_notifications_total",
-                        &[("listener", listener), ("status", status.as_str())],
-                        n,
-                    );
-                }
+                sample(
+                    &mut out,
+                    "walhook_notifications_total",
+                    &[("listener", listener), ("status", status.as_str())],
+                    counters.notifications[status as usize].load(Ordering::Relaxed),
+                );
             }
         }
 
@@ -405,15 +554,12 @@ impl Metrics {
         );
         for (listener, counters) in &delivery {
             for outcome in AttemptOutcome::ALL {
-                let n = counters.attempts[outcome as usize].load(Ordering::Relaxed);
-                if n > 0 {
-                    sample(
-                        &mut out,
-                        "walhook_delivery_attempts_total",
-                        &[("listener", listener), ("outcome", outcome.as_str())],
-                        n,
-                    );
-                }
+                sample(
+                    &mut out,
+                    "walhook_delivery_attempts_total",
+                    &[("listener", listener), ("outcome", outcome.as_str())],
+                    counters.attempts[outcome as usize].load(Ordering::Relaxed),
+                );
             }
         }
 
@@ -485,6 +631,47 @@ impl Metrics {
 
         header(
             &mut out,
+            "walhook_failed_notifications",
+            "gauge",
+            "Notifications in walhook.failed (out of attempts; `walhook retry` requeues them).",
+        );
+        for (listener, n) in self.failed_counts() {
+            sample(
+                &mut out,
+                "walhook_failed_notifications",
+                &[("listener", &listener)],
+                n,
+            );
+        }
+
+        header(
+            &mut out,
+            "walhook_database_up",
+            "gauge",
+            "1 while the last query on the queue database succeeded, else 0.",
+        );
+        sample(
+            &mut out,
+            "walhook_database_up",
+            &[],
+            self.database_up.load(Ordering::Relaxed),
+        );
+
+        header(
+            &mut out,
+            "walhook_replication_last_advance_timestamp_seconds",
+            "gauge",
+            "Unix time the slot's confirmed position was last seen to move (0: not seen yet).",
+        );
+        sample(
+            &mut out,
+            "walhook_replication_last_advance_timestamp_seconds",
+            &[],
+            self.slot_advanced_at.get(),
+        );
+
+        header(
+            &mut out,
             "walhook_reconnects_total",
             "counter",
             "Reconnects of the replication stream.",
@@ -509,6 +696,7 @@ impl Metrics {
             self.streaming.load(Ordering::Relaxed),
         );
 
+        process::ProcessStats::read().render(&mut out);
         out
     }
 }
@@ -634,6 +822,7 @@ pub async fn refresh_gauges(
         ));
     }
     metrics.set_queues(&queues);
+    refresh_failed_counts(client, metrics).await?;
 
     // No slot (not set up yet, or dropped): report nothing rather than a made-up zero.
     if let Some(row) = client.query_opt(SQL_SLOT_LAG, &[&slot]).await? {
@@ -643,12 +832,96 @@ pub async fn refresh_gauges(
             // Saturating float→int conversion; lag is never negative after GREATEST.
             metrics.set_replication_lag(bytes as u64, seconds);
         }
+        let confirmed: Option<String> = row.try_get(2)?;
+        if let Some(lsn) = confirmed {
+            metrics.slot_confirmed(&lsn, SystemTime::now());
+        }
     }
+    Ok(())
+}
+
+/// Counts walhook.failed per listener: at every refresh while the table is small, every
+/// [`FAILED_SLOW_INTERVAL`] once it is large.
+async fn refresh_failed_counts(
+    client: &tokio_postgres::Client,
+    metrics: &Metrics,
+) -> Result<(), tokio_postgres::Error> {
+    let due = match *metrics
+        .failed_counted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+    {
+        Some((at, total)) => total < FAILED_LARGE || at.elapsed() >= FAILED_SLOW_INTERVAL,
+        None => true,
+    };
+    if !due {
+        return Ok(());
+    }
+    let rows = client.query(SQL_FAILED_COUNTS, &[]).await?;
+    let mut counts = Vec::with_capacity(rows.len());
+    for row in rows {
+        let listener: String = row.try_get(0)?;
+        let n: i64 = row.try_get(1)?;
+        counts.push((listener, u64::try_from(n).unwrap_or(0)));
+    }
+    let total = counts.iter().map(|(_, n)| n).sum();
+    metrics.set_failed_counts(&counts);
+    *metrics
+        .failed_counted
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), total));
     Ok(())
 }
 
 fn duration_from_secs(secs: f64) -> Duration {
     Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(Duration::ZERO)
+}
+
+/// Counter totals at one instant, for in-process history (the console's charts).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Entity events written to the queue, all entities and actions.
+    pub events_queued: u64,
+    /// Per listener: attempts by [`AttemptOutcome`] (success, retry, failed), by name.
+    pub listeners: Vec<(String, [u64; 3])>,
+    /// Commit→2xx latency of every listener together: non-cumulative counts per bucket of
+    /// [`LATENCY_BUCKETS`], the count (including observations above the last bound) and the
+    /// sum in nanoseconds.
+    pub latency_buckets: [u64; LATENCY_BUCKETS.len()],
+    /// Observations in the latency histogram.
+    pub latency_count: u64,
+    /// Their sum in nanoseconds.
+    pub latency_sum_nanos: u64,
+}
+
+impl Metrics {
+    /// The counters' current totals.
+    pub fn totals(&self) -> Totals {
+        let mut t = Totals {
+            events_queued: self
+                .events_queued
+                .snapshot()
+                .iter()
+                .map(|(_, c)| c.load(Ordering::Relaxed))
+                .sum(),
+            ..Totals::default()
+        };
+        for (listener, c) in self.delivery.snapshot() {
+            let attempts =
+                AttemptOutcome::ALL.map(|o| c.attempts[o as usize].load(Ordering::Relaxed));
+            t.listeners.push((listener, attempts));
+        }
+        for (_, h) in self.latency.snapshot() {
+            for (sum, b) in t.latency_buckets.iter_mut().zip(h.buckets.iter()) {
+                *sum += b.load(Ordering::Relaxed);
+            }
+            t.latency_count += h.count.load(Ordering::Relaxed);
+            t.latency_sum_nanos = t
+                .latency_sum_nanos
+                .saturating_add(h.sum_nanos.load(Ordering::Relaxed));
+        }
+        t
+    }
 }
 
 #[cfg(test)]
@@ -714,6 +987,44 @@ mod tests {
         assert!(!text.contains("listener=\"old\""), "{text}");
         assert!(text.contains("walhook_queue_depth{listener=\"new\"} 2\n"));
         assert!(text.contains("walhook_queue_oldest_age_seconds{listener=\"new\"} 3\n"));
+    }
+
+    #[test]
+    fn configured_listeners_keep_their_gauges_at_zero_when_the_database_omits_them() {
+        let text = "[source]\nurl = \"postgres://x@localhost/app\"\n\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n\n[[listener]]\nname = \"crm\"\nurl = \"http://127.0.0.1:9/h\"\n";
+        let config =
+            Config::parse_with_env(text, std::path::Path::new("w.toml"), &|_| None).unwrap();
+        let m = Metrics::new();
+        m.register(&config);
+        m.set_queues(&[]);
+        m.set_failed_counts(&[("gone".to_owned(), 4)]);
+        let text = m.render();
+        for line in [
+            "walhook_queue_depth{listener=\"crm\"} 0\n",
+            "walhook_failed_notifications{listener=\"crm\"} 0\n",
+            "walhook_failed_notifications{listener=\"gone\"} 4\n",
+            "walhook_delivery_attempts_total{listener=\"crm\",outcome=\"retry\"} 0\n",
+            "walhook_events_queued_total{entity=\"Customer\",action=\"Deleted\"} 0\n",
+            "walhook_build_info{version=\"",
+        ] {
+            assert!(text.contains(line), "{line:?} missing in\n{text}");
+        }
+        assert_eq!(m.fresh_failed_counts().map(|c| c.len()), Some(2));
+        assert_eq!(m.fresh_failed_counts(), None, "handed out once per count");
+    }
+
+    #[test]
+    fn the_slot_advance_time_moves_only_when_the_confirmed_position_does() {
+        let m = Metrics::new();
+        let at = |secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+        let stamped = |m: &Metrics| m.slot_advanced_at.get();
+        assert_eq!(stamped(&m), 0.0);
+        m.slot_confirmed("0/16B3748", at(100));
+        assert_eq!(stamped(&m), 100.0);
+        m.slot_confirmed("0/16B3748", at(200));
+        assert_eq!(stamped(&m), 100.0);
+        m.slot_confirmed("0/16B3790", at(300));
+        assert_eq!(stamped(&m), 300.0);
     }
 
     #[test]

@@ -15,10 +15,11 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
+use crate::config::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook, SmtpServer, SmtpTls};
 use crate::delivery::Verdict;
-use crate::delivery::policy::Outcome;
-use crate::delivery::signature::{SigningKey, webhook_headers};
+use crate::delivery::signature::webhook_headers;
+use crate::delivery::sink::http::status_outcome;
+use crate::tls::CaFile;
 
 /// How often time-based conditions (thresholds, gathered failures) are evaluated.
 const TICK: Duration = Duration::from_millis(250);
@@ -43,6 +44,8 @@ const GATHER: Duration = Duration::from_secs(5);
 pub enum AlertEvent {
     /// Notifications were moved to `walhook.failed`.
     NotificationFailed,
+    /// After a `NotificationFailed` alert, a delivery to that listener succeeded again.
+    NotificationFailedRecovered,
     /// A listener failed continuously for longer than the threshold.
     ListenerFailing,
     /// A failing listener accepted a delivery again.
@@ -59,6 +62,12 @@ pub enum AlertEvent {
     DatabaseUnreachable,
     /// The database is reachable again.
     DatabaseReachable,
+    /// Changes were lost because the replication slot vanished; capture resumed.
+    CaptureGap,
+    /// Changes were set aside in `walhook.rejected` instead of queued.
+    ChangeRejected,
+    /// A column an entity names was dropped or renamed, or its id can no longer be read.
+    SchemaChanged,
 }
 
 impl AlertEvent {
@@ -66,6 +75,7 @@ impl AlertEvent {
     pub fn name(self) -> &'static str {
         match self {
             AlertEvent::NotificationFailed => "NotificationFailed",
+            AlertEvent::NotificationFailedRecovered => "NotificationFailedRecovered",
             AlertEvent::ListenerFailing => "ListenerFailing",
             AlertEvent::ListenerRecovered => "ListenerRecovered",
             AlertEvent::ReplicationLag => "ReplicationLag",
@@ -74,6 +84,9 @@ impl AlertEvent {
             AlertEvent::QueueAgeRecovered => "QueueAgeRecovered",
             AlertEvent::DatabaseUnreachable => "DatabaseUnreachable",
             AlertEvent::DatabaseReachable => "DatabaseReachable",
+            AlertEvent::CaptureGap => "CaptureGap",
+            AlertEvent::ChangeRejected => "ChangeRejected",
+            AlertEvent::SchemaChanged => "SchemaChanged",
         }
     }
 
@@ -85,7 +98,9 @@ impl AlertEvent {
     /// The `on = [...]` kind that subscribes to this event (recoveries go with their problem).
     pub fn kind(self) -> AlertKind {
         match self {
-            AlertEvent::NotificationFailed => AlertKind::NotificationFailed,
+            AlertEvent::NotificationFailed | AlertEvent::NotificationFailedRecovered => {
+                AlertKind::NotificationFailed
+            }
             AlertEvent::ListenerFailing | AlertEvent::ListenerRecovered => {
                 AlertKind::ListenerFailing
             }
@@ -96,6 +111,9 @@ impl AlertEvent {
             AlertEvent::DatabaseUnreachable | AlertEvent::DatabaseReachable => {
                 AlertKind::DatabaseUnreachable
             }
+            AlertEvent::CaptureGap => AlertKind::CaptureGap,
+            AlertEvent::ChangeRejected => AlertKind::ChangeRejected,
+            AlertEvent::SchemaChanged => AlertKind::SchemaChanged,
         }
     }
 }
@@ -115,7 +133,8 @@ pub struct Alert {
     pub last_error: Option<String>,
     /// The command that shows more, e.g. `walhook failed --listener crm --config …`.
     pub command: String,
-    /// How many notifications a `NotificationFailed` alert covers.
+    /// How many notifications the alert is about: those a `NotificationFailed` alert
+    /// covers; in a recovery, those of the listener still in `walhook.failed`.
     pub count: Option<u64>,
 }
 
@@ -144,7 +163,41 @@ enum Signal {
         error: String,
     },
     DatabaseReachable,
+    FailedRows(Vec<(String, u64)>),
+    Capture(CaptureSignal),
     Reload(Vec<MonitorConfig>),
+}
+
+/// What capture reports to the monitors.
+#[derive(Clone, Debug)]
+pub enum CaptureSignal {
+    /// Capture resumed after a gap accepted with `walhook setup --accept-gap`.
+    Gap {
+        /// The slot that was lost.
+        slot: String,
+        /// Why, in plain words.
+        reason: String,
+        /// The end of the last commit captured before the gap.
+        last_flushed: String,
+        /// Where capture resumed.
+        resumed: String,
+    },
+    /// `count` changes of `entity` were set aside in `walhook.rejected`.
+    Rejected {
+        /// The entity.
+        entity: String,
+        /// How many.
+        count: u64,
+        /// The reason of the last one.
+        reason: String,
+    },
+    /// A schema change on `table` the operator should know about.
+    SchemaChanged {
+        /// The entity's table.
+        table: String,
+        /// What changed and what capture does about it.
+        message: String,
+    },
 }
 
 /// Cheap, cloneable handle the service reports to. Every method is synchronous and never
@@ -219,6 +272,17 @@ impl MonitorHandle {
         self.send(Signal::DatabaseReachable);
     }
 
+    /// Rows in `walhook.failed` per listener, as just counted (recovery messages say how
+    /// many remain).
+    pub fn failed_rows(&self, counts: Vec<(String, u64)>) {
+        self.send(Signal::FailedRows(counts));
+    }
+
+    /// Something capture wants the operator to know (a gap, set-aside changes, a schema change).
+    pub fn capture(&self, signal: CaptureSignal) {
+        self.send(Signal::Capture(signal));
+    }
+
     /// Replaces the monitors (SIGHUP). Monitors keeping their name keep their state, so an
     /// ongoing episode still gets exactly one alert and one recovery.
     pub fn reload(&self, configs: Vec<MonitorConfig>) {
@@ -286,6 +350,13 @@ impl Context {
     fn failed_command(&self, listener: &str) -> String {
         format!(
             "walhook failed --listener {listener} --config {}",
+            self.config_path
+        )
+    }
+
+    fn retry_command(&self, listener: &str) -> String {
+        format!(
+            "walhook retry --listener {listener} --all --config {}",
             self.config_path
         )
     }
@@ -420,6 +491,10 @@ struct ListenerState {
     last_error: String,
     failing_alerted: bool,
     failed: Option<FailedBatch>,
+    /// A `NotificationFailed` alert went out and no delivery has succeeded since.
+    failed_alerted: bool,
+    /// Rows in walhook.failed as last counted plus failures since; `None` before a count.
+    failed_rows: Option<u64>,
     queue_age: Duration,
     queue_alerted: bool,
 }
@@ -440,6 +515,8 @@ struct Evaluator {
     database: Condition,
     database_error: String,
     last_sent: HashMap<(AlertEvent, String), Instant>,
+    /// Set-aside changes per entity gathered for one alert: (count, first at, last reason).
+    rejected: BTreeMap<String, (u64, Instant, String)>,
 }
 
 impl Evaluator {
@@ -453,6 +530,7 @@ impl Evaluator {
             database: Condition::default(),
             database_error: String::new(),
             last_sent: HashMap::new(),
+            rejected: BTreeMap::new(),
         }
     }
 
@@ -475,6 +553,7 @@ impl Evaluator {
                 let st = self.listener(listener);
                 st.failing_since.get_or_insert(now);
                 st.last_error.clone_from(comment);
+                st.failed_rows = st.failed_rows.map(|n| n.saturating_add(1));
                 match &mut st.failed {
                     Some(batch) => {
                         batch.count = batch.count.saturating_add(1);
@@ -498,10 +577,21 @@ impl Evaluator {
             Signal::DeliverySucceeded { listener } => {
                 let st = self.listener(listener);
                 let since = st.failing_since.take();
-                if std::mem::take(&mut st.failing_alerted) {
+                let failing_alerted = std::mem::take(&mut st.failing_alerted);
+                let failed_alerted = std::mem::take(&mut st.failed_alerted);
+                let remaining = st.failed_rows;
+                let last_error = st.last_error.clone();
+                // One recovery message: ListenerRecovered also counts what remains failed.
+                if failing_alerted && self.subscribes(AlertEvent::ListenerRecovered) {
                     let failed_for = since.map_or(Duration::ZERO, |s| now.duration_since(s));
-                    let last_error = st.last_error.clone();
-                    out.push(self.listener_recovered(listener, failed_for, &last_error));
+                    out.push(self.listener_recovered(listener, failed_for, &last_error, remaining));
+                } else if failed_alerted {
+                    out.push(self.notification_failed_recovered(listener, remaining));
+                }
+            }
+            Signal::FailedRows(counts) => {
+                for (name, n) in counts {
+                    self.listener(name).failed_rows = Some(*n);
                 }
             }
             Signal::Gauges {
@@ -548,6 +638,11 @@ impl Evaluator {
                     out.push(self.database_reachable(down_for));
                 }
             }
+            Signal::Capture(c) => {
+                if let Some(alert) = self.capture_signal(c, now) {
+                    out.push(alert);
+                }
+            }
             Signal::Reload(_) => {}
         }
         self.subscribed(out)
@@ -586,6 +681,11 @@ impl Evaluator {
                     .and_then(|st| st.failed.take());
                 if let Some(batch) = batch {
                     out.push(self.notification_failed(&name, &batch));
+                    if self.subscribes(AlertEvent::NotificationFailed)
+                        && let Some(st) = self.listeners.get_mut(&name)
+                    {
+                        st.failed_alerted = true;
+                    }
                 }
             }
             let age = self
@@ -609,6 +709,19 @@ impl Evaluator {
         {
             self.lag.alerted = true;
             out.push(self.lag_alert(now.duration_since(since)));
+        }
+        let due: Vec<String> = self
+            .rejected
+            .iter()
+            .filter(|(_, (_, first, _))| now.duration_since(*first) >= gather)
+            .map(|(entity, _)| entity.clone())
+            .collect();
+        for entity in due {
+            if self.allow(AlertEvent::ChangeRejected, &entity, now)
+                && let Some((count, _, reason)) = self.rejected.remove(&entity)
+            {
+                out.push(self.rejected_alert(&entity, count, &reason));
+            }
         }
         if let Some(since) = self.database.since
             && !self.database.alerted
@@ -638,8 +751,12 @@ impl Evaluator {
     }
 
     fn subscribed(&self, mut alerts: Vec<Alert>) -> Vec<Alert> {
-        alerts.retain(|a| self.config.on.contains(&a.event.kind()));
+        alerts.retain(|a| self.subscribes(a.event));
         alerts
+    }
+
+    fn subscribes(&self, event: AlertEvent) -> bool {
+        self.config.on.contains(&event.kind())
     }
 
     fn prefix(&self) -> String {
@@ -669,7 +786,13 @@ impl Evaluator {
         }
     }
 
-    fn listener_recovered(&self, listener: &str, failed_for: Duration, last_error: &str) -> Alert {
+    fn listener_recovered(
+        &self,
+        listener: &str,
+        failed_for: Duration,
+        last_error: &str,
+        remaining: Option<u64>,
+    ) -> Alert {
         Alert {
             event: AlertEvent::ListenerRecovered,
             summary: format!(
@@ -678,15 +801,63 @@ impl Evaluator {
                 human(failed_for)
             ),
             detail: format!(
-                "A delivery to listener {listener} succeeded again after {} of failures (last error: {last_error}). Waiting notifications are being delivered; any that ran out of attempts are in walhook.failed and can be requeued with `walhook retry --listener {listener} --all --config {}`.",
+                "A delivery to listener {listener} succeeded again after {} of failures (last error: {last_error}). Waiting notifications are being delivered. {}",
                 human(failed_for),
-                self.context.config_path,
+                self.remaining_failed(listener, remaining),
             ),
             listener: Some(listener.to_owned()),
             last_error: Some(last_error.to_owned()),
-            command: self.context.failed_command(listener),
-            count: None,
+            command: self.context.retry_command(listener),
+            count: remaining,
         }
+    }
+
+    fn notification_failed_recovered(&self, listener: &str, remaining: Option<u64>) -> Alert {
+        let left = match remaining {
+            Some(0) => "none remain in walhook.failed".to_owned(),
+            Some(1) => "1 notification remains in walhook.failed".to_owned(),
+            Some(n) => format!("{n} notifications remain in walhook.failed"),
+            None => "failed ones stay in walhook.failed".to_owned(),
+        };
+        Alert {
+            event: AlertEvent::NotificationFailedRecovered,
+            summary: format!(
+                "{}: listener {listener} accepts deliveries again; {left}",
+                self.prefix()
+            ),
+            detail: format!(
+                "A delivery to listener {listener} succeeded after notifications to it had run out of attempts. {}",
+                self.remaining_failed(listener, remaining),
+            ),
+            listener: Some(listener.to_owned()),
+            last_error: None,
+            command: self.context.retry_command(listener),
+            count: remaining,
+        }
+    }
+
+    /// What is left in walhook.failed for `listener`, and the commands for it.
+    fn remaining_failed(&self, listener: &str, remaining: Option<u64>) -> String {
+        let what = match remaining {
+            Some(0) => {
+                return format!(
+                    "No notification of listener {listener} remains in walhook.failed."
+                );
+            }
+            Some(1) => "1 notification of listener".to_owned(),
+            Some(n) => format!("{n} notifications of listener"),
+            None => "Notifications of listener".to_owned(),
+        };
+        let verb = if remaining == Some(1) {
+            "remains"
+        } else {
+            "remain"
+        };
+        format!(
+            "{what} {listener} that ran out of attempts {verb} in walhook.failed: list them with `{}` and requeue them with `{}`.",
+            self.context.failed_command(listener),
+            self.context.retry_command(listener),
+        )
     }
 
     fn notification_failed(&self, listener: &str, b: &FailedBatch) -> Alert {
@@ -699,7 +870,7 @@ impl Evaluator {
             event: AlertEvent::NotificationFailed,
             summary: format!("{}: {what} to listener {listener} failed", self.prefix()),
             detail: format!(
-                "{what} to listener {listener} ran out of attempts and moved to walhook.failed. The last: {}{}. List them with `{}` and requeue them with `walhook retry --listener {listener} --all --config {}` once the listener works.",
+                "{what} to listener {listener} ran out of attempts and moved to walhook.failed. The last: {}{}. List them with `{}` and requeue them with `{}` once the listener works.",
                 // Callers that do not know the notification pass an empty entity.
                 if b.entity.is_empty() {
                     String::new()
@@ -711,7 +882,7 @@ impl Evaluator {
                 },
                 b.comment,
                 self.context.failed_command(listener),
-                self.context.config_path,
+                self.context.retry_command(listener),
             ),
             listener: Some(listener.to_owned()),
             last_error: Some(b.comment.clone()),
@@ -830,6 +1001,83 @@ impl Evaluator {
         }
     }
 
+    /// Gaps and schema changes are told at once (a repeat of the same schema note within
+    /// `min_interval`, as after a reconnect, is not); set-aside changes are gathered.
+    fn capture_signal(&mut self, signal: &CaptureSignal, now: Instant) -> Option<Alert> {
+        let command = self.context.status_command();
+        match signal {
+            CaptureSignal::Gap {
+                slot,
+                reason,
+                last_flushed,
+                resumed,
+            } => Some(Alert {
+                event: AlertEvent::CaptureGap,
+                summary: format!(
+                    "{}: changes between {last_flushed} and {resumed} were lost",
+                    self.prefix()
+                ),
+                detail: format!(
+                    "Capture resumed at {resumed}, but the changes committed between {last_flushed} and {resumed} were never read: {reason} (slot {slot}). The gap was accepted with `walhook setup --accept-gap` and is recorded in walhook.capture_gap. Listeners did not receive those changes; resynchronise them from the tables if they need them."
+                ),
+                listener: None,
+                last_error: Some(reason.clone()),
+                command,
+                count: None,
+            }),
+            CaptureSignal::Rejected {
+                entity,
+                count,
+                reason,
+            } => {
+                let entry = self
+                    .rejected
+                    .entry(entity.clone())
+                    .or_insert((0, now, String::new()));
+                entry.0 = entry.0.saturating_add(*count);
+                entry.2.clone_from(reason);
+                None
+            }
+            CaptureSignal::SchemaChanged { table, message } => {
+                let key = format!("{table}: {message}");
+                self.allow(AlertEvent::SchemaChanged, &key, now)
+                    .then(|| Alert {
+                        event: AlertEvent::SchemaChanged,
+                        summary: format!("{}: table {table} changed under capture", self.prefix()),
+                        detail: format!("{message}. Capture goes on."),
+                        listener: None,
+                        last_error: None,
+                        command,
+                        count: None,
+                    })
+            }
+        }
+    }
+
+    fn rejected_alert(&self, entity: &str, count: u64, reason: &str) -> Alert {
+        let what = if count == 1 {
+            "1 change".to_owned()
+        } else {
+            format!("{count} changes")
+        };
+        Alert {
+            event: AlertEvent::ChangeRejected,
+            summary: format!(
+                "{}: {what} of entity {entity} set aside in walhook.rejected",
+                self.prefix()
+            ),
+            detail: format!(
+                "{what} of entity {entity} could not be queued and were kept in walhook.rejected instead; capture went on past them. The last reason: {reason}. See them with: SELECT * FROM walhook.rejected WHERE entity = '{entity}' ORDER BY id DESC;"
+            ),
+            listener: None,
+            last_error: Some(reason.to_owned()),
+            command: format!(
+                "psql -c \"SELECT * FROM walhook.rejected WHERE entity = '{entity}' ORDER BY id DESC LIMIT 20\""
+            ),
+            count: Some(count),
+        }
+    }
+
     fn database_reachable(&self, down_for: Duration) -> Alert {
         Alert {
             event: AlertEvent::DatabaseReachable,
@@ -875,46 +1123,79 @@ fn bytes(n: u64) -> String {
 // ---------------------------------------------------------------------------------------
 // Sending.
 
+type SmtpTransport = lettre::AsyncSmtpTransport<lettre::Tokio1Executor>;
+
 /// Where one monitor's alerts go.
 struct Targets {
-    webhook: Option<(MonitorWebhook, Option<SigningKey>, reqwest::Client)>,
-    email: Option<(
-        MonitorEmail,
-        lettre::AsyncSmtpTransport<lettre::Tokio1Executor>,
-    )>,
+    webhook: Option<(MonitorWebhook, reqwest::Client)>,
+    email: Option<(MonitorEmail, SmtpTransport)>,
 }
 
 impl Targets {
     /// Builds clients; a target that cannot be built is logged and left out.
     fn new(config: &MonitorConfig) -> Targets {
+        let ca = config.ca_file.as_ref();
         let webhook = config.webhook.as_ref().and_then(|w| {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .no_proxy()
-                .timeout(SEND_TIMEOUT)
-                .build();
-            let key = w.secret.as_ref().and_then(|s| SigningKey::parse(s.expose()).ok());
+            let client = crate::tls::http_client_builder(ca)
+                .map_err(|e| e.to_string())
+                .and_then(|b| {
+                    b.redirect(reqwest::redirect::Policy::none())
+                        .no_proxy()
+                        .timeout(SEND_TIMEOUT)
+                        .build()
+                        .map_err(|e| e.without_url().to_string())
+                });
             match client {
-                Ok(client) => Some((w.clone(), key, client)),
+                Ok(client) => Some((w.clone(), client)),
                 Err(e) => {
                     warn!(monitor = %config.name, "cannot create the HTTP client for monitor {}: {e}; its webhook alerts are not sent", config.name);
                     None
                 }
             }
         });
-        let email = config.email.as_ref().and_then(|e| {
-            match lettre::AsyncSmtpTransport::<lettre::Tokio1Executor>::from_url(
-                e.smtp_url.expose(),
-            ) {
-                Ok(builder) => Some((e.clone(), builder.timeout(Some(SEND_TIMEOUT)).build())),
-                Err(err) => {
-                    warn!(monitor = %config.name, "cannot use smtp_url {} of monitor {}: {err}; its email alerts are not sent", e.smtp_url_redacted, config.name);
-                    None
-                }
+        let email = config.email.as_ref().and_then(|e| match smtp_transport(&e.smtp, ca) {
+            Ok(transport) => Some((e.clone(), transport)),
+            Err(err) => {
+                warn!(monitor = %config.name, "cannot use the mail server {} of monitor {}: {err}; its email alerts are not sent", e.smtp.redacted(), config.name);
+                None
             }
         });
         Targets { webhook, email }
     }
+}
+
+/// The SMTP transport for `server`, trusting the built-in roots, the OS store and `ca`.
+fn smtp_transport(
+    server: &SmtpServer,
+    ca: Option<&CaFile>,
+) -> Result<SmtpTransport, lettre::transport::smtp::Error> {
+    use lettre::transport::smtp::client::Tls;
+    let tls = match server.tls {
+        SmtpTls::Plain => Tls::None,
+        SmtpTls::StartTlsOpportunistic => {
+            Tls::Opportunistic(crate::tls::smtp_tls_parameters(&server.host, ca)?)
+        }
+        SmtpTls::StartTlsRequired => {
+            Tls::Required(crate::tls::smtp_tls_parameters(&server.host, ca)?)
+        }
+        SmtpTls::Tls => Tls::Wrapper(crate::tls::smtp_tls_parameters(&server.host, ca)?),
+    };
+    let mut builder = SmtpTransport::builder_dangerous(server.host.as_str())
+        .port(server.port)
+        .tls(tls)
+        .timeout(Some(SEND_TIMEOUT));
+    if let Some(name) = &server.hello_name {
+        builder = builder.hello_name(lettre::transport::smtp::extension::ClientId::Domain(
+            name.clone(),
+        ));
+    }
+    if let Some(login) = &server.credentials {
+        builder = builder.credentials(lettre::transport::smtp::authentication::Credentials::new(
+            login.user.clone(),
+            login.password.expose().to_owned(),
+        ));
+    }
+    Ok(builder.build())
 }
 
 async fn send_alerts(
@@ -935,15 +1216,15 @@ async fn send_alerts(
             },
         };
         info!(monitor = %name, alert = alert.event.name(), "alert: {}", alert.summary);
-        if let Some((webhook, key, client)) = &targets.webhook {
+        if let Some((webhook, client)) = &targets.webhook {
             let result = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = post_webhook(client, webhook, key.as_ref(), &alert, &context) => r,
+                r = post_webhook(client, webhook, &alert, &context) => r,
             };
             report(
                 &name,
                 "webhook",
-                &webhook.url_redacted,
+                webhook.url.redacted(),
                 result,
                 &mut webhook_failing,
             );
@@ -956,7 +1237,7 @@ async fn send_alerts(
             report(
                 &name,
                 "email",
-                &email.smtp_url_redacted,
+                email.smtp.redacted(),
                 result,
                 &mut email_failing,
             );
@@ -1022,7 +1303,7 @@ pub fn cloudevent(
         "id": id,
         "source": format!("/walhook/{source}"),
         "type": alert.event.cloudevents_type(),
-        "time": crate::delivery::payload::rfc3339_micros(time),
+        "time": crate::delivery::format::rfc3339_micros(time),
         "datacontenttype": "application/json",
         "data": data,
     });
@@ -1035,7 +1316,6 @@ pub fn cloudevent(
 async fn post_webhook(
     client: &reqwest::Client,
     webhook: &MonitorWebhook,
-    key: Option<&SigningKey>,
     alert: &Alert,
     context: &Context,
 ) -> Result<(), String> {
@@ -1047,13 +1327,13 @@ async fn post_webhook(
             tokio::time::sleep(*delay).await;
         }
         let mut req = client
-            .post(webhook.url.expose())
+            .post(webhook.url.expose().clone())
             .header("content-type", "application/cloudevents+json")
             .body(body.clone());
         for (k, v) in &webhook.headers {
-            req = req.header(k.as_str(), v.expose());
+            req = req.header(k, v);
         }
-        if let Some(key) = key {
+        if let Some(key) = &webhook.secret {
             for (name, value) in webhook_headers(key, &id, body.as_bytes()) {
                 req = req.header(name, value);
             }
@@ -1064,7 +1344,7 @@ async fn post_webhook(
                 let status = resp.status().as_u16();
                 last = format!("HTTP {status}");
                 // The same outcome table as deliveries: 408, 429 and 5xx are worth retrying.
-                if Outcome::from_status(status).verdict() != Verdict::Retry {
+                if status_outcome(status).verdict() != Verdict::Retry {
                     return Err(last);
                 }
             }
@@ -1081,7 +1361,10 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
         return format!("no answer within {}", human(SEND_TIMEOUT));
     }
     if e.is_connect() {
-        return "cannot connect".to_owned();
+        return match crate::tls::certificate_problem(e) {
+            Some(problem) => format!("TLS handshake failed: {problem}"),
+            None => "cannot connect".to_owned(),
+        };
     }
     let mut s = String::from("request failed");
     let mut source = std::error::Error::source(e);
@@ -1097,18 +1380,12 @@ async fn send_email(
     email: &MonitorEmail,
     alert: &Alert,
 ) -> Result<(), String> {
-    let from: lettre::message::Mailbox = email
-        .from
-        .parse()
-        .map_err(|e| format!("from {:?}: {e}", email.from))?;
     let mut builder = lettre::Message::builder()
-        .from(from)
+        .from(email.from.clone())
         .subject(alert.summary.clone())
         .header(lettre::message::header::ContentType::TEXT_PLAIN);
     for to in &email.to {
-        let mailbox: lettre::message::Mailbox =
-            to.parse().map_err(|e| format!("to {to:?}: {e}"))?;
-        builder = builder.to(mailbox);
+        builder = builder.to(to.clone());
     }
     let body = format!("{}\n\nTo look: {}\n", alert.detail, alert.command);
     let message = builder
@@ -1137,6 +1414,7 @@ mod tests {
             name: "ops".into(),
             webhook: None,
             email: None,
+            ca_file: None,
             on: AlertKind::ALL.to_vec(),
             listener_failing_for: Duration::from_secs(300),
             lag_bytes: 1000,
@@ -1342,6 +1620,109 @@ mod tests {
         );
     }
 
+    fn notification_failed(listener: &str, id: i64) -> Signal {
+        Signal::NotificationFailed {
+            listener: listener.into(),
+            notification_id: id,
+            entity: "Customer".into(),
+            entity_id: id.to_string(),
+            comment: "HTTP 404".into(),
+        }
+    }
+
+    #[test]
+    fn the_first_success_after_a_failed_alert_says_how_many_remain_failed() {
+        let mut e = evaluator(MonitorConfig {
+            on: vec![AlertKind::NotificationFailed],
+            ..config()
+        });
+        let t0 = Instant::now();
+        let mut out = e.signal(
+            &Signal::FailedRows(vec![("crm".into(), 2), ("other".into(), 7)]),
+            t0,
+        );
+        for i in 0..3 {
+            out.extend(e.signal(&notification_failed("crm", i), t0));
+        }
+        // A success before the alert went out is no recovery: nothing was reported yet.
+        out.extend(e.signal(&ok("crm"), t0 + Duration::from_secs(1)));
+        out.extend(e.tick(t0 + Duration::from_secs(6)));
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].event, AlertEvent::NotificationFailed);
+        assert_eq!(out[0].count, Some(3));
+
+        let recovered = e.signal(&ok("crm"), t0 + Duration::from_secs(7));
+        assert_eq!(recovered.len(), 1, "{recovered:#?}");
+        let r = &recovered[0];
+        assert_eq!(r.event, AlertEvent::NotificationFailedRecovered);
+        assert_eq!(r.listener.as_deref(), Some("crm"));
+        assert_eq!(r.count, Some(5));
+        assert!(
+            r.summary.contains(
+                "listener crm accepts deliveries again; 5 notifications remain in walhook.failed"
+            ),
+            "{}",
+            r.summary
+        );
+        assert_eq!(
+            r.command,
+            "walhook retry --listener crm --all --config /etc/walhook/walhook.toml"
+        );
+        assert!(r.detail.contains(&r.command), "{}", r.detail);
+        assert!(e.signal(&ok("crm"), t0 + Duration::from_secs(8)).is_empty());
+        assert!(e.tick(t0 + Duration::from_secs(2000)).is_empty());
+    }
+
+    #[test]
+    fn a_listener_failing_episode_and_failed_notifications_end_with_one_recovery() {
+        let mut e = evaluator(MonitorConfig {
+            listener_failing_for: Duration::from_secs(10),
+            ..config()
+        });
+        let t0 = Instant::now();
+        let mut out = e.signal(&Signal::FailedRows(vec![("crm".into(), 0)]), t0);
+        fail_for(&mut e, t0, Duration::from_secs(20), &mut out);
+        out.extend(e.signal(&notification_failed("crm", 1), t0 + Duration::from_secs(21)));
+        out.extend(e.tick(t0 + Duration::from_secs(30)));
+        let events: Vec<AlertEvent> = out.iter().map(|a| a.event).collect();
+        assert_eq!(
+            events,
+            [AlertEvent::ListenerFailing, AlertEvent::NotificationFailed]
+        );
+        let recovered = e.signal(&ok("crm"), t0 + Duration::from_secs(31));
+        assert_eq!(recovered.len(), 1, "{recovered:#?}");
+        assert_eq!(recovered[0].event, AlertEvent::ListenerRecovered);
+        assert_eq!(recovered[0].count, Some(1));
+        assert!(
+            recovered[0]
+                .detail
+                .contains("1 notification of listener crm that ran out of attempts remains"),
+            "{}",
+            recovered[0].detail
+        );
+    }
+
+    #[test]
+    fn without_a_count_the_recovery_names_no_number() {
+        let mut e = evaluator(MonitorConfig {
+            on: vec![AlertKind::NotificationFailed],
+            ..config()
+        });
+        let t0 = Instant::now();
+        let mut out = e.signal(&notification_failed("crm", 1), t0);
+        out.extend(e.tick(t0 + Duration::from_secs(6)));
+        out.extend(e.signal(&ok("crm"), t0 + Duration::from_secs(7)));
+        assert_eq!(out.len(), 2, "{out:#?}");
+        assert_eq!(out[1].count, None);
+        assert!(
+            out[1]
+                .summary
+                .ends_with("failed ones stay in walhook.failed"),
+            "{}",
+            out[1].summary
+        );
+    }
+
     #[test]
     fn lag_alerts_once_after_lag_for_and_recovers() {
         let mut e = evaluator(config());
@@ -1453,6 +1834,67 @@ mod tests {
         blip.extend(e.tick(t0 + Duration::from_secs(2030)));
         blip.extend(e.signal(&Signal::DatabaseReachable, t0 + Duration::from_secs(2031)));
         assert!(blip.is_empty(), "{blip:?}");
+    }
+
+    #[test]
+    fn capture_gaps_are_told_at_once_and_set_aside_changes_are_gathered() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let gap = Signal::Capture(CaptureSignal::Gap {
+            slot: "walhook".into(),
+            reason: "the replication slot was missing".into(),
+            last_flushed: "0/1A2B3C4".into(),
+            resumed: "0/2000000".into(),
+        });
+        let out = e.signal(&gap, t0);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event, AlertEvent::CaptureGap);
+        assert!(out[0].summary.contains("0/1A2B3C4"), "{}", out[0].summary);
+        let rejected = |n| {
+            Signal::Capture(CaptureSignal::Rejected {
+                entity: "Doc".into(),
+                count: n,
+                reason: "jsonb refused it".into(),
+            })
+        };
+        assert!(e.signal(&rejected(2), t0).is_empty());
+        assert!(
+            e.signal(&rejected(3), t0 + Duration::from_secs(1))
+                .is_empty()
+        );
+        let out = e.tick(t0 + Duration::from_secs(6));
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(
+            (out[0].event, out[0].count),
+            (AlertEvent::ChangeRejected, Some(5))
+        );
+        assert!(
+            out[0].detail.contains("jsonb refused it"),
+            "{}",
+            out[0].detail
+        );
+    }
+
+    #[test]
+    fn a_schema_note_repeated_after_a_reconnect_is_not_sent_twice() {
+        let mut e = evaluator(config());
+        let t0 = Instant::now();
+        let note = |m: &str| {
+            Signal::Capture(CaptureSignal::SchemaChanged {
+                table: "public.customer".into(),
+                message: m.into(),
+            })
+        };
+        assert_eq!(e.signal(&note("city dropped"), t0).len(), 1);
+        assert!(
+            e.signal(&note("city dropped"), t0 + Duration::from_secs(5))
+                .is_empty()
+        );
+        assert_eq!(
+            e.signal(&note("zip renamed"), t0 + Duration::from_secs(6))
+                .len(),
+            1
+        );
     }
 
     #[test]

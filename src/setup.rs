@@ -19,11 +19,6 @@ use crate::types::{Action, TableName, quote_ident, quote_literal};
 /// The schema holding the queue tables.
 pub const QUEUE_SCHEMA: &str = "walhook";
 
-/// Oldest server version with pgoutput and logical replication.
-const MIN_VERSION_NUM: i32 = 100_000;
-/// Older versions work but lack `wal_status`, streaming of large transactions and more.
-const RECOMMENDED_VERSION_NUM: i32 = 140_000;
-
 // Server-wide settings and the role, in one round trip.
 const SQL_SERVER: &str = "SELECT current_setting('server_version_num')::int4, \
      current_setting('server_version'), \
@@ -60,12 +55,21 @@ const SQL_KEYS: &str = "SELECT a.attname::text, i.indisprimary, i.indisreplident
      WHERE i.indrelid = $1 AND (i.indisprimary OR i.indisreplident) ORDER BY a.attnum";
 
 // pubtruncate appeared in PostgreSQL 11: read it through to_jsonb so one query fits all versions.
+// pubviaroot appeared in PostgreSQL 13: read through to_jsonb as well.
 const SQL_PUBLICATION: &str = "SELECT p.puballtables, p.pubinsert, p.pubupdate, p.pubdelete, \
-     coalesce((to_jsonb(p) ->> 'pubtruncate')::bool, false) \
+     coalesce((to_jsonb(p) ->> 'pubtruncate')::bool, false), \
+     coalesce((to_jsonb(p) ->> 'pubviaroot')::bool, false) \
      FROM pg_publication p WHERE p.pubname = $1";
 
-const SQL_PUBLICATION_TABLES: &str =
-    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1";
+// pg_publication_tables lists the leaves of a partitioned table added to the publication
+// unless it publishes via the root, so the tables added by name are read as well.
+const SQL_PUBLICATION_TABLES: &str = "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1 \
+     UNION SELECT n.nspname::text, c.relname::text FROM pg_publication_rel pr \
+     JOIN pg_publication p ON p.oid = pr.prpubid JOIN pg_class c ON c.oid = pr.prrelid \
+     JOIN pg_namespace n ON n.oid = c.relnamespace WHERE p.pubname = $1";
+
+// Partitions attached now; later ones are covered the same way.
+const SQL_PARTITIONS: &str = "SELECT count(*) FROM pg_inherits WHERE inhparent = $1";
 
 // wal_status appeared in PostgreSQL 13: read it through to_jsonb for the same reason.
 // On a standby pg_current_wal_lsn() raises an error, so use the replay position there.
@@ -73,10 +77,14 @@ const SQL_SLOT: &str = "SELECT s.plugin::text, s.slot_type, s.database::text, s.
      s.active_pid, \
      pg_wal_lsn_diff(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
                           ELSE pg_current_wal_lsn() END, s.restart_lsn)::int8, \
-     to_jsonb(s) ->> 'wal_status' \
+     to_jsonb(s) ->> 'wal_status', \
+     s.confirmed_flush_lsn::text \
      FROM pg_replication_slots s WHERE s.slot_name = $1";
 
 const SQL_CREATE_SLOT: &str = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
+// pg_control_system() may be withheld from the role: then the identifier is unknown.
+const SQL_SYSTEM_ID: &str = "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') \
+     THEN (SELECT system_identifier::text FROM pg_control_system()) END";
 const SQL_CURRENT_DATABASE: &str = "SELECT current_database()::text";
 const SQL_DROP_SLOT: &str = "SELECT pg_drop_replication_slot($1)";
 const SQL_MIGRATION_TABLE_EXISTS: &str =
@@ -256,11 +264,17 @@ struct TableFacts {
     columns: Vec<String>,
     primary_key: Vec<String>,
     identity_index: Vec<String>,
+    /// Partitions attached now, for a partitioned table.
+    partitions: i64,
 }
 
 impl TableFacts {
     fn is_table(&self) -> bool {
         matches!(self.relkind.as_str(), "r" | "p")
+    }
+
+    fn is_partitioned(&self) -> bool {
+        self.relkind == "p"
     }
 
     /// The columns the old tuple carries for updates and deletes; `None` when there are none
@@ -292,6 +306,8 @@ struct PublicationFacts {
     update: bool,
     delete: bool,
     truncate: bool,
+    /// `publish_via_partition_root`: partitions' changes arrive as their root table's.
+    via_root: bool,
     tables: BTreeSet<(String, String)>,
 }
 
@@ -305,6 +321,7 @@ impl PublicationFacts {
             PubOp::Insert => self.insert,
             PubOp::Update => self.update,
             PubOp::Delete => self.delete,
+            PubOp::Truncate => self.truncate,
         }
     }
 }
@@ -318,6 +335,7 @@ struct SlotFacts {
     active_pid: Option<i32>,
     retained_bytes: Option<i64>,
     wal_status: Option<String>,
+    confirmed_flush: Option<crate::types::Lsn>,
 }
 
 /// How far the queue schema is migrated.
@@ -344,6 +362,107 @@ struct Facts {
     publication: Option<PublicationFacts>,
     slot: Option<SlotFacts>,
     queue: QueueSchema,
+    /// `walhook.state`, when it can be read.
+    state: Option<crate::queue::QueueState>,
+    /// The cluster's system identifier, when the role may read it.
+    system_id: Option<String>,
+    /// A gap of this slot was accepted and waits for the slot to exist again.
+    gap_accepted: bool,
+}
+
+impl Facts {
+    /// The flushed position `walhook.state` records for this database and `slot`: the
+    /// slot was in use, so losing it loses changes. `None` before the first capture, and
+    /// on a copy of the database made on another cluster (the cloned-database guard
+    /// speaks for those).
+    fn captured_up_to(&self, slot: &str) -> Option<crate::types::Lsn> {
+        let state = self.state.as_ref()?;
+        let same_system = match (&state.system_identifier, &self.system_id) {
+            (Some(recorded), Some(current)) => recorded == current,
+            _ => true,
+        };
+        let ours = state.database_name.as_deref() == Some(self.server.database.as_str())
+            && state.slot_name.as_deref() == Some(slot);
+        if same_system && ours {
+            state.flushed_lsn
+        } else {
+            None
+        }
+    }
+
+    /// The gap capture would silently skip if the slot were simply created: the slot is
+    /// missing or lost while `walhook.state` shows it was in use.
+    fn gap(&self, slot: &str) -> Option<Gap> {
+        let lost = self
+            .slot
+            .as_ref()
+            .is_some_and(|sl| sl.wal_status.as_deref() == Some("lost"));
+        // Accepted: the next start creates the slot (a lost one must still be dropped).
+        if self.gap_accepted && !lost {
+            return None;
+        }
+        let history = self.captured_up_to(slot);
+        let (reason, last_flushed) = match &self.slot {
+            None => (GapReason::Missing, history?),
+            Some(sl) if sl.wal_status.as_deref() == Some("lost") => {
+                (GapReason::Lost, history.or(sl.confirmed_flush)?)
+            }
+            Some(_) => return None,
+        };
+        Some(Gap {
+            slot: slot.to_owned(),
+            reason,
+            last_flushed,
+        })
+    }
+}
+
+/// Why changes between the last flushed position and now are gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GapReason {
+    /// The slot does not exist (dropped, or lost in a failover).
+    Missing,
+    /// The slot exists but was invalidated (`wal_status = 'lost'`).
+    Lost,
+}
+
+impl GapReason {
+    /// In plain words, as stored in `walhook.capture_gap.reason`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            GapReason::Missing => {
+                "the replication slot was missing (dropped, or lost in a failover)"
+            }
+            GapReason::Lost => {
+                "the replication slot was invalidated (wal_status lost: the WAL it needed was removed, see max_slot_wal_keep_size)"
+            }
+        }
+    }
+}
+
+/// A gap in capture: slot `slot` is gone, changes after `last_flushed` were never read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gap {
+    /// The slot.
+    pub slot: String,
+    /// Why.
+    pub reason: GapReason,
+    /// The end of the last source commit walhook captured.
+    pub last_flushed: crate::types::Lsn,
+}
+
+impl fmt::Display for Gap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.reason {
+            GapReason::Missing => "is missing",
+            GapReason::Lost => "was invalidated (wal_status lost)",
+        };
+        write!(
+            f,
+            "replication slot {} {what}, but walhook.state shows changes were captured from it up to {}: the changes committed after {} are lost and walhook will not skip them silently",
+            self.slot, self.last_flushed, self.last_flushed
+        )
+    }
 }
 
 /// A publication operation an entity needs.
@@ -352,6 +471,7 @@ enum PubOp {
     Insert,
     Update,
     Delete,
+    Truncate,
 }
 
 impl PubOp {
@@ -360,6 +480,7 @@ impl PubOp {
             PubOp::Insert => "insert",
             PubOp::Update => "update",
             PubOp::Delete => "delete",
+            PubOp::Truncate => "truncate",
         }
     }
 
@@ -368,6 +489,7 @@ impl PubOp {
             Action::Created => PubOp::Insert,
             Action::Updated => PubOp::Update,
             Action::Deleted => PubOp::Delete,
+            Action::Truncated => PubOp::Truncate,
         }
     }
 }
@@ -439,11 +561,30 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
             active_pid: r.try_get(4).map_err(q("reading pg_replication_slots"))?,
             retained_bytes: r.try_get(5).map_err(q("reading pg_replication_slots"))?,
             wal_status: r.try_get(6).map_err(q("reading pg_replication_slots"))?,
+            confirmed_flush: r
+                .try_get::<_, Option<String>>(7)
+                .map_err(q("reading pg_replication_slots"))?
+                .and_then(|t| t.parse().ok()),
         }),
         None => None,
     };
 
     let queue = queue_state(client, schema.is_some()).await;
+    let state = match queue {
+        QueueSchema::Missing | QueueSchema::Unknown(_) => None,
+        _ => crate::queue::read_state(client).await.ok().flatten(),
+    };
+    let system_id = client
+        .query_one(SQL_SYSTEM_ID, &[])
+        .await
+        .and_then(|r| r.try_get::<_, Option<String>>(0))
+        .ok()
+        .flatten();
+
+    let gap_accepted = state.is_some()
+        && crate::queue::open_gap_exists(client, &config.source.slot)
+            .await
+            .unwrap_or(false);
 
     Ok(Facts {
         server,
@@ -452,6 +593,9 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
         publication,
         slot,
         queue,
+        state,
+        system_id,
+        gap_accepted,
     })
 }
 
@@ -488,8 +632,19 @@ async fn table_facts(client: &Client, table: &TableName) -> Result<Option<TableF
             identity_index.push(col);
         }
     }
+    let relkind: String = row.try_get(1).map_err(q)?;
+    let partitions: i64 = if relkind == "p" {
+        client
+            .query_one(SQL_PARTITIONS, &[&oid])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(q)?
+    } else {
+        0
+    };
     Ok(Some(TableFacts {
-        relkind: row.try_get(1).map_err(q)?,
+        relkind,
+        partitions,
         replident: row.try_get(2).map_err(q)?,
         select: row.try_get(3).map_err(q)?,
         owner: row.try_get(4).map_err(q)?,
@@ -528,6 +683,7 @@ async fn publication_facts(
         update: row.try_get(2).map_err(q)?,
         delete: row.try_get(3).map_err(q)?,
         truncate: row.try_get(4).map_err(q)?,
+        via_root: row.try_get(5).map_err(q)?,
         tables,
     }))
 }
@@ -600,21 +756,7 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     let s = &facts.server;
     let mut items = Vec::new();
 
-    items.push(if s.version_num < MIN_VERSION_NUM {
-        CheckItem::fail(
-            "server version",
-            &s.version,
-            "walhook needs PostgreSQL 10 or newer (logical replication with pgoutput); upgrade the server",
-        )
-    } else if s.version_num < RECOMMENDED_VERSION_NUM {
-        CheckItem::warn(
-            "server version",
-            format!("{} (supported; 14 or newer recommended)", s.version),
-            "upgrade to PostgreSQL 14+ for slot wal_status reporting and better logical decoding",
-        )
-    } else {
-        CheckItem::ok("server version", &s.version)
-    });
+    items.push(version_item(s));
 
     items.push(if s.wal_level == "logical" {
         CheckItem::ok("wal_level", &s.wal_level)
@@ -685,6 +827,54 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     items.push(slot_item(facts, config));
     items.push(queue_item(&facts.queue));
     items
+}
+
+fn version_item(s: &Server) -> CheckItem {
+    use crate::replication::version::{MIN_SUPPORTED_MAJOR, ServerVersion, TESTED_MAJOR};
+    let version = ServerVersion(u32::try_from(s.version_num).unwrap_or(0));
+    if !version.is_supported() {
+        CheckItem::fail(
+            "server version",
+            &s.version,
+            format!(
+                "walhook supports PostgreSQL {MIN_SUPPORTED_MAJOR} and newer (tested on {TESTED_MAJOR}); upgrade the server"
+            ),
+        )
+    } else {
+        CheckItem::ok("server version", &s.version)
+    }
+}
+
+/// The TLS state of the connection `walhook check` made: protocol, what was verified,
+/// for which host.
+pub fn tls_item(
+    params: &crate::replication::conn::ConnectParams,
+    tls: Option<&crate::replication::conn::TlsInfo>,
+) -> CheckItem {
+    use crate::replication::conn::{Host, Verification};
+    let mode = params.sslmode().as_str();
+    match (tls, params.host()) {
+        (_, Host::Unix(_)) => CheckItem::ok(
+            "tls",
+            format!("not used on the local socket {}", params.host_description()),
+        ),
+        (Some(t), _) if t.verification == Verification::Full => {
+            CheckItem::ok("tls", format!("{t} (sslmode={mode})"))
+        }
+        (Some(t), _) => CheckItem::warn(
+            "tls",
+            format!("{t} (sslmode={mode})"),
+            "set sslrootcert to the server's CA and sslmode=verify-full in [source] url, so walhook knows it talks to the right server",
+        ),
+        (None, _) => CheckItem::warn(
+            "tls",
+            format!(
+                "off: {} is reached unencrypted (sslmode={mode})",
+                params.host_description()
+            ),
+            "turn on ssl in the server's postgresql.conf and use sslmode=verify-full with sslrootcert in [source] url",
+        ),
+    }
 }
 
 fn schema_item(facts: &Facts) -> CheckItem {
@@ -782,11 +972,23 @@ fn table_items(
         )
     });
 
-    items.push(columns_item(tf, config, entity));
+    let resuming = facts.captured_up_to(&config.source.slot).is_some();
+    items.push(columns_item(tf, config, entity, resuming));
     items.push(replica_identity_item(facts, tf, entity));
+    if tf.is_partitioned() {
+        items.push(partition_item(facts, tf, config, t));
+    }
 }
 
-fn columns_item(tf: &TableFacts, config: &Config, entity: &EntityConfig) -> CheckItem {
+/// Configured columns the table lacks. Before the first capture that is a mistake in the
+/// file (fail); once capture ran, it is a table that changed under it (warn: capture goes
+/// on, setting aside what it cannot map).
+fn columns_item(
+    tf: &TableFacts,
+    config: &Config,
+    entity: &EntityConfig,
+    resuming: bool,
+) -> CheckItem {
     let t = &entity.table;
     let name = format!("columns {t}");
     let path = config.path.display();
@@ -824,6 +1026,19 @@ fn columns_item(tf: &TableFacts, config: &Config, entity: &EntityConfig) -> Chec
             "exclude",
         ));
     }
+    if let Some(subject) = &entity.subject {
+        let names: Vec<String> = crate::capture::mapper::subject_columns(subject)
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let m = missing(&names);
+        if !m.is_empty() {
+            problems.push((
+                format!("subject column(s) {} missing", m.join(", ")),
+                "subject",
+            ));
+        }
+    }
     if problems.is_empty() {
         return CheckItem::ok(name, id_detail);
     }
@@ -850,7 +1065,20 @@ fn columns_item(tf: &TableFacts, config: &Config, entity: &EntityConfig) -> Chec
             tf.columns.join(", ")
         )
     };
-    CheckItem::fail(name, detail, fix)
+    if resuming {
+        let id_gone = problems.iter().any(|(_, k)| *k == "id");
+        let consequence = if id_gone {
+            format!(
+                "capture goes on; changes of entity {} are set aside in walhook.rejected until it is fixed",
+                entity.name
+            )
+        } else {
+            "capture goes on without them".to_owned()
+        };
+        CheckItem::warn(name, format!("{detail}; {consequence}"), fix)
+    } else {
+        CheckItem::fail(name, detail, fix)
+    }
 }
 
 fn replica_identity_item(facts: &Facts, tf: &TableFacts, entity: &EntityConfig) -> CheckItem {
@@ -932,7 +1160,12 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
                 "missing, and [source] create_publication = false",
                 format!(
                     "{} or set create_publication = true and run walhook setup",
-                    create_publication_sql(pubname, &entity_tables(config), &needed_ops(config))
+                    create_publication_sql(
+                        pubname,
+                        &entity_tables(config),
+                        &needed_ops(config),
+                        needs_via_root(facts)
+                    )
                 ),
             )
         });
@@ -979,6 +1212,9 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
 fn slot_item(facts: &Facts, config: &Config) -> CheckItem {
     let slot = &config.source.slot;
     let name = format!("slot {slot}");
+    if let Some(gap) = facts.gap(slot) {
+        return CheckItem::fail(name, gap.to_string(), accept_gap_fix(config));
+    }
     let Some(sl) = &facts.slot else {
         return CheckItem::ok(name, "missing; will be created by walhook setup / at start");
     };
@@ -1019,8 +1255,8 @@ fn slot_item(facts: &Facts, config: &Config) -> CheckItem {
             name,
             "wal_status lost: the WAL it needs was removed; changes since were lost",
             format!(
-                "walhook setup --drop, then walhook setup (or SELECT pg_drop_replication_slot({}); and restart walhook to recreate it); consider max_slot_wal_keep_size",
-                quote_literal(slot)
+                "{}; consider max_slot_wal_keep_size",
+                accept_gap_fix(config)
             ),
         );
     }
@@ -1042,6 +1278,13 @@ fn slot_item(facts: &Facts, config: &Config) -> CheckItem {
     } else {
         CheckItem::ok(name, format!("pgoutput, inactive, {retained}{status}"))
     }
+}
+
+fn accept_gap_fix(config: &Config) -> String {
+    format!(
+        "once the loss is accepted (resync listeners from the tables if needed), record it and start again: walhook setup --accept-gap --config {}",
+        config.path.display()
+    )
 }
 
 fn queue_item(state: &QueueSchema) -> CheckItem {
@@ -1128,14 +1371,77 @@ fn publish_list(p: &PublicationFacts) -> String {
     }
 }
 
-fn create_publication_sql(name: &str, tables: &[&TableName], ops: &BTreeSet<PubOp>) -> String {
+fn create_publication_sql(
+    name: &str,
+    tables: &[&TableName],
+    ops: &BTreeSet<PubOp>,
+    via_root: bool,
+) -> String {
     let ops = publish_value(ops.iter().map(|o| o.keyword()));
+    let via_root = if via_root {
+        ", publish_via_partition_root = true"
+    } else {
+        ""
+    };
     format!(
-        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {});",
+        "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {}{via_root});",
         quote_ident(name),
         table_list(tables),
         quote_literal(&ops)
     )
+}
+
+fn via_root_sql(name: &str) -> String {
+    format!(
+        "ALTER PUBLICATION {} SET (publish_via_partition_root = true);",
+        quote_ident(name)
+    )
+}
+
+/// Whether an entity table is partitioned: its publication must publish via the root, so
+/// the changes of every partition, attached now or later, arrive under the entity's table.
+fn needs_via_root(facts: &Facts) -> bool {
+    facts
+        .tables
+        .iter()
+        .flatten()
+        .any(TableFacts::is_partitioned)
+}
+
+/// PostgreSQL 13 added partitioned tables to publications (and publish_via_partition_root).
+const PARTITIONS_VERSION_NUM: i32 = 130_000;
+
+fn partition_item(facts: &Facts, tf: &TableFacts, config: &Config, t: &TableName) -> CheckItem {
+    let name = format!("partitions {t}");
+    let pubname = &config.source.publication;
+    let how = format!(
+        "partitioned ({} partition(s) now); publication {pubname} publishes via the partition root, so every partition's changes, including partitions attached later, arrive as {t}",
+        tf.partitions
+    );
+    if facts.server.version_num < PARTITIONS_VERSION_NUM {
+        return CheckItem::fail(
+            name,
+            format!(
+                "{t} is partitioned, and PostgreSQL {} cannot publish partitioned tables",
+                facts.server.version
+            ),
+            "upgrade to PostgreSQL 13 or newer, or point the entity at a plain table",
+        );
+    }
+    match &facts.publication {
+        Some(p) if !p.via_root => CheckItem::fail(
+            name,
+            format!(
+                "{t} is partitioned, but publication {pubname} publishes each partition under its own name, so its changes would not reach entity {t}"
+            ),
+            format!("{} or walhook setup", via_root_sql(pubname)),
+        ),
+        Some(_) => CheckItem::ok(name, how),
+        None => CheckItem::ok(
+            name,
+            format!("{how} (once setup creates it with publish_via_partition_root = true)"),
+        ),
+    }
 }
 
 fn add_tables_sql(name: &str, tables: &[&TableName]) -> String {
@@ -1154,13 +1460,11 @@ fn set_publish_sql(name: &str, p: &PublicationFacts, needed: &BTreeSet<PubOp>) -
         (p.insert, PubOp::Insert),
         (p.update, PubOp::Update),
         (p.delete, PubOp::Delete),
+        (p.truncate, PubOp::Truncate),
     ] {
         if on || needed.contains(&op) {
             ops.push(op.keyword());
         }
-    }
-    if p.truncate {
-        ops.push("truncate");
     }
     format!(
         "ALTER PUBLICATION {} SET (publish = {});",
@@ -1178,6 +1482,9 @@ pub struct SetupOptions {
     /// Set `REPLICA IDENTITY FULL` on entity tables that capture updates (or deletes whose id
     /// is not in the identity) so changedFields, track and deleted ids are exact.
     pub replica_identity_full: bool,
+    /// Accept a gap in capture (the slot vanished while in use): record it in
+    /// `walhook.capture_gap` and create the slot again. Without it, setup refuses.
+    pub accept_gap: bool,
 }
 
 /// What a setup step does.
@@ -1192,6 +1499,8 @@ pub enum StepAction {
         /// The slot name.
         slot: String,
     },
+    /// Drops the lost slot (if it exists), creates it again and records the gap.
+    AcceptGap(Gap),
 }
 
 /// One change `walhook setup` makes, with the reason it is needed.
@@ -1214,6 +1523,20 @@ impl SetupStep {
                 "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
                 quote_literal(slot)
             ),
+            StepAction::AcceptGap(gap) => {
+                let mut sql = String::new();
+                if gap.reason == GapReason::Lost {
+                    sql.push_str(&format!(
+                        "SELECT pg_drop_replication_slot({});\n",
+                        quote_literal(&gap.slot)
+                    ));
+                }
+                sql.push_str(&format!(
+                    "SELECT pg_create_logical_replication_slot({}, 'pgoutput');\n",
+                    quote_literal(&gap.slot)
+                ));
+                crate::queue::gap_sql(&gap.slot, gap.reason.describe(), gap.last_flushed, &sql)
+            }
             StepAction::MigrateQueue => migration_script().unwrap_or_else(|| {
                 "-- (the queue migrations are applied by `walhook setup`; run it as the schema owner)"
                     .to_owned()
@@ -1284,6 +1607,12 @@ fn plan_from(
             Some(tf) if !tf.is_table() => {
                 return Err(SetupError::NotATable {
                     table: entity.table.to_string(),
+                });
+            }
+            Some(tf) if tf.is_partitioned() && s.version_num < PARTITIONS_VERSION_NUM => {
+                return Err(SetupError::PartitionsUnsupported {
+                    table: entity.table.to_string(),
+                    version: s.version.clone(),
                 });
             }
             Some(_) => {}
@@ -1397,7 +1726,12 @@ fn plan_from(
             why: format!(
                 "Publication {pubname} selects the entity tables whose changes walhook reads."
             ),
-            action: StepAction::Sql(create_publication_sql(pubname, &tables, &needed)),
+            action: StepAction::Sql(create_publication_sql(
+                pubname,
+                &tables,
+                &needed,
+                needs_via_root(facts),
+            )),
             needs: pub_needs(&format!(
                 "CREATE on database {} ({})",
                 s.database,
@@ -1432,12 +1766,35 @@ fn plan_from(
                     needs: format!("ownership of publication {pubname}"),
                 });
             }
+            if needs_via_root(facts) && !p.via_root {
+                steps.push(SetupStep {
+                    why: format!(
+                        "An entity table is partitioned: publication {pubname} must publish its partitions' changes under the partitioned table's name (publish_via_partition_root), or they never reach the entity. Other subscribers of {pubname} see root names too."
+                    ),
+                    action: StepAction::Sql(via_root_sql(pubname)),
+                    needs: format!("ownership of publication {pubname}"),
+                });
+            }
         }
     }
 
     // Last: a slot created before its publication cannot decode changes made before the
     // publication existed, and the slot starts retaining WAL the moment it exists.
-    if facts.slot.is_none() {
+    if let Some(gap) = facts.gap(&config.source.slot) {
+        if !opts.accept_gap {
+            return Err(SetupError::Gap {
+                fix: accept_gap_fix(config),
+                gap,
+            });
+        }
+        steps.push(SetupStep {
+            why: format!(
+                "{gap}. Accepted with --accept-gap: the gap is recorded in walhook.capture_gap (the monitors are told when capture resumes) and the slot is created again, so capture resumes from now."
+            ),
+            action: StepAction::AcceptGap(gap),
+            needs: format!("the REPLICATION attribute: {}", s.alter_role_replication_sql()),
+        });
+    } else if facts.slot.is_none() {
         steps.push(SetupStep {
             why: format!(
                 "Replication slot {} keeps the WAL walhook has not yet read, so no change is lost while it is stopped.",
@@ -1453,26 +1810,90 @@ fn plan_from(
 }
 
 /// Runs the steps of a [`plan`] in order, each in its own transaction; a step whose object
-/// already exists (another setup ran meanwhile) counts as done.
-pub async fn apply(client: &mut Client, steps: &[SetupStep]) -> Result<(), SetupError> {
+/// already exists (another setup ran meanwhile) counts as done. With `watch` (the
+/// connection parameters), a step that waits for a lock gets the sessions blocking it
+/// logged and named in its error.
+pub async fn apply(
+    client: &mut Client,
+    steps: &[SetupStep],
+    watch: Option<&crate::replication::conn::ConnectParams>,
+) -> Result<(), SetupError> {
+    let pid = match watch {
+        Some(_) => crate::db::backend_pid(client).await,
+        None => None,
+    };
     for step in steps {
-        let result = match &step.action {
-            StepAction::MigrateQueue => {
-                run_migrations(client).await?;
-                continue;
-            }
-            StepAction::Sql(sql) => client.batch_execute(sql).await,
-            StepAction::CreateSlot { slot } => {
-                client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ())
+        let run = async {
+            match &step.action {
+                StepAction::MigrateQueue => run_migrations(client).await.map(|()| None),
+                StepAction::Sql(sql) => Ok(Some(client.batch_execute(sql).await)),
+                StepAction::CreateSlot { slot } => Ok(Some(
+                    client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ()),
+                )),
+                StepAction::AcceptGap(gap) => accept_gap(client, gap, step).await.map(|()| None),
             }
         };
-        match result {
-            Ok(()) => {}
-            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
-            Err(e) => return Err(step_error(step, e)),
+        let (result, blockers) = match (watch, pid) {
+            (Some(params), Some(pid)) => {
+                crate::db::watch_blockers(params, pid, &step_title(step), run).await
+            }
+            _ => (run.await, None),
+        };
+        match result? {
+            None | Some(Ok(())) => {}
+            Some(Err(e)) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Some(Err(e)) => return Err(step_error(step, e, blockers)),
         }
     }
     Ok(())
+}
+
+/// Records the gap, drops the lost slot, creates it again and completes the gap with where
+/// capture resumes. Once the gap is recorded it counts as accepted: should a later step
+/// fail, the next start creates the slot and completes it.
+async fn accept_gap(client: &Client, gap: &Gap, step: &SetupStep) -> Result<(), SetupError> {
+    let record = |e: crate::queue::QueueError| SetupError::RecordGap {
+        class: e.class(),
+        message: e.to_string(),
+    };
+    crate::queue::open_gap(client, &gap.slot, gap.reason.describe(), gap.last_flushed)
+        .await
+        .map_err(record)?;
+    if gap.reason == GapReason::Lost {
+        match client.execute(SQL_DROP_SLOT, &[&gap.slot]).await {
+            Ok(_) => {}
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) => {
+                return Err(SetupError::SlotActive {
+                    slot: gap.slot.clone(),
+                    pid: None,
+                });
+            }
+            Err(e) if e.code() == Some(&SqlState::UNDEFINED_OBJECT) => {}
+            Err(e) => return Err(step_error(step, e, None)),
+        }
+    }
+    match client.execute(SQL_CREATE_SLOT, &[&gap.slot]).await {
+        Ok(_) => {}
+        // Another setup or walhook created it meanwhile: capture resumes from there.
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+        Err(e) => return Err(step_error(step, e, None)),
+    }
+    crate::queue::complete_gaps(client, &gap.slot)
+        .await
+        .map_err(record)?;
+    Ok(())
+}
+
+/// How a step is named in the "waiting for" warning.
+fn step_title(step: &SetupStep) -> String {
+    match &step.action {
+        StepAction::MigrateQueue => "the queue schema migration".to_owned(),
+        StepAction::CreateSlot { slot } => format!("creating replication slot {slot}"),
+        StepAction::Sql(sql) => format!("`{}`", sql.lines().next().unwrap_or_default()),
+        StepAction::AcceptGap(gap) => {
+            format!("recreating replication slot {} after the gap", gap.slot)
+        }
+    }
 }
 
 /// Plans and applies in one call; returns the steps that were applied (empty: nothing to do).
@@ -1482,12 +1903,22 @@ pub async fn setup(
     opts: SetupOptions,
 ) -> Result<Vec<SetupStep>, SetupError> {
     let steps = plan(client, config, opts).await?;
-    apply(client, &steps).await?;
+    let params = config.source.connect_params().ok();
+    apply(client, &steps, params.as_ref()).await?;
     Ok(steps)
 }
 
-fn step_error(step: &SetupStep, e: tokio_postgres::Error) -> SetupError {
+fn step_error(step: &SetupStep, e: tokio_postgres::Error, blockers: Option<String>) -> SetupError {
     let statement = step.sql();
+    let gave_up = e.code() == Some(&SqlState::LOCK_NOT_AVAILABLE)
+        || e.code() == Some(&SqlState::QUERY_CANCELED);
+    if let (true, Some(blockers)) = (gave_up, blockers) {
+        return SetupError::Blocked {
+            what: step_title(step),
+            message: db_message(&e),
+            blockers,
+        };
+    }
     if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) {
         SetupError::PermissionDenied {
             statement,
@@ -1645,6 +2076,18 @@ pub enum SetupError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// A step gave up waiting (lock_timeout / statement_timeout) on other sessions.
+    #[error(
+        "{what} gave up waiting ({message}): it was blocked by {blockers}; end those sessions or transactions (SELECT pg_terminate_backend(pid)), or raise [source] lock_timeout / statement_timeout, then run it again"
+    )]
+    Blocked {
+        /// The step.
+        what: String,
+        /// The server's message (lock or statement timeout).
+        message: String,
+        /// The sessions that held it up.
+        blockers: String,
+    },
     /// An entity table does not exist.
     #[error(
         "table {table} of entity {entity} does not exist; create it or correct `table` under that [[entity]] in {path} (key [[entity]] table)"
@@ -1662,6 +2105,16 @@ pub enum SetupError {
     NotATable {
         /// Relation name.
         table: String,
+    },
+    /// The entity table is partitioned and the server cannot publish partitioned tables.
+    #[error(
+        "{table} is partitioned, and PostgreSQL {version} cannot publish partitioned tables; upgrade to PostgreSQL 13 or newer, or point the entity at a plain table"
+    )]
+    PartitionsUnsupported {
+        /// Table name.
+        table: String,
+        /// The server version.
+        version: String,
     },
     /// A table without replica identity would make the application's UPDATE/DELETE fail.
     #[error(
@@ -1691,6 +2144,14 @@ pub enum SetupError {
         /// The streaming backend's pid.
         pid: Option<i32>,
     },
+    /// The slot vanished while in use; setup creates it again only with `--accept-gap`.
+    #[error("{gap}; fix: {fix}")]
+    Gap {
+        /// The gap.
+        gap: Gap,
+        /// What to run.
+        fix: String,
+    },
     /// wal_level is below logical, so no slot can be created.
     #[error(
         "wal_level is {found}; set wal_level = logical in postgresql.conf (ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
@@ -1698,6 +2159,14 @@ pub enum SetupError {
     WalLevel {
         /// The current setting.
         found: String,
+    },
+    /// The gap could not be recorded in `walhook.capture_gap`.
+    #[error("recording the gap in walhook.capture_gap failed: {message}")]
+    RecordGap {
+        /// The queue error's message.
+        message: String,
+        /// Its class.
+        class: ErrorClass,
     },
     /// The queue migrations failed.
     #[error("queue migration failed: {message}")]
@@ -1718,11 +2187,15 @@ impl Classify for SetupError {
             SetupError::PermissionDenied { .. }
             | SetupError::NoReplicaIdentity { .. }
             | SetupError::SlotActive { .. }
+            | SetupError::PartitionsUnsupported { .. }
             | SetupError::WalLevel { .. } => ErrorClass::Permanent,
             SetupError::TableMissing { .. }
             | SetupError::NotATable { .. }
-            | SetupError::SlotConflict { .. } => ErrorClass::Config,
-            SetupError::Migrate { class, .. } => *class,
+            | SetupError::SlotConflict { .. }
+            | SetupError::Gap { .. } => ErrorClass::Config,
+            SetupError::Migrate { class, .. } | SetupError::RecordGap { class, .. } => *class,
+            // The blockers may be gone on the next attempt.
+            SetupError::Blocked { .. } => ErrorClass::Transient,
         }
     }
 }
@@ -1785,6 +2258,7 @@ mod tests {
             update: false,
             delete: false,
             truncate: true,
+            via_root: false,
             tables: BTreeSet::new(),
         };
         let needed = [PubOp::Update].into_iter().collect();

@@ -216,24 +216,38 @@ fn watchdog_interval_from(usec: Option<&str>, pid: Option<&str>, own_pid: u32) -
 
 /// Talks to systemd for the daemon's lifetime: `READY=1` once `ready` turns true, the
 /// text of `status()` as `STATUS=` every [`STATUS_INTERVAL`] (when it changed),
-/// `WATCHDOG=1` at half the watchdog interval, and `STOPPING=1` when `shutdown` fires.
+/// `WATCHDOG=1` at half the watchdog interval while `stalled()` says nothing is stuck,
+/// and `STOPPING=1` when `shutdown` fires.
 pub async fn run_notifier(
     notifier: Notifier,
     ready: watch::Receiver<bool>,
     status: impl Fn() -> String + Send + 'static,
+    stalled: impl Fn() -> Option<String> + Send + 'static,
     shutdown: CancellationToken,
 ) {
-    notify_loop(notifier, ready, status, shutdown, watchdog_interval()).await;
+    let probes = Probes { status, stalled };
+    notify_loop(notifier, ready, probes, shutdown, watchdog_interval()).await;
+}
+
+/// What the notifier asks the service: its status line, and whether a loop is stuck.
+struct Probes<S, W> {
+    status: S,
+    stalled: W,
 }
 
 /// [`run_notifier`] with the watchdog timeout given, so tests need not set the environment.
-async fn notify_loop(
+async fn notify_loop<S, W>(
     notifier: Notifier,
     mut ready: watch::Receiver<bool>,
-    status: impl Fn() -> String + Send + 'static,
+    probes: Probes<S, W>,
     shutdown: CancellationToken,
     watchdog: Option<Duration>,
-) {
+) where
+    S: Fn() -> String + Send + 'static,
+    W: Fn() -> Option<String> + Send + 'static,
+{
+    // Set while the watchdog is starved, so the reason is logged once per episode.
+    let mut starving = false;
     let watchdog_every = watchdog.map(|d| (d / 2).max(Duration::from_millis(1)));
     let mut watchdog_tick = watchdog_every.map(|every| {
         let mut i = tokio::time::interval(every);
@@ -248,7 +262,7 @@ async fn notify_loop(
 
     // The flag may already be set before this task first runs.
     if *ready.borrow_and_update() {
-        last_status = status();
+        last_status = (probes.status)();
         notifier.notify(&format!("READY=1\n{}", status_message(&last_status)));
         sent_ready = true;
     }
@@ -264,7 +278,7 @@ async fn notify_loop(
                 match changed {
                     Ok(()) => {
                         if *ready.borrow_and_update() {
-                            last_status = status();
+                            last_status = (probes.status)();
                             notifier.notify(&format!(
                                 "READY=1\n{}",
                                 status_message(&last_status)
@@ -277,10 +291,25 @@ async fn notify_loop(
                 }
             }
             _ = tick(&mut watchdog_tick) => {
-                notifier.watchdog();
+                // A stuck loop must not be hidden by a healthy timer: systemd restarts us.
+                match (probes.stalled)() {
+                    None => {
+                        if starving {
+                            tracing::info!("progress again; feeding the systemd watchdog");
+                        }
+                        starving = false;
+                        notifier.watchdog();
+                    }
+                    Some(why) => {
+                        if !starving {
+                            warn!("{why}; not feeding the systemd watchdog");
+                        }
+                        starving = true;
+                    }
+                }
             }
             _ = status_tick.tick() => {
-                let now = status();
+                let now = (probes.status)();
                 if now != last_status {
                     notifier.status(&now);
                     last_status = now;
@@ -304,11 +333,12 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 pub fn spawn_from_env(
     ready: watch::Receiver<bool>,
     status: impl Fn() -> String + Send + 'static,
+    stalled: impl Fn() -> Option<String> + Send + 'static,
     shutdown: CancellationToken,
 ) -> Option<JoinHandle<()>> {
     let notifier = Notifier::from_env()?;
     Some(tokio::spawn(run_notifier(
-        notifier, ready, status, shutdown,
+        notifier, ready, status, stalled, shutdown,
     )))
 }
 
@@ -420,7 +450,10 @@ mod tests {
         let task = tokio::spawn(notify_loop(
             n,
             ready_rx,
-            || "streaming".to_owned(),
+            Probes {
+                status: || "streaming".to_owned(),
+                stalled: || None,
+            },
             shutdown.clone(),
             None,
         ));
@@ -456,7 +489,10 @@ mod tests {
         let task = tokio::spawn(notify_loop(
             n,
             ready_rx,
-            String::new,
+            Probes {
+                status: String::new,
+                stalled: || None,
+            },
             shutdown.clone(),
             Some(Duration::from_millis(400)),
         ));
@@ -476,5 +512,53 @@ mod tests {
         // The first ping at once, then every 200 ms: the third no sooner than 400 ms.
         assert!(pings[2] >= Duration::from_millis(390), "{pings:?}");
         assert!(pings[2] < Duration::from_secs(3), "{pings:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_loop_starves_the_watchdog_until_it_moves_again() {
+        let (_dir, sock, path) = listener();
+        let n = Notifier::connect(&path).unwrap();
+        let (_ready_tx, ready_rx) = watch::channel(false);
+        let shutdown = CancellationToken::new();
+        let stalled = Arc::new(AtomicBool::new(true));
+        let flag = stalled.clone();
+        let task = tokio::spawn(notify_loop(
+            n,
+            ready_rx,
+            Probes {
+                status: String::new,
+                stalled: move || {
+                    flag.load(Ordering::Relaxed)
+                        .then(|| "capture stalled: no progress for 99s".to_owned())
+                },
+            },
+            shutdown.clone(),
+            Some(Duration::from_millis(100)),
+        ));
+        let sock = tokio::net::UnixDatagram::from_std({
+            sock.set_nonblocking(true).unwrap();
+            sock
+        })
+        .unwrap();
+        let mut buf = [0u8; 4096];
+        // Stalled: several watchdog periods pass with status lines only.
+        let until = tokio::time::Instant::now() + Duration::from_millis(600);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(until, sock.recv(&mut buf)).await {
+            assert_ne!(&buf[..n], b"WATCHDOG=1");
+        }
+        stalled.store(false, Ordering::Relaxed);
+        let ping = async {
+            loop {
+                let n = sock.recv(&mut buf).await.unwrap();
+                if &buf[..n] == b"WATCHDOG=1" {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), ping)
+            .await
+            .expect("a WATCHDOG=1 once progress resumes");
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }

@@ -136,29 +136,41 @@ pub enum Action {
     Updated,
     /// A row was deleted.
     Deleted,
+    /// The table was truncated (an entity receives it only when its `actions` ask for it).
+    Truncated,
 }
 
 impl Action {
-    /// The name used in event types and in the queue tables: `Created`, `Updated`, `Deleted`.
+    /// The name used in event types and in the queue tables: `Created`, `Updated`, …
     pub fn as_str(self) -> &'static str {
         match self {
             Action::Created => "Created",
             Action::Updated => "Updated",
             Action::Deleted => "Deleted",
+            Action::Truncated => "Truncated",
         }
     }
 
-    /// The lower-case name used in the configuration: `created`, `updated`, `deleted`.
+    /// The lower-case name used in the configuration: `created`, `updated`, …
     pub fn config_name(self) -> &'static str {
         match self {
             Action::Created => "created",
             Action::Updated => "updated",
             Action::Deleted => "deleted",
+            Action::Truncated => "truncated",
         }
     }
 
     /// All actions, in config order.
-    pub const ALL: [Action; 3] = [Action::Created, Action::Updated, Action::Deleted];
+    pub const ALL: [Action; 4] = [
+        Action::Created,
+        Action::Updated,
+        Action::Deleted,
+        Action::Truncated,
+    ];
+
+    /// The row actions an entity captures when its `actions` are not set.
+    pub const ROW: [Action; 3] = [Action::Created, Action::Updated, Action::Deleted];
 }
 
 impl fmt::Display for Action {

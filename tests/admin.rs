@@ -116,7 +116,11 @@ fn gauge(scrape: &Scrape, metric: &str, labels: &[(&str, &str)]) -> f64 {
 async fn metrics_parse_as_prometheus_text_and_counters_move() {
     let server = Server::start().await;
     let before = server.scrape().await;
-    assert_eq!(gauge(&before, "walhook_up", &[]), 1.0);
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        gauge(&before, "walhook_build_info", &[("version", version)]),
+        1.0
+    );
     assert_eq!(counter(&before, "walhook_events_read_total", &[]), 0.0);
     assert_eq!(gauge(&before, "walhook_streaming", &[]), 0.0);
 
@@ -271,7 +275,7 @@ async fn server_stops_when_shutdown_is_cancelled() {
 }
 
 #[tokio::test]
-async fn address_in_use_is_a_config_error_naming_the_fix() {
+async fn address_in_use_is_a_transient_error_naming_the_fix() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();
     let err = admin::serve(
@@ -282,11 +286,50 @@ async fn address_in_use_is_a_config_error_naming_the_fix() {
     )
     .await
     .unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Config);
+    // Not a configuration error: exit 78 would stop the unit for good over a port that
+    // another process may release.
+    assert_eq!(err.class(), ErrorClass::Transient);
     assert_eq!(
         err.to_string(),
-        format!("cannot listen on {addr} for [admin]: address in use; change [admin] listen")
+        format!(
+            "cannot listen on {addr} for [admin]: address in use; stop what holds the address or change [admin] listen"
+        )
     );
+}
+
+#[tokio::test]
+async fn the_admin_endpoint_binds_once_its_address_is_released() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let app = admin::router(AdminState {
+        metrics: Arc::new(Metrics::new()),
+        health: Arc::new(Health::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(admin::serve_retrying(
+        addr,
+        app,
+        Duration::from_millis(100),
+        shutdown.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!task.is_finished(), "gave up instead of trying again");
+    drop(taken);
+    let url = format!("http://{addr}/healthz");
+    support::eventually(
+        Duration::from_secs(10),
+        "/healthz after release",
+        || async {
+            let r = reqwest::get(&url).await.ok()?;
+            (r.status() == 200).then_some(())
+        },
+    )
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("stops on shutdown")
+        .unwrap();
 }
 
 #[tokio::test]

@@ -14,8 +14,7 @@ table = "customer"
 
 /// Runs `walhook <cmd> --config <toml>` and returns (code, stdout, stderr).
 fn run_with(cmd: &str, toml: &str) -> (i32, String, String) {
-    let (_dir, path) = write_config(toml);
-    walhook(&[cmd, "--config", path.to_str().unwrap()])
+    run_with_args(&[cmd], toml)
 }
 
 fn assert_clean_failure(code: i32, stderr: &str, needles: &[&str]) {
@@ -43,6 +42,31 @@ fn unknown_config_key_names_line_and_column() {
     let (code, _, stderr) = run_with("run", toml);
     assert_clean_failure(code, &stderr, &["walhook.toml:3:1", "colour", "unknown"]);
     assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
+}
+
+#[test]
+fn check_and_run_refuse_an_unusable_listener_url_with_the_same_line() {
+    let toml = format!(
+        "[source]\nurl = \"postgres://x@127.0.0.1/db\"\n{CUSTOMER}\n[[listener]]\nname = \"crm\"\nurl = \"http://127.0.0.1:99999/x?token=s3cr3t-t0ken\"\n"
+    );
+    let mut lines = Vec::new();
+    for cmd in ["check", "run"] {
+        let (code, _, stderr) = run_with(cmd, &toml);
+        assert_clean_failure(
+            code,
+            &stderr,
+            &["walhook.toml:10:7: listener[0].url: the URL's port is not a number from 1 to 65535"],
+        );
+        assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
+        assert!(!stderr.contains("s3cr3t-t0ken"), "{stderr}");
+        // The same message; only the temporary directory differs.
+        lines.push(
+            stderr
+                .split_once("walhook.toml:")
+                .map(|(_, m)| m.to_owned()),
+        );
+    }
+    assert_eq!(lines[0], lines[1], "check and run use one validator");
 }
 
 #[test]
@@ -166,4 +190,96 @@ async fn check_reports_each_prerequisite_with_a_verdict() {
             .any(|l| l.starts_with("ok") && l.contains("wal_level")),
         "{stdout}"
     );
+}
+
+/// Files with one mistake each: syntax, keys, values, references, environment, URL options.
+fn bad_files(url: &str) -> Vec<(&'static str, String)> {
+    let source = format!("[source]\nurl = \"{url}\"\n");
+    vec![
+        ("syntax", format!("{source}\n[[entity]\nname = 1\n")),
+        (
+            "unknown key",
+            format!("{source}colour = \"red\"\n{CUSTOMER}"),
+        ),
+        (
+            "duration",
+            format!("{source}heartbeat = \"5 parsecs\"\n{CUSTOMER}"),
+        ),
+        (
+            "slot name",
+            format!("{source}slot = \"Bad-Slot\"\n{CUSTOMER}"),
+        ),
+        (
+            "unset variable",
+            format!("{source}password = \"${{WALHOOK_TEST_NEVER_SET}}\"\n{CUSTOMER}"),
+        ),
+        (
+            "connection option",
+            format!("[source]\nurl = \"{url}?sslmode=sometimes\"\n{CUSTOMER}"),
+        ),
+        (
+            "listener",
+            format!(
+                "{source}{CUSTOMER}\n[[listener]]\nname = \"crm\"\nurl = \"ftp://crm.test/hook\"\nentities = [\"Order\"]\nsecret = \"short\"\n"
+            ),
+        ),
+        (
+            "monitor",
+            format!("{source}{CUSTOMER}\n[[monitor]]\nname = \"ops\"\n"),
+        ),
+        (
+            "admin",
+            format!("{source}{CUSTOMER}\n[admin]\nlisten = \"nonsense\"\n"),
+        ),
+        ("no entity", source.clone()),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_offline_finds_the_same_config_errors_as_check() {
+    // `check` gets a real database, so nothing but the file can stop it.
+    let db = db_with_customer().await;
+    for (what, toml) in bad_files(&db.url) {
+        let (_dir, path) = write_config(&toml);
+        let path = path.to_str().unwrap();
+        let (code, stdout, online) = walhook(&["check", "--config", path]);
+        assert_clean_failure(code, &online, &[]);
+        assert!(!online.is_empty(), "{what}: check said nothing\n{stdout}");
+        let (code, stdout, offline) = walhook(&["check", "--offline", "--config", path]);
+        assert_clean_failure(code, &offline, &[]);
+        assert_eq!(
+            offline, online,
+            "{what}: check --offline and check disagree"
+        );
+        assert!(stdout.is_empty(), "{what}: {stdout}");
+    }
+    let (code, _, stderr) = walhook(&["check", "--offline", "--config", "/nonexistent/w.toml"]);
+    assert_clean_failure(code, &stderr, &["/nonexistent/w.toml"]);
+}
+
+#[test]
+fn check_offline_accepts_a_good_file_without_any_database() {
+    // Port 1 on 127.0.0.1: nothing listens, and --offline must not try.
+    let toml = format!(
+        "{}\n[[listener]]\nname = \"crm\"\nurl = \"https://crm.example.com/hook\"\n",
+        config_toml("postgres://walhook@127.0.0.1:1/app", CUSTOMER)
+    );
+    let (code, stdout, stderr) = run_with_args(&["check", "--offline"], &toml);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("ok    configuration ")
+            && stdout.contains("1 entity, 1 listener, 0 monitors")
+            && stdout.contains("database not checked"),
+        "{stdout}"
+    );
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
+
+/// Runs `walhook ARGS --config <toml>` and returns (code, stdout, stderr).
+fn run_with_args(args: &[&str], toml: &str) -> (i32, String, String) {
+    let (_dir, path) = write_config(toml);
+    let mut all = args.to_vec();
+    all.extend(["--config", path.to_str().unwrap()]);
+    walhook(&all)
 }

@@ -56,3 +56,62 @@ fn problems_in_a_loaded_file_name_the_file_line_and_column() {
         "{err}"
     );
 }
+
+#[test]
+fn listener_and_monitor_secrets_load_from_files_next_to_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir(&secrets).unwrap();
+    std::fs::write(secrets.join("db"), "pa ss\n").unwrap();
+    std::fs::write(
+        secrets.join("signing"),
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+    )
+    .unwrap();
+    std::fs::write(secrets.join("api-key"), "k3y\n").unwrap();
+    std::fs::write(secrets.join("smtp"), "smtp-pw\n").unwrap();
+    let path = dir.path().join("walhook.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{BODY}
+[[listener]]
+name = \"crm\"
+url = \"https://crm.example.com/hooks?token=abc\"
+secret_file = \"secrets/signing\"
+header_files = {{ \"X-Api-Key\" = \"secrets/api-key\" }}
+
+[[monitor]]
+name = \"ops\"
+smtp_url = \"smtps://walhook@mail.example.com\"
+smtp_password_file = \"secrets/smtp\"
+from = \"walhook@example.com\"
+to = [\"dba@example.com\"]
+"
+        ),
+    )
+    .unwrap();
+
+    let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let l = &config.listeners[0];
+    assert!(l.secret.is_some());
+    assert_eq!(l.headers[0].1.to_str().unwrap(), "k3y");
+    assert_eq!(l.url.redacted(), "https://crm.example.com/hooks?token=***");
+    let smtp = &config.monitors[0].email.as_ref().unwrap().smtp;
+    assert_eq!(
+        smtp.credentials.as_ref().unwrap().password.expose(),
+        "smtp-pw"
+    );
+    let debug = format!("{config:?}");
+    for secret in ["pa ss", "MfKQ9r8", "k3y", "smtp-pw", "token=abc"] {
+        assert!(!debug.contains(secret), "{secret} in {debug}");
+    }
+
+    // An empty secret file is named, with the key and the fix; its content is not.
+    std::fs::write(secrets.join("api-key"), "\n").unwrap();
+    let err = Config::load(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("listener[0].header_files.X-Api-Key: ") && err.contains("api-key is empty"),
+        "{err}"
+    );
+}

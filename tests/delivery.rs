@@ -5,6 +5,7 @@ mod support;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use base64::Engine as _;
 use serde_json::json;
 use support::receiver::{Receiver, Reply};
 use support::{Daemon, TestDb, eventually, listener_toml, wait_queue_drained, wait_streaming};
@@ -357,4 +358,155 @@ backoff = {{ initial = "100ms", max = "200ms" }}
         .unwrap()
         .get(0);
     assert_eq!(left, 0);
+}
+
+/// Every row of every table in schema walhook, as text.
+async fn walhook_tables_text(c: &tokio_postgres::Client) -> String {
+    let tables: Vec<String> = c
+        .query(
+            "SELECT quote_ident(table_name) FROM information_schema.tables
+             WHERE table_schema = 'walhook' AND table_type = 'BASE TABLE'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(tables.len() >= 5, "{tables:?}");
+    let mut text = String::new();
+    for t in tables {
+        for row in c
+            .query(&format!("SELECT t::text FROM walhook.{t} t"), &[])
+            .await
+            .unwrap()
+        {
+            text.push_str(row.get::<_, &str>(0));
+            text.push('\n');
+        }
+    }
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_credentials_of_a_failing_listener_appear_in_no_log_table_cli_output_or_alert() {
+    const TOKEN: &str = "T0KEN-s3cr3t-value";
+    const PASSWORD: &str = "pa55-s3cr3t-word";
+    const MONITOR_KEY: &str = "m0n-s3cr3t-key";
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("walhook:{PASSWORD}"));
+    let secrets = [TOKEN, PASSWORD, MONITOR_KEY, basic.as_str()];
+
+    let db = TestDb::new();
+    setup_tables(&db).await;
+    // A receiver that fails and, like many error pages, echoes the request back.
+    let hook = Receiver::start().await;
+    hook.respond_with(|r, _| {
+        Reply::status(500).body(&format!(
+            "cannot handle {} (authorization: {})",
+            r.path,
+            r.header("authorization").unwrap_or("-")
+        ))
+    });
+    let alerts = Receiver::start().await;
+    let url = hook
+        .url(&format!("/h?token={TOKEN}&tenant=north"))
+        .replace("http://", &format!("http://walhook:{PASSWORD}@"));
+    let toml = config(
+        &db,
+        &format!(
+            r#"
+[[listener]]
+name = "hook"
+url = "{url}"
+max_attempts = 2
+backoff = {{ initial = "100ms", max = "200ms" }}
+
+[[monitor]]
+name = "ops"
+url = "{}"
+listener_failing_for = "1s"
+min_interval = "1s"
+"#,
+            alerts.url(&format!("/alerts?key={MONITOR_KEY}"))
+        ),
+    );
+    // Everything walhook and its libraries log, down to trace.
+    let daemon = Daemon::start_with(&toml, "text", |cmd| {
+        cmd.env("WALHOOK_LOG", "trace");
+    });
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO customer VALUES (7, 'Ada', 'London')", &[])
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the notification failed",
+        || async {
+            let n: i64 = c
+                .query_one("SELECT count(*) FROM walhook.failed", &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == 1).then_some(())
+        },
+    )
+    .await;
+    for kind in ["NotificationFailed", "ListenerFailing"] {
+        eventually(Duration::from_secs(60), kind, || async {
+            alerts
+                .requests()
+                .iter()
+                .any(|r| r.json()["type"] == format!("walhook.alert.{kind}"))
+                .then_some(())
+        })
+        .await;
+    }
+    // The secrets really were sent: the checks below can fail.
+    let first = &hook.requests()[0];
+    assert!(first.path.contains(TOKEN), "{}", first.path);
+    assert_eq!(
+        first.header("authorization"),
+        Some(format!("Basic {basic}").as_str())
+    );
+
+    let tables = walhook_tables_text(&c).await;
+    assert!(tables.contains("http://***@127.0.0.1"), "{tables}");
+    assert!(tables.contains("token=***&tenant=***"), "{tables}");
+    let config_path = daemon.config.to_str().unwrap();
+    let mut cli = String::new();
+    for args in [
+        vec!["status"],
+        vec!["status", "--json"],
+        vec!["failed"],
+        vec!["failed", "--listener", "hook"],
+    ] {
+        let mut full = args.clone();
+        full.extend(["--config", config_path]);
+        let (code, stdout, stderr) = support::walhook(&full);
+        assert_eq!(code, 0, "{args:?}: {stdout}{stderr}");
+        cli.push_str(&stdout);
+        cli.push_str(&stderr);
+    }
+    assert!(cli.contains("500"), "{cli}");
+    let alert_bodies: String = alerts
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}\n", r.json(), r.path.replace(MONITOR_KEY, "")))
+        .collect();
+    assert!(alert_bodies.contains("500"), "{alert_bodies}");
+    let log = daemon.log();
+    assert!(log.lines().count() > 100, "trace logging is on:\n{log}");
+    for secret in secrets {
+        for (place, text) in [
+            ("log", &log),
+            ("table", &tables),
+            ("CLI output", &cli),
+            ("alert", &alert_bodies),
+        ] {
+            if let Some(line) = text.lines().find(|l| l.contains(secret)) {
+                panic!("{secret} in a {place}: {line}");
+            }
+        }
+    }
 }

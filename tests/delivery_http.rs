@@ -1,5 +1,6 @@
-//! The HTTP sender against a real receiver on 127.0.0.1: payload, headers, signature and
-//! the retry policy's verdicts with the comments a DBA reads.
+//! The HTTP sink against a real receiver on 127.0.0.1, fed by the CloudEvents format as
+//! the dispatcher does: payload, headers, signature and the retry policy's verdicts with
+//! the comments a DBA reads.
 
 mod support;
 
@@ -7,14 +8,18 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
+use http::{HeaderName, HeaderValue};
 use serde_json::json;
 use sha2::Sha256;
 use support::receiver::{Receiver, Reply};
 use uuid::Uuid;
-use walhook::config::{Backoff, ListenerConfig, ListenerFormat, Secret};
-use walhook::delivery::http::HttpSender;
-use walhook::delivery::{Notification, StoredEvent, Verdict};
-use walhook::error::{Classify, ErrorClass};
+use walhook::config::{
+    Backoff, CloudEventsMode, Config, ListenerConfig, ListenerFormat, SecretUrl, SigningKey,
+};
+use walhook::delivery::format::Format;
+use walhook::delivery::sink::HttpSink;
+use walhook::delivery::{Attempt, Verdict};
+use walhook::queue::{Notification, StoredEvent};
 use walhook::types::{Action, Lsn};
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
@@ -23,15 +28,21 @@ const API_KEY: &str = "key-0f8a7d6c5b4a";
 fn listener(url: String) -> ListenerConfig {
     ListenerConfig {
         name: "crm-hook".into(),
-        url: Secret::new(url.clone()),
-        url_redacted: url,
+        url: secret_url(&url),
         entities: None,
         actions: Action::ALL.to_vec(),
         headers: vec![
-            ("X-Api-Key".into(), Secret::new(API_KEY.into())),
-            ("X-Tenant".into(), Secret::new("north".into())),
+            (
+                HeaderName::from_static("x-api-key"),
+                HeaderValue::from_static(API_KEY),
+            ),
+            (
+                HeaderName::from_static("x-tenant"),
+                HeaderValue::from_static("north"),
+            ),
         ],
         secret: None,
+        ca_file: None,
         timeout: Duration::from_secs(5),
         rate_limit: None,
         max_attempts: 12,
@@ -41,8 +52,16 @@ fn listener(url: String) -> ListenerConfig {
         },
         concurrency: 16,
         debounce: Duration::ZERO,
-        format: ListenerFormat::CloudEvents,
+        format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
     }
+}
+
+fn secret_url(url: &str) -> SecretUrl {
+    SecretUrl::new(url.parse().unwrap())
+}
+
+fn key() -> SigningKey {
+    SigningKey::parse(SECRET).unwrap()
 }
 
 fn notification() -> Notification {
@@ -66,23 +85,30 @@ fn notification() -> Notification {
     }
 }
 
+/// Renders the sample notification in `sink`'s listener format and sends it, as the
+/// dispatcher does.
+async fn deliver(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
+    let format = Format::for_listener(&l.format, "CRM");
+    sink.send(format.render(&notification().event)).await
+}
+
 async fn send_once(
     reply: Reply,
     configure: impl FnOnce(&mut ListenerConfig),
-) -> (Receiver, walhook::delivery::Attempt) {
+) -> (Receiver, Attempt) {
     let rx = Receiver::start().await;
     rx.script([reply]);
     let mut l = listener(rx.url("/hook"));
     configure(&mut l);
-    let sender = HttpSender::new(&l, "CRM").unwrap();
-    let attempt = sender.send(&notification()).await;
+    let sink = HttpSink::new(&l).unwrap();
+    let attempt = deliver(&l, &sink).await;
     (rx, attempt)
 }
 
 #[tokio::test]
 async fn delivered_cloudevent_carries_every_field_and_configured_header() {
     let (rx, attempt) = send_once(Reply::status(200), |_| {}).await;
-    assert_eq!(attempt.verdict, Verdict::Delivered);
+    assert_eq!(attempt.verdict(), Verdict::Delivered);
     assert_eq!(attempt.status_code, Some(200));
     assert_eq!(attempt.comment, None);
 
@@ -130,10 +156,69 @@ async fn delivered_cloudevent_carries_every_field_and_configured_header() {
 }
 
 #[tokio::test]
+async fn binary_mode_sends_data_as_the_body_and_attributes_as_ce_headers() {
+    let (rx, attempt) = send_once(Reply::status(200), |l| {
+        l.format = ListenerFormat::CloudEvents(CloudEventsMode::Binary);
+        l.secret = Some(key());
+    })
+    .await;
+    assert_eq!(attempt.verdict(), Verdict::Delivered);
+    let r = &rx.requests()[0];
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.header("ce-specversion"), Some("1.0"));
+    assert_eq!(
+        r.header("ce-id"),
+        Some("6f1c1e5a-0000-5000-8000-000000000042")
+    );
+    assert_eq!(r.header("ce-source"), Some("/walhook/CRM/public.customer"));
+    assert_eq!(r.header("ce-type"), Some("Customer.Updated"));
+    assert_eq!(r.header("ce-subject"), Some("/customers/42"));
+    assert_eq!(r.header("ce-time"), Some("2024-05-01T12:34:56.000001Z"));
+    assert_eq!(r.header("ce-entity"), Some("Customer"));
+    assert_eq!(r.header("ce-entityid"), Some("42"));
+    assert_eq!(r.header("ce-commitlsn"), Some("16/B374D848"));
+    assert_eq!(r.header("ce-sequence"), Some("00000016B374D848-0000000001"));
+    assert_eq!(r.header("x-api-key"), Some(API_KEY));
+    assert_eq!(
+        r.json(),
+        json!({
+            "entity": "Customer",
+            "entityId": "42",
+            "action": "Updated",
+            "changedFields": ["city"],
+            "row": {"id": 42, "city": "Paris"},
+            "old": {"id": 42, "city": "London"},
+        })
+    );
+    // The signature covers the body that was sent: the data.
+    let (id, ts, sig) = (
+        r.header("webhook-id").unwrap(),
+        r.header("webhook-timestamp").unwrap(),
+        r.header("webhook-signature").unwrap(),
+    );
+    assert_eq!(id, "6f1c1e5a-0000-5000-8000-000000000042");
+    assert!(verify(SECRET, id, ts, &r.body, sig));
+}
+
+#[tokio::test]
+async fn a_configured_content_type_header_wins_over_the_formats() {
+    let (rx, _) = send_once(Reply::status(200), |l| {
+        l.headers.push((
+            HeaderName::from_static("content-type"),
+            HeaderValue::from_static("application/json"),
+        ));
+    })
+    .await;
+    let r = &rx.requests()[0];
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.json()["specversion"], "1.0");
+}
+
+#[tokio::test]
 async fn server_error_is_retried_with_status_and_folded_body_in_the_comment() {
     let body = "database is\nrestarting\r\n  please retry";
     let (rx, attempt) = send_once(Reply::status(503).body(body), |_| {}).await;
-    assert_eq!(attempt.verdict, Verdict::Retry);
+    assert_eq!(attempt.verdict(), Verdict::Retry);
     assert_eq!(attempt.status_code, Some(503));
     assert_eq!(
         attempt.comment.as_deref(),
@@ -160,7 +245,7 @@ async fn long_error_bodies_are_quoted_up_to_200_bytes() {
 #[tokio::test]
 async fn client_error_fails_for_good() {
     let (_rx, attempt) = send_once(Reply::status(400).body("bad entity"), |_| {}).await;
-    assert_eq!(attempt.verdict, Verdict::Fail);
+    assert_eq!(attempt.verdict(), Verdict::Fail);
     assert_eq!(attempt.status_code, Some(400));
     let comment = attempt.comment.unwrap();
     assert!(
@@ -173,7 +258,7 @@ async fn client_error_fails_for_good() {
 #[tokio::test]
 async fn too_many_requests_is_retried_after_the_listeners_delay() {
     let (_rx, attempt) = send_once(Reply::status(429).header("Retry-After", "2"), |_| {}).await;
-    assert_eq!(attempt.verdict, Verdict::Retry);
+    assert_eq!(attempt.verdict(), Verdict::Retry);
     assert_eq!(attempt.status_code, Some(429));
     assert_eq!(attempt.retry_after, Some(Duration::from_secs(2)));
 }
@@ -181,7 +266,7 @@ async fn too_many_requests_is_retried_after_the_listeners_delay() {
 #[tokio::test]
 async fn retry_after_is_ignored_outside_429_and_503() {
     let (_rx, attempt) = send_once(Reply::status(500).header("Retry-After", "2"), |_| {}).await;
-    assert_eq!(attempt.verdict, Verdict::Retry);
+    assert_eq!(attempt.verdict(), Verdict::Retry);
     assert_eq!(attempt.retry_after, None);
 }
 
@@ -190,10 +275,10 @@ async fn redirect_is_not_followed_and_fails_with_the_new_location() {
     let rx = Receiver::start().await;
     let target = rx.url("/moved");
     rx.script([Reply::status(301).header("Location", &target)]);
-    let sender = HttpSender::new(&listener(rx.url("/hook")), "CRM").unwrap();
-    let attempt = sender.send(&notification()).await;
+    let l = listener(rx.url("/hook"));
+    let attempt = deliver(&l, &HttpSink::new(&l).unwrap()).await;
 
-    assert_eq!(attempt.verdict, Verdict::Fail);
+    assert_eq!(attempt.verdict(), Verdict::Fail);
     assert_eq!(attempt.status_code, Some(301));
     assert_eq!(
         attempt.comment.unwrap(),
@@ -212,7 +297,7 @@ async fn listener_that_answers_after_the_timeout_is_retried() {
         l.timeout = Duration::from_secs(1);
     })
     .await;
-    assert_eq!(attempt.verdict, Verdict::Retry);
+    assert_eq!(attempt.verdict(), Verdict::Retry);
     assert_eq!(attempt.status_code, None);
     let comment = attempt.comment.unwrap();
     assert!(
@@ -229,10 +314,9 @@ async fn closed_port_is_retried_as_connection_refused() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let sender =
-        HttpSender::new(&listener(format!("http://127.0.0.1:{port}/hook")), "CRM").unwrap();
-    let attempt = sender.send(&notification()).await;
-    assert_eq!(attempt.verdict, Verdict::Retry);
+    let l = listener(format!("http://127.0.0.1:{port}/hook"));
+    let attempt = deliver(&l, &HttpSink::new(&l).unwrap()).await;
+    assert_eq!(attempt.verdict(), Verdict::Retry);
     assert_eq!(attempt.status_code, None);
     assert_eq!(
         attempt.comment.as_deref(),
@@ -267,10 +351,10 @@ fn verify(secret: &str, id: &str, ts: &str, body: &[u8], header: &str) -> bool {
 #[tokio::test]
 async fn signed_delivery_verifies_with_an_independent_implementation() {
     let (rx, attempt) = send_once(Reply::status(204), |l| {
-        l.secret = Some(Secret::new(SECRET.into()));
+        l.secret = Some(key());
     })
     .await;
-    assert_eq!(attempt.verdict, Verdict::Delivered);
+    assert_eq!(attempt.verdict(), Verdict::Delivered);
     let r = &rx.requests()[0];
     let id = r.header("webhook-id").unwrap();
     let ts = r.header("webhook-timestamp").unwrap();
@@ -292,10 +376,10 @@ async fn signed_delivery_verifies_with_an_independent_implementation() {
 async fn secrets_echoed_by_the_listener_never_reach_the_comment() {
     let echo = format!("denied: key {API_KEY} secret {SECRET}");
     let (_rx, attempt) = send_once(Reply::status(403).body(&echo), |l| {
-        l.secret = Some(Secret::new(SECRET.into()));
+        l.secret = Some(key());
     })
     .await;
-    assert_eq!(attempt.verdict, Verdict::Fail);
+    assert_eq!(attempt.verdict(), Verdict::Fail);
     let comment = attempt.comment.unwrap();
     assert!(!comment.contains(API_KEY), "{comment}");
     assert!(
@@ -309,30 +393,52 @@ async fn secrets_echoed_by_the_listener_never_reach_the_comment() {
 async fn url_credentials_never_reach_the_comment() {
     let rx = Receiver::start().await;
     rx.script([Reply::status(500)]);
-    let mut l = listener(String::new());
-    let base = rx.url("/hook");
-    l.url = Secret::new(base.replace("http://", "http://user:pa55word@"));
-    l.url_redacted = base.replace("http://", "http://user:***@");
-    let sender = HttpSender::new(&l, "CRM").unwrap();
-    assert!(!format!("{sender:?}").contains("pa55word"));
-    let attempt = sender.send(&notification()).await;
+    let base = rx.url("/hook?token=t0ken-value");
+    let l = listener(base.replace("http://", "http://user:pa55word@"));
+    let sink = HttpSink::new(&l).unwrap();
+    assert!(!format!("{sink:?}").contains("pa55word"));
+    let attempt = deliver(&l, &sink).await;
     let comment = attempt.comment.unwrap();
     assert!(!comment.contains("pa55word"), "{comment}");
-    assert!(comment.contains("user:***@127.0.0.1"), "{comment}");
+    assert!(!comment.contains("t0ken-value"), "{comment}");
+    assert!(comment.contains("http://***@127.0.0.1"), "{comment}");
+    assert!(comment.contains("/hook?token=***"), "{comment}");
 }
 
-#[test]
-fn unusable_listener_settings_are_config_errors_without_secrets() {
-    let mut l = listener("ftp://user:hunter22@example.com/x".into());
-    l.url_redacted = "ftp://user:***@example.com/x".into();
-    let err = HttpSender::new(&l, "CRM").unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Config);
-    assert!(!err.to_string().contains("hunter22"), "{err}");
-    assert!(err.to_string().contains("crm-hook"), "{err}");
+#[tokio::test]
+async fn an_https_listener_behind_an_internal_ca_needs_its_ca_file() {
+    let (ca_pem, cert, key) = support::receiver::test_ca();
+    let rx = Receiver::start_tls(vec![cert], key).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("internal-ca.pem"), ca_pem).unwrap();
+    let toml = format!(
+        "[source]\nurl = \"postgres://walhook@localhost/app\"\n\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n\n[[listener]]\nname = \"trusting\"\nurl = \"{url}\"\nca_file = \"internal-ca.pem\"\n\n[[listener]]\nname = \"default-trust\"\nurl = \"{url}\"\n",
+        url = rx.url("/hook")
+    );
+    let config = Config::parse_with_env(&toml, &dir.path().join("walhook.toml"), &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
 
-    let mut l = listener("http://127.0.0.1:1/hook".into());
-    l.secret = Some(Secret::new("whsec_%%%not-base64%%%".into()));
-    let err = HttpSender::new(&l, "CRM").unwrap_err();
-    assert_eq!(err.class(), ErrorClass::Config);
-    assert!(!err.to_string().contains("not-base64"), "{err}");
+    let trusting = HttpSink::new(&config.listeners[0]).unwrap();
+    let attempt = deliver(&config.listeners[0], &trusting).await;
+    assert_eq!(
+        attempt.verdict(),
+        Verdict::Delivered,
+        "{:?}",
+        attempt.comment
+    );
+    assert_eq!(rx.count(), 1);
+
+    let default_trust = HttpSink::new(&config.listeners[1]).unwrap();
+    let attempt = deliver(&config.listeners[1], &default_trust).await;
+    assert_eq!(attempt.verdict(), Verdict::Retry);
+    assert_eq!(attempt.status_code, None);
+    let comment = attempt.comment.unwrap();
+    assert_eq!(
+        comment,
+        format!(
+            "TLS handshake with {} failed: its TLS certificate is signed by a CA walhook does not trust; set ca_file to the PEM file of that CA (an internal CA) or add the CA to the OS trust store",
+            rx.addr
+        )
+    );
+    assert_eq!(rx.count(), 1, "nothing was sent without trust");
 }

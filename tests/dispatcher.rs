@@ -70,8 +70,8 @@ impl Queue {
         assert_eq!(outcome.inserted, events.len() as u64);
     }
 
-    fn db_config(&self) -> tokio_postgres::Config {
-        self.db.url.parse().unwrap()
+    fn db_config(&self) -> walhook::replication::conn::ConnectParams {
+        walhook::replication::conn::ConnectParams::parse(&self.db.url, None).unwrap()
     }
 
     async fn count(&self, sql: &str) -> i64 {
@@ -107,12 +107,25 @@ impl Queue {
         CancellationToken,
         tokio::task::JoinHandle<Result<(), dispatcher::DispatchError>>,
     ) {
+        self.dispatch_with(listeners, dispatcher::Options::default())
+    }
+
+    /// Starts a dispatcher with `options`; returns its stop token and task.
+    fn dispatch_with(
+        &self,
+        listeners: Vec<ListenerConfig>,
+        options: dispatcher::Options,
+    ) -> (
+        CancellationToken,
+        tokio::task::JoinHandle<Result<(), dispatcher::DispatchError>>,
+    ) {
         let stop = CancellationToken::new();
-        let task = tokio::spawn(dispatcher::run(
+        let task = tokio::spawn(dispatcher::run_with(
             self.db_config(),
             listeners,
             "CRM".into(),
             stop.clone(),
+            options,
         ));
         (stop, task)
     }
@@ -642,41 +655,113 @@ async fn delivery_goes_on_after_its_database_connections_are_killed() {
 }
 
 #[tokio::test]
-async fn leases_of_a_killed_process_on_this_host_are_taken_over_at_start() {
+async fn leases_of_a_process_that_died_are_delivered_once_they_expire_and_live_ones_are_kept() {
     let receiver = Receiver::start().await;
     let mut q = Queue::new(&["crm"]).await;
     q.write(&[event(0x100, 0, "Customer", "1")]).await;
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-    // A pid above any pid_max: that process is surely gone. Another host's lease is kept.
-    let dead = format!("{}:999999999:deadbeef", host.trim());
+    // A process that died holding a lease: neither its host nor its pid mean anything.
     q.client
         .execute(
-            "UPDATE walhook.new SET locked_by = $1, locked_until = now() + interval '1 hour'",
-            &[&dead],
+            "UPDATE walhook.new SET locked_by = 'f0e1d2c3-dead-4bad-8bad-000000000000',
+                                    locked_until = now() + interval '3 seconds'",
+            &[],
         )
         .await
         .unwrap();
     q.write(&[event(0x200, 0, "Customer", "2")]).await;
     q.client
         .execute(
-            "UPDATE walhook.new SET locked_by = 'elsewhere:1:cafe', locked_until = now() + interval '1 hour'
+            "UPDATE walhook.new SET locked_by = 'elsewhere', locked_until = now() + interval '1 hour'
              WHERE locked_by IS NULL",
             &[],
         )
         .await
         .unwrap();
+    let started = Instant::now();
     let (token, task) = q.dispatch(listeners(&listener("crm", &receiver.url("/"), "")));
     q.wait_processed(
         1,
-        Duration::from_secs(10),
+        Duration::from_secs(15),
         "the dead process's notification",
     )
     .await;
+    // Not before its lease ended (less a second for the database's clock being ahead).
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "delivered while still leased, after {:?}",
+        started.elapsed()
+    );
     stop(token, task).await;
     assert_eq!(receiver.count(), 1);
+    assert_eq!(subject(&receiver.requests()[0]), "Customer/1");
     assert_eq!(
-        q.count("SELECT count(*) FROM walhook.new WHERE locked_by = 'elsewhere:1:cafe'")
+        q.count("SELECT count(*) FROM walhook.new WHERE locked_by = 'elsewhere'")
             .await,
         1
     );
+}
+
+#[tokio::test]
+async fn a_slow_listener_behind_short_leases_keeps_them_renewed_and_gets_no_duplicate() {
+    // Each answer takes 500 ms and the lease outlasts one attempt by 1 s, so most of the
+    // eight notifications each dispatcher claims ahead wait longer than a lease.
+    let receiver = Receiver::start().await;
+    receiver.respond_with(|_, _| Reply::status(200).after(Duration::from_millis(500)));
+    let mut q = Queue::new(&["crm"]).await;
+    let events: Vec<EntityEvent> = (0..24)
+        .map(|i| event(0x100 + i, 0, "Customer", &i.to_string()))
+        .collect();
+    q.write(&events).await;
+    let config = listeners(&listener(
+        "crm",
+        &receiver.url("/"),
+        "timeout = \"1s\"\nconcurrency = 1",
+    ));
+    let options = dispatcher::Options {
+        lease_extra: Duration::from_secs(1),
+        ..dispatcher::Options::default()
+    };
+    let (token_a, task_a) = q.dispatch_with(config.clone(), options.clone());
+    let (token_b, task_b) = q.dispatch_with(config, options);
+
+    // Watch the leases: one held by the same owner whose end moves later was renewed.
+    let mut seen: BTreeMap<i64, (String, std::time::SystemTime)> = BTreeMap::new();
+    let mut renewed = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while q.count("SELECT count(*) FROM walhook.processed").await < 24 {
+        assert!(Instant::now() < deadline, "24 deliveries within 30s");
+        let rows = q
+            .client
+            .query(
+                "SELECT id, locked_by, locked_until FROM walhook.new WHERE locked_by IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap();
+        for row in rows {
+            let (id, owner, until): (i64, String, std::time::SystemTime) =
+                (row.get(0), row.get(1), row.get(2));
+            if let Some((before_owner, before_until)) = seen.get(&id)
+                && *before_owner == owner
+                && until > *before_until
+            {
+                renewed += 1;
+            }
+            seen.insert(id, (owner, until));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(token_a, task_a).await;
+    stop(token_b, task_b).await;
+
+    let subjects: Vec<String> = receiver.requests().iter().map(subject).collect();
+    let distinct: HashSet<&String> = subjects.iter().collect();
+    assert_eq!(distinct.len(), 24);
+    assert_eq!(subjects.len(), 24, "some notification was delivered twice");
+    assert_eq!(
+        q.count("SELECT count(*) FROM walhook.processed WHERE attempts <> 1")
+            .await,
+        0
+    );
+    assert!(renewed > 0, "no lease was renewed");
 }

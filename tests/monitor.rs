@@ -372,3 +372,21 @@ async fn reload_keeps_an_open_episode_so_recovery_is_still_sent() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn a_monitor_webhook_behind_an_internal_ca_is_reached_with_its_ca_file() {
+    let (ca_pem, cert, key) = support::receiver::test_ca();
+    let receiver = Receiver::start_tls(vec![cert], key).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("internal-ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let (handle, shutdown) = spawn(monitors(&format!(
+        "url = \"{}\"\nca_file = \"{}\"\nlistener_failing_for = \"1s\"\nmin_interval = \"0s\"\non = [\"listener_failing\"]\n",
+        receiver.url("/alerts"),
+        ca.display()
+    )));
+    keep_failing(&handle, "crm", "HTTP 503", Duration::from_millis(2500)).await;
+    let alerts = wait_for(&receiver, 1).await;
+    assert_eq!(types(&alerts)[0], "walhook.alert.ListenerFailing");
+    shutdown.cancel();
+}

@@ -1,5 +1,5 @@
 //! Operator tools against a real PostgreSQL: `walhook status`, `walhook failed`,
-//! `walhook retry` and retention.
+//! `walhook retry`, `walhook discard`, search and retention.
 
 mod support;
 
@@ -701,4 +701,272 @@ async fn prune_deletes_old_processed_and_unpinned_events_in_batches_and_keeps_th
         .await
         .unwrap();
     assert_eq!(again, queue::PruneOutcome::default());
+}
+
+#[tokio::test]
+async fn discard_keeps_the_reason_names_what_it_left_and_retention_prunes_it() {
+    use admin::DiscardReason;
+    let (db, client) = seeded().await;
+    let (c1, c2, _) = with_history(&client).await;
+    let e10 = id_of(&client, "erp", "10").await;
+    fail(
+        &client,
+        e10,
+        "HTTP 410 Gone from http://x/erp",
+        410,
+        "5 minutes",
+    )
+    .await;
+
+    assert!(DiscardReason::new(" \n\t").is_none());
+    let reason = DiscardReason::new("  customer\n2 was merged  ").unwrap();
+    assert_eq!(reason.as_str(), "customer 2 was merged");
+    let out = admin::discard_failed(
+        &client,
+        Some("crm"),
+        &RetrySelection::Ids(vec![e10, c2, c1, 999_999, c2]),
+        &reason,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.discarded, vec![c2]);
+    let why: Vec<String> = out.not_discarded.iter().map(|n| n.to_string()).collect();
+    assert_eq!(why.len(), 3, "{why:?}");
+    assert!(why[0].contains("is Processed"), "{why:?}");
+    assert!(
+        why[1].contains("is Failed for listener \"erp\"") && why[1].ends_with("not discarded"),
+        "{why:?}"
+    );
+    assert!(why[2].contains("does not exist"), "{why:?}");
+
+    let row = client
+        .query_one(
+            "SELECT reason, comment, attempts, last_status_code, failed_at < discarded_at
+             FROM walhook.discarded WHERE id = $1",
+            &[&c2],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "customer 2 was merged");
+    assert_eq!(
+        row.get::<_, String>(1),
+        "HTTP 500 Internal Server Error from http://127.0.0.1:9/crm: boom"
+    );
+    assert_eq!(row.get::<_, i32>(2), 5);
+    assert_eq!(row.get::<_, Option<i32>>(3), Some(500));
+    assert!(row.get::<_, bool>(4));
+    assert_eq!(status_of(&client, c2).await.as_deref(), Some("Discarded"));
+
+    // Discarded is final: retry does not bring it back, and says where it is.
+    let out = admin::retry_failed(&client, None, &RetrySelection::Ids(vec![c2]))
+        .await
+        .unwrap();
+    assert!(out.requeued.is_empty());
+    assert_eq!(
+        out.not_requeued[0].found,
+        Some((NotificationStatus::Discarded, "crm".to_owned()))
+    );
+    assert!(out.not_requeued[0].to_string().contains("Discarded"));
+
+    // The binary: a reason is required; --all with --listener takes that listener's rest.
+    let (_dir, path) = support::write_config(&config_with_listeners(&db.url));
+    let path = path.to_str().unwrap();
+    let (code, _, err) = support::walhook(&["discard", "--config", path, "--all"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--reason"), "{err}");
+    let (code, _, err) =
+        support::walhook(&["discard", "--config", path, "--all", "--reason", "  "]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("the reason is empty"), "{err}");
+    let (code, out, err) = support::walhook(&[
+        "discard",
+        "--config",
+        path,
+        "--all",
+        "--listener",
+        "erp",
+        "--reason",
+        "invoice API retired",
+    ]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("discarded 1 Failed notification to walhook.discarded for listener \"erp\""),
+        "{out}"
+    );
+    assert_eq!(status_of(&client, e10).await.as_deref(), Some("Discarded"));
+
+    // Retention prunes Discarded rows by when they were discarded, then their events.
+    client
+        .execute(
+            "UPDATE walhook.discarded SET discarded_at = now() - interval '8 days' WHERE id = $1",
+            &[&c2],
+        )
+        .await
+        .unwrap();
+    let out = queue::prune(&client, Duration::from_secs(7 * 86_400), 100)
+        .await
+        .unwrap();
+    assert_eq!(out.discarded, 1);
+    assert_eq!(status_of(&client, c2).await, None);
+    assert_eq!(status_of(&client, e10).await.as_deref(), Some("Discarded"));
+}
+
+#[tokio::test]
+async fn search_pages_newest_first_through_every_status_and_filter() {
+    use walhook::queue::browse::{
+        PageAt, SearchFilter, event_detail, event_of_notification, search,
+    };
+    let (_db, client) = seeded().await;
+    let (c1, c2, c3) = with_history(&client).await;
+    // crm: Customer 1 Processed, 2 Failed, 3 New; erp: Customer 1..3 and Invoice 10 New.
+    let everything = SearchFilter::default();
+    let mut seen = Vec::new();
+    let mut at = PageAt::First;
+    let mut pages = Vec::new();
+    loop {
+        let page = search(&client, &everything, at, 3).await.unwrap();
+        assert!(page.rows.len() <= 3);
+        assert_eq!(page.newer.is_some(), at != PageAt::First);
+        seen.extend(page.rows.iter().map(|r| r.id));
+        pages.push(page.clone());
+        match page.older {
+            Some(c) => at = PageAt::Before(c),
+            None => break,
+        }
+    }
+    assert_eq!(pages.len(), 3);
+    let mut expected = seen.clone();
+    expected.sort_unstable_by(|a, b| b.cmp(a));
+    expected.dedup();
+    // Created in one transaction: equal created_at, so newest first is by id.
+    assert_eq!(seen, expected);
+    assert_eq!(seen.len(), 7);
+    // And back: the page newer than the last is the middle one.
+    let back = search(
+        &client,
+        &everything,
+        PageAt::After(pages[2].newer.unwrap()),
+        3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(back.rows, pages[1].rows);
+    assert!(back.newer.is_some() && back.older.is_some());
+
+    let ids = |f: SearchFilter| {
+        let client = &client;
+        async move {
+            let page = search(client, &f, PageAt::First, 50).await.unwrap();
+            let mut ids: Vec<i64> = page.rows.iter().map(|r| r.id).collect();
+            ids.sort_unstable();
+            ids
+        }
+    };
+    let mut crm = vec![c1, c2, c3];
+    crm.sort_unstable();
+    assert_eq!(
+        ids(SearchFilter {
+            listener: Some("crm".into()),
+            ..Default::default()
+        })
+        .await,
+        crm
+    );
+    assert_eq!(
+        ids(SearchFilter {
+            statuses: vec![NotificationStatus::Failed],
+            ..Default::default()
+        })
+        .await,
+        vec![c2]
+    );
+    let erp2 = id_of(&client, "erp", "2").await;
+    let mut two = vec![c2, erp2];
+    two.sort_unstable();
+    assert_eq!(
+        ids(SearchFilter {
+            entity_id: Some("2".into()),
+            ..Default::default()
+        })
+        .await,
+        two
+    );
+    assert_eq!(
+        ids(SearchFilter {
+            entity: Some("Invoice".into()),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        1
+    );
+    let future = std::time::SystemTime::now() + Duration::from_secs(3600);
+    assert!(
+        ids(SearchFilter {
+            from: Some(future),
+            ..Default::default()
+        })
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        ids(SearchFilter {
+            to: Some(future),
+            ..Default::default()
+        })
+        .await
+        .len(),
+        7
+    );
+
+    // By event id: both listeners' notifications of Customer 2's event.
+    let uuid: uuid::Uuid = client
+        .query_one(
+            "SELECT event_id FROM walhook.event WHERE entity_id = '2'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        ids(SearchFilter {
+            event: Some(uuid),
+            ..Default::default()
+        })
+        .await,
+        two
+    );
+    let unknown = search(
+        &client,
+        &SearchFilter {
+            event: Some(uuid::Uuid::nil()),
+            ..Default::default()
+        },
+        PageAt::First,
+        50,
+    )
+    .await
+    .unwrap();
+    assert!(unknown.unknown_event && unknown.rows.is_empty());
+
+    let detail = event_detail(&client, uuid).await.unwrap().unwrap();
+    assert_eq!(detail.event.entity_id, "2");
+    assert_eq!(detail.event.row, json!({"id": "2", "city": "Oslo"}));
+    let failed = detail.notifications.iter().find(|n| n.id == c2).unwrap();
+    assert_eq!(failed.status, NotificationStatus::Failed);
+    assert_eq!(failed.status_code, Some(500));
+    assert_eq!(failed.event_uuid, Some(uuid));
+    assert_eq!(failed.action.as_deref(), Some("Updated"));
+    assert_eq!(detail.notifications.len(), 2);
+    assert_eq!(
+        event_of_notification(&client, c2).await.unwrap(),
+        Some(uuid)
+    );
+    assert_eq!(event_of_notification(&client, 999_999).await.unwrap(), None);
+    assert!(
+        event_detail(&client, uuid::Uuid::nil())
+            .await
+            .unwrap()
+            .is_none()
+    );
 }

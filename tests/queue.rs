@@ -64,6 +64,8 @@ async fn migration_creates_every_table_and_view_and_rerunning_is_a_no_op() {
         "walhook.state",
         "walhook.notification",
         "walhook.notification_id_seq",
+        "walhook.rejected",
+        "walhook.capture_gap",
     ] {
         let sql = format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{relation}')");
         assert_eq!(count(&client, &sql).await, 1, "{relation} missing");
@@ -143,7 +145,8 @@ async fn writing_the_same_events_twice_inserts_them_once_with_stable_ids() {
         WriteOutcome {
             inserted: 3,
             already_present: 0,
-            notifications: 0
+            notifications: 0,
+            refused: 0
         }
     );
     let ids_sql = "SELECT event_id FROM walhook.event ORDER BY commit_lsn, seq";
@@ -169,7 +172,8 @@ async fn writing_the_same_events_twice_inserts_them_once_with_stable_ids() {
         WriteOutcome {
             inserted: 1,
             already_present: 3,
-            notifications: 0
+            notifications: 0,
+            refused: 0
         }
     );
     assert_eq!(
@@ -356,7 +360,8 @@ async fn fan_out_creates_one_new_row_per_new_event_and_subscribed_listener() {
         WriteOutcome {
             inserted: 3,
             already_present: 0,
-            notifications: 6
+            notifications: 6,
+            refused: 0
         }
     );
 
@@ -388,7 +393,8 @@ async fn fan_out_creates_one_new_row_per_new_event_and_subscribed_listener() {
         WriteOutcome {
             inserted: 0,
             already_present: 3,
-            notifications: 0
+            notifications: 0,
+            refused: 0
         }
     );
     assert_eq!(count(&client, "SELECT count(*) FROM walhook.new").await, 6);
@@ -610,7 +616,7 @@ async fn write_throughput() {
             "full_page_writes = on".into(),
             "synchronous_commit = on".into(),
         ],
-        hba: None,
+        ..Default::default()
     });
     let mut client = db.client().await;
     queue::migrate(&mut client).await.unwrap();
@@ -699,4 +705,64 @@ async fn discarding_pending_moves_every_new_notification_to_failed_with_the_comm
     assert_eq!((new, failed), (0, 2));
     assert_eq!(comment, "discarded in a test");
     assert_eq!(attempts, 0, "no attempt was made");
+}
+
+/// An event whose row holds a string jsonb refuses (`\u0000`).
+fn poison(lsn: u64, seq: u32, id: &str) -> EntityEvent {
+    let mut e = event(lsn, seq, "Customer", id);
+    e.row.insert("bad".into(), json!("nul \u{0} inside"));
+    e
+}
+
+#[tokio::test]
+async fn a_refused_event_is_set_aside_and_the_rest_of_its_batch_is_stored_in_order() {
+    let (db, client) = migrated().await;
+    let mut w = writer(&db).await;
+    w.set_listeners(vec![("crm".into(), None)]);
+    // The direct path (fresh table) and the staged path (a re-send) both isolate it.
+    for first in [true, false] {
+        let base = if first { 0x100 } else { 0x50 };
+        let batch = vec![
+            event(base, 0, "Customer", "1"),
+            poison(base, 1, "2"),
+            event(base, 2, "Customer", "3"),
+        ];
+        let out = w.write_batch(&batch, Some(Lsn(base + 0x10))).await.unwrap();
+        assert_eq!((out.inserted, out.refused, out.notifications), (2, 1, 2));
+        let refused = w.take_refused();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].entity_id.as_deref(), Some("2"));
+        assert_eq!(refused[0].sqlstate.as_deref(), Some("22P05"));
+    }
+    let ids: Vec<String> = client
+        .query("SELECT entity_id FROM walhook.event ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, ["1", "3", "1", "3"]);
+    let rows = client
+        .query(
+            "SELECT entity_id, seq, reason, row FROM walhook.rejected ORDER BY commit_lsn",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        let (id, seq, reason, row): (Option<String>, i32, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        assert_eq!((id.as_deref(), seq), (Some("2"), 1));
+        assert!(reason.contains("refused"), "{reason}");
+        assert!(row.contains(r"\u0000"), "{row}");
+    }
+    assert_eq!(flushed(&client).await, Some(Lsn(0x110)));
+    // A re-send stores nothing twice.
+    let again = w.write_batch(&[poison(0x100, 1, "2")], None).await.unwrap();
+    assert_eq!((again.inserted, again.refused), (0, 1));
+    assert_eq!(
+        count(&client, "SELECT count(*) FROM walhook.rejected").await,
+        2
+    );
 }

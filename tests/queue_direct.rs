@@ -86,7 +86,8 @@ async fn a_batch_overlapping_events_another_writer_stored_is_redone_without_dupl
         WriteOutcome {
             inserted: 1,
             already_present: 2,
-            notifications: 1
+            notifications: 1,
+            refused: 0,
         }
     );
     let want = lsn_keys(&[(0x100, 0), (0x200, 0), (0x200, 1), (0x300, 0)]);
@@ -130,7 +131,8 @@ async fn direct_fan_out_skips_events_another_writer_stored_inside_the_batch_rang
         WriteOutcome {
             inserted: 2,
             already_present: 0,
-            notifications: 2
+            notifications: 2,
+            refused: 0,
         }
     );
     let all = lsn_keys(&[(0x100, 0), (0x200, 0), (0x300, 0), (0x400, 0)]);

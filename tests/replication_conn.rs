@@ -10,7 +10,8 @@ use support::{ClusterOptions, LocalCluster, TestDb};
 use tokio::time::Instant;
 use walhook::error::{Classify, ErrorClass};
 use walhook::replication::conn::{
-    AuthMethod, ConnectParams, ReplicationConnection, ReplicationError, ReplicationStream,
+    AuthMethod, ConnPolicy, ConnectParams, ReplicationConnection, ReplicationError,
+    ReplicationStream,
 };
 use walhook::replication::pgoutput::{self, Message};
 use walhook::replication::protocol::ReplicationMessage;
@@ -51,8 +52,22 @@ fn auth_cluster() -> LocalCluster {
 }
 
 /// Key=value form so passwords with spaces and colons need no percent-encoding; an empty
-/// passfile keeps a developer's ~/.pgpass out of the test.
+/// passfile keeps a developer's ~/.pgpass out of the test. Readable passwords are allowed
+/// over this plain TCP (see `readable_passwords_are_not_sent_over_plain_tcp`).
 fn tcp(cluster: &LocalCluster, user: &str, password: Option<&str>, db: &str) -> ConnectParams {
+    tcp_strict(cluster, user, password, db).with_policy(ConnPolicy {
+        allow_insecure_password: true,
+        ..ConnPolicy::default()
+    })
+}
+
+/// Like [`tcp`], with walhook's default policy.
+fn tcp_strict(
+    cluster: &LocalCluster,
+    user: &str,
+    password: Option<&str>,
+    db: &str,
+) -> ConnectParams {
     let mut s = format!(
         "host=127.0.0.1 port={} user={user} dbname={db} sslmode=disable passfile=/nonexistent",
         cluster.port()
@@ -109,12 +124,16 @@ async fn every_auth_method_connects_and_identifies_the_system() {
         (
             ConnectParams::parse(
                 &format!(
-                    "postgresql://md5user@127.0.0.1:{}/postgres?passfile=/nonexistent",
+                    "postgresql://md5user@127.0.0.1:{}/postgres?passfile=/nonexistent&sslmode=disable",
                     cluster.port()
                 ),
                 Some("md5 secret"),
             )
-            .unwrap(),
+            .unwrap()
+            .with_policy(ConnPolicy {
+                allow_insecure_password: true,
+                ..ConnPolicy::default()
+            }),
             AuthMethod::Md5,
         ),
         (
@@ -217,6 +236,38 @@ async fn auth_failures_have_clear_classified_messages() {
     let e = connect_err(&params).await;
     assert!(e.to_string().contains(&format!("127.0.0.1:{port}")), "{e}");
     assert_eq!(e.class(), ErrorClass::Transient);
+}
+
+#[tokio::test]
+async fn readable_passwords_are_not_sent_over_plain_tcp() {
+    let cluster = auth_cluster();
+    for (user, password) in [("pwuser", "pw-secret"), ("md5user", "md5 secret")] {
+        let params = tcp_strict(&cluster, user, Some(password), "postgres");
+        let e = connect_err(&params).await;
+        assert!(matches!(e, ReplicationError::InsecurePassword(_)), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("unencrypted TCP") && msg.contains("allow_insecure_password = true"),
+            "{msg}"
+        );
+        assert!(!msg.contains(password) && !msg.contains('\n'), "{msg}");
+        assert_eq!(e.class(), ErrorClass::Config);
+        // Ordinary connections follow the same rule.
+        let e = walhook::db::connect(&params).await.unwrap_err();
+        assert!(
+            matches!(e, walhook::db::DbError::InsecurePassword(_)),
+            "{e}"
+        );
+        assert_eq!(e.class(), ErrorClass::Config);
+    }
+    // SCRAM never reveals the password, so it is fine without TLS, on both connections.
+    let params = tcp_strict(&cluster, "scramuser", Some("scram:secret@1"), "postgres");
+    let conn = ReplicationConnection::connect(&params).await.unwrap();
+    assert_eq!(conn.auth_method(), AuthMethod::ScramSha256);
+    assert!(conn.tls().is_none());
+    conn.close().await;
+    let client = walhook::db::connect(&params).await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
 }
 
 async fn repl_conn(db: &TestDb) -> ReplicationConnection {
@@ -449,4 +500,71 @@ async fn answering_keepalives_keeps_the_stream_alive_and_shutdown_is_transient()
     }
     let cluster = stopper.await.unwrap();
     drop(cluster);
+}
+
+/// A fake server that asks for SCRAM-SHA-256, answers the client's first message properly,
+/// then reports success without the server signature that proves it knows the password
+/// (what an impostor that captured the connection would do).
+async fn impostor_server() -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+    async fn read_msg(s: &mut tokio::net::TcpStream, tagged: bool) -> Vec<u8> {
+        if tagged {
+            s.read_u8().await.unwrap();
+        }
+        let len = s.read_i32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        s.read_exact(&mut body).await.unwrap();
+        body
+    }
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                read_msg(&mut s, false).await; // startup
+                let mut sasl = 10i32.to_be_bytes().to_vec();
+                sasl.extend_from_slice(b"SCRAM-SHA-256\0\0");
+                s.write_all(&msg(b'R', &sasl)).await.unwrap();
+                let initial = read_msg(&mut s, true).await;
+                let text = String::from_utf8_lossy(&initial).into_owned();
+                let nonce = text.split("r=").nth(1).unwrap_or_default().to_owned();
+                let mut cont = 11i32.to_be_bytes().to_vec();
+                cont.extend_from_slice(format!("r={nonce}srv,s=c2FsdHNhbHQ=,i=4096").as_bytes());
+                s.write_all(&msg(b'R', &cont)).await.unwrap();
+                read_msg(&mut s, true).await; // client final, with its proof
+                let mut out = msg(b'R', &0i32.to_be_bytes());
+                out.extend(msg(b'Z', b"I"));
+                let _ = s.write_all(&out).await;
+                let mut rest = Vec::new();
+                let _ = s.read_to_end(&mut rest).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn success_before_the_scram_server_signature_is_refused() {
+    let port = impostor_server().await;
+    let params = ConnectParams::parse(
+        &format!("host=127.0.0.1 port={port} user=walrep dbname=app sslmode=disable passfile=/nonexistent"),
+        Some("secret"),
+    )
+    .unwrap();
+    let e = connect_err(&params).await;
+    assert!(matches!(e, ReplicationError::Scram { .. }), "{e}");
+    assert!(e.to_string().contains("without proving"), "{e}");
+    assert_eq!(e.class(), ErrorClass::Config);
+    // tokio-postgres refuses it as well.
+    let e = walhook::db::connect(&params).await.unwrap_err();
+    assert!(e.to_string().contains("unexpected message"), "{e}");
 }

@@ -24,7 +24,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
             name: table.into(),
         },
         id: None,
-        actions: Action::ALL.to_vec(),
+        actions: Action::ROW.to_vec(),
         track: None,
         exclude: vec![],
         subject: None,
@@ -45,11 +45,17 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
             heartbeat: None,
             status_interval: Duration::from_secs(5),
             wal_warning_bytes: 1 << 30,
+            allow_insecure_password: false,
+            receive_timeout: Duration::from_secs(60),
+            statement_timeout: None,
+            lock_timeout: None,
         },
         queue: QueueConfig {
             retention: Duration::from_secs(7 * 86400),
             batch_size: 5000,
             batch_delay: Duration::from_millis(20),
+            batch_bytes: 8 << 20,
+            capture_buffer_bytes: 32 << 20,
         },
         entities,
         admin: None,
@@ -83,6 +89,7 @@ fn assert_all_ok(report: &Report) {
 /// Everything `walhook setup` may do, including `--replica-identity-full`.
 const FULL: SetupOptions = SetupOptions {
     replica_identity_full: true,
+    accept_gap: false,
 };
 
 async fn full_setup(db: &TestDb, config: &Config) -> Vec<setup::SetupStep> {
@@ -158,9 +165,9 @@ async fn applying_a_stale_plan_again_is_harmless() {
     let mut client = db.client().await;
     let opts = FULL;
     let steps = setup::plan(&client, &cfg, opts).await.unwrap();
-    setup::apply(&mut client, &steps).await.unwrap();
+    setup::apply(&mut client, &steps, None).await.unwrap();
     // Another setup ran meanwhile: the objects exist, and applying again must not fail.
-    setup::apply(&mut client, &steps)
+    setup::apply(&mut client, &steps, None)
         .await
         .unwrap_or_else(|e| panic!("second apply: {e}"));
     assert_all_ok(&setup::check(&client, &cfg).await);
@@ -571,4 +578,40 @@ async fn print_sql_lists_every_statement_with_reasons() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_all_ok(&setup::check(&client, &cfg).await);
+}
+
+#[tokio::test]
+async fn slot_creation_blocked_by_a_transaction_names_it_when_the_lock_timeout_ends_the_wait() {
+    let (db, mut cfg) = schema_db().await;
+    cfg.source.lock_timeout = Some(Duration::from_secs(8));
+    // An open transaction with an xid: slot creation waits for it to end.
+    let blocker = db.client().await;
+    blocker
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .unwrap();
+    let xid: String = blocker
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let pid: i32 = blocker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let params = cfg.source.connect_params().unwrap();
+    let mut client = walhook::db::connect(&params).await.unwrap();
+    let e = setup::setup(&mut client, &cfg, FULL).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains(&format!("transaction {xid} of pid {pid}")),
+        "{msg}"
+    );
+    assert!(msg.contains("creating replication slot walhook"), "{msg}");
+    assert!(msg.contains("lock_timeout") && !msg.contains('\n'), "{msg}");
+    assert_eq!(e.class(), ErrorClass::Transient);
+    // Once the transaction ends, setup goes through.
+    blocker.batch_execute("COMMIT").await.unwrap();
+    setup::setup(&mut client, &cfg, FULL).await.unwrap();
 }

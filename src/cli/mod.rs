@@ -1,34 +1,29 @@
 //! The command line: parses arguments, sets up logging, runs a command, maps errors to
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
+mod assets;
 mod demo;
+mod logging;
 mod ops;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, DEFAULT_PATH};
 use crate::error::{Classify, ErrorClass};
 
-/// walhook: PostgreSQL change data capture to webhooks.
+/// PostgreSQL change data capture to webhooks.
 #[derive(Parser, Debug)]
 #[command(name = "walhook", version, about, long_about = None)]
 struct Cli {
-    /// Log format: text for terminals, json for log collectors (default: text on a terminal,
-    /// json otherwise).
+    /// Log format: text for people, json for log collectors (default: text on a terminal
+    /// and in systemd's journal, json otherwise). WALHOOK_LOG sets the level (e.g. debug).
     #[arg(long, global = true, value_enum)]
-    log_format: Option<LogFormat>,
+    log_format: Option<logging::LogFormat>,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -43,7 +38,7 @@ enum Command {
     /// Run the daemon: stream changes into the queue tables.
     Run(ConfigArg),
     /// Check the configuration and the database prerequisites; one line per check.
-    Check(ConfigArg),
+    Check(CheckArgs),
     /// Create the queue tables, publication and slot (or print the SQL for a DBA).
     Setup(SetupArgs),
     /// Queue counts per listener, last errors, slot lag and the flushed position.
@@ -52,12 +47,37 @@ enum Command {
     Failed(ops::FailedArgs),
     /// Move Failed notifications back to walhook.new for another round of attempts.
     Retry(ops::RetryArgs),
+    /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
+    Discard(ops::DiscardArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<std::time::Duration>,
     },
+    /// Print a shell completion script, e.g. `walhook completions bash >
+    /// /etc/bash_completion.d/walhook`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages and completion scripts into a directory (for packaging).
+    #[command(hide = true)]
+    Assets {
+        /// The directory; created when missing.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+struct CheckArgs {
+    #[command(flatten)]
+    config: ConfigArg,
+    /// Check only the file, without connecting to the database: syntax, keys, values,
+    /// referenced files and environment variables (for config management and CI).
+    #[arg(long)]
+    offline: bool,
 }
 
 #[derive(Args, Debug)]
@@ -84,6 +104,11 @@ struct SetupArgs {
     /// With --adopt: move notifications still pending from the original to walhook.failed.
     #[arg(long, requires = "adopt")]
     discard_pending: bool,
+    /// The replication slot vanished while in use, so changes were lost: record the gap in
+    /// walhook.capture_gap (the monitors are told when capture resumes) and create the slot
+    /// again. walhook refuses to start until this is run.
+    #[arg(long, conflicts_with_all = ["drop", "adopt"])]
+    accept_gap: bool,
 }
 
 /// An error that ends the process: one line, and the exit code of its class.
@@ -108,12 +133,12 @@ pub fn main() -> i32 {
     // The demo talks to a person: readable text, and only what goes wrong.
     let (format, default_filter) = match cli.command {
         Command::Demo { .. } => (
-            Some(cli.log_format.unwrap_or(LogFormat::Text)),
+            Some(cli.log_format.unwrap_or(logging::LogFormat::Text)),
             "warn,tokio_postgres=error",
         ),
         _ => (cli.log_format, "info,tokio_postgres=warn"),
     };
-    init_logging(format, default_filter);
+    logging::init(format, default_filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -148,9 +173,19 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             crate::service::run_with_reload(config, shutdown, Some(reload_rx)).await?;
             Ok(0)
         }
-        Command::Check(c) => {
-            let (config, client) = c.load_and_connect().await?;
-            let report = crate::setup::check(&client, &config).await;
+        Command::Check(args) if args.offline => {
+            let (config, _) = args.config.load()?;
+            println!("{}", offline_verdict(&config));
+            Ok(0)
+        }
+        Command::Check(args) => {
+            let (config, params) = args.config.load()?;
+            let (client, conn, tls) = crate::db::connect_raw(&params).await?;
+            tokio::spawn(conn);
+            let mut report = crate::setup::check(&client, &config).await;
+            report
+                .items
+                .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -162,8 +197,37 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::Discard(args) => ops::run_discard(args).await,
         Command::Demo { duration } => demo::run(duration).await,
+        Command::Completions { shell } => {
+            assets::print_completions(shell);
+            Ok(0)
+        }
+        Command::Assets { out } => {
+            let written = assets::write_assets(&out).map_err(|e| Failure {
+                class: ErrorClass::Transient,
+                message: format!("cannot write to {}: {e}", out.display()),
+            })?;
+            for path in written {
+                println!("{}", path.display());
+            }
+            Ok(0)
+        }
     }
+}
+
+/// The line `walhook check --offline` prints for a file without errors.
+fn offline_verdict(config: &Config) -> String {
+    fn count(n: usize, one: &str, many: &str) -> String {
+        format!("{n} {}", if n == 1 { one } else { many })
+    }
+    format!(
+        "ok    configuration {}: {}, {}, {} (database not checked: --offline)",
+        config.path.display(),
+        count(config.entities.len(), "entity", "entities"),
+        count(config.listeners.len(), "listener", "listeners"),
+        count(config.monitors.len(), "monitor", "monitors"),
+    )
 }
 
 async fn setup(args: SetupArgs) -> Result<i32, Failure> {
@@ -183,6 +247,7 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     }
     let opts = crate::setup::SetupOptions {
         replica_identity_full: args.replica_identity_full,
+        accept_gap: args.accept_gap,
     };
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
@@ -193,7 +258,8 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
         println!("nothing to do: the database is set up for walhook");
         return Ok(0);
     }
-    crate::setup::apply(&mut client, &steps).await?;
+    let params = config.source.connect_params()?;
+    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
     for s in &steps {
         println!("done  {}", s.why);
     }
@@ -234,17 +300,24 @@ async fn adopt(
 }
 
 impl ConfigArg {
-    /// Loads the configuration and opens an ordinary connection to its source database.
-    async fn load_and_connect(&self) -> Result<(Config, tokio_postgres::Client), Failure> {
+    /// Loads and checks the configuration, including the connection string, without
+    /// connecting: everything `check --offline` and the commands that connect both find.
+    fn load(&self) -> Result<(Config, crate::replication::conn::ConnectParams), Failure> {
         let config = Config::load(&self.config)?;
         let params = config.source.connect_params()?;
+        Ok((config, params))
+    }
+
+    /// Loads the configuration and opens an ordinary connection to its source database.
+    async fn load_and_connect(&self) -> Result<(Config, tokio_postgres::Client), Failure> {
+        let (config, params) = self.load()?;
         let client = crate::service::connect_ordinary(&params).await?;
         Ok((config, client))
     }
 }
 
 /// SIGHUP re-reads the configuration file. A file with errors is refused with the errors
-/// logged, and the running configuration stays.
+/// logged on one line, and the running configuration stays.
 fn spawn_reload_handler(
     path: PathBuf,
     reloads: tokio::sync::watch::Sender<std::sync::Arc<Config>>,
@@ -265,17 +338,24 @@ fn spawn_reload_handler(
             if let Some(n) = &notifier {
                 n.reloading();
             }
+            // The same validator as `walhook check` and start: a file it refuses changes
+            // nothing, and the refusal is one line (problems separated by " | ").
             match Config::load(&path) {
                 Ok(config) => {
+                    if reloads.borrow().admin != config.admin {
+                        tracing::warn!(
+                            "SIGHUP: [admin] changes take effect at the next restart; the admin endpoint stays where it is"
+                        );
+                    }
                     tracing::info!(config = %path.display(), "SIGHUP: configuration reloaded");
                     reloads.send_replace(std::sync::Arc::new(config));
                 }
                 Err(e) => {
-                    for line in e.to_string().lines() {
-                        tracing::error!(
-                            "SIGHUP: reload refused, the running configuration stays: {line}"
-                        );
-                    }
+                    let problems: Vec<String> = e.to_string().lines().map(str::to_owned).collect();
+                    tracing::error!(
+                        "SIGHUP: reload refused, the running configuration stays: {}",
+                        problems.join(" | ")
+                    );
                 }
             }
             if let Some(n) = &notifier {
@@ -296,27 +376,22 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             return;
         };
         tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-            _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM received; shutting down (a second one exits at once)"),
+            _ = int.recv() => tracing::info!("SIGINT received; shutting down (a second one exits at once)"),
         }
         shutdown.cancel();
+        // A second signal means "now": nothing in flight is lost (the slot resends what was
+        // not confirmed), only the clean end of the stream is skipped.
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!(
+            "second stop signal: exiting at once; unconfirmed changes are sent again at the next start"
+        );
+        std::process::exit(EXIT_SECOND_SIGNAL);
     });
 }
 
-fn init_logging(format: Option<LogFormat>, default_filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("WALHOOK_LOG").unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let format = format.unwrap_or(if std::io::stderr().is_terminal() {
-        LogFormat::Text
-    } else {
-        LogFormat::Json
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
+/// Exit code after a second SIGTERM/SIGINT: 128 + SIGTERM, as a shell reports a killed job.
+const EXIT_SECOND_SIGNAL: i32 = 143;

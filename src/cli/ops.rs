@@ -1,17 +1,19 @@
-//! Operator commands over the queue tables: `walhook status`, `walhook failed` and
-//! `walhook retry`. They print for people (aligned tables, human ages and sizes) and, for
+//! Operator commands over the queue tables: `walhook status`, `walhook failed`,
+//! `walhook retry` and `walhook discard`. They print for people (aligned tables, human ages and sizes) and, for
 //! `status --json`, for machines.
 
 use std::fmt::Write as _;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use clap::{ArgGroup, Args};
 use serde_json::{Value, json};
 
 use super::{ConfigArg, Failure};
 use crate::config::Config;
+use crate::human::{age as human_age, bytes as human_bytes};
 use crate::queue::admin::{
-    FailedFilter, FailedPage, RetrySelection, Since, Status, list_failed, retry_failed, status,
+    DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
+    discard_failed, list_failed, retry_failed, status,
 };
 use crate::types::Lsn;
 
@@ -42,23 +44,56 @@ pub(super) struct FailedArgs {
     limit: i64,
 }
 
-/// `walhook retry`.
+/// Which Failed notifications `walhook retry` and `walhook discard` move.
 #[derive(Args, Debug)]
 #[command(group(
     ArgGroup::new("which").required(true).args(["ids", "all"]),
 ))]
-pub(super) struct RetryArgs {
+pub(super) struct FailedSelection {
     #[command(flatten)]
     config: ConfigArg,
     /// Only this listener's notifications.
     #[arg(long)]
     listener: Option<String>,
-    /// Requeue the Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
+    /// The Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
     #[arg(long = "id", value_name = "ID", num_args = 1.., conflicts_with = "all")]
     ids: Vec<i64>,
-    /// Requeue every Failed notification (of --listener, when given).
+    /// Every Failed notification (of --listener, when given).
     #[arg(long)]
     all: bool,
+}
+
+impl FailedSelection {
+    fn selection(&self) -> RetrySelection {
+        if self.all {
+            RetrySelection::All
+        } else {
+            RetrySelection::Ids(self.ids.clone())
+        }
+    }
+}
+
+/// `walhook retry`.
+#[derive(Args, Debug)]
+pub(super) struct RetryArgs {
+    #[command(flatten)]
+    which: FailedSelection,
+}
+
+/// `walhook discard`.
+#[derive(Args, Debug)]
+pub(super) struct DiscardArgs {
+    #[command(flatten)]
+    which: FailedSelection,
+    /// Why they are discarded; kept with them in walhook.discarded.
+    #[arg(long, value_parser = parse_reason)]
+    reason: DiscardReason,
+}
+
+fn parse_reason(s: &str) -> Result<DiscardReason, String> {
+    DiscardReason::new(s).ok_or_else(|| {
+        "the reason is empty: say why, like --reason \"customer deleted upstream\"".to_owned()
+    })
 }
 
 /// Parses `--since`: a duration back from now, or an RFC 3339 time.
@@ -66,39 +101,11 @@ fn parse_since(s: &str) -> Result<Since, String> {
     if let Ok(d) = crate::config::parse_duration(s) {
         return Ok(Since::Ago(d));
     }
-    parse_rfc3339(s).map(Since::At).ok_or_else(|| {
+    crate::human::parse_time(s).map(Since::At).ok_or_else(|| {
         format!(
             "invalid --since {s:?}: give a duration like 30m, 1h or 2d, or a time like 2024-05-01T12:00:00Z"
         )
     })
-}
-
-/// RFC 3339 with `Z` or a numeric offset; humantime alone accepts only UTC.
-fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let s = s.trim();
-    if let Ok(t) = humantime::parse_rfc3339_weak(s) {
-        return Some(t);
-    }
-    let split = s.len().checked_sub(6)?;
-    let (local, offset) = (s.get(..split)?, s.get(split..)?);
-    let sign = match offset.get(..1)? {
-        "+" => 1i64,
-        "-" => -1i64,
-        _ => return None,
-    };
-    let (hh, mm) = offset.get(1..)?.split_once(':')?;
-    let (hh, mm): (u64, u64) = (hh.parse().ok()?, mm.parse().ok()?);
-    if hh > 23 || mm > 59 {
-        return None;
-    }
-    let as_utc = humantime::parse_rfc3339_weak(local).ok()?;
-    let offset = Duration::from_secs(hh * 3600 + mm * 60);
-    // Local time = UTC + offset, so UTC = local - offset.
-    if sign > 0 {
-        as_utc.checked_sub(offset)
-    } else {
-        as_utc.checked_add(offset)
-    }
 }
 
 pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
@@ -143,34 +150,62 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 }
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
-    let (_, client) = args.config.load_and_connect().await?;
-    let selection = if args.all {
-        RetrySelection::All
-    } else {
-        RetrySelection::Ids(args.ids)
-    };
-    let outcome = retry_failed(&client, args.listener.as_deref(), &selection).await?;
-    let n = outcome.requeued.len();
-    if n == 0 && selection == RetrySelection::All {
+    let which = args.which;
+    let (_, client) = which.config.load_and_connect().await?;
+    let selection = which.selection();
+    let outcome = retry_failed(&client, which.listener.as_deref(), &selection).await?;
+    Ok(report_moved(
+        outcome.requeued.len(),
+        ("requeue", "requeued"),
+        "to walhook.new",
+        selection == RetrySelection::All,
+        &which.listener,
+        &outcome.not_requeued,
+    ))
+}
+
+pub(super) async fn run_discard(args: DiscardArgs) -> Result<i32, Failure> {
+    let which = args.which;
+    let (_, client) = which.config.load_and_connect().await?;
+    let selection = which.selection();
+    let outcome =
+        discard_failed(&client, which.listener.as_deref(), &selection, &args.reason).await?;
+    Ok(report_moved(
+        outcome.discarded.len(),
+        ("discard", "discarded"),
+        "to walhook.discarded",
+        selection == RetrySelection::All,
+        &which.listener,
+        &outcome.not_discarded,
+    ))
+}
+
+/// Prints what a retry or discard moved and what it did not; the exit code is 1 when an id
+/// asked for was not moved.
+fn report_moved(
+    n: usize,
+    (verb, done): (&str, &str),
+    destination: &str,
+    all: bool,
+    listener: &Option<String>,
+    not_moved: &[NotRequeued],
+) -> i32 {
+    if n == 0 && all {
         println!(
-            "nothing to requeue: no Failed notifications{}",
-            for_listener(&args.listener)
+            "nothing to {verb}: no Failed notifications{}",
+            for_listener(listener)
         );
     } else {
         println!(
-            "requeued {n} Failed notification{} to walhook.new{}",
+            "{done} {n} Failed notification{} {destination}{}",
             if n == 1 { "" } else { "s" },
-            for_listener(&args.listener)
+            for_listener(listener)
         );
     }
-    for missing in &outcome.not_requeued {
-        println!("not requeued: {missing}");
+    for missing in not_moved {
+        println!("not {done}: {missing}");
     }
-    Ok(if outcome.not_requeued.is_empty() {
-        0
-    } else {
-        1
-    })
+    if not_moved.is_empty() { 0 } else { 1 }
 }
 
 fn for_listener(listener: &Option<String>) -> String {
@@ -182,54 +217,6 @@ fn for_listener(listener: &Option<String>) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // rendering
-
-/// A duration as people read it: the two largest units, like `3m12s`, `2d4h`, `45s`.
-pub(crate) fn human_age(d: Duration) -> String {
-    let secs = d.as_secs();
-    let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
-    let mut out = String::new();
-    let mut rest = secs;
-    let mut shown = 0;
-    for (size, name) in units {
-        let n = rest / size;
-        rest %= size;
-        if n > 0 || (shown > 0 && shown < 2) {
-            if n > 0 {
-                let _ = write!(out, "{n}{name}");
-            }
-            shown += 1;
-        }
-        if shown == 2 {
-            break;
-        }
-    }
-    if out.is_empty() { "0s".to_owned() } else { out }
-}
-
-/// A byte count as people read it, in powers of 1024 like pg_size_pretty: `512 bytes`,
-/// `1.5 kB`, `12 MB`.
-pub(crate) fn human_bytes(n: i64) -> String {
-    if n < 0 {
-        return format!("-{}", human_bytes(n.saturating_neg()));
-    }
-    if n < 1024 {
-        return format!("{n} bytes");
-    }
-    let mut v = n as f64;
-    let mut unit = "bytes";
-    for u in ["kB", "MB", "GB", "TB", "PB"] {
-        if v < 1024.0 {
-            break;
-        }
-        v /= 1024.0;
-        unit = u;
-    }
-    if v < 10.0 {
-        format!("{v:.1} {unit}")
-    } else {
-        format!("{v:.0} {unit}")
-    }
-}
 
 fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -523,28 +510,9 @@ fn render_failed(page: &FailedPage, limit: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
-
-    #[test]
-    fn human_age_shows_the_two_largest_units() {
-        assert_eq!(human_age(Duration::from_secs(0)), "0s");
-        assert_eq!(human_age(Duration::from_millis(45_900)), "45s");
-        assert_eq!(human_age(Duration::from_secs(192)), "3m12s");
-        assert_eq!(human_age(Duration::from_secs(3600)), "1h");
-        assert_eq!(human_age(Duration::from_secs(3600 + 5)), "1h");
-        assert_eq!(
-            human_age(Duration::from_secs(2 * 86_400 + 4 * 3600 + 7)),
-            "2d4h"
-        );
-    }
-
-    #[test]
-    fn human_bytes_uses_powers_of_1024() {
-        assert_eq!(human_bytes(512), "512 bytes");
-        assert_eq!(human_bytes(1536), "1.5 kB");
-        assert_eq!(human_bytes(12 * 1024 * 1024), "12 MB");
-        assert_eq!(human_bytes(-2048), "-2.0 kB");
-    }
 
     #[test]
     fn since_accepts_durations_and_rfc3339_with_offsets() {

@@ -1,10 +1,12 @@
-//! The dispatcher: claims due notifications from `walhook.new`, delivers them over HTTP and
-//! records the outcomes, for every configured listener, until shutdown.
+//! The dispatcher: claims due notifications from `walhook.new`, renders each in its
+//! listener's [`Format`], sends it through the listener's [`Sink`] and records what the
+//! attempt ended with (through the retry policy), for every configured listener, until
+//! shutdown. It knows listeners only through those two seams.
 //!
 //! Per listener three stages run as tasks and hand work on through channels:
 //! * the *claimer* claims due notifications in batches under a lease (woken by
 //!   `NOTIFY walhook_new`, by recorded outcomes, at the earliest retry it scheduled, and by a
-//!   one-second sweep that covers other processes), keeping up to a prefetch target of
+//!   periodic sweep that covers other processes), keeping up to a prefetch target of
 //!   notifications and bytes outstanding so the next batch is claimed while the previous
 //!   one is in flight; claims resume after a cursor (see [`claimer`]);
 //! * the *starter* starts deliveries in claim order, each after a concurrency permit and
@@ -12,9 +14,11 @@
 //! * one *recorder*, shared by all listeners, records outcomes in batches: whatever has
 //!   arrived while the previous batch was being written, one statement per outcome kind.
 //!
-//! Claims use one database connection (which also LISTENs), recording another; both
-//! reconnect with backoff. Several processes can share one queue: a row is claimed by one
-//! lease holder at a time, and outcomes are recorded only for rows still leased here.
+//! Claims use one database connection (which also LISTENs), recording and lease renewal
+//! another; both reconnect with backoff. Several processes can share one queue: a row is
+//! claimed by one lease holder at a time (a random id per dispatcher), an attempt starts
+//! only if it ends before the lease does, held leases are renewed (see [`super::lease`]),
+//! and outcomes are recorded only for rows still leased here.
 
 mod claimer;
 
@@ -31,16 +35,21 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::http::{DeliveryError, HttpSender};
-use super::policy::next_attempt_delay;
-use super::{Attempt, AttemptReport, DeliveryObserver, Notification, Observed, Verdict};
+use super::format::{Format, Message};
+use super::lease::{LeaseBook, LeaseTimes};
+use super::policy::{Outcome, next_attempt_delay};
+use super::sink::{Sink, SinkError};
+use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
 use crate::config::{ListenerConfig, RateLimit};
+use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
-    Claimed, Completions, DeliveredRow, EntityKey, FailedAttemptRow, NotificationStore,
+    Completions, DeliveredRow, EntityKey, FailedAttemptRow, Notification, NotificationStore,
     OnNewNotifications, QueueError, SWEEP_PAYLOAD,
 };
 use claimer::{ClaimState, TotalBytes};
+use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
+
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
 const PREFETCH_PER_SLOT: usize = 8;
 /// Upper bound of notifications outstanding (claimed, not yet recorded) per listener.
@@ -49,10 +58,12 @@ const MAX_OUTSTANDING: usize = 4000;
 const RATE_LIMITED_PREFETCH: Duration = Duration::from_secs(5);
 /// Most outcomes recorded in one batch.
 const RECORD_BATCH: usize = 2000;
-/// Added to twice the listener timeout to make the lease.
-const LEASE_EXTRA: Duration = Duration::from_secs(30);
-/// An attempt starts only if it can end this long before the lease runs out.
-const START_MARGIN: Duration = Duration::from_secs(2);
+/// How much longer than one attempt a lease lasts, by default: how long the notifications
+/// of a process that died wait before another process takes them.
+pub const DEFAULT_LEASE_EXTRA: Duration = Duration::from_secs(30);
+/// An attempt is cut off this long after the listener's timeout, if the sink has not
+/// ended it by then.
+const ATTEMPT_GRACE: Duration = Duration::from_millis(500);
 /// Longest a claim or record statement may take before the connection is considered dead.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest a connection attempt may take.
@@ -73,9 +84,9 @@ pub enum DispatchError {
     /// The queue tables could not be used.
     #[error(transparent)]
     Queue(#[from] QueueError),
-    /// A listener's sender could not be built (its url, headers or secret).
+    /// A listener's sink could not be built (its url, headers or secret).
     #[error(transparent)]
-    Listener(#[from] DeliveryError),
+    Listener(#[from] SinkError),
     /// The database did not answer in time.
     #[error(
         "no answer from the queue database within {}s while {context}; check that PostgreSQL is running and reachable",
@@ -115,40 +126,91 @@ impl Classify for DispatchError {
 /// errors stop delivery and are returned. `source_system` is the `sourceSystem` of the
 /// payloads. The queue schema must be migrated before.
 pub async fn run(
-    db: tokio_postgres::Config,
+    db: ConnectParams,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
 ) -> Result<(), DispatchError> {
-    run_observed(db, listeners, source_system, shutdown, None).await
+    run_with(db, listeners, source_system, shutdown, Options::default()).await
 }
 
 /// [`run`], telling `observer` the outcome of every attempt.
 pub async fn run_observed(
-    mut db: tokio_postgres::Config,
+    db: ConnectParams,
     listeners: Vec<ListenerConfig>,
     source_system: String,
     shutdown: CancellationToken,
     observer: Option<Arc<dyn DeliveryObserver>>,
 ) -> Result<(), DispatchError> {
+    let options = Options {
+        observer,
+        ..Options::default()
+    };
+    run_with(db, listeners, source_system, shutdown, options).await
+}
+
+/// How a dispatcher runs beyond its listeners; the daemon uses the defaults.
+#[derive(Clone)]
+pub struct Options {
+    /// Told the outcome of every attempt.
+    pub observer: Option<Arc<dyn DeliveryObserver>>,
+    /// How much longer than one attempt (the listener's timeout) a lease lasts
+    /// ([`DEFAULT_LEASE_EXTRA`]); tests shorten it to see leases end and renew.
+    pub lease_extra: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            observer: None,
+            lease_extra: DEFAULT_LEASE_EXTRA,
+        }
+    }
+}
+
+/// [`run`] with [`Options`].
+pub async fn run_with(
+    db: ConnectParams,
+    listeners: Vec<ListenerConfig>,
+    source_system: String,
+    shutdown: CancellationToken,
+    options: Options,
+) -> Result<(), DispatchError> {
+    let (_fixed, db) = tokio::sync::watch::channel(Arc::new(db));
+    let db = Source::following(db);
+    run_following(db, listeners, source_system, shutdown, options).await
+}
+
+/// [`run_with`] with database parameters that may change while it runs (a reloaded
+/// password): each new connection uses the parameters current at that moment.
+pub(crate) async fn run_following(
+    db: Source,
+    listeners: Vec<ListenerConfig>,
+    source_system: String,
+    shutdown: CancellationToken,
+    options: Options,
+) -> Result<(), DispatchError> {
     let mut lanes = Vec::with_capacity(listeners.len());
     for (index, config) in listeners.into_iter().enumerate() {
-        lanes.push(Arc::new(Lane::new(index, config, &source_system)?));
+        lanes.push(Arc::new(Lane::new(
+            index,
+            config,
+            &source_system,
+            options.lease_extra,
+        )?));
     }
     if lanes.is_empty() {
         debug!("no listeners configured: nothing to deliver");
         shutdown.cancelled().await;
         return Ok(());
     }
-    if db.get_application_name().is_none() {
-        // Lets a DBA tell delivery connections apart in pg_stat_activity.
-        db.application_name("walhook delivery");
-    }
-    let host = host_name();
-    let owner = lease_owner(&host);
+    // Random per dispatcher: never shared by two processes (or two dispatchers in one), and
+    // nothing about the host, so clones, containers and reused pids cannot collide.
+    let owner = uuid::Uuid::new_v4().to_string();
     let shared = Arc::new(Shared {
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
+        observer: options.observer.clone(),
         bytes: TotalBytes::default(),
     });
     let lanes: Arc<[Arc<Lane>]> = lanes.into();
@@ -166,14 +228,23 @@ pub async fn run_observed(
     let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
     let record_link = Arc::new(Link::new("recording", db, &owner, None));
 
-    release_dead_local_leases(&record_link, &host).await;
-
+    // Renewal outlives claiming and starting: it ends after the last outcome is recorded.
+    let renewing = CancellationToken::new();
+    let mut renewers = JoinSet::new();
+    for lane in lanes.iter() {
+        renewers.spawn(renew_loop(
+            lane.clone(),
+            record_link.clone(),
+            shared.clone(),
+            renewing.clone(),
+        ));
+    }
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record_loop(
         lanes.clone(),
         record_link,
         shared.clone(),
-        observer,
+        options.observer,
         done_rx,
     ));
     let mut tasks = JoinSet::new();
@@ -213,6 +284,14 @@ pub async fn run_observed(
             detail: e.to_string(),
         });
     }
+    renewing.cancel();
+    while let Some(joined) = renewers.join_next().await {
+        if let Err(e) = joined {
+            shared.fail(DispatchError::Internal {
+                detail: e.to_string(),
+            });
+        }
+    }
     drop(claim_link);
     match shared.take_fatal() {
         Some(e) => Err(e),
@@ -223,63 +302,12 @@ pub async fn run_observed(
     }
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .ok()
-        .filter(|h| !h.is_empty() && !h.contains(':'))
-        .unwrap_or_else(|| "walhook".to_owned())
-}
-
-/// The lease holder name `host:pid:instance`: the random instance keeps two dispatchers in
-/// one process (tests) apart; host and pid let a restarted process recognise leases of a
-/// predecessor on the same host that is gone.
-fn lease_owner(host: &str) -> String {
-    let instance = uuid::Uuid::new_v4().simple().to_string();
-    let short = instance.get(..8).unwrap_or(&instance);
-    format!("{host}:{}:{short}", std::process::id())
-}
-
-/// The pid of a lease holder on `host`, from its `host:pid:instance` name.
-fn local_pid(holder: &str, host: &str) -> Option<u32> {
-    let rest = holder.strip_prefix(host)?.strip_prefix(':')?;
-    let (pid, _instance) = rest.split_once(':')?;
-    pid.parse().ok()
-}
-
-/// Frees the leases of walhook processes on this host that no longer run (killed or
-/// crashed), so their notifications are delivered now instead of when the leases expire.
-/// Best effort: on any error the leases simply expire.
-async fn release_dead_local_leases(link: &Link, host: &str) {
-    let result = async {
-        let store = link.store().await?;
-        let mut released = 0;
-        for holder in store.lease_holders().await? {
-            let Some(pid) = local_pid(&holder, host) else {
-                continue;
-            };
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                continue;
-            }
-            released += store.release_holder(&holder).await?;
-        }
-        Ok::<u64, DispatchError>(released)
-    };
-    match tokio::time::timeout(STATEMENT_TIMEOUT, result).await {
-        Ok(Ok(0)) => {}
-        Ok(Ok(n)) => info!(
-            released = n,
-            "took over notifications leased by a walhook process on this host that is gone"
-        ),
-        Ok(Err(e)) => debug!(error = %e, "could not look for leases of stopped processes"),
-        Err(_) => debug!("looking for leases of stopped processes timed out"),
-    }
-}
-
 /// What every task sees: the stop signal, the first fatal error and the bytes claimed.
 struct Shared {
     stop: CancellationToken,
     fatal: Mutex<Option<DispatchError>>,
+    /// Told that claim loops go round, for the watchdog.
+    observer: Option<Arc<dyn DeliveryObserver>>,
     bytes: TotalBytes,
 }
 
@@ -311,7 +339,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// One database connection, reconnected on demand, logging each outage once.
 struct Link {
     purpose: &'static str,
-    config: tokio_postgres::Config,
+    config: Source,
     owner: String,
     on_new: Option<OnNewNotifications>,
     current: tokio::sync::Mutex<Option<Arc<NotificationStore>>>,
@@ -321,7 +349,7 @@ struct Link {
 impl Link {
     fn new(
         purpose: &'static str,
-        config: tokio_postgres::Config,
+        config: Source,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Link {
@@ -344,7 +372,12 @@ impl Link {
             return Ok(store.clone());
         }
         *current = None;
-        let connect = NotificationStore::connect(&self.config, &self.owner, self.on_new.clone());
+        let mut config = ConnectParams::clone(&self.config.current());
+        if config.application_name == DEFAULT_APPLICATION_NAME {
+            // Lets a DBA tell delivery connections apart in pg_stat_activity.
+            config.application_name = "walhook delivery".to_owned();
+        }
+        let connect = NotificationStore::connect(&config, &self.owner, self.on_new.clone());
         let store = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
             .map_err(|_| DispatchError::Timeout {
@@ -388,7 +421,8 @@ impl Link {
 struct Lane {
     index: usize,
     config: ListenerConfig,
-    sender: Arc<HttpSender>,
+    format: Format,
+    sink: Sink,
     limiter: Option<DefaultDirectRateLimiter>,
     permits: Arc<Semaphore>,
     concurrency: usize,
@@ -397,7 +431,9 @@ struct Lane {
     claims: ClaimState,
     /// Claim no more than this many ahead.
     target: usize,
-    lease: Duration,
+    lease: LeaseTimes,
+    /// The leases held for this listener.
+    leases: LeaseBook,
     /// When the earliest retry this process scheduled becomes due.
     next_due: Mutex<Option<Instant>>,
     /// Whether the last recorded attempt failed (logged on change; shrinks prefetch).
@@ -409,8 +445,10 @@ impl Lane {
         index: usize,
         config: ListenerConfig,
         source_system: &str,
+        lease_extra: Duration,
     ) -> Result<Lane, DispatchError> {
-        let sender = Arc::new(HttpSender::new(&config, source_system)?);
+        let format = Format::for_listener(&config.format, source_system);
+        let sink = Sink::for_listener(&config)?;
         let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
         let mut target = concurrency
@@ -419,10 +457,11 @@ impl Lane {
         if let Some(rate) = config.rate_limit {
             target = target.min(rate_limited_prefetch(rate));
         }
-        let lease = config.timeout.saturating_mul(2).saturating_add(LEASE_EXTRA);
+        let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
         Ok(Lane {
             index,
-            sender,
+            format,
+            sink,
             limiter,
             permits: Arc::new(Semaphore::new(concurrency)),
             concurrency,
@@ -430,6 +469,7 @@ impl Lane {
             claims: ClaimState::new(),
             target,
             lease,
+            leases: LeaseBook::default(),
             next_due: Mutex::new(None),
             failing: AtomicBool::new(false),
             config,
@@ -438,6 +478,26 @@ impl Lane {
 
     fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Sends `message` through the sink, within the listener's timeout whatever the sink
+    /// does: the lease arithmetic below relies on attempts that end in time.
+    async fn attempt(&self, message: Message) -> Attempt {
+        let limit = self.lease.attempt;
+        match tokio::time::timeout(limit, self.sink.send(message)).await {
+            Ok(attempt) => attempt,
+            Err(_) => Attempt {
+                outcome: Outcome::TimedOut,
+                status_code: None,
+                comment: Some(format!(
+                    "no outcome within {} from {}",
+                    humantime::format_duration(self.config.timeout),
+                    self.sink.target()
+                )),
+                retry_after: None,
+                latency: limit,
+            },
+        }
     }
 
     /// How many to hold claimed. A failing listener gets no prefetch: its attempts are slow
@@ -471,6 +531,12 @@ impl Lane {
     }
 }
 
+/// The longest an attempt may take: the listener's timeout, plus a little for the sink to
+/// notice its own timeout and report it in its words.
+fn attempt_limit(config: &ListenerConfig) -> Duration {
+    config.timeout.saturating_add(ATTEMPT_GRACE)
+}
+
 /// The governor quota for `count` per `per`: a burst of `count`, then one every `per/count`.
 fn quota(rate: RateLimit) -> Option<Quota> {
     let count = NonZeroU32::new(rate.count)?;
@@ -493,18 +559,27 @@ fn rate_limited_prefetch(rate: RateLimit) -> usize {
 /// A claimed notification on its way to the starter.
 struct ClaimedRow {
     notification: Notification,
+    /// Which claim of this lane took it (see [`LeaseBook`]).
+    claim: u64,
     /// Received size of its event's `row` and `old`, counted against the byte budgets.
     bytes: u64,
-    claimed_at: Instant,
 }
 
 /// What the recorder is told about one claimed notification.
-enum Done {
+struct Done {
+    lane: usize,
+    id: i64,
+    /// The claim that took it, whose lease is forgotten once this is recorded.
+    claim: u64,
+    /// Received bytes it held against the budgets (0 when never counted).
+    bytes: u64,
+    what: Ended,
+}
+
+/// What became of a claimed notification.
+enum Ended {
     /// An attempt was made.
     Attempted {
-        lane: usize,
-        id: i64,
-        bytes: u64,
         attempts_before: i32,
         attempt: Attempt,
         commit_time: std::time::SystemTime,
@@ -512,21 +587,19 @@ enum Done {
         entity_id: String,
     },
     /// The claimed row's event could not be read: move it to `walhook.failed`.
-    Unreadable {
-        lane: usize,
-        id: i64,
-        comment: String,
-    },
+    Unreadable { comment: String },
     /// Claimed but not attempted: free the lease.
-    Release { lane: usize, id: i64, bytes: u64 },
+    Release,
 }
 
 impl Done {
     fn release(lane: &Lane, row: &ClaimedRow) -> Done {
-        Done::Release {
+        Done {
             lane: lane.index,
             id: row.notification.id,
+            claim: row.claim,
             bytes: row.bytes,
+            what: Ended::Release,
         }
     }
 }
@@ -586,8 +659,9 @@ async fn start_loop(
             _ = stop.cancelled() => None,
             permit = lane.permits.clone().acquire_owned() => permit.ok(),
         };
+        let release = || Done::release(&lane, &next);
         let Some(permit) = permit else {
-            let _ = done.send(Done::release(&lane, &next));
+            let _ = done.send(release());
             break;
         };
         if let Some(limiter) = &lane.limiter {
@@ -597,34 +671,47 @@ async fn start_loop(
                 _ = limiter.until_ready() => false,
             };
             if stopped {
-                let _ = done.send(Done::release(&lane, &next));
+                let _ = done.send(release());
                 break;
             }
         }
-        if next.claimed_at.elapsed() + lane.config.timeout + START_MARGIN > lane.lease {
-            // The lease could run out mid-attempt and another process deliver it at the
-            // same time: hand it back instead.
-            let _ = done.send(Done::release(&lane, &next));
+        let until = lane.leases.until(next.notification.id, next.claim);
+        if !until.is_some_and(|until| lane.lease.may_start(Instant::now(), until)) {
+            // Lost to another process (its renewal failed), or too little lease left for a
+            // whole attempt: another process could deliver it at the same time. Hand it
+            // back instead (a no-op in the database when the lease is no longer ours).
+            debug!(
+                listener = lane.name(),
+                notification = next.notification.id,
+                lost = until.is_none(),
+                "not starting an attempt that could outlive its lease"
+            );
+            let _ = done.send(release());
             continue;
         }
-        let sender = lane.sender.clone();
+        let lane = lane.clone();
         let done = done.clone();
-        let lane_index = lane.index;
-        let bytes = next.bytes;
         in_flight.spawn(async move {
-            let n = next.notification;
-            let attempt = sender.send(&n).await;
+            let ClaimedRow {
+                notification: n,
+                claim,
+                bytes,
+            } = next;
+            let attempt = lane.attempt(lane.format.render(&n.event)).await;
             drop(permit);
             // The event is done with: move the fields observers name instead of copying.
-            let _ = done.send(Done::Attempted {
-                lane: lane_index,
+            let _ = done.send(Done {
+                lane: lane.index,
                 id: n.id,
+                claim,
                 bytes,
-                attempts_before: n.attempts,
-                attempt,
-                commit_time: n.event.commit_time,
-                entity: n.event.entity,
-                entity_id: n.event.entity_id,
+                what: Ended::Attempted {
+                    attempts_before: n.attempts,
+                    attempt,
+                    commit_time: n.event.commit_time,
+                    entity: n.event.entity,
+                    entity_id: n.event.entity_id,
+                },
             });
         });
     }
@@ -652,6 +739,8 @@ async fn start_loop(
 /// What recording a batch changes in the lanes once it is written.
 #[derive(Default)]
 struct LaneEffect {
+    /// The notifications whose outcomes this batch records, with their claims.
+    finished_ids: Vec<(i64, u64)>,
     finished: usize,
     /// Received bytes of the finished notifications.
     finished_bytes: u64,
@@ -700,49 +789,40 @@ fn build_batch(
 ) -> (Completions, Vec<LaneEffect>) {
     let mut batch = Completions::default();
     let mut effects: Vec<LaneEffect> = lanes.iter().map(|_| LaneEffect::default()).collect();
-    for outcome in outcomes {
-        let lane_index = match &outcome {
-            Done::Attempted { lane, .. }
-            | Done::Unreadable { lane, .. }
-            | Done::Release { lane, .. } => *lane,
-        };
-        let (Some(lane), Some(effect)) = (lanes.get(lane_index), effects.get_mut(lane_index))
-        else {
+    for done in outcomes {
+        let (Some(lane), Some(effect)) = (lanes.get(done.lane), effects.get_mut(done.lane)) else {
             continue;
         };
         effect.finished += 1;
-        match outcome {
-            Done::Release { id, bytes, .. } => {
-                effect.finished_bytes += bytes;
+        effect.finished_ids.push((done.id, done.claim));
+        effect.finished_bytes += done.bytes;
+        match done.what {
+            Ended::Release => {
                 effect.behind_cursor = true;
-                batch.release.push(id);
+                batch.release.push(done.id);
             }
-            Done::Unreadable { id, comment, .. } => {
+            Ended::Unreadable { comment } => {
                 effect.behind_cursor = true;
                 effect.gave_up += 1;
                 batch.failed.push(FailedAttemptRow {
-                    id,
+                    id: done.id,
                     status_code: None,
                     comment,
                     delay: Duration::ZERO,
                 });
             }
-            Done::Attempted {
-                id,
+            Ended::Attempted {
                 attempts_before,
                 attempt,
                 commit_time,
                 entity,
                 entity_id,
-                bytes,
-                ..
             } => {
-                effect.finished_bytes += bytes;
-                let observe = |outcome: Observed, comment: Option<&str>| {
+                let report = |outcome: Observed, comment: Option<&str>| {
                     if let Some(o) = observer {
                         o.attempted(&AttemptReport {
                             listener: lane.config.name.as_str(),
-                            notification_id: id,
+                            notification_id: done.id,
                             entity: &entity,
                             entity_id: &entity_id,
                             outcome,
@@ -754,76 +834,83 @@ fn build_batch(
                 let made = u32::try_from(attempts_before)
                     .unwrap_or(0)
                     .saturating_add(1);
-                let status_code = attempt.status_code.map(i32::from);
-                let comment = || {
-                    attempt
-                        .comment
-                        .clone()
-                        .unwrap_or_else(|| match attempt.status_code {
-                            Some(code) => {
-                                format!("HTTP {code} from {}", lane.sender.url_redacted())
-                            }
-                            None => format!("delivery to {} failed", lane.sender.url_redacted()),
-                        })
-                };
-                let left_queue = match attempt.verdict {
-                    Verdict::Delivered => {
-                        observe(Observed::Delivered, None);
-                        effect.delivered += 1;
-                        batch.delivered.push(DeliveredRow {
-                            id,
-                            status_code,
-                            latency_ms: i32::try_from(attempt.latency.as_millis())
-                                .unwrap_or(i32::MAX),
-                        });
-                        true
-                    }
-                    Verdict::Retry if made < lane.config.max_attempts => {
-                        let delay =
-                            next_attempt_delay(made, &lane.config.backoff, attempt.retry_after);
-                        let due = Instant::now() + delay + DUE_SLACK;
-                        effect.earliest_retry =
-                            Some(effect.earliest_retry.map_or(due, |e| e.min(due)));
-                        let comment = comment();
-                        observe(Observed::WillRetry, Some(&comment));
-                        effect.last_failure = Some(comment.clone());
-                        batch.retry.push(FailedAttemptRow {
-                            id,
-                            status_code,
-                            comment,
-                            delay,
-                        });
-                        false
-                    }
-                    // A final verdict, or a retry after the last attempt: give up.
-                    verdict => {
-                        let comment = match verdict {
-                            Verdict::Retry => format!(
-                                "{} (the last of {} attempts)",
-                                comment(),
-                                lane.config.max_attempts
-                            ),
-                            _ => comment(),
-                        };
-                        observe(Observed::Failed, Some(&comment));
-                        effect.last_failure = Some(comment.clone());
-                        effect.gave_up += 1;
-                        batch.failed.push(FailedAttemptRow {
-                            id,
-                            status_code,
-                            comment,
-                            delay: Duration::ZERO,
-                        });
-                        true
-                    }
-                };
-                if left_queue {
+                if judge(lane, done.id, made, &attempt, &mut batch, effect, report) {
                     effect.completed.push(EntityKey { entity, entity_id });
                 }
             }
         }
     }
     (batch, effects)
+}
+
+/// Applies the retry policy to one attempt (the `made`-th): the row to write, the lane's
+/// bookkeeping and the observers' report. Returns whether the notification leaves
+/// `walhook.new` (delivered or given up on), which unblocks its entity's next change.
+fn judge(
+    lane: &Lane,
+    id: i64,
+    made: u32,
+    attempt: &Attempt,
+    batch: &mut Completions,
+    effect: &mut LaneEffect,
+    report: impl Fn(Observed, Option<&str>),
+) -> bool {
+    let status_code = attempt.status_code.map(i32::from);
+    // Sinks word their failures; this covers one that gave no comment.
+    let comment = || {
+        attempt
+            .comment
+            .clone()
+            .unwrap_or_else(|| format!("{} ({})", attempt.outcome.describe(), lane.sink.target()))
+    };
+    match attempt.verdict() {
+        Verdict::Delivered => {
+            report(Observed::Delivered, None);
+            effect.delivered += 1;
+            batch.delivered.push(DeliveredRow {
+                id,
+                status_code,
+                latency_ms: i32::try_from(attempt.latency.as_millis()).unwrap_or(i32::MAX),
+            });
+            true
+        }
+        Verdict::Retry if made < lane.config.max_attempts => {
+            let delay = next_attempt_delay(made, &lane.config.backoff, attempt.retry_after);
+            let due = Instant::now() + delay + DUE_SLACK;
+            effect.earliest_retry = Some(effect.earliest_retry.map_or(due, |e| e.min(due)));
+            let comment = comment();
+            report(Observed::WillRetry, Some(&comment));
+            effect.last_failure = Some(comment.clone());
+            batch.retry.push(FailedAttemptRow {
+                id,
+                status_code,
+                comment,
+                delay,
+            });
+            false
+        }
+        // A final verdict, or a retry after the last attempt: give up.
+        verdict => {
+            let comment = match verdict {
+                Verdict::Retry => format!(
+                    "{} (the last of {} attempts)",
+                    comment(),
+                    lane.config.max_attempts
+                ),
+                _ => comment(),
+            };
+            report(Observed::Failed, Some(&comment));
+            effect.last_failure = Some(comment.clone());
+            effect.gave_up += 1;
+            batch.failed.push(FailedAttemptRow {
+                id,
+                status_code,
+                comment,
+                delay: Duration::ZERO,
+            });
+            true
+        }
+    }
 }
 
 /// Writes one batch, retrying transient errors (for a bounded time once stopping).
@@ -875,6 +962,8 @@ fn apply(lanes: &[Arc<Lane>], shared: &Shared, effects: Vec<LaneEffect>) {
         if effect.finished == 0 {
             continue;
         }
+        // Recorded (or, after a failed write, left to expire): no longer renewed.
+        lane.leases.forget(&effect.finished_ids);
         if let Some(due) = effect.earliest_retry {
             lane.schedule(due);
         }
@@ -919,6 +1008,58 @@ fn apply(lanes: &[Arc<Lane>], shared: &Shared, effects: Vec<LaneEffect>) {
             effect.completed,
         );
         lane.wake.notify_one();
+    }
+}
+
+/// Renews the leases of one listener's held notifications before they get too short
+/// (see [`LeaseTimes::renew_before`]), until `until` is cancelled after the last outcome
+/// is recorded. A failed renewal is retried at the next round; meanwhile the starter lets
+/// no attempt begin that its lease could not see through.
+async fn renew_loop(
+    lane: Arc<Lane>,
+    link: Arc<Link>,
+    shared: Arc<Shared>,
+    until: CancellationToken,
+) {
+    let mut rounds = tokio::time::interval(lane.lease.renew_every);
+    rounds.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = rounds.tick() => {}
+            _ = until.cancelled() => return,
+        }
+        let due = lane.leases.due(lane.lease.renew_before(Instant::now()));
+        if due.is_empty() || shared.failed() {
+            continue;
+        }
+        let ids: Vec<i64> = due.iter().map(|(id, _)| *id).collect();
+        let sent = Instant::now();
+        let length = lane.lease.length;
+        let renewal = on_store(&link, "renewing leases", |store| {
+            let ids = &ids;
+            async move { store.renew(ids, length).await }
+        });
+        let result = tokio::select! {
+            result = renewal => result,
+            _ = until.cancelled() => return,
+        };
+        match result {
+            Ok(kept) => {
+                link.healthy();
+                let lost = lane.leases.renewed(&due, &kept, sent + length);
+                if lost > 0 {
+                    debug!(
+                        listener = lane.name(),
+                        lost,
+                        "leases no longer held (outcomes recorded meanwhile, or taken over after a database outage)"
+                    );
+                }
+            }
+            Err((store, e)) if e.class() == ErrorClass::Transient => {
+                link.broken(store.as_ref(), &e).await;
+            }
+            Err((_, e)) => shared.fail(e),
+        }
     }
 }
 
@@ -980,17 +1121,6 @@ mod tests {
             })
             .is_none()
         );
-    }
-
-    #[test]
-    fn lease_holders_on_this_host_name_their_pid() {
-        assert_eq!(local_pid("db1:4242:0a1b2c3d", "db1"), Some(4242));
-        assert_eq!(local_pid("db10:4242:0a1b2c3d", "db1"), None);
-        assert_eq!(local_pid("db2:4242:0a1b2c3d", "db1"), None);
-        assert_eq!(local_pid("db1:x:0a1b2c3d", "db1"), None);
-        let owner = lease_owner("db1");
-        assert_eq!(local_pid(&owner, "db1"), Some(std::process::id()));
-        assert_ne!(owner, lease_owner("db1"));
     }
 
     #[test]

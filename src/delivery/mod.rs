@@ -1,65 +1,36 @@
 //! Delivery: claims due notifications from `walhook.new` and sends them to listeners.
 //!
-//! Knows listeners and HTTP; never touches the replication stream. Capture never waits on
-//! delivery: the two meet only in the queue tables.
+//! Never touches the replication stream; capture never waits on delivery: the two meet
+//! only in the queue tables. The dispatcher, the retry policy and the observers see a
+//! listener only through two seams:
+//!
+//! * [`format::Format`] turns one event or a batch into a [`format::Message`] (body,
+//!   content type, attributes);
+//! * [`sink::Sink`] carries a message to the listener and reports the [`Attempt`] in
+//!   transport-neutral terms ([`policy::Outcome`]), which the policy table maps to a
+//!   [`Verdict`]. Signing, headers and authentication belong to the sink.
+//!
+//! A new format is one file in `format/`, one variant of `Format` (with its match arms
+//! in `format/mod.rs`) and one variant of `config::ListenerFormat`. A new sink (NATS
+//! JetStream) is one file in `sink/`, one variant of `Sink` and `SinkError` (with their
+//! match arms in `sink/mod.rs`) and the config that chooses it (the listener's url scheme).
+//! Nothing in the dispatcher or the policy changes.
 
 pub mod dispatcher;
-pub mod http;
-pub mod payload;
+pub mod format;
+mod lease;
 pub mod policy;
 pub mod signature;
+pub mod sink;
 
 use std::time::{Duration, SystemTime};
 
-use serde_json::Value;
-use uuid::Uuid;
-
-use crate::types::{Action, Lsn};
-
-/// An event as stored in `walhook.event`, read back for delivery.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StoredEvent {
-    /// The stable event id listeners use to drop duplicates.
-    pub event_id: Uuid,
-    /// Commit LSN of the source transaction.
-    pub commit_lsn: Lsn,
-    /// Ordinal of the change within its transaction.
-    pub seq: i32,
-    /// Source commit time.
-    pub commit_time: SystemTime,
-    /// Entity type, e.g. `Customer`.
-    pub entity: String,
-    /// Entity id (text; JSON array text for composite ids).
-    pub entity_id: String,
-    /// What happened.
-    pub action: Action,
-    /// Changed columns; `None` when unknown or not an update.
-    pub changed_fields: Option<Vec<String>>,
-    /// The row (new row; old row for deletes).
-    pub row: Value,
-    /// The old row where known.
-    pub old: Option<Value>,
-    /// Subject rendered from the entity's template.
-    pub subject: Option<String>,
-    /// `schema.table` the change came from.
-    pub source_table: String,
-}
-
-/// A notification claimed for delivery: one event for one listener.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Notification {
-    /// Notification id (stable across `walhook.new` / `processed` / `failed`).
-    pub id: i64,
-    /// Attempts made before this one.
-    pub attempts: i32,
-    /// The event to deliver.
-    pub event: StoredEvent,
-}
+use policy::Outcome;
 
 /// What to do after an attempt: the retry policy's answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// 2xx: move to `walhook.processed`.
+    /// Accepted: move to `walhook.processed`.
     Delivered,
     /// Worth another attempt after a backoff (until `max_attempts`).
     Retry,
@@ -67,25 +38,33 @@ pub enum Verdict {
     Fail,
 }
 
-/// The result of one delivery attempt.
+/// The result of one delivery attempt, as a sink reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attempt {
-    /// The policy's verdict.
-    pub verdict: Verdict,
-    /// HTTP status, when an answer came.
+    /// What the attempt ended with; [`Attempt::verdict`] reads the policy for it.
+    pub outcome: Outcome,
+    /// The listener's status code, where the transport has one (HTTP); stored in the
+    /// queue tables' status code columns.
     pub status_code: Option<u16>,
     /// One line a DBA understands, for failures: what happened and where.
     pub comment: Option<String>,
-    /// The listener asked to wait this long (429/503 Retry-After).
+    /// The listener asked to wait this long before the next attempt.
     pub retry_after: Option<Duration>,
-    /// Time from sending the request to the end of the answer (or the failure).
+    /// Time from sending the message to the end of the answer (or the failure).
     pub latency: Duration,
+}
+
+impl Attempt {
+    /// The retry policy's verdict for this attempt.
+    pub fn verdict(&self) -> Verdict {
+        self.outcome.verdict()
+    }
 }
 
 /// What became of one attempt, as observers (metrics, monitors) see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observed {
-    /// Delivered (2xx); moved to `walhook.processed`.
+    /// Delivered; moved to `walhook.processed`.
     Delivered,
     /// Failed; another attempt is scheduled.
     WillRetry,
@@ -117,4 +96,8 @@ pub struct AttemptReport<'a> {
 pub trait DeliveryObserver: Send + Sync {
     /// One attempt ended.
     fn attempted(&self, report: &AttemptReport<'_>);
+
+    /// The claim loop of a listener went round once (claimed, or looked and found nothing):
+    /// delivery is alive, busy or idle by design.
+    fn alive(&self) {}
 }

@@ -1,50 +1,52 @@
 //! The retry policy as data: which outcomes are retried, and how long to wait.
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rand::RngExt as _;
 
 use super::Verdict;
 use crate::config::Backoff;
 
-/// What one attempt ended with, in the classes the policy distinguishes.
+/// What one attempt ended with, in the transport-neutral classes the policy
+/// distinguishes. Each sink maps its own answers onto these (HTTP: see `sink::http`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Outcome {
-    /// 200–299.
-    Success2xx,
-    /// 300–399.
-    Redirect3xx,
-    /// 408 Request Timeout.
-    RequestTimeout408,
-    /// 429 Too Many Requests.
-    TooManyRequests429,
-    /// Any other 400–499.
-    OtherClientError4xx,
-    /// 500–599.
-    ServerError5xx,
-    /// No complete answer within the listener's timeout.
-    Timeout,
-    /// The TCP/TLS connection could not be made (refused, unreachable, DNS).
-    ConnectFailed,
-    /// Anything else on the wire: reset connection, malformed answer, 1xx or non-HTTP status.
-    OtherTransport,
+    /// The listener took the message (HTTP 2xx, a broker's acknowledgement).
+    Accepted,
+    /// The listener points somewhere else (HTTP 3xx).
+    Moved,
+    /// The listener asks to slow down (HTTP 429), perhaps saying for how long.
+    Throttled,
+    /// The listener understood the message and refused it (HTTP 4xx but 408 and 429).
+    Rejected,
+    /// The listener failed to handle the message (HTTP 5xx).
+    ListenerError,
+    /// No complete answer in time, on either side (the attempt's timeout, HTTP 408).
+    TimedOut,
+    /// No connection could be made (refused, unreachable, DNS).
+    Unreachable,
+    /// Anything else in transit: a reset connection, a malformed or unknown answer.
+    TransportError,
+    /// The transport cannot carry the message as rendered (a value its headers cannot
+    /// hold, a body over its size limit): the same message would fail again.
+    Unsendable,
 }
 
 /// The policy table, in the order a reader expects. Edit here, nowhere else.
 pub const POLICY: [(Outcome, Verdict); 9] = [
-    (Outcome::Success2xx, Verdict::Delivered),
-    // Redirects are not followed: a POST replayed elsewhere can leak the body and the
+    (Outcome::Accepted, Verdict::Delivered),
+    // Redirects are not followed: a message replayed elsewhere can leak the body and the
     // signature to a host the operator never configured. The comment tells the operator
-    // to set the listener url to the redirect's Location instead.
-    (Outcome::Redirect3xx, Verdict::Fail),
-    (Outcome::RequestTimeout408, Verdict::Retry),
-    (Outcome::TooManyRequests429, Verdict::Retry),
-    // The listener understood and refused the request: sending it again cannot help.
-    (Outcome::OtherClientError4xx, Verdict::Fail),
-    (Outcome::ServerError5xx, Verdict::Retry),
-    (Outcome::Timeout, Verdict::Retry),
-    (Outcome::ConnectFailed, Verdict::Retry),
-    (Outcome::OtherTransport, Verdict::Retry),
+    // to set the listener url to the new location instead.
+    (Outcome::Moved, Verdict::Fail),
+    (Outcome::Throttled, Verdict::Retry),
+    // The listener understood and refused the message: sending it again cannot help.
+    (Outcome::Rejected, Verdict::Fail),
+    (Outcome::ListenerError, Verdict::Retry),
+    (Outcome::TimedOut, Verdict::Retry),
+    (Outcome::Unreachable, Verdict::Retry),
+    (Outcome::TransportError, Verdict::Retry),
+    (Outcome::Unsendable, Verdict::Fail),
 ];
 
 /// Longest wait a listener's `Retry-After` can impose; beyond that it is likely a mistake.
@@ -54,18 +56,18 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 const JITTER: f64 = 0.2;
 
 impl Outcome {
-    /// The class of an HTTP status code.
-    pub fn from_status(status: u16) -> Outcome {
-        match status {
-            200..=299 => Outcome::Success2xx,
-            300..=399 => Outcome::Redirect3xx,
-            408 => Outcome::RequestTimeout408,
-            429 => Outcome::TooManyRequests429,
-            400..=499 => Outcome::OtherClientError4xx,
-            500..=599 => Outcome::ServerError5xx,
-            _ => Outcome::OtherTransport,
-        }
-    }
+    /// Every outcome, for tables and tests.
+    pub const ALL: [Outcome; 9] = [
+        Outcome::Accepted,
+        Outcome::Moved,
+        Outcome::Throttled,
+        Outcome::Rejected,
+        Outcome::ListenerError,
+        Outcome::TimedOut,
+        Outcome::Unreachable,
+        Outcome::TransportError,
+        Outcome::Unsendable,
+    ];
 
     /// The policy's verdict for this outcome, read from [`POLICY`].
     pub fn verdict(self) -> Verdict {
@@ -77,9 +79,19 @@ impl Outcome {
             .unwrap_or(Verdict::Retry)
     }
 
-    /// Whether the answer's `Retry-After` header is honoured for this outcome.
-    pub fn reads_retry_after(status: u16) -> bool {
-        status == 429 || status == 503
+    /// The outcome in plain words, for a comment when a sink gives none.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Outcome::Accepted => "the listener accepted the message",
+            Outcome::Moved => "the listener has moved",
+            Outcome::Throttled => "the listener asked to slow down",
+            Outcome::Rejected => "the listener refused the message",
+            Outcome::ListenerError => "the listener failed to handle the message",
+            Outcome::TimedOut => "no answer in time",
+            Outcome::Unreachable => "the listener cannot be reached",
+            Outcome::TransportError => "the message could not be sent",
+            Outcome::Unsendable => "the transport cannot carry this message",
+        }
     }
 }
 
@@ -116,23 +128,6 @@ pub(crate) fn delay_with_jitter(
     }
 }
 
-/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (relative to `now`).
-/// A date in the past means "now"; anything else unreadable is ignored.
-pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    if value.is_empty() {
-        return None;
-    }
-    if value.bytes().all(|b| b.is_ascii_digit()) {
-        // An absurd number of seconds still means "wait long"; the cap applies later.
-        return Some(Duration::from_secs(
-            value.parse::<u64>().unwrap_or(u64::MAX),
-        ));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
-}
-
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -146,50 +141,26 @@ mod tests {
 
     #[test]
     fn every_outcome_appears_in_the_table_exactly_once() {
-        let all = [
-            Outcome::Success2xx,
-            Outcome::Redirect3xx,
-            Outcome::RequestTimeout408,
-            Outcome::TooManyRequests429,
-            Outcome::OtherClientError4xx,
-            Outcome::ServerError5xx,
-            Outcome::Timeout,
-            Outcome::ConnectFailed,
-            Outcome::OtherTransport,
-        ];
-        for o in all {
+        for o in Outcome::ALL {
             assert_eq!(POLICY.iter().filter(|(p, _)| *p == o).count(), 1, "{o:?}");
         }
+        assert_eq!(POLICY.len(), Outcome::ALL.len());
     }
 
     #[test]
-    fn statuses_map_to_the_documented_verdicts() {
-        let cases = [
-            (200, Verdict::Delivered),
-            (204, Verdict::Delivered),
-            (299, Verdict::Delivered),
-            (301, Verdict::Fail),
-            (302, Verdict::Fail),
-            (307, Verdict::Fail),
-            (400, Verdict::Fail),
-            (401, Verdict::Fail),
-            (404, Verdict::Fail),
-            (408, Verdict::Retry),
-            (410, Verdict::Fail),
-            (429, Verdict::Retry),
-            (500, Verdict::Retry),
-            (502, Verdict::Retry),
-            (503, Verdict::Retry),
-            (599, Verdict::Retry),
-            (101, Verdict::Retry),
-            (600, Verdict::Retry),
-        ];
-        for (status, verdict) in cases {
-            assert_eq!(Outcome::from_status(status).verdict(), verdict, "{status}");
+    fn only_acceptance_delivers_and_only_refusals_fail_at_once() {
+        for o in Outcome::ALL {
+            let expected = match o {
+                Outcome::Accepted => Verdict::Delivered,
+                Outcome::Moved | Outcome::Rejected | Outcome::Unsendable => Verdict::Fail,
+                Outcome::Throttled
+                | Outcome::ListenerError
+                | Outcome::TimedOut
+                | Outcome::Unreachable
+                | Outcome::TransportError => Verdict::Retry,
+            };
+            assert_eq!(o.verdict(), expected, "{o:?}");
         }
-        assert_eq!(Outcome::Timeout.verdict(), Verdict::Retry);
-        assert_eq!(Outcome::ConnectFailed.verdict(), Verdict::Retry);
-        assert_eq!(Outcome::OtherTransport.verdict(), Verdict::Retry);
     }
 
     #[test]
@@ -228,31 +199,6 @@ mod tests {
         };
         let huge = Some(Duration::from_secs(86_400));
         assert_eq!(delay_with_jitter(1, &short_max, huge, 0.0), MAX_RETRY_AFTER);
-    }
-
-    #[test]
-    fn retry_after_parses_seconds_and_http_dates() {
-        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
-            Some(Duration::from_secs(90))
-        );
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(parse_retry_after("-5", now), None);
-        assert_eq!(parse_retry_after("soon", now), None);
-        assert_eq!(parse_retry_after("", now), None);
-        assert_eq!(
-            parse_retry_after("99999999999999999999999", now),
-            Some(Duration::from_secs(u64::MAX))
-        );
     }
 
     proptest! {

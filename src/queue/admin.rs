@@ -1,5 +1,6 @@
-//! Operator tools over the queue tables: the status report, browsing and requeueing Failed
-//! notifications, and retention (pruning old Processed notifications and events).
+//! Operator tools over the queue tables: the status report, browsing, requeueing and
+//! discarding Failed notifications, and retention (pruning old Processed and Discarded
+//! notifications and events).
 //!
 //! Every statement here is short so that none holds locks the dispatcher waits on for long.
 
@@ -30,24 +31,43 @@ pub enum NotificationStatus {
     Processed,
     /// In `walhook.failed`, given up on.
     Failed,
+    /// In `walhook.discarded`: Failed, then discarded by an operator with a reason.
+    Discarded,
 }
 
 impl NotificationStatus {
+    /// Every status, in the order a notification can reach them.
+    pub const ALL: [NotificationStatus; 4] = [
+        NotificationStatus::New,
+        NotificationStatus::Processed,
+        NotificationStatus::Failed,
+        NotificationStatus::Discarded,
+    ];
+
     /// The status as the queue tables and the `walhook.notification` view spell it.
     pub fn as_str(self) -> &'static str {
         match self {
             NotificationStatus::New => "New",
             NotificationStatus::Processed => "Processed",
             NotificationStatus::Failed => "Failed",
+            NotificationStatus::Discarded => "Discarded",
         }
     }
 
-    fn parse(s: &str) -> Option<Self> {
-        match s {
-            "New" => Some(NotificationStatus::New),
-            "Processed" => Some(NotificationStatus::Processed),
-            "Failed" => Some(NotificationStatus::Failed),
-            _ => None,
+    /// The status spelled as [`NotificationStatus::as_str`] does.
+    pub fn parse(s: &str) -> Option<Self> {
+        NotificationStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
+    }
+
+    /// The queue table holding notifications of this status.
+    pub fn table(self) -> &'static str {
+        match self {
+            NotificationStatus::New => "walhook.new",
+            NotificationStatus::Processed => "walhook.processed",
+            NotificationStatus::Failed => "walhook.failed",
+            NotificationStatus::Discarded => "walhook.discarded",
         }
     }
 }
@@ -458,37 +478,61 @@ pub enum RetrySelection {
     All,
 }
 
-/// An id given to [`retry_failed`] that was not requeued, and where it is instead.
+/// What an operator asked to do with Failed notifications, for messages about ids that
+/// were not moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailedAction {
+    /// Move back to `walhook.new` ([`retry_failed`]).
+    Requeue,
+    /// Move to `walhook.discarded` ([`discard_failed`]).
+    Discard,
+}
+
+impl FailedAction {
+    fn done(self) -> &'static str {
+        match self {
+            FailedAction::Requeue => "requeued",
+            FailedAction::Discard => "discarded",
+        }
+    }
+}
+
+/// An id given to [`retry_failed`] or [`discard_failed`] that was not moved, and where it
+/// is instead.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotRequeued {
     /// The id asked for.
     pub id: i64,
     /// Where the notification is and whose it is; `None` if no notification has this id.
     pub found: Option<(NotificationStatus, String)>,
+    /// What was asked.
+    pub action: FailedAction,
 }
 
 impl std::fmt::Display for NotRequeued {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let id = self.id;
         match &self.found {
             None => write!(
                 f,
-                "notification {} does not exist (never created, or pruned after delivery)",
-                self.id
+                "notification {id} does not exist (never created, or pruned after delivery)"
             ),
             Some((NotificationStatus::New, l)) => write!(
                 f,
-                "notification {} is not Failed: it is New (in walhook.new, waiting for delivery to listener {l:?})",
-                self.id
+                "notification {id} is not Failed: it is New (in walhook.new, waiting for delivery to listener {l:?})"
             ),
             Some((NotificationStatus::Processed, l)) => write!(
                 f,
-                "notification {} is not Failed: it is Processed (delivered to listener {l:?})",
-                self.id
+                "notification {id} is not Failed: it is Processed (delivered to listener {l:?})"
+            ),
+            Some((NotificationStatus::Discarded, l)) => write!(
+                f,
+                "notification {id} is not Failed: it was Discarded (listener {l:?}; see walhook.discarded for why)"
             ),
             Some((NotificationStatus::Failed, l)) => write!(
                 f,
-                "notification {} is Failed for listener {l:?}, not the one given with --listener; not requeued",
-                self.id
+                "notification {id} is Failed for listener {l:?}, not the one given with --listener; not {}",
+                self.action.done()
             ),
         }
     }
@@ -531,71 +575,195 @@ const LOCATE: &str = "SELECT id, 'New', listener FROM walhook.new WHERE id = ANY
 UNION ALL
 SELECT id, 'Processed', listener FROM walhook.processed WHERE id = ANY($1)
 UNION ALL
-SELECT id, 'Failed', listener FROM walhook.failed WHERE id = ANY($1)";
+SELECT id, 'Failed', listener FROM walhook.failed WHERE id = ANY($1)
+UNION ALL
+SELECT id, 'Discarded', listener FROM walhook.discarded WHERE id = ANY($1)";
 
-/// Moves Failed notifications back to `walhook.new` (attempts 0, due now, the comment
-/// saying when and after what). Ids that were not requeued are reported, not errors: the
-/// others are still requeued.
-pub async fn retry_failed(
-    client: &Client,
-    listener: Option<&str>,
-    selection: &RetrySelection,
-) -> Result<RetryOutcome, QueueError> {
-    let ids: Option<Vec<i64>> = match selection {
+/// The ids of `selection`, sorted and without duplicates; `None` for all.
+fn selected_ids(selection: &RetrySelection) -> Option<Vec<i64>> {
+    match selection {
         RetrySelection::All => None,
         RetrySelection::Ids(ids) => {
             let mut ids = ids.clone();
             ids.sort_unstable();
             ids.dedup();
-            if ids.is_empty() {
-                return Ok(RetryOutcome::default());
-            }
             Some(ids)
         }
-    };
-    let err = || db_error("moving Failed notifications back to walhook.new", USE);
-    let mut requeued = Vec::new();
-    for row in client
-        .query(REQUEUE, &[&listener, &ids])
-        .await
-        .map_err(err())?
-    {
-        requeued.push(row.try_get::<_, i64>(0).map_err(err())?);
     }
-    requeued.sort_unstable();
+}
+
+/// Runs one move statement (params: listener, ids) and returns the moved ids, ascending.
+async fn move_failed(
+    client: &Client,
+    sql: &str,
+    listener: Option<&str>,
+    ids: &Option<Vec<i64>>,
+    extra: Option<&str>,
+    context: &'static str,
+) -> Result<Vec<i64>, QueueError> {
+    let err = || db_error(context, USE);
+    let rows = match extra {
+        None => client.query(sql, &[&listener, ids]).await,
+        Some(extra) => client.query(sql, &[&listener, ids, &extra]).await,
+    }
+    .map_err(err())?;
+    let mut moved = Vec::with_capacity(rows.len());
+    for row in rows {
+        moved.push(row.try_get::<_, i64>(0).map_err(err())?);
+    }
+    moved.sort_unstable();
+    Ok(moved)
+}
+
+/// Where the ids of `asked` that are not in `moved` (both ascending) are instead.
+async fn not_moved(
+    client: &Client,
+    asked: Option<Vec<i64>>,
+    moved: &[i64],
+    action: FailedAction,
+) -> Result<Vec<NotRequeued>, QueueError> {
+    let Some(asked) = asked else {
+        return Ok(Vec::new());
+    };
+    let missing: Vec<i64> = asked
+        .into_iter()
+        .filter(|id| moved.binary_search(id).is_err())
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let err = || db_error("looking up notifications that were not moved", USE);
+    let rows = client.query(LOCATE, &[&missing]).await.map_err(err())?;
+    let mut out = Vec::with_capacity(missing.len());
+    for id in missing {
+        let mut found = None;
+        for row in &rows {
+            if row.try_get::<_, i64>(0).map_err(err())? == id {
+                let status: String = row.try_get(1).map_err(err())?;
+                if let Some(status) = NotificationStatus::parse(&status) {
+                    found = Some((status, row.try_get(2).map_err(err())?));
+                }
+            }
+        }
+        out.push(NotRequeued { id, found, action });
+    }
+    Ok(out)
+}
+
+/// Moves Failed notifications back to `walhook.new` (attempts 0, due now, the comment
+/// saying when and after what). Ids that were not requeued are reported, not errors: the
+/// others are still requeued. `walhook retry` and the web console both call this.
+pub async fn retry_failed(
+    client: &Client,
+    listener: Option<&str>,
+    selection: &RetrySelection,
+) -> Result<RetryOutcome, QueueError> {
+    let ids = selected_ids(selection);
+    if ids.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(RetryOutcome::default());
+    }
+    let requeued = move_failed(
+        client,
+        REQUEUE,
+        listener,
+        &ids,
+        None,
+        "moving Failed notifications back to walhook.new",
+    )
+    .await?;
     // The rows are moved already; a dispatcher that misses the wake-up finds them by polling.
     if !requeued.is_empty()
         && let Err(e) = client.execute(WAKE_DISPATCHERS, &[]).await
     {
         tracing::warn!(error = %e, "requeued notifications but could not wake the dispatchers; they will find them on their next poll");
     }
-
-    let mut not_requeued = Vec::new();
-    if let Some(ids) = ids {
-        let missing: Vec<i64> = ids
-            .into_iter()
-            .filter(|id| requeued.binary_search(id).is_err())
-            .collect();
-        if !missing.is_empty() {
-            let err = || db_error("looking up notifications that were not requeued", USE);
-            let rows = client.query(LOCATE, &[&missing]).await.map_err(err())?;
-            for id in missing {
-                let mut found = None;
-                for row in &rows {
-                    if row.try_get::<_, i64>(0).map_err(err())? == id {
-                        let status: String = row.try_get(1).map_err(err())?;
-                        if let Some(status) = NotificationStatus::parse(&status) {
-                            found = Some((status, row.try_get(2).map_err(err())?));
-                        }
-                    }
-                }
-                not_requeued.push(NotRequeued { id, found });
-            }
-        }
-    }
+    let not_requeued = not_moved(client, ids, &requeued, FailedAction::Requeue).await?;
     Ok(RetryOutcome {
         requeued,
         not_requeued,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// discard
+
+/// Why an operator discards Failed notifications: one line, never empty.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiscardReason(String);
+
+impl DiscardReason {
+    /// Longest reason kept, in characters; longer ones are cut.
+    pub const MAX_CHARS: usize = 500;
+
+    /// The reason with control characters turned into spaces and cut to
+    /// [`DiscardReason::MAX_CHARS`]; `None` when nothing but white space is left.
+    pub fn new(text: &str) -> Option<DiscardReason> {
+        let line: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(Self::MAX_CHARS)
+            .collect();
+        let line = line.trim();
+        (!line.is_empty()).then(|| DiscardReason(line.to_owned()))
+    }
+
+    /// The reason.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// What [`discard_failed`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DiscardOutcome {
+    /// Ids moved to `walhook.discarded`, ascending.
+    pub discarded: Vec<i64>,
+    /// Ids asked for that were not in `walhook.failed` (for the listener).
+    pub not_discarded: Vec<NotRequeued>,
+}
+
+/// One statement, like [`REQUEUE`]: $1 listener (NULL: any), $2 ids (NULL: all), $3 reason.
+const DISCARD: &str = "WITH moved AS (
+    DELETE FROM walhook.failed f
+    WHERE ($1::text IS NULL OR f.listener = $1)
+      AND ($2::bigint[] IS NULL OR f.id = ANY($2))
+    RETURNING f.*
+)
+INSERT INTO walhook.discarded (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                               attempts, created_at, failed_at, last_status_code, comment,
+                               discarded_at, reason)
+SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts, created_at,
+       failed_at, last_status_code, comment, now(), $3::text
+FROM moved
+RETURNING id";
+
+/// Moves Failed notifications to `walhook.discarded` with `reason`: they are never
+/// delivered, retention prunes them (and then their events) like Processed ones. Ids that
+/// were not discarded are reported, not errors. `walhook discard` and the web console both
+/// call this.
+pub async fn discard_failed(
+    client: &Client,
+    listener: Option<&str>,
+    selection: &RetrySelection,
+    reason: &DiscardReason,
+) -> Result<DiscardOutcome, QueueError> {
+    let ids = selected_ids(selection);
+    if ids.as_ref().is_some_and(Vec::is_empty) {
+        return Ok(DiscardOutcome::default());
+    }
+    let discarded = move_failed(
+        client,
+        DISCARD,
+        listener,
+        &ids,
+        Some(reason.as_str()),
+        "moving Failed notifications to walhook.discarded",
+    )
+    .await?;
+    let not_discarded = not_moved(client, ids, &discarded, FailedAction::Discard).await?;
+    Ok(DiscardOutcome {
+        discarded,
+        not_discarded,
     })
 }
 
@@ -607,6 +775,8 @@ pub async fn retry_failed(
 pub struct PruneOutcome {
     /// Rows deleted from `walhook.processed`.
     pub processed: u64,
+    /// Rows deleted from `walhook.discarded`.
+    pub discarded: u64,
     /// Rows deleted from `walhook.event`.
     pub events: u64,
 }
@@ -617,6 +787,11 @@ const PRUNE_CUTOFF: &str = "SELECT now() - $1::float8 * interval '1 second'";
 pub const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
     SELECT id FROM walhook.processed WHERE delivered_at < $1
     ORDER BY delivered_at LIMIT $2
+)";
+
+const PRUNE_DISCARDED: &str = "DELETE FROM walhook.discarded WHERE id IN (
+    SELECT id FROM walhook.discarded WHERE discarded_at < $1
+    ORDER BY discarded_at LIMIT $2
 )";
 
 /// An event goes only when no notification of it is New or Failed (a Processed one may
@@ -633,7 +808,8 @@ pub const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
     FOR UPDATE SKIP LOCKED
 )";
 
-/// Deletes Processed notifications delivered more than `retention` ago, then events queued
+/// Deletes Processed notifications delivered more than `retention` ago, Discarded ones
+/// discarded more than `retention` ago, then events queued
 /// more than `retention` ago that have no New or Failed notification, `batch` rows per
 /// statement (each its own short transaction), yielding between batches.
 pub async fn prune(
@@ -656,9 +832,21 @@ pub async fn prune(
         "pruning walhook.processed",
     )
     .await?;
+    let discarded = delete_in_batches(
+        client,
+        PRUNE_DISCARDED,
+        cutoff,
+        batch,
+        "pruning walhook.discarded",
+    )
+    .await?;
     let events =
         delete_in_batches(client, PRUNE_EVENTS, cutoff, batch, "pruning walhook.event").await?;
-    Ok(PruneOutcome { processed, events })
+    Ok(PruneOutcome {
+        processed,
+        discarded,
+        events,
+    })
 }
 
 async fn delete_in_batches(

@@ -17,16 +17,14 @@
 //! Each is one statement (candidates, row locks with SKIP LOCKED, leases, the events), sized
 //! by a count and by a byte budget over the stored size of the events' `row` and `old`.
 
-use std::time::SystemTime;
-
 use futures_util::TryStreamExt;
-use serde_json::Value;
 use tokio_postgres::types::{FromSql, PgLsn, ToSql, Type};
 use tokio_postgres::{Client, Row, Statement};
 use uuid::Uuid;
 
-use crate::delivery::{Notification, StoredEvent};
-use crate::types::{Action, Lsn};
+use super::Notification;
+use super::notifications::stored_event;
+use crate::types::Lsn;
 
 /// Candidates whose summed stored size is under `$3` bytes are kept (the first always is).
 /// Needs a CTE `scanned` of locked rows with the columns of `scanned_columns!`; defines
@@ -59,14 +57,15 @@ macro_rules! scanned_columns {
     };
 }
 
-/// Leases the rows of CTE `$from` (alias `r`) that meet `$cond` for `$4` ms to holder `$5`;
-/// defines `claimed`.
+/// Leases the rows of CTE `$from` (alias `r`) that meet `$cond` for `$4` ms to holder `$5`,
+/// counted from the moment each row is taken (`clock_timestamp()`, not the statement's
+/// start, so a slow claim does not shorten its leases); defines `claimed`.
 macro_rules! lease {
     ($from:literal, $cond:literal) => {
         concat!(
             "claimed AS (
     UPDATE walhook.new n
-    SET locked_until = now() + $4::float8 * interval '1 millisecond',
+    SET locked_until = clock_timestamp() + $4::float8 * interval '1 millisecond',
         locked_by = $5::text
     FROM ",
             $from,
@@ -397,38 +396,23 @@ pub(super) async fn run_claim(
     Ok(claim)
 }
 
-/// Reads one claimed row's event; an error is the comment a DBA reads in `walhook.failed`.
+/// Reads one claimed row's event (columns from 4 on, in the order of
+/// [`super::notifications::stored_event`]); an error is the comment a DBA reads in
+/// `walhook.failed`.
 fn notification(row: &Row, id: i64) -> Result<Notification, String> {
     let read = || -> Result<Notification, String> {
-        let text = |e: tokio_postgres::Error| e.to_string();
-        let Some(event_id) = row.try_get::<_, Option<Uuid>>(4).map_err(text)? else {
+        // A LEFT JOIN: NULL event columns when the event is gone.
+        if row
+            .try_get::<_, Option<Uuid>>(4)
+            .map_err(|e| e.to_string())?
+            .is_none()
+        {
             return Err("its event is missing from walhook.event".to_owned());
-        };
-        let commit_lsn: PgLsn = row.try_get(5).map_err(text)?;
-        let action: String = row.try_get(10).map_err(text)?;
-        let action = match action.as_str() {
-            "Created" => Action::Created,
-            "Updated" => Action::Updated,
-            "Deleted" => Action::Deleted,
-            other => return Err(format!("unknown action {other:?} in walhook.event")),
-        };
+        }
         Ok(Notification {
             id,
-            attempts: row.try_get(2).map_err(text)?,
-            event: StoredEvent {
-                event_id,
-                commit_lsn: Lsn(u64::from(commit_lsn)),
-                seq: row.try_get(6).map_err(text)?,
-                commit_time: row.try_get::<_, SystemTime>(7).map_err(text)?,
-                entity: row.try_get(8).map_err(text)?,
-                entity_id: row.try_get(9).map_err(text)?,
-                action,
-                changed_fields: row.try_get(11).map_err(text)?,
-                row: row.try_get::<_, Value>(12).map_err(text)?,
-                old: row.try_get::<_, Option<Value>>(13).map_err(text)?,
-                subject: row.try_get(14).map_err(text)?,
-                source_table: row.try_get(15).map_err(text)?,
-            },
+            attempts: row.try_get(2).map_err(|e| e.to_string())?,
+            event: stored_event(row, 4)?,
         })
     };
     read().map_err(|detail| {

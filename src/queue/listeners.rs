@@ -29,7 +29,7 @@ pub async fn sync_listeners(
     listeners: &[ListenerConfig],
 ) -> Result<(), QueueError> {
     let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-    let urls: Vec<&str> = listeners.iter().map(|l| l.url_redacted.as_str()).collect();
+    let urls: Vec<&str> = listeners.iter().map(|l| l.url.redacted()).collect();
     let entities: Vec<Option<String>> = listeners
         .iter()
         .map(|l| {

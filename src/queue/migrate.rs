@@ -31,8 +31,18 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 3,
-        name: "0003_claim_cursor.sql",
-        sql: include_str!("../../sql/0003_claim_cursor.sql"),
+        name: "0003_capture.sql",
+        sql: include_str!("../../sql/0003_capture.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "0004_console.sql",
+        sql: include_str!("../../sql/0004_console.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_claim_cursor.sql",
+        sql: include_str!("../../sql/0005_claim_cursor.sql"),
     },
 ];
 

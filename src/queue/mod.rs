@@ -1,15 +1,18 @@
 //! The durable queue inside the source database: schema migrations, the batch writer that
 //! stores entity events and fans them out to listeners, and the single state row that
-//! remembers which source the queue belongs to and how far it is flushed.
+//! remembers which source the queue belongs to and how far it is flushed. Its model (a
+//! stored event, a notification claimed for a listener) is what delivery reads.
 //!
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
-mod batch;
+pub mod browse;
 mod claims;
 mod listeners;
 mod migrate;
+mod model;
 mod notifications;
+mod rejected;
 mod state;
 mod writer;
 
@@ -18,15 +21,18 @@ use tokio_postgres::error::SqlState;
 use crate::error::{Classify, ErrorClass};
 
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
-pub use batch::{Flush, FlushPolicy, Gathered, MAX_BATCH_BYTES, approx_bytes};
 pub use claims::{CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Claimed, Cursor, EntityKey, SWEEP};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
+pub use model::{Notification, StoredEvent};
 pub use notifications::{
     Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
     OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
 };
-pub use state::{QueueState, read_state, record_source};
+pub use state::{
+    CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
+    read_state, record_source, record_start, unalerted_gaps,
+};
 pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
 
 /// The statements that run per notification or per batch, for benchmarks and plan checks.
@@ -51,6 +57,9 @@ pub enum QueueError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The queue database could not be reached (or refused the login).
+    #[error("connecting to the queue database: {0}")]
+    Connect(#[source] crate::db::DbError),
     /// The walhook role lacks a privilege; `grant` is the statement that fixes it.
     #[error("{context}: {detail}; fix: {grant}")]
     PermissionDenied {
@@ -87,10 +96,17 @@ pub enum QueueError {
     },
 }
 
+impl QueueError {
+    pub(crate) fn connect(e: crate::db::DbError) -> QueueError {
+        QueueError::Connect(e)
+    }
+}
+
 impl Classify for QueueError {
     fn class(&self) -> ErrorClass {
         match self {
             QueueError::Database { source, .. } => crate::error::pg_error_class(source),
+            QueueError::Connect(e) => e.class(),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
             | QueueError::Unstorable { .. } => ErrorClass::Permanent,

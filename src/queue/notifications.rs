@@ -10,15 +10,18 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use serde_json::Value;
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::{AsyncMessage, Client, Statement};
+use tokio_postgres::{AsyncMessage, Client, Row, Statement};
+use uuid::Uuid;
 
 use super::claims::{
     CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Cursor, EntityKey, SWEEP, run_claim,
 };
-use super::{Needs, QueueError, db_error};
+use super::{Needs, QueueError, StoredEvent, db_error};
+use crate::types::{Action, Lsn};
 
 /// The channel the queue writer notifies (once per batch that created notifications).
 pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
@@ -118,8 +121,8 @@ WHERE n.id = r.id AND n.locked_by = $5::text"#;
 pub const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
 WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 
-/// Frees every lease of holder $1: this process at shutdown, or a process known to be gone.
-/// The released rows are behind the other dispatchers' cursors: they are told to sweep.
+/// Frees every lease of holder $1: this process at shutdown. The released rows are behind
+/// the other dispatchers' cursors: they are told to sweep.
 const RELEASE_ALL: &str = "WITH released AS (
     UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
     WHERE locked_by = $1::text
@@ -128,9 +131,12 @@ const RELEASE_ALL: &str = "WITH released AS (
 SELECT count(*), (SELECT pg_notify('walhook_new', 'sweep') WHERE EXISTS (SELECT 1 FROM released))
 FROM released";
 
-/// The holders of live leases.
-const LEASE_HOLDERS: &str = "SELECT DISTINCT locked_by FROM walhook.new
-WHERE locked_by IS NOT NULL AND locked_until > now()";
+/// Extends the leases of holder $3 on notifications $1 to $2 milliseconds from now;
+/// returns the ids still held (the others were moved, or taken over after expiring).
+const RENEW: &str =
+    "UPDATE walhook.new SET locked_until = now() + $2::float8 * interval '1 millisecond'
+WHERE id = ANY($1::bigint[]) AND locked_by = $3::text
+RETURNING id";
 
 /// A delivered notification, for [`Completions`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -191,6 +197,7 @@ pub struct NotificationStore {
     retry: Statement,
     release: Statement,
     release_all: Statement,
+    renew: Statement,
 }
 
 impl std::fmt::Debug for NotificationStore {
@@ -205,19 +212,18 @@ impl std::fmt::Debug for NotificationStore {
 pub type OnNewNotifications = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl NotificationStore {
-    /// Connects (without TLS, like every ordinary walhook connection), drives the
-    /// connection in a background task and prepares the statements. With `on_new`, the
+    /// Connects (TLS, keepalives and timeouts as for every ordinary walhook connection),
+    /// drives the connection in a background task and prepares the statements. With `on_new`, the
     /// connection also listens on [`NEW_NOTIFICATIONS_CHANNEL`] and calls it for every
     /// notification. `owner` names this process in `walhook.new.locked_by`.
     pub async fn connect(
-        config: &tokio_postgres::Config,
+        params: &crate::replication::conn::ConnectParams,
         owner: &str,
         on_new: Option<OnNewNotifications>,
     ) -> Result<NotificationStore, QueueError> {
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
+        let (client, connection, _) = crate::db::connect_raw(params)
             .await
-            .map_err(db_error("connecting to the queue database", None))?;
+            .map_err(QueueError::connect)?;
         tokio::spawn(Driver {
             connection,
             on_new: on_new.clone(),
@@ -246,12 +252,13 @@ impl NotificationStore {
             prepare(SWEEP, "preparing the notification sweep"),
             prepare(CLAIM_HEADS, "preparing the notification claim by entity"),
         )?;
-        let (delivered, failed, retry, release, release_all) = tokio::try_join!(
+        let (delivered, failed, retry, release, release_all, renew) = tokio::try_join!(
             prepare(DELIVERED, "preparing the move to walhook.processed"),
             prepare(FAILED, "preparing the move to walhook.failed"),
             prepare(RETRY, "preparing the retry update"),
             prepare(RELEASE, "preparing the lease release"),
             prepare(RELEASE_ALL, "preparing the lease release"),
+            prepare(RENEW, "preparing the lease renewal"),
         )?;
         Ok(NotificationStore {
             client,
@@ -264,6 +271,7 @@ impl NotificationStore {
             retry,
             release,
             release_all,
+            renew,
         })
     }
 
@@ -288,15 +296,9 @@ impl NotificationStore {
         lease: Duration,
     ) -> Result<Claim, QueueError> {
         let lsn = PgLsn::from(cursor.commit_lsn.0);
-        self.run(
-            &self.claim_next,
-            listener,
-            limits,
-            lease,
-            [&lsn, &cursor.seq],
-        )
-        .await
-        .map_err(db_error("claiming notifications from walhook.new", USE))
+        self.run(&self.claim_next, listener, limits, lease, [&lsn, &cursor.seq])
+            .await
+            .map_err(db_error("claiming notifications from walhook.new", USE))
     }
 
     /// Claims due notifications of `listener` up to `cursor` from the head (see [`SWEEP`]).
@@ -429,15 +431,26 @@ impl NotificationStore {
         Ok(())
     }
 
-    /// Frees every lease this holder still has; returns how many.
-    pub async fn release_all(&self) -> Result<u64, QueueError> {
-        self.release_of(&self.owner).await
+    /// Extends this holder's leases on `ids` to `lease` from now; returns the ids whose
+    /// leases it still held (one primary-key probe per id).
+    pub async fn renew(&self, ids: &[i64], lease: Duration) -> Result<Vec<i64>, QueueError> {
+        let lease_ms = lease.as_secs_f64() * 1000.0;
+        let rows = self
+            .client
+            .query(&self.renew, &[&ids, &lease_ms, &self.owner])
+            .await
+            .map_err(db_error("renewing leases in walhook.new", USE))?;
+        rows.iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(db_error("renewing leases in walhook.new", USE))
     }
 
-    async fn release_of(&self, holder: &str) -> Result<u64, QueueError> {
+    /// Frees every lease this holder still has; returns how many.
+    pub async fn release_all(&self) -> Result<u64, QueueError> {
         let released: i64 = self
             .client
-            .query_one(&self.release_all, &[&holder])
+            .query_one(&self.release_all, &[&self.owner])
             .await
             .and_then(|row| row.try_get(0))
             .map_err(db_error("releasing leases in walhook.new", USE))?;
@@ -445,30 +458,41 @@ impl NotificationStore {
     }
 }
 
-impl NotificationStore {
-    /// Who holds live leases in `walhook.new` (one scan of the table; for startup).
-    pub async fn lease_holders(&self) -> Result<Vec<String>, QueueError> {
-        let rows = self
-            .client
-            .query(LEASE_HOLDERS, &[])
-            .await
-            .map_err(db_error("reading lease holders in walhook.new", USE))?;
-        rows.iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<Vec<String>, _>>()
-            .map_err(db_error("reading lease holders in walhook.new", USE))
-    }
+/// The `walhook.event` columns (alias `e`) [`stored_event`] reads, in its order.
+pub(crate) const STORED_EVENT_COLUMNS: &str = "e.event_id, e.commit_lsn, e.seq, e.commit_time, \
+     e.entity, e.entity_id, e.action, e.changed_fields, e.\"row\", e.old, e.subject, e.source_table";
 
-    /// Frees the leases of `holder`, a process known to be gone; returns how many.
-    pub async fn release_holder(&self, holder: &str) -> Result<u64, QueueError> {
-        self.release_of(holder).await
-    }
+/// Reads the [`STORED_EVENT_COLUMNS`] of `row`, starting at column `first`.
+pub(crate) fn stored_event(row: &Row, first: usize) -> Result<StoredEvent, String> {
+    let text = |e: tokio_postgres::Error| e.to_string();
+    let commit_lsn: PgLsn = row.try_get(first + 1).map_err(text)?;
+    let action: String = row.try_get(first + 6).map_err(text)?;
+    let action = match action.as_str() {
+        "Created" => Action::Created,
+        "Updated" => Action::Updated,
+        "Deleted" => Action::Deleted,
+        "Truncated" => Action::Truncated,
+        other => return Err(format!("unknown action {other:?} in walhook.event")),
+    };
+    Ok(StoredEvent {
+        event_id: row.try_get::<_, Uuid>(first).map_err(text)?,
+        commit_lsn: Lsn(u64::from(commit_lsn)),
+        seq: row.try_get(first + 2).map_err(text)?,
+        commit_time: row.try_get::<_, SystemTime>(first + 3).map_err(text)?,
+        entity: row.try_get(first + 4).map_err(text)?,
+        entity_id: row.try_get(first + 5).map_err(text)?,
+        action,
+        changed_fields: row.try_get(first + 7).map_err(text)?,
+        row: row.try_get::<_, Value>(first + 8).map_err(text)?,
+        old: row.try_get::<_, Option<Value>>(first + 9).map_err(text)?,
+        subject: row.try_get(first + 10).map_err(text)?,
+        source_table: row.try_get(first + 11).map_err(text)?,
+    })
 }
 
 /// Drives a tokio-postgres connection and passes on `NOTIFY walhook_new`.
 struct Driver {
-    connection:
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    connection: crate::db::PgConnection,
     on_new: Option<OnNewNotifications>,
 }
 

@@ -11,8 +11,9 @@ use tokio_postgres::types::{IsNull, Json, PgLsn, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, Statement, Transaction};
 use uuid::Uuid;
 
+use super::rejected::{self, refusal, refuses_the_row};
 use super::{Needs, QueueError, Session, db_error};
-use crate::mapper::EntityEvent;
+use crate::mapper::{EntityEvent, RejectedChange};
 use crate::replication::pgoutput::PgTimestamp;
 use crate::types::{Action, EntityName, Lsn};
 
@@ -48,6 +49,9 @@ pub struct WriteOutcome {
     pub already_present: u64,
     /// Rows created in `walhook.new` for the newly stored events.
     pub notifications: u64,
+    /// Events the database refused by themselves, stored in `walhook.rejected` instead
+    /// (see [`QueueWriter::take_refused`]).
+    pub refused: u64,
 }
 
 /// Per-connection staging table the batch is copied into. Binary COPY into a temporary
@@ -172,6 +176,8 @@ pub struct QueueWriter {
     listener_names: Vec<String>,
     listener_entities: Vec<Option<String>>,
     listener_actions: Vec<String>,
+    /// The events of the last batch that the database refused.
+    refused: Vec<RejectedChange>,
 }
 
 impl std::fmt::Debug for QueueWriter {
@@ -239,6 +245,7 @@ impl QueueWriter {
             listener_names: Vec::new(),
             listener_entities: Vec::new(),
             listener_actions: Vec::new(),
+            refused: Vec::new(),
         })
     }
 
@@ -313,24 +320,99 @@ impl QueueWriter {
         events: &[EntityEvent],
         flushed: Option<Lsn>,
     ) -> Result<WriteOutcome, QueueError> {
+        self.write_batch_with(events, &[], flushed).await
+    }
+
+    /// [`Self::write_batch`], also storing `set_aside` in `walhook.rejected`. An event the
+    /// database refuses by itself (json that jsonb rejects, a value over a size limit) does
+    /// not fail the batch: it is stored in `walhook.rejected` with the server's reason, the
+    /// others are stored in order, and [`Self::take_refused`] returns it.
+    pub async fn write_batch_with(
+        &mut self,
+        events: &[EntityEvent],
+        set_aside: &[RejectedChange],
+        flushed: Option<Lsn>,
+    ) -> Result<WriteOutcome, QueueError> {
+        self.refused.clear();
         let keys = BatchKeys::of(events)?;
-        let outcome = match &keys {
+        let empty = BatchKeys::EMPTY;
+        let written = match &keys {
             Some(k) if self.newest.is_none_or(|newest| k.first > newest) => {
-                match self.write_direct(events, flushed, k).await? {
-                    Some(outcome) => outcome,
+                match self.write_direct(events, set_aside, flushed, k).await {
+                    Ok(Some(outcome)) => Ok(outcome),
                     // Another writer stored some of these events meanwhile.
-                    None => self.write_staged(events, flushed, k).await?,
+                    Ok(None) => self.write_staged(events, set_aside, flushed, k).await,
+                    Err(e) => Err(e),
                 }
             }
-            Some(k) => self.write_staged(events, flushed, k).await?,
+            Some(k) => self.write_staged(events, set_aside, flushed, k).await,
             None => {
-                self.write_staged(events, flushed, &BatchKeys::EMPTY)
+                self.write_staged(events, set_aside, flushed, &BatchKeys::EMPTY)
+                    .await
+            }
+        };
+        let outcome = match written {
+            Ok(outcome) => outcome,
+            Err(QueueError::Database { source, .. }) if refuses_the_row(&source) => {
+                let keys = keys.as_ref().unwrap_or(&empty);
+                self.write_isolating(events, set_aside, flushed, keys)
                     .await?
             }
+            Err(e) => return Err(e),
         };
         if let Some(k) = keys {
             self.newest = self.newest.max(Some(k.last));
         }
+        Ok(outcome)
+    }
+
+    /// The events the database refused in the last batch (stored in `walhook.rejected`).
+    pub fn take_refused(&mut self) -> Vec<RejectedChange> {
+        std::mem::take(&mut self.refused)
+    }
+
+    /// After a batch failed on one row: the same batch again, each event in a savepoint, so
+    /// the refused ones are set aside and the others stored, in order, in one transaction.
+    async fn write_isolating(
+        &mut self,
+        events: &[EntityEvent],
+        set_aside: &[RejectedChange],
+        flushed: Option<Lsn>,
+        keys: &BatchKeys,
+    ) -> Result<WriteOutcome, QueueError> {
+        const CONTEXT: &str = "copying one event to the staging table";
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(db_error("starting the queue transaction", None))?;
+        let tx_ref = &tx;
+        let savepoint = |sql: &'static str| async move {
+            tx_ref
+                .batch_execute(sql)
+                .await
+                .map_err(db_error("isolating a refused event", None))
+        };
+        let mut refused = Vec::new();
+        for (e, seq) in events.iter().zip(&keys.seqs) {
+            savepoint("SAVEPOINT walhook_event").await?;
+            let one = std::slice::from_ref(e);
+            match copy_events(&tx, &self.copy_stage, &self.system_id, one, &[*seq]).await {
+                Ok(()) => savepoint("RELEASE SAVEPOINT walhook_event").await?,
+                Err(err) if refuses_the_row(&err) => {
+                    savepoint("ROLLBACK TO SAVEPOINT walhook_event").await?;
+                    let (reason, sqlstate) = refusal(&err);
+                    refused.push(RejectedChange::of_event(e, reason, sqlstate));
+                }
+                Err(err) => return Err(db_error(CONTEXT, None)(err)),
+            }
+        }
+        let mut outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
+        outcome.refused = refused.len() as u64;
+        outcome.already_present = outcome.already_present.saturating_sub(outcome.refused);
+        rejected::insert(&tx, &refused).await?;
+        commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
+        self.refused = refused;
         Ok(outcome)
     }
 
@@ -339,6 +421,7 @@ impl QueueWriter {
     async fn write_direct(
         &mut self,
         events: &[EntityEvent],
+        set_aside: &[RejectedChange],
         flushed: Option<Lsn>,
         keys: &BatchKeys,
     ) -> Result<Option<WriteOutcome>, QueueError> {
@@ -380,7 +463,7 @@ impl QueueWriter {
                 .map_err(db_error("reading the fan-out count", None))?;
             outcome.notifications = u64::try_from(n).unwrap_or(0);
         }
-        commit_flushed(tx, &self.advance_flushed, flushed, &self.session).await?;
+        commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
         Ok(Some(outcome))
     }
 
@@ -389,10 +472,10 @@ impl QueueWriter {
     async fn write_staged(
         &mut self,
         events: &[EntityEvent],
+        set_aside: &[RejectedChange],
         flushed: Option<Lsn>,
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
-        let use_schema = Some((Needs::Use, Some(&self.session)));
         let tx = self
             .client
             .transaction()
@@ -403,40 +486,77 @@ impl QueueWriter {
             copy_events(&tx, &self.copy_stage, &self.system_id, events, &keys.seqs)
                 .await
                 .map_err(db_error("copying events to the staging table", None))?;
-            let row = tx
-                .query_one(
-                    &self.insert_events,
-                    &[
-                        &self.listener_names,
-                        &self.listener_entities,
-                        &self.listener_actions,
-                    ],
-                )
-                .await
-                .map_err(db_error("writing events to walhook.event", use_schema))?;
-            let count = |i: usize| -> Result<u64, QueueError> {
-                let n: i64 = row
-                    .try_get(i)
-                    .map_err(db_error("reading the insert count", None))?;
-                Ok(u64::try_from(n).unwrap_or(0))
-            };
-            outcome.inserted = count(0)?;
-            outcome.notifications = count(1)?;
-            outcome.already_present = (events.len() as u64).saturating_sub(outcome.inserted);
+            outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
         }
-        commit_flushed(tx, &self.advance_flushed, flushed, &self.session).await?;
+        commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
         Ok(outcome)
     }
 }
 
-/// Advances `walhook.state.flushed_lsn` to `flushed` (when given) through `advance_flushed`
-/// in the batch's transaction, then commits it.
+/// What [`insert_staged`] needs from a writer, borrowed field by field so that it can be
+/// taken while a transaction holds the writer's client.
+macro_rules! staged_insert {
+    ($w:expr) => {
+        StagedInsert {
+            statement: &$w.insert_events,
+            names: &$w.listener_names,
+            entities: &$w.listener_entities,
+            actions: &$w.listener_actions,
+            session: &$w.session,
+        }
+    };
+}
+use staged_insert;
+
+/// The event insert and the listener rows it fans out to.
+struct StagedInsert<'a> {
+    statement: &'a Statement,
+    names: &'a [String],
+    entities: &'a [Option<String>],
+    actions: &'a [String],
+    session: &'a Session,
+}
+
+/// Moves the `staged` events in the staging table to walhook.event (skipping those already
+/// stored) and fans the new ones out.
+async fn insert_staged(
+    tx: &Transaction<'_>,
+    insert: &StagedInsert<'_>,
+    staged: usize,
+) -> Result<WriteOutcome, QueueError> {
+    let use_schema = Some((Needs::Use, Some(insert.session)));
+    let row = tx
+        .query_one(
+            insert.statement,
+            &[&insert.names, &insert.entities, &insert.actions],
+        )
+        .await
+        .map_err(db_error("writing events to walhook.event", use_schema))?;
+    let count = |i: usize| -> Result<u64, QueueError> {
+        let n: i64 = row
+            .try_get(i)
+            .map_err(db_error("reading the insert count", None))?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    };
+    let inserted = count(0)?;
+    Ok(WriteOutcome {
+        inserted,
+        notifications: count(1)?,
+        already_present: (staged as u64).saturating_sub(inserted),
+        refused: 0,
+    })
+}
+
+/// Stores the batch's set-aside changes, advances `walhook.state.flushed_lsn` to `flushed`
+/// (when given) through `advance_flushed` in the batch's transaction, then commits it.
 async fn commit_flushed(
     tx: Transaction<'_>,
     advance_flushed: &Statement,
     flushed: Option<Lsn>,
+    set_aside: &[RejectedChange],
     session: &Session,
 ) -> Result<(), QueueError> {
+    rejected::insert(&tx, set_aside).await?;
     if let Some(lsn) = flushed {
         tx.execute(advance_flushed, &[&PgLsn::from(lsn.0)])
             .await
@@ -532,7 +652,7 @@ async fn copy_events(
 /// A PostgreSQL timestamp bound as is: the wire value is already microseconds since
 /// 2000-01-01, so no conversion can lose precision or overflow.
 #[derive(Clone, Copy, Debug)]
-struct TimestampTz(PgTimestamp);
+pub(super) struct TimestampTz(pub(super) PgTimestamp);
 
 impl ToSql for TimestampTz {
     fn to_sql(&self, _: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn Error + Sync + Send>> {

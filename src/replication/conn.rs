@@ -1,725 +1,35 @@
 //! The replication connection, built on postgres-protocol (tokio-postgres has no replication mode).
 //!
-//! [`ConnectParams`] reads a libpq connection string with libpq's fallbacks (PG* environment
-//! variables, `~/.pgpass`, defaults). [`ReplicationConnection`] opens a `replication=database`
-//! session, authenticates, runs replication commands, and turns into a [`ReplicationStream`]
-//! with START_REPLICATION.
+//! [`ReplicationConnection`] opens a `replication=database` session over the stream
+//! [`super::transport`] opens (TLS as the sslmode asks), authenticates (SCRAM with channel
+//! binding when TLS is on), runs replication commands, and turns into a
+//! [`ReplicationStream`] with START_REPLICATION.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use postgres_protocol::authentication::md5_hash;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
-use postgres_protocol::message::frontend;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-
-use crate::config::Secret;
-use crate::error::{Classify, ErrorClass, sqlstate_class};
-use crate::replication::protocol::{
-    self, AuthRequest, BackendFrame, ProtocolError, ReplicationMessage, ServerMessage,
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
 };
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::error::{Classify, ErrorClass, sqlstate_class};
+use crate::liveness::Beat;
+use crate::replication::protocol::{self, AuthRequest, BackendFrame, ProtocolError, ServerMessage};
+use crate::replication::transport::{self, PgStream, TransportError};
+use crate::replication::version::{self, ServerVersion};
 use crate::types::{Lsn, quote_ident, quote_literal};
 
-/// The application name sent to the server when the connection string sets none.
-pub const DEFAULT_APPLICATION_NAME: &str = "walhook";
-/// How long connecting and authenticating may take unless `connect_timeout` says otherwise.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The Unix socket directory used when no host is given and it exists (Debian's default).
-pub const DEFAULT_SOCKET_DIR: &str = "/var/run/postgresql";
-
-/// Where the server listens.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Host {
-    /// A host name or IP address, reached over TCP.
-    Tcp(String),
-    /// A directory holding the server's Unix socket `.s.PGSQL.{port}`.
-    Unix(PathBuf),
-}
-
-/// libpq's `sslmode`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SslMode {
-    /// Never use TLS.
-    Disable,
-    /// Plain first, TLS if the server insists.
-    Allow,
-    /// TLS if the server offers it (walhook: plain, as TLS is not supported yet).
-    Prefer,
-    /// TLS required, certificate not checked.
-    Require,
-    /// TLS required, certificate chain checked.
-    VerifyCa,
-    /// TLS required, certificate chain and host name checked.
-    VerifyFull,
-}
-
-impl SslMode {
-    fn parse(s: &str) -> Option<SslMode> {
-        Some(match s {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => return None,
-        })
-    }
-
-    /// The libpq spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SslMode::Disable => "disable",
-            SslMode::Allow => "allow",
-            SslMode::Prefer => "prefer",
-            SslMode::Require => "require",
-            SslMode::VerifyCa => "verify-ca",
-            SslMode::VerifyFull => "verify-full",
-        }
-    }
-}
-
-/// Where the password in use came from; named in authentication failures so the operator
-/// knows which one to fix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PasswordSource {
-    /// `password` / `password_file` in the walhook configuration.
-    Config,
-    /// The connection string itself.
-    ConnString,
-    /// The `PGPASSWORD` environment variable.
-    PgPassword,
-    /// A line of a password file.
-    PassFile(PathBuf),
-}
-
-impl fmt::Display for PasswordSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PasswordSource::Config => f.write_str("[source] password/password_file"),
-            PasswordSource::ConnString => f.write_str("the [source] url"),
-            PasswordSource::PgPassword => f.write_str("PGPASSWORD"),
-            PasswordSource::PassFile(p) => write!(f, "{}", p.display()),
-        }
-    }
-}
-
-/// The connection string could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnError {
-    /// A `postgres://` URL was malformed.
-    #[error("invalid connection URL: {0}")]
-    InvalidUrl(String),
-    /// A `key=value` connection string was malformed.
-    #[error("invalid connection string: {0}")]
-    InvalidKeyValue(String),
-    /// A keyword libpq does not know.
-    #[error("unknown connection parameter \"{0}\"; see the libpq connection string documentation")]
-    UnknownParameter(String),
-    /// A parameter had a value that cannot be used.
-    #[error("invalid value {value:?} for connection parameter {key}: {reason}")]
-    InvalidValue {
-        key: String,
-        value: String,
-        reason: &'static str,
-    },
-    /// More than one host was given.
-    #[error("several hosts ({0}) are not supported; give one host")]
-    MultipleHosts(String),
-    /// No user name was given and the OS user could not be determined.
-    #[error("no user name: set user in the [source] url or PGUSER")]
-    NoUser,
-    /// The connection string asks for TLS.
-    #[error(
-        "sslmode={0} asks for TLS, which walhook does not support yet; use sslmode=disable, or connect over a local Unix socket (host=/var/run/postgresql)"
-    )]
-    TlsNotSupported(&'static str),
-}
-
-impl Classify for ConnError {
-    fn class(&self) -> ErrorClass {
-        ErrorClass::Config
-    }
-}
-
-/// The lookups [`ConnectParams`] makes outside the connection string, injectable for tests.
-pub(crate) trait Env {
-    /// An environment variable.
-    fn var(&self, name: &str) -> Option<String>;
-    /// The home directory, for `~/.pgpass`.
-    fn home_dir(&self) -> Option<PathBuf>;
-    /// The operating system user name, the default database user.
-    fn os_user(&self) -> Option<String>;
-    /// The default Unix socket directory, when it exists.
-    fn default_socket_dir(&self) -> Option<PathBuf>;
-}
-
-/// The real process environment.
-struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-
-    fn home_dir(&self) -> Option<PathBuf> {
-        std::env::var_os("HOME").map(PathBuf::from).or_else(|| {
-            nix::unistd::User::from_uid(nix::unistd::geteuid())
-                .ok()
-                .flatten()
-                .map(|u| u.dir)
-        })
-    }
-
-    fn os_user(&self) -> Option<String> {
-        nix::unistd::User::from_uid(nix::unistd::geteuid())
-            .ok()
-            .flatten()
-            .map(|u| u.name)
-    }
-
-    fn default_socket_dir(&self) -> Option<PathBuf> {
-        let dir = PathBuf::from(DEFAULT_SOCKET_DIR);
-        dir.is_dir().then_some(dir)
-    }
-}
-
-/// Connection parameters resolved from a libpq connection string, the environment and defaults.
-#[derive(Clone, Debug)]
-pub struct ConnectParams {
-    host: Host,
-    port: u16,
-    user: String,
-    password: Option<(Secret, PasswordSource)>,
-    dbname: String,
-    application_name: String,
-    sslmode: SslMode,
-    connect_timeout: Duration,
-    options: Option<String>,
-}
-
-/// Keywords that are accepted and ignored because they do not apply to walhook's plain
-/// connections; rejecting them would break connection strings copied from other tools.
-const IGNORED_KEYWORDS: &[&str] = &[
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
-    "target_session_attrs",
-    "load_balance_hosts",
-    "sslcert",
-    "sslkey",
-    "sslrootcert",
-    "sslcrl",
-    "sslcrldir",
-    "sslpassword",
-    "sslcompression",
-    "sslsni",
-    "ssl_min_protocol_version",
-    "ssl_max_protocol_version",
-    "gssencmode",
-    "krbsrvname",
-    "gsslib",
-    "channel_binding",
-    "requirepeer",
-    "client_encoding",
-    "replication",
-    "service",
-];
-
-/// Keywords walhook uses.
-const KNOWN_KEYWORDS: &[&str] = &[
-    "host",
-    "hostaddr",
-    "port",
-    "user",
-    "password",
-    "passfile",
-    "dbname",
-    "application_name",
-    "fallback_application_name",
-    "sslmode",
-    "connect_timeout",
-    "options",
-];
-
-impl ConnectParams {
-    /// Parses a connection string (URL or key=value); `password_override` (from the walhook
-    /// config's `password`/`password_file`) wins over every other password source.
-    pub fn parse(
-        conn_str: &str,
-        password_override: Option<&str>,
-    ) -> Result<ConnectParams, ConnError> {
-        Self::parse_with_env(conn_str, password_override, &ProcessEnv)
-    }
-
-    pub(crate) fn parse_with_env(
-        conn_str: &str,
-        password_override: Option<&str>,
-        env: &dyn Env,
-    ) -> Result<ConnectParams, ConnError> {
-        let trimmed = conn_str.trim();
-        let pairs = if trimmed.starts_with("postgres://") || trimmed.starts_with("postgresql://") {
-            parse_url(trimmed)?
-        } else {
-            parse_key_value(trimmed)?
-        };
-        let mut given: HashMap<String, String> = HashMap::new();
-        for (key, value) in pairs {
-            if IGNORED_KEYWORDS.contains(&key.as_str()) {
-                tracing::warn!(parameter = %key, "connection parameter ignored by walhook");
-                continue;
-            }
-            if !KNOWN_KEYWORDS.contains(&key.as_str()) {
-                return Err(ConnError::UnknownParameter(key));
-            }
-            given.insert(key, value);
-        }
-        // libpq treats an empty value like an absent one, then falls back to the environment.
-        let get = |key: &str, var: Option<&str>| -> Option<String> {
-            given
-                .get(key)
-                .filter(|v| !v.is_empty())
-                .cloned()
-                .or_else(|| var.and_then(|v| env.var(v)).filter(|v| !v.is_empty()))
-        };
-
-        let host_text = get("hostaddr", Some("PGHOSTADDR")).or_else(|| get("host", Some("PGHOST")));
-        let host = match host_text {
-            Some(h) if h.contains(',') => return Err(ConnError::MultipleHosts(h)),
-            Some(h) if h.starts_with('/') => Host::Unix(PathBuf::from(h)),
-            Some(h) => Host::Tcp(h),
-            None => match env.default_socket_dir() {
-                Some(dir) => Host::Unix(dir),
-                None => Host::Tcp("localhost".to_owned()),
-            },
-        };
-        let port = match get("port", Some("PGPORT")) {
-            None => 5432,
-            Some(p) => {
-                p.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p != 0)
-                    .ok_or(ConnError::InvalidValue {
-                        key: "port".into(),
-                        value: p,
-                        reason: "expected a number from 1 to 65535",
-                    })?
-            }
-        };
-        let user = get("user", Some("PGUSER"))
-            .or_else(|| env.os_user())
-            .ok_or(ConnError::NoUser)?;
-        let dbname = get("dbname", Some("PGDATABASE")).unwrap_or_else(|| user.clone());
-        let application_name = get("application_name", Some("PGAPPNAME"))
-            .or_else(|| get("fallback_application_name", None))
-            .unwrap_or_else(|| DEFAULT_APPLICATION_NAME.to_owned());
-        let sslmode = match get("sslmode", Some("PGSSLMODE")) {
-            None => SslMode::Prefer,
-            Some(s) => SslMode::parse(&s).ok_or(ConnError::InvalidValue {
-                key: "sslmode".into(),
-                value: s,
-                reason: "expected disable, allow, prefer, require, verify-ca or verify-full",
-            })?,
-        };
-        if matches!(
-            sslmode,
-            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-        ) {
-            return Err(ConnError::TlsNotSupported(sslmode.as_str()));
-        }
-        let connect_timeout = match get("connect_timeout", Some("PGCONNECT_TIMEOUT")) {
-            None => DEFAULT_CONNECT_TIMEOUT,
-            Some(t) => match t.trim().parse::<i64>() {
-                // libpq: zero or negative means wait forever; walhook keeps a bound.
-                Ok(secs) if secs <= 0 => DEFAULT_CONNECT_TIMEOUT,
-                // libpq raises timeouts below 2 s to 2 s.
-                Ok(secs) => Duration::from_secs(secs.max(2).unsigned_abs()),
-                Err(_) => {
-                    return Err(ConnError::InvalidValue {
-                        key: "connect_timeout".into(),
-                        value: t,
-                        reason: "expected a whole number of seconds",
-                    });
-                }
-            },
-        };
-        let options = get("options", Some("PGOPTIONS"));
-
-        let password = if let Some(p) = password_override.filter(|p| !p.is_empty()) {
-            Some((Secret::new(p.to_owned()), PasswordSource::Config))
-        } else if let Some(p) = given.get("password").filter(|p| !p.is_empty()) {
-            Some((Secret::new(p.clone()), PasswordSource::ConnString))
-        } else if let Some(p) = env.var("PGPASSWORD").filter(|p| !p.is_empty()) {
-            Some((Secret::new(p), PasswordSource::PgPassword))
-        } else {
-            let file = get("passfile", Some("PGPASSFILE"))
-                .map(PathBuf::from)
-                .or_else(|| env.home_dir().map(|h| h.join(".pgpass")));
-            file.and_then(|file| {
-                // libpq matches socket connections against "localhost".
-                let host_key = match &host {
-                    Host::Tcp(h) => h.as_str(),
-                    Host::Unix(_) => "localhost",
-                };
-                let pw = pgpass_lookup(&file, host_key, port, &dbname, &user)?;
-                Some((Secret::new(pw), PasswordSource::PassFile(file)))
-            })
-        };
-
-        Ok(ConnectParams {
-            host,
-            port,
-            user,
-            password,
-            dbname,
-            application_name,
-            sslmode,
-            connect_timeout,
-            options,
-        })
-    }
-
-    /// The database user.
-    pub fn user(&self) -> &str {
-        &self.user
-    }
-
-    /// The database name.
-    pub fn dbname(&self) -> &str {
-        &self.dbname
-    }
-
-    /// The host or socket directory.
-    pub fn host(&self) -> &Host {
-        &self.host
-    }
-
-    /// The port (for a socket, part of its file name).
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// The application name shown in `pg_stat_activity` and `pg_stat_replication`.
-    pub fn application_name(&self) -> &str {
-        &self.application_name
-    }
-
-    /// The sslmode in effect (always one that allows a plain connection).
-    pub fn sslmode(&self) -> SslMode {
-        self.sslmode
-    }
-
-    /// How long connecting and authenticating may take.
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
-    }
-
-    /// Where the password came from, when there is one.
-    pub fn password_source(&self) -> Option<&PasswordSource> {
-        self.password.as_ref().map(|(_, s)| s)
-    }
-
-    /// `host:port`, or the socket path, for messages.
-    pub fn host_description(&self) -> String {
-        match &self.host {
-            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", self.port),
-            Host::Tcp(h) => format!("{h}:{}", self.port),
-            Host::Unix(dir) => socket_path(dir, self.port).display().to_string(),
-        }
-    }
-
-    /// The same parameters for an ordinary (non-replication) tokio-postgres connection.
-    pub fn to_tokio_postgres(&self) -> tokio_postgres::Config {
-        let mut c = tokio_postgres::Config::new();
-        match &self.host {
-            Host::Tcp(h) => c.host(h),
-            Host::Unix(dir) => c.host_path(dir),
-        };
-        c.port(self.port)
-            .user(&self.user)
-            .dbname(&self.dbname)
-            .application_name(&self.application_name)
-            .ssl_mode(tokio_postgres::config::SslMode::Disable)
-            .connect_timeout(self.connect_timeout);
-        if let Some((pw, _)) = &self.password {
-            c.password(pw.expose());
-        }
-        // walhook's statements are short and run thousands of times; JIT compiling one
-        // (triggered by the inflated cost estimates of a queue table not yet analyzed)
-        // costs 100-200 ms, far more than the statement. Options given in the connection
-        // string come after, so a DBA can still turn it back on.
-        let options = match &self.options {
-            Some(o) => format!("-c jit=off {o}"),
-            None => "-c jit=off".to_owned(),
-        };
-        c.options(&options);
-        c
-    }
-
-    /// A description for logs: every parameter except the password, which is shown as `***`.
-    pub fn redacted(&self) -> String {
-        let host = match &self.host {
-            Host::Tcp(h) => h.clone(),
-            Host::Unix(d) => d.display().to_string(),
-        };
-        let mut s = format!(
-            "host={host} port={} user={} dbname={} application_name={} sslmode={}",
-            self.port,
-            self.user,
-            self.dbname,
-            self.application_name,
-            self.sslmode.as_str()
-        );
-        if let Some((_, source)) = &self.password {
-            s.push_str(&format!(" password=*** (from {source})"));
-        }
-        s
-    }
-}
-
-fn socket_path(dir: &Path, port: u16) -> PathBuf {
-    dir.join(format!(".s.PGSQL.{port}"))
-}
-
-fn percent_decode(s: &str, what: &str) -> Result<String, ConnError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        if b == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| {
-                    ConnError::InvalidUrl(format!("bad percent-encoding in the {what}"))
-                })?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(b);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| {
-        ConnError::InvalidUrl(format!("the {what} is not UTF-8 after percent-decoding"))
-    })
-}
-
-/// Parses `postgres[ql]://[user[:password]@][host][:port][/dbname][?key=value&…]`.
-fn parse_url(url: &str) -> Result<Vec<(String, String)>, ConnError> {
-    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or_default();
-    let (main, query) = match rest.split_once('?') {
-        Some((m, q)) => (m, Some(q)),
-        None => (rest, None),
-    };
-    let (authority, path) = match main.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (main, None),
-    };
-    let mut out = Vec::new();
-    // The last '@' separates user info, so an unencoded '@' in a password still works.
-    let hostport = match authority.rsplit_once('@') {
-        Some((userinfo, hostport)) => {
-            let (user, password) = match userinfo.split_once(':') {
-                Some((u, p)) => (u, Some(p)),
-                None => (userinfo, None),
-            };
-            if !user.is_empty() {
-                out.push(("user".to_owned(), percent_decode(user, "user name")?));
-            }
-            if let Some(p) = password {
-                out.push(("password".to_owned(), percent_decode(p, "password")?));
-            }
-            hostport
-        }
-        None => authority,
-    };
-    let (host, port) = if let Some(v6) = hostport.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| ConnError::InvalidUrl("missing ']' after an IPv6 address".into()))?;
-        let port = match after {
-            "" => None,
-            p => Some(
-                p.strip_prefix(':')
-                    .ok_or_else(|| ConnError::InvalidUrl("expected ':port' after ']'".into()))?,
-            ),
-        };
-        (h.to_owned(), port)
-    } else {
-        match hostport.split_once(':') {
-            Some((h, p)) => (percent_decode(h, "host")?, Some(p)),
-            None => (percent_decode(hostport, "host")?, None),
-        }
-    };
-    if !host.is_empty() {
-        out.push(("host".to_owned(), host));
-    }
-    if let Some(p) = port.filter(|p| !p.is_empty()) {
-        out.push(("port".to_owned(), percent_decode(p, "port")?));
-    }
-    if let Some(db) = path.filter(|p| !p.is_empty()) {
-        out.push(("dbname".to_owned(), percent_decode(db, "database name")?));
-    }
-    for pair in query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (k, v) = pair.split_once('=').ok_or_else(|| {
-            ConnError::InvalidUrl(format!("query parameter {pair:?} has no '=value'"))
-        })?;
-        out.push((
-            percent_decode(k, "query parameter")?,
-            percent_decode(v, "query parameter")?,
-        ));
-    }
-    Ok(out)
-}
-
-/// Parses `key=value key='quoted \' value'`, libpq's other connection string form.
-fn parse_key_value(s: &str) -> Result<Vec<(String, String)>, ConnError> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.peek().is_none() {
-            return Ok(out);
-        }
-        let mut key = String::new();
-        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
-            key.push(c);
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        if chars.next() != Some('=') {
-            return Err(ConnError::InvalidKeyValue(format!(
-                "missing \"=\" after \"{key}\""
-            )));
-        }
-        while chars.next_if(|c| c.is_whitespace()).is_some() {}
-        let mut value = String::new();
-        if chars.next_if_eq(&'\'').is_some() {
-            let unterminated =
-                || ConnError::InvalidKeyValue(format!("unterminated quoted value for \"{key}\""));
-            loop {
-                match chars.next().ok_or_else(unterminated)? {
-                    '\'' => break,
-                    '\\' => value.push(chars.next().ok_or_else(unterminated)?),
-                    c => value.push(c),
-                }
-            }
-        } else {
-            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
-                if c == '\\' {
-                    if let Some(escaped) = chars.next() {
-                        value.push(escaped);
-                    }
-                } else {
-                    value.push(c);
-                }
-            }
-        }
-        out.push((key, value));
-    }
-}
-
-/// One field of a password file line: its unescaped text, or the `*` wildcard.
-#[derive(Debug, PartialEq, Eq)]
-enum PassField {
-    Any,
-    Text(String),
-}
-
-impl PassField {
-    fn matches(&self, value: &str) -> bool {
-        match self {
-            PassField::Any => true,
-            PassField::Text(t) => t == value,
-        }
-    }
-}
-
-/// Splits a password file line into fields at unescaped ':' (`\:` and `\\` are escapes).
-fn split_pgpass_line(line: &str) -> Vec<PassField> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut escaped_any = false;
-    let mut chars = line.chars();
-    let finish = |cur: &mut String, escaped_any: &mut bool, fields: &mut Vec<PassField>| {
-        let text = std::mem::take(cur);
-        fields.push(if text == "*" && !*escaped_any {
-            PassField::Any
-        } else {
-            PassField::Text(text)
-        });
-        *escaped_any = false;
-    };
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                escaped_any = true;
-                if let Some(n) = chars.next() {
-                    cur.push(n);
-                }
-            }
-            ':' => finish(&mut cur, &mut escaped_any, &mut fields),
-            c => cur.push(c),
-        }
-    }
-    finish(&mut cur, &mut escaped_any, &mut fields);
-    fields
-}
-
-/// Finds the password for a connection in password file text (libpq's `.pgpass` format).
-fn pgpass_find(text: &str, host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
-    let port = port.to_string();
-    text.lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .find_map(|line| {
-            let fields = split_pgpass_line(line);
-            let [h, p, d, u, pw, ..] = fields.as_slice() else {
-                return None;
-            };
-            let hit = h.matches(host) && p.matches(&port) && d.matches(dbname) && u.matches(user);
-            hit.then(|| match pw {
-                PassField::Any => "*".to_owned(),
-                PassField::Text(t) => t.clone(),
-            })
-        })
-}
-
-/// Looks a password up in a password file, ignoring a file others can read as libpq does.
-fn pgpass_lookup(path: &Path, host: &str, port: u16, dbname: &str, user: &str) -> Option<String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).ok()?;
-    if !meta.is_file() {
-        tracing::warn!(file = %path.display(), "password file is not a plain file; ignoring it");
-        return None;
-    }
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(
-            file = %path.display(),
-            "password file has group or world access and is ignored; run: chmod 0600 {}",
-            path.display()
-        );
-        return None;
-    }
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(file = %path.display(), error = %e, "cannot read password file");
-            return None;
-        }
-    };
-    pgpass_find(&text, host, port, dbname, user)
-}
+pub use super::conninfo::{
+    ChannelBindingMode, ConnError, ConnPolicy, ConnectParams, DEFAULT_APPLICATION_NAME,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_RECEIVE_TIMEOUT, DEFAULT_SOCKET_DIR, Host, PasswordSource,
+    RootCert, SslMode,
+};
+pub use super::stream::ReplicationStream;
+pub use super::tls::{TlsInfo, Verification};
 
 /// The authentication method the server asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -732,6 +42,20 @@ pub enum AuthMethod {
     Md5,
     /// SCRAM-SHA-256 without channel binding.
     ScramSha256,
+    /// SCRAM-SHA-256-PLUS: bound to the TLS channel (`tls-server-end-point`).
+    ScramSha256Plus,
+}
+
+impl AuthMethod {
+    fn name(self) -> &'static str {
+        match self {
+            AuthMethod::Trust => "trust",
+            AuthMethod::Cleartext => "password",
+            AuthMethod::Md5 => "md5",
+            AuthMethod::ScramSha256 => "SCRAM-SHA-256",
+            AuthMethod::ScramSha256Plus => "SCRAM-SHA-256-PLUS",
+        }
+    }
 }
 
 /// Why the replication connection failed.
@@ -787,15 +111,31 @@ pub enum ReplicationError {
     /// The SCRAM exchange failed (bad server proof or malformed challenge).
     #[error("SCRAM authentication with {addr} failed: {reason}")]
     Scram { addr: String, reason: String },
-    /// The TCP or socket connection could not be opened (refused, DNS failure, no socket).
+    /// The socket could not be opened, or TLS could not be set up.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The server asked for a readable password over TCP without TLS.
+    #[error("{0}")]
+    InsecurePassword(String),
+    /// channel_binding=require, and the server did not offer SCRAM with channel binding.
     #[error(
-        "cannot connect to {addr}: {source}; is the server running and accepting connections there?"
+        "the server at {addr} authenticated without channel binding ({method}), but channel_binding=require; use scram-sha-256 in pg_hba.conf with TLS on"
     )]
-    Connect {
+    ChannelBindingMissing { addr: String, method: &'static str },
+    /// The server version is older than walhook supports.
+    #[error(
+        "the server at {addr} runs PostgreSQL {version}; walhook supports PostgreSQL {min} and newer, upgrade the server"
+    )]
+    UnsupportedServer {
         addr: String,
-        #[source]
-        source: std::io::Error,
+        version: String,
+        min: u32,
     },
+    /// The replication stream was silent longer than the receive timeout.
+    #[error(
+        "nothing received from {addr} for {}s (receive_timeout); the connection is presumed dead and will be rebuilt", .after.as_secs()
+    )]
+    ReceiveTimeout { addr: String, after: Duration },
     /// Connecting and authenticating took longer than the connect timeout.
     #[error("connecting to {addr} timed out after {}s; check the host, port and firewall", .timeout.as_secs())]
     Timeout { addr: String, timeout: Duration },
@@ -854,6 +194,16 @@ impl ReplicationError {
             _ => None,
         }
     }
+
+    /// libpq's `allow` / `prefer` retry the other way after these: the server refused this
+    /// kind of connection (`hostssl` / `hostnossl` lines), or the TLS handshake failed.
+    fn worth_other_sslmode(&self) -> bool {
+        matches!(
+            self,
+            ReplicationError::HbaRejected { .. }
+                | ReplicationError::Transport(TransportError::Handshake { .. })
+        )
+    }
 }
 
 impl Classify for ReplicationError {
@@ -861,6 +211,11 @@ impl Classify for ReplicationError {
         use ReplicationError as E;
         match self {
             E::Params(e) => e.class(),
+            E::Transport(e) => e.class(),
+            E::InsecurePassword(_)
+            | E::ChannelBindingMissing { .. }
+            | E::UnsupportedServer { .. } => ErrorClass::Config,
+            E::ReceiveTimeout { .. } => ErrorClass::Transient,
             E::PasswordFailed { .. }
             | E::PasswordMissing { .. }
             | E::DatabaseMissing { .. }
@@ -869,8 +224,7 @@ impl Classify for ReplicationError {
             | E::UnsupportedAuth { .. }
             | E::Scram { .. } => ErrorClass::Config,
             E::NoReplicationRole { .. } => ErrorClass::Permanent,
-            E::Connect { .. }
-            | E::Timeout { .. }
+            E::Timeout { .. }
             | E::Io { .. }
             | E::Closed { .. }
             | E::Protocol { .. }
@@ -897,45 +251,102 @@ fn sql_ident(name: &str) -> String {
     }
 }
 
-trait AsyncIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> AsyncIo for T {}
-
-/// The socket with its read buffer; shared by the command and streaming phases.
-struct Wire {
-    io: Box<dyn AsyncIo>,
+/// The socket with its buffers; shared by the command and streaming phases.
+pub(crate) struct Wire {
+    io: PgStream,
     rbuf: BytesMut,
-    addr: String,
+    /// Bytes queued for the server; a cancelled write leaves the rest here, so a message
+    /// is never cut in half.
+    wbuf: BytesMut,
+    pub(crate) addr: String,
+    /// Stamped whenever bytes arrive.
+    beat: Option<Beat>,
 }
 
 impl Wire {
-    /// Reads one complete backend message. Cancel-safe: a partial message stays in `rbuf`
-    /// and `read_buf` either appends bytes or is dropped before reading any.
-    async fn read_frame(&mut self) -> Result<BackendFrame, ReplicationError> {
-        loop {
-            let frame = protocol::take_frame(&mut self.rbuf).map_err(|e| self.protocol(e))?;
-            if let Some(f) = frame {
-                return Ok(f);
-            }
-            self.rbuf.reserve(8 * 1024);
-            let n = self
-                .io
-                .read_buf(&mut self.rbuf)
-                .await
-                .map_err(|e| self.io_error(e))?;
-            if n == 0 {
-                return Err(ReplicationError::Closed {
-                    addr: self.addr.clone(),
-                });
-            }
+    fn new(io: PgStream, addr: String) -> Wire {
+        Wire {
+            io,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::new(),
+            addr,
+            beat: None,
         }
     }
 
-    async fn send(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
-        self.io
-            .write_all(bytes)
+    pub(crate) fn set_beat(&mut self, beat: Beat) {
+        self.beat = Some(beat);
+    }
+
+    /// Removes a complete message from the read buffer, if one is there.
+    pub(crate) fn take_frame(&mut self) -> Result<Option<BackendFrame>, ReplicationError> {
+        protocol::take_frame(&mut self.rbuf).map_err(|e| self.protocol(e))
+    }
+
+    /// Reads once from the socket into the buffer. Cancel-safe: `read_buf` either appends
+    /// bytes or is dropped before reading any.
+    pub(crate) async fn fill(&mut self) -> Result<(), ReplicationError> {
+        self.rbuf.reserve(8 * 1024);
+        let n = self
+            .io
+            .read_buf(&mut self.rbuf)
             .await
             .map_err(|e| self.io_error(e))?;
+        if n == 0 {
+            return Err(ReplicationError::Closed {
+                addr: self.addr.clone(),
+            });
+        }
+        if let Some(beat) = &self.beat {
+            beat.stamp();
+        }
+        Ok(())
+    }
+
+    /// Reads one complete backend message. Cancel-safe: a partial message stays in `rbuf`.
+    pub(crate) async fn read_frame(&mut self) -> Result<BackendFrame, ReplicationError> {
+        loop {
+            if let Some(f) = self.take_frame()? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Queues `bytes` and writes everything queued.
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> Result<(), ReplicationError> {
+        self.queue(bytes);
+        self.flush_pending().await
+    }
+
+    /// Queues `bytes` for the next [`Self::flush_pending`].
+    pub(crate) fn queue(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
+    }
+
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.wbuf.is_empty()
+    }
+
+    /// Writes what is queued. Cancel-safe: each `write` either takes bytes (dropped from
+    /// the queue) or none.
+    pub(crate) async fn flush_pending(&mut self) -> Result<(), ReplicationError> {
+        while !self.wbuf.is_empty() {
+            let n = self
+                .io
+                .write(&self.wbuf)
+                .await
+                .map_err(|e| self.io_error(e))?;
+            if n == 0 {
+                return Err(self.io_error(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.wbuf.advance(n);
+        }
         self.io.flush().await.map_err(|e| self.io_error(e))
+    }
+
+    pub(crate) async fn shutdown(&mut self) {
+        let _ = self.io.shutdown().await;
     }
 
     fn io_error(&self, source: std::io::Error) -> ReplicationError {
@@ -945,14 +356,14 @@ impl Wire {
         }
     }
 
-    fn protocol(&self, source: ProtocolError) -> ReplicationError {
+    pub(crate) fn protocol(&self, source: ProtocolError) -> ReplicationError {
         ReplicationError::Protocol {
             addr: self.addr.clone(),
             source,
         }
     }
 
-    fn unexpected(&self, tag: u8, during: &'static str) -> ReplicationError {
+    pub(crate) fn unexpected(&self, tag: u8, during: &'static str) -> ReplicationError {
         ReplicationError::Unexpected {
             addr: self.addr.clone(),
             tag: char::from(tag),
@@ -960,7 +371,7 @@ impl Wire {
         }
     }
 
-    fn server_error(&self, body: &[u8]) -> ReplicationError {
+    pub(crate) fn server_error(&self, body: &[u8]) -> ReplicationError {
         match protocol::parse_server_message(b'E', body) {
             Ok(error) => ReplicationError::Server {
                 addr: self.addr.clone(),
@@ -970,7 +381,7 @@ impl Wire {
         }
     }
 
-    fn log_notice(&self, body: &[u8]) {
+    pub(crate) fn log_notice(&self, body: &[u8]) {
         if let Ok(n) = protocol::parse_server_message(b'N', body) {
             tracing::debug!(server = %self.addr, severity = %n.severity, code = %n.code, "{}", n.message);
         }
@@ -995,6 +406,9 @@ pub struct ReplicationConnection {
     wire: Wire,
     auth_method: AuthMethod,
     server_params: HashMap<String, String>,
+    tls: Option<TlsInfo>,
+    backend_pid: Option<i32>,
+    receive_timeout: Duration,
 }
 
 const IDENTIFY_SYSTEM: &str = "IDENTIFY_SYSTEM";
@@ -1002,12 +416,28 @@ const IDENTIFY_SYSTEM: &str = "IDENTIFY_SYSTEM";
 const DUPLICATE_OBJECT: &str = "42710";
 
 impl ReplicationConnection {
-    /// Connects, authenticates and waits until the server is ready for commands.
+    /// Connects, authenticates and waits until the server is ready for commands; with
+    /// `sslmode=allow` or `prefer` a refused first attempt is followed by the other kind,
+    /// as libpq does.
     pub async fn connect(
         params: &ConnectParams,
     ) -> Result<ReplicationConnection, ReplicationError> {
         let timeout = params.connect_timeout;
-        match tokio::time::timeout(timeout, Self::connect_inner(params)).await {
+        let attempt_all = async {
+            let mut attempts = transport::attempts(params).into_iter().peekable();
+            while let Some(attempt) = attempts.next() {
+                match Self::connect_once(params, attempt).await {
+                    Err(e) if attempts.peek().is_some() && e.worth_other_sslmode() => {
+                        tracing::debug!(server = %params.host_description(), error = %e, "trying the other sslmode");
+                    }
+                    done => return done,
+                }
+            }
+            Err(ReplicationError::Closed {
+                addr: params.host_description(),
+            })
+        };
+        match tokio::time::timeout(timeout, attempt_all).await {
             Ok(result) => result,
             Err(_) => Err(ReplicationError::Timeout {
                 addr: params.host_description(),
@@ -1016,34 +446,13 @@ impl ReplicationConnection {
         }
     }
 
-    async fn connect_inner(
+    async fn connect_once(
         params: &ConnectParams,
+        attempt: transport::Attempt,
     ) -> Result<ReplicationConnection, ReplicationError> {
-        let addr = params.host_description();
-        let connect_err = |source| ReplicationError::Connect {
-            addr: addr.clone(),
-            source,
-        };
-        let io: Box<dyn AsyncIo> = match &params.host {
-            Host::Tcp(h) => {
-                let s = tokio::net::TcpStream::connect((h.as_str(), params.port))
-                    .await
-                    .map_err(connect_err)?;
-                // Status updates are tiny and latency matters more than packet count.
-                let _ = s.set_nodelay(true);
-                Box::new(s)
-            }
-            Host::Unix(dir) => Box::new(
-                tokio::net::UnixStream::connect(socket_path(dir, params.port))
-                    .await
-                    .map_err(connect_err)?,
-            ),
-        };
-        let mut wire = Wire {
-            io,
-            rbuf: BytesMut::with_capacity(16 * 1024),
-            addr: addr.clone(),
-        };
+        let opened = transport::open(params, attempt).await?;
+        let auth = Auth::new(params, &opened.stream);
+        let mut wire = Wire::new(opened.stream, params.host_description());
 
         let mut startup: Vec<(&str, &str)> = vec![
             ("user", &params.user),
@@ -1062,107 +471,15 @@ impl ReplicationConnection {
             )))
         })?;
         wire.send(&out).await?;
-
-        let mut auth_method = AuthMethod::Trust;
-        let mut scram: Option<ScramSha256> = None;
-        let mut server_params = HashMap::new();
-        let password = || {
-            params
-                .password
-                .as_ref()
-                .map(|(p, _)| p.expose())
-                .ok_or_else(|| ReplicationError::PasswordMissing {
-                    user: params.user.clone(),
-                    addr: addr.clone(),
-                })
-        };
-        loop {
-            let frame = wire.read_frame().await?;
-            let mut out = BytesMut::new();
-            match frame.tag {
-                b'R' => {
-                    let req =
-                        protocol::parse_auth_request(&frame.body).map_err(|e| wire.protocol(e))?;
-                    match req {
-                        AuthRequest::Ok => continue,
-                        AuthRequest::Cleartext => {
-                            auth_method = AuthMethod::Cleartext;
-                            frontend::password_message(password()?.as_bytes(), &mut out)
-                                .map_err(|e| bad_password_text(&addr, e))?;
-                        }
-                        AuthRequest::Md5(salt) => {
-                            auth_method = AuthMethod::Md5;
-                            let hash =
-                                md5_hash(params.user.as_bytes(), password()?.as_bytes(), salt);
-                            frontend::password_message(hash.as_bytes(), &mut out)
-                                .map_err(|e| bad_password_text(&addr, e))?;
-                        }
-                        AuthRequest::Sasl(mechanisms) => {
-                            if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                                return Err(ReplicationError::UnsupportedAuth {
-                                    addr,
-                                    method: format!("SASL ({})", mechanisms.join(", ")),
-                                });
-                            }
-                            auth_method = AuthMethod::ScramSha256;
-                            // No TLS, so no channel binding to offer.
-                            let s = ScramSha256::new(
-                                password()?.as_bytes(),
-                                ChannelBinding::unsupported(),
-                            );
-                            frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut out)
-                                .map_err(|e| scram_err(&addr, e))?;
-                            scram = Some(s);
-                        }
-                        AuthRequest::SaslContinue(data) => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| wire.unexpected(b'R', "authenticating"))?;
-                            s.update(&data).map_err(|e| scram_err(&addr, e))?;
-                            frontend::sasl_response(s.message(), &mut out)
-                                .map_err(|e| scram_err(&addr, e))?;
-                        }
-                        AuthRequest::SaslFinal(data) => {
-                            let s = scram
-                                .as_mut()
-                                .ok_or_else(|| wire.unexpected(b'R', "authenticating"))?;
-                            s.finish(&data).map_err(|e| scram_err(&addr, e))?;
-                            continue;
-                        }
-                        AuthRequest::Unsupported(code) => {
-                            let method = match code {
-                                2 => "Kerberos V5".to_owned(),
-                                7 | 8 => "GSSAPI".to_owned(),
-                                9 => "SSPI".to_owned(),
-                                other => format!("unknown method {other}"),
-                            };
-                            return Err(ReplicationError::UnsupportedAuth { addr, method });
-                        }
-                    }
-                    wire.send(&out).await?;
-                }
-                b'E' => {
-                    let error = protocol::parse_server_message(b'E', &frame.body)
-                        .map_err(|e| wire.protocol(e))?;
-                    return Err(startup_error(params, &addr, error));
-                }
-                b'N' => wire.log_notice(&frame.body),
-                b'S' => {
-                    let (k, v) = protocol::parse_parameter_status(&frame.body)
-                        .map_err(|e| wire.protocol(e))?;
-                    server_params.insert(k, v);
-                }
-                // BackendKeyData is for cancel requests, which replication does not use.
-                b'K' => {}
-                b'Z' => break,
-                other => return Err(wire.unexpected(other, "starting up")),
-            }
-        }
-        tracing::debug!(server = %addr, user = %params.user, ?auth_method, "replication connection established");
+        let (auth_method, server_params, backend_pid) = run_startup(&mut wire, auth).await?;
+        tracing::debug!(server = %wire.addr, user = %params.user, ?auth_method, tls = opened.tls.is_some(), "replication connection established");
         Ok(ReplicationConnection {
             wire,
             auth_method,
             server_params,
+            tls: opened.tls,
+            backend_pid,
+            receive_timeout: params.policy().receive_timeout,
         })
     }
 
@@ -1171,9 +488,25 @@ impl ReplicationConnection {
         self.auth_method
     }
 
+    /// What TLS negotiated; `None` for an unencrypted connection.
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// The process id of the server backend (the walsender), when the server sent it.
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.backend_pid
+    }
+
     /// A parameter the server reported at startup (e.g. `server_version`).
     pub fn server_parameter(&self, name: &str) -> Option<&str> {
         self.server_params.get(name).map(String::as_str)
+    }
+
+    /// The server version from its startup report, as libpq's `PQserverVersion` reads it.
+    pub fn server_version(&self) -> Option<ServerVersion> {
+        self.server_parameter("server_version")
+            .and_then(ServerVersion::parse)
     }
 
     /// Runs one command with the simple query protocol and returns the rows in text form.
@@ -1257,17 +590,32 @@ impl ReplicationConnection {
         }
     }
 
-    /// Starts logical replication from `start` (Lsn::ZERO: the slot's confirmed position).
+    /// Refuses a server older than walhook supports, with one line.
+    pub fn check_server_version(&self) -> Result<ServerVersion, ReplicationError> {
+        let reported = self.server_parameter("server_version").unwrap_or("unknown");
+        match self.server_version() {
+            Some(v) if v.is_supported() => Ok(v),
+            _ => Err(ReplicationError::UnsupportedServer {
+                addr: self.wire.addr.clone(),
+                version: reported.to_owned(),
+                min: version::MIN_SUPPORTED_MAJOR,
+            }),
+        }
+    }
+
+    /// Starts logical replication from `start` (Lsn::ZERO: the slot's confirmed position),
+    /// with the pgoutput options this server version knows.
     pub async fn start_replication(
         mut self,
         slot: &str,
         start: Lsn,
         publication: &str,
     ) -> Result<ReplicationStream, ReplicationError> {
+        let version = self.check_server_version()?;
         let sql = format!(
-            "START_REPLICATION SLOT {} LOGICAL {start} (proto_version '1', publication_names {}, messages 'true')",
+            "START_REPLICATION SLOT {} LOGICAL {start} ({})",
             quote_ident(slot),
-            quote_literal(&quote_ident(publication)),
+            version::pgoutput_options(version, &quote_literal(&quote_ident(publication))),
         );
         let mut out = BytesMut::new();
         frontend::query(&sql, &mut out).map_err(|e| ReplicationError::BadReply {
@@ -1287,10 +635,7 @@ impl ReplicationConnection {
             }
         }
         tracing::debug!(server = %self.wire.addr, slot, %start, publication, "replication started");
-        Ok(ReplicationStream {
-            wire: self.wire,
-            ended: false,
-        })
+        Ok(ReplicationStream::new(self.wire, self.receive_timeout))
     }
 
     /// Ends the session politely (Terminate), so the server logs no "unexpected EOF".
@@ -1300,7 +645,230 @@ impl ReplicationConnection {
         if let Err(e) = self.wire.send(&out).await {
             tracing::debug!(error = %e, "sending Terminate failed");
         }
-        let _ = self.wire.io.shutdown().await;
+        self.wire.shutdown().await;
+    }
+}
+
+/// Reads the startup phase up to ReadyForQuery, answering authentication requests.
+async fn run_startup(
+    wire: &mut Wire,
+    mut auth: Auth<'_>,
+) -> Result<(AuthMethod, HashMap<String, String>, Option<i32>), ReplicationError> {
+    let mut server_params = HashMap::new();
+    let mut backend_pid = None;
+    loop {
+        let frame = wire.read_frame().await?;
+        match frame.tag {
+            b'R' => {
+                let req =
+                    protocol::parse_auth_request(&frame.body).map_err(|e| wire.protocol(e))?;
+                if let Some(out) = auth.answer(req, wire)? {
+                    wire.send(&out).await?;
+                }
+            }
+            b'E' => {
+                let error = protocol::parse_server_message(b'E', &frame.body)
+                    .map_err(|e| wire.protocol(e))?;
+                return Err(startup_error(auth.params, &wire.addr, error));
+            }
+            b'N' => wire.log_notice(&frame.body),
+            b'S' => {
+                let (k, v) =
+                    protocol::parse_parameter_status(&frame.body).map_err(|e| wire.protocol(e))?;
+                server_params.insert(k, v);
+            }
+            // BackendKeyData: the pid names this session in pg_stat_activity.
+            b'K' => {
+                backend_pid = frame
+                    .body
+                    .get(..4)
+                    .map(|b| i32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+            }
+            b'Z' => break,
+            other => return Err(wire.unexpected(other, "starting up")),
+        }
+    }
+    Ok((auth.method, server_params, backend_pid))
+}
+
+/// The client side of authentication: answers each request, refusing what would leak the
+/// password or skip the server's proof.
+struct Auth<'a> {
+    params: &'a ConnectParams,
+    plain_tcp: bool,
+    /// `tls-server-end-point` data when TLS is on.
+    binding: Option<Vec<u8>>,
+    method: AuthMethod,
+    scram: Option<ScramSha256>,
+    scram_verified: bool,
+}
+
+impl<'a> Auth<'a> {
+    fn new(params: &'a ConnectParams, stream: &PgStream) -> Auth<'a> {
+        let binding = match params.tls().channel_binding {
+            ChannelBindingMode::Disable => None,
+            _ => stream.channel_binding(),
+        };
+        Auth {
+            params,
+            plain_tcp: stream.is_plain_tcp(),
+            binding,
+            method: AuthMethod::Trust,
+            scram: None,
+            scram_verified: false,
+        }
+    }
+
+    fn password(&self, addr: &str) -> Result<&'a str, ReplicationError> {
+        self.params
+            .password
+            .as_ref()
+            .map(|(p, _)| p.expose())
+            .ok_or_else(|| ReplicationError::PasswordMissing {
+                user: self.params.user.clone(),
+                addr: addr.to_owned(),
+            })
+    }
+
+    /// The bytes to send for `req`, if any.
+    fn answer(
+        &mut self,
+        req: AuthRequest,
+        wire: &Wire,
+    ) -> Result<Option<BytesMut>, ReplicationError> {
+        let addr = wire.addr.as_str();
+        let mut out = BytesMut::new();
+        match req {
+            AuthRequest::Ok => {
+                self.accept_ok(addr)?;
+                return Ok(None);
+            }
+            AuthRequest::Cleartext => {
+                self.readable_password(AuthMethod::Cleartext, "a cleartext password")?;
+                frontend::password_message(self.password(addr)?.as_bytes(), &mut out)
+                    .map_err(|e| bad_password_text(addr, e))?;
+            }
+            AuthRequest::Md5(salt) => {
+                self.readable_password(AuthMethod::Md5, "md5")?;
+                let hash = md5_hash(
+                    self.params.user.as_bytes(),
+                    self.password(addr)?.as_bytes(),
+                    salt,
+                );
+                frontend::password_message(hash.as_bytes(), &mut out)
+                    .map_err(|e| bad_password_text(addr, e))?;
+            }
+            AuthRequest::Sasl(mechanisms) => self.start_scram(&mechanisms, addr, &mut out)?,
+            AuthRequest::SaslContinue(data) => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| wire.unexpected(b'R', "authenticating"))?;
+                s.update(&data).map_err(|e| scram_err(addr, e))?;
+                frontend::sasl_response(s.message(), &mut out).map_err(|e| scram_err(addr, e))?;
+            }
+            AuthRequest::SaslFinal(data) => {
+                let s = self
+                    .scram
+                    .as_mut()
+                    .ok_or_else(|| wire.unexpected(b'R', "authenticating"))?;
+                // Checks the server signature: the server proves it knows the password.
+                s.finish(&data).map_err(|e| scram_err(addr, e))?;
+                self.scram_verified = true;
+                return Ok(None);
+            }
+            AuthRequest::Unsupported(code) => {
+                let method = match code {
+                    2 => "Kerberos V5".to_owned(),
+                    7 | 8 => "GSSAPI".to_owned(),
+                    9 => "SSPI".to_owned(),
+                    other => format!("unknown method {other}"),
+                };
+                return Err(ReplicationError::UnsupportedAuth {
+                    addr: addr.to_owned(),
+                    method,
+                });
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Cleartext and md5: refused over unencrypted TCP and with channel_binding=require.
+    fn readable_password(
+        &mut self,
+        method: AuthMethod,
+        described: &str,
+    ) -> Result<(), ReplicationError> {
+        self.method = method;
+        if let Some(msg) =
+            transport::insecure_password_refusal(self.params, self.plain_tcp, described)
+        {
+            return Err(ReplicationError::InsecurePassword(msg));
+        }
+        self.require_binding_or(method)
+    }
+
+    fn require_binding_or(&self, method: AuthMethod) -> Result<(), ReplicationError> {
+        if self.params.tls().channel_binding == ChannelBindingMode::Require
+            && method != AuthMethod::ScramSha256Plus
+        {
+            return Err(ReplicationError::ChannelBindingMissing {
+                addr: self.params.host_description(),
+                method: method.name(),
+            });
+        }
+        Ok(())
+    }
+
+    fn start_scram(
+        &mut self,
+        mechanisms: &[String],
+        addr: &str,
+        out: &mut BytesMut,
+    ) -> Result<(), ReplicationError> {
+        let offers = |m: &str| mechanisms.iter().any(|x| x == m);
+        let (mechanism, binding, method) = match &self.binding {
+            Some(data) if offers(SCRAM_SHA_256_PLUS) => (
+                SCRAM_SHA_256_PLUS,
+                ChannelBinding::tls_server_end_point(data.clone()),
+                AuthMethod::ScramSha256Plus,
+            ),
+            // "y": the client could bind, so a server that could too detects a downgrade.
+            Some(_) if offers(SCRAM_SHA_256) => (
+                SCRAM_SHA_256,
+                ChannelBinding::unrequested(),
+                AuthMethod::ScramSha256,
+            ),
+            None if offers(SCRAM_SHA_256) => (
+                SCRAM_SHA_256,
+                ChannelBinding::unsupported(),
+                AuthMethod::ScramSha256,
+            ),
+            _ => {
+                return Err(ReplicationError::UnsupportedAuth {
+                    addr: addr.to_owned(),
+                    method: format!("SASL ({})", mechanisms.join(", ")),
+                });
+            }
+        };
+        self.method = method;
+        self.require_binding_or(method)?;
+        let s = ScramSha256::new(self.password(addr)?.as_bytes(), binding);
+        frontend::sasl_initial_response(mechanism, s.message(), out)
+            .map_err(|e| scram_err(addr, e))?;
+        self.scram = Some(s);
+        Ok(())
+    }
+
+    /// AuthenticationOk: accepted only after a SCRAM exchange has verified the server.
+    fn accept_ok(&self, addr: &str) -> Result<(), ReplicationError> {
+        if self.scram.is_some() && !self.scram_verified {
+            return Err(ReplicationError::Scram {
+                addr: addr.to_owned(),
+                reason: "the server reported success without proving it knows the password (no SCRAM server signature); the session is refused".to_owned(),
+            });
+        }
+        self.require_binding_or(self.method)
     }
 }
 
@@ -1355,355 +923,17 @@ fn startup_error(params: &ConnectParams, addr: &str, error: ServerMessage) -> Re
     }
 }
 
-/// The CopyBoth phase of a replication session: WAL data in, status updates out.
-pub struct ReplicationStream {
-    wire: Wire,
-    ended: bool,
-}
-
-impl ReplicationStream {
-    /// The next XLogData or keepalive; `Ok(None)` once the server ended the stream with
-    /// CopyDone. Cancel-safe: dropping the future loses no data, so it may sit in `select!`.
-    pub async fn recv(&mut self) -> Result<Option<ReplicationMessage>, ReplicationError> {
-        if self.ended {
-            return Ok(None);
-        }
-        loop {
-            let frame = self.wire.read_frame().await?;
-            match frame.tag {
-                b'd' => {
-                    let msg = protocol::parse_copy_data(&frame.body)
-                        .map_err(|e| self.wire.protocol(e))?;
-                    return Ok(Some(msg));
-                }
-                b'c' => {
-                    self.ended = true;
-                    return Ok(None);
-                }
-                b'E' => return Err(self.wire.server_error(&frame.body)),
-                b'N' => self.wire.log_notice(&frame.body),
-                b'S' => {}
-                other => return Err(self.wire.unexpected(other, "streaming")),
-            }
-        }
-    }
-
-    /// Sends a standby status update: WAL up to `write` received, up to `flush` durable
-    /// (the slot may advance to it), up to `apply` applied. Not cancel-safe: await it to the
-    /// end rather than racing it against a timer.
-    pub async fn send_status(
-        &mut self,
-        write: Lsn,
-        flush: Lsn,
-        apply: Lsn,
-        reply_requested: bool,
-    ) -> Result<(), ReplicationError> {
-        let payload = protocol::encode_standby_status(
-            write,
-            flush,
-            apply,
-            protocol::pg_now(),
-            reply_requested,
-        );
-        let mut out = BytesMut::with_capacity(payload.len() + 5);
-        protocol::encode_copy_data(&payload, &mut out);
-        self.wire.send(&out).await
-    }
-
-    /// Ends the stream (CopyDone) and the session (Terminate).
-    pub async fn close(mut self) {
-        let mut out = BytesMut::new();
-        if !self.ended {
-            frontend::copy_done(&mut out);
-        }
-        frontend::terminate(&mut out);
-        if let Err(e) = self.wire.send(&out).await {
-            tracing::debug!(error = %e, "closing the replication stream failed");
-        }
-        let _ = self.wire.io.shutdown().await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
-
-    #[derive(Default)]
-    struct FakeEnv {
-        vars: HashMap<&'static str, String>,
-        home: Option<PathBuf>,
-        user: Option<String>,
-        socket_dir: Option<PathBuf>,
-    }
-
-    impl Env for FakeEnv {
-        fn var(&self, name: &str) -> Option<String> {
-            self.vars.get(name).cloned()
-        }
-        fn home_dir(&self) -> Option<PathBuf> {
-            self.home.clone()
-        }
-        fn os_user(&self) -> Option<String> {
-            self.user.clone()
-        }
-        fn default_socket_dir(&self) -> Option<PathBuf> {
-            self.socket_dir.clone()
-        }
-    }
-
-    fn env(vars: &[(&'static str, &str)]) -> FakeEnv {
-        FakeEnv {
-            vars: vars.iter().map(|(k, v)| (*k, v.to_string())).collect(),
-            user: Some("osuser".into()),
-            ..FakeEnv::default()
-        }
-    }
-
-    fn parse(s: &str, e: &FakeEnv) -> ConnectParams {
-        ConnectParams::parse_with_env(s, None, e).unwrap()
-    }
-
-    fn password(p: &ConnectParams) -> Option<&str> {
-        p.password.as_ref().map(|(s, _)| s.expose())
-    }
-
-    #[test]
-    fn url_form_is_parsed_with_percent_decoding() {
-        let p = parse(
-            "postgres://wal%40user:p%3Ass@db.example.com:6543/my%20db?application_name=x&sslmode=disable",
-            &env(&[]),
-        );
-        assert_eq!(p.host(), &Host::Tcp("db.example.com".into()));
-        assert_eq!(p.port(), 6543);
-        assert_eq!(p.user(), "wal@user");
-        assert_eq!(password(&p), Some("p:ss"));
-        assert_eq!(p.password_source(), Some(&PasswordSource::ConnString));
-        assert_eq!(p.dbname(), "my db");
-        assert_eq!(p.application_name(), "x");
-        assert_eq!(p.sslmode(), SslMode::Disable);
-        assert_eq!(p.host_description(), "db.example.com:6543");
-    }
-
-    #[test]
-    fn url_host_may_be_a_socket_directory_or_ipv6() {
-        let p = parse("postgresql://%2Ftmp%2Fpg:5433/app", &env(&[]));
-        assert_eq!(p.host(), &Host::Unix("/tmp/pg".into()));
-        assert_eq!(p.host_description(), "/tmp/pg/.s.PGSQL.5433");
-        let p = parse("postgresql://u@[::1]:5434/app", &env(&[]));
-        assert_eq!(p.host(), &Host::Tcp("::1".into()));
-        assert_eq!(p.host_description(), "[::1]:5434");
-        let p = parse("postgresql:///app?host=/run/pg", &env(&[]));
-        assert_eq!(p.host(), &Host::Unix("/run/pg".into()));
-    }
-
-    #[test]
-    fn key_value_form_handles_quotes_and_escapes() {
-        let p = parse(
-            r"host=10.0.0.1 port = 5555 user=walhook password='it\'s a \\secret' dbname=app application_name=svc",
-            &env(&[]),
-        );
-        assert_eq!(p.host(), &Host::Tcp("10.0.0.1".into()));
-        assert_eq!(p.port(), 5555);
-        assert_eq!(p.user(), "walhook");
-        assert_eq!(password(&p), Some(r"it's a \secret"));
-        assert_eq!(p.dbname(), "app");
-        assert_eq!(p.application_name(), "svc");
-    }
-
-    #[test]
-    fn malformed_strings_are_config_errors() {
-        for bad in [
-            "host",
-            "host='unterminated",
-            "postgres://h/db?novalue",
-            "postgres://h%zz/db",
-            "postgres://[::1/db",
-            "port=0",
-            "port=x",
-            "sslmode=sometimes",
-            "bogus=1",
-            "host=a,b",
-            "connect_timeout=soon",
-        ] {
-            let e = ConnectParams::parse_with_env(bad, None, &env(&[])).unwrap_err();
-            assert_eq!(e.class(), ErrorClass::Config, "{bad}");
-        }
-    }
-
-    #[test]
-    fn tls_sslmodes_are_refused_with_the_workaround() {
-        for mode in ["require", "verify-ca", "verify-full"] {
-            let e = ConnectParams::parse_with_env(&format!("sslmode={mode}"), None, &env(&[]))
-                .unwrap_err();
-            let msg = e.to_string();
-            assert!(
-                msg.contains("TLS") && msg.contains("sslmode=disable"),
-                "{msg}"
-            );
-        }
-        let e = ConnectParams::parse_with_env("", None, &env(&[("PGSSLMODE", "require")]));
-        assert!(matches!(e, Err(ConnError::TlsNotSupported("require"))));
-        for mode in ["disable", "allow", "prefer"] {
-            assert!(
-                ConnectParams::parse_with_env(&format!("sslmode={mode}"), None, &env(&[])).is_ok()
-            );
-        }
-    }
-
-    #[test]
-    fn unset_parts_come_from_the_environment_then_defaults() {
-        let e = env(&[
-            ("PGHOST", "envhost"),
-            ("PGPORT", "7000"),
-            ("PGUSER", "envuser"),
-            ("PGDATABASE", "envdb"),
-            ("PGAPPNAME", "envapp"),
-            ("PGPASSWORD", "envpw"),
-        ]);
-        let p = parse("dbname=given", &e);
-        assert_eq!(p.host(), &Host::Tcp("envhost".into()));
-        assert_eq!(p.port(), 7000);
-        assert_eq!(p.user(), "envuser");
-        assert_eq!(p.dbname(), "given");
-        assert_eq!(p.application_name(), "envapp");
-        assert_eq!(password(&p), Some("envpw"));
-        assert_eq!(p.password_source(), Some(&PasswordSource::PgPassword));
-
-        let p = parse("", &env(&[]));
-        assert_eq!(p.host(), &Host::Tcp("localhost".into()));
-        assert_eq!(p.port(), 5432);
-        assert_eq!(p.user(), "osuser");
-        assert_eq!(p.dbname(), "osuser");
-        assert_eq!(p.application_name(), DEFAULT_APPLICATION_NAME);
-        assert_eq!(p.connect_timeout(), DEFAULT_CONNECT_TIMEOUT);
-        assert_eq!(password(&p), None);
-
-        let mut with_socket = env(&[]);
-        with_socket.socket_dir = Some("/var/run/postgresql".into());
-        let p = parse("user=u", &with_socket);
-        assert_eq!(p.host(), &Host::Unix("/var/run/postgresql".into()));
-        assert_eq!(p.host_description(), "/var/run/postgresql/.s.PGSQL.5432");
-        let no_user = FakeEnv::default();
-        assert!(matches!(
-            ConnectParams::parse_with_env("", None, &no_user),
-            Err(ConnError::NoUser)
-        ));
-    }
-
-    #[test]
-    fn password_precedence_is_override_then_string_then_env() {
-        let e = env(&[("PGPASSWORD", "envpw")]);
-        let p = ConnectParams::parse_with_env("password=strpw", Some("cfgpw"), &e).unwrap();
-        assert_eq!(password(&p), Some("cfgpw"));
-        assert_eq!(p.password_source(), Some(&PasswordSource::Config));
-        let p = ConnectParams::parse_with_env("password=strpw", None, &e).unwrap();
-        assert_eq!(password(&p), Some("strpw"));
-        let p = ConnectParams::parse_with_env("password=", None, &e).unwrap();
-        assert_eq!(password(&p), Some("envpw"));
-    }
-
-    #[test]
-    fn redacted_never_shows_the_password() {
-        let p = parse("postgres://u:hunter2@h/db", &env(&[]));
-        let r = p.redacted();
-        assert!(!r.contains("hunter2"), "{r}");
-        assert!(
-            r.contains("password=***") && r.contains("user=u") && r.contains("host=h"),
-            "{r}"
-        );
-        assert!(!format!("{p:?}").contains("hunter2"));
-    }
-
-    #[test]
-    fn tokio_postgres_config_carries_the_same_parameters() {
-        let p = parse("postgres://u:pw@h:5999/db?application_name=a", &env(&[]));
-        let c = p.to_tokio_postgres();
-        assert_eq!(c.get_user(), Some("u"));
-        assert_eq!(c.get_password(), Some(&b"pw"[..]));
-        assert_eq!(c.get_dbname(), Some("db"));
-        assert_eq!(c.get_ports(), &[5999]);
-        assert_eq!(c.get_application_name(), Some("a"));
-        assert_eq!(
-            c.get_hosts(),
-            &[tokio_postgres::config::Host::Tcp("h".into())]
-        );
-    }
-
-    #[test]
-    fn pgpass_matches_wildcards_and_unescapes() {
-        let text = "# comment\n\
-                    other:5432:*:u:nope\n\
-                    h:*:db:u:first\n\
-                    *:*:*:u:second\n\
-                    *:*:*:*:pa\\:ss\\\\word\n\
-                    w\\:x:5432:*:*:escaped-host\n\
-                    short:line\n";
-        assert_eq!(
-            pgpass_find(text, "h", 1, "db", "u").as_deref(),
-            Some("first")
-        );
-        assert_eq!(
-            pgpass_find(text, "h", 1, "db2", "u").as_deref(),
-            Some("second")
-        );
-        assert_eq!(
-            pgpass_find(text, "x", 1, "d", "v").as_deref(),
-            Some(r"pa:ss\word")
-        );
-        assert_eq!(
-            pgpass_find("w\\:x:5432:*:*:esc\n", "w:x", 5432, "d", "v").as_deref(),
-            Some("esc")
-        );
-        assert_eq!(
-            pgpass_find("\\*:*:*:*:literal\n", "anyhost", 1, "d", "u"),
-            None
-        );
-        assert_eq!(pgpass_find("short:line\n", "short", 1, "d", "u"), None);
-        assert_eq!(
-            pgpass_find("h:5432:db:u:crlf\r\n", "h", 5432, "db", "u").as_deref(),
-            Some("crlf")
-        );
-    }
-
-    #[test]
-    fn pgpass_file_is_used_only_when_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(".pgpass");
-        std::fs::write(&file, "localhost:5432:app:u:frompass\n").unwrap();
-        let mut e = env(&[]);
-        e.home = Some(dir.path().to_owned());
-        e.socket_dir = Some("/var/run/postgresql".into());
-
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        // A socket connection matches the "localhost" line, as in libpq.
-        let p = parse("user=u dbname=app", &e);
-        assert_eq!(password(&p), Some("frompass"));
-        assert_eq!(
-            p.password_source(),
-            Some(&PasswordSource::PassFile(file.clone()))
-        );
-
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        assert_eq!(password(&parse("user=u dbname=app", &e)), None);
-
-        // PGPASSFILE points elsewhere; passfile in the string wins over it.
-        let other = dir.path().join("other");
-        std::fs::write(&other, "*:*:*:*:fromother\n").unwrap();
-        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
-        e.vars.insert("PGPASSFILE", other.display().to_string());
-        assert_eq!(password(&parse("user=u dbname=app", &e)), Some("fromother"));
-        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let s = format!("user=u dbname=app passfile={}", file.display());
-        assert_eq!(password(&parse(&s, &e)), Some("frompass"));
-    }
 
     #[test]
     fn startup_errors_map_to_clear_classified_messages() {
-        let p = parse(
-            "host=h port=5432 user=walrep password=x dbname=app",
-            &env(&[]),
-        );
+        let p = ConnectParams::parse(
+            "host=h port=5432 user=walrep password=x dbname=app sslmode=disable",
+            None,
+        )
+        .unwrap();
         let err = |code: &str, message: &str| {
             startup_error(
                 &p,

@@ -6,7 +6,8 @@ pub mod receiver;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub use walhook::cluster::{ClusterOptions, LocalCluster};
+#[allow(unused_imports)]
+pub use walhook::cluster::{ClusterOptions, LocalCluster, ServerTls};
 
 /// A fresh database for one test: in its own throwaway cluster, or, when
 /// `WALHOOK_TEST_DATABASE_URL` is set, on that existing server.
@@ -139,6 +140,42 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// The `confirmed_flush_lsn` of slot `walhook`, once it exists.
+pub async fn slot_confirmed(c: &tokio_postgres::Client) -> Option<walhook::types::Lsn> {
+    let row = c
+        .query_opt(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'walhook'",
+            &[],
+        )
+        .await
+        .ok()??;
+    row.get::<_, Option<String>>(0)?.parse().ok()
+}
+
+/// The server's current WAL insert position.
+pub async fn current_insert_lsn(c: &tokio_postgres::Client) -> walhook::types::Lsn {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .expect("pg_current_wal_insert_lsn")
+        .get(0);
+    s.parse().expect("an LSN")
+}
+
+/// A `[[monitor]]` block sending every alert at once to `url`.
+pub fn monitor_toml(url: &str) -> String {
+    format!("\n[[monitor]]\nname = \"ops\"\nurl = \"{url}\"\nmin_interval = \"0s\"\n")
 }
 
 /// The path of the built `walhook` binary.
@@ -314,7 +351,10 @@ pub async fn wait_streaming(c: &tokio_postgres::Client) {
         || async {
             let n: i64 = c
             .query_one(
-                "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walhook' AND active",
+                // A slot being created is active under the creating backend, before its
+                // consistent point: only a walsender streaming from it counts.
+                "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid
+                 WHERE s.slot_name = 'walhook' AND a.backend_type = 'walsender'",
                 &[],
             )
             .await

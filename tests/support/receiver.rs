@@ -90,6 +90,8 @@ struct State {
 /// The receiver. Dropping it stops the server.
 pub struct Receiver {
     pub addr: SocketAddr,
+    /// "http" or "https".
+    scheme: &'static str,
     state: Arc<Mutex<State>>,
     responder: Arc<Mutex<Option<Responder>>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -107,6 +109,35 @@ impl Receiver {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .expect("bind receiver");
+        Self::serve(listener, "http")
+    }
+
+    /// Starts an HTTPS receiver on a free port presenting `cert_chain` (DER) with `key`.
+    pub async fn start_tls(
+        cert_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Receiver {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(cert_chain, key)
+            .expect("server certificate");
+        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .expect("bind receiver");
+        let listener = TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        };
+        Self::serve(listener, "https")
+    }
+
+    fn serve<L>(listener: L, scheme: &'static str) -> Receiver
+    where
+        L: axum::serve::Listener<Addr = SocketAddr>,
+    {
         let addr = listener.local_addr().expect("receiver addr");
         let state: Arc<Mutex<State>> = Arc::default();
         let responder: Arc<Mutex<Option<Responder>>> = Arc::default();
@@ -131,6 +162,7 @@ impl Receiver {
         });
         Receiver {
             addr,
+            scheme,
             state,
             responder,
             stop: Some(stop),
@@ -138,9 +170,9 @@ impl Receiver {
         }
     }
 
-    /// `http://127.0.0.1:port{path}`.
+    /// `http://127.0.0.1:port{path}` (`https://` for a TLS receiver).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     /// Answers the next requests with these replies, in order, then as before.
@@ -242,4 +274,54 @@ async fn handle(
         }
     }
     resp
+}
+
+/// TCP with a TLS handshake per connection; connections whose handshake fails (a client
+/// that does not trust the certificate) are dropped and the next one is accepted.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// A test CA and a certificate it signed for 127.0.0.1 and localhost.
+pub fn test_ca() -> (
+    String,
+    rustls::pki_types::CertificateDer<'static>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "walhook test CA");
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    let server_params =
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+    let server_cert = server_params.signed_by(&server_key, &issuer).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+    (ca_cert.pem(), server_cert.der().clone(), key)
 }

@@ -19,9 +19,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{Claimed, Done, Lane, Link, Shared, back_off, lock, on_store};
+use super::{ClaimedRow, Done, Ended, Lane, Link, Shared, back_off, lock, on_store};
 use crate::error::{Classify, ErrorClass};
-use crate::queue::{Claim, ClaimLimits, Cursor, EntityKey};
+use crate::queue::{Claim, ClaimLimits, Claimed, Cursor, EntityKey};
 
 /// Most notifications one claim statement takes.
 pub(super) const CLAIM_BATCH: usize = 500;
@@ -246,15 +246,20 @@ pub(super) async fn claim_loop(
     lane: Arc<Lane>,
     link: Arc<Link>,
     shared: Arc<Shared>,
-    claimed: mpsc::UnboundedSender<super::ClaimedRow>,
+    claimed: mpsc::UnboundedSender<ClaimedRow>,
     done: mpsc::UnboundedSender<Done>,
 ) {
     let state = &lane.claims;
+    // Numbers this lane's claims, for the lease book.
+    let mut claims: u64 = 0;
     let mut cursor = Cursor::START;
     let mut sweep_every = SWEEP_MIN;
     let mut next_sweep = Instant::now() + sweep_every;
     let mut backoff = super::RECONNECT_INITIAL;
     while !shared.stop.is_cancelled() {
+        if let Some(o) = &shared.observer {
+            o.alive();
+        }
         let mut more = false;
         if let Some(limits) = limits(&lane, &shared.bytes) {
             let step = if state.has_unblocked() {
@@ -268,7 +273,10 @@ pub(super) async fn claim_loop(
                 Step::Next
             };
             state.claim_starts();
-            let (name, lease) = (lane.name(), lane.lease);
+            let (name, lease) = (lane.name(), lane.lease.length);
+            // The lease is counted from before the statement is sent: the database counts
+            // it from a later moment, so this process never thinks it holds a row longer.
+            let sent = Instant::now();
             let claim = on_store(&link, "claiming notifications", |store| {
                 let step = &step;
                 async move {
@@ -312,7 +320,12 @@ pub(super) async fn claim_loop(
                         }
                         Step::Heads(_) => true,
                     };
-                    hand_over(&lane, &shared, claim, &claimed, &done);
+                    claims += 1;
+                    let booked = Booked {
+                        claim: claims,
+                        until: sent + lane.lease.length,
+                    };
+                    hand_over(&lane, &shared, claim, booked, &claimed, &done);
                 }
                 Err((store, e)) => {
                     if e.class() != ErrorClass::Transient {
@@ -343,13 +356,21 @@ pub(super) async fn claim_loop(
     }
 }
 
-/// Passes a claim's rows on: ready ones to the starter, unreadable and over-budget ones
-/// straight to the recorder.
+/// Which claim took a batch of rows, and until when (by this process's clock) it leases them.
+#[derive(Clone, Copy)]
+struct Booked {
+    claim: u64,
+    until: Instant,
+}
+
+/// Books the leases of a claim's rows and passes them on: ready ones to the starter,
+/// unreadable and over-budget ones straight to the recorder.
 fn hand_over(
     lane: &Lane,
     shared: &Shared,
     claim: Claim,
-    claimed: &mpsc::UnboundedSender<super::ClaimedRow>,
+    booked: Booked,
+    claimed: &mpsc::UnboundedSender<ClaimedRow>,
     done: &mpsc::UnboundedSender<Done>,
 ) {
     let state = &lane.claims;
@@ -367,13 +388,21 @@ fn hand_over(
         })
         .sum();
     state.add(&shared.bytes, claim.rows.len(), bytes);
+    lane.leases
+        .taken(claim.rows.iter().map(Claimed::id), booked.claim, booked.until);
     debug!(
         listener = lane.name(),
         claimed = claim.rows.len(),
         bytes,
         "claimed notifications"
     );
-    let claimed_at = Instant::now();
+    let finished = |id: i64, what: Ended| Done {
+        lane: lane.index,
+        id,
+        claim: booked.claim,
+        bytes: 0,
+        what,
+    };
     for row in claim.rows {
         match row {
             Claimed::Ready {
@@ -381,28 +410,21 @@ fn hand_over(
                 bytes,
                 ..
             } => {
-                if let Err(back) = claimed.send(super::ClaimedRow {
+                let row = ClaimedRow {
                     notification: *notification,
+                    claim: booked.claim,
                     bytes,
-                    claimed_at,
-                }) {
+                };
+                if let Err(back) = claimed.send(row) {
                     let _ = done.send(Done::release(lane, &back.0));
                 }
             }
             Claimed::Unreadable { id, comment } => {
-                let _ = done.send(Done::Unreadable {
-                    lane: lane.index,
-                    id,
-                    comment,
-                });
+                let _ = done.send(finished(id, Ended::Unreadable { comment }));
             }
             Claimed::OverBudget { id } => {
                 state.sweep_soon();
-                let _ = done.send(Done::Release {
-                    lane: lane.index,
-                    id,
-                    bytes: 0,
-                });
+                let _ = done.send(finished(id, Ended::Release));
             }
         }
     }

@@ -1,16 +1,22 @@
-//! Sends one notification to one listener over HTTP and classifies the answer.
+//! The HTTP sink: POSTs a rendered message to the listener's url with the configured
+//! headers and a Standard Webhooks signature, and classifies the answer as a policy
+//! [`Outcome`] with a comment a DBA reads ("HTTP 503 Service Unavailable from …").
 
 use std::time::{Duration, Instant, SystemTime};
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
-use reqwest::{Client, Url, redirect};
+use base64::Engine as _;
 
-use super::payload::{CLOUDEVENTS_CONTENT_TYPE, cloudevent_bytes};
-use super::policy::{Outcome, parse_retry_after};
-use super::signature::{SigningKey, SigningKeyError, webhook_headers};
-use super::{Attempt, Notification};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
+use reqwest::{Client, redirect};
+
 use crate::config::ListenerConfig;
+use crate::delivery::Attempt;
+use crate::delivery::format::Message;
+use crate::delivery::policy::Outcome;
+use crate::delivery::signature::webhook_headers;
 use crate::error::{Classify, ErrorClass};
+use crate::secret::SecretUrl;
+use crate::secret::SigningKey;
 
 /// Most of an answer's body that is read; the rest is dropped unread.
 const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -25,39 +31,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 /// Shown for configured values that must never reach a comment.
 const REDACTED: &str = "***";
 
-/// Why a listener's sender could not be built. Never carries a secret.
+/// Why a listener's HTTP sink could not be built. Never carries a secret. Everything
+/// else about a listener (url, headers, signing key, CA file) was checked when the
+/// configuration was loaded.
 #[derive(Debug, thiserror::Error)]
-pub enum DeliveryError {
-    /// The url does not parse or is not http(s).
-    #[error(
-        "listener {listener:?}: url {url} is not usable ({reason}); set url to an http:// or https:// URL"
-    )]
-    InvalidUrl {
-        /// Listener name.
-        listener: String,
-        /// The redacted url.
-        url: String,
-        /// What is wrong with it.
-        reason: String,
-    },
-    /// The signing secret cannot be decoded.
-    #[error("listener {listener:?}: {source}")]
-    InvalidSecret {
-        /// Listener name.
-        listener: String,
-        /// The decoding problem.
-        source: SigningKeyError,
-    },
-    /// A configured header name or value cannot be sent.
-    #[error(
-        "listener {listener:?}: header {name:?} cannot be sent (invalid name or value); use letters, digits and dashes in the name and visible ASCII in the value"
-    )]
-    InvalidHeader {
-        /// Listener name.
-        listener: String,
-        /// The header name.
-        name: String,
-    },
+pub enum HttpSinkError {
     /// The HTTP client could not be created (TLS setup).
     #[error("listener {listener:?}: cannot create the HTTP client: {reason}")]
     Client {
@@ -68,108 +46,71 @@ pub enum DeliveryError {
     },
 }
 
-impl Classify for DeliveryError {
+impl Classify for HttpSinkError {
     fn class(&self) -> ErrorClass {
         match self {
-            DeliveryError::InvalidUrl { .. }
-            | DeliveryError::InvalidSecret { .. }
-            | DeliveryError::InvalidHeader { .. } => ErrorClass::Config,
-            DeliveryError::Client { .. } => ErrorClass::Permanent,
+            HttpSinkError::Client { .. } => ErrorClass::Permanent,
         }
     }
 }
 
-/// The HTTP sender for one listener; build once, share by reference, send many times.
-pub struct HttpSender {
+/// The HTTP sink of one listener; build once, share by reference, send many times.
+pub struct HttpSink {
     listener: String,
     client: Client,
-    url: Url,
-    url_redacted: String,
-    /// `content-type` and the configured headers, built once.
+    url: SecretUrl,
+    /// The configured headers, built once.
     headers: HeaderMap,
     key: Option<SigningKey>,
     timeout: Duration,
-    source_system: String,
     /// Configured secret strings that must be scrubbed from any quoted answer text.
     scrub: Vec<String>,
 }
 
 /// Shows only what may be logged: the url with secrets redacted, never headers or keys.
-impl std::fmt::Debug for HttpSender {
+impl std::fmt::Debug for HttpSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpSender")
+        f.debug_struct("HttpSink")
             .field("listener", &self.listener)
-            .field("url", &self.url_redacted)
+            .field("url", &self.url.redacted())
             .field("signed", &self.key.is_some())
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
 }
 
-impl HttpSender {
-    /// Validates the listener's url, headers and secret and builds its HTTP client.
-    pub fn new(
-        listener: &ListenerConfig,
-        source_system: &str,
-    ) -> Result<HttpSender, DeliveryError> {
+impl HttpSink {
+    /// Builds the listener's HTTP client and its fixed headers.
+    pub fn new(listener: &ListenerConfig) -> Result<HttpSink, HttpSinkError> {
         let name = listener.name.clone();
-        let invalid_url = |reason: String| DeliveryError::InvalidUrl {
-            listener: name.clone(),
-            url: listener.url_redacted.clone(),
-            reason,
-        };
-        let url = Url::parse(listener.url.expose()).map_err(|e| invalid_url(e.to_string()))?;
-        if url.scheme() != "http" && url.scheme() != "https" {
-            return Err(invalid_url(format!(
-                "scheme {:?} is not http or https",
-                url.scheme()
-            )));
-        }
-        if url.host_str().is_none() {
-            return Err(invalid_url("no host".into()));
-        }
-
-        let key = match &listener.secret {
-            Some(s) => Some(SigningKey::parse(s.expose()).map_err(|source| {
-                DeliveryError::InvalidSecret {
-                    listener: name.clone(),
-                    source,
-                }
-            })?),
-            None => None,
-        };
-
         let mut headers = HeaderMap::new();
-        headers.insert(
-            CONTENT_TYPE,
-            HeaderValue::from_static(CLOUDEVENTS_CONTENT_TYPE),
-        );
-        let mut scrub = Vec::new();
-        for (h, value) in &listener.headers {
-            let invalid = || DeliveryError::InvalidHeader {
-                listener: name.clone(),
-                name: h.clone(),
-            };
-            let header = HeaderName::from_bytes(h.as_bytes()).map_err(|_| invalid())?;
-            let mut v = HeaderValue::from_str(value.expose()).map_err(|_| invalid())?;
-            // Keeps the value out of reqwest's and hyper's debug output.
-            v.set_sensitive(true);
-            // A configured header replaces walhook's own (e.g. a listener that insists on
-            // `content-type: application/json`).
-            headers.insert(header, v);
-            scrub.push(value.expose().to_owned());
+        let mut scrub = listener.url.secret_parts();
+        for (header, value) in &listener.headers {
+            // A configured header replaces the format's (e.g. a listener that insists on
+            // `content-type: application/json`); see `headers_for`.
+            headers.insert(header.clone(), value.clone());
+            if let Ok(v) = value.to_str() {
+                scrub.push(v.to_owned());
+            }
         }
-        if let Some(s) = &listener.secret {
-            scrub.push(s.expose().to_owned());
-        }
-        if listener.url.expose() != listener.url_redacted {
-            scrub.push(listener.url.expose().to_owned());
+        // A listener that knows the signing secret may quote it back.
+        if let Some(key) = &listener.secret {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(key.expose());
+            scrub.push(format!("whsec_{encoded}"));
+            scrub.push(encoded);
         }
         // Very short values would scrub ordinary words out of answers; they are not
-        // secrets anyone can guess from a 200-byte excerpt either.
+        // secrets anyone can guess from a 200-byte excerpt either. Longest first, so a
+        // value containing another is replaced whole.
         scrub.retain(|s| s.len() >= 4);
+        scrub.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        scrub.dedup();
 
-        let client = Client::builder()
+        let client = crate::tls::http_client_builder(listener.ca_file.as_ref())
+            .map_err(|e| HttpSinkError::Client {
+                listener: name.clone(),
+                reason: e.to_string(),
+            })?
             .redirect(redirect::Policy::none())
             .no_proxy()
             .no_gzip()
@@ -179,20 +120,18 @@ impl HttpSender {
             .tcp_keepalive(TCP_KEEPALIVE)
             .user_agent(concat!("walhook/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| DeliveryError::Client {
+            .map_err(|e| HttpSinkError::Client {
                 listener: name.clone(),
                 reason: e.without_url().to_string(),
             })?;
 
-        Ok(HttpSender {
+        Ok(HttpSink {
             listener: name,
             client,
-            url,
-            url_redacted: listener.url_redacted.clone(),
+            url: listener.url.clone(),
             headers,
-            key,
+            key: listener.secret.clone(),
             timeout: listener.timeout,
-            source_system: source_system.to_owned(),
             scrub,
         })
     }
@@ -204,35 +143,60 @@ impl HttpSender {
 
     /// The listener's url with secrets replaced, for messages.
     pub fn url_redacted(&self) -> &str {
-        &self.url_redacted
+        self.url.redacted()
     }
 
-    /// The body [`HttpSender::send`] posts for `n`.
-    pub fn body(&self, n: &Notification) -> Vec<u8> {
-        cloudevent_bytes(&n.event, &self.source_system)
-    }
-
-    /// POSTs the notification's CloudEvent and classifies the answer.
-    pub async fn send(&self, n: &Notification) -> Attempt {
-        let body = self.body(n);
-        self.send_raw(body, &n.event.event_id.to_string()).await
-    }
-
-    /// POSTs `body` as-is (signed with `event_id` as `webhook-id` when a secret is set).
-    pub async fn send_raw(&self, body: Vec<u8>, event_id: &str) -> Attempt {
+    /// The request headers for `message`: its content type and attributes, the configured
+    /// headers (which win over the format's), and the Standard Webhooks signature of `body`
+    /// with the message id as `webhook-id` when a secret is set. `Err` names a format
+    /// value that is not a valid header.
+    pub fn headers_for(&self, message: &Message) -> Result<HeaderMap, String> {
         let mut headers = self.headers.clone();
+        if !headers.contains_key(CONTENT_TYPE) {
+            let value = HeaderValue::from_str(&message.content_type).map_err(|_| {
+                format!(
+                    "content type {:?} is not a valid header value",
+                    message.content_type
+                )
+            })?;
+            headers.insert(CONTENT_TYPE, value);
+        }
+        for (name, value) in &message.attributes {
+            let invalid = || format!("attribute {name:?} is not a valid header");
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())?;
+            if !headers.contains_key(&name) {
+                headers.insert(name, HeaderValue::from_str(value).map_err(|_| invalid())?);
+            }
+        }
         if let Some(key) = &self.key {
-            for (name, value) in webhook_headers(key, event_id, &body) {
+            for (name, value) in webhook_headers(key, &message.id, &message.body) {
                 if let Ok(v) = HeaderValue::from_str(&value) {
                     headers.insert(HeaderName::from_static(name), v);
                 }
             }
         }
+        Ok(headers)
+    }
 
+    /// POSTs `message` and classifies the answer.
+    pub async fn send(&self, message: Message) -> Attempt {
+        let headers = match self.headers_for(&message) {
+            Ok(h) => h,
+            Err(problem) => {
+                return Attempt {
+                    outcome: Outcome::Unsendable,
+                    status_code: None,
+                    comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
+                    retry_after: None,
+                    latency: Duration::ZERO,
+                };
+            }
+        };
+        let body = message.body;
         let started = Instant::now();
         let result = self
             .client
-            .post(self.url.clone())
+            .post(self.url.expose().clone())
             .headers(headers)
             .body(body)
             .send()
@@ -242,7 +206,7 @@ impl HttpSender {
             Err(e) => {
                 let (outcome, comment) = self.transport_failure(&e);
                 Attempt {
-                    verdict: outcome.verdict(),
+                    outcome,
                     status_code: None,
                     comment: Some(comment),
                     retry_after: None,
@@ -255,8 +219,8 @@ impl HttpSender {
     async fn answered(&self, mut resp: reqwest::Response, started: Instant) -> Attempt {
         let status = resp.status();
         let code = status.as_u16();
-        let outcome = Outcome::from_status(code);
-        let retry_after = if Outcome::reads_retry_after(code) {
+        let outcome = status_outcome(code);
+        let retry_after = if reads_retry_after(code) {
             resp.headers()
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
@@ -289,30 +253,30 @@ impl HttpSender {
             None => format!("HTTP {code}"),
         };
         let comment = match outcome {
-            Outcome::Success2xx => None,
-            Outcome::Redirect3xx => Some(match location {
+            Outcome::Accepted => None,
+            Outcome::Moved => Some(match location {
                 Some(loc) => format!(
                     "HTTP {code} redirect from {} to {}: redirects are not followed; set the listener url to the new location",
-                    self.url_redacted,
+                    self.url.redacted(),
                     self.excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES),
                 ),
                 None => format!(
                     "{} from {} without a Location header: redirects are not followed; check the listener url",
                     status_text(),
-                    self.url_redacted
+                    self.url.redacted()
                 ),
             }),
             _ => {
                 let text = self.excerpt(&body, COMMENT_BODY_BYTES);
                 Some(if text.is_empty() {
-                    format!("{} from {}", status_text(), self.url_redacted)
+                    format!("{} from {}", status_text(), self.url.redacted())
                 } else {
-                    format!("{} from {}: {text}", status_text(), self.url_redacted)
+                    format!("{} from {}: {text}", status_text(), self.url.redacted())
                 })
             }
         };
         Attempt {
-            verdict: outcome.verdict(),
+            outcome,
             status_code: Some(code),
             comment,
             retry_after,
@@ -327,37 +291,48 @@ impl HttpSender {
         if e.is_connect() {
             if e.is_timeout() || has_io_kind(e, std::io::ErrorKind::TimedOut) {
                 return (
-                    Outcome::Timeout,
+                    Outcome::TimedOut,
                     format!("no connection to {endpoint} within {timeout}"),
                 );
             }
             if has_io_kind(e, std::io::ErrorKind::ConnectionRefused) {
                 return (
-                    Outcome::ConnectFailed,
+                    Outcome::Unreachable,
                     format!("connection refused by {endpoint}"),
                 );
             }
+            if let Some(problem) = crate::tls::certificate_problem(e) {
+                return (
+                    Outcome::Unreachable,
+                    format!("TLS handshake with {endpoint} failed: {problem}"),
+                );
+            }
             return (
-                Outcome::ConnectFailed,
+                Outcome::Unreachable,
                 format!("cannot connect to {endpoint}: {}", self.cause(e)),
             );
         }
         if e.is_timeout() {
             return (
-                Outcome::Timeout,
-                format!("no answer within {timeout} from {}", self.url_redacted),
+                Outcome::TimedOut,
+                format!("no answer within {timeout} from {}", self.url.redacted()),
             );
         }
         (
-            Outcome::OtherTransport,
-            format!("request to {} failed: {}", self.url_redacted, self.cause(e)),
+            Outcome::TransportError,
+            format!(
+                "request to {} failed: {}",
+                self.url.redacted(),
+                self.cause(e)
+            ),
         )
     }
 
     /// `host:port` of the listener (no credentials, no path).
     fn endpoint(&self) -> String {
-        let host = self.url.host_str().unwrap_or("?");
-        match self.url.port_or_known_default() {
+        let url = self.url.expose();
+        let host = url.host_str().unwrap_or("?");
+        match url.port_or_known_default() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         }
@@ -385,6 +360,43 @@ impl HttpSender {
         }
         one_line(&text, limit)
     }
+}
+
+/// The policy class of an HTTP status: 2xx accepted, 3xx moved (redirects are not
+/// followed), 408 timed out, 429 throttled, other 4xx rejected, 5xx a listener error;
+/// anything else (1xx, beyond 599) a transport error.
+pub fn status_outcome(status: u16) -> Outcome {
+    match status {
+        200..=299 => Outcome::Accepted,
+        300..=399 => Outcome::Moved,
+        408 => Outcome::TimedOut,
+        429 => Outcome::Throttled,
+        400..=499 => Outcome::Rejected,
+        500..=599 => Outcome::ListenerError,
+        _ => Outcome::TransportError,
+    }
+}
+
+/// Whether the answer's `Retry-After` header is honoured for this status.
+fn reads_retry_after(status: u16) -> bool {
+    status == 429 || status == 503
+}
+
+/// Parses a `Retry-After` value: delta-seconds or an HTTP-date (relative to `now`).
+/// A date in the past means "now"; anything else unreadable is ignored.
+pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if value.is_empty() {
+        return None;
+    }
+    if value.bytes().all(|b| b.is_ascii_digit()) {
+        // An absurd number of seconds still means "wait long"; the policy caps it.
+        return Some(Duration::from_secs(
+            value.parse::<u64>().unwrap_or(u64::MAX),
+        ));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// Folds whitespace runs to one space, drops control characters and cuts at `limit`
@@ -429,6 +441,59 @@ fn has_io_kind(e: &reqwest::Error, kind: std::io::ErrorKind) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::Verdict;
+
+    #[test]
+    fn statuses_map_to_the_documented_verdicts() {
+        let cases = [
+            (200, Verdict::Delivered),
+            (204, Verdict::Delivered),
+            (299, Verdict::Delivered),
+            (301, Verdict::Fail),
+            (302, Verdict::Fail),
+            (307, Verdict::Fail),
+            (400, Verdict::Fail),
+            (401, Verdict::Fail),
+            (404, Verdict::Fail),
+            (408, Verdict::Retry),
+            (410, Verdict::Fail),
+            (429, Verdict::Retry),
+            (500, Verdict::Retry),
+            (502, Verdict::Retry),
+            (503, Verdict::Retry),
+            (599, Verdict::Retry),
+            (101, Verdict::Retry),
+            (600, Verdict::Retry),
+        ];
+        for (status, verdict) in cases {
+            assert_eq!(status_outcome(status).verdict(), verdict, "{status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_parses_seconds_and_http_dates() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT").unwrap();
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(parse_retry_after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:29:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("-5", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
+        assert_eq!(parse_retry_after("", now), None);
+        assert_eq!(
+            parse_retry_after("99999999999999999999999", now),
+            Some(Duration::from_secs(u64::MAX))
+        );
+    }
 
     #[test]
     fn one_line_folds_newlines_and_cuts_on_char_boundaries() {
