@@ -20,8 +20,10 @@
 //! * live (`--live N`, default off): N inserts in 100-row transactions while walhook runs,
 //!   capture and delivery together, against pg_recvlogical's drain of the same WAL.
 //!
-//!     cargo bench --bench delivery
-//!     cargo bench --bench delivery -- --drain 10000,100000 --fan 0 --latency-secs 10 --large 0
+//! ```text
+//! cargo bench --bench delivery
+//! cargo bench --bench delivery -- --drain 10000,100000 --fan 0 --latency-secs 10 --large 0
+//! ```
 //!
 //! Prints Markdown tables.
 

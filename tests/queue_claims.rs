@@ -309,7 +309,7 @@ async fn a_change_held_back_by_an_earlier_one_is_claimed_by_entity_once_that_one
         .await
         .unwrap();
     let second = s
-        .claim_heads("crm", &[x.clone()], ROOMY, LEASE)
+        .claim_heads("crm", std::slice::from_ref(&x), ROOMY, LEASE)
         .await
         .unwrap();
     assert_eq!(entity_ids(&second), names(&["x"]));

@@ -47,8 +47,8 @@ use crate::queue::{
     Completions, DeliveredRow, EntityKey, FailedAttemptRow, Notification, NotificationStore,
     OnNewNotifications, QueueError, SWEEP_PAYLOAD,
 };
-use claimer::{ClaimState, TotalBytes};
 use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
+use claimer::{ClaimState, TotalBytes};
 
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
 const PREFETCH_PER_SLOT: usize = 8;

@@ -296,9 +296,15 @@ impl NotificationStore {
         lease: Duration,
     ) -> Result<Claim, QueueError> {
         let lsn = PgLsn::from(cursor.commit_lsn.0);
-        self.run(&self.claim_next, listener, limits, lease, [&lsn, &cursor.seq])
-            .await
-            .map_err(db_error("claiming notifications from walhook.new", USE))
+        self.run(
+            &self.claim_next,
+            listener,
+            limits,
+            lease,
+            [&lsn, &cursor.seq],
+        )
+        .await
+        .map_err(db_error("claiming notifications from walhook.new", USE))
     }
 
     /// Claims due notifications of `listener` up to `cursor` from the head (see [`SWEEP`]).

@@ -388,8 +388,11 @@ fn hand_over(
         })
         .sum();
     state.add(&shared.bytes, claim.rows.len(), bytes);
-    lane.leases
-        .taken(claim.rows.iter().map(Claimed::id), booked.claim, booked.until);
+    lane.leases.taken(
+        claim.rows.iter().map(Claimed::id),
+        booked.claim,
+        booked.until,
+    );
     debug!(
         listener = lane.name(),
         claimed = claim.rows.len(),
