@@ -751,7 +751,8 @@ struct LaneEffect {
     delivered: usize,
     gave_up: usize,
     last_failure: Option<String>,
-    earliest_retry: Option<Instant>,
+    /// The shortest retry delay scheduled.
+    earliest_retry: Option<Duration>,
 }
 
 /// Records outcomes in batches until every stage has ended, then frees leftover leases.
@@ -876,8 +877,7 @@ fn judge(
         }
         Verdict::Retry if made < lane.config.max_attempts => {
             let delay = next_attempt_delay(made, &lane.config.backoff, attempt.retry_after);
-            let due = Instant::now() + delay + DUE_SLACK;
-            effect.earliest_retry = Some(effect.earliest_retry.map_or(due, |e| e.min(due)));
+            effect.earliest_retry = Some(effect.earliest_retry.map_or(delay, |e| e.min(delay)));
             let comment = comment();
             report(Observed::WillRetry, Some(&comment));
             effect.last_failure = Some(comment.clone());
@@ -964,7 +964,10 @@ fn apply(lanes: &[Arc<Lane>], shared: &Shared, effects: Vec<LaneEffect>) {
         }
         // Recorded (or, after a failed write, left to expire): no longer renewed.
         lane.leases.forget(&effect.finished_ids);
-        if let Some(due) = effect.earliest_retry {
+        // Counted from now, after the write: the database counted the delay from the
+        // start of the retry statement, so the row is due by then.
+        if let Some(delay) = effect.earliest_retry {
+            let due = Instant::now() + delay + DUE_SLACK;
             lane.schedule(due);
         }
         match (&effect.last_failure, effect.delivered > 0) {
