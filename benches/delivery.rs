@@ -537,7 +537,7 @@ fn main() {
 
     println!();
     println!(
-        "| backlog drain (1 listener) | events/s | walhook.new before / largest during / after / after autovacuum (heap + indexes) | walhook.processed after | walhook peak RSS | CPU (% of a core) |"
+        "| backlog drain (1 listener) | events/s | start → first receipt | walhook.new before / largest during / after / after autovacuum (heap + indexes) | walhook.processed after | walhook peak RSS | CPU (% of a core) |"
     );
     println!("| ---: | ---: | ---: | --- | --- | ---: | ---: |");
     for d in &drains {

@@ -12,8 +12,10 @@
 //! execution time and the shared buffers hit + read. The old claim (a walk from the head,
 //! before the cursor) runs last in the same state, as the baseline.
 //!
-//!     cargo bench --bench queue_plans                      # 10k, 100k, 1M
-//!     cargo bench --bench queue_plans -- --backlogs 10000  # one size
+//! ```text
+//! cargo bench --bench queue_plans                      # 10k, 100k, 1M
+//! cargo bench --bench queue_plans -- --backlogs 10000  # one size
+//! ```
 //!
 //! Prints a Markdown table; the full plans go to `target/queue-plans.txt`.
 
@@ -153,6 +155,16 @@ fn cases(backlog: u64) -> Vec<Case> {
                 setup: lease,
                 prepare: format!("PREPARE s(bigint[], text) AS {}", sql::RELEASE),
                 execute: format!("EXECUTE s({ids}::bigint[], 'bench')"),
+                plain: false,
+            }
+        },
+        {
+            let (ids, lease) = batch(6);
+            Case {
+                name: "renew leases (RENEW, 500)",
+                setup: lease,
+                prepare: format!("PREPARE s(bigint[], float8, text) AS {}", sql::RENEW),
+                execute: format!("EXECUTE s({ids}::bigint[], 60000, 'bench')"),
                 plain: false,
             }
         },

@@ -39,7 +39,7 @@ pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, ev
 pub mod statements {
     pub use super::admin::{PRUNE_EVENTS, PRUNE_PROCESSED};
     pub use super::claims::{CLAIM_HEADS, CLAIM_NEXT, SWEEP};
-    pub use super::notifications::{DELIVERED, FAILED, RELEASE, RETRY, SESSION_SETTINGS};
+    pub use super::notifications::{DELIVERED, FAILED, RELEASE, RENEW, RETRY, SESSION_SETTINGS};
     pub use super::writer::{FAN_OUT_COPIED, INSERT_EVENTS};
 }
 

@@ -133,7 +133,7 @@ FROM released";
 
 /// Extends the leases of holder $3 on notifications $1 to $2 milliseconds from now;
 /// returns the ids still held (the others were moved, or taken over after expiring).
-const RENEW: &str =
+pub const RENEW: &str =
     "UPDATE walhook.new SET locked_until = now() + $2::float8 * interval '1 millisecond'
 WHERE id = ANY($1::bigint[]) AND locked_by = $3::text
 RETURNING id";
