@@ -10,7 +10,8 @@
 //!   run; for the largest backlog, pruning the delivered rows from `walhook.processed`.
 //! * fan: `--listeners` listeners (default 4) with a backlog of `--fan` (default 100k) each:
 //!   requests/s in total and per listener (fairness: the slowest against the mean);
-//! * latency: the default configuration, one single-row transaction every `1/--rate` s
+//! * latency: the default configuration (then `batch_delay = "0ms"` as the floor), one
+//!   single-row transaction every `1/--rate` s
 //!   (default 500/s) on its own connection for `--latency-secs` (default 60); per event,
 //!   receipt time minus the CloudEvents `time` (the commit timestamp from the WAL), and
 //!   minus `clock_timestamp()` taken by the INSERT (column `c`, read from `data.row`);
@@ -207,6 +208,8 @@ struct Drain {
     new_during: Sizes,
     new_after: Sizes,
     new_vacuumed: Option<Sizes>,
+    /// Once walhook rebuilt the indexes (when they were large enough for it to).
+    new_rebuilt: Option<Sizes>,
     processed_after: Sizes,
     peak_rss_mb: u64,
     cpu_percent: f64,
@@ -264,6 +267,16 @@ fn drain(
         ) == "t"
     });
     let new_vacuumed = vacuumed.then(|| Sizes::of(cluster, "walhook.new"));
+    // walhook rebuilds indexes over COMPACT_MIN_INDEX_BYTES that the rows left do not need,
+    // at its next retention run (every minute).
+    let new_rebuilt = new_vacuumed
+        .filter(|v| v.indexes > walhook::queue::COMPACT_MIN_INDEX_BYTES as u64)
+        .and_then(|v| {
+            wait_until(Duration::from_secs(150), || {
+                Sizes::of(cluster, "walhook.new").indexes < v.indexes / 4
+            })
+            .then(|| Sizes::of(cluster, "walhook.new"))
+        });
     let exit_code = walhook.stop();
     Drain {
         listeners,
@@ -276,6 +289,7 @@ fn drain(
         new_during,
         new_after,
         new_vacuumed,
+        new_rebuilt,
         processed_after,
         peak_rss_mb: peak_kb / 1024,
         cpu_percent: 100.0 * cpu / (last - started),
@@ -349,13 +363,20 @@ fn latency(
     rt: &tokio::runtime::Runtime,
     port: u16,
     args: &Args,
+    queue: &str,
 ) -> Latency {
     eprintln!(
-        "== latency: {} events/s for {} s, one listener, default configuration",
-        args.rate, args.latency_secs
+        "== latency: {} events/s for {} s, one listener, {}",
+        args.rate,
+        args.latency_secs,
+        if queue.is_empty() {
+            "default configuration"
+        } else {
+            queue
+        }
     );
     reset_database(cluster);
-    let mut walhook = start_walhook(cluster, port, 1, "");
+    let mut walhook = start_walhook(cluster, port, 1, queue);
     warm_up(cluster, receiver, &mut walhook, 1);
     let cpu_before = cpu_secs(walhook.pid());
     let url = cluster.url(DB);
@@ -523,7 +544,19 @@ fn main() {
     });
     let fan =
         (args.fan > 0).then(|| drain(&cluster, &receiver, port, args.fan, args.listeners, None));
-    let lat = (args.latency_secs > 0).then(|| latency(&cluster, &receiver, &rt, port, &args));
+    // The default configuration, then without any batching delay as the floor of this
+    // machine at the time.
+    let lat: Vec<(&str, Latency)> = if args.latency_secs > 0 {
+        [
+            ("default configuration", ""),
+            ("batch_delay = \"0ms\"", "[queue]\nbatch_delay = \"0ms\""),
+        ]
+        .into_iter()
+        .map(|(name, queue)| (name, latency(&cluster, &receiver, &rt, port, &args, queue)))
+        .collect()
+    } else {
+        Vec::new()
+    };
     let mut large = Vec::new();
     if args.large > 0 {
         for (name, sql) in LARGE_ROWS {
@@ -537,12 +570,12 @@ fn main() {
 
     println!();
     println!(
-        "| backlog drain (1 listener) | events/s | start → first receipt | walhook.new before / largest during / after / after autovacuum (heap + indexes) | walhook.processed after | walhook peak RSS | CPU (% of a core) |"
+        "| backlog drain (1 listener) | events/s | start → first receipt | walhook.new before / largest during / after / after autovacuum / after walhook's index rebuild (heap + indexes) | walhook.processed after | walhook peak RSS | CPU (% of a core) |"
     );
     println!("| ---: | ---: | ---: | --- | --- | ---: | ---: |");
     for d in &drains {
         println!(
-            "| {} | **{:.0}** | {:.2} s | {} / {} / {} / {} | {} | {} MB | {:.0}% |",
+            "| {} | **{:.0}** | {:.2} s | {} / {} / {} / {} / {} | {} | {} MB | {:.0}% |",
             d.backlog,
             d.per_listener[0],
             d.start_to_first,
@@ -551,6 +584,7 @@ fn main() {
             d.new_after.show(),
             d.new_vacuumed
                 .map_or("(not within 90 s)".to_owned(), Sizes::show),
+            d.new_rebuilt.map_or("–".to_owned(), Sizes::show),
             d.processed_after.show(),
             d.peak_rss_mb,
             d.cpu_percent
@@ -589,9 +623,9 @@ fn main() {
             f.peak_rss_mb
         );
     }
-    if let Some(l) = &lat {
+    for (name, l) in &lat {
         println!(
-            "\nlatency, default configuration, {} single-row commits/s (achieved {:.0}/s), {} events: commit→receipt **p50 {:.1} ms, p99 {:.1} ms** (max {:.1}); INSERT clock_timestamp()→receipt p50 {:.1} ms, p99 {:.1} ms; peak RSS {} MB, CPU {:.0}%",
+            "\nlatency, {name}, {} single-row commits/s (achieved {:.0}/s), {} events: commit→receipt **p50 {:.1} ms, p99 {:.1} ms** (max {:.1}); INSERT clock_timestamp()→receipt p50 {:.1} ms, p99 {:.1} ms; peak RSS {} MB, CPU {:.0}%",
             args.rate,
             l.achieved_rate,
             l.events,
@@ -622,7 +656,7 @@ fn main() {
         .iter()
         .chain(&fan)
         .map(|d| d.exit_code)
-        .chain(lat.as_ref().map(|l| l.exit_code))
+        .chain(lat.iter().map(|(_, l)| l.exit_code))
         .map(|c| c.map_or("killed".to_owned(), |c| c.to_string()))
         .collect();
     println!("walhook exit codes after SIGTERM: {}", codes.join(", "));

@@ -335,7 +335,12 @@ async fn sigkill_mid_drain_keeps_each_entitys_order_and_records_every_change_onc
             versions
                 .entry(ev["subject"].as_str().unwrap_or_default().to_owned())
                 .or_default()
-                .push(ev["data"]["row"]["name"].as_str().unwrap_or_default().to_owned());
+                .push(
+                    ev["data"]["row"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
         }
     }
     let expected: Vec<String> = (0..VERSIONS).map(|v| format!("v{v}")).collect();

@@ -1,6 +1,7 @@
 //! Claims against a real PostgreSQL: the cursor, and every way a row can end up behind it
 //! and still be claimed (released lease, retry, `walhook retry`, expired lease of another
-//! holder, per-entity ordering), two holders sharing one queue, and the byte budgets.
+//! holder, per-entity ordering), two holders sharing one queue, the byte budgets, and the
+//! rebuild of the indexes a drained backlog leaves.
 
 mod support;
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 use serde_json::json;
 use walhook::mapper::EntityEvent;
 use walhook::queue::{
-    self, Claim, ClaimLimits, Claimed, Completions, Cursor, DeliveredRow, EntityKey,
+    self, Claim, ClaimLimits, Claimed, Compaction, Completions, Cursor, DeliveredRow, EntityKey,
     FailedAttemptRow, NotificationStore, QueueWriter,
 };
 
@@ -477,4 +478,94 @@ async fn a_notification_whose_event_is_gone_is_claimed_as_unreadable() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+async fn index_bytes(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT pg_indexes_size('walhook.new'::regclass)", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// (valid, invalid) indexes on walhook.new.
+async fn index_validity(client: &tokio_postgres::Client) -> (i64, i64) {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE indisvalid), count(*) FILTER (WHERE NOT indisvalid)
+             FROM pg_index WHERE indrelid = 'walhook.new'::regclass",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn indexes_a_drained_backlog_left_are_rebuilt_and_a_busy_queue_is_left_alone() {
+    let (db, client) = queue_with(&distinct(20_000)).await;
+    client
+        .batch_execute("VACUUM ANALYZE walhook.new")
+        .await
+        .unwrap();
+    let (valid, _) = index_validity(&client).await;
+    assert_eq!(
+        queue::compact_new(&client, 1 << 20).await.unwrap(),
+        Compaction::NotNeeded,
+        "20,000 rows waiting need their indexes"
+    );
+
+    // Delivered: the rows leave, vacuum runs, the index files keep their size.
+    for sql in ["DELETE FROM walhook.new", "VACUUM ANALYZE walhook.new"] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    let drained = index_bytes(&client).await;
+    assert!(drained > 1 << 20, "{drained} bytes of indexes");
+    let Compaction::Rebuilt { before, after } = queue::compact_new(&client, 1 << 20).await.unwrap()
+    else {
+        panic!("an empty walhook.new with {drained} bytes of indexes was not rebuilt");
+    };
+    assert_eq!(before, drained);
+    assert!(after < before / 4, "{before} -> {after} bytes");
+    assert_eq!(after, index_bytes(&client).await);
+    assert_eq!(index_validity(&client).await, (valid, 0));
+    assert_eq!(
+        queue::compact_new(&client, 1 << 20).await.unwrap(),
+        Compaction::NotNeeded
+    );
+
+    // The rebuilt indexes serve the writer and the claims.
+    let mut writer = QueueWriter::new(db.client().await, SYSTEM_ID)
+        .await
+        .unwrap();
+    writer.set_listeners(vec![("crm".to_owned(), None)]);
+    let more: Vec<EntityEvent> = (0..3)
+        .map(|i| event(0x100_000 + i, &format!("later{i}"), json!({"n": i})))
+        .collect();
+    writer.write_batch(&more, None).await.unwrap();
+    let claim = store(&db, "a")
+        .await
+        .claim_next("crm", Cursor::START, ROOMY, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(entity_ids(&claim), names(&["later0", "later1", "later2"]));
+}
+
+#[tokio::test]
+async fn an_index_an_interrupted_rebuild_left_behind_is_dropped() {
+    let (_db, client) = queue_with(&distinct(2)).await;
+    let (valid, _) = index_validity(&client).await;
+    // What a REINDEX CONCURRENTLY cancelled half-way leaves: an invalid `_ccnew` index.
+    let failed = client
+        .batch_execute(
+            "CREATE UNIQUE INDEX CONCURRENTLY new_listener_idx_ccnew ON walhook.new (listener)",
+        )
+        .await;
+    assert!(failed.is_err(), "two rows of one listener are not unique");
+    assert_eq!(index_validity(&client).await, (valid, 1));
+    assert_eq!(
+        queue::compact_new(&client, i64::MAX).await.unwrap(),
+        Compaction::NotNeeded
+    );
+    assert_eq!(index_validity(&client).await, (valid, 0));
 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod browse;
 mod claims;
+mod compact;
 mod listeners;
 mod migrate;
 mod model;
@@ -22,6 +23,7 @@ use crate::error::{Classify, ErrorClass};
 
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
 pub use claims::{CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Claimed, Cursor, EntityKey, SWEEP};
+pub use compact::{COMPACT_MIN_INDEX_BYTES, Compaction, compact_new};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use model::{Notification, StoredEvent};
