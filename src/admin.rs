@@ -59,7 +59,10 @@ impl Classify for AdminError {
 pub struct Health {
     streaming: AtomicBool,
     queue_reachable: AtomicBool,
-    last_error: Mutex<Option<String>>,
+    /// Why capture is not streaming; kept apart from the queue's error so that neither
+    /// hides the other (a dead network path ends both with different words).
+    capture_error: Mutex<Option<String>>,
+    queue_error: Mutex<Option<String>>,
     capture: Beat,
     delivery: Beat,
 }
@@ -69,7 +72,8 @@ impl Default for Health {
         Health {
             streaming: AtomicBool::new(false),
             queue_reachable: AtomicBool::new(false),
-            last_error: Mutex::new(None),
+            capture_error: Mutex::new(None),
+            queue_error: Mutex::new(None),
             capture: Beat::new("capture"),
             delivery: Beat::new("delivery"),
         }
@@ -101,19 +105,30 @@ impl Health {
         (!stalls.is_empty()).then(|| stalls.join("; "))
     }
 
-    /// Whether the replication stream is streaming.
+    /// Whether the replication stream is streaming; streaming clears the capture error.
     pub fn set_streaming(&self, streaming: bool) {
         self.streaming.store(streaming, Ordering::Relaxed);
+        if streaming {
+            self.set_capture_error(None);
+        }
     }
 
-    /// Whether the last query on the queue database succeeded.
+    /// Whether the last query on the queue database succeeded; success clears its error.
     pub fn set_queue_reachable(&self, reachable: bool) {
         self.queue_reachable.store(reachable, Ordering::Relaxed);
+        if reachable {
+            self.set_queue_error(None);
+        }
     }
 
-    /// Records the latest error in plain words (`None` clears it); shown by `/readyz`.
-    pub fn set_last_error(&self, error: Option<String>) {
-        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    /// Why capture stopped, in plain words (`None` clears it); shown by `/readyz`.
+    pub fn set_capture_error(&self, error: Option<String>) {
+        *self.capture_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
+    }
+
+    /// Why the queue database is not reachable (`None` clears it); shown by `/readyz`.
+    pub fn set_queue_error(&self, error: Option<String>) {
+        *self.queue_error.lock().unwrap_or_else(|e| e.into_inner()) = error;
     }
 
     /// Whether the replication stream is streaming.
@@ -126,34 +141,36 @@ impl Health {
         self.queue_reachable.load(Ordering::Relaxed)
     }
 
-    /// `Ok(())` when ready, else the one-line reason.
+    /// `Ok(())` when ready, else one line: each reason with the error behind it.
     pub fn readiness(&self) -> Result<(), String> {
         let mut reasons = Vec::new();
         if !self.streaming() {
-            reasons.push("replication is not streaming");
+            reasons.push(with_error(
+                "replication is not streaming",
+                &self.capture_error,
+            ));
         }
         if !self.queue_reachable() {
-            reasons.push("queue database is not reachable");
+            reasons.push(with_error(
+                "queue database is not reachable",
+                &self.queue_error,
+            ));
         }
-        let stalled = self.stalled();
-        if let Some(s) = &stalled {
+        if let Some(s) = self.stalled() {
             reasons.push(s);
         }
         if reasons.is_empty() {
             return Ok(());
         }
-        let mut line = reasons.join("; ");
-        if let Some(e) = self
-            .last_error
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_deref()
-        {
-            line.push_str(": ");
-            // The body is one line even if an error message carries newlines.
-            line.push_str(&e.replace(['\r', '\n'], " "));
-        }
-        Err(line)
+        Err(reasons.join("; "))
+    }
+}
+
+/// `reason: error` when an error is known; the line stays one line whatever the error holds.
+fn with_error(reason: &str, error: &Mutex<Option<String>>) -> String {
+    match error.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+        Some(e) => format!("{reason}: {}", e.replace(['\r', '\n'], " ")),
+        None => reason.to_owned(),
     }
 }
 

@@ -41,7 +41,7 @@ impl Observe {
             self.ready.send_replace(true);
         }
         if let Some(why) = why {
-            self.health.set_last_error(Some(why.to_owned()));
+            self.health.set_capture_error(Some(why.to_owned()));
             self.status.send_replace(format!("not streaming: {why}"));
         }
     }
@@ -91,9 +91,6 @@ impl DeliveryObserver for Observe {
 impl CaptureObserver for Observe {
     fn streaming(&self, on: bool, why: Option<&str>) {
         Observe::streaming(self, on, why);
-        if on {
-            self.health.set_last_error(None);
-        }
     }
 
     fn status(&self, line: String) {
@@ -252,7 +249,9 @@ pub async fn run_with_reload(
             metrics: observe.metrics.clone(),
             health: observe.health.clone(),
             history,
-        }));
+        }))
+        // Event Grid's validationUrl: listeners GET it to prove they want the events.
+        .merge(crate::delivery::validation::router(source.clone()));
         tokio::spawn(crate::admin::serve_retrying(
             admin.listen,
             app,
@@ -260,9 +259,9 @@ pub async fn run_with_reload(
             stop.clone(),
         ));
         if admin.token.is_some() {
-            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz, web console on /ui");
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz /eventgrid/validate, web console on /ui");
         } else {
-            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz (web console off: no token_file)");
+            info!(listen = %admin.listen, "admin endpoint: /metrics /healthz /readyz /eventgrid/validate (web console off: no token_file)");
         }
     }
     let health = observe.health.clone();
@@ -294,7 +293,9 @@ pub async fn run_with_reload(
         r
     };
     let retention = retention_loop(&config, &source, &stop);
-    let (captured, delivered, (), ()) = tokio::join!(capture, delivery, retention, gauges);
+    let schedules = crate::schedule::run(config_rx.clone(), source.clone(), stop.clone());
+    let (captured, delivered, (), (), ()) =
+        tokio::join!(capture, delivery, retention, gauges, schedules);
     let confirmed = captured?;
     delivered?;
     match confirmed {
@@ -383,7 +384,7 @@ async fn gauge_loop(
                 observe.health.set_queue_reachable(false);
                 observe.metrics.set_database_up(false);
                 observe.monitors.database_unreachable(&e);
-                observe.health.set_last_error(Some(e));
+                observe.health.set_queue_error(Some(e));
                 client = None;
             }
         }
@@ -544,6 +545,14 @@ async fn delivery_loop(
         }
         let this_round = shutdown.child_token();
         let _armed = observe.health.delivery_beat().armed(DELIVERY_STALL);
+        // Debounce windows become notifications; also drains windows left by listeners
+        // that no longer debounce. Ends with the round.
+        let _round = this_round.clone().drop_guard();
+        tokio::spawn(crate::queue::debounce::run(
+            source.clone(),
+            config.listeners.iter().any(|l| l.debounce.is_some()),
+            this_round.clone(),
+        ));
         let dispatcher = crate::delivery::dispatcher::run_following(
             source.clone(),
             config.listeners.clone(),

@@ -6,6 +6,10 @@
 //! prerequisite; [`plan`] turns the same facts into the statements that are missing, so
 //! running setup a second time finds nothing to do.
 
+mod children;
+mod row_filter;
+mod synchronous;
+
 use std::collections::BTreeSet;
 use std::fmt;
 
@@ -89,7 +93,8 @@ const SQL_CURRENT_DATABASE: &str = "SELECT current_database()::text";
 const SQL_DROP_SLOT: &str = "SELECT pg_drop_replication_slot($1)";
 const SQL_MIGRATION_TABLE_EXISTS: &str =
     "SELECT to_regclass('walhook.schema_migration') IS NOT NULL";
-const SQL_QUEUE_VERSION: &str = "SELECT max(version) FROM walhook.schema_migration";
+const SQL_QUEUE_VERSION: &str =
+    "SELECT array_agg(version ORDER BY version) FROM walhook.schema_migration";
 
 // ---------------------------------------------------------------------------------------------
 // Report
@@ -368,6 +373,12 @@ struct Facts {
     system_id: Option<String>,
     /// A gap of this slot was accepted and waits for the slot to exist again.
     gap_accepted: bool,
+    /// One per `config.entities`: their row filters (`where`).
+    row_filters: Vec<row_filter::FilterFacts>,
+    /// One per `[[entity.child]]`, entity by entity; `None` when the table does not exist.
+    child_tables: Vec<Option<TableFacts>>,
+    /// Synchronous replication settings.
+    synchronous: synchronous::SyncFacts,
 }
 
 impl Facts {
@@ -496,11 +507,16 @@ impl PubOp {
 
 /// The operations the publication must publish for the configured entities.
 fn needed_ops(config: &Config) -> BTreeSet<PubOp> {
-    config
+    let mut ops: BTreeSet<PubOp> = config
         .entities
         .iter()
         .flat_map(|e| e.actions.iter().copied().map(PubOp::for_action))
-        .collect()
+        .collect();
+    // Every change of a child row is reported on its parent.
+    if config.entities.iter().any(|e| !e.children.is_empty()) {
+        ops.extend([PubOp::Insert, PubOp::Update, PubOp::Delete]);
+    }
+    ops
 }
 
 async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
@@ -547,6 +563,9 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
     }
 
     let publication = publication_facts(client, &config.source.publication).await?;
+    let row_filters = row_filter::gather(client, config, server.version_num).await?;
+    let child_tables = children::gather(client, config).await?;
+    let synchronous = synchronous::gather(client).await?;
 
     let slot = match client
         .query_opt(SQL_SLOT, &[&config.source.slot])
@@ -596,6 +615,9 @@ async fn gather(client: &Client, config: &Config) -> Result<Facts, SetupError> {
         state,
         system_id,
         gap_accepted,
+        row_filters,
+        child_tables,
+        synchronous,
     })
 }
 
@@ -706,16 +728,33 @@ async fn queue_state(client: &Client, schema_exists: bool) -> QueueSchema {
         client
             .query_one(SQL_QUEUE_VERSION, &[])
             .await?
-            .try_get::<_, Option<i32>>(0)
+            .try_get::<_, Option<Vec<i32>>>(0)
     };
     let latest = crate::queue::latest_version();
+    // Versions may be applied out of order: one missing below the highest is behind too.
+    let missing = |applied: &[i32]| -> Vec<String> {
+        crate::queue::MIGRATIONS
+            .iter()
+            .filter(|m| !applied.contains(&m.version))
+            .map(|m| m.name.to_owned())
+            .collect()
+    };
     match version.await {
         Ok(None) => QueueSchema::Missing,
-        Ok(Some(v)) if v == latest => QueueSchema::Current(format!("version {v}")),
-        Ok(Some(v)) if v < latest => QueueSchema::Behind(format!("version {v} of {latest}")),
-        Ok(Some(v)) => QueueSchema::TooNew(format!(
-            "version {v}, newer than this walhook knows ({latest})"
-        )),
+        Ok(Some(applied)) => match applied.iter().max().copied() {
+            None => QueueSchema::Missing,
+            Some(v) if v > latest => QueueSchema::TooNew(format!(
+                "version {v}, newer than this walhook knows ({latest})"
+            )),
+            Some(v) => match missing(&applied) {
+                m if m.is_empty() => QueueSchema::Current(format!("version {v}")),
+                _ if v < latest => QueueSchema::Behind(format!("version {v} of {latest}")),
+                m => QueueSchema::Behind(format!(
+                    "version {v} of {latest}, without {}",
+                    m.join(", ")
+                )),
+            },
+        },
         Err(e) => QueueSchema::Unknown(db_message(&e)),
     }
 }
@@ -822,8 +861,17 @@ fn judge(facts: &Facts, config: &Config) -> Vec<CheckItem> {
     for (entity, table) in config.entities.iter().zip(&facts.tables) {
         table_items(&mut items, facts, config, entity, table.as_ref());
     }
+    children::items(&mut items, facts, config);
+    items.extend(
+        config
+            .listeners
+            .iter()
+            .filter_map(|l| template_item(facts, config, l)),
+    );
 
     publication_items(&mut items, facts, config);
+    row_filter::items(&mut items, facts, config);
+    items.extend(synchronous::item(facts, config));
     items.push(slot_item(facts, config));
     items.push(queue_item(&facts.queue));
     items
@@ -980,6 +1028,70 @@ fn table_items(
     }
 }
 
+/// A template listener's `{row.COLUMN}` / `{old.COLUMN}` placeholders that name no column
+/// any of its entities sends (a typo renders null, or an empty string, in every event).
+fn template_item(
+    facts: &Facts,
+    config: &Config,
+    listener: &crate::config::ListenerConfig,
+) -> Option<CheckItem> {
+    use crate::config::{Field, ListenerFormat, Segment};
+    let ListenerFormat::Template(t) = &listener.format else {
+        return None;
+    };
+    let name = format!("template {}", listener.name);
+    let mut sent: Vec<&str> = Vec::new();
+    for (entity, table) in config.entities.iter().zip(&facts.tables) {
+        let receives = listener
+            .entities
+            .as_ref()
+            .is_none_or(|list| list.contains(&entity.name));
+        let Some(tf) = table.as_ref().filter(|_| receives) else {
+            continue;
+        };
+        sent.extend(
+            tf.columns
+                .iter()
+                .filter(|c| !entity.exclude.contains(c))
+                .map(String::as_str),
+        );
+    }
+    let mut unknown: Vec<String> = t
+        .event
+        .segments
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Field {
+                field: Field::RowColumn(c) | Field::OldColumn(c),
+                ..
+            } if !sent.contains(&c.as_str()) => Some(c.clone()),
+            _ => None,
+        })
+        .collect();
+    unknown.dedup();
+    if unknown.is_empty() {
+        return Some(CheckItem::ok(
+            name,
+            "every column placeholder names a column",
+        ));
+    }
+    sent.sort_unstable();
+    sent.dedup();
+    Some(CheckItem::warn(
+        name,
+        format!(
+            "column placeholder(s) for {} name no column the listener's entities send (excluded columns are never sent); they stay empty",
+            unknown.join(", "),
+        ),
+        format!(
+            "correct the template of listener {} in {}; the columns are: {}",
+            listener.name,
+            config.path.display(),
+            sent.join(", ")
+        ),
+    ))
+}
+
 /// Configured columns the table lacks. Before the first capture that is a mistake in the
 /// file (fail); once capture ran, it is a table that changed under it (warn: capture goes
 /// on, setting aside what it cannot map).
@@ -1119,6 +1231,18 @@ fn replica_identity_item(facts: &Facts, tf: &TableFacts, entity: &EntityConfig) 
                 .to_owned()
         });
     }
+    let needing_old: Vec<&str> = entity
+        .derived
+        .iter()
+        .filter(|d| d.when.needs_old_row())
+        .map(|d| d.name.as_str())
+        .collect();
+    if updates && !needing_old.is_empty() {
+        notes.push(format!(
+            "derived action(s) {} test what changed, which needs old values: they never match an update",
+            needing_old.join(", ")
+        ));
+    }
     if deletes {
         let id_cols: &[String] = entity.id.as_deref().unwrap_or(&tf.primary_key);
         let lacking: Vec<&str> = id_cols
@@ -1164,7 +1288,8 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
                         pubname,
                         &entity_tables(config),
                         &needed_ops(config),
-                        needs_via_root(facts)
+                        needs_via_root(facts),
+                        config,
                     )
                 ),
             )
@@ -1188,7 +1313,10 @@ fn publication_items(items: &mut Vec<CheckItem>, facts: &Facts, config: &Config)
         CheckItem::fail(
             name,
             format!("does not include {list}"),
-            format!("{} or walhook setup", add_tables_sql(pubname, &missing)),
+            format!(
+                "{} or walhook setup",
+                add_tables_sql(pubname, &missing, config)
+            ),
         )
     });
     let needed = needed_ops(config);
@@ -1330,20 +1458,26 @@ fn human_bytes(b: i64) -> String {
 // ---------------------------------------------------------------------------------------------
 // SQL text shared by check fixes and setup steps
 
+/// The tables the publication must include: entity tables, then child tables.
 fn entity_tables(config: &Config) -> Vec<&TableName> {
     let mut seen = Vec::new();
-    for e in &config.entities {
-        if !seen.contains(&&e.table) {
-            seen.push(&e.table);
+    let children = config
+        .entities
+        .iter()
+        .flat_map(|e| e.children.iter().map(|c| &c.table));
+    for t in config.entities.iter().map(|e| &e.table).chain(children) {
+        if !seen.contains(&t) {
+            seen.push(t);
         }
     }
     seen
 }
 
-fn table_list(tables: &[&TableName]) -> String {
+/// The tables as a publication lists them, each with its entity's row filter.
+fn table_list(tables: &[&TableName], config: &Config) -> String {
     tables
         .iter()
-        .map(|t| t.quoted())
+        .map(|t| row_filter::table_entry(config, t))
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -1376,6 +1510,7 @@ fn create_publication_sql(
     tables: &[&TableName],
     ops: &BTreeSet<PubOp>,
     via_root: bool,
+    config: &Config,
 ) -> String {
     let ops = publish_value(ops.iter().map(|o| o.keyword()));
     let via_root = if via_root {
@@ -1386,7 +1521,7 @@ fn create_publication_sql(
     format!(
         "CREATE PUBLICATION {} FOR TABLE {} WITH (publish = {}{via_root});",
         quote_ident(name),
-        table_list(tables),
+        table_list(tables, config),
         quote_literal(&ops)
     )
 }
@@ -1444,11 +1579,11 @@ fn partition_item(facts: &Facts, tf: &TableFacts, config: &Config, t: &TableName
     }
 }
 
-fn add_tables_sql(name: &str, tables: &[&TableName]) -> String {
+fn add_tables_sql(name: &str, tables: &[&TableName], config: &Config) -> String {
     format!(
         "ALTER PUBLICATION {} ADD TABLE {};",
         quote_ident(name),
-        table_list(tables)
+        table_list(tables, config)
     )
 }
 
@@ -1709,6 +1844,9 @@ fn plan_from(
         }
     }
 
+    row_filter::identity_steps(&mut steps, facts, config, opts)?;
+    children::steps(&mut steps, facts, config, opts)?;
+
     let pubname = &config.source.publication;
     let tables = entity_tables(config);
     let pub_needs = |what: &str| {
@@ -1731,6 +1869,7 @@ fn plan_from(
                 &tables,
                 &needed,
                 needs_via_root(facts),
+                config,
             )),
             needs: pub_needs(&format!(
                 "CREATE on database {} ({})",
@@ -1751,7 +1890,7 @@ fn plan_from(
                             .collect::<Vec<_>>()
                             .join(", ")
                     ),
-                    action: StepAction::Sql(add_tables_sql(pubname, &missing)),
+                    action: StepAction::Sql(add_tables_sql(pubname, &missing, config)),
                     needs: pub_needs(&format!("ownership of publication {pubname}")),
                 });
             }
@@ -1777,6 +1916,8 @@ fn plan_from(
             }
         }
     }
+
+    row_filter::publication_steps(&mut steps, facts, config);
 
     // Last: a slot created before its publication cannot decode changes made before the
     // publication existed, and the slot starts retaining WAL the moment it exists.
@@ -2126,6 +2267,16 @@ pub enum SetupError {
         /// Its current identity.
         identity: String,
     },
+    /// An entity's `where` cannot become its table's row filter.
+    #[error("row filter of {table}: {problem}; {fix}")]
+    RowFilter {
+        /// Table name.
+        table: String,
+        /// What prevents it.
+        problem: String,
+        /// What to change.
+        fix: String,
+    },
     /// The slot name is taken by a slot walhook cannot use.
     #[error(
         "replication slot {slot} exists but walhook cannot use it: {detail}; choose another `slot` in [source] or drop that slot"
@@ -2192,6 +2343,7 @@ impl Classify for SetupError {
             SetupError::TableMissing { .. }
             | SetupError::NotATable { .. }
             | SetupError::SlotConflict { .. }
+            | SetupError::RowFilter { .. }
             | SetupError::Gap { .. } => ErrorClass::Config,
             SetupError::Migrate { class, .. } | SetupError::RecordGap { class, .. } => *class,
             // The blockers may be gone on the next attempt.

@@ -244,7 +244,7 @@ async fn healthz_is_ok_and_readyz_needs_streaming_and_queue() {
     server.health.set_streaming(true);
     server
         .health
-        .set_last_error(Some("connection refused\nto queue".to_owned()));
+        .set_queue_error(Some("connection refused\nto queue".to_owned()));
     let queue_down = server.get("/readyz").await;
     assert_eq!(queue_down.status(), 503);
     let body = queue_down.text().await.unwrap();
@@ -254,11 +254,21 @@ async fn healthz_is_ok_and_readyz_needs_streaming_and_queue() {
     );
 
     server.health.set_queue_reachable(true);
-    server.health.set_last_error(None);
     assert_eq!(server.get("/readyz").await.status(), 200);
 
+    // Each reason keeps its own error: a later queue error does not hide capture's.
     server.health.set_streaming(false);
-    assert_eq!(server.get("/readyz").await.status(), 503);
+    server
+        .health
+        .set_capture_error(Some("nothing received (receive_timeout)".to_owned()));
+    server.health.set_queue_reachable(false);
+    server.health.set_queue_error(Some("timed out".to_owned()));
+    let both = server.get("/readyz").await;
+    assert_eq!(both.status(), 503);
+    assert_eq!(
+        both.text().await.unwrap(),
+        "replication is not streaming: nothing received (receive_timeout); queue database is not reachable: timed out\n"
+    );
 }
 
 #[tokio::test]

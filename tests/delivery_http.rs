@@ -31,6 +31,7 @@ fn listener(url: String) -> ListenerConfig {
         url: secret_url(&url),
         entities: None,
         actions: Action::ALL.to_vec(),
+        derived_actions: Vec::new(),
         headers: vec![
             (
                 HeaderName::from_static("x-api-key"),
@@ -51,8 +52,14 @@ fn listener(url: String) -> ListenerConfig {
             max: Duration::from_secs(3600),
         },
         concurrency: 16,
-        debounce: Duration::ZERO,
+        debounce: None,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
+        filter: None,
+        nats: None,
+        batch_size: 1,
+        batch_bytes: 1 << 20,
+        auth: None,
+        event_types: Default::default(),
     }
 }
 
@@ -76,6 +83,7 @@ fn notification() -> Notification {
             entity: "Customer".into(),
             entity_id: "42".into(),
             action: Action::Updated,
+            derived: None,
             changed_fields: Some(vec!["city".into()]),
             row: json!({"id": 42, "city": "Paris"}),
             old: Some(json!({"id": 42, "city": "London"})),
@@ -88,7 +96,7 @@ fn notification() -> Notification {
 /// Renders the sample notification in `sink`'s listener format and sends it, as the
 /// dispatcher does.
 async fn deliver(l: &ListenerConfig, sink: &HttpSink) -> Attempt {
-    let format = Format::for_listener(&l.format, "CRM");
+    let format = Format::for_listener(l, "CRM");
     sink.send(format.render(&notification().event)).await
 }
 

@@ -28,6 +28,10 @@ fn entity(name: &str, table: &str) -> EntityConfig {
         track: None,
         exclude: vec![],
         subject: None,
+        derived: vec![],
+        row_filter: None,
+        children: vec![],
+        scheduled_actions: vec![],
     }
 }
 
@@ -49,6 +53,7 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
             receive_timeout: Duration::from_secs(60),
             statement_timeout: None,
             lock_timeout: None,
+            synchronous: false,
         },
         queue: QueueConfig {
             retention: Duration::from_secs(7 * 86400),
@@ -61,6 +66,7 @@ fn config(url: &str, entities: Vec<EntityConfig>) -> Config {
         admin: None,
         listeners: vec![],
         monitors: vec![],
+        schedules: vec![],
     }
 }
 

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::CaptureObserver;
-use super::mapper::{Mapped, Mapper, Truncation, TxContext};
+use super::mapper::{ChildEvents, Mapped, Mapper, Truncation, TxContext};
 use super::session::SessionEnd;
 use super::writer::Item;
 use crate::config::{Config, Secret, SourceConfig};
@@ -23,6 +23,8 @@ use crate::types::Lsn;
 struct OpenTx {
     ctx: TxContext,
     seq: u32,
+    /// Changes to child tables, reported on their parents at commit.
+    children: ChildEvents,
 }
 
 /// The reading half of a session.
@@ -128,8 +130,11 @@ impl Reader {
                         // The writer stopped: its error is reported by the session.
                         return stopped;
                     }
-                    // Confirm promptly but not per batch: at most once a second.
-                    if self.last_status.elapsed() >= Duration::from_secs(1) {
+                    // Confirm promptly but not per batch: at most once a second; at once
+                    // when writers' COMMITs wait for it (synchronous mode).
+                    if self.config.source.synchronous
+                        || self.last_status.elapsed() >= Duration::from_secs(1)
+                    {
                         self.send_status(false).await?;
                     }
                 }
@@ -279,9 +284,18 @@ impl Reader {
                         commit_time: b.commit_time,
                     },
                     seq: 0,
+                    children: ChildEvents::default(),
                 });
             }
             Message::Commit(c) => {
+                if let Some(mut open) = self.tx.take()
+                    && !open.children.is_empty()
+                {
+                    let events = open.children.finish(&open.ctx);
+                    let bytes = events.iter().map(|e| e.approx_bytes()).sum();
+                    self.send_sized(bytes, |p| Item::Events(events, p), stop)
+                        .await?;
+                }
                 self.tx = None;
                 self.last_commit_sent = c.end_lsn;
                 self.send(Item::Commit { end_lsn: c.end_lsn }, stop).await?;
@@ -304,6 +318,7 @@ impl Reader {
                 let seq = open.seq;
                 open.seq += 1;
                 self.observe.changes_read(1);
+                open.children.add(seq, self.mapper.map_child(change));
                 let ctx = open.ctx;
                 match self
                     .mapper
@@ -313,6 +328,11 @@ impl Reader {
                     Some(Mapped::Event(event)) => {
                         let bytes = event.approx_bytes();
                         self.send_sized(bytes, |p| Item::Event(Box::new(event), p), stop)
+                            .await?;
+                    }
+                    Some(Mapped::Events(events)) => {
+                        let bytes = events.iter().map(|e| e.approx_bytes()).sum();
+                        self.send_sized(bytes, |p| Item::Events(events, p), stop)
                             .await?;
                     }
                     Some(Mapped::SetAside(change)) => {

@@ -29,6 +29,8 @@ use crate::types::Lsn;
 pub(super) enum Item {
     /// An event, with the capture-buffer permits it holds until it is committed.
     Event(Box<EntityEvent>, OwnedSemaphorePermit),
+    /// The events of one change (derived actions), which stay in one batch.
+    Events(Vec<EntityEvent>, OwnedSemaphorePermit),
     /// A change set aside by the mapper, stored in `walhook.rejected` with the batch.
     SetAside(Box<RejectedChange>, OwnedSemaphorePermit),
     /// A source transaction ended; once everything before it is durable, `end_lsn` is safe.
@@ -63,6 +65,11 @@ impl Batch {
                 self.at_commit = false;
                 self.bytes += permit.num_permits() as u64;
                 self.events.push(*e);
+                self.permits.push(permit);
+            }
+            Item::Events(events, permit) => {
+                self.bytes += permit.num_permits() as u64;
+                self.events.extend(events);
                 self.permits.push(permit);
             }
             Item::SetAside(r, permit) => {
@@ -185,7 +192,7 @@ fn count_queued(observe: &dyn CaptureObserver, events: &[EntityEvent], refused: 
     let mut counts: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
     for e in events {
         *counts
-            .entry((e.entity.as_str(), e.action.as_str()))
+            .entry((e.entity.as_str(), e.action_name()))
             .or_default() += 1;
     }
     for r in refused {

@@ -2,8 +2,10 @@
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
 mod assets;
+#[cfg(feature = "demo")]
 mod demo;
 mod logging;
+mod manual;
 mod ops;
 
 use std::path::PathBuf;
@@ -45,11 +47,16 @@ enum Command {
     Status(ops::StatusArgs),
     /// List Failed notifications with their comments, newest first.
     Failed(ops::FailedArgs),
-    /// Move Failed notifications back to walhook.new for another round of attempts.
+    /// Move Failed notifications back to walhook.new for another round of attempts, or
+    /// (--event) queue one stored event again for a listener.
     Retry(ops::RetryArgs),
+    /// Send one sample (or stored) event to a listener in its format and authentication,
+    /// and show the request (secrets masked) and the answer; exits 1 when the listener fails.
+    TestListener(manual::TestListenerArgs),
     /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
     Discard(ops::DiscardArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
+    #[cfg(feature = "demo")]
     Demo {
         /// Stop after this long (e.g. 20s, 5m); default: run until Ctrl-C.
         #[arg(long, value_parser = humantime::parse_duration)]
@@ -132,6 +139,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     // The demo talks to a person: readable text, and only what goes wrong.
     let (format, default_filter) = match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo { .. } => (
             Some(cli.log_format.unwrap_or(logging::LogFormat::Text)),
             "warn,tokio_postgres=error",
@@ -186,6 +194,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
             report
                 .items
                 .insert(0, crate::setup::tls_item(&params, tls.as_ref()));
+            report.items.extend(crate::streams::check(&config).await);
             println!("{report}");
             Ok(if report.ok() {
                 0
@@ -197,7 +206,9 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Status(args) => ops::run_status(args).await,
         Command::Failed(args) => ops::run_failed(args).await,
         Command::Retry(args) => ops::run_retry(args).await,
+        Command::TestListener(args) => manual::run_test_listener(args).await,
         Command::Discard(args) => ops::run_discard(args).await,
+        #[cfg(feature = "demo")]
         Command::Demo { duration } => demo::run(duration).await,
         Command::Completions { shell } => {
             assets::print_completions(shell);
@@ -252,16 +263,20 @@ async fn setup(args: SetupArgs) -> Result<i32, Failure> {
     let steps = crate::setup::plan(&client, &config, opts).await?;
     if args.print_sql {
         print!("{}", crate::setup::script(&steps, &config));
+        print!("{}", crate::streams::describe_plan(&config));
         return Ok(0);
     }
     if steps.is_empty() {
         println!("nothing to do: the database is set up for walhook");
-        return Ok(0);
+    } else {
+        let params = config.source.connect_params()?;
+        crate::setup::apply(&mut client, &steps, Some(&params)).await?;
+        for s in &steps {
+            println!("done  {}", s.why);
+        }
     }
-    let params = config.source.connect_params()?;
-    crate::setup::apply(&mut client, &steps, Some(&params)).await?;
-    for s in &steps {
-        println!("done  {}", s.why);
+    for (changed, line) in crate::streams::setup(&config).await? {
+        println!("{}{line}", if changed { "done  " } else { "ok    " });
     }
     Ok(0)
 }

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 
 use super::{ConfigArg, Failure};
 use crate::config::Config;
+use crate::error::ErrorClass;
 use crate::human::{age as human_age, bytes as human_bytes};
 use crate::queue::admin::{
     DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
@@ -47,12 +48,12 @@ pub(super) struct FailedArgs {
 /// Which Failed notifications `walhook retry` and `walhook discard` move.
 #[derive(Args, Debug)]
 #[command(group(
-    ArgGroup::new("which").required(true).args(["ids", "all"]),
+    ArgGroup::new("which").required(true).args(["ids", "all", "event"]),
 ))]
 pub(super) struct FailedSelection {
     #[command(flatten)]
     config: ConfigArg,
-    /// Only this listener's notifications.
+    /// Only this listener's notifications (with --event: the listener to send to).
     #[arg(long)]
     listener: Option<String>,
     /// The Failed notification with this id (repeatable: --id 3 --id 7, or --id 3 7).
@@ -61,6 +62,10 @@ pub(super) struct FailedSelection {
     /// Every Failed notification (of --listener, when given).
     #[arg(long)]
     all: bool,
+    /// Send this stored event (its event id) to --listener again, as a new notification;
+    /// the earlier ones stay in walhook.processed / walhook.failed.
+    #[arg(long, value_name = "EVENT_ID", requires = "listener", conflicts_with_all = ["ids", "all"])]
+    event: Option<uuid::Uuid>,
 }
 
 impl FailedSelection {
@@ -113,18 +118,62 @@ pub(super) async fn run_status(args: StatusArgs) -> Result<i32, Failure> {
     let names: Vec<String> = config.listeners.iter().map(|l| l.name.clone()).collect();
     let report = status(&client, &names, &config.source.slot).await?;
     let refusal = guard_refusal(&config, &client).await;
+    let validation = eventgrid_validation(&config, &client).await;
+    let schedules = crate::queue::schedule::last_runs(&client).await?;
     if args.json {
         let mut doc = status_json(&report);
         doc["refused"] = json!(refusal);
+        doc["schedules"] = schedules_json(&schedules);
+        doc["eventgrid_validation"] = validation
+            .iter()
+            .map(|(name, validated, line)| {
+                json!({ "listener": name, "validated": validated, "status": line })
+            })
+            .collect();
         println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     } else {
         if let Some(why) = &refusal {
             println!("REFUSING TO RUN: {why}\n");
         }
         print!("{}", render_status(&report));
+        if !validation.is_empty() {
+            println!("\nEvent Grid validation:");
+            for (name, _, line) in &validation {
+                println!("  {}: {line}", cell(name));
+            }
+        }
+        print!("{}", render_schedules(report.now, &config, &schedules));
     }
     // A report, not a check: failures in the queue are data, not an error of this command.
     Ok(0)
+}
+
+/// Each Event Grid webhook's validation: (listener, validated, what status says).
+async fn eventgrid_validation(
+    config: &Config,
+    client: &tokio_postgres::Client,
+) -> Vec<(String, bool, String)> {
+    use crate::delivery::validation::status_line;
+    if config
+        .listeners
+        .iter()
+        .all(|l| status_line(l, None).is_none())
+    {
+        return Vec::new();
+    }
+    // Before the first migration there is no table: every webhook is then unvalidated.
+    let stored = crate::queue::read_validations(client)
+        .await
+        .unwrap_or_default();
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| {
+            let row = stored.iter().find(|v| v.listener == l.name);
+            let (validated, line) = status_line(l, row)?;
+            Some((l.name.clone(), validated, line))
+        })
+        .collect()
 }
 
 /// Why the daemon refuses to capture and deliver here (an unadopted copy), if it does.
@@ -151,6 +200,9 @@ pub(super) async fn run_failed(args: FailedArgs) -> Result<i32, Failure> {
 
 pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
     let which = args.which;
+    if let (Some(event), Some(listener)) = (which.event, &which.listener) {
+        return super::manual::run_resend(&which.config, event, listener).await;
+    }
     let (_, client) = which.config.load_and_connect().await?;
     let selection = which.selection();
     let outcome = retry_failed(&client, which.listener.as_deref(), &selection).await?;
@@ -166,6 +218,12 @@ pub(super) async fn run_retry(args: RetryArgs) -> Result<i32, Failure> {
 
 pub(super) async fn run_discard(args: DiscardArgs) -> Result<i32, Failure> {
     let which = args.which;
+    if which.event.is_some() {
+        return Err(Failure {
+            class: ErrorClass::Config,
+            message: "--event sends a stored event again and goes with walhook retry; discard takes --id or --all".to_owned(),
+        });
+    }
     let (_, client) = which.config.load_and_connect().await?;
     let selection = which.selection();
     let outcome =
@@ -217,6 +275,71 @@ fn for_listener(listener: &Option<String>) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // rendering
+
+/// The last run of each configured schedule (and of schedules no longer configured).
+fn render_schedules(
+    now: SystemTime,
+    config: &Config,
+    runs: &[crate::queue::schedule::ScheduleRun],
+) -> String {
+    if config.schedules.is_empty() && runs.is_empty() {
+        return String::new();
+    }
+    let mut out = String::from("\nschedules:\n");
+    let mut names: Vec<&str> = config.schedules.iter().map(|s| s.name.as_str()).collect();
+    for r in runs {
+        if !names.contains(&r.schedule.as_str()) {
+            names.push(&r.schedule);
+        }
+    }
+    for name in names {
+        let line = match runs.iter().find(|r| r.schedule == name) {
+            None => "not run yet".to_owned(),
+            Some(r) if r.skipped => format!(
+                "new since {}; first run at its next period",
+                ago(now, r.started_at)
+            ),
+            Some(r) => {
+                let when = format!("last run {} ({})", time(r.period), ago(now, r.started_at));
+                let how = match (&r.error, r.rows, r.finished_at) {
+                    (Some(e), ..) => format!("FAILED: {}", cell(e)),
+                    (None, Some(n), _) => {
+                        format!("{n} event(s) in {} ms", r.duration_ms.unwrap_or(0))
+                    }
+                    (None, None, None) => "running (or stopped while running)".to_owned(),
+                    (None, None, Some(_)) => "ended".to_owned(),
+                };
+                match &r.last_error {
+                    Some((at, e)) => {
+                        format!("{when}: {how}; last failure {}: {}", time(*at), cell(e))
+                    }
+                    None => format!("{when}: {how}"),
+                }
+            }
+        };
+        let _ = writeln!(out, "  {name}: {line}");
+    }
+    out
+}
+
+fn schedules_json(runs: &[crate::queue::schedule::ScheduleRun]) -> Value {
+    Value::Array(
+        runs.iter()
+            .map(|r| {
+                json!({
+                    "name": r.schedule,
+                    "period": time(r.period),
+                    "started_at": time(r.started_at),
+                    "finished_at": r.finished_at.map(time),
+                    "rows": r.rows,
+                    "duration_ms": r.duration_ms,
+                    "error": r.error,
+                    "skipped": r.skipped,
+                })
+            })
+            .collect(),
+    )
+}
 
 fn time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()

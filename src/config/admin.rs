@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 use serde_spanned::Spanned;
+use url::Url;
 
 use super::check::Checker;
 use super::{Secret, Str};
@@ -14,6 +15,9 @@ pub struct AdminConfig {
     /// Address of the HTTP endpoint serving /metrics and /healthz (default
     /// 127.0.0.1:8187).
     pub listen: SocketAddr,
+    /// The URL under which listeners reach this endpoint (`public_url`): the base of
+    /// Event Grid's `validationUrl`. `None`: `http://{listen}`.
+    pub public_url: Option<Url>,
     /// The web console's login token (`token_file`); `None` turns the console (/ui) off.
     pub token: Option<Secret>,
 }
@@ -25,6 +29,7 @@ const MIN_ADMIN_TOKEN_BYTES: usize = 24;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     listen: Str,
+    public_url: Str,
     token_file: Str,
 }
 
@@ -36,7 +41,15 @@ pub const DEFAULT_ADMIN_PORT: u16 = 8187;
 
 impl Checker<'_> {
     pub(super) fn admin(&mut self, raw: &Spanned<RawAdmin>) -> AdminConfig {
-        let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT));
+        let public_url = raw.get_ref().public_url.as_ref().and_then(|_| {
+            self.http_url(
+                &raw.get_ref().public_url,
+                "admin.public_url",
+                raw.span().start,
+                "\"https://walhook.example.com\"",
+            )
+            .map(|u| u.expose().clone())
+        });
         let token = raw.get_ref().token_file.as_ref().and_then(|file| {
             let token = self.secret_file(file, "admin.token_file")?;
             if token.expose().len() < MIN_ADMIN_TOKEN_BYTES {
@@ -50,22 +63,34 @@ impl Checker<'_> {
             }
             Some(token)
         });
-        let listen = match &raw.get_ref().listen {
-            None => default,
-            Some(v) => match self.string(v, "admin.listen") {
-                None => default,
-                Some(s) => s.trim().parse().unwrap_or_else(|_| {
-                    self.report(
-                        v.span().start,
-                        "admin.listen",
-                        &format!("invalid address {s:?}"),
-                        &format!("write an IP address and port, like \"127.0.0.1:{DEFAULT_ADMIN_PORT}\" or \"[::1]:{DEFAULT_ADMIN_PORT}\""),
-                    );
-                    default
-                }),
-            },
+        let listen = self.admin_listen(raw);
+        AdminConfig {
+            listen,
+            public_url,
+            token,
+        }
+    }
+
+    fn admin_listen(&mut self, raw: &Spanned<RawAdmin>) -> SocketAddr {
+        let default = SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT));
+        let Some(v) = &raw.get_ref().listen else {
+            return default;
         };
-        AdminConfig { listen, token }
+        let Some(s) = self.string(v, "admin.listen") else {
+            return default;
+        };
+        match s.trim().parse() {
+            Ok(listen) => listen,
+            Err(_) => {
+                self.report(
+                    v.span().start,
+                    "admin.listen",
+                    &format!("invalid address {s:?}"),
+                    &format!("write an IP address and port, like \"127.0.0.1:{DEFAULT_ADMIN_PORT}\" or \"[::1]:{DEFAULT_ADMIN_PORT}\""),
+                );
+                default
+            }
+        }
     }
 }
 

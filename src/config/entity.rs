@@ -6,6 +6,8 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 use super::check::Checker;
+use super::child::{ChildTable, RawChild};
+use super::derive::{DerivedAction, RawDerivedAction};
 use super::{Str, StrList};
 use crate::types::{Action, EntityName, TableName};
 
@@ -26,6 +28,15 @@ pub struct EntityConfig {
     pub exclude: Vec<String>,
     /// Subject template such as `Customer/{id}`; `{id}` and `{column}` are replaced.
     pub subject: Option<String>,
+    /// `[[entity.action]]`: domain actions derived from changes, in file order.
+    pub derived: Vec<DerivedAction>,
+    /// `where`: the publication's row filter for the table (PostgreSQL 15+); rows it
+    /// excludes never leave the server.
+    pub row_filter: Option<String>,
+    /// `[[entity.child]]`: child tables whose changes are reported on the entity.
+    pub children: Vec<ChildTable>,
+    /// The actions `[[schedule]]`s send about the entity (listeners subscribe to them).
+    pub scheduled_actions: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -38,6 +49,12 @@ pub(super) struct RawEntity {
     track: StrList,
     exclude: StrList,
     subject: Str,
+    #[serde(default)]
+    action: Vec<Spanned<RawDerivedAction>>,
+    #[serde(rename = "where")]
+    row_filter: Str,
+    #[serde(default)]
+    child: Vec<Spanned<RawChild>>,
 }
 
 /// Parses `schema.table` or `table` (schema `public`); either part may be double-quoted to
@@ -351,6 +368,26 @@ impl Checker<'_> {
                 }),
             };
 
+            let exclude_names: Vec<String> = exclude.iter().map(|(c, _)| c.clone()).collect();
+            let row_filter = e.row_filter.as_ref().and_then(|v| {
+                let s = self.string(v, &key("where"))?;
+                match super::row_filter::expression_identifiers(&s) {
+                    Ok(_) => Some(s.trim().to_owned()),
+                    Err(message) => {
+                        self.report_message(v.span().start, &key("where"), &message);
+                        None
+                    }
+                }
+            });
+            let derived = self.derived_actions(&e.action, &format!("entity[{i}]"), &exclude_names);
+
+            let children = self.children(
+                &e.child,
+                &format!("entity[{i}]"),
+                table.as_ref(),
+                id.as_ref().map(Vec::len),
+            );
+
             if let (Some(name), Some(table)) = (name, table) {
                 entities.push(EntityConfig {
                     name,
@@ -358,8 +395,12 @@ impl Checker<'_> {
                     id: id.map(|cols| cols.into_iter().map(|(c, _)| c).collect()),
                     actions,
                     track: track.map(|cols| cols.into_iter().map(|(c, _)| c).collect()),
-                    exclude: exclude.into_iter().map(|(c, _)| c).collect(),
+                    exclude: exclude_names,
                     subject,
+                    derived,
+                    row_filter,
+                    children,
+                    scheduled_actions: Vec::new(),
                 });
             }
         }

@@ -7,11 +7,21 @@ use http::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_spanned::Spanned;
 
+use super::admin::AdminConfig;
+use super::auth::{ListenerAuth, RawAuth};
+use super::azure::{EventGridConfig, ServiceBusConfig, at as start_of, received};
 use super::check::Checker;
+use super::condition::RawCondition;
+use super::debounce::{Debounce, RawDebounce};
 use super::entity::EntityConfig;
-use super::units::parse_rate_limit;
+use super::event_types::{EventTypes, RawEventTypes};
+use super::form::{FormConfig, RawFormFields};
+use super::nats::{NatsConfig, RawNats};
+use super::template::TemplateConfig;
+use super::units::{RawSize, parse_rate_limit};
 use super::webhook::RawHeaders;
 use super::{Str, StrList};
+use crate::condition::Condition;
 use crate::secret::{SecretUrl, SigningKey};
 use crate::tls::CaFile;
 use crate::types::{Action, EntityName};
@@ -26,8 +36,11 @@ pub struct ListenerConfig {
     pub url: SecretUrl,
     /// Entities this listener receives; `None` means all.
     pub entities: Option<Vec<EntityName>>,
-    /// Actions this listener receives (default: all three).
+    /// Row actions this listener receives (default: all).
     pub actions: Vec<Action>,
+    /// Derived actions (`[[entity.action]]` names) this listener receives (default: all of
+    /// its entities').
+    pub derived_actions: Vec<String>,
     /// Extra HTTP headers (`headers` and `header_files`), in file order; values are marked
     /// sensitive.
     pub headers: Vec<(HeaderName, HeaderValue)>,
@@ -46,10 +59,23 @@ pub struct ListenerConfig {
     pub backoff: Backoff,
     /// Most deliveries in flight at once (default 16, 1 to 1000).
     pub concurrency: usize,
-    /// Window in which changes to one entity are coalesced; zero disables (default 0s).
-    pub debounce: Duration,
+    /// How changes to one entity are coalesced; `None` delivers each on its own (default).
+    pub debounce: Option<Debounce>,
     /// Payload format (default CloudEvents).
     pub format: ListenerFormat,
+    /// Only events whose row (the old row for deletes) matches this are delivered;
+    /// `None` delivers all.
+    pub filter: Option<Condition>,
+    /// `Some` for a `nats://` or `tls://` url: the listener publishes to NATS JetStream.
+    pub nats: Option<NatsConfig>,
+    /// What each action is sent as, where the format has an event type (`event_types`).
+    pub event_types: EventTypes,
+    /// Most events in one message (default 1: no batching; up to 1000).
+    pub batch_size: usize,
+    /// Most bytes of one batch's body (default 1 MiB); an event larger than this goes alone.
+    pub batch_bytes: u64,
+    /// How walhook authenticates to the listener (`auth`); `None`: only `headers` and the url.
+    pub auth: Option<ListenerAuth>,
 }
 
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
@@ -71,10 +97,18 @@ pub struct Backoff {
 }
 
 /// The payload format a listener receives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum ListenerFormat {
     /// CloudEvents 1.0 JSON, in the given content mode.
     CloudEvents(CloudEventsMode),
+    /// The Azure Event Grid event schema, to a validated webhook or an Event Grid topic.
+    EventGrid(EventGridConfig),
+    /// Azure Service Bus messages, one topic or queue per entity.
+    ServiceBus(ServiceBusConfig),
+    /// A posted HTML form (`application/x-www-form-urlencoded`).
+    Form(FormConfig),
+    /// A body rendered from the listener's template.
+    Template(TemplateConfig),
 }
 
 /// How a CloudEvent travels (`cloudevents_mode`).
@@ -103,9 +137,31 @@ pub(super) struct RawListener {
     max_attempts: Option<Spanned<i64>>,
     backoff: Option<Spanned<RawBackoff>>,
     concurrency: Option<Spanned<i64>>,
-    debounce: Str,
+    debounce: Option<Spanned<RawDebounce>>,
     format: Str,
     cloudevents_mode: Str,
+    filter: Option<Spanned<RawCondition>>,
+    nats: Option<Spanned<RawNats>>,
+    pub(super) event_types: RawEventTypes,
+    pub(super) eventgrid_topic: Option<Spanned<bool>>,
+    pub(super) aeg_sas_key: Str,
+    pub(super) aeg_sas_key_file: Str,
+    pub(super) topic: Str,
+    pub(super) data_version: Str,
+    pub(super) sas_key_name: Str,
+    pub(super) sas_key: Str,
+    pub(super) sas_key_file: Str,
+    pub(super) sas_token_ttl: Str,
+    pub(super) on_behalf_of: Str,
+    pub(super) user_properties: Option<Spanned<bool>>,
+    template: Str,
+    batch_template: Str,
+    content_type: Str,
+    form_fields: RawFormFields,
+    form_columns: Option<Spanned<bool>>,
+    batch_size: Option<Spanned<i64>>,
+    batch_bytes: Option<Spanned<RawSize>>,
+    auth: Option<Spanned<RawAuth>>,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +176,8 @@ pub(super) const DEFAULT_MAX_ATTEMPTS: u32 = 12;
 pub(super) const MAX_MAX_ATTEMPTS: i64 = 1000;
 pub(super) const DEFAULT_CONCURRENCY: usize = 16;
 pub(super) const MAX_CONCURRENCY: i64 = 1000;
+pub(super) const MAX_BATCH_SIZE: i64 = 1000;
+pub(super) const DEFAULT_BATCH_BYTES: u64 = 1 << 20;
 pub(super) const DEFAULT_BACKOFF: Backoff = Backoff {
     initial: Duration::from_secs(5),
     max: Duration::from_secs(3600),
@@ -130,6 +188,7 @@ impl Checker<'_> {
         &mut self,
         raw: &[Spanned<RawListener>],
         entities: &[EntityConfig],
+        admin: Option<&AdminConfig>,
     ) -> Vec<ListenerConfig> {
         let mut listeners = Vec::new();
         let mut names: HashSet<String> = HashSet::new();
@@ -143,7 +202,7 @@ impl Checker<'_> {
             if let (Some(name), Some(v)) = (&name, &l.name) {
                 self.unique_name("listener", name, v.span().start, &key("name"), &mut names);
             }
-            let url = self.http_url(
+            let url = self.listener_url(
                 &l.url,
                 &key("url"),
                 at,
@@ -153,7 +212,12 @@ impl Checker<'_> {
                 .entities
                 .as_ref()
                 .map(|list| self.listener_entities(list, &key("entities"), entities));
-            let actions = self.actions(&l.actions, &key("actions"), &Action::ALL);
+            let (actions, derived_actions) = self.listener_actions(
+                &l.actions,
+                &key("actions"),
+                listener_entities.as_deref(),
+                entities,
+            );
             let headers = self.headers(&l.headers, &l.header_files, &section);
             let secret = self.signing_key(&l.secret, &l.secret_file, &key("secret"));
             let ca_file = self.ca_file(&l.ca_file, &key("ca_file"));
@@ -190,20 +254,102 @@ impl Checker<'_> {
                 MAX_CONCURRENCY,
                 DEFAULT_CONCURRENCY,
             );
+            let nats = self.listener_nats(
+                l.nats.as_ref(),
+                url.as_ref(),
+                [&l.secret, &l.secret_file],
+                &section,
+            );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
-            let format = self.format(&l.format, &key("format"));
-            let format = match format {
-                ListenerFormat::CloudEvents(_) => {
-                    ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key))
+            let batch_size = self.count(&l.batch_size, &key("batch_size"), MAX_BATCH_SIZE, 1usize);
+            self.nats_batch(
+                nats.is_some(),
+                batch_size,
+                &l.batch_size,
+                &key("batch_size"),
+            );
+            let batch_bytes = self.size(&l.batch_bytes, &key("batch_bytes"), DEFAULT_BATCH_BYTES);
+            let auth = l.auth.as_ref().and_then(|a| self.auth(a, &key("auth")));
+            if let (Some(a), Some(_)) = (&l.auth, &auth) {
+                self.auth_conflicts(a.span().start, &key("auth"), &headers, url.as_ref());
+            }
+            if batch_size <= 1
+                && let Some(v) = &l.batch_template
+            {
+                self.report(
+                    v.span().start,
+                    &key("batch_template"),
+                    "batch_template is used only when batch_size is above 1",
+                    "set batch_size (events per request), or remove batch_template",
+                );
+            }
+            let kind = self.format(&l.format, &key("format"));
+            self.nats_format(nats.is_some(), kind.name(), &l.format, &key("format"));
+            self.keys_of_other_formats(&format_keys(l), kind.name(), &section);
+            let event_types = self.event_types(&l.event_types, &key("event_types"));
+            let format = match kind {
+                FormatKind::CloudEvents => {
+                    Some(ListenerFormat::CloudEvents(self.cloudevents_mode(l, &key)))
                 }
+                FormatKind::EventGrid => {
+                    let format_at = start_of(&l.format).unwrap_or(at);
+                    self.eventgrid(l, &section, format_at, admin)
+                        .map(ListenerFormat::EventGrid)
+                }
+                FormatKind::ServiceBus => {
+                    let receives = received(entities, listener_entities.as_deref());
+                    self.servicebus_event_types(l, &section, at, &event_types, &actions, &receives);
+                    self.servicebus(l, &section, at)
+                        .map(ListenerFormat::ServiceBus)
+                }
+                FormatKind::Form => {
+                    if let Some(v) = l.batch_size.as_ref().filter(|_| batch_size > 1) {
+                        self.report(
+                            v.span().start,
+                            &key("batch_size"),
+                            "a form post carries one event",
+                            "remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                        );
+                    }
+                    Some(ListenerFormat::Form(self.form(
+                        &l.form_fields,
+                        l.form_columns.as_ref(),
+                        &section,
+                    )))
+                }
+                FormatKind::Template => self
+                    .template_format(
+                        &l.template,
+                        &l.batch_template,
+                        &l.content_type,
+                        at,
+                        &section,
+                    )
+                    .map(ListenerFormat::Template),
             };
 
-            if let (Some(name), Some(url)) = (name, url) {
+            let filter = self.listener_filter(
+                &l.filter,
+                &key("filter"),
+                listener_entities.as_deref(),
+                entities,
+            );
+
+            if let Some(format) = &format {
+                self.azure_headers(
+                    format,
+                    &headers,
+                    &section,
+                    start_of(&l.format).unwrap_or(at),
+                );
+            }
+            if let (Some(name), Some(url), Some(format)) = (name, url, format) {
                 listeners.push(ListenerConfig {
                     name,
                     url,
                     entities: listener_entities,
                     actions,
+                    derived_actions,
                     headers,
                     secret,
                     ca_file,
@@ -214,6 +360,12 @@ impl Checker<'_> {
                     concurrency,
                     debounce,
                     format,
+                    filter,
+                    nats,
+                    event_types,
+                    batch_size,
+                    batch_bytes,
+                    auth,
                 });
             }
         }
@@ -291,47 +443,58 @@ impl Checker<'_> {
         Backoff { initial, max }
     }
 
-    fn debounce(&mut self, raw: &Str, key: &str) -> Duration {
-        let debounce = self.duration(raw, key, Duration::ZERO);
-        // Not built yet: a window that silently did nothing would surprise a listener
-        // that relies on coalescing.
-        if !debounce.is_zero()
-            && let Some(v) = raw
-        {
-            self.report(
-                v.span().start,
-                key,
-                "debounce is not supported yet",
-                "remove debounce or set debounce = \"0s\"; every change is delivered on its own",
-            );
-        }
-        debounce
-    }
-
-    fn format(&mut self, raw: &Str, key: &str) -> ListenerFormat {
+    fn format(&mut self, raw: &Str, key: &str) -> FormatKind {
         let Some(v) = raw else {
-            return ListenerFormat::CloudEvents(CloudEventsMode::Structured);
+            return FormatKind::CloudEvents;
         };
         let s = self.string(v, key);
-        match s.as_deref().map(str::trim).unwrap_or("cloudevents") {
-            "cloudevents" => {}
-            "eventgrid" | "servicebus" | "form" | "template" => self.report(
-                v.span().start,
-                key,
-                &format!(
-                    "format {:?} is not supported yet",
-                    s.as_deref().unwrap_or_default()
-                ),
-                "use format = \"cloudevents\"",
-            ),
-            _ => self.report(
-                v.span().start,
-                key,
-                &format!("unknown format {:?}", s.as_deref().unwrap_or_default()),
-                "use format = \"cloudevents\"",
-            ),
+        let name = s.as_deref().map(str::trim).unwrap_or("cloudevents");
+        if let Some(kind) = FormatKind::ALL.into_iter().find(|k| k.name() == name) {
+            return kind;
         }
-        ListenerFormat::CloudEvents(CloudEventsMode::Structured)
+        let known: Vec<String> = FormatKind::ALL
+            .iter()
+            .map(|k| format!("\"{}\"", k.name()))
+            .collect();
+        self.report(
+            v.span().start,
+            key,
+            &format!("format {name:?} is unknown"),
+            &format!("use format = {}", known.join(", ")),
+        );
+        FormatKind::CloudEvents
+    }
+
+    /// `auth` sets the Authorization header: a configured one, or credentials in the url
+    /// (which the HTTP client would send as Basic), would compete with it.
+    fn auth_conflicts(
+        &mut self,
+        at: usize,
+        key: &str,
+        headers: &[(HeaderName, HeaderValue)],
+        url: Option<&SecretUrl>,
+    ) {
+        if headers
+            .iter()
+            .any(|(n, _)| n == http::header::AUTHORIZATION)
+        {
+            self.report(
+                at,
+                key,
+                "auth and an Authorization header are both set",
+                "keep auth, and remove Authorization from headers / header_files",
+            );
+        }
+        if let Some(url) = url
+            && (!url.expose().username().is_empty() || url.expose().password().is_some())
+        {
+            self.report(
+                at,
+                key,
+                "auth is set and the url carries user:password@ as well",
+                "remove the credentials from the url (auth = { basic = { user, password } } sends them)",
+            );
+        }
     }
 
     /// `cloudevents_mode`: structured (the event as the body) or binary (ce-* headers).
@@ -363,12 +526,76 @@ impl Checker<'_> {
     }
 }
 
+/// The formats `format = …` names; each builds its [`ListenerFormat`] from its own keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FormatKind {
+    CloudEvents,
+    EventGrid,
+    ServiceBus,
+    Form,
+    Template,
+}
+
+impl FormatKind {
+    const ALL: [FormatKind; 5] = [
+        FormatKind::CloudEvents,
+        FormatKind::EventGrid,
+        FormatKind::ServiceBus,
+        FormatKind::Form,
+        FormatKind::Template,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            FormatKind::CloudEvents => "cloudevents",
+            FormatKind::EventGrid => "eventgrid",
+            FormatKind::ServiceBus => "servicebus",
+            FormatKind::Form => "form",
+            FormatKind::Template => "template",
+        }
+    }
+}
+
+/// The format-specific keys of a listener: name, where it is set, the formats using it.
+fn format_keys(l: &RawListener) -> Vec<(&'static str, Option<usize>, &'static [&'static str])> {
+    const EVENTGRID: &[&str] = &["eventgrid"];
+    const SERVICEBUS: &[&str] = &["servicebus"];
+    const AZURE: &[&str] = &["eventgrid", "servicebus"];
+    const TYPED: &[&str] = &["eventgrid", "servicebus", "template"];
+    const TEMPLATE: &[&str] = &["template"];
+    const FORM: &[&str] = &["form"];
+    vec![
+        (
+            "cloudevents_mode",
+            start_of(&l.cloudevents_mode),
+            &["cloudevents"],
+        ),
+        ("event_types", start_of(&l.event_types), TYPED),
+        ("template", start_of(&l.template), TEMPLATE),
+        ("batch_template", start_of(&l.batch_template), TEMPLATE),
+        ("content_type", start_of(&l.content_type), TEMPLATE),
+        ("form_fields", start_of(&l.form_fields), FORM),
+        ("form_columns", start_of(&l.form_columns), FORM),
+        ("eventgrid_topic", start_of(&l.eventgrid_topic), EVENTGRID),
+        ("aeg_sas_key", start_of(&l.aeg_sas_key), EVENTGRID),
+        ("aeg_sas_key_file", start_of(&l.aeg_sas_key_file), EVENTGRID),
+        ("topic", start_of(&l.topic), AZURE),
+        ("data_version", start_of(&l.data_version), EVENTGRID),
+        ("sas_key_name", start_of(&l.sas_key_name), SERVICEBUS),
+        ("sas_key", start_of(&l.sas_key), SERVICEBUS),
+        ("sas_key_file", start_of(&l.sas_key_file), SERVICEBUS),
+        ("sas_token_ttl", start_of(&l.sas_token_ttl), SERVICEBUS),
+        ("on_behalf_of", start_of(&l.on_behalf_of), SERVICEBUS),
+        ("user_properties", start_of(&l.user_properties), SERVICEBUS),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
 
-    use crate::config::Config;
     use crate::config::tests::{MINIMAL, errors, parse};
+    use crate::config::{Config, ListenerFormat};
 
     fn listener(extra: &str) -> String {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\n{extra}")
@@ -565,10 +792,116 @@ format = \"xml\"
                 "walhook.toml:13:14: listener[0].rate_limit: invalid rate limit \"fast\"; write a count and a period, like \"50/s\", \"1000/m\" or \"10/h\"",
                 "walhook.toml:14:16: listener[0].max_attempts: 0 is out of range; use a number from 1 to 1000 (default 12)",
                 "walhook.toml:15:35: listener[0].backoff.max: max backoff is shorter than initial; make max at least as long as initial",
-                "walhook.toml:16:10: listener[0].format: format \"eventgrid\" is not supported yet; use format = \"cloudevents\"",
+                "walhook.toml:16:10: listener[0].format: an Event Grid webhook is validated through walhook's admin endpoint, and there is no [admin] section; add [admin] with listen and public_url (the address the listener can reach), or set eventgrid_topic = true for an Event Grid topic endpoint",
                 "walhook.toml:19:8: listener[1].name: listener \"a\" is defined twice; give each [[listener]] its own name",
-                "walhook.toml:21:10: listener[1].format: unknown format \"xml\"; use format = \"cloudevents\"",
+                "walhook.toml:21:10: listener[1].format: format \"xml\" is unknown; use format = \"cloudevents\", \"eventgrid\", \"servicebus\", \"form\", \"template\"",
             ]
         );
+    }
+
+    #[test]
+    fn an_unknown_template_placeholder_names_its_line_and_column_in_the_file() {
+        // Line 11 is `template = ...`; the placeholder sits after an escaped quote.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = \"{\\\"Data\\\": {\\\"BaseId\\\": \\\"{idd}\\\"}}\"\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:39: listener[0].template: unknown placeholder {idd} (a column is written {row.idd}); use one of {id}, {entity}, {action}, {action_code}, {event_id}, {time}, {changed_fields}, {subject}, {source_system}, {source_table}, {commit_lsn}, {row}, {old}, {row.COLUMN} or {old.COLUMN}; write {{ for a literal {"
+            ]
+        );
+        // A multi-line literal string: the position is on the placeholder's own line.
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = '''\n{\n  \"Type\": {action_cod}\n}'''\n",
+        ));
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(
+            lines[0].starts_with(
+                "walhook.toml:14:11: listener[0].template: unknown placeholder {action_cod}"
+            ),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn template_form_and_batch_keys_are_checked_against_the_format() {
+        let c = parse(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\ntemplate = '{\"id\": \"{id}\"}'\nbatch_size = 10\nbatch_bytes = \"64kB\"\nbatch_template = '{\"n\": {count}, \"e\": [{events}]}'\n",
+        ))
+        .unwrap();
+        let l = &c.listeners[0];
+        assert_eq!((l.batch_size, l.batch_bytes), (10, 64 << 10));
+        let ListenerFormat::Template(t) = &l.format else {
+            panic!("{:?}", l.format)
+        };
+        assert_eq!(t.content_type, "application/json");
+        assert!(t.batch.uses(&crate::config::Field::Count));
+
+        let c = parse(&listener(
+            "url = \"https://example.com/\"\nformat = \"form\"\nform_fields = { id = \"BaseId\", time = \"\", action_code = \"ChangeType\" }\nform_columns = false\n",
+        ))
+        .unwrap();
+        let ListenerFormat::Form(f) = &c.listeners[0].format else {
+            panic!()
+        };
+        let names: Vec<&str> = f.fields.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "entity",
+                "BaseId",
+                "action",
+                "changedFields",
+                "eventId",
+                "ChangeType"
+            ]
+        );
+        assert!(!f.columns);
+        assert_eq!(c.listeners[0].batch_size, 1);
+
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"form\"\nbatch_size = 5\ntemplate = \"{id}\"\nform_fields = { nope = \"x\" }\n",
+        ));
+        assert_eq!(
+            lines,
+            vec![
+                "walhook.toml:12:14: listener[0].batch_size: a form post carries one event; remove batch_size, or use format = \"template\" or \"cloudevents\" to send batches",
+                "walhook.toml:13:12: listener[0].template: template applies to format = \"template\", and this listener has format = \"form\"; remove template, or change the format",
+                "walhook.toml:14:17: listener[0].form_fields.nope: unknown form field \"nope\"; use one of entity, id, action, action_code, changed_fields, event_id, time, subject, source_system, source_table, commit_lsn (columns of the row are sent with form_columns = true)",
+            ]
+        );
+        let lines = errors(&listener(
+            "url = \"https://example.com/\"\nformat = \"template\"\nbatch_template = \"[{events}]\"\ncontent_type = \"json\"\nbatch_size = 0\n",
+        ));
+        assert_eq!(lines.len(), 4, "{lines:#?}");
+        assert!(
+            lines[0].contains("listener[0].template: missing key"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[1].contains("batch_template is used only when batch_size is above 1"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[2].contains("content_type: \"json\" is not a media type"),
+            "{lines:?}"
+        );
+        assert!(
+            lines[3]
+                .contains("batch_size: 0 is out of range; use a number from 1 to 1000 (default 1)"),
+            "{lines:?}"
+        );
+    }
+
+    #[test]
+    fn auth_cannot_share_the_authorization_header_or_url_credentials() {
+        let lines = errors(&listener(
+            "url = \"https://u:p4ss@example.com/\"\nheaders = { Authorization = \"Bearer x\" }\nauth = { bearer = \"tok3n\" }\n",
+        ));
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[0].contains("auth and an Authorization header are both set"));
+        assert!(lines[1].contains("auth is set and the url carries user:password@ as well"));
+        assert!(!lines.join("\n").contains("p4ss") && !lines.join("\n").contains("tok3n"));
     }
 }

@@ -3,14 +3,26 @@
 //! Everything after this module works with [`Config`] and never sees TOML.
 
 mod admin;
+mod auth;
+mod azure;
 mod check;
+mod child;
+mod condition;
+mod debounce;
+mod derive;
 mod entity;
+mod event_types;
+mod form;
 mod listener;
 mod monitor;
+mod nats;
 mod position;
 mod queue;
+mod row_filter;
+mod schedule;
 mod smtp;
 mod source;
+mod template;
 mod units;
 mod webhook;
 
@@ -22,12 +34,27 @@ use serde_spanned::Spanned;
 use crate::error::{Classify, ErrorClass};
 
 pub use self::admin::{AdminConfig, DEFAULT_ADMIN_PORT};
+pub use self::auth::{BearerToken, ClientAuth, ListenerAuth, OAuth2Config};
+pub use self::azure::{
+    EventGridConfig, EventGridDelivery, ServiceBusConfig, TopicTemplate, VALIDATION_PATH,
+};
+pub use self::child::ChildTable;
+pub use self::debounce::{Debounce, DebounceFrom};
+pub use self::derive::DerivedAction;
 pub use self::entity::{EntityConfig, parse_table_name, subject_placeholders};
+pub use self::event_types::{EventType, EventTypes};
+pub use self::form::FormConfig;
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
+pub use self::nats::{NatsAuth, NatsConfig, Retention, Storage, StreamSettings, SubjectTemplate};
 pub use self::queue::QueueConfig;
+pub use self::row_filter::expression_identifiers;
+pub use self::schedule::{ScheduleConfig, ScheduleWhen};
 pub use self::smtp::{SmtpCredentials, SmtpServer, SmtpTls};
 pub use self::source::SourceConfig;
+pub use self::template::{
+    Escape, Field, Segment, Template, TemplateConfig, TemplateKind, TemplateProblem,
+};
 pub use self::units::{parse_duration, parse_rate_limit, parse_size};
 pub use crate::secret::{Secret, SecretUrl, SigningKey, redact_url};
 pub use crate::tls::CaFile;
@@ -61,6 +88,8 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// `[[monitor]]`: who is told when something goes wrong, in file order.
     pub monitors: Vec<MonitorConfig>,
+    /// `[[schedule]]`: notifications sent on a schedule, in file order.
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 /// Why the configuration could not be loaded. Its `Display` is the complete message:
@@ -163,6 +192,8 @@ struct RawConfig {
     listener: Vec<Spanned<RawListener>>,
     #[serde(default)]
     monitor: Vec<Spanned<RawMonitor>>,
+    #[serde(default)]
+    schedule: Vec<Spanned<self::schedule::RawSchedule>>,
 }
 
 impl Checker<'_> {
@@ -170,8 +201,17 @@ impl Checker<'_> {
         let source = self.source(raw.source.as_ref());
         let queue = self.queue(raw.queue.as_ref());
         let admin = raw.admin.as_ref().map(|a| self.admin(a));
-        let entities = self.entities(&raw.entity);
-        let listeners = self.listeners(&raw.listener, &entities);
+        let mut entities = self.entities(&raw.entity);
+        let schedules = self.schedules(&raw.schedule, &entities);
+        // Listeners subscribe to scheduled actions like to derived ones.
+        for s in &schedules {
+            if let Some(e) = entities.iter_mut().find(|e| e.name == s.entity)
+                && !e.scheduled_actions.contains(&s.action)
+            {
+                e.scheduled_actions.push(s.action.clone());
+            }
+        }
+        let listeners = self.listeners(&raw.listener, &entities, admin.as_ref());
         let monitors = self.monitors(&raw.monitor);
         Config {
             path: path.to_owned(),
@@ -181,6 +221,7 @@ impl Checker<'_> {
             admin,
             listeners,
             monitors,
+            schedules,
         }
     }
 }

@@ -455,8 +455,12 @@ mod tests {
     #[test]
     fn example_monitor_parses_with_webhook_and_email() {
         let env = |name: &str| match name {
-            "WALHOOK_DB_PASSWORD" | "CRM_API_KEY" => Some("x".to_owned()),
+            "WALHOOK_DB_PASSWORD"
+            | "CRM_API_KEY"
+            | "EVENTGRID_TOPIC_KEY"
+            | "SERVICEBUS_SAS_KEY" => Some("x".to_owned()),
             "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+            "ASSETS_CLIENT_SECRET" | "FORMS_PASSWORD" => Some("x".to_owned()),
             _ => None,
         };
         let text = include_str!("../../config.example.toml");

@@ -45,6 +45,10 @@ pub struct SourceConfig {
     pub statement_timeout: Option<Duration>,
     /// `lock_timeout` of walhook's own sessions; `None` keeps the server's (default 1m).
     pub lock_timeout: Option<Duration>,
+    /// walhook is a synchronous standby of the server (named in its
+    /// `synchronous_standby_names`): a writer's COMMIT returns once its events are in the
+    /// queue. walhook's own commits are then local, or they would wait for walhook.
+    pub synchronous: bool,
 }
 
 impl SourceConfig {
@@ -58,6 +62,7 @@ impl SourceConfig {
             receive_timeout: self.receive_timeout,
             statement_timeout: self.statement_timeout,
             lock_timeout: self.lock_timeout,
+            local_commit: self.synchronous,
         };
         crate::replication::conn::ConnectParams::parse(
             self.url.expose(),
@@ -84,6 +89,7 @@ pub(super) struct RawSource {
     receive_timeout: Str,
     statement_timeout: Str,
     lock_timeout: Str,
+    synchronous: Option<Spanned<bool>>,
 }
 
 pub(super) const DEFAULT_SLOT: &str = "walhook";
@@ -118,6 +124,7 @@ impl Checker<'_> {
                 receive_timeout: conn::DEFAULT_RECEIVE_TIMEOUT,
                 statement_timeout: Some(conn::DEFAULT_STATEMENT_TIMEOUT),
                 lock_timeout: Some(conn::DEFAULT_LOCK_TIMEOUT),
+                synchronous: false,
             };
         };
         let at = raw.span().start;
@@ -272,6 +279,7 @@ impl Checker<'_> {
             receive_timeout,
             statement_timeout,
             lock_timeout,
+            synchronous: raw.synchronous.as_ref().is_some_and(|b| *b.get_ref()),
         }
     }
 }

@@ -31,7 +31,7 @@ fn cloudevents_mode_chooses_structured_or_binary_and_names_a_wrong_value() {
     let with = |mode: &str| {
         format!("{MINIMAL}\n[[listener]]\nname = \"crm\"\nurl = \"https://example.com/\"\n{mode}\n")
     };
-    let format = |text: &str| parse(text).unwrap().listeners[0].format;
+    let format = |text: &str| parse(text).unwrap().listeners[0].format.clone();
     assert_eq!(
         format(&with("")),
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)
@@ -90,6 +90,9 @@ fn example_file_parses_with_its_environment() {
         "WALHOOK_DB_PASSWORD" => Some("db-secret".to_owned()),
         "CRM_API_KEY" => Some("api-key".to_owned()),
         "CRM_SIGNING_SECRET" => Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".to_owned()),
+        "ASSETS_CLIENT_SECRET" => Some("client-secret".to_owned()),
+        "FORMS_PASSWORD" => Some("forms-password".to_owned()),
+        "EVENTGRID_TOPIC_KEY" | "SERVICEBUS_SAS_KEY" => Some("azure-key".to_owned()),
         _ => None,
     };
     let text = include_str!("../../config.example.toml");
@@ -104,6 +107,7 @@ fn example_file_parses_with_its_environment() {
         c.admin,
         Some(AdminConfig {
             listen: "127.0.0.1:8187".parse().unwrap(),
+            public_url: Some("https://walhook.example.com:8187".parse().unwrap()),
             token: None,
         })
     );
@@ -139,17 +143,80 @@ fn example_file_parses_with_its_environment() {
     assert_eq!(l.concurrency, 16);
     assert_eq!(l.backoff, DEFAULT_BACKOFF);
     assert_eq!(l.timeout, Duration::from_secs(10));
-    assert_eq!(l.debounce, Duration::ZERO);
+    assert_eq!(l.debounce, None);
     assert_eq!(
         l.format,
         ListenerFormat::CloudEvents(CloudEventsMode::Structured)
     );
+    assert_eq!((l.batch_size, l.batch_bytes), (1, 1 << 20));
+    assert_eq!(l.auth, None);
+
+    let assets = &c.listeners[1];
+    let ListenerFormat::Template(t) = &assets.format else {
+        panic!("{:?}", assets.format)
+    };
+    assert_eq!(t.content_type, "application/json");
+    assert!(t.batch.uses(&Field::Count));
+    assert_eq!((assets.batch_size, assets.batch_bytes), (50, 512 << 10));
+    let Some(ListenerAuth::OAuth2(o)) = &assets.auth else {
+        panic!("{:?}", assets.auth)
+    };
+    assert_eq!(o.client_secret.expose(), "client-secret");
+    assert_eq!(o.scope.as_deref(), Some("api://assets/.default"));
+
+    let forms = &c.listeners[2];
+    let ListenerFormat::Form(f) = &forms.format else {
+        panic!("{:?}", forms.format)
+    };
+    assert!(f.columns);
+    assert_eq!(
+        f.fields.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+        [
+            "entity",
+            "BaseId",
+            "action",
+            "changedFields",
+            "eventId",
+            "ChangeType"
+        ]
+    );
+    assert_eq!(
+        forms.auth,
+        Some(ListenerAuth::Basic {
+            user: "walhook".into(),
+            password: Secret::new("forms-password".into())
+        })
+    );
+    let ListenerFormat::EventGrid(grid) = &c.listeners[3].format else {
+        panic!("listener grid is not eventgrid")
+    };
+    assert_eq!(
+        grid.delivery,
+        EventGridDelivery::Webhook {
+            validation_url: "https://walhook.example.com:8187/eventgrid/validate"
+                .parse()
+                .unwrap()
+        }
+    );
+    assert_eq!(
+        c.listeners[3].event_types.get(Action::Deleted),
+        Some(&EventType::Name("AssetChanged".into()))
+    );
+    assert!(matches!(
+        &c.listeners[4].format,
+        ListenerFormat::EventGrid(g) if matches!(&g.delivery, EventGridDelivery::Topic { key } if key.expose() == "azure-key")
+    ));
+    let ListenerFormat::ServiceBus(bus) = &c.listeners[5].format else {
+        panic!("listener bus is not servicebus")
+    };
+    assert_eq!(bus.topic.render("Customer"), "api.event.customer");
+    assert_eq!(bus.sas_key.expose(), "azure-key");
 }
 
 #[test]
 fn example_file_without_its_environment_names_each_missing_variable() {
     let lines = errors(include_str!("../../config.example.toml"));
-    assert_eq!(lines.len(), 3, "{lines:#?}");
+    assert_eq!(lines.len(), 7, "{lines:#?}");
     assert!(
         lines[0].contains("source.password: environment variable WALHOOK_DB_PASSWORD is not set")
     );
@@ -159,6 +226,21 @@ fn example_file_without_its_environment_names_each_missing_variable() {
     );
     assert!(
         lines[2].contains("listener[0].secret: environment variable CRM_SIGNING_SECRET is not set")
+    );
+    assert!(lines[3].contains(
+        "listener[1].auth.oauth2.client_secret: environment variable ASSETS_CLIENT_SECRET is not set"
+    ));
+    assert!(lines[4].contains(
+        "listener[2].auth.basic.password: environment variable FORMS_PASSWORD is not set"
+    ));
+    assert!(
+        lines[5].contains(
+            "listener[4].aeg_sas_key: environment variable EVENTGRID_TOPIC_KEY is not set"
+        )
+    );
+    assert!(
+        lines[6]
+            .contains("listener[5].sas_key: environment variable SERVICEBUS_SAS_KEY is not set")
     );
 }
 
@@ -170,7 +252,7 @@ fn unknown_key_names_path_position_and_allowed_keys() {
     assert_eq!(
         lines,
         vec![
-            "walhook.toml:11:1: entity[1].colour: unknown key; expected one of name, table, id, actions, track, exclude, subject"
+            "walhook.toml:11:1: entity[1].colour: unknown key; expected one of name, table, id, actions, track, exclude, subject, action, where, child"
         ]
     );
 }

@@ -24,7 +24,7 @@ use crate::queue::browse::{EventDetail, event_detail};
 /// The message the dispatcher sends `listener` for `event`, rendered by the same
 /// [`Format`] the dispatcher uses.
 fn sent_payload(listener: &ListenerConfig, event: &StoredEvent, source_system: &str) -> Message {
-    Format::for_listener(&listener.format, source_system).render(event)
+    Format::for_listener(listener, source_system).render(event)
 }
 
 /// GET /ui/events/{id}.

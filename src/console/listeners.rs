@@ -12,7 +12,7 @@ use super::chart;
 use super::history::ListenerActivity;
 use super::layout::{self, Section};
 use super::overview::{HEALTH_SPAN, enc, health_badge};
-use crate::config::{CloudEventsMode, ListenerConfig, ListenerFormat};
+use crate::config::{CloudEventsMode, EventGridDelivery, ListenerConfig, ListenerFormat};
 
 /// GET /ui/listeners.
 pub(super) async fn page(State(console): State<Console>, viewer: Viewer) -> Markup {
@@ -61,6 +61,15 @@ fn settings(l: &ListenerConfig) -> Markup {
         ListenerFormat::CloudEvents(CloudEventsMode::Binary) => {
             "CloudEvents 1.0 (binary: ce-* headers, data as the body)"
         }
+        ListenerFormat::EventGrid(ref c) => match c.delivery {
+            EventGridDelivery::Topic { .. } => "Azure Event Grid schema, to an Event Grid topic",
+            EventGridDelivery::Webhook { .. } => {
+                "Azure Event Grid schema, webhook (validation handshake first)"
+            }
+        },
+        ListenerFormat::ServiceBus(_) => "Azure Service Bus messages, one topic per entity",
+        ListenerFormat::Form(_) => "a posted HTML form (application/x-www-form-urlencoded)",
+        ListenerFormat::Template(_) => "a body from the listener's template",
     };
     html! {
         dt { "URL" } dd { code { (l.url.redacted()) } }
@@ -84,7 +93,7 @@ fn settings(l: &ListenerConfig) -> Markup {
             (crate::human::age(l.backoff.max)) ", timeout " (crate::human::age(l.timeout))
         }
         dt { "Debounce" } dd {
-            @if l.debounce.is_zero() { "off" } @else { (crate::human::age(l.debounce)) }
+            @if let Some(d) = l.debounce { (crate::human::age(d.window)) } @else { "off" }
         }
         dt { "Signed" } dd {
             @if l.secret.is_some() { "yes (Standard Webhooks)" } @else { "no" }

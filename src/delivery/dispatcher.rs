@@ -10,7 +10,11 @@
 //!   notifications and bytes outstanding so the next batch is claimed while the previous
 //!   one is in flight; claims resume after a cursor (see [`claimer`]);
 //! * the *starter* starts deliveries in claim order, each after a concurrency permit and
-//!   the rate limiter allow it;
+//!   the rate limiter allow it; for a listener with `batch_size` above 1 one delivery
+//!   carries the claimed notifications that are ready, up to `batch_size` and `batch_bytes`,
+//!   as one message: one attempt, recorded for each of them, so the whole batch succeeds or
+//!   is retried together (claims hold at most one change per entity, so batches keep the
+//!   per-entity order);
 //! * one *recorder*, shared by all listeners, records outcomes in batches: whatever has
 //!   arrived while the previous batch was being written, one statement per outcome kind.
 //!
@@ -20,6 +24,7 @@
 //! only if it ends before the lease does, held leases are renewed (see [`super::lease`]),
 //! and outcomes are recorded only for rows still leased here.
 
+mod batch;
 mod claimer;
 
 use std::future::Future;
@@ -29,6 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use rand::RngExt as _;
 use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -37,17 +43,19 @@ use tracing::{debug, error, info, warn};
 
 use super::format::{Format, Message};
 use super::lease::{LeaseBook, LeaseTimes};
-use super::policy::{Outcome, next_attempt_delay};
+use super::policy::{Outcome, delay_with_jitter};
 use super::sink::{Sink, SinkError};
+use super::validation::Handshake;
 use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
-use crate::config::{ListenerConfig, RateLimit};
+use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit};
 use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
     Completions, DeliveredRow, EntityKey, FailedAttemptRow, Notification, NotificationStore,
-    OnNewNotifications, QueueError, SWEEP_PAYLOAD,
+    OnNewNotifications, QueueError, SWEEP_PAYLOAD, StoredEvent,
 };
 use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
+use batch::{Backlog, Pending};
 use claimer::{ClaimState, TotalBytes};
 
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
@@ -225,6 +233,7 @@ pub(crate) async fn run_following(
             }
         })
     };
+    let validation_db = db.clone();
     let claim_link = Arc::new(Link::new("claiming", db.clone(), &owner, Some(wake_all)));
     let record_link = Arc::new(Link::new("recording", db, &owner, None));
 
@@ -248,6 +257,13 @@ pub(crate) async fn run_following(
         done_rx,
     ));
     let mut tasks = JoinSet::new();
+    for lane in lanes.iter().filter(|l| l.validated.is_some()) {
+        tasks.spawn(validate(
+            lane.clone(),
+            validation_db.clone(),
+            shared.clone(),
+        ));
+    }
     for lane in lanes.iter() {
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
         tasks.spawn(claimer::claim_loop(
@@ -438,6 +454,20 @@ struct Lane {
     next_due: Mutex<Option<Instant>>,
     /// Whether the last recorded attempt failed (logged on change; shrinks prefetch).
     failing: AtomicBool,
+    /// Batch limits, for a listener whose format and `batch_size` send batches.
+    batch: Option<BatchLimits>,
+    /// For listeners that must be validated first (Event Grid webhooks): true once they are;
+    /// nothing is claimed before.
+    validated: Option<tokio::sync::watch::Sender<bool>>,
+}
+
+/// How much one batch message may carry.
+#[derive(Clone, Copy, Debug)]
+struct BatchLimits {
+    /// Most events.
+    size: usize,
+    /// Most body bytes (one larger event still goes, alone).
+    bytes: usize,
 }
 
 impl Lane {
@@ -447,18 +477,37 @@ impl Lane {
         source_system: &str,
         lease_extra: Duration,
     ) -> Result<Lane, DispatchError> {
-        let format = Format::for_listener(&config.format, source_system);
+        let format = Format::for_listener(&config, source_system);
         let sink = Sink::for_listener(&config)?;
         let concurrency = config.concurrency.max(1);
         let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
+        let batch = (config.batch_size > 1 && format.batches()).then(|| BatchLimits {
+            size: config.batch_size,
+            bytes: usize::try_from(config.batch_bytes).unwrap_or(usize::MAX),
+        });
+        // A batching listener holds enough for two full batches per slot.
+        let per_slot = batch.map_or(PREFETCH_PER_SLOT, |b| {
+            PREFETCH_PER_SLOT.max(b.size.saturating_mul(2))
+        });
         let mut target = concurrency
-            .saturating_mul(PREFETCH_PER_SLOT)
+            .saturating_mul(per_slot)
             .clamp(concurrency, MAX_OUTSTANDING.max(concurrency));
         if let Some(rate) = config.rate_limit {
-            target = target.min(rate_limited_prefetch(rate));
+            // The rate counts requests; a batch is one.
+            let per_request = batch.map_or(1, |b| b.size);
+            target = target.min(rate_limited_prefetch(rate).saturating_mul(per_request));
         }
         let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
+        let validated = match &config.format {
+            ListenerFormat::EventGrid(c)
+                if matches!(c.delivery, EventGridDelivery::Webhook { .. }) =>
+            {
+                Some(tokio::sync::watch::Sender::new(false))
+            }
+            _ => None,
+        };
         Ok(Lane {
+            validated,
             index,
             format,
             sink,
@@ -472,6 +521,7 @@ impl Lane {
             leases: LeaseBook::default(),
             next_due: Mutex::new(None),
             failing: AtomicBool::new(false),
+            batch,
             config,
         })
     }
@@ -482,9 +532,9 @@ impl Lane {
 
     /// Sends `message` through the sink, within the listener's timeout whatever the sink
     /// does: the lease arithmetic below relies on attempts that end in time.
-    async fn attempt(&self, message: Message) -> Attempt {
+    async fn attempt(&self, event: &StoredEvent, message: Message) -> Attempt {
         let limit = self.lease.attempt;
-        match tokio::time::timeout(limit, self.sink.send(message)).await {
+        match tokio::time::timeout(limit, self.sink.send(event, message)).await {
             Ok(attempt) => attempt,
             Err(_) => Attempt {
                 outcome: Outcome::TimedOut,
@@ -504,7 +554,11 @@ impl Lane {
     /// (timeouts) and rows waiting behind them would only sit on their leases.
     fn target(&self) -> usize {
         if self.failing.load(Ordering::Acquire) {
+            // One message per slot: a batch for a batching listener.
+            let per_message = self.batch.map_or(1, |b| b.size);
             self.concurrency
+                .saturating_mul(per_message)
+                .min(self.target)
         } else {
             self.target
         }
@@ -528,6 +582,24 @@ impl Lane {
     fn schedule(&self, due: Instant) {
         let mut next = lock(&self.next_due);
         *next = Some(next.map_or(due, |n| n.min(due)));
+    }
+
+    /// Whether an attempt for `c` starting `now` ends before its lease does. It may not when
+    /// the lease was lost to another process (its renewal failed) or too little of it is
+    /// left: another process could deliver it at the same time, so it is handed back instead
+    /// (a no-op in the database when the lease is no longer ours).
+    fn startable(&self, c: &ClaimedRow, now: Instant) -> bool {
+        let until = self.leases.until(c.notification.id, c.claim);
+        let ok = until.is_some_and(|until| self.lease.may_start(now, until));
+        if !ok {
+            debug!(
+                listener = self.name(),
+                notification = c.notification.id,
+                lost = until.is_none(),
+                "not starting an attempt that could outlive its lease"
+            );
+        }
+        ok
     }
 }
 
@@ -565,6 +637,20 @@ struct ClaimedRow {
     bytes: u64,
 }
 
+/// What the starter and claimer tell the recorder: one notification, or every
+/// notification of one batch attempt, so a batch is always recorded in one statement (its
+/// retries come due together, and it is retried whole).
+enum Report {
+    One(Done),
+    Batch(Vec<Done>),
+}
+
+impl From<Done> for Report {
+    fn from(d: Done) -> Report {
+        Report::One(d)
+    }
+}
+
 /// What the recorder is told about one claimed notification.
 struct Done {
     lane: usize,
@@ -582,6 +668,9 @@ enum Ended {
     Attempted {
         attempts_before: i32,
         attempt: Attempt,
+        /// The retry delay's random spread, drawn once per attempt so the notifications of
+        /// one batch come due together.
+        jitter: f64,
         commit_time: std::time::SystemTime,
         entity: String,
         entity_id: String,
@@ -600,6 +689,35 @@ impl Done {
             claim: row.claim,
             bytes: row.bytes,
             what: Ended::Release,
+        }
+    }
+
+    /// The outcome of an attempt for `row`. The event is done with: the fields observers
+    /// name are moved instead of copied.
+    fn attempted(lane: &Lane, row: ClaimedRow, attempt: Attempt) -> Done {
+        Done::attempted_with(lane, row, attempt, rand::rng().random_range(-1.0..=1.0))
+    }
+
+    /// [`Done::attempted`] with the retry jitter given (one per batch).
+    fn attempted_with(lane: &Lane, row: ClaimedRow, attempt: Attempt, jitter: f64) -> Done {
+        let ClaimedRow {
+            notification: n,
+            claim,
+            bytes,
+        } = row;
+        Done {
+            lane: lane.index,
+            id: n.id,
+            claim,
+            bytes,
+            what: Ended::Attempted {
+                attempts_before: n.attempts,
+                attempt,
+                jitter,
+                commit_time: n.event.commit_time,
+                entity: n.event.entity,
+                entity_id: n.event.entity_id,
+            },
         }
     }
 }
@@ -636,32 +754,71 @@ where
     }
 }
 
+/// Runs the validation handshake of a listener that needs one (an Event Grid webhook),
+/// which opens its claimer's gate.
+async fn validate(lane: Arc<Lane>, db: Source, shared: Arc<Shared>) {
+    let (Some(validated), Format::EventGrid(format), Some(sink), ListenerFormat::EventGrid(config)) = (
+        &lane.validated,
+        &lane.format,
+        lane.sink.as_http(),
+        &lane.config.format,
+    ) else {
+        return;
+    };
+    let EventGridDelivery::Webhook { validation_url } = &config.delivery else {
+        return;
+    };
+    let handshake = Handshake {
+        listener: &lane.config,
+        format,
+        sink,
+        validation_url,
+    };
+    if let Err(e) = handshake.run(&db, validated, &shared.stop).await {
+        shared.fail(e.into());
+    }
+}
+
 /// Starts deliveries for one listener in claim order, within its concurrency limit and
-/// rate limit; at stop, lets the running ones finish within the deadline.
+/// rate limit (a batch counts as one delivery); at stop, lets the running ones finish within
+/// the deadline.
 async fn start_loop(
     lane: Arc<Lane>,
     shared: Arc<Shared>,
-    mut claimed: mpsc::UnboundedReceiver<ClaimedRow>,
-    done: mpsc::UnboundedSender<Done>,
+    claimed: mpsc::UnboundedReceiver<Vec<ClaimedRow>>,
+    done: mpsc::UnboundedSender<Report>,
 ) {
     let mut in_flight = JoinSet::new();
+    let mut backlog = Backlog::new(claimed);
     let stop = &shared.stop;
     loop {
         while in_flight.try_join_next().is_some() {}
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
-            next = claimed.recv() => next,
+            next = backlog.next() => next,
         };
         let Some(next) = next else { break };
+        // A transport that is down as a whole (a broker outage) holds the listener here: no
+        // attempt is made or counted, claimed rows keep their renewed leases, and delivery
+        // resumes in order once it is back.
+        let ready = tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            _ = lane.sink.ready() => true,
+        };
+        if !ready {
+            let _ = done.send(Done::release(&lane, &next.claimed).into());
+            break;
+        }
         let permit = tokio::select! {
             biased;
             _ = stop.cancelled() => None,
             permit = lane.permits.clone().acquire_owned() => permit.ok(),
         };
-        let release = || Done::release(&lane, &next);
+        let release = |p: &Pending| Done::release(&lane, &p.claimed);
         let Some(permit) = permit else {
-            let _ = done.send(release());
+            let _ = done.send(release(&next).into());
             break;
         };
         if let Some(limiter) = &lane.limiter {
@@ -671,22 +828,18 @@ async fn start_loop(
                 _ = limiter.until_ready() => false,
             };
             if stopped {
-                let _ = done.send(release());
+                let _ = done.send(release(&next).into());
                 break;
             }
         }
-        let until = lane.leases.until(next.notification.id, next.claim);
-        if !until.is_some_and(|until| lane.lease.may_start(Instant::now(), until)) {
-            // Lost to another process (its renewal failed), or too little lease left for a
-            // whole attempt: another process could deliver it at the same time. Hand it
-            // back instead (a no-op in the database when the lease is no longer ours).
-            debug!(
-                listener = lane.name(),
-                notification = next.notification.id,
-                lost = until.is_none(),
-                "not starting an attempt that could outlive its lease"
-            );
-            let _ = done.send(release());
+        let now = Instant::now();
+        if !lane.startable(&next.claimed, now) {
+            let _ = done.send(release(&next).into());
+            continue;
+        }
+        if let Some(limits) = lane.batch {
+            let items = batch::fill(&lane, next, &mut backlog, limits, now, &done);
+            in_flight.spawn(batch::attempt(lane.clone(), items, permit, done.clone()));
             continue;
         }
         let lane = lane.clone();
@@ -696,30 +849,22 @@ async fn start_loop(
                 notification: n,
                 claim,
                 bytes,
-            } = next;
-            let attempt = lane.attempt(lane.format.render(&n.event)).await;
+            } = next.claimed;
+            let attempt = lane.attempt(&n.event, lane.format.render(&n.event)).await;
             drop(permit);
-            // The event is done with: move the fields observers name instead of copying.
-            let _ = done.send(Done {
-                lane: lane.index,
-                id: n.id,
+            let row = ClaimedRow {
+                notification: n,
                 claim,
                 bytes,
-                what: Ended::Attempted {
-                    attempts_before: n.attempts,
-                    attempt,
-                    commit_time: n.event.commit_time,
-                    entity: n.event.entity,
-                    entity_id: n.event.entity_id,
-                },
-            });
+            };
+            let _ = done.send(Done::attempted(&lane, row, attempt).into());
         });
     }
 
     // Stopping: hand back what was claimed but not started (the claimer closes the channel
     // when it ends), then give the running attempts until the deadline.
-    while let Some(next) = claimed.recv().await {
-        let _ = done.send(Done::release(&lane, &next));
+    while let Some(next) = backlog.next().await {
+        let _ = done.send(Done::release(&lane, &next.claimed).into());
     }
     let deadline = lane.config.timeout.min(MAX_SHUTDOWN_WAIT) + Duration::from_millis(500);
     let finished = tokio::time::timeout(deadline, async {
@@ -761,17 +906,21 @@ async fn record_loop(
     link: Arc<Link>,
     shared: Arc<Shared>,
     observer: Option<Arc<dyn DeliveryObserver>>,
-    mut done: mpsc::UnboundedReceiver<Done>,
+    mut done: mpsc::UnboundedReceiver<Report>,
 ) {
     let mut pending = Vec::new();
+    let add = |pending: &mut Vec<Done>, report: Report| match report {
+        Report::One(d) => pending.push(d),
+        Report::Batch(ds) => pending.extend(ds),
+    };
     loop {
         match done.recv().await {
-            Some(d) => pending.push(d),
+            Some(r) => add(&mut pending, r),
             None => break,
         }
         while pending.len() < RECORD_BATCH {
             match done.try_recv() {
-                Ok(d) => pending.push(d),
+                Ok(r) => add(&mut pending, r),
                 Err(_) => break,
             }
         }
@@ -815,6 +964,7 @@ fn build_batch(
             Ended::Attempted {
                 attempts_before,
                 attempt,
+                jitter,
                 commit_time,
                 entity,
                 entity_id,
@@ -835,7 +985,15 @@ fn build_batch(
                 let made = u32::try_from(attempts_before)
                     .unwrap_or(0)
                     .saturating_add(1);
-                if judge(lane, done.id, made, &attempt, &mut batch, effect, report) {
+                if judge(
+                    lane,
+                    done.id,
+                    made,
+                    (&attempt, jitter),
+                    &mut batch,
+                    effect,
+                    report,
+                ) {
                     effect.completed.push(EntityKey { entity, entity_id });
                 }
             }
@@ -851,7 +1009,7 @@ fn judge(
     lane: &Lane,
     id: i64,
     made: u32,
-    attempt: &Attempt,
+    (attempt, jitter): (&Attempt, f64),
     batch: &mut Completions,
     effect: &mut LaneEffect,
     report: impl Fn(Observed, Option<&str>),
@@ -876,7 +1034,7 @@ fn judge(
             true
         }
         Verdict::Retry if made < lane.config.max_attempts => {
-            let delay = next_attempt_delay(made, &lane.config.backoff, attempt.retry_after);
+            let delay = delay_with_jitter(made, &lane.config.backoff, attempt.retry_after, jitter);
             effect.earliest_retry = Some(effect.earliest_retry.map_or(delay, |e| e.min(delay)));
             let comment = comment();
             report(Observed::WillRetry, Some(&comment));

@@ -30,10 +30,13 @@ pub enum Outcome {
     /// The transport cannot carry the message as rendered (a value its headers cannot
     /// hold, a body over its size limit): the same message would fail again.
     Unsendable,
+    /// No credentials for the listener: its token endpoint refused or failed. Nothing was
+    /// sent; an operator can fix the client settings while notifications wait.
+    Unauthenticated,
 }
 
 /// The policy table, in the order a reader expects. Edit here, nowhere else.
-pub const POLICY: [(Outcome, Verdict); 9] = [
+pub const POLICY: [(Outcome, Verdict); 10] = [
     (Outcome::Accepted, Verdict::Delivered),
     // Redirects are not followed: a message replayed elsewhere can leak the body and the
     // signature to a host the operator never configured. The comment tells the operator
@@ -47,6 +50,9 @@ pub const POLICY: [(Outcome, Verdict); 9] = [
     (Outcome::Unreachable, Verdict::Retry),
     (Outcome::TransportError, Verdict::Retry),
     (Outcome::Unsendable, Verdict::Fail),
+    // Credentials are fixed on walhook's side (or the identity provider recovers): the
+    // message itself is fine, so it waits.
+    (Outcome::Unauthenticated, Verdict::Retry),
 ];
 
 /// Longest wait a listener's `Retry-After` can impose; beyond that it is likely a mistake.
@@ -57,7 +63,7 @@ const JITTER: f64 = 0.2;
 
 impl Outcome {
     /// Every outcome, for tables and tests.
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Accepted,
         Outcome::Moved,
         Outcome::Throttled,
@@ -67,6 +73,7 @@ impl Outcome {
         Outcome::Unreachable,
         Outcome::TransportError,
         Outcome::Unsendable,
+        Outcome::Unauthenticated,
     ];
 
     /// The policy's verdict for this outcome, read from [`POLICY`].
@@ -91,6 +98,7 @@ impl Outcome {
             Outcome::Unreachable => "the listener cannot be reached",
             Outcome::TransportError => "the message could not be sent",
             Outcome::Unsendable => "the transport cannot carry this message",
+            Outcome::Unauthenticated => "no credentials could be obtained for the listener",
         }
     }
 }
@@ -157,7 +165,8 @@ mod tests {
                 | Outcome::ListenerError
                 | Outcome::TimedOut
                 | Outcome::Unreachable
-                | Outcome::TransportError => Verdict::Retry,
+                | Outcome::TransportError
+                | Outcome::Unauthenticated => Verdict::Retry,
             };
             assert_eq!(o.verdict(), expected, "{o:?}");
         }

@@ -804,6 +804,7 @@ pub const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
     WHERE e.queued_at < $1
       AND NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.event_id = e.id)
       AND NOT EXISTS (SELECT 1 FROM walhook.failed f WHERE f.event_id = e.id)
+      AND NOT EXISTS (SELECT 1 FROM walhook.debounce d WHERE d.first_event = e.id)
     ORDER BY e.queued_at LIMIT $2
     FOR UPDATE SKIP LOCKED
 )";

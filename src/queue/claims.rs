@@ -89,17 +89,17 @@ macro_rules! claim_output {
 SELECT 'c'::text AS kind, c.id, c.attempts,
        (pg_column_size(e."row") + coalesce(pg_column_size(e.old), 0))::bigint AS stored_bytes,
        e.event_id, c.commit_lsn, c.seq, e.commit_time, c.entity, c.entity_id, e.action,
-       e.changed_fields, e."row", e.old, e.subject, e.source_table,
+       e.changed_fields, e."row", e.old, e.subject, e.source_table, e.row_action,
        NULL::bigint AS scanned, NULL::bigint AS kept
 FROM claimed c
 LEFT JOIN walhook.event e ON e.id = c.event_id
 UNION ALL
 SELECT 'h', h.id, NULL, NULL, NULL, h.commit_lsn, h.seq, NULL, h.entity, h.entity_id,
-       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
 FROM held h
 UNION ALL
 SELECT 's', NULL, NULL, NULL, NULL, last.commit_lsn, last.seq, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        (SELECT count(*) FROM scanned), (SELECT count(*) FROM kept)
 FROM (SELECT 1) AS one
 LEFT JOIN LATERAL (
@@ -387,8 +387,8 @@ pub(super) async fn run_claim(
                         seq,
                     });
                 }
-                let scanned: i64 = row.try_get::<_, Option<i64>>(16)?.unwrap_or(0);
-                let kept: i64 = row.try_get::<_, Option<i64>>(17)?.unwrap_or(0);
+                let scanned: i64 = row.try_get::<_, Option<i64>>(17)?.unwrap_or(0);
+                let kept: i64 = row.try_get::<_, Option<i64>>(18)?.unwrap_or(0);
                 claim.full |= scanned >= rows || kept < scanned;
             }
         }

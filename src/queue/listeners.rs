@@ -53,6 +53,9 @@ pub fn subscriptions(listeners: &[ListenerConfig]) -> Vec<Subscription> {
             listener: l.name.clone(),
             entities: l.entities.clone(),
             actions: l.actions.clone(),
+            derived_actions: l.derived_actions.clone(),
+            filter: l.filter.clone(),
+            debounce: l.debounce,
         })
         .collect()
 }

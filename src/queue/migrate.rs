@@ -9,7 +9,9 @@ use super::{Needs, QueueError, Session, db_error};
 /// One schema migration: a version and the SQL that brings the schema to it.
 #[derive(Clone, Copy, Debug)]
 pub struct Migration {
-    /// Version recorded in `walhook.schema_migration`; strictly increasing.
+    /// Version recorded in `walhook.schema_migration`; strictly increasing. Numbers may
+    /// leave gaps (work in progress elsewhere reserves one): each migration applies once,
+    /// in version order, whichever others were applied before it.
     pub version: i32,
     /// File name in `sql/`, for messages.
     pub name: &'static str,
@@ -41,8 +43,28 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 5,
-        name: "0005_claim_cursor.sql",
-        sql: include_str!("../../sql/0005_claim_cursor.sql"),
+        name: "0005_listener_validation.sql",
+        sql: include_str!("../../sql/0005_listener_validation.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "0006_derived_actions.sql",
+        sql: include_str!("../../sql/0006_derived_actions.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "0007_debounce.sql",
+        sql: include_str!("../../sql/0007_debounce.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "0008_schedule.sql",
+        sql: include_str!("../../sql/0008_schedule.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "0009_claim_cursor.sql",
+        sql: include_str!("../../sql/0009_claim_cursor.sql"),
     },
 ];
 
@@ -159,8 +181,8 @@ mod tests {
     #[test]
     fn migration_versions_strictly_increase_from_one() {
         let versions: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
-        let expected: Vec<i32> = (1..=i32::try_from(MIGRATIONS.len()).unwrap()).collect();
-        assert_eq!(versions, expected);
+        assert_eq!(versions.first(), Some(&1));
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
         assert_eq!(latest_version(), *versions.last().unwrap());
     }
 

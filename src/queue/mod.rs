@@ -9,12 +9,17 @@ pub mod admin;
 pub mod browse;
 mod claims;
 mod compact;
+pub mod debounce;
 mod listeners;
 mod migrate;
 mod model;
 mod notifications;
 mod rejected;
+pub mod resend;
+mod route;
+pub mod schedule;
 mod state;
+mod validation;
 mod writer;
 
 use tokio_postgres::error::SqlState;
@@ -35,7 +40,14 @@ pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
     read_state, record_source, record_start, unalerted_gaps,
 };
-pub use writer::{EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id};
+pub use validation::{
+    VALIDATION_WINDOW, ValidatedBy, Validation, ValidationState, begin_validation, code_sha256,
+    connect_validation, expire_validation, fingerprint, mark_validated, mark_validation_failed,
+    note_validation, read_validation, read_validations,
+};
+pub use writer::{
+    EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id, variant_event_id,
+};
 
 /// The statements that run per notification or per batch, for benchmarks and plan checks.
 pub mod statements {
@@ -86,6 +98,12 @@ pub enum QueueError {
         /// What is out of range.
         detail: String,
     },
+    /// A stored event cannot be read back (a value walhook does not know).
+    #[error("an event in walhook.event cannot be read: {detail}")]
+    Unreadable {
+        /// What is wrong with it.
+        detail: String,
+    },
     /// The database was migrated by a newer walhook than this binary.
     #[error(
         "the walhook schema in this database is version {found}, but this walhook knows versions up to {known}: upgrade walhook, or point it at the right database"
@@ -111,7 +129,8 @@ impl Classify for QueueError {
             QueueError::Connect(e) => e.class(),
             QueueError::PermissionDenied { .. }
             | QueueError::SchemaMissing { .. }
-            | QueueError::Unstorable { .. } => ErrorClass::Permanent,
+            | QueueError::Unstorable { .. }
+            | QueueError::Unreadable { .. } => ErrorClass::Permanent,
             QueueError::SchemaTooNew { .. } => ErrorClass::Config,
         }
     }

@@ -23,8 +23,11 @@ pub struct StoredEvent {
     pub entity: String,
     /// Entity id (text; JSON array text for composite ids).
     pub entity_id: String,
-    /// What happened.
+    /// What happened to the row.
     pub action: Action,
+    /// The derived action (`[[entity.action]]` name) the event stands for, if any: formats
+    /// name the event by [`StoredEvent::action_name`].
+    pub derived: Option<String>,
     /// Changed columns; `None` when unknown or not an update.
     pub changed_fields: Option<Vec<String>>,
     /// The row (new row; old row for deletes).
@@ -37,6 +40,14 @@ pub struct StoredEvent {
     pub source_table: String,
 }
 
+impl StoredEvent {
+    /// The action listeners see (event types such as `Customer.Cancelled`): the derived
+    /// action's name, or the row action's.
+    pub fn action_name(&self) -> &str {
+        self.derived.as_deref().unwrap_or(self.action.as_str())
+    }
+}
+
 /// A notification claimed for delivery: one event for one listener.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Notification {
@@ -46,4 +57,21 @@ pub struct Notification {
     pub attempts: i32,
     /// The event to deliver.
     pub event: StoredEvent,
+}
+
+/// An event's row action and derived action from `walhook.event.action` and `row_action`.
+pub(crate) fn read_action(
+    action: String,
+    row_action: Option<String>,
+) -> Result<(Action, Option<String>), String> {
+    let parse = |name: &str| {
+        Action::ALL
+            .into_iter()
+            .find(|a| a.as_str() == name)
+            .ok_or_else(|| format!("unknown action {name:?} in walhook.event"))
+    };
+    match row_action {
+        None => Ok((parse(&action)?, None)),
+        Some(row) => Ok((parse(&row)?, Some(action))),
+    }
 }

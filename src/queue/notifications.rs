@@ -21,7 +21,7 @@ use super::claims::{
     CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Cursor, EntityKey, SWEEP, run_claim,
 };
 use super::{Needs, QueueError, StoredEvent, db_error};
-use crate::types::{Action, Lsn};
+use crate::types::Lsn;
 
 /// The channel the queue writer notifies (once per batch that created notifications).
 pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
@@ -466,20 +466,16 @@ impl NotificationStore {
 
 /// The `walhook.event` columns (alias `e`) [`stored_event`] reads, in its order.
 pub(crate) const STORED_EVENT_COLUMNS: &str = "e.event_id, e.commit_lsn, e.seq, e.commit_time, \
-     e.entity, e.entity_id, e.action, e.changed_fields, e.\"row\", e.old, e.subject, e.source_table";
+     e.entity, e.entity_id, e.action, e.changed_fields, e.\"row\", e.old, e.subject, e.source_table, \
+     e.row_action";
 
 /// Reads the [`STORED_EVENT_COLUMNS`] of `row`, starting at column `first`.
 pub(crate) fn stored_event(row: &Row, first: usize) -> Result<StoredEvent, String> {
     let text = |e: tokio_postgres::Error| e.to_string();
     let commit_lsn: PgLsn = row.try_get(first + 1).map_err(text)?;
     let action: String = row.try_get(first + 6).map_err(text)?;
-    let action = match action.as_str() {
-        "Created" => Action::Created,
-        "Updated" => Action::Updated,
-        "Deleted" => Action::Deleted,
-        "Truncated" => Action::Truncated,
-        other => return Err(format!("unknown action {other:?} in walhook.event")),
-    };
+    let row_action: Option<String> = row.try_get(first + 12).map_err(text)?;
+    let (action, derived) = super::model::read_action(action, row_action)?;
     Ok(StoredEvent {
         event_id: row.try_get::<_, Uuid>(first).map_err(text)?,
         commit_lsn: Lsn(u64::from(commit_lsn)),
@@ -488,6 +484,7 @@ pub(crate) fn stored_event(row: &Row, first: usize) -> Result<StoredEvent, Strin
         entity: row.try_get(first + 4).map_err(text)?,
         entity_id: row.try_get(first + 5).map_err(text)?,
         action,
+        derived,
         changed_fields: row.try_get(first + 7).map_err(text)?,
         row: row.try_get::<_, Value>(first + 8).map_err(text)?,
         old: row.try_get::<_, Option<Value>>(first + 9).map_err(text)?,

@@ -18,14 +18,20 @@ use crate::replication::pgoutput::PgTimestamp;
 use crate::types::{Action, EntityName, Lsn};
 
 /// Who receives which events: one listener's subscription.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Subscription {
     /// Listener name.
     pub listener: String,
     /// Entities it receives; `None` = all.
     pub entities: Option<Vec<EntityName>>,
-    /// Actions it receives.
+    /// Row actions it receives.
     pub actions: Vec<Action>,
+    /// Derived actions it receives, by name.
+    pub derived_actions: Vec<String>,
+    /// Only events whose row matches this (the old row for deletes) are for it.
+    pub filter: Option<crate::condition::Condition>,
+    /// Coalesce its changes to one entity (see `debounce`); `None`: one notification each.
+    pub debounce: Option<crate::config::Debounce>,
 }
 
 /// Namespace of the uuid v5 event ids. Never change it: listeners deduplicate on the ids.
@@ -37,6 +43,19 @@ pub fn event_id(system_id: &str, commit_lsn: Lsn, seq: u32) -> Uuid {
     Uuid::new_v5(
         &EVENT_ID_NAMESPACE,
         format!("{system_id}/{commit_lsn}/{seq}").as_bytes(),
+    )
+}
+
+/// The stable id of one of several events of a change: uuid v5 of
+/// `"{system_id}/{commit_lsn}/{seq}/{variant}"` (a derived action's variant is its name); the
+/// change's row event keeps [`event_id`].
+pub fn variant_event_id(system_id: &str, commit_lsn: Lsn, seq: u32, variant: &str) -> Uuid {
+    if variant.is_empty() {
+        return event_id(system_id, commit_lsn, seq);
+    }
+    Uuid::new_v5(
+        &EVENT_ID_NAMESPACE,
+        format!("{system_id}/{commit_lsn}/{seq}/{variant}").as_bytes(),
     )
 }
 
@@ -61,15 +80,16 @@ pub struct WriteOutcome {
 const CREATE_STAGE: &str = r#"CREATE TEMPORARY TABLE IF NOT EXISTS walhook_event_stage (
     event_id uuid, commit_lsn pg_lsn, seq int, xid bigint, commit_time timestamptz,
     entity text, entity_id text, action text, changed_fields text[], "row" jsonb, old jsonb,
-    subject text, source_table text
+    subject text, source_table text, variant text, row_action text, excluded_listeners text[]
 ) ON COMMIT DELETE ROWS"#;
 
 const COPY_STAGE: &str = r#"COPY pg_temp.walhook_event_stage (event_id, commit_lsn, seq, xid,
-    commit_time, entity, entity_id, action, changed_fields, "row", old, subject, source_table)
+    commit_time, entity, entity_id, action, changed_fields, "row", old, subject, source_table,
+    variant, row_action, excluded_listeners)
 FROM STDIN (FORMAT binary)"#;
 
 /// Column types of [`COPY_STAGE`] and [`COPY_EVENT`], in order.
-const STAGE_TYPES: [Type; 13] = [
+const STAGE_TYPES: [Type; 16] = [
     Type::UUID,
     Type::PG_LSN,
     Type::INT4,
@@ -83,6 +103,9 @@ const STAGE_TYPES: [Type; 13] = [
     Type::JSONB,
     Type::TEXT,
     Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
 ];
 
 /// Moves the staged batch into walhook.event and fans out to listeners. Only the events that
@@ -90,15 +113,18 @@ const STAGE_TYPES: [Type; 13] = [
 /// notifications. `payload_bytes` (for sizing claims) is the size of the values as inserted.
 ///
 /// Fan-out: $1/$2/$3 are (listener, entity, actions) rows; a NULL entity subscribes to all
-/// entities, and `actions` is the comma-separated list of actions the listener receives.
+/// entities, and `actions` is the comma-separated list of actions the listener receives; an
+/// event's `excluded_listeners` (see `route`) do not receive it.
 pub const INSERT_EVENTS: &str = r#"WITH inserted AS (
     INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity, entity_id,
-                               action, changed_fields, "row", old, subject, source_table)
+                               action, changed_fields, "row", old, subject, source_table,
+                               variant, row_action, excluded_listeners)
     SELECT event_id, commit_lsn, seq, xid, commit_time, entity, entity_id, action,
-           changed_fields, "row", old, subject, source_table
+           changed_fields, "row", old, subject, source_table, variant, row_action,
+           excluded_listeners
     FROM pg_temp.walhook_event_stage
-    ON CONFLICT (commit_lsn, seq) DO NOTHING
-    RETURNING id, entity, entity_id, commit_lsn, seq, action,
+    ON CONFLICT (commit_lsn, seq, variant) DO NOTHING
+    RETURNING id, entity, entity_id, commit_lsn, seq, action, excluded_listeners,
               pg_column_size("row") + coalesce(pg_column_size(old), 0) AS payload_bytes
 ), fanned_out AS (
     INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq,
@@ -109,6 +135,7 @@ pub const INSERT_EVENTS: &str = r#"WITH inserted AS (
     JOIN unnest($1::text[], $2::text[], $3::text[]) AS l(listener, entity, actions)
       ON (l.entity IS NULL OR l.entity = i.entity)
      AND i.action = ANY (string_to_array(l.actions, ','))
+     AND (i.excluded_listeners IS NULL OR l.listener <> ALL (i.excluded_listeners))
     ORDER BY i.id, l.listener
     RETURNING 1
 )
@@ -121,7 +148,8 @@ SELECT (SELECT count(*) FROM inserted), (SELECT count(*) FROM fanned_out),
 /// are needed (measured ~25% less server CPU per event). A unique violation means another
 /// writer stored some of them meanwhile; the batch is then redone through the staged path.
 const COPY_EVENT: &str = r#"COPY walhook.event (event_id, commit_lsn, seq, xid, commit_time,
-    entity, entity_id, action, changed_fields, "row", old, subject, source_table)
+    entity, entity_id, action, changed_fields, "row", old, subject, source_table, variant,
+    row_action, excluded_listeners)
 FROM STDIN (FORMAT binary)"#;
 
 /// Fan-out of a batch copied by the direct path: the events with keys from ($1, $2) to
@@ -136,6 +164,7 @@ pub const FAN_OUT_COPIED: &str = r#"WITH fanned_out AS (
     JOIN unnest($5::text[], $6::text[], $7::text[]) AS l(listener, entity, actions)
       ON (l.entity IS NULL OR l.entity = e.entity)
      AND e.action = ANY (string_to_array(l.actions, ','))
+     AND (e.excluded_listeners IS NULL OR l.listener <> ALL (e.excluded_listeners))
     WHERE (e.commit_lsn, e.seq) >= ($1::pg_lsn, $2::int)
       AND (e.commit_lsn, e.seq) <= ($3::pg_lsn, $4::int)
       AND e.xmin::text::bigint = txid_current() % 4294967296
@@ -176,6 +205,12 @@ pub struct QueueWriter {
     listener_names: Vec<String>,
     listener_entities: Vec<Option<String>>,
     listener_actions: Vec<String>,
+    /// The subscriptions the listener rows were made from, for [`super::route`].
+    subscriptions: Vec<Subscription>,
+    /// Per event of the batch being written, the listeners it is not for.
+    excluded: Vec<Option<Vec<String>>>,
+    /// Listeners whose changes go to debounce windows instead of `walhook.new`.
+    debounced: Vec<super::debounce::Debounced>,
     /// The events of the last batch that the database refused.
     refused: Vec<RejectedChange>,
 }
@@ -245,6 +280,9 @@ impl QueueWriter {
             listener_names: Vec::new(),
             listener_entities: Vec::new(),
             listener_actions: Vec::new(),
+            subscriptions: Vec::new(),
+            excluded: Vec::new(),
+            debounced: Vec::new(),
             refused: Vec::new(),
         })
     }
@@ -260,6 +298,9 @@ impl QueueWriter {
                     listener: name,
                     entities,
                     actions: Action::ALL.to_vec(),
+                    derived_actions: Vec::new(),
+                    filter: None,
+                    debounce: None,
                 })
                 .collect(),
         );
@@ -268,16 +309,25 @@ impl QueueWriter {
     /// Sets who receives newly written events, with per-listener action filters.
     pub fn set_subscriptions(&mut self, subscriptions: Vec<Subscription>) {
         let mut rows: BTreeMap<(String, Option<String>), String> = BTreeMap::new();
-        for sub in subscriptions {
+        self.debounced.clear();
+        for sub in &subscriptions {
+            if let Some(cfg) = sub.debounce {
+                self.debounced.push(super::debounce::Debounced {
+                    sub: sub.clone(),
+                    cfg,
+                });
+                continue;
+            }
             let actions = sub
                 .actions
                 .iter()
                 .map(|a| a.as_str())
+                .chain(sub.derived_actions.iter().map(String::as_str))
                 .collect::<Vec<_>>()
                 .join(",");
-            match sub.entities {
+            match &sub.entities {
                 None => {
-                    rows.insert((sub.listener, None), actions);
+                    rows.insert((sub.listener.clone(), None), actions);
                 }
                 Some(entities) => {
                     for entity in entities {
@@ -304,6 +354,7 @@ impl QueueWriter {
             self.listener_entities.push(entity);
             self.listener_actions.push(actions);
         }
+        self.subscriptions = subscriptions;
     }
 
     /// Whether the connection is gone (the caller should reconnect and build a new writer).
@@ -334,6 +385,7 @@ impl QueueWriter {
         flushed: Option<Lsn>,
     ) -> Result<WriteOutcome, QueueError> {
         self.refused.clear();
+        self.excluded = super::route::exclusions(&self.subscriptions, events);
         let keys = BatchKeys::of(events)?;
         let empty = BatchKeys::EMPTY;
         let written = match &keys {
@@ -394,10 +446,20 @@ impl QueueWriter {
                 .map_err(db_error("isolating a refused event", None))
         };
         let mut refused = Vec::new();
-        for (e, seq) in events.iter().zip(&keys.seqs) {
+        for (i, (e, seq)) in events.iter().zip(&keys.seqs).enumerate() {
             savepoint("SAVEPOINT walhook_event").await?;
             let one = std::slice::from_ref(e);
-            match copy_events(&tx, &self.copy_stage, &self.system_id, one, &[*seq]).await {
+            let excluded = self.excluded.get(i..=i).unwrap_or_default();
+            match copy_events(
+                &tx,
+                &self.copy_stage,
+                &self.system_id,
+                one,
+                &[*seq],
+                excluded,
+            )
+            .await
+            {
                 Ok(()) => savepoint("RELEASE SAVEPOINT walhook_event").await?,
                 Err(err) if refuses_the_row(&err) => {
                     savepoint("ROLLBACK TO SAVEPOINT walhook_event").await?;
@@ -408,6 +470,7 @@ impl QueueWriter {
             }
         }
         let mut outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
+        debounce_batch!(self, &tx, events, keys);
         outcome.refused = refused.len() as u64;
         outcome.already_present = outcome.already_present.saturating_sub(outcome.refused);
         rejected::insert(&tx, &refused).await?;
@@ -432,7 +495,15 @@ impl QueueWriter {
             .transaction()
             .await
             .map_err(db_error("starting the queue transaction", None))?;
-        match copy_events(&tx, &self.copy_event, &self.system_id, events, &keys.seqs).await {
+        let copied = copy_events(
+            &tx,
+            &self.copy_event,
+            &self.system_id,
+            events,
+            &keys.seqs,
+            &self.excluded,
+        );
+        match copied.await {
             Ok(()) => {}
             // Dropping `tx` rolls back.
             Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(None),
@@ -463,6 +534,7 @@ impl QueueWriter {
                 .map_err(db_error("reading the fan-out count", None))?;
             outcome.notifications = u64::try_from(n).unwrap_or(0);
         }
+        debounce_batch!(self, &tx, events, keys);
         commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
         Ok(Some(outcome))
     }
@@ -483,15 +555,42 @@ impl QueueWriter {
             .map_err(db_error("starting the queue transaction", None))?;
         let mut outcome = WriteOutcome::default();
         if !events.is_empty() {
-            copy_events(&tx, &self.copy_stage, &self.system_id, events, &keys.seqs)
-                .await
-                .map_err(db_error("copying events to the staging table", None))?;
+            copy_events(
+                &tx,
+                &self.copy_stage,
+                &self.system_id,
+                events,
+                &keys.seqs,
+                &self.excluded,
+            )
+            .await
+            .map_err(db_error("copying events to the staging table", None))?;
             outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
+            debounce_batch!(self, &tx, events, keys);
         }
         commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
         Ok(outcome)
     }
 }
+
+/// Merges the batch's new events into the debounce windows of debounced listeners, in the
+/// batch's transaction (borrowing the writer field by field, like [`staged_insert`]).
+macro_rules! debounce_batch {
+    ($w:expr, $tx:expr, $events:expr, $keys:expr) => {
+        if !$w.debounced.is_empty() && !$events.is_empty() {
+            super::debounce::fan_out(
+                $tx,
+                &$w.debounced,
+                $events,
+                &$w.excluded,
+                ($keys.first, $keys.last),
+                &$w.system_id,
+            )
+            .await?;
+        }
+    };
+}
+use debounce_batch;
 
 /// What [`insert_staged`] needs from a writer, borrowed field by field so that it can be
 /// taken while a transaction holds the writer's client.
@@ -616,32 +715,40 @@ impl BatchKeys {
     }
 }
 
-/// Copies `events` in binary form through `statement` (a COPY of the 13 event columns);
-/// `seqs` are their seq values as stored. Dropping the writer on an error aborts the COPY.
+/// Copies `events` in binary form through `statement` (a COPY of the 16 event columns);
+/// `seqs` are their seq values as stored, `excluded` the listeners each is not for.
+/// Dropping the writer on an error aborts the COPY.
 async fn copy_events(
     tx: &Transaction<'_>,
     statement: &Statement,
     system_id: &str,
     events: &[EntityEvent],
     seqs: &[i32],
+    excluded: &[Option<Vec<String>>],
 ) -> Result<(), tokio_postgres::Error> {
     let sink = tx.copy_in(statement).await?;
     let mut copy = std::pin::pin!(BinaryCopyInWriter::new(sink, &STAGE_TYPES));
-    for (e, seq) in events.iter().zip(seqs) {
-        let row: [&(dyn ToSql + Sync); 13] = [
-            &event_id(system_id, e.commit_lsn, e.seq),
+    let none = None;
+    for (i, (e, seq)) in events.iter().zip(seqs).enumerate() {
+        let variant = e.variant_key();
+        let row_action = e.derived.as_ref().map(|_| e.action.as_str());
+        let row: [&(dyn ToSql + Sync); 16] = [
+            &variant_event_id(system_id, e.commit_lsn, e.seq, variant),
             &PgLsn::from(e.commit_lsn.0),
             seq,
             &i64::from(e.xid.0),
             &TimestampTz(e.commit_time),
             &e.entity.as_str(),
             &e.entity_id,
-            &e.action.as_str(),
+            &e.action_name(),
             &e.changed_fields,
             &Json(&e.row),
             &e.old.as_ref().map(Json),
             &e.subject,
             &e.table.to_string(),
+            &variant,
+            &row_action,
+            excluded.get(i).unwrap_or(&none),
         ];
         copy.as_mut().write(&row).await?;
     }

@@ -209,6 +209,9 @@ pub struct ConnPolicy {
     pub statement_timeout: Option<Duration>,
     /// `lock_timeout` of walhook's ordinary sessions; `None` leaves the server's.
     pub lock_timeout: Option<Duration>,
+    /// `synchronous_commit = local` on ordinary sessions: when walhook is a synchronous
+    /// standby, its own commits must not wait for itself.
+    pub local_commit: bool,
 }
 
 /// Default [`ConnPolicy::receive_timeout`], like the server's `wal_receiver_timeout`.
@@ -225,6 +228,7 @@ impl Default for ConnPolicy {
             receive_timeout: DEFAULT_RECEIVE_TIMEOUT,
             statement_timeout: Some(DEFAULT_STATEMENT_TIMEOUT),
             lock_timeout: Some(DEFAULT_LOCK_TIMEOUT),
+            local_commit: false,
         }
     }
 }
@@ -681,6 +685,9 @@ impl ConnectParams {
         }
         if let Some(t) = self.policy.lock_timeout {
             o.push_str(&format!(" -c lock_timeout={}", t.as_millis()));
+        }
+        if self.policy.local_commit {
+            o.push_str(" -c synchronous_commit=local");
         }
         if let Some(given) = &self.options {
             o.push(' ');

@@ -1,6 +1,9 @@
 //! Test support: a throwaway PostgreSQL cluster and a fresh database per test.
 #![allow(dead_code)]
 
+pub mod nats;
+pub mod oauth;
+pub mod queue;
 pub mod receiver;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -393,6 +396,8 @@ pub fn entity_event(
         },
         entity_id: id.to_owned(),
         action: Action::Updated,
+        derived: None,
+        variant: None,
         changed_fields: Some(changed.iter().map(|c| (*c).to_owned()).collect()),
         row,
         old: None,

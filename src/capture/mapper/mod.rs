@@ -2,11 +2,14 @@
 //!
 //! Knows relations and entities; knows nothing about the wire or the queue tables.
 
+mod child;
+mod derive;
 mod plan;
 mod values;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::prelude::*;
 use serde_json::{Map, Value};
@@ -17,6 +20,7 @@ use crate::replication::pgoutput::{ColumnValue, Message, OldTuple, PgTimestamp, 
 use crate::types::{Action, EntityName, Lsn, Oid, TableName, Xid};
 use plan::{ColumnPlan, Plan, Shape, SubjectPart};
 
+pub use child::{ChildChange, ChildEvents};
 pub(crate) use plan::subject_columns;
 
 /// Where a change sits in the source: the transaction it belongs to.
@@ -50,8 +54,14 @@ pub struct EntityEvent {
     /// composite id, so distinct keys never collide. A NULL (or unknown) single id is the text
     /// `null`; a NULL part of a composite id is JSON `null` in the array: `["a",null]`.
     pub entity_id: String,
-    /// What happened.
+    /// What happened to the row.
     pub action: Action,
+    /// The derived action (`[[entity.action]]` name) this event stands for, when a rule
+    /// matched; the event type is then `{entity}.{derived}`.
+    pub derived: Option<Arc<str>>,
+    /// Tells apart events of one change that are not its row event or a derived action:
+    /// `child/{table}` for a parent's event made of child-row changes. `None` otherwise.
+    pub variant: Option<Arc<str>>,
     /// Changed columns for updates when the old row is known; `None` when it is not known.
     /// For inserts and deletes: `None`.
     pub changed_fields: Option<Vec<String>>,
@@ -71,6 +81,20 @@ const VALUE_OVERHEAD: usize = 32;
 const EVENT_OVERHEAD: usize = 256;
 
 impl EntityEvent {
+    /// The action listeners see: the derived action's name, or the row action's.
+    pub fn action_name(&self) -> &str {
+        self.derived.as_deref().unwrap_or(self.action.as_str())
+    }
+
+    /// The event's `variant` in the queue's key (commit_lsn, seq, variant): '' for the row
+    /// event, the derived action's name, or [`EntityEvent::variant`].
+    pub fn variant_key(&self) -> &str {
+        self.variant
+            .as_deref()
+            .or(self.derived.as_deref())
+            .unwrap_or("")
+    }
+
     /// The memory the event holds, roughly: what byte limits on capture buffers count.
     pub fn approx_bytes(&self) -> usize {
         let row = map_bytes(&self.row);
@@ -161,6 +185,10 @@ impl RejectedChange {
 pub enum Mapped {
     /// An entity event for the queue.
     Event(EntityEvent),
+    /// A change that became several events: the derived actions of the rules it matched
+    /// (in rule order), then its plain event unless a rule replaces it. Never empty; kept
+    /// together in one queue batch.
+    Events(Vec<EntityEvent>),
     /// A change set aside with the reason (the entity's id cannot be read).
     SetAside(RejectedChange),
 }
@@ -305,6 +333,8 @@ struct RelationState {
     shape: Shape,
     /// `None` when the table is not an entity.
     plan: Option<Plan>,
+    /// The entities that track the table as a child.
+    children: Vec<child::ChildPlan>,
 }
 
 /// One column's value after resolving unchanged TOAST and key-only old tuples.
@@ -444,9 +474,29 @@ impl Mapper {
                 );
                 plan
             });
+        let mut children = Vec::new();
+        for entity in &self.entities {
+            for c in entity.children.iter().filter(|c| c.table == table) {
+                match child::plan(entity, c, &rel) {
+                    Ok(p) => children.push(p),
+                    Err(message) => notes.push(SchemaNote {
+                        entity: entity.name.clone(),
+                        table: table.clone(),
+                        message,
+                    }),
+                }
+            }
+        }
         let shape = plan::shape(&rel);
-        self.relations
-            .insert(rel.oid, RelationState { table, shape, plan });
+        self.relations.insert(
+            rel.oid,
+            RelationState {
+                table,
+                shape,
+                plan,
+                children,
+            },
+        );
         notes
     }
 
@@ -489,6 +539,8 @@ impl Mapper {
 
         let mut changed_fields = None;
         let mut old_row = None;
+        // An update touching no tracked column emits no plain event; rules still look at it.
+        let mut tracked = true;
         let cells: Vec<Cell<'_>> = match msg {
             Message::Insert { new, .. } => {
                 check(&new.0)?;
@@ -506,7 +558,10 @@ impl Mapper {
                     if let Some(track) = &plan.track
                         && !track.iter().any(|t| changed.contains(t))
                     {
-                        return Ok(None);
+                        if plan.rules.is_empty() {
+                            return Ok(None);
+                        }
+                        tracked = false;
                     }
                     changed_fields = Some(
                         changed
@@ -558,7 +613,7 @@ impl Mapper {
             .subject
             .as_ref()
             .map(|parts| render_subject(parts, &entity_id, &cells));
-        Ok(Some(Mapped::Event(EntityEvent {
+        let event = EntityEvent {
             commit_lsn: tx.commit_lsn,
             seq,
             xid: tx.xid,
@@ -567,11 +622,31 @@ impl Mapper {
             table: state.table.clone(),
             entity_id,
             action,
+            derived: None,
+            variant: None,
             changed_fields,
             row,
             old: old_row,
             subject,
-        })))
+        };
+        Ok(derive::apply(&plan.rules, event, tracked))
+    }
+
+    /// What a row change of a child table (`[[entity.child]]`) means for the parents;
+    /// empty for other tables. Gather them per transaction with [`ChildEvents`].
+    pub fn map_child(&self, msg: &Message) -> Vec<ChildChange> {
+        let oid = match msg {
+            Message::Insert { relation, .. }
+            | Message::Update { relation, .. }
+            | Message::Delete { relation, .. } => relation,
+            _ => return Vec::new(),
+        };
+        match self.relations.get(oid) {
+            Some(state) if !state.children.is_empty() => {
+                state.children.iter().flat_map(|c| c.changes(msg)).collect()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Maps the TRUNCATE of relation `oid`: a `Truncated` event with entity id `*`, an
@@ -597,6 +672,8 @@ impl Mapper {
             table: table.clone(),
             entity_id: TRUNCATED_ID.to_owned(),
             action: Action::Truncated,
+            derived: None,
+            variant: None,
             changed_fields: Some(Vec::new()),
             row: Map::new(),
             old: None,

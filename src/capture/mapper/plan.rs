@@ -23,6 +23,8 @@ pub(super) struct Plan {
     pub(super) set_aside: Option<String>,
     /// Why deletes are set aside: they arrive without an id column.
     pub(super) deletes_set_aside: Option<String>,
+    /// Derived-action rules, in file order.
+    pub(super) rules: Vec<super::derive::Rule>,
 }
 
 #[derive(Debug)]
@@ -79,7 +81,7 @@ fn renames(previous: Option<&Shape>, columns: &[Column]) -> Vec<(String, String)
 }
 
 /// Looks columns up by name, following renames, and writes notes about what it cannot find.
-struct Resolver<'a> {
+pub(super) struct Resolver<'a> {
     entity: &'a EntityConfig,
     table: &'a TableName,
     rel: &'a Relation,
@@ -92,8 +94,13 @@ impl Resolver<'_> {
         self.rel.columns.iter().position(|c| c.name == name)
     }
 
+    /// The name of column `i` in the table now.
+    pub(super) fn column_name(&self, i: usize) -> Option<&str> {
+        self.rel.columns.get(i).map(|c| c.name.as_str())
+    }
+
     /// The column's index, following a rename (noted); `None` when it is gone.
-    fn find(&mut self, role: &str, name: &str) -> Option<usize> {
+    pub(super) fn find(&mut self, role: &str, name: &str) -> Option<usize> {
         if let Some(i) = self.position(name) {
             return Some(i);
         }
@@ -121,7 +128,7 @@ impl Resolver<'_> {
             .join(", ")
     }
 
-    fn gone(&mut self, role: &str, name: &str, consequence: &str) {
+    pub(super) fn gone(&mut self, role: &str, name: &str, consequence: &str) {
         self.notes.push(format!(
             "column {name:?} (named in {role} of entity {}) no longer exists in table {}: {consequence}; update {role} under the [[entity]] named {} and reload (the table has: {})",
             self.entity.name,
@@ -216,6 +223,7 @@ pub(super) fn plan(
         },
         None => None,
     };
+    let rules = super::derive::rules(&mut r, &entity.derived);
     let notes = r.notes;
     (
         Plan {
@@ -227,6 +235,7 @@ pub(super) fn plan(
             subject,
             set_aside,
             deletes_set_aside,
+            rules,
         },
         notes,
     )

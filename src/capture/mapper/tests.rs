@@ -50,6 +50,10 @@ fn entity() -> EntityConfig {
         track: None,
         exclude: vec![],
         subject: None,
+        derived: vec![],
+        row_filter: None,
+        children: vec![],
+        scheduled_actions: vec![],
     }
 }
 
@@ -79,6 +83,7 @@ fn mapper(entity: EntityConfig, rel: Relation) -> Mapper {
 fn map(m: &mut Mapper, msg: Message) -> Option<EntityEvent> {
     match m.map_change(&tx(), 3, &msg).unwrap()? {
         Mapped::Event(e) => Some(e),
+        Mapped::Events(events) => panic!("several events: {events:?}"),
         Mapped::SetAside(r) => panic!("set aside: {}", r.reason),
     }
 }
@@ -602,4 +607,242 @@ fn template_splitting_handles_unclosed_braces() {
         })
         .collect();
     assert_eq!(parts, ["L:a", "P:b", "L:c{d"]);
+}
+
+/// `Moved` when city changes to Paris; `Renamed` when first_name changes.
+fn with_rules(replace_moved: bool) -> EntityConfig {
+    use crate::condition::{Condition, Test};
+    let mut ent = entity();
+    ent.derived = vec![
+        crate::config::DerivedAction {
+            name: "Moved".into(),
+            when: Condition::Column {
+                column: "city".into(),
+                test: Test::ChangedTo(json!("Paris")),
+            },
+            replace: replace_moved,
+        },
+        crate::config::DerivedAction {
+            name: "Renamed".into(),
+            when: Condition::Column {
+                column: "first_name".into(),
+                test: Test::Changed(true),
+            },
+            replace: false,
+        },
+    ];
+    ent
+}
+
+/// Every event a change became, as (action name, derived name).
+fn all_events(m: &mut Mapper, msg: Message) -> Vec<EntityEvent> {
+    match m.map_change(&tx(), 3, &msg).unwrap() {
+        None => vec![],
+        Some(Mapped::Event(e)) => vec![e],
+        Some(Mapped::Events(events)) => events,
+        Some(Mapped::SetAside(r)) => panic!("set aside: {}", r.reason),
+    }
+}
+
+fn names(events: &[EntityEvent]) -> Vec<&str> {
+    events.iter().map(EntityEvent::action_name).collect()
+}
+
+#[test]
+fn matching_rules_emit_derived_actions_before_the_row_action_they_accompany() {
+    let mut m = full_identity(with_rules(false));
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Bea", "Paris")));
+    assert_eq!(names(&events), ["Moved", "Renamed", "Updated"]);
+    for e in &events {
+        assert_eq!((e.action, e.seq), (Action::Updated, 3));
+        assert_eq!(
+            e.changed_fields,
+            Some(vec!["first_name".to_owned(), "city".to_owned()])
+        );
+    }
+    // A change no rule matches is its row action alone.
+    let old = OldTuple::Full(full_row("Bea", "Paris"));
+    let events = all_events(&mut m, update(Some(old), full_row("Bea", "Rome")));
+    assert_eq!(names(&events), ["Updated"]);
+    assert_eq!(events[0].derived, None);
+    // Inserting a row in Paris counts as changing city to Paris.
+    let events = all_events(&mut m, insert(full_row("Cy", "Paris")));
+    assert_eq!(names(&events), ["Moved", "Renamed", "Created"]);
+}
+
+#[test]
+fn a_replacing_rule_drops_the_row_action_and_unknown_old_rows_match_no_change_test() {
+    let mut m = full_identity(with_rules(true));
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Moved"]);
+    // With DEFAULT identity nothing is known to have changed: no rule matches.
+    let mut m = mapper(with_rules(true), customer(ReplicaIdentity::Default));
+    let events = all_events(&mut m, update(None, full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Updated"]);
+}
+
+#[test]
+fn rules_see_updates_that_track_filters_out_and_follow_renamed_columns() {
+    let mut ent = with_rules(false);
+    ent.track = Some(vec!["bio".into()]);
+    let mut m = full_identity(ent);
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Moved"]);
+
+    let mut renamed = customer(ReplicaIdentity::Full);
+    renamed.columns[2].name = "town".into();
+    let notes = m.on_relation(renamed);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.message.contains("[[entity.action]] Moved")
+                && n.message.contains("renamed to \"town\"")),
+        "{notes:?}"
+    );
+    let old = OldTuple::Full(full_row("Ann", "Oslo"));
+    let events = all_events(&mut m, update(Some(old), full_row("Ann", "Paris")));
+    assert_eq!(names(&events), ["Moved"]);
+
+    // A dropped column disables the rules that name it, with a note.
+    let mut dropped = customer(ReplicaIdentity::Full);
+    dropped.columns.remove(1);
+    let notes = m.on_relation(dropped);
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.message.contains("no longer tested for action Renamed")),
+        "{notes:?}"
+    );
+}
+
+/// public.customer_attribute(customer_id int4, attr_name text, value text), key
+/// (customer_id, attr_name) unless FULL.
+fn attributes(identity: ReplicaIdentity) -> Relation {
+    let full = identity == ReplicaIdentity::Full;
+    Relation {
+        oid: Oid(16_500),
+        namespace: "public".into(),
+        name: "customer_attribute".into(),
+        replica_identity: identity,
+        columns: vec![
+            column("customer_id", INT4, true),
+            column("attr_name", TEXT, true),
+            column("value", TEXT, full),
+        ],
+    }
+}
+
+fn with_child(include: bool) -> EntityConfig {
+    let mut ent = entity();
+    ent.subject = Some("customers/{id}".into());
+    ent.children = vec![crate::config::ChildTable {
+        table: TableName {
+            schema: "public".into(),
+            name: "customer_attribute".into(),
+        },
+        parent: vec!["customer_id".into()],
+        field: "attr_name".into(),
+        include,
+    }];
+    ent
+}
+
+#[test]
+fn child_row_changes_become_one_updated_event_per_parent_naming_the_attributes() {
+    let mut m = Mapper::new(&[with_child(true)]);
+    assert!(
+        m.on_relation(attributes(ReplicaIdentity::Default))
+            .is_empty()
+    );
+    let rel = Oid(16_500);
+    let attr = |id: &str, name: &str, value: &str| row(vec![t(id), t(name), t(value)]);
+    let mut gathered = ChildEvents::default();
+    let changes = [
+        Message::Insert {
+            relation: rel,
+            new: attr("42", "colour", "red"),
+        },
+        Message::Update {
+            relation: rel,
+            old: None,
+            new: attr("42", "size", "XL"),
+        },
+        Message::Insert {
+            relation: rel,
+            new: attr("7", "colour", "blue"),
+        },
+        Message::Delete {
+            relation: rel,
+            old: OldTuple::Key(row(vec![t("42"), t("colour"), ColumnValue::Null])),
+        },
+    ];
+    for (seq, msg) in changes.iter().enumerate() {
+        // A child table is not an entity: no event of its own.
+        assert_eq!(m.map_change(&tx(), seq as u32, msg).unwrap(), None);
+        gathered.add(seq as u32 + 10, m.map_child(msg));
+    }
+    let events = gathered.finish(&tx());
+    assert!(gathered.is_empty());
+    assert_eq!(events.len(), 2);
+    let e = &events[0];
+    assert_eq!(
+        (e.entity.as_str(), e.entity_id.as_str(), e.action, e.seq),
+        ("Customer", "42", Action::Updated, 10)
+    );
+    assert_eq!(e.variant_key(), "child/public.customer_attribute");
+    assert_eq!(e.table.to_string(), "public.customer");
+    assert_eq!(e.subject.as_deref(), Some("customers/42"));
+    assert_eq!(
+        e.changed_fields,
+        Some(vec!["colour".to_owned(), "size".to_owned()])
+    );
+    assert_eq!(
+        Value::Object(e.row.clone()),
+        json!({"customer_attribute": {
+            "colour": null,
+            "size": {"customer_id": 42, "attr_name": "size", "value": "XL"}
+        }})
+    );
+    assert_eq!(events[1].entity_id, "7");
+    assert_eq!(events[1].seq, 12);
+}
+
+#[test]
+fn a_child_row_moved_to_another_parent_updates_both_and_without_include_carries_no_rows() {
+    let mut m = Mapper::new(&[with_child(false)]);
+    m.on_relation(attributes(ReplicaIdentity::Full));
+    let rel = Oid(16_500);
+    let mut gathered = ChildEvents::default();
+    gathered.add(
+        0,
+        m.map_child(&Message::Update {
+            relation: rel,
+            old: Some(OldTuple::Full(row(vec![t("1"), t("colour"), t("red")]))),
+            new: row(vec![t("2"), t("colour"), t("red")]),
+        }),
+    );
+    let events = gathered.finish(&tx());
+    let ids: Vec<&str> = events.iter().map(|e| e.entity_id.as_str()).collect();
+    assert_eq!(ids, ["1", "2"]);
+    assert!(events.iter().all(|e| e.row.is_empty()));
+
+    // A child configuration naming a missing column is noted; nothing is reported.
+    let mut bad = with_child(false);
+    bad.children[0].field = "name".into();
+    let mut m = Mapper::new(&[bad]);
+    let notes = m.on_relation(attributes(ReplicaIdentity::Full));
+    assert!(
+        notes[0].message.contains("column \"name\" (named in field"),
+        "{notes:?}"
+    );
+    assert!(
+        m.map_child(&Message::Insert {
+            relation: rel,
+            new: row(vec![t("1"), t("colour"), t("red")]),
+        })
+        .is_empty()
+    );
 }

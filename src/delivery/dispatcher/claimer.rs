@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{ClaimedRow, Done, Ended, Lane, Link, Shared, back_off, lock, on_store};
+use super::{ClaimedRow, Done, Ended, Lane, Link, Report, Shared, back_off, lock, on_store};
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{Claim, ClaimLimits, Claimed, Cursor, EntityKey};
 
@@ -241,14 +241,22 @@ enum Step {
     Next,
 }
 
-/// Claims due notifications for one lane until stop.
+/// Claims due notifications for one lane until stop (after its validation, if it needs
+/// one).
 pub(super) async fn claim_loop(
     lane: Arc<Lane>,
     link: Arc<Link>,
     shared: Arc<Shared>,
-    claimed: mpsc::UnboundedSender<ClaimedRow>,
-    done: mpsc::UnboundedSender<Done>,
+    claimed: mpsc::UnboundedSender<Vec<ClaimedRow>>,
+    done: mpsc::UnboundedSender<Report>,
 ) {
+    if let Some(validated) = &lane.validated {
+        let mut open = validated.subscribe();
+        tokio::select! {
+            _ = open.wait_for(|v| *v) => {}
+            _ = shared.stop.cancelled() => return,
+        }
+    }
     let state = &lane.claims;
     // Numbers this lane's claims, for the lease book.
     let mut claims: u64 = 0;
@@ -363,15 +371,16 @@ struct Booked {
     until: Instant,
 }
 
-/// Books the leases of a claim's rows and passes them on: ready ones to the starter,
-/// unreadable and over-budget ones straight to the recorder.
+/// Books the leases of a claim's rows and passes them on: ready ones to the starter
+/// (together, so a batching listener's batch is formed from one claim), unreadable and
+/// over-budget ones straight to the recorder.
 fn hand_over(
     lane: &Lane,
     shared: &Shared,
     claim: Claim,
     booked: Booked,
-    claimed: &mpsc::UnboundedSender<ClaimedRow>,
-    done: &mpsc::UnboundedSender<Done>,
+    claimed: &mpsc::UnboundedSender<Vec<ClaimedRow>>,
+    done: &mpsc::UnboundedSender<Report>,
 ) {
     let state = &lane.claims;
     state.claim_ends(claim.held);
@@ -406,29 +415,33 @@ fn hand_over(
         bytes: 0,
         what,
     };
+    let mut ready = Vec::with_capacity(claim.rows.len());
     for row in claim.rows {
         match row {
             Claimed::Ready {
                 notification,
                 bytes,
                 ..
-            } => {
-                let row = ClaimedRow {
-                    notification: *notification,
-                    claim: booked.claim,
-                    bytes,
-                };
-                if let Err(back) = claimed.send(row) {
-                    let _ = done.send(Done::release(lane, &back.0));
-                }
-            }
+            } => ready.push(ClaimedRow {
+                notification: *notification,
+                claim: booked.claim,
+                bytes,
+            }),
             Claimed::Unreadable { id, comment } => {
-                let _ = done.send(finished(id, Ended::Unreadable { comment }));
+                let _ = done.send(finished(id, Ended::Unreadable { comment }).into());
             }
             Claimed::OverBudget { id } => {
                 state.sweep_soon();
-                let _ = done.send(finished(id, Ended::Release));
+                let _ = done.send(finished(id, Ended::Release).into());
             }
+        }
+    }
+    if ready.is_empty() {
+        return;
+    }
+    if let Err(back) = claimed.send(ready) {
+        for row in back.0 {
+            let _ = done.send(Done::release(lane, &row).into());
         }
     }
 }

@@ -6,7 +6,6 @@ use std::borrow::Cow;
 
 use serde::Serialize;
 use serde_json::Value;
-use uuid::Uuid;
 
 use super::{Message, rfc3339_micros};
 use crate::config::CloudEventsMode;
@@ -20,9 +19,6 @@ pub const CLOUDEVENTS_BATCH_CONTENT_TYPE: &str =
 /// The media type of `data`: the `datacontenttype` attribute, and the body's content type
 /// in binary mode.
 const DATA_CONTENT_TYPE: &str = "application/json";
-/// Names batch ids (uuid v5 over the batch's event ids), so a batch sent again with the
-/// same events keeps its id.
-const BATCH_ID_NAMESPACE: Uuid = Uuid::from_u128(0x9d2f_41c7_5a0e_4b8e_8c3d_62a1_6261_7463);
 
 /// The CloudEvents format of one listener.
 #[derive(Clone, Debug)]
@@ -52,33 +48,22 @@ impl CloudEvents {
                 body: serde_json::to_vec(&ce).unwrap_or_default(),
                 content_type: Cow::Borrowed(CLOUDEVENTS_CONTENT_TYPE),
                 attributes: Vec::new(),
+                topic: None,
             },
             CloudEventsMode::Binary => Message {
                 body: serde_json::to_vec(&ce.data).unwrap_or_default(),
                 content_type: Cow::Borrowed(DATA_CONTENT_TYPE),
                 attributes: ce.binary_attributes(),
                 id: ce.id,
+                topic: None,
             },
         }
     }
 
-    /// `events` as one batched-mode message, a JSON array of structured CloudEvents. The
-    /// CloudEvents spec has no binary batch, so binary-mode listeners get this form too.
-    pub fn render_batch(&self, events: &[&StoredEvent]) -> Message {
-        let batch: Vec<CloudEvent<'_>> = events
-            .iter()
-            .map(|e| CloudEvent::of(e, &self.source_system))
-            .collect();
-        let ids: Vec<u8> = events
-            .iter()
-            .flat_map(|e| e.event_id.as_bytes().iter().copied())
-            .collect();
-        Message {
-            id: Uuid::new_v5(&BATCH_ID_NAMESPACE, &ids).to_string(),
-            body: serde_json::to_vec(&batch).unwrap_or_default(),
-            content_type: Cow::Borrowed(CLOUDEVENTS_BATCH_CONTENT_TYPE),
-            attributes: Vec::new(),
-        }
+    /// One event inside a batched-mode message (a JSON array of structured CloudEvents;
+    /// the spec has no binary batch, so binary-mode listeners get this form too).
+    pub fn batch_part(&self, event: &StoredEvent) -> Vec<u8> {
+        serde_json::to_vec(&CloudEvent::of(event, &self.source_system)).unwrap_or_default()
     }
 }
 
@@ -109,10 +94,11 @@ struct CloudEvent<'a> {
     kind: String,
 }
 
-/// The `data` of a [`CloudEvent`]; fields in byte order of their names, too.
+/// The `data` of a [`CloudEvent`] (and of an Event Grid event); fields in byte order of
+/// their names, too.
 #[derive(Serialize)]
-struct CloudEventData<'a> {
-    action: &'static str,
+pub(super) struct CloudEventData<'a> {
+    action: &'a str,
     /// `null` when unknown.
     #[serde(rename = "changedFields")]
     changed_fields: Option<&'a [String]>,
@@ -124,18 +110,25 @@ struct CloudEventData<'a> {
     row: &'a Value,
 }
 
+impl<'a> CloudEventData<'a> {
+    /// What happened to the entity: action, changedFields, row and old row.
+    pub(super) fn of(event: &'a StoredEvent) -> CloudEventData<'a> {
+        CloudEventData {
+            action: event.action_name(),
+            changed_fields: event.changed_fields.as_deref(),
+            entity: &event.entity,
+            entity_id: &event.entity_id,
+            old: event.old.as_ref(),
+            row: &event.row,
+        }
+    }
+}
+
 impl<'a> CloudEvent<'a> {
     fn of(event: &'a StoredEvent, source_system: &str) -> CloudEvent<'a> {
         CloudEvent {
             commitlsn: event.commit_lsn.to_string(),
-            data: CloudEventData {
-                action: event.action.as_str(),
-                changed_fields: event.changed_fields.as_deref(),
-                entity: &event.entity,
-                entity_id: &event.entity_id,
-                old: event.old.as_ref(),
-                row: &event.row,
-            },
+            data: CloudEventData::of(event),
             datacontenttype: DATA_CONTENT_TYPE,
             entity: &event.entity,
             entityid: &event.entity_id,
@@ -145,7 +138,7 @@ impl<'a> CloudEvent<'a> {
             specversion: "1.0",
             subject: event.subject.as_deref(),
             time: rfc3339_micros(event.commit_time),
-            kind: format!("{}.{}", event.entity, event.action.as_str()),
+            kind: format!("{}.{}", event.entity, event.action_name()),
         }
     }
 
@@ -182,7 +175,7 @@ fn source(source_system: &str, source_table: &str) -> String {
     )
 }
 
-fn encode_segment(s: &str) -> String {
+pub(super) fn encode_segment(s: &str) -> String {
     percent_encode(s, |b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
 }
 
@@ -224,6 +217,11 @@ mod tests {
     use super::*;
     use crate::types::{Action, Lsn};
 
+    fn batch(mode: CloudEventsMode, events: &[&StoredEvent]) -> Message {
+        crate::delivery::format::Format::CloudEvents(CloudEvents::new("CRM", mode))
+            .render_batch(events)
+    }
+
     fn structured(e: &StoredEvent) -> Message {
         CloudEvents::new("CRM", CloudEventsMode::Structured).render(e)
     }
@@ -258,6 +256,7 @@ mod tests {
             entity: "Customer".into(),
             entity_id: "42".into(),
             action: Action::Updated,
+            derived: None,
             changed_fields: Some(vec!["name".into(), "city".into()]),
             row: json!({"id": 42, "name": "Ada", "city": "London"}),
             old: Some(json!({"id": 42})),
@@ -427,8 +426,7 @@ mod tests {
         b.event_id = Uuid::parse_str("1b9c3c2e-7f59-5d7b-9f43-3b1f1a2b3c4d").unwrap();
         b.entity_id = "43".into();
         for mode in [CloudEventsMode::Structured, CloudEventsMode::Binary] {
-            let f = CloudEvents::new("CRM", mode);
-            let m = f.render_batch(&[&a, &b]);
+            let m = batch(mode, &[&a, &b]);
             assert_eq!(m.content_type, CLOUDEVENTS_BATCH_CONTENT_TYPE);
             assert!(m.attributes.is_empty());
             let body: Value = serde_json::from_slice(&m.body).unwrap();
@@ -437,9 +435,9 @@ mod tests {
                 Value::Array(vec![cloudevent(&a, "CRM"), cloudevent(&b, "CRM")])
             );
             // The same events keep their batch id; other events or another order do not.
-            assert_eq!(m.id, f.render_batch(&[&a, &b]).id);
-            assert_ne!(m.id, f.render_batch(&[&b, &a]).id);
-            assert_ne!(m.id, f.render_batch(&[&a]).id);
+            assert_eq!(m.id, batch(mode, &[&a, &b]).id);
+            assert_ne!(m.id, batch(mode, &[&b, &a]).id);
+            assert_ne!(m.id, batch(mode, &[&a]).id);
             assert_ne!(m.id, a.event_id.to_string());
         }
     }

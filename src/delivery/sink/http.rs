@@ -1,14 +1,20 @@
 //! The HTTP sink: POSTs a rendered message to the listener's url with the configured
-//! headers and a Standard Webhooks signature, and classifies the answer as a policy
-//! [`Outcome`] with a comment a DBA reads ("HTTP 503 Service Unavailable from …").
+//! headers, its authentication (see [`super::auth`]) and a Standard Webhooks signature,
+//! and classifies the answer as a policy [`Outcome`] with a comment a DBA reads ("HTTP 503
+//! Service Unavailable from …").
 
 use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
+use bytes::Bytes;
+use reqwest::header::{
+    AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER,
+};
+use reqwest::{Client, StatusCode, redirect};
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION, RETRY_AFTER};
-use reqwest::{Client, redirect};
+use super::auth::Auth;
 
+use super::azure::Azure;
 use crate::config::ListenerConfig;
 use crate::delivery::Attempt;
 use crate::delivery::format::Message;
@@ -64,7 +70,66 @@ pub struct HttpSink {
     key: Option<SigningKey>,
     timeout: Duration,
     /// Configured secret strings that must be scrubbed from any quoted answer text.
-    scrub: Vec<String>,
+    scrub: Scrub,
+    /// How requests are authenticated, beyond the configured headers.
+    auth: Option<Auth>,
+    /// Azure's authentication and per-topic addresses (Event Grid topics, Service Bus).
+    azure: Option<Azure>,
+}
+
+/// Secret strings that must never appear in text walhook quotes (answers, error causes).
+#[derive(Clone, Debug, Default)]
+pub struct Scrub(Vec<String>);
+
+impl Scrub {
+    /// Scrubs `secrets`. Very short values would scrub ordinary words out of answers; they
+    /// are not secrets anyone can guess from a 200-byte excerpt either. Longest first, so a
+    /// value containing another is replaced whole.
+    pub fn new(mut secrets: Vec<String>) -> Scrub {
+        secrets.retain(|s| s.len() >= 4);
+        secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        secrets.dedup();
+        Scrub(secrets)
+    }
+
+    /// `raw` as text with every secret (and every one of `live`) replaced by `***`.
+    pub fn clean(&self, raw: &[u8], live: &[String]) -> String {
+        let mut text = String::from_utf8_lossy(raw).into_owned();
+        for secret in self.0.iter().chain(live.iter().filter(|s| s.len() >= 4)) {
+            if text.contains(secret.as_str()) {
+                text = text.replace(secret.as_str(), REDACTED);
+            }
+        }
+        text
+    }
+
+    /// At most `limit` bytes of `raw` as one clean line, without secrets.
+    pub fn excerpt(&self, raw: &[u8], limit: usize, live: &[String]) -> String {
+        one_line(&self.clean(raw, live), limit)
+    }
+}
+
+/// What one attempt looked like on the wire, secrets masked: for `walhook test-listener`.
+#[derive(Clone, Debug, Default)]
+pub struct Trace {
+    /// `POST <url, secrets redacted>`.
+    pub request_line: String,
+    /// The request headers as sent; secret values (authentication, configured headers)
+    /// shown as `***`.
+    pub request_headers: Vec<(String, String)>,
+    /// The answers: one, or two when a 401 led to new credentials and a second request.
+    pub responses: Vec<TracedResponse>,
+}
+
+/// One answer as `walhook test-listener` shows it.
+#[derive(Clone, Debug)]
+pub struct TracedResponse {
+    /// The status line, like `HTTP 200 OK`.
+    pub status_line: String,
+    /// Headers, values scrubbed of secrets.
+    pub headers: Vec<(String, String)>,
+    /// The body as text (at most 64 KiB), scrubbed of secrets.
+    pub body: String,
 }
 
 /// Shows only what may be logged: the url with secrets redacted, never headers or keys.
@@ -85,6 +150,9 @@ impl HttpSink {
         let name = listener.name.clone();
         let mut headers = HeaderMap::new();
         let mut scrub = listener.url.secret_parts();
+        if let Some(auth) = &listener.auth {
+            scrub.extend(Auth::fixed_secrets(auth));
+        }
         for (header, value) in &listener.headers {
             // A configured header replaces the format's (e.g. a listener that insists on
             // `content-type: application/json`); see `headers_for`.
@@ -99,12 +167,14 @@ impl HttpSink {
             scrub.push(format!("whsec_{encoded}"));
             scrub.push(encoded);
         }
-        // Very short values would scrub ordinary words out of answers; they are not
-        // secrets anyone can guess from a 200-byte excerpt either. Longest first, so a
-        // value containing another is replaced whole.
-        scrub.retain(|s| s.len() >= 4);
-        scrub.sort_by_key(|s| std::cmp::Reverse(s.len()));
-        scrub.dedup();
+        let azure = Azure::for_listener(listener).map_err(|reason| HttpSinkError::Client {
+            listener: name.clone(),
+            reason,
+        })?;
+        if let Some(azure) = &azure {
+            scrub.extend(azure.secrets());
+        }
+        let scrub = Scrub::new(scrub);
 
         let client = crate::tls::http_client_builder(listener.ca_file.as_ref())
             .map_err(|e| HttpSinkError::Client {
@@ -125,6 +195,10 @@ impl HttpSink {
                 reason: e.without_url().to_string(),
             })?;
 
+        let auth = listener
+            .auth
+            .as_ref()
+            .map(|a| Auth::new(a, &client, listener.timeout));
         Ok(HttpSink {
             listener: name,
             client,
@@ -133,6 +207,8 @@ impl HttpSink {
             key: listener.secret.clone(),
             timeout: listener.timeout,
             scrub,
+            auth,
+            azure,
         })
     }
 
@@ -178,45 +254,196 @@ impl HttpSink {
         Ok(headers)
     }
 
+    /// How requests are authenticated, in words without secrets (`None`: not at all).
+    pub fn auth_description(&self) -> Option<String> {
+        self.auth.as_ref().map(Auth::describe)
+    }
+
     /// POSTs `message` and classifies the answer.
     pub async fn send(&self, message: Message) -> Attempt {
-        let headers = match self.headers_for(&message) {
-            Ok(h) => h,
-            Err(problem) => {
-                return Attempt {
-                    outcome: Outcome::Unsendable,
-                    status_code: None,
-                    comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
-                    retry_after: None,
-                    latency: Duration::ZERO,
-                };
-            }
+        self.send_traced(message, None).await.0
+    }
+
+    /// [`HttpSink::send`], also returning what went over the wire (secrets masked).
+    pub async fn exchange(&self, message: Message) -> (Attempt, Trace) {
+        let mut trace = Trace::default();
+        let (attempt, _) = self.send_traced(message, Some(&mut trace)).await;
+        (attempt, trace)
+    }
+
+    /// POSTs `message`, classifies the answer and returns its body (up to 64 kB; empty
+    /// without an answer), for exchanges that read it (Event Grid's handshake).
+    pub async fn exchange_body(&self, message: Message) -> (Attempt, Vec<u8>) {
+        self.send_traced(message, None).await
+    }
+
+    fn unsendable(&self, problem: &str) -> Attempt {
+        Attempt {
+            outcome: Outcome::Unsendable,
+            status_code: None,
+            comment: Some(format!("cannot send to {}: {problem}", self.url.redacted())),
+            retry_after: None,
+            latency: Duration::ZERO,
+        }
+    }
+
+    async fn send_traced(
+        &self,
+        message: Message,
+        mut trace: Option<&mut Trace>,
+    ) -> (Attempt, Vec<u8>) {
+        let target = match &self.azure {
+            None => self.url.expose().clone(),
+            Some(azure) => match azure.target(self.url.expose(), message.topic.as_deref()) {
+                Ok(url) => url,
+                Err(problem) => return (self.unsendable(&problem), Vec::new()),
+            },
         };
-        let body = message.body;
+        let mut headers = match self.headers_for(&message) {
+            Ok(h) => h,
+            Err(problem) => return (self.unsendable(&problem), Vec::new()),
+        };
+        if let Some(azure) = &self.azure {
+            let (name, value) = azure.header(&target);
+            headers.insert(name, value);
+        }
+        let credential = match &self.auth {
+            None => None,
+            Some(auth) => match auth.header().await {
+                Ok(h) => Some(h),
+                Err(failure) => return (failure.attempt(), Vec::new()),
+            },
+        };
+        if let Some(h) = &credential {
+            headers.insert(AUTHORIZATION, h.clone());
+        }
+        if let Some(t) = trace.as_deref_mut() {
+            t.request_line = format!("POST {}", SecretUrl::new(target.clone()).redacted());
+            t.request_headers = self.shown(&headers);
+        }
+        let body = Bytes::from(message.body);
         let started = Instant::now();
-        let result = self
-            .client
-            .post(self.url.expose().clone())
-            .headers(headers)
-            .body(body)
-            .send()
-            .await;
+        let mut result = self.post(&target, &headers, &body).await;
+        // A 401 may mean the token expired early or was revoked: new credentials, once.
+        if let (Some(auth), Some(used), Ok(resp)) = (&self.auth, &credential, &result)
+            && resp.status() == StatusCode::UNAUTHORIZED
+        {
+            match auth.renew_after_401(used).await {
+                Ok(Some(fresh)) => {
+                    headers.insert(AUTHORIZATION, fresh);
+                    let first =
+                        std::mem::replace(&mut result, self.post(&target, &headers, &body).await);
+                    if let (Some(t), Ok(resp)) = (trace.as_deref_mut(), first) {
+                        let (response, _) = self.read(resp).await;
+                        t.responses.push(response);
+                    }
+                }
+                Ok(None) => {}
+                Err(failure) => return (failure.attempt(), Vec::new()),
+            }
+        }
         match result {
-            Ok(resp) => self.answered(resp, started).await,
+            Ok(resp) => {
+                // Azure listeners post to a per-topic address under the configured url.
+                let shown = SecretUrl::new(target.clone()).redacted().to_owned();
+                self.answered(resp, started, trace, &shown).await
+            }
             Err(e) => {
-                let (outcome, comment) = self.transport_failure(&e);
-                Attempt {
+                let live = self.live_secrets();
+                let (outcome, comment) =
+                    transport_failure(&e, &self.url, self.timeout, &self.scrub, &live);
+                let attempt = Attempt {
                     outcome,
                     status_code: None,
                     comment: Some(comment),
                     retry_after: None,
                     latency: started.elapsed(),
-                }
+                };
+                (attempt, Vec::new())
             }
         }
     }
 
-    async fn answered(&self, mut resp: reqwest::Response, started: Instant) -> Attempt {
+    async fn post(
+        &self,
+        target: &reqwest::Url,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .post(target.clone())
+            .headers(headers.clone())
+            .body(body.clone())
+            .send()
+            .await
+    }
+
+    /// `headers` as `walhook test-listener` shows them: credentials and configured header
+    /// values as `***` (an authorization scheme stays visible).
+    fn shown(&self, headers: &HeaderMap) -> Vec<(String, String)> {
+        headers
+            .iter()
+            .map(|(name, value)| {
+                let text = String::from_utf8_lossy(value.as_bytes());
+                let shown = if name == AUTHORIZATION {
+                    match text.split_once(' ') {
+                        Some((scheme, _)) => format!("{scheme} {REDACTED}"),
+                        None => REDACTED.to_owned(),
+                    }
+                } else if self.headers.contains_key(name) || value.is_sensitive() {
+                    REDACTED.to_owned()
+                } else {
+                    text.into_owned()
+                };
+                (name.as_str().to_owned(), shown)
+            })
+            .collect()
+    }
+
+    /// Secrets obtained while running (a current token).
+    fn live_secrets(&self) -> Vec<String> {
+        self.auth
+            .as_ref()
+            .map(Auth::live_secrets)
+            .unwrap_or_default()
+    }
+
+    /// Reads an answer (its body bounded): what `walhook test-listener` shows, and the body.
+    async fn read(&self, mut resp: reqwest::Response) -> (TracedResponse, Vec<u8>) {
+        let status = resp.status();
+        let live = self.live_secrets();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_owned(), self.scrub.clean(v.as_bytes(), &live)))
+            .collect();
+        // Reading the body (bounded) lets the connection go back to the pool; an error
+        // while reading does not change what the status already said.
+        let mut body = Vec::new();
+        while body.len() < MAX_RESPONSE_BODY {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_RESPONSE_BODY - body.len();
+                    body.extend(chunk.iter().take(room));
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let shown = TracedResponse {
+            status_line: status_text(status),
+            headers,
+            body: self.scrub.clean(&body, &live),
+        };
+        (shown, body)
+    }
+
+    async fn answered(
+        &self,
+        resp: reqwest::Response,
+        started: Instant,
+        trace: Option<&mut Trace>,
+        shown: &str,
+    ) -> (Attempt, Vec<u8>) {
         let status = resp.status();
         let code = status.as_u16();
         let outcome = status_outcome(code);
@@ -233,133 +460,125 @@ impl HttpSink {
             .get(LOCATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
-        // Reading the body (bounded) lets the connection go back to the pool; an error
-        // while reading does not change what the status already said.
-        let mut body = Vec::new();
-        while body.len() < MAX_RESPONSE_BODY {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    let room = MAX_RESPONSE_BODY - body.len();
-                    body.extend(chunk.iter().take(room));
-                }
-                Ok(None) | Err(_) => break,
-            }
-        }
+        let (traced, body) = self.read(resp).await;
         let latency = started.elapsed();
+        if let Some(t) = trace {
+            t.responses.push(traced);
+        }
 
         // Only failures get a comment: nothing is formatted for a delivery.
-        let status_text = || match status.canonical_reason() {
-            Some(reason) => format!("HTTP {code} {reason}"),
-            None => format!("HTTP {code}"),
-        };
+        let status_text = || status_text(status);
+        let live = self.live_secrets();
         let comment = match outcome {
             Outcome::Accepted => None,
             Outcome::Moved => Some(match location {
                 Some(loc) => format!(
                     "HTTP {code} redirect from {} to {}: redirects are not followed; set the listener url to the new location",
                     self.url.redacted(),
-                    self.excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES),
+                    self.scrub
+                        .excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES, &live),
                 ),
                 None => format!(
                     "{} from {} without a Location header: redirects are not followed; check the listener url",
                     status_text(),
-                    self.url.redacted()
+                    shown
                 ),
             }),
             _ => {
-                let text = self.excerpt(&body, COMMENT_BODY_BYTES);
+                let text = self.scrub.excerpt(&body, COMMENT_BODY_BYTES, &live);
                 Some(if text.is_empty() {
-                    format!("{} from {}", status_text(), self.url.redacted())
+                    format!("{} from {}", status_text(), shown)
                 } else {
-                    format!("{} from {}: {text}", status_text(), self.url.redacted())
+                    format!("{} from {}: {text}", status_text(), shown)
                 })
             }
         };
-        Attempt {
+        let attempt = Attempt {
             outcome,
             status_code: Some(code),
             comment,
             retry_after,
             latency,
-        }
+        };
+        (attempt, body)
     }
+}
 
-    /// The outcome class and a one-line comment for a request that got no HTTP answer.
-    fn transport_failure(&self, e: &reqwest::Error) -> (Outcome, String) {
-        let endpoint = self.endpoint();
-        let timeout = humantime::format_duration(self.timeout);
-        if e.is_connect() {
-            if e.is_timeout() || has_io_kind(e, std::io::ErrorKind::TimedOut) {
-                return (
-                    Outcome::TimedOut,
-                    format!("no connection to {endpoint} within {timeout}"),
-                );
-            }
-            if has_io_kind(e, std::io::ErrorKind::ConnectionRefused) {
-                return (
-                    Outcome::Unreachable,
-                    format!("connection refused by {endpoint}"),
-                );
-            }
-            if let Some(problem) = crate::tls::certificate_problem(e) {
-                return (
-                    Outcome::Unreachable,
-                    format!("TLS handshake with {endpoint} failed: {problem}"),
-                );
-            }
-            return (
-                Outcome::Unreachable,
-                format!("cannot connect to {endpoint}: {}", self.cause(e)),
-            );
-        }
-        if e.is_timeout() {
+/// `HTTP 503 Service Unavailable`.
+fn status_text(status: StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("HTTP {} {reason}", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    }
+}
+
+/// The outcome class and a one-line comment for a request to `url` that got no HTTP
+/// answer; `timeout` is the request's limit.
+pub fn transport_failure(
+    e: &reqwest::Error,
+    url: &SecretUrl,
+    timeout: Duration,
+    scrub: &Scrub,
+    live: &[String],
+) -> (Outcome, String) {
+    let endpoint = endpoint(url);
+    let cause = || cause(e, scrub, live);
+    let timeout = humantime::format_duration(timeout);
+    if e.is_connect() {
+        if e.is_timeout() || has_io_kind(e, std::io::ErrorKind::TimedOut) {
             return (
                 Outcome::TimedOut,
-                format!("no answer within {timeout} from {}", self.url.redacted()),
+                format!("no connection to {endpoint} within {timeout}"),
             );
         }
-        (
-            Outcome::TransportError,
-            format!(
-                "request to {} failed: {}",
-                self.url.redacted(),
-                self.cause(e)
-            ),
-        )
-    }
-
-    /// `host:port` of the listener (no credentials, no path).
-    fn endpoint(&self) -> String {
-        let url = self.url.expose();
-        let host = url.host_str().unwrap_or("?");
-        match url.port_or_known_default() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_owned(),
+        if has_io_kind(e, std::io::ErrorKind::ConnectionRefused) {
+            return (
+                Outcome::Unreachable,
+                format!("connection refused by {endpoint}"),
+            );
         }
-    }
-
-    /// The innermost error text, which names the actual problem (reset, EOF, TLS).
-    fn cause(&self, e: &reqwest::Error) -> String {
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(e);
-        while let Some(s) = source {
-            text = s.to_string();
-            source = s.source();
+        if let Some(problem) = crate::tls::certificate_problem(e) {
+            return (
+                Outcome::Unreachable,
+                format!("TLS handshake with {endpoint} failed: {problem}"),
+            );
         }
-        self.excerpt(text.as_bytes(), COMMENT_BODY_BYTES)
+        return (
+            Outcome::Unreachable,
+            format!("cannot connect to {endpoint}: {}", cause()),
+        );
     }
+    if e.is_timeout() {
+        return (
+            Outcome::TimedOut,
+            format!("no answer within {timeout} from {}", url.redacted()),
+        );
+    }
+    (
+        Outcome::TransportError,
+        format!("request to {} failed: {}", url.redacted(), cause()),
+    )
+}
 
-    /// At most `limit` bytes of `raw` as one clean line, with configured secrets removed.
-    fn excerpt(&self, raw: &[u8], limit: usize) -> String {
-        let text = String::from_utf8_lossy(raw);
-        let mut text = text.into_owned();
-        for secret in &self.scrub {
-            if text.contains(secret.as_str()) {
-                text = text.replace(secret.as_str(), REDACTED);
-            }
-        }
-        one_line(&text, limit)
+/// `host:port` of a url (no credentials, no path).
+fn endpoint(url: &SecretUrl) -> String {
+    let url = url.expose();
+    let host = url.host_str().unwrap_or("?");
+    match url.port_or_known_default() {
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_owned(),
     }
+}
+
+/// The innermost error text, which names the actual problem (reset, EOF, TLS).
+fn cause(e: &reqwest::Error, scrub: &Scrub, live: &[String]) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = s.to_string();
+        source = s.source();
+    }
+    scrub.excerpt(text.as_bytes(), COMMENT_BODY_BYTES, live)
 }
 
 /// The policy class of an HTTP status: 2xx accepted, 3xx moved (redirects are not

@@ -12,14 +12,20 @@
 //!
 //! [`Outcome`]: super::policy::Outcome
 
+pub mod auth;
+mod azure;
 pub mod http;
+pub mod nats;
 
 use super::Attempt;
 use super::format::Message;
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
+use crate::queue::StoredEvent;
 
-pub use http::{HttpSink, HttpSinkError};
+pub use azure::sas_token;
+pub use http::{HttpSink, HttpSinkError, Trace, TracedResponse};
+pub use nats::{NatsSink, NatsSinkError};
 
 /// Why a listener's sink could not be built. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -27,34 +33,65 @@ pub enum SinkError {
     /// The HTTP sink's settings (url, headers, secret, client).
     #[error(transparent)]
     Http(#[from] HttpSinkError),
+    /// The NATS sink's settings (credentials, TLS, headers).
+    #[error(transparent)]
+    Nats(#[from] NatsSinkError),
 }
 
 impl Classify for SinkError {
     fn class(&self) -> ErrorClass {
         match self {
             SinkError::Http(e) => e.class(),
+            SinkError::Nats(e) => e.class(),
         }
     }
 }
 
 /// A listener's transport: built once per listener, shared, used for every attempt.
+// One per listener, never moved once built: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Sink {
     /// HTTP POST to the listener's url.
     Http(HttpSink),
+    /// Publish to NATS JetStream (a `nats://` or `tls://` url).
+    Nats(NatsSink),
 }
 
 impl Sink {
     /// The sink a listener's config asks for, checked and ready to send.
     pub fn for_listener(listener: &ListenerConfig) -> Result<Sink, SinkError> {
+        if listener.nats.is_some() {
+            return Ok(Sink::Nats(NatsSink::new(listener)?));
+        }
         Ok(Sink::Http(HttpSink::new(listener)?))
     }
 
     /// Sends one message (one notification or one batch) and reports how it went. Bounded
-    /// in time by the listener's `timeout`.
-    pub async fn send(&self, message: Message) -> Attempt {
+    /// in time by the listener's `timeout`. `event` is what the message is about (the
+    /// first of a batch): brokers route and label by it (subject, headers).
+    pub async fn send(&self, event: &StoredEvent, message: Message) -> Attempt {
         match self {
             Sink::Http(s) => s.send(message).await,
+            Sink::Nats(s) => s.send(event, message).await,
+        }
+    }
+
+    /// Returns once the transport can take messages. HTTP always can (each attempt
+    /// reports its own failure); a broker whose connection is down holds the listener here
+    /// until it is back, so an outage costs no attempts and keeps the listener's position.
+    pub async fn ready(&self) {
+        match self {
+            Sink::Http(_) => {}
+            Sink::Nats(s) => s.ready().await,
+        }
+    }
+
+    /// The HTTP sink, for exchanges only HTTP has (Event Grid's validation handshake).
+    pub fn as_http(&self) -> Option<&HttpSink> {
+        match self {
+            Sink::Http(s) => Some(s),
+            Sink::Nats(_) => None,
         }
     }
 
@@ -62,6 +99,7 @@ impl Sink {
     pub fn target(&self) -> &str {
         match self {
             Sink::Http(s) => s.url_redacted(),
+            Sink::Nats(s) => s.url_redacted(),
         }
     }
 }

@@ -1,4 +1,4 @@
--- walhook queue schema, version 5: claims sized in bytes without reading the events.
+-- walhook queue schema, version 9: claims sized in bytes without reading the events.
 --
 -- Claims resume after a per-listener cursor in commit order (new_listener_commit_order_idx)
 -- and stop at a byte budget as well as a count. The budget needs each notification's

@@ -1,0 +1,281 @@
+//! NATS JetStream delivery benchmark: end to end, from source commits through the release
+//! `walhook run` binary to a local nats-server with JetStream (file storage), every publish
+//! acknowledged by the stream.
+//!
+//! `--events` inserts in 100-row transactions (a DO block with COMMIT inside) are measured
+//! from the start of the load to the moment the stream holds all of them (its message
+//! count, polled every 10 ms). A second slot created before the load is drained by
+//! pg_recvlogical afterwards over the same WAL range, for the ratio. The stream must hold
+//! exactly `--events` messages: a duplicate would show as more.
+//!
+//!     cargo bench --bench nats
+//!     cargo bench --bench nats -- --events 20000 --concurrency 128
+//!
+//! Needs nats-server (Debian package nats-server) on PATH or in /usr/sbin.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use common::{
+    DB, Walhook, cpu_secs, create_bench_database, psql, recvlogical_drain, reset_database,
+    vm_hwm_kb,
+};
+use walhook::cluster::LocalCluster;
+
+/// Rows per transaction in the load.
+const TX_ROWS: u64 = 100;
+/// Give up when the stream grows no more for this long.
+const STALL: Duration = Duration::from_secs(60);
+
+struct Args {
+    events: u64,
+    concurrency: u32,
+    runs: u32,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        events: 50_000,
+        concurrency: 64,
+        runs: 2,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut num = |name: &str| -> u64 {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} takes a number"))
+        };
+        match a.as_str() {
+            "--events" => args.events = num("--events").max(TX_ROWS) / TX_ROWS * TX_ROWS,
+            "--concurrency" => args.concurrency = num("--concurrency").clamp(1, 1000) as u32,
+            "--runs" => args.runs = num("--runs").max(1) as u32,
+            // cargo bench passes --bench; ignore anything else.
+            _ => {}
+        }
+    }
+    args
+}
+
+/// nats-server with JetStream in a temp dir on a free 127.0.0.1 port; killed on drop.
+struct NatsServer {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    fn start() -> NatsServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap_or("nats-server");
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server (install the Debian package nats-server)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        NatsServer {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Run {
+    events: u64,
+    load_secs: f64,
+    secs: f64,
+    drain_per_sec: f64,
+    stored: u64,
+    peak_rss_mb: u64,
+    cpu_percent: f64,
+}
+
+/// How many messages stream BENCH holds.
+fn stored(rt: &tokio::runtime::Runtime, js: &jetstream::Context) -> u64 {
+    rt.block_on(async {
+        let mut stream = js.get_stream("BENCH").await.expect("stream BENCH");
+        stream.info().await.expect("stream info").state.messages
+    })
+}
+
+fn run(
+    rt: &tokio::runtime::Runtime,
+    cluster: &LocalCluster,
+    nats: &NatsServer,
+    args: &Args,
+) -> Run {
+    reset_database(cluster);
+    let js = rt.block_on(async {
+        let client = async_nats::connect(nats.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        let _ = js.delete_stream("BENCH").await;
+        js.create_stream(jetstream::stream::Config {
+            name: "BENCH".into(),
+            subjects: vec!["api.event.*".into()],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .expect("create stream");
+        js
+    });
+    let toml = format!(
+        "[source]\nurl = \"{}\"\nslot = \"walhook\"\npublication = \"walhook\"\nheartbeat = \"off\"\n\n\
+         [queue]\nbatch_delay = \"0ms\"\n\n\
+         [[entity]]\nname = \"Bench\"\ntable = \"bench\"\n\n\
+         [[listener]]\nname = \"bus\"\nurl = \"{}\"\nconcurrency = {}\n",
+        cluster.url(DB),
+        nats.url(),
+        args.concurrency
+    );
+    let mut walhook = Walhook::start(&toml);
+    // Warm-up: marker rows until one is in the stream.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut marker = 0;
+    while stored(rt, &js) == 0 {
+        walhook.assert_running("during start-up");
+        assert!(
+            Instant::now() < deadline,
+            "nothing reached the stream in 90 s"
+        );
+        marker += 1;
+        psql(
+            cluster,
+            &format!("INSERT INTO bench VALUES (-{marker}, 0, 'warm-up', 0, now(), true)"),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let base = stored(rt, &js);
+    psql(
+        cluster,
+        "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')",
+    );
+    let cpu_before = cpu_secs(walhook.pid());
+    let load = format!(
+        "DO $$ BEGIN
+           FOR t IN 0..{txs} - 1 LOOP
+             INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
+               FROM generate_series(t * {TX_ROWS} + 1, t * {TX_ROWS} + {TX_ROWS}) g;
+             COMMIT;
+           END LOOP;
+         END $$;",
+        txs = args.events / TX_ROWS
+    );
+    let t = Instant::now();
+    psql(cluster, &load);
+    let load_secs = t.elapsed().as_secs_f64();
+    let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
+    let mut last = base;
+    let mut last_change = Instant::now();
+    loop {
+        let now = stored(rt, &js);
+        if now >= base + args.events {
+            break;
+        }
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+        }
+        walhook.assert_running("during the run");
+        assert!(
+            last_change.elapsed() < STALL,
+            "no progress for {STALL:?}: {} of {} in the stream",
+            now - base,
+            args.events
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = cpu_secs(walhook.pid()) - cpu_before;
+    let peak_rss_mb = vm_hwm_kb(walhook.pid()) / 1024;
+    // Anything published twice would arrive a little later: look again after a pause.
+    std::thread::sleep(Duration::from_millis(500));
+    let stored_now = stored(rt, &js) - base;
+    walhook.stop();
+    let drain_secs = recvlogical_drain(cluster, &end_lsn);
+    eprintln!(
+        "   {} events in the stream {secs:.2}s after the load began (load {load_secs:.2}s); pg_recvlogical drained in {drain_secs:.2}s",
+        args.events
+    );
+    Run {
+        events: args.events,
+        load_secs,
+        secs,
+        drain_per_sec: args.events as f64 / drain_secs,
+        stored: stored_now,
+        peak_rss_mb,
+        cpu_percent: 100.0 * cpu / secs,
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let nats = NatsServer::start();
+    let cluster = LocalCluster::start().expect("start cluster");
+    create_bench_database(&cluster);
+    let mut runs = Vec::new();
+    for i in 0..args.runs {
+        eprintln!(
+            "== run {}: {} events, concurrency {}",
+            i + 1,
+            args.events,
+            args.concurrency
+        );
+        runs.push(run(&rt, &cluster, &nats, &args));
+    }
+    println!();
+    println!(
+        "| run | events | load took | acked in the stream | pg_recvlogical drain | ratio | stored | walhook peak RSS | walhook CPU |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for (i, r) in runs.iter().enumerate() {
+        let rate = r.events as f64 / r.secs;
+        println!(
+            "| {} | {} | {:.2} s | **{:.0} events/s** | {:.0} changes/s | {:.3} | {} | {} MB | {:.0}% |",
+            i + 1,
+            r.events,
+            r.load_secs,
+            rate,
+            r.drain_per_sec,
+            rate / r.drain_per_sec,
+            r.stored,
+            r.peak_rss_mb,
+            r.cpu_percent
+        );
+    }
+}

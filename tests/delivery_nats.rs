@@ -1,0 +1,763 @@
+//! Delivery to NATS JetStream: real nats-server processes with JetStream in temp dirs, read
+//! back by the durable consumer of examples/nats_consumer.rs.
+
+mod support;
+
+#[allow(dead_code)]
+#[path = "../examples/nats_consumer.rs"]
+mod consumer;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::nats::NatsServer;
+use support::receiver::Receiver;
+use support::{
+    Daemon, TestDb, config_toml, eventually, listener_toml, wait_streaming, walhook, write_config,
+};
+
+const TABLES: &str = "CREATE TABLE customer (id int PRIMARY KEY, first_name text, city text);
+ALTER TABLE customer REPLICA IDENTITY FULL;
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total numeric, note text);
+ALTER TABLE orders REPLICA IDENTITY FULL;";
+
+const ENTITIES: &str = "
+[[entity]]
+name = \"Customer\"
+table = \"customer\"
+
+[[entity]]
+name = \"Order\"
+table = \"orders\"
+";
+
+/// A NATS listener `bus` on `nats`, with fast retries, creating stream WALHOOK.
+fn nats_listener(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "\n[[listener]]\nname = \"{name}\"\nurl = \"{url}\"\ntimeout = \"3s\"\nbackoff = {{ initial = \"200ms\", max = \"1s\" }}\n{extra}"
+    )
+}
+
+const STREAM: &str = "[listener.nats.stream]\nname = \"WALHOOK\"\n";
+
+/// Reads every message of `filter` with durable consumer `durable`, until `n` arrived.
+async fn read_all(
+    js: &async_nats::jetstream::Context,
+    durable: &str,
+    filter: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<consumer::Received> {
+    let c = consumer::durable_consumer(js, "WALHOOK", durable, filter, consumer::ACK_WAIT, 5)
+        .await
+        .expect("durable consumer");
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + timeout;
+    while got.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n} messages on {filter}",
+            got.len()
+        );
+        let batch = consumer::fetch(&c, 1000, Duration::from_millis(500), |_| Ok(()))
+            .await
+            .expect("fetch");
+        got.extend(batch);
+    }
+    got
+}
+
+fn body(m: &consumer::Received) -> Value {
+    serde_json::from_slice(&m.body).expect("a JSON body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_to_two_entities_arrive_on_their_subjects_as_cloudevents_with_documented_headers() {
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let nats = NatsServer::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!("{ENTITIES}{}", nats_listener("bus", &nats.url(), STREAM)),
+    );
+    let (_dir, path) = write_config(&toml);
+    let path = path.to_str().unwrap();
+
+    let (code, out, err) = walhook(&["setup", "--config", path]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "done  created JetStream stream WALHOOK on nats://127.0.0.1:{} capturing api.event.*",
+            nats.port
+        )),
+        "{out}"
+    );
+    let (_, out, err) = walhook(&["setup", "--config", path]);
+    assert!(out.contains("ok    JetStream stream WALHOOK"), "{out}{err}");
+    let (_, out, _) = walhook(&["check", "--config", path]);
+    let line = out
+        .lines()
+        .find(|l| l.contains("nats listener bus"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("ok") && line.contains("2 subject(s) (api.event.{entity}) captured"),
+        "{out}"
+    );
+
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.batch_execute(
+        "INSERT INTO customer VALUES (1, 'Ada', 'Paris'), (2, 'Bob', 'Oslo');
+         UPDATE customer SET city = 'Lyon' WHERE id = 1;
+         DELETE FROM customer WHERE id = 2;
+         INSERT INTO orders VALUES (10, 1, 9.90, 'first');
+         UPDATE orders SET total = 12.50 WHERE id = 10;
+         DELETE FROM orders WHERE id = 10;",
+    )
+    .await
+    .unwrap();
+
+    let js = nats.jetstream().await;
+    let customers = read_all(&js, "crm", "api.event.customer", 4, Duration::from_secs(60)).await;
+    let types: Vec<String> = customers
+        .iter()
+        .map(|m| body(m)["type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "Customer.Created",
+            "Customer.Created",
+            "Customer.Updated",
+            "Customer.Deleted"
+        ],
+        "per-entity order kept: {:?}",
+        daemon.log()
+    );
+    for m in &customers {
+        assert_eq!(m.subject, "api.event.customer");
+        let ce = body(m);
+        assert_eq!(ce["specversion"], "1.0");
+        let id = ce["id"].as_str().expect("id");
+        let h = &m.headers;
+        assert_eq!(h.get("Nats-Msg-Id").map(String::as_str), Some(id), "{h:?}");
+        assert_eq!(
+            h.get("Diagnostic-Id").map(String::as_str),
+            Some(id),
+            "{h:?}"
+        );
+        assert_eq!(
+            h.get("Walhook-Event-Type").map(String::as_str),
+            ce["type"].as_str()
+        );
+        assert_eq!(
+            h.get("Content-Type").map(String::as_str),
+            Some("application/cloudevents+json; charset=utf-8")
+        );
+        // The header is absent exactly when changedFields is unknown (null).
+        let changed = ce["data"]["changedFields"].as_array().map(|fields| {
+            fields
+                .iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        assert_eq!(h.get("Walhook-Changed-Fields"), changed.as_ref(), "{ce}");
+        assert!(ce["source"].as_str().is_some_and(|s| !s.is_empty()));
+        assert!(ce["time"].as_str().is_some());
+    }
+    assert_eq!(
+        customers[2].headers.get("Walhook-Changed-Fields"),
+        Some(&"city".to_owned())
+    );
+    assert_eq!(body(&customers[2])["data"]["row"]["city"], "Lyon");
+
+    // Orders, with a consumer whose first handling of each message fails: JetStream
+    // redelivers it (the example naks it), so each arrives a second time, marked so.
+    let orders_consumer = consumer::durable_consumer(
+        &js,
+        "WALHOOK",
+        "billing",
+        "api.event.order",
+        consumer::ACK_WAIT,
+        5,
+    )
+    .await
+    .unwrap();
+    let mut seen: BTreeMap<u64, i64> = BTreeMap::new();
+    let mut acked = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "3 order events, each redelivered once: {seen:?}"
+        );
+        let batch = consumer::fetch(&orders_consumer, 100, Duration::from_millis(300), |m| {
+            let first = !seen.contains_key(&m.stream_sequence);
+            seen.insert(m.stream_sequence, m.delivered);
+            if first {
+                Err("not yet".to_owned())
+            } else {
+                Ok(())
+            }
+        })
+        .await
+        .expect("fetch");
+        acked.extend(batch.into_iter().filter(|m| m.delivered == 2));
+    }
+    let order_types: Vec<String> = acked
+        .iter()
+        .map(|m| body(m)["type"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        order_types,
+        ["Order.Created", "Order.Updated", "Order.Deleted"]
+    );
+    assert!(acked.iter().all(|m| m.subject == "api.event.order"));
+
+    // Every notification was recorded delivered.
+    eventually(
+        Duration::from_secs(30),
+        "7 processed notifications",
+        || async {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM walhook.processed WHERE listener = 'bus'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 7).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_the_server_refuses_fail_with_its_words_and_check_says_how_to_fix_it() {
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "SMALL".into(),
+        subjects: vec!["small.*".into()],
+        max_message_size: 700,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream SMALL");
+    let listeners = format!(
+        "{}{}",
+        nats_listener(
+            "unrouted",
+            &nats.url(),
+            "entities = [\"Customer\"]\n[listener.nats]\nsubject = \"unrouted.{entity}\"\n"
+        ),
+        nats_listener(
+            "small",
+            &nats.url(),
+            "entities = [\"Order\"]\n[listener.nats]\nsubject = \"small.{entity}\"\n"
+        ),
+    );
+    let toml = config_toml(&db.url, &format!("{ENTITIES}{listeners}"));
+    let (_dir, path) = write_config(&toml);
+    let path = path.to_str().unwrap();
+    let (code, out, err) = walhook(&["setup", "--config", path]);
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (code, out, _) = walhook(&["check", "--config", path]);
+    assert_eq!(code, 78, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("nats listener unrouted"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAIL")
+            && line.contains(&format!(
+                "no JetStream stream on nats://127.0.0.1:{} captures unrouted.customer",
+                nats.port
+            ))
+            && line.contains("nats stream add WALHOOK --subjects 'unrouted.*'"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("nats listener small")),
+        "{out}"
+    );
+
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.batch_execute(
+        "INSERT INTO customer VALUES (1, 'Ada', 'Paris');
+         INSERT INTO orders VALUES (10, 1, 9.90, 'small');
+         INSERT INTO orders VALUES (11, 1, 1.00, repeat('x', 2000));",
+    )
+    .await
+    .unwrap();
+    let failed = eventually(
+        Duration::from_secs(60),
+        "two failed notifications",
+        || async {
+            let rows = c
+                .query(
+                    "SELECT listener, comment, attempts FROM walhook.failed ORDER BY listener",
+                    &[],
+                )
+                .await
+                .ok()?;
+            let rows: Vec<(String, String, i32)> = rows
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect();
+            (rows.len() == 2).then_some(rows)
+        },
+    )
+    .await;
+    let (listener, comment, attempts) = &failed[0];
+    assert_eq!(listener, "small");
+    assert_eq!(*attempts, 1, "a refusal is final: {comment}");
+    assert!(
+        comment.contains("refused the message for small.order")
+            && comment.contains("message size exceeds maximum allowed"),
+        "{comment}"
+    );
+    let (listener, comment, attempts) = &failed[1];
+    assert_eq!(listener, "unrouted");
+    assert_eq!(*attempts, 1, "{comment}");
+    assert!(
+        comment.contains("no JetStream stream captures subject unrouted.customer")
+            && comment.contains("no responders"),
+        "{comment}"
+    );
+    // The small order went through.
+    let stored = js
+        .get_stream("SMALL")
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(stored, 1);
+}
+
+/// Counts rows of walhook.processed for `listener`.
+async fn processed(c: &tokio_postgres::Client, listener: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM walhook.processed WHERE listener = $1",
+        &[&listener],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(0)
+}
+
+/// Runs `walhook setup` on `toml` (queue, publication, slot and the stream).
+fn setup(toml: &str) -> (tempfile::TempDir, String) {
+    let (dir, path) = write_config(toml);
+    let path = path.to_str().unwrap().to_owned();
+    let (code, out, err) = walhook(&["setup", "--config", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+    (dir, path)
+}
+
+/// The event ids of walhook.event.
+async fn event_ids(c: &tokio_postgres::Client) -> BTreeSet<String> {
+    c.query("SELECT event_id::text FROM walhook.event", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Checks that `messages` hold each event of `expected` once, and per customer id the
+/// values of column `n` in increasing order (one Created, then Updates).
+fn assert_once_in_entity_order(messages: &[consumer::Received], expected: &BTreeSet<String>) {
+    let mut ids = BTreeSet::new();
+    let mut last_n: BTreeMap<i64, i64> = BTreeMap::new();
+    for m in messages {
+        let id = m.headers.get("Nats-Msg-Id").cloned().expect("Nats-Msg-Id");
+        assert!(ids.insert(id.clone()), "event {id} stored twice");
+        let ce = body(m);
+        let row = &ce["data"]["row"];
+        let (Some(key), Some(n)) = (row["id"].as_i64(), row["n"].as_i64()) else {
+            panic!("unexpected row {ce}");
+        };
+        if let Some(prev) = last_n.insert(key, n) {
+            assert!(n > prev, "customer {key}: n={n} after n={prev}");
+        }
+    }
+    assert_eq!(ids.len(), expected.len());
+    assert!(
+        ids == *expected,
+        "the stream's ids differ from walhook.event's"
+    );
+}
+
+const COUNTER_TABLE: &str = "CREATE TABLE customer (id int PRIMARY KEY, n int NOT NULL);
+ALTER TABLE customer REPLICA IDENTITY FULL;";
+
+const CUSTOMER: &str = "\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_entity_order() {
+    const ROWS: i32 = 10_000;
+    const ROUNDS: i32 = 4; // updates per row: ROWS × (1 + ROUNDS) = 50,000 events
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let nats = NatsServer::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "{CUSTOMER}{}",
+            nats_listener("bus", &nats.url(), &format!("concurrency = 64\n{STREAM}"))
+        ),
+    );
+    let (_dir, _path) = setup(&toml);
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+
+    let url = db.url.clone();
+    let load = tokio::spawn(async move {
+        let c = support::connect(&url).await;
+        for chunk in 0..ROWS / 1000 {
+            let from = chunk * 1000 + 1;
+            c.execute(
+                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+                &[&from, &(from + 999)],
+            )
+            .await
+            .unwrap();
+        }
+        for _ in 0..ROUNDS {
+            for chunk in 0..ROWS / 1000 {
+                let from = chunk * 1000 + 1;
+                c.execute(
+                    "UPDATE customer SET n = n + 1 WHERE id BETWEEN $1 AND $2",
+                    &[&from, &(from + 999)],
+                )
+                .await
+                .unwrap();
+            }
+        }
+    });
+
+    eventually(
+        Duration::from_secs(180),
+        "10,000 events published",
+        || async { (processed(&c, "bus").await >= 10_000).then_some(()) },
+    )
+    .await;
+    daemon.kill9();
+    let at_kill = processed(&c, "bus").await;
+    load.await.unwrap();
+
+    // The new process takes over the dead one's notifications when their leases end.
+    let daemon = Daemon::start(&toml);
+    let total = i64::from(ROWS * (1 + ROUNDS));
+    eventually(
+        Duration::from_secs(300),
+        "all 50,000 events published",
+        || async { (processed(&c, "bus").await == total).then_some(()) },
+    )
+    .await;
+    assert!(
+        at_kill < total,
+        "the kill came after the load was delivered"
+    );
+    let expected = event_ids(&c).await;
+    assert_eq!(expected.len() as i64, total, "{}", daemon.log());
+
+    let js = nats.jetstream().await;
+    let mut stream = js.get_stream("WALHOOK").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, total as u64, "messages in the stream");
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        total as usize,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing() {
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let mut nats = NatsServer::start().await;
+    let hook = Receiver::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "{CUSTOMER}{}{}",
+            nats_listener("bus", &nats.url(), STREAM),
+            listener_toml("crm", &hook.url("/h"))
+        ),
+    );
+    let (_dir, path) = setup(&toml);
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let insert = |from: i32, to: i32| {
+        let c = &c;
+        async move {
+            c.execute(
+                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+                &[&from, &to],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    insert(1, 500).await;
+    eventually(Duration::from_secs(60), "500 published", || async {
+        (processed(&c, "bus").await == 500).then_some(())
+    })
+    .await;
+
+    nats.stop();
+    let stopped = std::time::Instant::now();
+    for k in 0..15 {
+        insert(501 + k * 100, 600 + k * 100).await;
+        c.execute("UPDATE customer SET n = n + 1 WHERE id <= 100", &[])
+            .await
+            .unwrap();
+    }
+    // 2000 inserts and 1500 updates: the HTTP listener gets them all while NATS is down.
+    hook.wait_for_count(
+        3500,
+        Duration::from_secs(120),
+        "HTTP deliveries during the outage",
+    )
+    .await;
+    let status = eventually(
+        Duration::from_secs(60),
+        "status shows the held listener",
+        || {
+            let (path, daemon) = (path.clone(), &daemon);
+            async move {
+                let (code, out, _) = walhook(&["status", "--json", "--config", &path]);
+                let doc: Value = serde_json::from_str(&out).ok()?;
+                let bus = doc["listeners"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| l["name"] == "bus")?
+                    .clone();
+                (code == 0
+                    && bus["new"] == 3000
+                    && daemon.log().contains("holds its notifications"))
+                .then_some(doc)
+            }
+        },
+    )
+    .await;
+    let crm = status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == "crm")
+        .unwrap();
+    assert_eq!(crm["new"], 0, "{status}");
+    assert!(
+        status["listeners"][0]["oldest_undelivered"].is_string()
+            || status["listeners"][1]["oldest_undelivered"].is_string(),
+        "{status}"
+    );
+    assert_eq!(
+        processed(&c, "bus").await,
+        500,
+        "nothing published while down"
+    );
+    // Hold the outage a few seconds more: the listener must not give up meanwhile.
+    while stopped.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    nats.resume().await;
+    eventually(
+        Duration::from_secs(120),
+        "3500 published after the outage",
+        || async { (processed(&c, "bus").await == 3500).then_some(()) },
+    )
+    .await;
+    let failed: i64 = c
+        .query_one("SELECT count(*) FROM walhook.failed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failed, 0);
+    assert!(
+        daemon.log().contains("is reachable again"),
+        "{}",
+        daemon.log()
+    );
+    let js = nats.jetstream().await;
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        3500,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &event_ids(&c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_nkey_listener_publishes_and_wrong_credentials_are_named_by_check() {
+    let user = nkeys::KeyPair::new_user();
+    let nats = NatsServer::start_with(&format!(
+        "authorization {{\n  users = [ {{ nkey: \"{}\" }} ]\n}}\n",
+        user.public_key()
+    ))
+    .await;
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let secrets = tempfile::tempdir().unwrap();
+    let seed = secrets.path().join("walhook.nk");
+    std::fs::write(&seed, format!("{}\n", user.seed().unwrap())).unwrap();
+    let stranger = secrets.path().join("stranger.nk");
+    std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    let config = |seed_file: &std::path::Path| {
+        config_toml(
+            &db.url,
+            &format!(
+                "{CUSTOMER}{}",
+                nats_listener(
+                    "bus",
+                    &nats.url(),
+                    &format!(
+                        "[listener.nats]\nnkey_seed_file = \"{}\"\n{STREAM}",
+                        seed_file.display()
+                    )
+                )
+            ),
+        )
+    };
+
+    let (dir, path) = write_config(&config(&stranger));
+    let (code, out, err) = walhook(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("nats listener bus"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAIL") && line.to_lowercase().contains("authorization violation"),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&user.seed().unwrap()),
+        "the seed is never printed"
+    );
+    drop(dir);
+
+    let toml = config(&seed);
+    let (_dir, _path) = setup(&toml);
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 0 FROM generate_series(1, 20) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "20 published", || async {
+        (processed(&c, "bus").await == 20).then_some(())
+    })
+    .await;
+}
+
+/// PEM text of one DER item.
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let lines: Vec<&str> = b64
+        .as_bytes()
+        .chunks(64)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    format!(
+        "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+        lines.join("\n")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_listener_trusts_its_ca_file_and_check_names_an_untrusted_certificate() {
+    let (ca_pem, cert, key) = support::receiver::test_ca();
+    let files = tempfile::tempdir().unwrap();
+    let (ca, cert_file, key_file) = (
+        files.path().join("ca.pem"),
+        files.path().join("server.pem"),
+        files.path().join("server.key"),
+    );
+    std::fs::write(&ca, ca_pem).unwrap();
+    std::fs::write(&cert_file, pem("CERTIFICATE", cert.as_ref())).unwrap();
+    std::fs::write(&key_file, pem("PRIVATE KEY", key.secret_der())).unwrap();
+    let nats = NatsServer::start_with(&format!(
+        "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n}}\n",
+        cert_file.display(),
+        key_file.display()
+    ))
+    .await;
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let config = |extra: &str| {
+        config_toml(
+            &db.url,
+            &format!(
+                "{CUSTOMER}{}",
+                nats_listener("bus", &url, &format!("{extra}{STREAM}"))
+            ),
+        )
+    };
+
+    let (_d, path) = write_config(&config(""));
+    let (code, out, err) = walhook(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{out}{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("nats listener bus"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAIL") && line.contains("cannot connect to tls://127.0.0.1"),
+        "{out}"
+    );
+
+    let toml = config(&format!("ca_file = \"{}\"\n", ca.display()));
+    let (_dir, path) = setup(&toml);
+    let (code, out, _) = walhook(&["check", "--config", &path]);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok") && l.contains("nats listener bus")),
+        "{code} {out}"
+    );
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 0 FROM generate_series(1, 20) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(60), "20 published over TLS", || async {
+        (processed(&c, "bus").await == 20).then_some(())
+    })
+    .await;
+}
