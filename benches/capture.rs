@@ -4,8 +4,13 @@
 //! WAL range. (a) pg_recvlogical drains one slot to /dev/null; (b) the release `walhook`
 //! binary decodes, maps and commits the other slot's changes into `walhook.event`.
 //!
-//!     cargo bench --bench capture                       # 1,000,000 bulk + 200,000 single
-//!     cargo bench --bench capture -- --bulk 200000 --single 50000
+//! ```text
+//! cargo bench --bench capture            # 1,000,000 bulk + 200,000 single + 200,000 mixed
+//! cargo bench --bench capture -- --bulk 200000 --single 50000 --mixed 0
+//! ```
+//!
+//! walhook starts cold for each shape: a new process, the queue schema created by its
+//! setup, the clock running from its start to the last event queued.
 //!
 //! Prints rates, their ratio and walhook's peak RSS as a Markdown table.
 
@@ -22,12 +27,14 @@ use walhook::cluster::LocalCluster;
 struct Args {
     bulk: u64,
     single: u64,
+    mixed: u64,
 }
 
 fn parse_args() -> Args {
     let mut args = Args {
         bulk: 1_000_000,
         single: 200_000,
+        mixed: 200_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -39,6 +46,7 @@ fn parse_args() -> Args {
         match a.as_str() {
             "--bulk" => args.bulk = num("--bulk"),
             "--single" => args.single = num("--single"),
+            "--mixed" => args.mixed = num("--mixed") / 2 * 2,
             // cargo bench passes --bench; ignore anything else.
             _ => {}
         }
@@ -95,6 +103,22 @@ fn main() {
                    END LOOP;
                  END $$;",
                 n = args.single
+            ),
+        },
+        Shape {
+            name: "single-row transactions (an insert, then an update of an earlier row)",
+            changes: args.mixed,
+            load_sql: format!(
+                "DO $$ BEGIN
+                   FOR i IN 1..{n} LOOP
+                     INSERT INTO bench VALUES (20000000 + i, i, 'mixed ' || i, i * 0.5, now(), true);
+                     COMMIT;
+                     UPDATE bench SET a = a + 1, b = 'updated ' || i
+                       WHERE id = 20000000 + 1 + ((i::bigint * 7919) % 1000003) % i;
+                     COMMIT;
+                   END LOOP;
+                 END $$;",
+                n = args.mixed / 2
             ),
         },
     ];

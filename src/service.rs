@@ -396,9 +396,11 @@ async fn gauge_loop(
 }
 
 /// Deletes Processed notifications and events older than `queue.retention`, in small
-/// batches, every [`crate::queue::PRUNE_INTERVAL`].
+/// batches, and gives back the index space a drained backlog left in `walhook.new`, every
+/// [`crate::queue::PRUNE_INTERVAL`].
 async fn retention_loop(config: &Config, source: &Source, shutdown: &CancellationToken) {
     let mut failing = false;
+    let mut told_owner = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(crate::queue::PRUNE_INTERVAL) => {}
@@ -406,12 +408,21 @@ async fn retention_loop(config: &Config, source: &Source, shutdown: &Cancellatio
         }
         let outcome = async {
             let client = source.connect().await?;
-            crate::queue::prune(&client, config.queue.retention, crate::queue::PRUNE_BATCH)
-                .await
-                .map_err(ServiceError::from_err)
+            let pruned =
+                crate::queue::prune(&client, config.queue.retention, crate::queue::PRUNE_BATCH)
+                    .await
+                    .map_err(ServiceError::from_err)?;
+            let compacted =
+                crate::queue::compact_new(&client, crate::queue::COMPACT_MIN_INDEX_BYTES)
+                    .await
+                    .map_err(ServiceError::from_err)?;
+            Ok::<_, ServiceError>((pruned, compacted))
         }
         .await;
-        match outcome {
+        if let Ok((_, compacted)) = &outcome {
+            report_compaction(compacted, &mut told_owner);
+        }
+        match outcome.map(|(pruned, _)| pruned) {
             Ok(o) => {
                 if failing {
                     info!("retention works again");
@@ -435,6 +446,28 @@ async fn retention_loop(config: &Config, source: &Source, shutdown: &Cancellatio
                 }
                 failing = true;
             }
+        }
+    }
+}
+
+/// Logs what [`crate::queue::compact_new`] did; the owner's fix once per process.
+fn report_compaction(compacted: &crate::queue::Compaction, told_owner: &mut bool) {
+    use crate::queue::Compaction;
+    match compacted {
+        Compaction::NotNeeded | Compaction::Busy => {}
+        Compaction::Rebuilt { before, after } => info!(
+            before_bytes = before,
+            after_bytes = after,
+            "rebuilt the indexes of walhook.new, which a drained backlog had left large"
+        ),
+        Compaction::NeedsOwner { bytes, fix } => {
+            if !*told_owner {
+                warn!(
+                    index_bytes = bytes,
+                    "the indexes of walhook.new are much larger than its rows need (a drained backlog); walhook's role does not own the table, so run {fix}"
+                );
+            }
+            *told_owner = true;
         }
     }
 }

@@ -278,6 +278,88 @@ async fn sigkill_during_delivery_then_restart_delivers_every_event_with_stable_i
     }
 }
 
+/// A backlog of 100 customers with 10 versions each, in flight when the process dies: after
+/// the restart every version arrives (stable ids), each customer's versions first arrive in
+/// commit order, and each notification is recorded exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_drain_keeps_each_entitys_order_and_records_every_change_once() {
+    const CUSTOMERS: usize = 100;
+    const VERSIONS: usize = 10;
+    let db = TestDb::new();
+    setup_tables(&db).await;
+    let hook = Receiver::start().await;
+    hook.respond_with(|_, _| Reply::status(200).after(Duration::from_millis(20)));
+    let toml = config(&db, &one_listener(&hook.url("/h")));
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    // One transaction per version: an entity's later changes sit behind its earlier ones
+    // in walhook.new, across many claims.
+    c.execute(
+        "INSERT INTO customer SELECT g, 'v0', 'c' FROM generate_series(1, $1::int) g",
+        &[&(CUSTOMERS as i32)],
+    )
+    .await
+    .unwrap();
+    for v in 1..VERSIONS {
+        c.execute("UPDATE customer SET name = $1", &[&format!("v{v}")])
+            .await
+            .unwrap();
+    }
+    hook.wait_for_count(150, DELIVERY_WAIT, "some deliveries")
+        .await;
+    daemon.kill9();
+    let delivered_before_kill = hook.count();
+    assert!(
+        delivered_before_kill < CUSTOMERS * VERSIONS,
+        "the drain ended before the kill ({delivered_before_kill} requests)"
+    );
+    let _daemon = Daemon::start(&toml);
+    let total = CUSTOMERS * VERSIONS;
+    eventually(
+        Duration::from_secs(150),
+        "every version delivered",
+        || async {
+            let n: usize = delivered_ids(&hook).values().map(HashSet::len).sum();
+            (n >= total).then_some(())
+        },
+    )
+    .await;
+    wait_queue_drained(&c).await;
+
+    let mut first_seen = HashSet::new();
+    let mut versions: HashMap<String, Vec<String>> = HashMap::new();
+    for req in hook.requests() {
+        let ev = req.json();
+        if first_seen.insert(ev["id"].as_str().unwrap_or_default().to_owned()) {
+            versions
+                .entry(ev["subject"].as_str().unwrap_or_default().to_owned())
+                .or_default()
+                .push(
+                    ev["data"]["row"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                );
+        }
+    }
+    let expected: Vec<String> = (0..VERSIONS).map(|v| format!("v{v}")).collect();
+    assert_eq!(versions.len(), CUSTOMERS);
+    for (subject, seen) in &versions {
+        assert_eq!(seen, &expected, "{subject}: versions out of commit order");
+    }
+    let counts = c
+        .query_one(
+            "SELECT (SELECT count(*) FROM walhook.processed),
+                    (SELECT count(*) FROM walhook.failed)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (processed, failed): (i64, i64) = (counts.get(0), counts.get(1));
+    assert_eq!((processed, failed), (total as i64, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_after_max_attempts_then_walhook_retry_delivers_once_the_receiver_recovers() {
     let db = TestDb::new();

@@ -512,8 +512,33 @@ async fn shutdown_finishes_in_flight_deliveries_and_releases_every_other_lease()
     stop(token, task).await;
 }
 
+/// The plan of `EXPLAIN EXECUTE name(args)` for a prepared `sql`.
+async fn plan(
+    client: &tokio_postgres::Client,
+    name: &str,
+    types: &str,
+    sql: &str,
+    args: &str,
+) -> String {
+    client
+        .batch_execute(&format!("PREPARE {name}({types}) AS {sql};"))
+        .await
+        .unwrap();
+    let rows = client
+        .simple_query(&format!("EXPLAIN EXECUTE {name}({args})"))
+        .await
+        .unwrap();
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 #[tokio::test]
-async fn claiming_from_a_queue_of_100k_rows_uses_indexes() {
+async fn claims_from_a_queue_of_100k_rows_use_indexes() {
     let q = Queue::new(&["crm"]).await;
     q.db.execute(
         "INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity, entity_id,
@@ -527,50 +552,82 @@ async fn claiming_from_a_queue_of_100k_rows_uses_indexes() {
          ANALYZE walhook.new; ANALYZE walhook.event;",
     )
     .await;
-    let explain = format!(
-        "PREPARE claim(text, bigint, float8, text) AS {};",
-        queue::CLAIM_SQL
-    );
-    q.client.batch_execute(&explain).await.unwrap();
-    let rows = q
-        .client
-        .simple_query("EXPLAIN EXECUTE claim('crm', 500, 60000, 'me')")
-        .await
-        .unwrap();
-    let plan: Vec<String> = rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-            _ => None,
-        })
-        .collect();
-    let plan = plan.join("\n");
-    assert!(!plan.contains("Seq Scan on new"), "{plan}");
-    assert!(plan.contains("new_listener_commit_order_idx"), "{plan}");
-    assert!(plan.contains("new_listener_entity_order_idx"), "{plan}");
+    let types = "text, bigint, bigint, float8, text, pg_lsn, int";
+    let next = plan(
+        &q.client,
+        "next",
+        types,
+        queue::CLAIM_NEXT,
+        "'crm', 500, 8000000, 60000, 'me', '0/0', -1",
+    )
+    .await;
+    assert!(!next.contains("Seq Scan on new"), "{next}");
+    assert!(next.contains("new_listener_commit_order_idx"), "{next}");
+    assert!(next.contains("new_listener_entity_order_idx"), "{next}");
+    let sweep = plan(
+        &q.client,
+        "sweep",
+        types,
+        queue::SWEEP,
+        "'crm', 500, 8000000, 60000, 'me', '0/10000', 0",
+    )
+    .await;
+    assert!(!sweep.contains("Seq Scan on new"), "{sweep}");
+    assert!(sweep.contains("new_listener_commit_order_idx"), "{sweep}");
+    let heads = plan(
+        &q.client,
+        "heads",
+        "text, bigint, bigint, float8, text, text[], text[]",
+        queue::CLAIM_HEADS,
+        "'crm', 500, 8000000, 60000, 'me', '{Customer,Customer}', '{1,2}'",
+    )
+    .await;
+    assert!(!heads.contains("Seq Scan on new"), "{heads}");
+    assert!(heads.contains("new_listener_entity_order_idx"), "{heads}");
 
-    // And it is quick: 500 rows (one per entity, in commit order) in well under a second.
+    // Quick, and resumable: 500 rows, one per entity in commit order, then the next window
+    // starts after the cursor instead of walking past the 500 leased rows.
     let store = queue::NotificationStore::new(q.db.client().await, "me")
         .await
         .unwrap();
+    let limits = queue::ClaimLimits {
+        rows: 500,
+        stored_bytes: 8 << 20,
+        received_bytes: 16 << 20,
+    };
+    let lease = Duration::from_secs(60);
     let started = Instant::now();
-    let claimed = store
-        .claim("crm", 500, Duration::from_secs(60))
+    let first = store
+        .claim_next("crm", queue::Cursor::START, limits, lease)
         .await
         .unwrap();
     let took = started.elapsed();
-    assert_eq!(claimed.len(), 500);
-    let entities: HashSet<String> = claimed
-        .iter()
-        .map(|n| n.as_ref().unwrap().event.entity_id.clone())
-        .collect();
+    assert_eq!(first.rows.len(), 500);
+    assert!(first.full);
+    let ids = |claim: &queue::Claim| -> Vec<String> {
+        claim
+            .rows
+            .iter()
+            .map(|c| match c {
+                queue::Claimed::Ready { notification, .. } => notification.event.entity_id.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let entities: HashSet<String> = ids(&first).into_iter().collect();
     assert_eq!(
         entities.len(),
         500,
         "two changes of one entity in one claim"
     );
+    let cursor = first.scanned_to.expect("a cursor");
+    let second = store
+        .claim_next("crm", cursor, limits, lease)
+        .await
+        .unwrap();
+    assert_eq!(ids(&second).first().map(String::as_str), Some("501"));
     assert!(took < Duration::from_millis(500), "claim took {took:?}");
-    eprintln!("claim of 500 from 100k rows took {took:?}\n{plan}");
+    eprintln!("claim of 500 from 100k rows took {took:?}\n{next}");
 }
 
 #[tokio::test]

@@ -11,6 +11,32 @@ use walhook::mapper::EntityEvent;
 use walhook::queue::{self, NotificationStore, QueueWriter, Subscription};
 use walhook::types::{Action, EntityName};
 
+/// Claims every due notification of `listener` (each must be readable).
+async fn claim_all(store: &NotificationStore, listener: &str) -> Vec<queue::Notification> {
+    let limits = queue::ClaimLimits {
+        rows: 100,
+        stored_bytes: 1 << 30,
+        received_bytes: 1 << 30,
+    };
+    let claim = store
+        .claim_next(
+            listener,
+            queue::Cursor::START,
+            limits,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    claim
+        .rows
+        .into_iter()
+        .map(|c| match c {
+            queue::Claimed::Ready { notification, .. } => *notification,
+            other => panic!("not readable: {other:?}"),
+        })
+        .collect()
+}
+
 const SYSTEM_ID: &str = "7301234567890123456";
 
 async fn migrated() -> (support::TestDb, tokio_postgres::Client) {
@@ -130,11 +156,8 @@ async fn each_listener_gets_one_event_per_change_the_first_it_subscribes_to() {
     let store = NotificationStore::new(db.client().await, "me")
         .await
         .unwrap();
-    let claimed = store
-        .claim("cancellations", 10, Duration::from_secs(30))
-        .await
-        .unwrap();
-    let n = claimed[0].as_ref().unwrap();
+    let claimed = claim_all(&store, "cancellations").await;
+    let n = &claimed[0];
     assert_eq!(n.event.action, Action::Updated);
     assert_eq!(n.event.action_name(), "Cancelled");
     assert_eq!(n.event.event_id, derived_id);
@@ -334,11 +357,11 @@ async fn a_debounced_listener_gets_one_coalesced_notification_per_window_and_ent
     let store = NotificationStore::new(db.client().await, "me")
         .await
         .unwrap();
-    let claimed = store
-        .claim("deb", 10, Duration::from_secs(30))
+    let events: Vec<_> = claim_all(&store, "deb")
         .await
-        .unwrap();
-    let events: Vec<_> = claimed.into_iter().map(|n| n.unwrap().event).collect();
+        .into_iter()
+        .map(|n| n.event)
+        .collect();
     assert_eq!(events.len(), 2);
     let one = events.iter().find(|e| e.entity_id == "1").unwrap();
     assert_eq!(one.action, Action::Updated);

@@ -2,6 +2,8 @@
 //! psql, pg_recvlogical, the `walhook` child process and its /proc figures.
 #![allow(dead_code)]
 
+pub mod receiver;
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -172,4 +174,86 @@ pub fn vm_hwm_kb(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Creates the queue schema (`walhook setup`'s migrations) so that a backlog can be made
+/// before walhook starts.
+pub fn migrate_queue(cluster: &LocalCluster) {
+    let url = cluster.url(DB);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async move {
+            let (mut client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .expect("connect");
+            tokio::spawn(conn);
+            walhook::queue::migrate(&mut client).await.expect("migrate");
+        });
+}
+
+/// Fills the queue with `events` events of the `bench` entity (rows like the benchmark
+/// table's, `row_sql` over `g` when given) and one New notification per event and listener,
+/// as the writer would have during an outage of the listeners; then VACUUM ANALYZE, as
+/// autovacuum would have meanwhile.
+pub fn make_backlog(
+    cluster: &LocalCluster,
+    events: u64,
+    listeners: &[String],
+    row_sql: Option<&str>,
+) {
+    let row = row_sql.unwrap_or(
+        "jsonb_build_object('id', g, 'a', g, 'b', 'row ' || g, 'c', g * 1.5, 'd', now(), 'e', g % 2 = 0)",
+    );
+    let names = listeners
+        .iter()
+        .map(|l| format!("'{l}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    // In slices, so one statement's memory stays small.
+    const SLICE: u64 = 200_000;
+    let mut from = 1;
+    while from <= events {
+        let to = (from + SLICE - 1).min(events);
+        psql(
+            cluster,
+            &format!(
+                "WITH e AS (
+                   INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity,
+                       entity_id, action, changed_fields, \"row\", old, subject, source_table)
+                   SELECT gen_random_uuid(), ('1/' || to_hex(g * 64))::pg_lsn, 0, 1000 + g, now(),
+                          'Bench', g::text, 'Created', ARRAY['id','a','b','c','d','e'], {row}, NULL,
+                          'Bench/' || g, 'public.bench'
+                   FROM generate_series({from}, {to}) g
+                   RETURNING id, entity, entity_id, commit_lsn, seq,
+                             pg_column_size(\"row\") AS payload_bytes
+                 )
+                 INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                                          payload_bytes)
+                 SELECT nextval('walhook.notification_id_seq'), e.id, l, e.entity, e.entity_id,
+                        e.commit_lsn, e.seq, e.payload_bytes
+                 FROM e CROSS JOIN unnest(ARRAY[{names}]) l
+                 ORDER BY e.id, l"
+            ),
+        );
+        from = to + 1;
+    }
+    psql(cluster, "VACUUM ANALYZE walhook.event");
+    psql(cluster, "VACUUM ANALYZE walhook.new");
+}
+
+/// Sizes of a queue table: (heap, indexes) in bytes.
+pub fn table_size(cluster: &LocalCluster, table: &str) -> (u64, u64) {
+    let out = psql(
+        cluster,
+        &format!("SELECT pg_relation_size('{table}'), pg_indexes_size('{table}')"),
+    );
+    let mut parts = out.split('|').map(|v| v.trim().parse::<u64>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// "12.3 MB" for a byte count.
+pub fn mb(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1_048_576.0)
 }

@@ -2,6 +2,12 @@
 //! batches that span source transactions; publishes the end LSN of the last source commit
 //! whose events are durable.
 //!
+//! Group commit: a batch is written as soon as the input is idle at a source transaction's
+//! commit, so at low rates nothing waits for `batch_delay`; while one write is in flight the
+//! next batch gathers in the channel, so at high rates batches grow by themselves. A batch
+//! is also written at its count or byte limit, and when `batch_delay` has passed while
+//! waiting for the rest of a source transaction.
+//!
 //! Memory is bounded in bytes as well as in counts: each event handed over holds permits of
 //! the capture buffer for its size until its batch is committed, and a batch ends once it
 //! holds `batch_bytes`.
@@ -10,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc, watch};
+use tokio::time::Instant;
 
 use super::CaptureObserver;
 use super::mapper::{EntityEvent, RejectedChange};
@@ -47,12 +54,15 @@ struct Batch {
     permits: Vec<OwnedSemaphorePermit>,
     bytes: u64,
     commit: Option<Lsn>,
+    /// Whether the last item read ended a source transaction.
+    at_commit: bool,
 }
 
 impl Batch {
     fn absorb(&mut self, item: Item) {
         match item {
             Item::Event(e, permit) => {
+                self.at_commit = false;
                 self.bytes += permit.num_permits() as u64;
                 self.events.push(*e);
                 self.permits.push(permit);
@@ -63,11 +73,15 @@ impl Batch {
                 self.permits.push(permit);
             }
             Item::SetAside(r, permit) => {
+                self.at_commit = false;
                 self.bytes += permit.num_permits() as u64;
                 self.set_aside.push(*r);
                 self.permits.push(permit);
             }
-            Item::Commit { end_lsn } => self.commit = Some(end_lsn),
+            Item::Commit { end_lsn } => {
+                self.at_commit = true;
+                self.commit = Some(end_lsn);
+            }
         }
     }
 
@@ -76,12 +90,19 @@ impl Batch {
             || self.bytes >= limits.batch_bytes
     }
 
+    /// Whether to write now: `idle` means nothing more is queued right now; `deadline` is
+    /// `batch_delay` after the batch's first item.
+    fn ready(&self, limits: &Limits, idle: bool, now: Instant, deadline: Instant) -> bool {
+        self.full(limits) || (idle && (self.at_commit || now >= deadline))
+    }
+
     fn clear(&mut self) {
         self.events.clear();
         self.set_aside.clear();
         self.permits.clear();
         self.bytes = 0;
         self.commit = None;
+        self.at_commit = false;
     }
 }
 
@@ -105,19 +126,25 @@ pub(super) async fn run(
         };
         let mut closed = false;
         batch.absorb(first);
-        let deadline = tokio::time::Instant::now() + limits.batch_delay;
-        while !batch.full(&limits) {
-            // Take what is already there without waiting, then wait until the deadline.
-            match rx.try_recv() {
+        let deadline = Instant::now() + limits.batch_delay;
+        loop {
+            // Take what is already there without waiting; wait only inside a transaction.
+            let idle = match rx.try_recv() {
                 Ok(item) => {
                     batch.absorb(item);
-                    continue;
+                    false
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => {
                     closed = true;
                     break;
                 }
-                Err(mpsc::error::TryRecvError::Empty) => {}
+                Err(mpsc::error::TryRecvError::Empty) => true,
+            };
+            if batch.ready(&limits, idle, Instant::now(), deadline) {
+                break;
+            }
+            if !idle {
+                continue;
             }
             tokio::select! {
                 item = rx.recv() => match item {
@@ -179,4 +206,52 @@ fn count_queued(observe: &dyn CaptureObserver, events: &[EntityEvent], refused: 
         .map(|((e, a), n)| (e, a, n))
         .collect();
     observe.events_queued(&batch);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        batch_size: 100,
+        batch_bytes: 1000,
+        batch_delay: Duration::from_millis(20),
+    };
+
+    fn batch(bytes: u64, at_commit: bool) -> Batch {
+        Batch {
+            bytes,
+            at_commit,
+            ..Batch::default()
+        }
+    }
+
+    #[test]
+    fn an_idle_input_at_a_commit_is_written_at_once() {
+        let t = Instant::now();
+        assert!(batch(10, true).ready(&LIMITS, true, t, t + LIMITS.batch_delay));
+    }
+
+    #[test]
+    fn an_idle_input_inside_a_transaction_waits_for_the_rest_until_the_delay() {
+        let t = Instant::now();
+        let deadline = t + LIMITS.batch_delay;
+        assert!(!batch(10, false).ready(&LIMITS, true, t, deadline));
+        assert!(batch(10, false).ready(&LIMITS, true, deadline, deadline));
+    }
+
+    #[test]
+    fn a_busy_input_keeps_gathering_until_a_limit() {
+        let t = Instant::now();
+        let late = t + Duration::from_secs(1);
+        assert!(!batch(10, true).ready(&LIMITS, false, late, t));
+        assert!(batch(1000, false).ready(&LIMITS, false, t, late));
+    }
+
+    #[test]
+    fn a_zero_delay_writes_what_was_read_once_the_input_is_idle() {
+        let t = Instant::now();
+        assert!(!batch(1, false).ready(&LIMITS, false, t, t));
+        assert!(batch(1, false).ready(&LIMITS, true, t, t));
+    }
 }

@@ -6,9 +6,9 @@
 //! Per listener three stages run as tasks and hand work on through channels:
 //! * the *claimer* claims due notifications in batches under a lease (woken by
 //!   `NOTIFY walhook_new`, by recorded outcomes, at the earliest retry it scheduled, and by a
-//!   one-second poll that covers other processes), keeping up to a prefetch target of
-//!   notifications outstanding so the next batch is claimed while the previous one is in
-//!   flight;
+//!   periodic sweep that covers other processes), keeping up to a prefetch target of
+//!   notifications and bytes outstanding so the next batch is claimed while the previous
+//!   one is in flight; claims resume after a cursor (see [`claimer`]);
 //! * the *starter* starts deliveries in claim order, each after a concurrency permit and
 //!   the rate limiter allow it; for a listener with `batch_size` above 1 one delivery
 //!   carries the claimed notifications that are ready, up to `batch_size` and `batch_bytes`,
@@ -25,10 +25,11 @@
 //! and outcomes are recorded only for rows still leased here.
 
 mod batch;
+mod claimer;
 
 use std::future::Future;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,22 +51,19 @@ use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit
 use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
-    Completions, DeliveredRow, FailedAttemptRow, Notification, NotificationStore,
-    OnNewNotifications, QueueError, StoredEvent,
+    Completions, DeliveredRow, EntityKey, FailedAttemptRow, Notification, NotificationStore,
+    OnNewNotifications, QueueError, SWEEP_PAYLOAD, StoredEvent,
 };
 use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
 use batch::{Backlog, Pending};
+use claimer::{ClaimState, TotalBytes};
 
-/// Most notifications one claim statement takes.
-const CLAIM_BATCH: usize = 500;
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
 const PREFETCH_PER_SLOT: usize = 8;
 /// Upper bound of notifications outstanding (claimed, not yet recorded) per listener.
 const MAX_OUTSTANDING: usize = 4000;
 /// A rate-limited listener claims no more than it may send in this long.
 const RATE_LIMITED_PREFETCH: Duration = Duration::from_secs(5);
-/// Fallback poll: finds work other processes made due (their retries, expired leases).
-const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// Most outcomes recorded in one batch.
 const RECORD_BATCH: usize = 2000;
 /// How much longer than one attempt a lease lasts, by default: how long the notifications
@@ -221,12 +219,16 @@ pub(crate) async fn run_following(
         stop: shutdown.child_token(),
         fatal: Mutex::new(None),
         observer: options.observer.clone(),
+        bytes: TotalBytes::default(),
     });
     let lanes: Arc<[Arc<Lane>]> = lanes.into();
     let wake_all: OnNewNotifications = {
         let lanes = lanes.clone();
-        Arc::new(move || {
+        Arc::new(move |payload: &str| {
             for lane in lanes.iter() {
+                if payload == SWEEP_PAYLOAD {
+                    lane.claims.sweep_soon();
+                }
                 lane.wake.notify_one();
             }
         })
@@ -264,7 +266,7 @@ pub(crate) async fn run_following(
     }
     for lane in lanes.iter() {
         let (claimed_tx, claimed_rx) = mpsc::unbounded_channel();
-        tasks.spawn(claim_loop(
+        tasks.spawn(claimer::claim_loop(
             lane.clone(),
             claim_link.clone(),
             shared.clone(),
@@ -316,12 +318,13 @@ pub(crate) async fn run_following(
     }
 }
 
-/// What every task sees: the stop signal and the first fatal error.
+/// What every task sees: the stop signal, the first fatal error and the bytes claimed.
 struct Shared {
     stop: CancellationToken,
     fatal: Mutex<Option<DispatchError>>,
     /// Told that claim loops go round, for the watchdog.
     observer: Option<Arc<dyn DeliveryObserver>>,
+    bytes: TotalBytes,
 }
 
 impl Shared {
@@ -399,9 +402,10 @@ impl Link {
             })??;
         let store = Arc::new(store);
         *current = Some(store.clone());
-        // Notifications sent while this connection was not listening are lost: look now.
+        // Notifications sent while this connection was not listening are lost: look now,
+        // behind the cursors too.
         if let Some(wake) = &self.on_new {
-            wake();
+            wake(SWEEP_PAYLOAD);
         }
         Ok(store)
     }
@@ -439,8 +443,8 @@ struct Lane {
     permits: Arc<Semaphore>,
     concurrency: usize,
     wake: Notify,
-    /// Claimed and not yet recorded.
-    outstanding: AtomicUsize,
+    /// Cursor-independent claim state, shared with the recorder.
+    claims: ClaimState,
     /// Claim no more than this many ahead.
     target: usize,
     lease: LeaseTimes,
@@ -511,7 +515,7 @@ impl Lane {
             permits: Arc::new(Semaphore::new(concurrency)),
             concurrency,
             wake: Notify::new(),
-            outstanding: AtomicUsize::new(0),
+            claims: ClaimState::new(),
             target,
             lease,
             leases: LeaseBook::default(),
@@ -546,10 +550,10 @@ impl Lane {
         }
     }
 
-    /// How many more to claim now. A failing listener gets no prefetch: its attempts are
-    /// slow (timeouts) and rows waiting behind them would only sit on their leases.
-    fn room(&self) -> usize {
-        let target = if self.failing.load(Ordering::Acquire) {
+    /// How many to hold claimed. A failing listener gets no prefetch: its attempts are slow
+    /// (timeouts) and rows waiting behind them would only sit on their leases.
+    fn target(&self) -> usize {
+        if self.failing.load(Ordering::Acquire) {
             // One message per slot: a batch for a batching listener.
             let per_message = self.batch.map_or(1, |b| b.size);
             self.concurrency
@@ -557,17 +561,22 @@ impl Lane {
                 .min(self.target)
         } else {
             self.target
-        };
-        target.saturating_sub(self.outstanding.load(Ordering::Acquire))
+        }
     }
 
-    /// When the claimer should look again without being woken.
-    fn next_look(&self) -> Instant {
-        let poll = Instant::now() + POLL_INTERVAL;
-        match *lock(&self.next_due) {
-            Some(due) => due.min(poll),
-            None => poll,
+    /// When the earliest retry this process scheduled becomes due.
+    fn next_due(&self) -> Option<Instant> {
+        *lock(&self.next_due)
+    }
+
+    /// Whether a retry this process scheduled is due now (then forgets it).
+    fn take_due(&self) -> bool {
+        let mut due = lock(&self.next_due);
+        if due.is_some_and(|d| d <= Instant::now()) {
+            *due = None;
+            return true;
         }
+        false
     }
 
     fn schedule(&self, due: Instant) {
@@ -579,7 +588,7 @@ impl Lane {
     /// the lease was lost to another process (its renewal failed) or too little of it is
     /// left: another process could deliver it at the same time, so it is handed back instead
     /// (a no-op in the database when the lease is no longer ours).
-    fn startable(&self, c: &Claimed, now: Instant) -> bool {
+    fn startable(&self, c: &ClaimedRow, now: Instant) -> bool {
         let until = self.leases.until(c.notification.id, c.claim);
         let ok = until.is_some_and(|until| self.lease.may_start(now, until));
         if !ok {
@@ -620,10 +629,12 @@ fn rate_limited_prefetch(rate: RateLimit) -> usize {
 }
 
 /// A claimed notification on its way to the starter.
-struct Claimed {
+struct ClaimedRow {
     notification: Notification,
     /// Which claim of this lane took it (see [`LeaseBook`]).
     claim: u64,
+    /// Received size of its event's `row` and `old`, counted against the byte budgets.
+    bytes: u64,
 }
 
 /// What the starter and claimer tell the recorder: one notification, or every
@@ -646,6 +657,8 @@ struct Done {
     id: i64,
     /// The claim that took it, whose lease is forgotten once this is recorded.
     claim: u64,
+    /// Received bytes it held against the budgets (0 when never counted).
+    bytes: u64,
     what: Ended,
 }
 
@@ -669,39 +682,34 @@ enum Ended {
 }
 
 impl Done {
-    fn release(lane: &Lane, id: i64, claim: u64) -> Done {
+    fn release(lane: &Lane, row: &ClaimedRow) -> Done {
         Done {
             lane: lane.index,
-            id,
-            claim,
+            id: row.notification.id,
+            claim: row.claim,
+            bytes: row.bytes,
             what: Ended::Release,
         }
     }
 
-    /// The outcome of an attempt for `n`. The event is done with: the fields observers name
-    /// are moved instead of copied.
-    fn attempted(lane: &Lane, n: Notification, claim: u64, attempt: Attempt) -> Done {
-        Done::attempted_with(
-            lane,
-            n,
-            claim,
-            attempt,
-            rand::rng().random_range(-1.0..=1.0),
-        )
+    /// The outcome of an attempt for `row`. The event is done with: the fields observers
+    /// name are moved instead of copied.
+    fn attempted(lane: &Lane, row: ClaimedRow, attempt: Attempt) -> Done {
+        Done::attempted_with(lane, row, attempt, rand::rng().random_range(-1.0..=1.0))
     }
 
     /// [`Done::attempted`] with the retry jitter given (one per batch).
-    fn attempted_with(
-        lane: &Lane,
-        n: Notification,
-        claim: u64,
-        attempt: Attempt,
-        jitter: f64,
-    ) -> Done {
+    fn attempted_with(lane: &Lane, row: ClaimedRow, attempt: Attempt, jitter: f64) -> Done {
+        let ClaimedRow {
+            notification: n,
+            claim,
+            bytes,
+        } = row;
         Done {
             lane: lane.index,
             id: n.id,
             claim,
+            bytes,
             what: Ended::Attempted {
                 attempts_before: n.attempts,
                 attempt,
@@ -771,142 +779,13 @@ async fn validate(lane: Arc<Lane>, db: Source, shared: Arc<Shared>) {
     }
 }
 
-/// Claims due notifications for one listener until stop (after its validation, if it
-/// needs one).
-async fn claim_loop(
-    lane: Arc<Lane>,
-    link: Arc<Link>,
-    shared: Arc<Shared>,
-    claimed: mpsc::UnboundedSender<Vec<Claimed>>,
-    done: mpsc::UnboundedSender<Report>,
-) {
-    if let Some(validated) = &lane.validated {
-        let mut open = validated.subscribe();
-        tokio::select! {
-            _ = open.wait_for(|v| *v) => {}
-            _ = shared.stop.cancelled() => return,
-        }
-    }
-    let mut backoff = RECONNECT_INITIAL;
-    let mut claims: u64 = 0;
-    while !shared.stop.is_cancelled() {
-        if let Some(o) = &shared.observer {
-            o.alive();
-        }
-        let room = lane.room();
-        if room > 0 {
-            {
-                let mut due = lock(&lane.next_due);
-                if due.is_some_and(|d| d <= Instant::now()) {
-                    *due = None;
-                }
-            }
-            let want = room.min(CLAIM_BATCH);
-            // At stop a claim in progress is abandoned rather than awaited (the database may
-            // be gone); leases it took are freed with the others at the end, or expire.
-            let (name, lease) = (lane.name(), lane.lease.length);
-            // The lease is counted from before the statement is sent: the database counts
-            // it from a later moment, so this process never thinks it holds a row longer.
-            let sent = Instant::now();
-            let claim = on_store(&link, "claiming notifications", |store| async move {
-                store.claim(name, want, lease).await
-            });
-            let result = tokio::select! {
-                result = claim => result,
-                _ = shared.stop.cancelled() => break,
-            };
-            match result {
-                Ok(rows) => {
-                    backoff = RECONNECT_INITIAL;
-                    link.healthy();
-                    let got = rows.len();
-                    claims += 1;
-                    hand_out(&lane, rows, claims, sent, &claimed, &done);
-                    if got > 0 {
-                        debug!(
-                            listener = lane.name(),
-                            claimed = got,
-                            "claimed notifications"
-                        );
-                    }
-                    if got == want {
-                        // A full batch: more may be due right now.
-                        continue;
-                    }
-                }
-                Err((store, e)) => {
-                    if e.class() != ErrorClass::Transient {
-                        shared.fail(e);
-                        break;
-                    }
-                    link.broken(store.as_ref(), &e).await;
-                    back_off(&mut backoff, &shared.stop).await;
-                    continue;
-                }
-            }
-        }
-        let look = lane.next_look();
-        tokio::select! {
-            _ = lane.wake.notified() => {}
-            _ = tokio::time::sleep_until(look) => {}
-            _ = shared.stop.cancelled() => break,
-        }
-    }
-}
-
-/// Books the leases of one claim's rows and passes them on: readable ones to the starter
-/// (together), unreadable ones to the recorder.
-fn hand_out(
-    lane: &Lane,
-    rows: Vec<Result<Notification, (i64, String)>>,
-    claim: u64,
-    sent: Instant,
-    claimed: &mpsc::UnboundedSender<Vec<Claimed>>,
-    done: &mpsc::UnboundedSender<Report>,
-) {
-    lane.outstanding.fetch_add(rows.len(), Ordering::AcqRel);
-    let ids = rows.iter().map(|r| match r {
-        Ok(n) => n.id,
-        Err((id, _)) => *id,
-    });
-    lane.leases.taken(ids, claim, sent + lane.lease.length);
-    let mut readable = Vec::with_capacity(rows.len());
-    for row in rows {
-        match row {
-            Ok(notification) => readable.push(Claimed {
-                notification,
-                claim,
-            }),
-            Err((id, comment)) => {
-                let _ = done.send(
-                    Done {
-                        lane: lane.index,
-                        id,
-                        claim,
-                        what: Ended::Unreadable { comment },
-                    }
-                    .into(),
-                );
-            }
-        }
-    }
-    if readable.is_empty() {
-        return;
-    }
-    if let Err(back) = claimed.send(readable) {
-        for c in back.0 {
-            let _ = done.send(Done::release(lane, c.notification.id, c.claim).into());
-        }
-    }
-}
-
 /// Starts deliveries for one listener in claim order, within its concurrency limit and
 /// rate limit (a batch counts as one delivery); at stop, lets the running ones finish within
 /// the deadline.
 async fn start_loop(
     lane: Arc<Lane>,
     shared: Arc<Shared>,
-    claimed: mpsc::UnboundedReceiver<Vec<Claimed>>,
+    claimed: mpsc::UnboundedReceiver<Vec<ClaimedRow>>,
     done: mpsc::UnboundedSender<Report>,
 ) {
     let mut in_flight = JoinSet::new();
@@ -929,8 +808,7 @@ async fn start_loop(
             _ = lane.sink.ready() => true,
         };
         if !ready {
-            let claimed = &next.claimed;
-            let _ = done.send(Done::release(&lane, claimed.notification.id, claimed.claim).into());
+            let _ = done.send(Done::release(&lane, &next.claimed).into());
             break;
         }
         let permit = tokio::select! {
@@ -938,8 +816,7 @@ async fn start_loop(
             _ = stop.cancelled() => None,
             permit = lane.permits.clone().acquire_owned() => permit.ok(),
         };
-        let release =
-            |p: &Pending| Done::release(&lane, p.claimed.notification.id, p.claimed.claim);
+        let release = |p: &Pending| Done::release(&lane, &p.claimed);
         let Some(permit) = permit else {
             let _ = done.send(release(&next).into());
             break;
@@ -968,21 +845,26 @@ async fn start_loop(
         let lane = lane.clone();
         let done = done.clone();
         in_flight.spawn(async move {
-            let Claimed {
+            let ClaimedRow {
                 notification: n,
                 claim,
+                bytes,
             } = next.claimed;
             let attempt = lane.attempt(&n.event, lane.format.render(&n.event)).await;
             drop(permit);
-            let _ = done.send(Done::attempted(&lane, n, claim, attempt).into());
+            let row = ClaimedRow {
+                notification: n,
+                claim,
+                bytes,
+            };
+            let _ = done.send(Done::attempted(&lane, row, attempt).into());
         });
     }
 
     // Stopping: hand back what was claimed but not started (the claimer closes the channel
     // when it ends), then give the running attempts until the deadline.
     while let Some(next) = backlog.next().await {
-        let c = &next.claimed;
-        let _ = done.send(Done::release(&lane, c.notification.id, c.claim).into());
+        let _ = done.send(Done::release(&lane, &next.claimed).into());
     }
     let deadline = lane.config.timeout.min(MAX_SHUTDOWN_WAIT) + Duration::from_millis(500);
     let finished = tokio::time::timeout(deadline, async {
@@ -1005,10 +887,17 @@ struct LaneEffect {
     /// The notifications whose outcomes this batch records, with their claims.
     finished_ids: Vec<(i64, u64)>,
     finished: usize,
+    /// Received bytes of the finished notifications.
+    finished_bytes: u64,
+    /// Entities whose change left `walhook.new` (delivered or given up on).
+    completed: Vec<EntityKey>,
+    /// Rows went back behind the claim cursor (released, or failed without an entity).
+    behind_cursor: bool,
     delivered: usize,
     gave_up: usize,
     last_failure: Option<String>,
-    earliest_retry: Option<Instant>,
+    /// The shortest retry delay scheduled.
+    earliest_retry: Option<Duration>,
 }
 
 /// Records outcomes in batches until every stage has ended, then frees leftover leases.
@@ -1037,7 +926,7 @@ async fn record_loop(
         }
         let (batch, effects) = build_batch(&lanes, pending.drain(..), observer.as_deref());
         record(&link, &shared, &batch).await;
-        apply(&lanes, effects);
+        apply(&lanes, &shared, effects);
     }
     release_leftovers(&link, &shared).await;
 }
@@ -1056,9 +945,14 @@ fn build_batch(
         };
         effect.finished += 1;
         effect.finished_ids.push((done.id, done.claim));
+        effect.finished_bytes += done.bytes;
         match done.what {
-            Ended::Release => batch.release.push(done.id),
+            Ended::Release => {
+                effect.behind_cursor = true;
+                batch.release.push(done.id);
+            }
             Ended::Unreadable { comment } => {
+                effect.behind_cursor = true;
                 effect.gave_up += 1;
                 batch.failed.push(FailedAttemptRow {
                     id: done.id,
@@ -1091,7 +985,7 @@ fn build_batch(
                 let made = u32::try_from(attempts_before)
                     .unwrap_or(0)
                     .saturating_add(1);
-                judge(
+                if judge(
                     lane,
                     done.id,
                     made,
@@ -1099,7 +993,9 @@ fn build_batch(
                     &mut batch,
                     effect,
                     report,
-                );
+                ) {
+                    effect.completed.push(EntityKey { entity, entity_id });
+                }
             }
         }
     }
@@ -1107,7 +1003,8 @@ fn build_batch(
 }
 
 /// Applies the retry policy to one attempt (the `made`-th): the row to write, the lane's
-/// bookkeeping and the observers' report.
+/// bookkeeping and the observers' report. Returns whether the notification leaves
+/// `walhook.new` (delivered or given up on), which unblocks its entity's next change.
 fn judge(
     lane: &Lane,
     id: i64,
@@ -1116,7 +1013,7 @@ fn judge(
     batch: &mut Completions,
     effect: &mut LaneEffect,
     report: impl Fn(Observed, Option<&str>),
-) {
+) -> bool {
     let status_code = attempt.status_code.map(i32::from);
     // Sinks word their failures; this covers one that gave no comment.
     let comment = || {
@@ -1134,11 +1031,11 @@ fn judge(
                 status_code,
                 latency_ms: i32::try_from(attempt.latency.as_millis()).unwrap_or(i32::MAX),
             });
+            true
         }
         Verdict::Retry if made < lane.config.max_attempts => {
             let delay = delay_with_jitter(made, &lane.config.backoff, attempt.retry_after, jitter);
-            let due = Instant::now() + delay + DUE_SLACK;
-            effect.earliest_retry = Some(effect.earliest_retry.map_or(due, |e| e.min(due)));
+            effect.earliest_retry = Some(effect.earliest_retry.map_or(delay, |e| e.min(delay)));
             let comment = comment();
             report(Observed::WillRetry, Some(&comment));
             effect.last_failure = Some(comment.clone());
@@ -1148,6 +1045,7 @@ fn judge(
                 comment,
                 delay,
             });
+            false
         }
         // A final verdict, or a retry after the last attempt: give up.
         verdict => {
@@ -1168,6 +1066,7 @@ fn judge(
                 comment,
                 delay: Duration::ZERO,
             });
+            true
         }
     }
 }
@@ -1216,14 +1115,17 @@ async fn record(link: &Link, shared: &Shared, batch: &Completions) {
 /// Updates the lanes after a batch is recorded: frees their room, wakes their claimers
 /// (a recorded delivery can unblock the next change of the same entity), sets retry timers
 /// and logs a listener starting or stopping to fail.
-fn apply(lanes: &[Arc<Lane>], effects: Vec<LaneEffect>) {
+fn apply(lanes: &[Arc<Lane>], shared: &Shared, effects: Vec<LaneEffect>) {
     for (lane, effect) in lanes.iter().zip(effects) {
         if effect.finished == 0 {
             continue;
         }
         // Recorded (or, after a failed write, left to expire): no longer renewed.
         lane.leases.forget(&effect.finished_ids);
-        if let Some(due) = effect.earliest_retry {
+        // Counted from now, after the write: the database counted the delay from the
+        // start of the retry statement, so the row is due by then.
+        if let Some(delay) = effect.earliest_retry {
+            let due = Instant::now() + delay + DUE_SLACK;
             lane.schedule(due);
         }
         match (&effect.last_failure, effect.delivered > 0) {
@@ -1257,11 +1159,15 @@ fn apply(lanes: &[Arc<Lane>], effects: Vec<LaneEffect>) {
                 lane.name()
             );
         }
-        let _ = lane
-            .outstanding
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                Some(n.saturating_sub(effect.finished))
-            });
+        if effect.behind_cursor {
+            lane.claims.sweep_soon();
+        }
+        lane.claims.recorded(
+            &shared.bytes,
+            effect.finished,
+            effect.finished_bytes,
+            effect.completed,
+        );
         lane.wake.notify_one();
     }
 }

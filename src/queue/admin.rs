@@ -567,9 +567,9 @@ SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, 0,
 FROM moved
 RETURNING id";
 
-/// Wakes the dispatchers (they LISTEN on this channel) instead of leaving the requeued rows
-/// to their poll.
-const WAKE_DISPATCHERS: &str = "SELECT pg_notify('walhook_new', '')";
+/// Wakes the dispatchers (they LISTEN on this channel) and has them sweep behind their
+/// cursors, where the requeued rows are, instead of leaving them to the periodic sweep.
+const WAKE_DISPATCHERS: &str = "SELECT pg_notify('walhook_new', 'sweep')";
 
 const LOCATE: &str = "SELECT id, 'New', listener FROM walhook.new WHERE id = ANY($1)
 UNION ALL
@@ -784,7 +784,7 @@ pub struct PruneOutcome {
 /// Fixed once per run so that the batches agree on what "old" means.
 const PRUNE_CUTOFF: &str = "SELECT now() - $1::float8 * interval '1 second'";
 
-const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
+pub const PRUNE_PROCESSED: &str = "DELETE FROM walhook.processed WHERE id IN (
     SELECT id FROM walhook.processed WHERE delivered_at < $1
     ORDER BY delivered_at LIMIT $2
 )";
@@ -799,7 +799,7 @@ const PRUNE_DISCARDED: &str = "DELETE FROM walhook.discarded WHERE id IN (
 /// move between status tables is one statement, so this statement's snapshot never sees an
 /// event without the notification that pins it. SKIP LOCKED: a row a concurrent foreign key
 /// check holds is left for the next run rather than waited for.
-const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
+pub const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
     SELECT e.id FROM walhook.event e
     WHERE e.queued_at < $1
       AND NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.event_id = e.id)

@@ -580,7 +580,9 @@ const FLUSH: &str = r#"WITH due AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM fanned_out),
-       (SELECT pg_notify('walhook_new', '') WHERE EXISTS (SELECT 1 FROM fanned_out)),
+       -- 'sweep': a window's notification keeps its first change's place in commit order,
+       -- which claim cursors have usually passed by the time the window closes.
+       (SELECT pg_notify('walhook_new', 'sweep') WHERE EXISTS (SELECT 1 FROM fanned_out)),
        (SELECT extract(epoch FROM min(due_at) - now())::float8 FROM walhook.debounce
         WHERE id NOT IN (SELECT id FROM due))"#;
 

@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0008_schedule.sql",
         sql: include_str!("../../sql/0008_schedule.sql"),
     },
+    Migration {
+        version: 9,
+        name: "0009_claim_cursor.sql",
+        sql: include_str!("../../sql/0009_claim_cursor.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

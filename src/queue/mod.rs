@@ -7,6 +7,8 @@
 
 pub mod admin;
 pub mod browse;
+mod claims;
+mod compact;
 pub mod debounce;
 mod listeners;
 mod migrate;
@@ -25,12 +27,14 @@ use tokio_postgres::error::SqlState;
 use crate::error::{Classify, ErrorClass};
 
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
+pub use claims::{CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Claimed, Cursor, EntityKey, SWEEP};
+pub use compact::{COMPACT_MIN_INDEX_BYTES, Compaction, compact_new};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use model::{Notification, StoredEvent};
 pub use notifications::{
-    CLAIM_SQL, Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
-    NotificationStore, OnNewNotifications, discard_pending,
+    Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
+    OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
 };
 pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
@@ -44,6 +48,14 @@ pub use validation::{
 pub use writer::{
     EVENT_ID_NAMESPACE, QueueWriter, Subscription, WriteOutcome, event_id, variant_event_id,
 };
+
+/// The statements that run per notification or per batch, for benchmarks and plan checks.
+pub mod statements {
+    pub use super::admin::{PRUNE_EVENTS, PRUNE_PROCESSED};
+    pub use super::claims::{CLAIM_HEADS, CLAIM_NEXT, SWEEP};
+    pub use super::notifications::{DELIVERED, FAILED, RELEASE, RENEW, RETRY, SESSION_SETTINGS};
+    pub use super::writer::{FAN_OUT_COPIED, INSERT_EVENTS};
+}
 
 /// An error talking to the queue tables.
 #[derive(Debug, thiserror::Error)]

@@ -17,11 +17,19 @@ use tokio_postgres::types::PgLsn;
 use tokio_postgres::{AsyncMessage, Client, Row, Statement};
 use uuid::Uuid;
 
-use super::{Needs, Notification, QueueError, StoredEvent, db_error};
+use super::claims::{
+    CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Cursor, EntityKey, SWEEP, run_claim,
+};
+use super::{Needs, QueueError, StoredEvent, db_error};
 use crate::types::Lsn;
 
 /// The channel the queue writer notifies (once per batch that created notifications).
 pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
+
+/// The payload of a notification on [`NEW_NOTIFICATIONS_CHANNEL`] that asks dispatchers to
+/// sweep behind their cursors: rows there became claimable (leases released, `walhook
+/// retry`). The writer's notifications have an empty payload: new rows after the cursors.
+pub const SWEEP_PAYLOAD: &str = "sweep";
 
 const LISTEN: &str = "LISTEN walhook_new";
 
@@ -37,82 +45,41 @@ const USE: Option<(Needs, Option<&'static super::Session>)> = Some((Needs::Use, 
 /// in the delivery benchmark, and delivery fell to ~400 events/s.
 /// JIT is off too: these are short OLTP statements, and compiling one (triggered by the
 /// inflated costs of a stale plan) took 200 ms, longer than the claim itself.
-const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
+pub const SESSION_SETTINGS: &str = "SET enable_seqscan = off; SET enable_bitmapscan = off; \
      SET enable_hashjoin = off; SET enable_mergejoin = off; SET jit = off";
 
-/// Claims up to $2 due notifications of listener $1 for $4, leased for $3 milliseconds
-/// from the moment each row is taken (`clock_timestamp()`, not the statement's start, so a
-/// slow claim does not shorten its leases).
-///
-/// Due: `next_attempt_at` has come and nobody holds a live lease. Ordering per entity: a
-/// row is claimable only while no earlier change of the same entity (smaller (commit_lsn,
-/// seq)) for the same listener is still in `walhook.new` — pending, leased or waiting for
-/// a retry — so a listener never sees a change to X before an earlier change to X, while
-/// other entities proceed. The anti-join is an index probe on
-/// `new_listener_entity_order_idx`; the walk in commit order uses
-/// `new_listener_commit_order_idx` and stops at the limit.
-pub const CLAIM_SQL: &str = r#"WITH due AS (
-    SELECT n.id
-    FROM walhook.new n
-    WHERE n.listener = $1
-      AND n.next_attempt_at <= now()
-      AND (n.locked_until IS NULL OR n.locked_until <= now())
-      AND NOT EXISTS (
-          SELECT 1 FROM walhook.new p
-          WHERE p.listener = n.listener
-            AND p.entity = n.entity
-            AND p.entity_id = n.entity_id
-            AND (p.commit_lsn, p.seq) < (n.commit_lsn, n.seq))
-    ORDER BY n.commit_lsn, n.seq
-    LIMIT $2::bigint
-    FOR UPDATE OF n SKIP LOCKED
-), claimed AS (
-    UPDATE walhook.new n
-    SET locked_until = clock_timestamp() + $3::float8 * interval '1 millisecond',
-        locked_by = $4::text
-    FROM due
-    WHERE n.id = due.id
-    RETURNING n.id, n.event_id, n.attempts
-)
-SELECT c.id, c.attempts, e.event_id, e.commit_lsn, e.seq, e.commit_time, e.entity,
-       e.entity_id, e.action, e.changed_fields, e."row", e.old, e.subject, e.source_table,
-       e.row_action
-FROM claimed c
-JOIN walhook.event e ON e.id = c.event_id
-ORDER BY e.commit_lsn, e.seq"#;
+// The completion statements find their rows with `id = ANY($1)` (an index scan of the
+// primary key) and read each row's values from the other arrays at the id's position. A
+// join against `unnest(...)` let the planner walk the whole of a small `walhook.new` and
+// rescan the unnested arrays for every row (hash joins are off on these connections): 65 ms
+// for 500 rows at a backlog of 10,000, against 10 ms at 1,000,000 (docs/benchmarks.md).
 
 /// Moves delivered notifications to `walhook.processed`: $1 ids, $2 status codes, $3
 /// latencies (ms), $4 lease holder.
-const DELIVERED: &str = r#"WITH r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::int[]) AS r(id, status_code, latency_ms)
-), moved AS (
+pub const DELIVERED: &str = r#"WITH moved AS (
     DELETE FROM walhook.new n
-    USING r
-    WHERE n.id = r.id AND n.locked_by = $4::text
+    WHERE n.id = ANY($1::bigint[]) AND n.locked_by = $4::text
     RETURNING n.id, n.event_id, n.listener, n.entity, n.entity_id, n.commit_lsn, n.seq,
-              n.attempts, n.created_at, r.status_code, r.latency_ms
+              n.attempts, n.created_at, array_position($1::bigint[], n.id) AS i
 )
 INSERT INTO walhook.processed (id, event_id, listener, entity, entity_id, commit_lsn, seq,
                                attempts, created_at, delivered_at, status_code, latency_ms)
 SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts + 1, created_at,
-       now(), status_code, latency_ms
+       now(), ($2::int[])[i], ($3::int[])[i]
 FROM moved"#;
 
 /// Moves notifications given up on to `walhook.failed`: $1 ids, $2 status codes (NULL
 /// without an answer), $3 comments, $4 lease holder.
-const FAILED: &str = r#"WITH r AS (
-    SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[]) AS r(id, status_code, comment)
-), moved AS (
+pub const FAILED: &str = r#"WITH moved AS (
     DELETE FROM walhook.new n
-    USING r
-    WHERE n.id = r.id AND n.locked_by = $4::text
+    WHERE n.id = ANY($1::bigint[]) AND n.locked_by = $4::text
     RETURNING n.id, n.event_id, n.listener, n.entity, n.entity_id, n.commit_lsn, n.seq,
-              n.attempts, n.created_at, r.status_code, r.comment
+              n.attempts, n.created_at, array_position($1::bigint[], n.id) AS i
 )
 INSERT INTO walhook.failed (id, event_id, listener, entity, entity_id, commit_lsn, seq,
                             attempts, created_at, failed_at, last_status_code, comment)
 SELECT id, event_id, listener, entity, entity_id, commit_lsn, seq, attempts + 1, created_at,
-       now(), status_code, comment
+       now(), ($2::int[])[i], ($3::text[])[i]
 FROM moved"#;
 
 /// Moves every pending notification to `walhook.failed` with comment $1 (attempts kept, no
@@ -139,28 +106,34 @@ pub async fn discard_pending(
 
 /// Schedules another attempt and frees the lease: $1 ids, $2 status codes, $3 comments, $4
 /// delays (ms), $5 lease holder.
-const RETRY: &str = r#"UPDATE walhook.new n
+pub const RETRY: &str = r#"UPDATE walhook.new n
 SET attempts = n.attempts + 1,
-    next_attempt_at = now() + r.delay_ms * interval '1 millisecond',
+    next_attempt_at = now()
+        + ($4::float8[])[array_position($1::bigint[], n.id)] * interval '1 millisecond',
     last_attempt_at = now(),
-    last_status_code = r.status_code,
-    comment = r.comment,
+    last_status_code = ($2::int[])[array_position($1::bigint[], n.id)],
+    comment = ($3::text[])[array_position($1::bigint[], n.id)],
     locked_until = NULL,
     locked_by = NULL
-FROM unnest($1::bigint[], $2::int[], $3::text[], $4::float8[]) AS r(id, status_code, comment, delay_ms)
-WHERE n.id = r.id AND n.locked_by = $5::text"#;
+WHERE n.id = ANY($1::bigint[]) AND n.locked_by = $5::text"#;
 
 /// Frees the leases of notifications claimed but not attempted: $1 ids, $2 lease holder.
-const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
+pub const RELEASE: &str = "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
 WHERE id = ANY($1::bigint[]) AND locked_by = $2::text";
 
-/// Frees every lease of holder $1: this process at shutdown.
-const RELEASE_ALL: &str =
-    "UPDATE walhook.new SET locked_until = NULL, locked_by = NULL WHERE locked_by = $1::text";
+/// Frees every lease of holder $1: this process at shutdown. The released rows are behind
+/// the other dispatchers' cursors: they are told to sweep.
+const RELEASE_ALL: &str = "WITH released AS (
+    UPDATE walhook.new SET locked_until = NULL, locked_by = NULL
+    WHERE locked_by = $1::text
+    RETURNING 1
+)
+SELECT count(*), (SELECT pg_notify('walhook_new', 'sweep') WHERE EXISTS (SELECT 1 FROM released))
+FROM released";
 
 /// Extends the leases of holder $3 on notifications $1 to $2 milliseconds from now;
 /// returns the ids still held (the others were moved, or taken over after expiring).
-const RENEW: &str =
+pub const RENEW: &str =
     "UPDATE walhook.new SET locked_until = now() + $2::float8 * interval '1 millisecond'
 WHERE id = ANY($1::bigint[]) AND locked_by = $3::text
 RETURNING id";
@@ -216,7 +189,9 @@ impl Completions {
 pub struct NotificationStore {
     client: Client,
     owner: String,
-    claim: Statement,
+    claim_next: Statement,
+    sweep: Statement,
+    claim_heads: Statement,
     delivered: Statement,
     failed: Statement,
     retry: Statement,
@@ -233,8 +208,8 @@ impl std::fmt::Debug for NotificationStore {
     }
 }
 
-/// Called for every `NOTIFY walhook_new` the connection receives.
-pub type OnNewNotifications = Arc<dyn Fn() + Send + Sync>;
+/// Called for every `NOTIFY walhook_new` the connection receives, with its payload.
+pub type OnNewNotifications = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl NotificationStore {
     /// Connects (TLS, keepalives and timeouts as for every ordinary walhook connection),
@@ -272,8 +247,12 @@ impl NotificationStore {
             let client = &client;
             async move { client.prepare(sql).await.map_err(db_error(what, USE)) }
         };
-        let (claim, delivered, failed, retry, release, release_all, renew) = tokio::try_join!(
-            prepare(CLAIM_SQL, "preparing the notification claim"),
+        let (claim_next, sweep, claim_heads) = tokio::try_join!(
+            prepare(CLAIM_NEXT, "preparing the notification claim"),
+            prepare(SWEEP, "preparing the notification sweep"),
+            prepare(CLAIM_HEADS, "preparing the notification claim by entity"),
+        )?;
+        let (delivered, failed, retry, release, release_all, renew) = tokio::try_join!(
             prepare(DELIVERED, "preparing the move to walhook.processed"),
             prepare(FAILED, "preparing the move to walhook.failed"),
             prepare(RETRY, "preparing the retry update"),
@@ -284,7 +263,9 @@ impl NotificationStore {
         Ok(NotificationStore {
             client,
             owner: owner.to_owned(),
-            claim,
+            claim_next,
+            sweep,
+            claim_heads,
             delivered,
             failed,
             retry,
@@ -304,23 +285,77 @@ impl NotificationStore {
         self.client.is_closed()
     }
 
-    /// Claims up to `limit` due notifications of `listener` in commit order, leased for
-    /// `lease`, at most one per entity (see [`CLAIM_SQL`]). Rows whose event cannot be read
-    /// back come as `Err((id, comment))` so the caller can move them to `walhook.failed`.
-    pub async fn claim(
+    /// Claims due notifications of `listener` after `cursor` in commit order, leased for
+    /// `lease` (see [`CLAIM_NEXT`]); the caller moves its cursor to
+    /// [`Claim::scanned_to`].
+    pub async fn claim_next(
         &self,
         listener: &str,
-        limit: usize,
+        cursor: Cursor,
+        limits: ClaimLimits,
         lease: Duration,
-    ) -> Result<Vec<Result<Notification, (i64, String)>>, QueueError> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let lease_ms = lease.as_secs_f64() * 1000.0;
-        let rows = self
-            .client
-            .query(&self.claim, &[&listener, &limit, &lease_ms, &self.owner])
+    ) -> Result<Claim, QueueError> {
+        let lsn = PgLsn::from(cursor.commit_lsn.0);
+        self.run(
+            &self.claim_next,
+            listener,
+            limits,
+            lease,
+            [&lsn, &cursor.seq],
+        )
+        .await
+        .map_err(db_error("claiming notifications from walhook.new", USE))
+    }
+
+    /// Claims due notifications of `listener` up to `cursor` from the head (see [`SWEEP`]).
+    pub async fn sweep(
+        &self,
+        listener: &str,
+        cursor: Cursor,
+        limits: ClaimLimits,
+        lease: Duration,
+    ) -> Result<Claim, QueueError> {
+        let lsn = PgLsn::from(cursor.commit_lsn.0);
+        self.run(&self.sweep, listener, limits, lease, [&lsn, &cursor.seq])
             .await
-            .map_err(db_error("claiming notifications from walhook.new", USE))?;
-        Ok(rows.iter().map(notification).collect())
+            .map_err(db_error("sweeping walhook.new for due notifications", USE))
+    }
+
+    /// Claims the oldest notification of each of `entities` for `listener` when it is due
+    /// (see [`CLAIM_HEADS`]).
+    pub async fn claim_heads(
+        &self,
+        listener: &str,
+        entities: &[EntityKey],
+        limits: ClaimLimits,
+        lease: Duration,
+    ) -> Result<Claim, QueueError> {
+        let names: Vec<&str> = entities.iter().map(|k| k.entity.as_str()).collect();
+        let ids: Vec<&str> = entities.iter().map(|k| k.entity_id.as_str()).collect();
+        self.run(&self.claim_heads, listener, limits, lease, [&names, &ids])
+            .await
+            .map_err(db_error("claiming notifications by entity", USE))
+    }
+
+    async fn run(
+        &self,
+        statement: &Statement,
+        listener: &str,
+        limits: ClaimLimits,
+        lease: Duration,
+        extra: [&(dyn tokio_postgres::types::ToSql + Sync); 2],
+    ) -> Result<Claim, tokio_postgres::Error> {
+        let lease_ms = lease.as_secs_f64() * 1000.0;
+        run_claim(
+            &self.client,
+            statement,
+            listener,
+            limits,
+            lease_ms,
+            &self.owner,
+            extra,
+        )
+        .await
     }
 
     /// Records a batch of outcomes: one statement per non-empty kind, pipelined on the
@@ -419,29 +454,14 @@ impl NotificationStore {
 
     /// Frees every lease this holder still has; returns how many.
     pub async fn release_all(&self) -> Result<u64, QueueError> {
-        self.client
-            .execute(&self.release_all, &[&self.owner])
+        let released: i64 = self
+            .client
+            .query_one(&self.release_all, &[&self.owner])
             .await
-            .map_err(db_error("releasing leases in walhook.new", USE))
+            .and_then(|row| row.try_get(0))
+            .map_err(db_error("releasing leases in walhook.new", USE))?;
+        Ok(u64::try_from(released).unwrap_or(0))
     }
-}
-
-/// Reads one claimed row; a row that cannot be read becomes `(id, comment)`.
-fn notification(row: &Row) -> Result<Notification, (i64, String)> {
-    let id: i64 = row.try_get(0).map_err(|e| (0, e.to_string()))?;
-    let read = || -> Result<Notification, String> {
-        Ok(Notification {
-            id,
-            attempts: row.try_get(1).map_err(|e| e.to_string())?,
-            event: stored_event(row, 2)?,
-        })
-    };
-    read().map_err(|detail| {
-        (
-            id,
-            format!("the event of this notification cannot be read from walhook.event: {detail}"),
-        )
-    })
 }
 
 /// The `walhook.event` columns (alias `e`) [`stored_event`] reads, in its order.
@@ -485,9 +505,9 @@ impl Future for Driver {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             match self.connection.poll_message(cx) {
-                Poll::Ready(Some(Ok(AsyncMessage::Notification(_)))) => {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(n)))) => {
                     if let Some(f) = &self.on_new {
-                        f();
+                        f(n.payload());
                     }
                 }
                 Poll::Ready(Some(Ok(_))) => {}

@@ -110,12 +110,12 @@ const STAGE_TYPES: [Type; 16] = [
 
 /// Moves the staged batch into walhook.event and fans out to listeners. Only the events that
 /// were really inserted (RETURNING) are fanned out, so a re-sent batch creates no duplicate
-/// notifications.
+/// notifications. `payload_bytes` (for sizing claims) is the size of the values as inserted.
 ///
 /// Fan-out: $1/$2/$3 are (listener, entity, actions) rows; a NULL entity subscribes to all
 /// entities, and `actions` is the comma-separated list of actions the listener receives; an
 /// event's `excluded_listeners` (see `route`) do not receive it.
-const INSERT_EVENTS: &str = r#"WITH inserted AS (
+pub const INSERT_EVENTS: &str = r#"WITH inserted AS (
     INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity, entity_id,
                                action, changed_fields, "row", old, subject, source_table,
                                variant, row_action, excluded_listeners)
@@ -124,11 +124,13 @@ const INSERT_EVENTS: &str = r#"WITH inserted AS (
            excluded_listeners
     FROM pg_temp.walhook_event_stage
     ON CONFLICT (commit_lsn, seq, variant) DO NOTHING
-    RETURNING id, entity, entity_id, commit_lsn, seq, action, excluded_listeners
+    RETURNING id, entity, entity_id, commit_lsn, seq, action, excluded_listeners,
+              pg_column_size("row") + coalesce(pg_column_size(old), 0) AS payload_bytes
 ), fanned_out AS (
-    INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq)
+    INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                             payload_bytes)
     SELECT nextval('walhook.notification_id_seq'), i.id, l.listener, i.entity, i.entity_id,
-           i.commit_lsn, i.seq
+           i.commit_lsn, i.seq, i.payload_bytes
     FROM inserted i
     JOIN unnest($1::text[], $2::text[], $3::text[]) AS l(listener, entity, actions)
       ON (l.entity IS NULL OR l.entity = i.entity)
@@ -153,10 +155,11 @@ FROM STDIN (FORMAT binary)"#;
 /// Fan-out of a batch copied by the direct path: the events with keys from ($1, $2) to
 /// ($3, $4) that this transaction inserted (xmin; txid_current works on PostgreSQL 10+).
 /// $5/$6/$7 are the listener rows as in [`INSERT_EVENTS`].
-const FAN_OUT_COPIED: &str = r#"WITH fanned_out AS (
-    INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq)
+pub const FAN_OUT_COPIED: &str = r#"WITH fanned_out AS (
+    INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq,
+                             payload_bytes)
     SELECT nextval('walhook.notification_id_seq'), e.id, l.listener, e.entity, e.entity_id,
-           e.commit_lsn, e.seq
+           e.commit_lsn, e.seq, pg_column_size(e."row") + coalesce(pg_column_size(e.old), 0)
     FROM walhook.event e
     JOIN unnest($5::text[], $6::text[], $7::text[]) AS l(listener, entity, actions)
       ON (l.entity IS NULL OR l.entity = e.entity)

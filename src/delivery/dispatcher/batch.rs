@@ -9,24 +9,24 @@ use rand::RngExt as _;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::Instant;
 
-use super::{BatchLimits, Claimed, Done, Lane, Report};
+use super::{BatchLimits, ClaimedRow, Done, Lane, Report};
 use crate::queue::StoredEvent;
 
 /// A claimed notification waiting in the starter, with its batch part once rendered.
 pub(super) struct Pending {
-    pub(super) claimed: Claimed,
+    pub(super) claimed: ClaimedRow,
     part: Option<Vec<u8>>,
 }
 
 /// The starter's queue. Claims arrive whole (one `Vec` per claim statement), so a batch is
 /// formed from everything one claim took, not from whatever had arrived by chance.
 pub(super) struct Backlog {
-    claims: mpsc::UnboundedReceiver<Vec<Claimed>>,
+    claims: mpsc::UnboundedReceiver<Vec<ClaimedRow>>,
     ready: VecDeque<Pending>,
 }
 
 impl Backlog {
-    pub(super) fn new(claims: mpsc::UnboundedReceiver<Vec<Claimed>>) -> Backlog {
+    pub(super) fn new(claims: mpsc::UnboundedReceiver<Vec<ClaimedRow>>) -> Backlog {
         Backlog {
             claims,
             ready: VecDeque::new(),
@@ -59,7 +59,7 @@ impl Backlog {
         self.ready.push_front(p);
     }
 
-    fn extend(&mut self, claim: Vec<Claimed>) {
+    fn extend(&mut self, claim: Vec<ClaimedRow>) {
         self.ready.extend(claim.into_iter().map(|claimed| Pending {
             claimed,
             part: None,
@@ -86,8 +86,7 @@ pub(super) fn fill(
             break;
         };
         if !lane.startable(&next.claimed, now) {
-            let c = &next.claimed;
-            let _ = done.send(Done::release(lane, c.notification.id, c.claim).into());
+            let _ = done.send(Done::release(lane, &next.claimed).into());
             continue;
         }
         let len = part(lane, &mut next);
@@ -137,13 +136,7 @@ pub(super) async fn attempt(
     let jitter = rand::rng().random_range(-1.0..=1.0);
     let outcomes = items
         .into_iter()
-        .map(|p| {
-            let Claimed {
-                notification,
-                claim,
-            } = p.claimed;
-            Done::attempted_with(&lane, notification, claim, attempt.clone(), jitter)
-        })
+        .map(|p| Done::attempted_with(&lane, p.claimed, attempt.clone(), jitter))
         .collect();
     let _ = done.send(Report::Batch(outcomes));
 }
