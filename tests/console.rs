@@ -493,12 +493,7 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         !page.contains("do-not-show-me"),
         "the listener URL's secret is shown"
     );
-    // In a directory of this test run that outlives it, so the printed path can be opened.
-    let shots = std::env::temp_dir().join(format!("walhook-console-test-{}", std::process::id()));
-    std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join("overview.png");
-    std::fs::write(&shot, b.screenshot().await.unwrap()).unwrap();
-    println!("screenshot of the overview: {}", shot.display());
+    screenshot(&b, "overview").await;
 
     // Search by entity id finds the notification; its row links to the event page.
     b.goto(&format!("{base}/ui/notifications")).await.unwrap();
@@ -623,6 +618,16 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     b.close().await.unwrap();
 }
 
+/// Saves a screenshot of the page and prints where, in a directory of this test run that
+/// outlives it, so the printed path can be opened.
+async fn screenshot(b: &fantoccini::Client, name: &str) {
+    let shots = std::env::temp_dir().join(format!("walhook-console-test-{}", std::process::id()));
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join(format!("{name}.png"));
+    std::fs::write(&shot, b.screenshot().await.unwrap()).unwrap();
+    println!("screenshot of the {name} page: {}", shot.display());
+}
+
 /// Clicks the first element matching `css`, waiting for it to appear.
 async fn click(b: &fantoccini::Client, css: &str) {
     element(b, css).await.click().await.unwrap();
@@ -661,7 +666,11 @@ async fn send_test_event_delivers_a_sample_to_the_listener_and_shows_its_answer_
 
     // The receiver gets a sample event with the listener's headers; the page shows its
     // answer, with the listener's secret masked.
-    click(&b, "section.listener[data-listener=crm] form.test-send button").await;
+    click(
+        &b,
+        "section.listener[data-listener=crm] form.test-send button",
+    )
+    .await;
     let result = "section.test-result[data-listener=crm]";
     let notice = text(&b, &format!("{result} p.notice")).await;
     assert!(
@@ -685,7 +694,10 @@ async fn send_test_event_delivers_a_sample_to_the_listener_and_shows_its_answer_
     // Reloading the result page sends nothing (the POST redirected), and another session
     // does not see the result.
     let shown_at = b.current_url().await.unwrap();
-    assert!(shown_at.as_str().contains("/ui/listeners?test="), "{shown_at}");
+    assert!(
+        shown_at.as_str().contains("/ui/listeners?test="),
+        "{shown_at}"
+    );
     b.refresh().await.unwrap();
     element(&b, result).await;
     assert_eq!(hook.count(), 1);
@@ -702,7 +714,11 @@ async fn send_test_event_delivers_a_sample_to_the_listener_and_shows_its_answer_
     assert!(!other_page.contains("test-result"), "{other_page}");
 
     // Nobody listens at the other listener's address: the page says so in plain words.
-    click(&b, "section.listener[data-listener=down] form.test-send button").await;
+    click(
+        &b,
+        "section.listener[data-listener=down] form.test-send button",
+    )
+    .await;
     let error = text(&b, "section.test-result[data-listener=down] p.error").await;
     assert!(
         error.starts_with(&format!(
@@ -714,6 +730,7 @@ async fn send_test_event_delivers_a_sample_to_the_listener_and_shows_its_answer_
         error.ends_with("walhook would retry such a failure."),
         "{error}"
     );
+    screenshot(&b, "listeners").await;
 
     // Without the CSRF token, or without the session cookie, the POST is refused and
     // sends nothing.
@@ -731,16 +748,22 @@ async fn send_test_event_delivers_a_sample_to_the_listener_and_shows_its_answer_
             vec![("listener", "crm"), ("csrf", "0000")],
             403,
         ),
-        (None, vec![("listener", "crm"), ("csrf", csrf.as_str())], 401),
+        (
+            None,
+            vec![("listener", "crm"), ("csrf", csrf.as_str())],
+            401,
+        ),
     ];
     for (cookie, form, status) in attempts {
-        let mut r = http()
-            .post(format!("{base}/ui/listeners/test"))
-            .form(&form);
+        let mut r = http().post(format!("{base}/ui/listeners/test")).form(&form);
         if let Some(cookie) = cookie {
             r = r.header(COOKIE, cookie);
         }
-        assert_eq!(r.send().await.unwrap().status().as_u16(), status, "{form:?}");
+        assert_eq!(
+            r.send().await.unwrap().status().as_u16(),
+            status,
+            "{form:?}"
+        );
     }
     assert_eq!(hook.count(), 1, "a refused POST sent a test event");
     b.close().await.unwrap();
@@ -753,8 +776,9 @@ async fn the_listeners_page_shows_an_event_grid_webhook_awaiting_validation_unti
         return;
     };
     const API_KEY: &str = "grid-api-key-9d2c41";
-    let is_validation =
-        |r: &support::receiver::Received| r.header("aeg-event-type") == Some("SubscriptionValidation");
+    let is_validation = |r: &support::receiver::Received| {
+        r.header("aeg-event-type") == Some("SubscriptionValidation")
+    };
     let db = TestDb::new();
     db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text);")
         .await;
@@ -782,7 +806,12 @@ async fn the_listeners_page_shows_an_event_grid_webhook_awaiting_validation_unti
     log_in(&b, &base, "/ui/listeners").await;
     let state = "section.listener[data-listener=grid] dd.validation";
     assert_eq!(
-        element(&b, state).await.attr("data-state").await.unwrap().as_deref(),
+        element(&b, state)
+            .await
+            .attr("data-state")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("awaiting")
     );
     let awaiting = text(&b, state).await;
@@ -817,9 +846,15 @@ async fn the_listeners_page_shows_an_event_grid_webhook_awaiting_validation_unti
         "{validated}"
     );
     assert_eq!(
-        element(&b, state).await.attr("data-state").await.unwrap().as_deref(),
+        element(&b, state)
+            .await
+            .attr("data-state")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("validated")
     );
     assert!(!b.source().await.unwrap().contains(API_KEY));
+    screenshot(&b, "validated-listener").await;
     b.close().await.unwrap();
 }

@@ -106,7 +106,11 @@ pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Fai
         event.entity_id,
         event.event_id,
         listener.name,
-        if sender.batch() { " as a batch of one" } else { "" },
+        if sender.batch() {
+            " as a batch of one"
+        } else {
+            ""
+        },
         sender
             .auth_description()
             .map(|a| format!(", authenticated with {a}"))
@@ -114,7 +118,10 @@ pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Fai
     );
     let outcome = sender.send(&event).await;
     match &outcome.trace {
-        Some(trace) => print!("{}", render_exchange(trace, &outcome.body, outcome.latency())),
+        Some(trace) => print!(
+            "{}",
+            render_exchange(trace, &outcome.body, outcome.latency())
+        ),
         None => println!(
             "\npublished to {} ({} ms)\n",
             outcome.target,

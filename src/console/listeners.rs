@@ -107,9 +107,17 @@ fn validation(l: &ListenerConfig, stored: &Result<Vec<Validation>, String>) -> M
         return html! {};
     };
     let (state, badge, detail) = match (stored, validated) {
-        (Err(_), _) => ("unknown", "unknown", format!("the queue database cannot be read: {line}")),
+        (Err(_), _) => (
+            "unknown",
+            "unknown",
+            format!("the queue database cannot be read: {line}"),
+        ),
         (Ok(_), true) => ("validated", "validated", rest(&line, "validated")),
-        (Ok(_), false) => ("awaiting", "awaiting validation", rest(&line, "awaiting validation")),
+        (Ok(_), false) => (
+            "awaiting",
+            "awaiting validation",
+            rest(&line, "awaiting validation"),
+        ),
     };
     html! {
         dt { "Validation" }
