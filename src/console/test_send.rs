@@ -191,3 +191,39 @@ pub(super) fn render(report: &TestReport) -> Markup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(listener: &str) -> TestReport {
+        TestReport {
+            listener: listener.to_owned(),
+            event: "nothing".to_owned(),
+            result: Err("no [[entity]] is configured".to_owned()),
+        }
+    }
+
+    #[test]
+    fn a_result_is_shown_only_to_its_session_and_only_the_latest_are_kept() {
+        let results = TestResults::default();
+        let first = results.keep("session-a", report("first"));
+        assert!(results.get("session-a", &first).is_some());
+        assert!(results.get("session-b", &first).is_none());
+        assert!(results.get("session-a", "unknown").is_none());
+        for _ in 0..KEPT {
+            results.keep("session-a", report("later"));
+        }
+        assert!(results.get("session-a", &first).is_none());
+        assert_eq!(results.lock().len(), KEPT);
+    }
+
+    #[test]
+    fn long_answers_are_cut_between_characters_and_say_so() {
+        assert_eq!(excerpt("thanks"), "thanks");
+        let long = "é".repeat(SHOWN_ANSWER + 10);
+        let cut = excerpt(&long);
+        assert!(cut.starts_with(&"é".repeat(SHOWN_ANSWER)));
+        assert!(cut.ends_with("\n… (20 more bytes)"), "{cut}");
+    }
+}
