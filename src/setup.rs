@@ -86,6 +86,9 @@ const SQL_SLOT: &str = "SELECT s.plugin::text, s.slot_type, s.database::text, s.
      FROM pg_replication_slots s WHERE s.slot_name = $1";
 
 const SQL_CREATE_SLOT: &str = "SELECT pg_create_logical_replication_slot($1, 'pgoutput')";
+/// From PostgreSQL 17: the slot is synchronized to standbys, so it survives a promotion.
+const SQL_CREATE_FAILOVER_SLOT: &str =
+    "SELECT pg_create_logical_replication_slot($1, 'pgoutput', false, false, true)";
 // pg_control_system() may be withheld from the role: then the identifier is unknown.
 const SQL_SYSTEM_ID: &str = "SELECT CASE WHEN has_function_privilege('pg_control_system()', 'EXECUTE') \
      THEN (SELECT system_identifier::text FROM pg_control_system()) END";
@@ -231,6 +234,12 @@ struct Server {
 }
 
 impl Server {
+    /// Whether slots are created with `failover = true` here (PostgreSQL 17+).
+    fn failover_slots(&self) -> bool {
+        crate::replication::version::ServerVersion(u32::try_from(self.version_num).unwrap_or(0))
+            .has_failover_slots()
+    }
+
     fn grant_create_sql(&self) -> String {
         format!(
             "GRANT CREATE ON DATABASE {} TO {};",
@@ -424,6 +433,7 @@ impl Facts {
             slot: slot.to_owned(),
             reason,
             last_flushed,
+            failover: self.server.failover_slots(),
         })
     }
 }
@@ -460,6 +470,8 @@ pub struct Gap {
     pub reason: GapReason,
     /// The end of the last source commit walhook captured.
     pub last_flushed: crate::types::Lsn,
+    /// Create the new slot with `failover = true` (PostgreSQL 17+).
+    pub failover: bool,
 }
 
 impl fmt::Display for Gap {
@@ -1622,6 +1634,20 @@ pub struct SetupOptions {
     pub accept_gap: bool,
 }
 
+/// The statement that creates the slot, `$1` its name.
+fn create_slot_statement(failover: bool) -> &'static str {
+    if failover {
+        SQL_CREATE_FAILOVER_SLOT
+    } else {
+        SQL_CREATE_SLOT
+    }
+}
+
+/// [`create_slot_statement`] with the slot name inlined, for the printed script.
+fn create_slot_sql(slot: &str, failover: bool) -> String {
+    create_slot_statement(failover).replace("$1", &quote_literal(slot)) + ";"
+}
+
 /// What a setup step does.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StepAction {
@@ -1633,6 +1659,8 @@ pub enum StepAction {
     CreateSlot {
         /// The slot name.
         slot: String,
+        /// With `failover = true` (PostgreSQL 17+).
+        failover: bool,
     },
     /// Drops the lost slot (if it exists), creates it again and records the gap.
     AcceptGap(Gap),
@@ -1654,10 +1682,7 @@ impl SetupStep {
     pub fn sql(&self) -> String {
         match &self.action {
             StepAction::Sql(s) => s.clone(),
-            StepAction::CreateSlot { slot } => format!(
-                "SELECT pg_create_logical_replication_slot({}, 'pgoutput');",
-                quote_literal(slot)
-            ),
+            StepAction::CreateSlot { slot, failover } => create_slot_sql(slot, *failover),
             StepAction::AcceptGap(gap) => {
                 let mut sql = String::new();
                 if gap.reason == GapReason::Lost {
@@ -1666,10 +1691,8 @@ impl SetupStep {
                         quote_literal(&gap.slot)
                     ));
                 }
-                sql.push_str(&format!(
-                    "SELECT pg_create_logical_replication_slot({}, 'pgoutput');\n",
-                    quote_literal(&gap.slot)
-                ));
+                sql.push_str(&create_slot_sql(&gap.slot, gap.failover));
+                sql.push('\n');
                 crate::queue::gap_sql(&gap.slot, gap.reason.describe(), gap.last_flushed, &sql)
             }
             StepAction::MigrateQueue => migration_script().unwrap_or_else(|| {
@@ -1943,6 +1966,7 @@ fn plan_from(
             ),
             action: StepAction::CreateSlot {
                 slot: config.source.slot.clone(),
+                failover: facts.server.failover_slots(),
             },
             needs: format!("the REPLICATION attribute: {}", s.alter_role_replication_sql()),
         });
@@ -1968,8 +1992,11 @@ pub async fn apply(
             match &step.action {
                 StepAction::MigrateQueue => run_migrations(client).await.map(|()| None),
                 StepAction::Sql(sql) => Ok(Some(client.batch_execute(sql).await)),
-                StepAction::CreateSlot { slot } => Ok(Some(
-                    client.execute(SQL_CREATE_SLOT, &[slot]).await.map(|_| ()),
+                StepAction::CreateSlot { slot, failover } => Ok(Some(
+                    client
+                        .execute(create_slot_statement(*failover), &[slot])
+                        .await
+                        .map(|_| ()),
                 )),
                 StepAction::AcceptGap(gap) => accept_gap(client, gap, step).await.map(|()| None),
             }
@@ -2013,7 +2040,10 @@ async fn accept_gap(client: &Client, gap: &Gap, step: &SetupStep) -> Result<(), 
             Err(e) => return Err(step_error(step, e, None)),
         }
     }
-    match client.execute(SQL_CREATE_SLOT, &[&gap.slot]).await {
+    match client
+        .execute(create_slot_statement(gap.failover), &[&gap.slot])
+        .await
+    {
         Ok(_) => {}
         // Another setup or walhook created it meanwhile: capture resumes from there.
         Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
@@ -2029,7 +2059,7 @@ async fn accept_gap(client: &Client, gap: &Gap, step: &SetupStep) -> Result<(), 
 fn step_title(step: &SetupStep) -> String {
     match &step.action {
         StepAction::MigrateQueue => "the queue schema migration".to_owned(),
-        StepAction::CreateSlot { slot } => format!("creating replication slot {slot}"),
+        StepAction::CreateSlot { slot, .. } => format!("creating replication slot {slot}"),
         StepAction::Sql(sql) => format!("`{}`", sql.lines().next().unwrap_or_default()),
         StepAction::AcceptGap(gap) => {
             format!("recreating replication slot {} after the gap", gap.slot)

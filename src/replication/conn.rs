@@ -574,12 +574,11 @@ impl ReplicationConnection {
         })
     }
 
-    /// Creates the logical slot for pgoutput; returns false when it already existed.
+    /// Creates the logical slot for pgoutput (with `failover` on 17+); returns false when it
+    /// already existed.
     pub async fn create_slot_if_missing(&mut self, slot: &str) -> Result<bool, ReplicationError> {
-        let sql = format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
-            quote_ident(slot)
-        );
+        let version = self.check_server_version()?;
+        let sql = version::create_slot_command(version, &quote_ident(slot));
         match self.simple_query(&sql).await {
             Ok(_) => {
                 tracing::info!(slot, "created replication slot");

@@ -9,6 +9,9 @@ pub const MIN_SUPPORTED_MAJOR: u32 = 13;
 pub const TESTED_MAJOR: u32 = 15;
 /// pgoutput sends logical decoding messages (walhook's heartbeats) from 14 on.
 const MESSAGES_SINCE_MAJOR: u32 = 14;
+/// Logical slots can be synchronized to physical standbys (`failover`) from 17 on, so a
+/// promotion keeps the slot instead of leaving a gap.
+const FAILOVER_SLOTS_SINCE_MAJOR: u32 = 17;
 
 /// A server version as `server_version_num` counts it (150004 for 15.4).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -47,6 +50,11 @@ impl ServerVersion {
         self.0 / 10_000
     }
 
+    /// Whether this server creates logical slots with `failover = true`.
+    pub fn has_failover_slots(self) -> bool {
+        self.major() >= FAILOVER_SLOTS_SINCE_MAJOR
+    }
+
     /// Whether walhook supports this server.
     pub fn is_supported(self) -> bool {
         self.major() >= MIN_SUPPORTED_MAJOR
@@ -67,6 +75,19 @@ pub fn pgoutput_options(version: ServerVersion, publication_literal: &str) -> St
         o.push_str(", messages 'true'");
     }
     o
+}
+
+/// The replication command that creates the pgoutput slot `slot_ident` (already quoted) on
+/// `version`: with `FAILOVER` where the server knows it, in the option list syntax that
+/// 15 introduced; the legacy keyword form before (it is all 13 and 14 accept).
+pub fn create_slot_command(version: ServerVersion, slot_ident: &str) -> String {
+    if version.has_failover_slots() {
+        format!(
+            "CREATE_REPLICATION_SLOT {slot_ident} LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)"
+        )
+    } else {
+        format!("CREATE_REPLICATION_SLOT {slot_ident} LOGICAL pgoutput NOEXPORT_SNAPSHOT")
+    }
 }
 
 #[cfg(test)]
@@ -105,5 +126,18 @@ mod tests {
             o14,
             "proto_version '1', publication_names 'p', messages 'true'"
         );
+    }
+
+    #[test]
+    fn slots_are_created_with_failover_from_17_on() {
+        assert_eq!(
+            create_slot_command(ServerVersion(150004), "\"w\""),
+            "CREATE_REPLICATION_SLOT \"w\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"
+        );
+        assert_eq!(
+            create_slot_command(ServerVersion(170002), "\"w\""),
+            "CREATE_REPLICATION_SLOT \"w\" LOGICAL pgoutput (SNAPSHOT 'nothing', FAILOVER)"
+        );
+        assert!(!ServerVersion(160000).has_failover_slots());
     }
 }
