@@ -5,6 +5,7 @@
 mod child;
 mod derive;
 mod plan;
+mod snapshot;
 mod values;
 
 use std::borrow::Cow;
@@ -21,6 +22,7 @@ use crate::types::{Action, EntityName, Lsn, Oid, TableName, Xid};
 use plan::{ColumnPlan, Plan, Shape, SubjectPart};
 
 pub use child::{ChildChange, ChildEvents};
+pub use snapshot::{BACKFILL_PREFIX, Chunk, ChunkColumn, SnapshotError};
 pub(crate) use plan::subject_columns;
 
 /// Where a change sits in the source: the transaction it belongs to.
@@ -73,6 +75,9 @@ pub struct EntityEvent {
     pub old: Option<Map<String, Value>>,
     /// Subject rendered from the entity's template.
     pub subject: Option<String>,
+    /// The one listener the event is for (a backfill run with `--listener`); `None`: every
+    /// listener that subscribes to it.
+    pub only_listener: Option<Arc<str>>,
 }
 
 /// Fixed cost counted per JSON value and per event on top of their text (allocations,
@@ -628,6 +633,7 @@ impl Mapper {
             row,
             old: old_row,
             subject,
+            only_listener: None,
         };
         Ok(derive::apply(&plan.rules, event, tracked))
     }
@@ -678,6 +684,7 @@ impl Mapper {
             row: Map::new(),
             old: None,
             subject: None,
+            only_listener: None,
         })
     }
 }
