@@ -4,8 +4,8 @@
 //! statement: a second statement (`true; drop table x`), a syntax error, an unknown column or
 //! a condition that is not boolean fails there. The condition then runs on the first rows in
 //! a READ ONLY transaction, so one that writes fails before the backfill starts. Chunks lock
-//! their rows and so cannot run read-only: after each chunk's read, the transaction's own
-//! row counts show whether the condition wrote anything, and such a chunk is rolled back.
+//! their rows and so cannot run read-only: the session's row counts before and after each
+//! chunk's read show whether the condition wrote anything, and such a chunk is rolled back.
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement, Transaction};
@@ -13,7 +13,9 @@ use tokio_postgres::{Client, Statement, Transaction};
 use super::table::TableShape;
 use super::{BackfillError, BackfillOptions};
 
-/// Rows this transaction inserted, updated or deleted so far in user tables.
+/// Rows this session inserted, updated or deleted in user tables and did not yet report to
+/// the statistics (PostgreSQL's "xact" counters include earlier transactions' until then):
+/// compared before and after a read, they show what the read wrote.
 const WRITES_IN_TX: &str = "SELECT coalesce(sum(n_tup_ins + n_tup_upd + n_tup_del), 0)::int8
 FROM pg_stat_xact_user_tables";
 
@@ -59,13 +61,22 @@ pub(super) async fn prepare(
     Ok(Statements { first, next })
 }
 
-/// Fails (and so rolls back) a chunk whose read wrote rows: only `--where` can have.
-pub(super) async fn check_no_writes(tx: &Transaction<'_>, chunk: i64) -> Result<(), BackfillError> {
-    let n: i64 = tx
-        .query_one(WRITES_IN_TX, &[])
+/// The session's unreported row writes, before or after a chunk's read.
+pub(super) async fn writes_so_far(tx: &Transaction<'_>) -> Result<i64, BackfillError> {
+    tx.query_one(WRITES_IN_TX, &[])
         .await
         .and_then(|r| r.try_get(0))
-        .map_err(|e| BackfillError::db("checking the chunk for writes", e))?;
+        .map_err(|e| BackfillError::db("checking the chunk for writes", e))
+}
+
+/// Fails (and so rolls back) a chunk whose read wrote rows (`before` is
+/// [`writes_so_far`] before the read): only `--where` can have.
+pub(super) async fn check_no_writes(
+    tx: &Transaction<'_>,
+    before: i64,
+    chunk: i64,
+) -> Result<(), BackfillError> {
+    let n = writes_so_far(tx).await? - before;
     if n > 0 {
         return Err(BackfillError::Filter(format!(
             "--where wrote {n} row(s) while chunk {chunk} was read; the chunk was rolled back and nothing of it was sent; a backfill's --where may only read: remove the function that writes"

@@ -423,6 +423,7 @@ async fn send_chunks(
             Some(_) => &statements.next,
             None => &statements.first,
         };
+        let writes_before = filter::writes_so_far(&tx).await?;
         let (rows, last_key) =
             read_chunk(&tx, statement, run.last_key.as_deref(), shape.key.len()).await?;
         if rows.is_empty() {
@@ -431,7 +432,7 @@ async fn send_chunks(
                 .map_err(|e| BackfillError::db("ending the last chunk", e))?;
             return Ok(run);
         }
-        filter::check_no_writes(&tx, run.chunks + 1).await?;
+        filter::check_no_writes(&tx, writes_before, run.chunks + 1).await?;
         let n = i64::try_from(rows.len()).unwrap_or(i64::MAX);
         let chunk = Chunk {
             run: run.id,

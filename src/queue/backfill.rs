@@ -40,12 +40,12 @@ SET status = 'finished', finished_at = now(), updated_at = now()
 WHERE id = $1 AND status = 'running'";
 
 /// Session lock of one backfill, so two processes never run it at once: (class, id).
-const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1, ($2 % 2147483647)::int)";
+const TRY_LOCK: &str = "SELECT pg_try_advisory_lock($1, ($2::int8 % 2147483647)::int)";
 
 /// The backend holding a backfill's lock, for the message when it is taken.
 const LOCK_HOLDER: &str = "SELECT pid FROM pg_locks
 WHERE locktype = 'advisory' AND classid::int8 = $1::int8
-  AND objid::int8 = ($2 % 2147483647) AND objsubid = 2 AND granted
+  AND objid::int8 = ($2::int8 % 2147483647) AND objsubid = 2 AND granted
 LIMIT 1";
 
 /// The advisory lock class of backfills ("whbf" in ASCII), recognisable in `pg_locks`.
