@@ -152,6 +152,7 @@ async fn count_action(c: &tokio_postgres::Client, action: &str) -> i64 {
 async fn a_killed_backfill_of_100k_rows_under_concurrent_updates_resumes_and_every_row_gets_one_snapshot_in_commit_order()
  {
     const ROWS: i64 = 100_000;
+    const BLOCKED: i32 = 50_000;
     let db = TestDb::new();
     db.execute(&format!(
         "CREATE TABLE item (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, label text);
@@ -175,11 +176,14 @@ async fn a_killed_backfill_of_100k_rows_under_concurrent_updates_resumes_and_eve
             let mut i: i64 = 0;
             while !stop.load(Ordering::SeqCst) {
                 let id = i32::try_from((i * 7919) % ROWS + 1).unwrap();
+                i += 1;
+                if id == BLOCKED {
+                    continue;
+                }
                 u.execute("UPDATE item SET n = n + 1 WHERE id = $1", &[&id])
                     .await
                     .expect("update");
                 committed.fetch_add(1, Ordering::SeqCst);
-                i += 1;
             }
         })
     };
@@ -189,7 +193,7 @@ async fn a_killed_backfill_of_100k_rows_under_concurrent_updates_resumes_and_eve
     let mut blocker_client = support::connect(&db.url).await;
     let blocker = blocker_client.transaction().await.unwrap();
     blocker
-        .execute("UPDATE item SET n = n + 1 WHERE id = 50000", &[])
+        .execute("UPDATE item SET n = n + 1 WHERE id = $1", &[&BLOCKED])
         .await
         .unwrap();
     let mut first = spawn_backfill(&path, &["--entity", "Item", "--batch", "1000"]);
