@@ -226,14 +226,21 @@ async fn a_killed_backfill_of_100k_rows_under_concurrent_updates_resumes_and_eve
     blocker.commit().await.unwrap();
     committed.fetch_add(1, Ordering::SeqCst);
     // The killed backfill's server process ends once its lock wait is over.
-    eventually(Duration::from_secs(60), "the killed backfill's session gone", || async {
-        let n: i64 = c
-            .query_one("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'", &[])
-            .await
-            .ok()?
-            .get(0);
-        (n == 0).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the killed backfill's session gone",
+        || async {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .get(0);
+            (n == 0).then_some(())
+        },
+    )
     .await;
     let rows_at_kill: i64 = c
         .query_one("SELECT rows FROM walhook.backfill", &[])
@@ -297,7 +304,10 @@ async fn a_killed_backfill_of_100k_rows_under_concurrent_updates_resumes_and_eve
         }
     }
     assert_eq!(snapshots, ROWS);
-    assert_eq!(updated, updates, "every committed update has its Updated event");
+    assert_eq!(
+        updated, updates,
+        "every committed update has its Updated event"
+    );
     assert!(seen.values().all(|(_, s)| s.is_some()));
     // Fanned out like live events: one notification per event for the one listener.
     let fanned: i64 = c
@@ -379,9 +389,11 @@ async fn a_snapshot_row_has_the_shape_of_a_created_row_and_listener_limits_the_f
     c.execute("UPDATE item SET t = 'after' WHERE id = 2", &[])
         .await
         .unwrap();
-    eventually(Duration::from_secs(60), "the later update queued", || async {
-        (count_action(&c, "Updated").await == 1).then_some(())
-    })
+    eventually(
+        Duration::from_secs(60),
+        "the later update queued",
+        || async { (count_action(&c, "Updated").await == 1).then_some(()) },
+    )
     .await;
 
     let rows = c
@@ -397,20 +409,25 @@ async fn a_snapshot_row_has_the_shape_of_a_created_row_and_listener_limits_the_f
     for r in &rows {
         let changed: Option<Vec<String>> = r.get(5);
         assert_eq!(changed, None);
-        by_id.entry(r.get(0)).or_default().push((
-            r.get(1),
-            r.get(2),
-            r.get(3),
-            r.get(4),
-        ));
+        by_id
+            .entry(r.get(0))
+            .or_default()
+            .push((r.get(1), r.get(2), r.get(3), r.get(4)));
     }
-    assert_eq!(by_id.keys().collect::<Vec<_>>(), ["1", "2"], "no forged event");
+    assert_eq!(
+        by_id.keys().collect::<Vec<_>>(),
+        ["1", "2"],
+        "no forged event"
+    );
     for (id, evs) in &by_id {
         let [created, snapshot] = evs.as_slice() else {
             panic!("id {id}: {evs:?}")
         };
         assert_eq!(created.0, "Created");
-        assert_eq!((snapshot.0.as_str(), snapshot.1.as_deref()), ("Snapshot", Some("Created")));
+        assert_eq!(
+            (snapshot.0.as_str(), snapshot.1.as_deref()),
+            ("Snapshot", Some("Created"))
+        );
         assert_eq!(snapshot.2, created.2, "id {id}: the rows differ");
         assert_eq!(snapshot.3, created.3, "id {id}: the subjects differ");
         assert!(snapshot.2.get("secret").is_none(), "excluded column sent");
@@ -436,16 +453,27 @@ async fn a_snapshot_row_has_the_shape_of_a_created_row_and_listener_limits_the_f
     assert!(out.contains("nothing to do"), "{out}");
     let (code, out, err) = backfill(
         &path,
-        &["--entity", "Item", "--listener", "hook", "--where", "id = 2"],
+        &[
+            "--entity",
+            "Item",
+            "--listener",
+            "hook",
+            "--where",
+            "id = 2",
+        ],
     );
     assert_eq!(code, 0, "{out}{err}");
-    let body = eventually(Duration::from_secs(60), "the Snapshot delivered", || async {
-        receiver
-            .requests()
-            .iter()
-            .map(|r| r.json())
-            .find(|j| j["type"] == "Item.Snapshot")
-    })
+    let body = eventually(
+        Duration::from_secs(60),
+        "the Snapshot delivered",
+        || async {
+            receiver
+                .requests()
+                .iter()
+                .map(|r| r.json())
+                .find(|j| j["type"] == "Item.Snapshot")
+        },
+    )
     .await;
     assert_eq!(body["subject"], "items/2/");
     assert_eq!(body["data"]["row"]["ip"], "::1");
@@ -478,7 +506,10 @@ async fn a_bad_or_hostile_where_is_refused_with_the_fix_and_nothing_is_sent() {
         ("true; drop table x", "more than one statement"),
         ("true); drop table x; select (1", "more than one statement"),
         ("sneaky(id)", "tries to write"),
-        ("nope = 1", "names something table public.item does not have"),
+        (
+            "nope = 1",
+            "names something table public.item does not have",
+        ),
         ("id + 1", "is not a boolean condition"),
         ("true) --", "is not a valid SQL condition"),
     ];
@@ -486,7 +517,10 @@ async fn a_bad_or_hostile_where_is_refused_with_the_fix_and_nothing_is_sent() {
         let (code, out, err) = backfill(&path, &["--entity", "Item", "--where", filter]);
         assert_eq!(code, 78, "--where {filter:?}: {out}{err}");
         assert!(err.contains(expected), "--where {filter:?}: {err}");
-        assert!(err.contains("nothing was sent"), "--where {filter:?}: {err}");
+        assert!(
+            err.contains("nothing was sent"),
+            "--where {filter:?}: {err}"
+        );
     }
     let c = db.client().await;
     let count = |sql: &'static str| {
@@ -495,13 +529,20 @@ async fn a_bad_or_hostile_where_is_refused_with_the_fix_and_nothing_is_sent() {
     };
     assert_eq!(count("SELECT count(*) FROM walhook.backfill").await, 0);
     assert_eq!(count("SELECT count(*) FROM audit").await, 0);
-    assert_eq!(count("SELECT count(*) FROM x").await, 0, "table x is still there");
+    assert_eq!(
+        count("SELECT count(*) FROM x").await,
+        0,
+        "table x is still there"
+    );
 
     // With no walhook streaming, a valid backfill warns and is safe: its chunks wait in the
     // slot and become events once walhook runs.
     let (code, out, err) = backfill(&path, &["--entity", "Item", "--where", "city = 'Berlin'"]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(err.contains("no walhook is streaming slot walhook"), "{err}");
+    assert!(
+        err.contains("no walhook is streaming slot walhook"),
+        "{err}"
+    );
     assert!(out.contains("finished: 1 rows"), "{out}");
     let service = Running::start(&toml);
     let evs = eventually(Duration::from_secs(60), "the Snapshot queued", || async {

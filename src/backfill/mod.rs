@@ -35,8 +35,7 @@ use table::TableShape;
 pub const MAX_CHUNK_BYTES: usize = 8 << 20;
 
 const SERVER_VERSION: &str = "SELECT current_setting('server_version_num')::int";
-const SLOT_ACTIVE: &str =
-    "SELECT active FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()";
+const SLOT_ACTIVE: &str = "SELECT active FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()";
 const MAY_LOCK: &str = "SELECT has_any_column_privilege($1::oid, 'UPDATE'), current_user::text";
 const TABLE_OID: &str = "SELECT to_regclass($1)::oid";
 const EMIT: &str = "SELECT pg_logical_emit_message(true, $1, $2)::text";
@@ -376,7 +375,8 @@ async fn claim_run(
             if source.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
         {
             BackfillError::Busy(
-                "another walhook backfill with the same arguments started just now; let it finish".into(),
+                "another walhook backfill with the same arguments started just now; let it finish"
+                    .into(),
             )
         }
         other => BackfillError::Queue(other),
@@ -390,7 +390,8 @@ async fn lock(client: &Client, id: i64) -> Result<(), BackfillError> {
         Ok(()) => Ok(()),
         Err(pid) => Err(BackfillError::Busy(format!(
             "backfill {id} is running in another process{}; wait for it to finish, or stop it and run this again to resume",
-            pid.map(|p| format!(" (server process {p})")).unwrap_or_default()
+            pid.map(|p| format!(" (server process {p})"))
+                .unwrap_or_default()
         ))),
     }
 }
@@ -444,9 +445,8 @@ async fn send_chunks(
             columns: columns.clone(),
             rows,
         };
-        let text = serde_json::to_string(&chunk).map_err(|e| {
-            BackfillError::Usage(format!("a chunk cannot be written as JSON: {e}"))
-        })?;
+        let text = serde_json::to_string(&chunk)
+            .map_err(|e| BackfillError::Usage(format!("a chunk cannot be written as JSON: {e}")))?;
         drop(chunk);
         let lsn: String = tx
             .query_one(EMIT, &[&BACKFILL_PREFIX, &text])

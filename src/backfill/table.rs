@@ -114,7 +114,11 @@ impl TableShape {
         let key = paging_key(entity, &all, &unique)?;
         let columns = all
             .into_iter()
-            .filter(|c| attnames.as_ref().is_none_or(|names| names.contains(&c.name)))
+            .filter(|c| {
+                attnames
+                    .as_ref()
+                    .is_none_or(|names| names.contains(&c.name))
+            })
             .filter(|c| !entity.exclude.contains(&c.name))
             .collect::<Vec<_>>();
         for id in entity.id.iter().flatten() {
@@ -278,9 +282,7 @@ mod tests {
     fn chunk_queries_page_by_the_composite_key_and_lock_what_they_read() {
         let sql = shape().chunk_sql(Some("qty < 9 -- note"), true, 500);
         assert!(
-            sql.contains(
-                r#"("order", "line") > ($1::text::integer, $2::text::text)"#
-            ),
+            sql.contains(r#"("order", "line") > ($1::text::integer, $2::text::text)"#),
             "{sql}"
         );
         assert!(sql.contains("AND (qty > 0)"), "{sql}");

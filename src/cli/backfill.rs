@@ -43,7 +43,11 @@ struct ProgressLine {
 
 impl ProgressLine {
     fn draw(&mut self, rows: i64) {
-        if !self.on || self.drawn.is_some_and(|t| t.elapsed() < Duration::from_millis(200)) {
+        if !self.on
+            || self
+                .drawn
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(200))
+        {
             return;
         }
         let share = if self.estimate > 0 {
@@ -104,9 +108,7 @@ pub(super) async fn run_backfill(args: BackfillArgs) -> Result<i32, Failure> {
             estimate,
         } => {
             line.estimate = estimate;
-            println!(
-                "backfill {run} of {entity}{target}: resuming after {rows} rows already sent"
-            );
+            println!("backfill {run} of {entity}{target}: resuming after {rows} rows already sent");
         }
         Report::Chunk { rows } => line.draw(rows),
     };

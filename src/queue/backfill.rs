@@ -25,8 +25,7 @@ VALUES ($1, $2, $3, $4, $5)
 RETURNING id, token, status, key_columns, last_key, rows, chunks,
           last_message_lsn::text, started_at, finished_at";
 
-const REPLACE: &str =
-    "UPDATE walhook.backfill SET status = 'restarted', updated_at = now() WHERE id = $1 AND status = 'running'";
+const REPLACE: &str = "UPDATE walhook.backfill SET status = 'restarted', updated_at = now() WHERE id = $1 AND status = 'running'";
 
 /// One chunk's progress, in the chunk's transaction: after this commits, the next chunk
 /// starts after `last_key`.
@@ -142,7 +141,13 @@ pub async fn start_run(
     let row = client
         .query_one(
             START,
-            &[&who.entity, &who.listener, &who.filter, &key_columns, &token],
+            &[
+                &who.entity,
+                &who.listener,
+                &who.filter,
+                &key_columns,
+                &token,
+            ],
         )
         .await
         .map_err(db_error("recording the backfill in walhook.backfill", None))?;

@@ -22,8 +22,8 @@ use crate::types::{Action, EntityName, Lsn, Oid, TableName, Xid};
 use plan::{ColumnPlan, Plan, Shape, SubjectPart};
 
 pub use child::{ChildChange, ChildEvents};
-pub use snapshot::{BACKFILL_PREFIX, Chunk, ChunkColumn, SnapshotError};
 pub(crate) use plan::subject_columns;
+pub use snapshot::{BACKFILL_PREFIX, Chunk, ChunkColumn, SnapshotError};
 
 /// Where a change sits in the source: the transaction it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -143,7 +143,10 @@ impl Mapper {
             }
             let cells: Vec<Cell<'_>> = values
                 .iter()
-                .map(|v| v.as_deref().map_or(Cell::Null, |t| Cell::Text(t.as_bytes())))
+                .map(|v| {
+                    v.as_deref()
+                        .map_or(Cell::Null, |t| Cell::Text(t.as_bytes()))
+                })
                 .collect();
             let row = row_map(&plan.columns, cells.iter().copied());
             if let Some(reason) = &plan.set_aside {

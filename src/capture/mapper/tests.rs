@@ -884,7 +884,13 @@ fn a_snapshot_row_is_the_row_an_insert_of_the_same_values_gives() {
     let mut m = mapper(ent, customer(ReplicaIdentity::Default));
     let created = map(
         &mut m,
-        insert(row(vec![t("42"), t("Ada"), ColumnValue::Null, t("s"), t("b")])),
+        insert(row(vec![
+            t("42"),
+            t("Ada"),
+            ColumnValue::Null,
+            t("s"),
+            t("b"),
+        ])),
     )
     .unwrap();
     // The chunk leaves the excluded column out, as `walhook backfill` does.
