@@ -125,6 +125,9 @@ async fn wait_sampling(mut child: Child, timeout: Duration) -> (i32, String, Str
     )
 }
 
+/// (action, row_action, row, subject) of a stored event.
+type StoredRow = (String, Option<String>, Value, Option<String>);
+
 /// (entity_id, action, row) of every event of entity Item, in commit order.
 async fn events(c: &tokio_postgres::Client) -> Vec<(String, String, Value)> {
     c.query(
@@ -404,8 +407,7 @@ async fn a_snapshot_row_has_the_shape_of_a_created_row_and_listener_limits_the_f
         )
         .await
         .unwrap();
-    let mut by_id: BTreeMap<String, Vec<(String, Option<String>, Value, Option<String>)>> =
-        BTreeMap::new();
+    let mut by_id: BTreeMap<String, Vec<StoredRow>> = BTreeMap::new();
     for r in &rows {
         let changed: Option<Vec<String>> = r.get(5);
         assert_eq!(changed, None);

@@ -238,9 +238,8 @@ fn paging_key(
         .iter()
         .filter_map(|name| all.iter().find(|c| c.name == *name).cloned())
         .collect();
-    let usable = columns.len() == id.len()
-        && columns.iter().all(|c| c.not_null)
-        && unique.iter().any(|u| *u == sorted);
+    let usable =
+        columns.len() == id.len() && columns.iter().all(|c| c.not_null) && unique.contains(&sorted);
     if usable { Ok(columns) } else { Err(no_key()) }
 }
 

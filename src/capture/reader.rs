@@ -361,7 +361,7 @@ impl Reader {
                     match self.mapper.map_truncate(&ctx, seq, oid) {
                         Truncation::Event(event) => {
                             let bytes = event.approx_bytes();
-                            self.send_sized(bytes, |p| Item::Event(Box::new(event), p), stop)
+                            self.send_sized(bytes, |p| Item::Event(event, p), stop)
                                 .await?;
                         }
                         Truncation::NotWanted(entity, table) => {

@@ -218,7 +218,7 @@ pub enum Truncation {
     /// An entity table whose `actions` do not include `truncated`.
     NotWanted(EntityName, TableName),
     /// A `Truncated` event.
-    Event(EntityEvent),
+    Event(Box<EntityEvent>),
 }
 
 /// A relation or change that cannot be mapped.
@@ -669,7 +669,7 @@ impl Mapper {
         if !plan.actions.contains(&Action::Truncated) {
             return Truncation::NotWanted(plan.entity.clone(), table.clone());
         }
-        Truncation::Event(EntityEvent {
+        Truncation::Event(Box::new(EntityEvent {
             commit_lsn: tx.commit_lsn,
             seq,
             xid: tx.xid,
@@ -685,7 +685,7 @@ impl Mapper {
             old: None,
             subject: None,
             only_listener: None,
-        })
+        }))
     }
 }
 
