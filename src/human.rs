@@ -6,6 +6,10 @@ use std::time::{Duration, SystemTime};
 /// A duration as people read it: the two largest units, like `3m12s`, `2d4h`, `45s`.
 pub fn age(d: Duration) -> String {
     let secs = d.as_secs();
+    if secs == 0 && !d.is_zero() {
+        // Backoffs and timeouts are often under a second; "0s" would hide them.
+        return format!("{}ms", d.as_millis().max(1));
+    }
     let units = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
     let mut out = String::new();
     let mut rest = secs;
@@ -93,6 +97,7 @@ mod tests {
     #[test]
     fn human_age_shows_the_two_largest_units() {
         assert_eq!(age(Duration::from_secs(0)), "0s");
+        assert_eq!(age(Duration::from_millis(100)), "100ms");
         assert_eq!(age(Duration::from_millis(45_900)), "45s");
         assert_eq!(age(Duration::from_secs(192)), "3m12s");
         assert_eq!(age(Duration::from_secs(3600)), "1h");

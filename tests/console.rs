@@ -1,8 +1,9 @@
 //! The web console (/ui): off without a token, login and sessions, CSRF on every write,
 //! and the whole flow in headless Chromium against a running walhook: the overview shows a
 //! failing listener, search finds a notification by entity id, the event page shows the
-//! payload exactly as the listener received it, and retry from the Failed page moves the
-//! notification to New and then Processed.
+//! payload exactly as the listener received it, retry from the Failed page moves the
+//! notification to New and then Processed; the listeners page shows an Event Grid webhook's
+//! validation handshake and sends test events (as `walhook test-listener` does).
 //!
 //! The browser test needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs
 //! them); without them it is skipped, unless $CI is set, where it fails.
@@ -59,13 +60,18 @@ struct InProcess {
 
 impl InProcess {
     async fn start(token: Option<&str>) -> InProcess {
+        InProcess::start_with(token, "").await
+    }
+
+    /// With these `[[listener]]` blocks.
+    async fn start_with(token: Option<&str>, listeners: &str) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         let listener = admin::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let text = config_toml(
             "postgres://walhook@127.0.0.1:1/nothing",
             &format!(
-                "{}{CUSTOMER_ENTITY}",
+                "{}{CUSTOMER_ENTITY}{listeners}",
                 admin_section(dir.path(), addr.port(), token)
             ),
         );
@@ -410,6 +416,32 @@ async fn wait_url(b: &fantoccini::Client, part: &str) {
     .await;
 }
 
+/// Opens `path`, which sends the browser to the login form, logs in with the token and
+/// waits to be back at `path`.
+async fn log_in(b: &fantoccini::Client, base: &str, path: &str) {
+    b.goto(&format!("{base}{path}")).await.unwrap();
+    element(b, "input[name=token]")
+        .await
+        .send_keys(TOKEN)
+        .await
+        .unwrap();
+    b.find(Locator::Css("form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        &format!("{path} after login"),
+        || async {
+            let url = b.current_url().await.ok()?;
+            (url.path() == path).then_some(())
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     let Some((chromium, chromedriver)) = browser_programs() else {
@@ -447,27 +479,7 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
     let b = browser(&driver, &chromium, &dir.path().join("chromium-profile")).await;
 
     // Log in: the overview sends us to the form and back.
-    b.goto(&format!("{base}/ui")).await.unwrap();
-    element(&b, "input[name=token]")
-        .await
-        .send_keys(TOKEN)
-        .await
-        .unwrap();
-    b.find(Locator::Css("form button[type=submit]"))
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
-    eventually(
-        Duration::from_secs(20),
-        "the overview after login",
-        || async {
-            let url = b.current_url().await.ok()?;
-            (url.path() == "/ui").then_some(())
-        },
-    )
-    .await;
+    log_in(&b, &base, "/ui").await;
     assert_eq!(text(&b, "main h1").await, "Overview");
 
     // The overview shows the listener's failures.
@@ -481,12 +493,7 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         !page.contains("do-not-show-me"),
         "the listener URL's secret is shown"
     );
-    // In a directory of this test run that outlives it, so the printed path can be opened.
-    let shots = std::env::temp_dir().join(format!("walhook-console-test-{}", std::process::id()));
-    std::fs::create_dir_all(&shots).unwrap();
-    let shot = shots.join("overview.png");
-    std::fs::write(&shot, b.screenshot().await.unwrap()).unwrap();
-    println!("screenshot of the overview: {}", shot.display());
+    screenshot(&b, "overview").await;
 
     // Search by entity id finds the notification; its row links to the event page.
     b.goto(&format!("{base}/ui/notifications")).await.unwrap();
@@ -608,5 +615,246 @@ async fn the_console_in_a_browser_shows_failures_finds_payloads_and_retries() {
         .get(0);
     assert_eq!(reason, "customer 7 was deleted upstream");
 
+    b.close().await.unwrap();
+}
+
+/// Saves a screenshot of the page and prints where, in a directory of this test run that
+/// outlives it, so the printed path can be opened.
+async fn screenshot(b: &fantoccini::Client, name: &str) {
+    let shots = std::env::temp_dir().join(format!("walhook-console-test-{}", std::process::id()));
+    std::fs::create_dir_all(&shots).unwrap();
+    let shot = shots.join(format!("{name}.png"));
+    std::fs::write(&shot, b.screenshot().await.unwrap()).unwrap();
+    println!("screenshot of the {name} page: {}", shot.display());
+}
+
+/// Clicks the first element matching `css`, waiting for it to appear.
+async fn click(b: &fantoccini::Client, css: &str) {
+    element(b, css).await.click().await.unwrap();
+}
+
+/// The browser's session cookie as a `Cookie` header value.
+async fn browser_session(b: &fantoccini::Client) -> String {
+    let cookie = b.get_named_cookie("walhook_console").await.unwrap();
+    format!("walhook_console={}", cookie.value())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_test_event_delivers_a_sample_to_the_listener_and_shows_its_answer_or_the_failure_in_plain_words()
+ {
+    let Some((chromium, chromedriver)) = browser_programs() else {
+        return;
+    };
+    const API_KEY: &str = "listener-api-key-4b8e1d";
+    let hook = Receiver::start().await;
+    hook.respond_with(|r, _| {
+        let key = r.header("x-api-key").unwrap_or("none").to_owned();
+        Reply::status(200).body(&format!("thanks; you sent key {key}"))
+    });
+    let dead = free_port();
+    let listeners = format!(
+        "\n[[listener]]\nname = \"crm\"\nurl = \"{}\"\nheaders = {{ \"X-Api-Key\" = \"{API_KEY}\" }}\n\n[[listener]]\nname = \"down\"\nurl = \"http://127.0.0.1:{dead}/hook\"\n",
+        hook.url("/hook?api_key=do-not-show-me")
+    );
+    // No database: a test send records nothing in the queue.
+    let server = InProcess::start_with(Some(TOKEN), &listeners).await;
+    let base = &server.base;
+    let driver = start_driver(&chromedriver).await;
+    let profile = tempfile::tempdir().unwrap();
+    let b = browser(&driver, &chromium, profile.path()).await;
+    log_in(&b, base, "/ui/listeners").await;
+
+    // The receiver gets a sample event with the listener's headers; the page shows its
+    // answer, with the listener's secret masked.
+    click(
+        &b,
+        "section.listener[data-listener=crm] form.test-send button",
+    )
+    .await;
+    let result = "section.test-result[data-listener=crm]";
+    let notice = text(&b, &format!("{result} p.notice")).await;
+    assert!(
+        notice.starts_with("Delivered: the listener accepted a sample Customer.Created event"),
+        "{notice}"
+    );
+    assert!(notice.contains(" with HTTP 200 OK in "), "{notice}");
+    let received = hook.requests();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].json()["type"], "Customer.Created");
+    assert_eq!(received[0].header("x-api-key"), Some(API_KEY));
+    assert_eq!(
+        text(&b, &format!("{result} pre.answer")).await,
+        "thanks; you sent key ***"
+    );
+    let page = b.source().await.unwrap();
+    for secret in [API_KEY, "do-not-show-me"] {
+        assert!(!page.contains(secret), "{secret} is shown");
+    }
+
+    // Reloading the result page sends nothing (the POST redirected), and another session
+    // does not see the result.
+    let shown_at = b.current_url().await.unwrap();
+    assert!(
+        shown_at.as_str().contains("/ui/listeners?test="),
+        "{shown_at}"
+    );
+    b.refresh().await.unwrap();
+    element(&b, result).await;
+    assert_eq!(hook.count(), 1);
+    let other = login(base, TOKEN).await;
+    let r = http()
+        .get(shown_at.as_str())
+        .header(COOKIE, &other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let other_page = r.text().await.unwrap();
+    assert!(other_page.contains("data-listener=\"crm\""), "{other_page}");
+    assert!(!other_page.contains("test-result"), "{other_page}");
+
+    // Nobody listens at the other listener's address: the page says so in plain words.
+    click(
+        &b,
+        "section.listener[data-listener=down] form.test-send button",
+    )
+    .await;
+    let error = text(&b, "section.test-result[data-listener=down] p.error").await;
+    assert!(
+        error.starts_with(&format!(
+            "Not delivered: connection refused by 127.0.0.1:{dead}"
+        )),
+        "{error}"
+    );
+    assert!(
+        error.ends_with("walhook would retry such a failure."),
+        "{error}"
+    );
+    screenshot(&b, "listeners").await;
+
+    // Without the CSRF token, or without the session cookie, the POST is refused and
+    // sends nothing.
+    let session = browser_session(&b).await;
+    let csrf = element(&b, "section.listener[data-listener=crm] input[name=csrf]")
+        .await
+        .attr("value")
+        .await
+        .unwrap()
+        .expect("the form carries the CSRF token");
+    let attempts = [
+        (Some(session.as_str()), vec![("listener", "crm")], 403),
+        (
+            Some(session.as_str()),
+            vec![("listener", "crm"), ("csrf", "0000")],
+            403,
+        ),
+        (
+            None,
+            vec![("listener", "crm"), ("csrf", csrf.as_str())],
+            401,
+        ),
+    ];
+    for (cookie, form, status) in attempts {
+        let mut r = http().post(format!("{base}/ui/listeners/test")).form(&form);
+        if let Some(cookie) = cookie {
+            r = r.header(COOKIE, cookie);
+        }
+        assert_eq!(
+            r.send().await.unwrap().status().as_u16(),
+            status,
+            "{form:?}"
+        );
+    }
+    assert_eq!(hook.count(), 1, "a refused POST sent a test event");
+    b.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listeners_page_shows_an_event_grid_webhook_awaiting_validation_until_it_answers_the_handshake()
+ {
+    let Some((chromium, chromedriver)) = browser_programs() else {
+        return;
+    };
+    const API_KEY: &str = "grid-api-key-9d2c41";
+    let is_validation = |r: &support::receiver::Received| {
+        r.header("aeg-event-type") == Some("SubscriptionValidation")
+    };
+    let db = TestDb::new();
+    db.execute("CREATE TABLE customer (id int PRIMARY KEY, name text);")
+        .await;
+    // The listener is not ready for the handshake yet.
+    let grid = Receiver::start().await;
+    grid.respond_with(|_, _| Reply::status(500).body("not ready yet"));
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let blocks = format!(
+        "{}{CUSTOMER_ENTITY}\n[[listener]]\nname = \"grid\"\nurl = \"{}\"\nformat = \"eventgrid\"\nbackoff = {{ initial = \"100ms\", max = \"1s\" }}\nheaders = {{ \"X-Api-Key\" = \"{API_KEY}\" }}\n",
+        admin_section(dir.path(), port, Some(TOKEN)),
+        grid.url("/events")
+    );
+    let _daemon = Daemon::start(&config_toml(&db.url, &blocks));
+    eventually(
+        Duration::from_secs(60),
+        "a validation event refused by the listener",
+        || async { grid.requests().iter().any(is_validation).then_some(()) },
+    )
+    .await;
+
+    let driver = start_driver(&chromedriver).await;
+    let b = browser(&driver, &chromium, &dir.path().join("chromium-profile")).await;
+    log_in(&b, &base, "/ui/listeners").await;
+    let state = "section.listener[data-listener=grid] dd.validation";
+    assert_eq!(
+        element(&b, state)
+            .await
+            .attr("data-state")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("awaiting")
+    );
+    let awaiting = text(&b, state).await;
+    assert!(awaiting.starts_with("awaiting validation "), "{awaiting}");
+
+    // The listener now answers validation events with their code: after the next
+    // handshake the page says it is validated.
+    grid.respond_with(move |r, _| {
+        if !is_validation(r) {
+            return Reply::status(200);
+        }
+        let code = r.json()[0]["data"]["validationCode"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Reply::status(200)
+            .header("content-type", "application/json")
+            .body(&format!("{{\"validationResponse\":\"{code}\"}}"))
+    });
+    let validated = eventually(
+        Duration::from_secs(60),
+        "the listeners page saying validated",
+        || async {
+            b.refresh().await.ok()?;
+            let line = text(&b, state).await;
+            line.starts_with("validated ").then_some(line)
+        },
+    )
+    .await;
+    assert!(
+        validated.ends_with("it answered with the validation code"),
+        "{validated}"
+    );
+    assert_eq!(
+        element(&b, state)
+            .await
+            .attr("data-state")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("validated")
+    );
+    assert!(!b.source().await.unwrap().contains(API_KEY));
+    screenshot(&b, "validated-listener").await;
     b.close().await.unwrap();
 }

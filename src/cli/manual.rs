@@ -2,21 +2,17 @@
 //! stored event, in the listener's format and authentication, with the exchange shown and
 //! secrets masked) and `walhook retry --event` (a stored event queued again for a listener).
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use clap::Args;
-use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use super::{ConfigArg, Failure};
-use crate::config::{Config, EntityConfig, ListenerConfig};
-use crate::delivery::Verdict;
-use crate::delivery::format::Format;
-use crate::delivery::sink::{HttpSink, Trace};
+use crate::config::{Config, ListenerConfig};
+use crate::delivery::sink::Trace;
+use crate::delivery::test_send::{TestSender, sample_event, test_entity};
 use crate::error::ErrorClass;
-use crate::queue::StoredEvent;
 use crate::queue::resend::{Resent, latest_event, resend, stored_event};
-use crate::types::{Action, Lsn};
 
 /// Most of a request or answer body printed.
 const SHOWN_BODY: usize = 64 * 1024;
@@ -72,92 +68,13 @@ pub(super) fn find_listener<'c>(
         })
 }
 
-/// The entity to use: `--entity`, else the listener's first, else the first configured.
-fn entity<'c>(
-    config: &'c Config,
-    listener: &ListenerConfig,
-    wanted: Option<&str>,
-) -> Result<&'c EntityConfig, Failure> {
-    let name = match (wanted, &listener.entities) {
-        (Some(w), _) => w.to_owned(),
-        (None, Some(list)) if !list.is_empty() => list[0].as_str().to_owned(),
-        (None, _) => match config.entities.first() {
-            Some(e) => e.name.as_str().to_owned(),
-            None => return Err(usage("no [[entity]] is configured".into())),
-        },
-    };
-    let entity = config
-        .entities
-        .iter()
-        .find(|e| e.name.as_str() == name)
-        .ok_or_else(|| {
-            let names: Vec<&str> = config.entities.iter().map(|e| e.name.as_str()).collect();
-            usage(format!(
-                "no [[entity]] is named {name:?}; the entities are: {}",
-                names.join(", ")
-            ))
-        })?;
-    if let Some(list) = &listener.entities
-        && !list.contains(&entity.name)
-    {
-        return Err(usage(format!(
-            "listener {:?} does not receive {name} events (its entities are {}); choose one of them with --entity",
-            listener.name,
-            list.iter()
-                .map(|e| e.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    Ok(entity)
-}
-
-/// A sample event of `entity`: Created, id "1", a row of its id columns, a fresh event id
-/// (so receivers that drop duplicates take it).
-fn sample(entity: &EntityConfig) -> StoredEvent {
-    let id_columns = entity.id.clone().unwrap_or_else(|| vec!["id".to_owned()]);
-    let mut row = Map::new();
-    for c in &id_columns {
-        row.insert(c.clone(), Value::String("1".into()));
-    }
-    let entity_id = if id_columns.len() == 1 {
-        "1".to_owned()
-    } else {
-        Value::Array(
-            id_columns
-                .iter()
-                .map(|_| Value::String("1".into()))
-                .collect(),
-        )
-        .to_string()
-    };
-    StoredEvent {
-        event_id: Uuid::new_v4(),
-        commit_lsn: Lsn(0),
-        seq: 0,
-        commit_time: SystemTime::now(),
-        entity: entity.name.as_str().to_owned(),
-        subject: entity
-            .subject
-            .as_ref()
-            .map(|s| s.replace("{id}", &entity_id)),
-        entity_id,
-        action: Action::Created,
-        derived: None,
-        changed_fields: Some(id_columns),
-        row: Value::Object(row),
-        old: None,
-        source_table: format!("{}.{}", entity.table.schema, entity.table.name),
-    }
-}
-
 pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Failure> {
     let config = Config::load(&args.config.config)?;
     let listener = find_listener(&config, &args.name)?;
     let (event, what) = match (&args.event, &args.id) {
         (None, None) => {
-            let entity = entity(&config, listener, args.entity.as_deref())?;
-            (sample(entity), "a sample event")
+            let entity = test_entity(&config, listener, args.entity.as_deref())?;
+            (sample_event(entity), "a sample event")
         }
         (Some(event_id), _) => {
             let (_, client) = args.config.load_and_connect().await?;
@@ -169,7 +86,7 @@ pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Fai
             (e, "the stored event")
         }
         (None, Some(id)) => {
-            let entity = entity(&config, listener, args.entity.as_deref())?;
+            let entity = test_entity(&config, listener, args.entity.as_deref())?;
             let (_, client) = args.config.load_and_connect().await?;
             let e = latest_event(&client, entity.name.as_str(), id).await?.ok_or_else(|| {
                 usage(format!(
@@ -181,22 +98,7 @@ pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Fai
         }
     };
 
-    let source_system = config.source.system_name.clone().unwrap_or_else(|| {
-        config
-            .source
-            .connect_params()
-            .map(|p| p.dbname().to_owned())
-            .unwrap_or_default()
-    });
-    let format = Format::for_listener(listener, &source_system);
-    let batch = listener.batch_size > 1 && format.batches();
-    let message = if batch {
-        format.render_batch(&[&event])
-    } else {
-        format.render(&event)
-    };
-    let body = message.body.clone();
-    let sink = HttpSink::new(listener)?;
+    let sender = TestSender::new(listener, &config.source.source_system())?;
     println!(
         "sending {what} {}.{} (id {:?}, event {}) to listener {:?}{}{}",
         event.entity,
@@ -204,25 +106,38 @@ pub(super) async fn run_test_listener(args: TestListenerArgs) -> Result<i32, Fai
         event.entity_id,
         event.event_id,
         listener.name,
-        if batch { " as a batch of one" } else { "" },
-        sink.auth_description()
+        if sender.batch() {
+            " as a batch of one"
+        } else {
+            ""
+        },
+        sender
+            .auth_description()
             .map(|a| format!(", authenticated with {a}"))
             .unwrap_or_default()
     );
-    let (attempt, trace) = sink.exchange(message).await;
-    print!("{}", render_exchange(&trace, &body, attempt.latency));
-    match attempt.verdict() {
-        Verdict::Delivered => {
+    let outcome = sender.send(&event).await;
+    match &outcome.trace {
+        Some(trace) => print!(
+            "{}",
+            render_exchange(trace, &outcome.body, outcome.latency())
+        ),
+        None => println!(
+            "\npublished to {} ({} ms)\n",
+            outcome.target,
+            outcome.latency().as_millis()
+        ),
+    }
+    match outcome.failure() {
+        None => {
             println!("delivered: the listener accepted the event");
             Ok(0)
         }
-        verdict => {
-            let comment = attempt
-                .comment
-                .unwrap_or_else(|| attempt.outcome.describe().to_owned());
-            let after = match verdict {
-                Verdict::Retry => "walhook would retry it",
-                _ => "walhook would not retry it",
+        Some(comment) => {
+            let after = if outcome.would_retry() {
+                "walhook would retry it"
+            } else {
+                "walhook would not retry it"
             };
             println!("failed: {comment} ({after})");
             Ok(1)

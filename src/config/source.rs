@@ -70,6 +70,15 @@ impl SourceConfig {
         )
         .map(|p| p.with_policy(policy))
     }
+
+    /// The `sourceSystem` of payloads: `system_name`, else the database name.
+    pub fn source_system(&self) -> String {
+        self.system_name.clone().unwrap_or_else(|| {
+            self.connect_params()
+                .map(|p| p.dbname().to_owned())
+                .unwrap_or_default()
+        })
+    }
 }
 
 #[derive(Deserialize)]

@@ -172,6 +172,12 @@ impl Viewer {
         }
     }
 
+    /// The session's id: what the console keeps per viewer (a test send's result) is
+    /// keyed by it, so only the viewer who asked sees it.
+    pub(super) fn session(&self) -> &str {
+        &self.id
+    }
+
     fn from_headers(console: &Console, headers: &HeaderMap) -> Option<Viewer> {
         let token = console.token()?;
         let id = cookie(headers, COOKIE)?;

@@ -18,6 +18,7 @@ mod layout;
 mod listeners;
 mod notifications;
 mod overview;
+mod test_send;
 
 use std::sync::Arc;
 
@@ -59,6 +60,8 @@ struct Console {
 struct Inner {
     deps: ConsoleDeps,
     sessions: auth::Sessions,
+    /// Results of "Send test event", shown after the redirect.
+    test_results: test_send::TestResults,
     /// One connection for every page, reconnected when it breaks.
     db: Mutex<Option<Arc<tokio_postgres::Client>>>,
 }
@@ -103,14 +106,7 @@ impl Console {
 
     /// `[source] system_name`, else the database name: the `sourceSystem` of payloads.
     fn source_system(&self) -> String {
-        let config = self.config();
-        config.source.system_name.clone().unwrap_or_else(|| {
-            config
-                .source
-                .connect_params()
-                .map(|p| p.dbname().to_owned())
-                .unwrap_or_default()
-        })
+        self.config().source.source_system()
     }
 }
 
@@ -151,6 +147,7 @@ pub fn router(deps: ConsoleDeps) -> Router {
         inner: Arc::new(Inner {
             deps,
             sessions: auth::Sessions::default(),
+            test_results: test_send::TestResults::default(),
             db: Mutex::new(None),
         }),
     };
@@ -166,6 +163,7 @@ pub fn router(deps: ConsoleDeps) -> Router {
         .route("/ui/failed/retry", post(failed::retry))
         .route("/ui/failed/discard", post(failed::discard))
         .route("/ui/listeners", get(listeners::page))
+        .route("/ui/listeners/test", post(test_send::send))
         .route("/ui/static/console.css", get(layout::css))
         .route("/ui/static/console.js", get(layout::js))
         .route("/ui/{*rest}", any(not_found))

@@ -22,6 +22,7 @@ mod lease;
 pub mod policy;
 pub mod signature;
 pub mod sink;
+pub mod test_send;
 pub(crate) mod validation;
 
 use std::time::{Duration, SystemTime};
