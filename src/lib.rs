@@ -1,6 +1,7 @@
 //! walhook: change-data-capture from PostgreSQL logical replication to entity events.
 
 pub mod admin;
+pub mod backfill;
 mod capture;
 pub mod cli;
 /// Throwaway local PostgreSQL clusters, for `walhook demo` and the tests.

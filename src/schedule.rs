@@ -218,6 +218,7 @@ async fn queue_rows(
             row: row.into_iter().collect::<Map<String, Value>>(),
             old: None,
             subject: None,
+            only_listener: None,
         });
     }
     let n = i64::try_from(events.len()).unwrap_or(i64::MAX);

@@ -66,6 +66,7 @@ async fn migration_creates_every_table_and_view_and_rerunning_is_a_no_op() {
         "walhook.notification_id_seq",
         "walhook.rejected",
         "walhook.capture_gap",
+        "walhook.backfill",
     ] {
         let sql = format!("SELECT count(*) FROM pg_class WHERE oid = to_regclass('{relation}')");
         assert_eq!(count(&client, &sql).await, 1, "{relation} missing");

@@ -32,6 +32,7 @@ fn entity(name: &str, table: &str) -> EntityConfig {
         row_filter: None,
         children: vec![],
         scheduled_actions: vec![],
+        snapshot_action: "Snapshot".into(),
     }
 }
 

@@ -7,6 +7,7 @@
 //! transactions and publishes the end LSN of the last source commit whose events are
 //! durable; only that LSN is ever reported to the server as flushed.
 
+mod backfill;
 mod heartbeat;
 pub mod mapper;
 mod reader;

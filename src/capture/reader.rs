@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::CaptureObserver;
-use super::mapper::{ChildEvents, Mapped, Mapper, Truncation, TxContext};
+use super::mapper::{BACKFILL_PREFIX, ChildEvents, Chunk, Mapped, Mapper, Truncation, TxContext};
 use super::session::SessionEnd;
 use super::writer::Item;
 use crate::config::{Config, Secret, SourceConfig};
@@ -54,6 +54,8 @@ pub(super) struct Reader {
     /// The capture buffer: bytes of events handed to the writer and not yet committed.
     budget: Arc<Semaphore>,
     budget_bytes: u32,
+    /// The backfills whose chunks were seen, to tell genuine chunks from forged ones.
+    runs: super::backfill::Runs,
 }
 
 impl Reader {
@@ -92,6 +94,7 @@ impl Reader {
             stopping: false,
             budget: Arc::new(Semaphore::new(budget_bytes as usize)),
             budget_bytes,
+            runs: Default::default(),
         }
     }
 
@@ -358,7 +361,7 @@ impl Reader {
                     match self.mapper.map_truncate(&ctx, seq, oid) {
                         Truncation::Event(event) => {
                             let bytes = event.approx_bytes();
-                            self.send_sized(bytes, |p| Item::Event(Box::new(event), p), stop)
+                            self.send_sized(bytes, |p| Item::Event(event, p), stop)
                                 .await?;
                         }
                         Truncation::NotWanted(entity, table) => {
@@ -371,15 +374,82 @@ impl Reader {
                 }
             }
             Message::LogicalMessage {
-                transactional, lsn, ..
+                transactional,
+                lsn,
+                prefix,
+                content,
             } => {
-                // A heartbeat outside any transaction needs no queue write: its position is
-                // safe to confirm once everything before it is durable.
-                if !transactional && self.tx.is_none() {
+                if transactional && prefix == BACKFILL_PREFIX && self.tx.is_some() {
+                    self.on_backfill_chunk(&content, lsn, stop).await?;
+                } else if !transactional && self.tx.is_none() {
+                    // A heartbeat outside any transaction needs no queue write: its position
+                    // is safe to confirm once everything before it is durable.
                     self.idle_position = self.idle_position.max(lsn);
                 }
             }
             Message::Origin { .. } | Message::Type { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// A backfill chunk (`walhook backfill`) inside the open transaction: its rows become
+    /// Snapshot events in the transaction's commit order, one ordinal per row. A chunk that
+    /// cannot be read, is not genuine or names an entity this walhook does not capture is
+    /// skipped with a warning; capture goes on.
+    async fn on_backfill_chunk(
+        &mut self,
+        content: &[u8],
+        lsn: Lsn,
+        stop: &CancellationToken,
+    ) -> Result<(), ServiceError> {
+        let chunk: Chunk = match serde_json::from_slice(content) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%lsn, "a walhook.backfill message at {lsn} is not a backfill chunk ({e}); skipped");
+                return Ok(());
+            }
+        };
+        if !self.runs.genuine(&chunk, &self.source).await? {
+            warn!(%lsn, run = chunk.run, "a walhook.backfill message at {lsn} names backfill {} without its token (not written by walhook backfill); skipped", chunk.run);
+            return Ok(());
+        }
+        let Some(open) = self.tx.as_mut() else {
+            return Ok(());
+        };
+        let first = open.seq;
+        let rows = u32::try_from(chunk.rows.len()).unwrap_or(u32::MAX);
+        open.seq = open.seq.saturating_add(rows);
+        let ctx = open.ctx;
+        let mapped = match self.mapper.map_snapshot(&ctx, first, &chunk) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(%lsn, "{e}");
+                return Ok(());
+            }
+        };
+        drop(chunk);
+        debug!(%lsn, rows, "backfill chunk");
+        for m in mapped {
+            match m {
+                Mapped::Event(event) => {
+                    let bytes = event.approx_bytes();
+                    self.send_sized(bytes, |p| Item::Event(Box::new(event), p), stop)
+                        .await?;
+                }
+                Mapped::Events(events) => {
+                    let bytes = events.iter().map(|e| e.approx_bytes()).sum();
+                    self.send_sized(bytes, |p| Item::Events(events, p), stop)
+                        .await?;
+                }
+                Mapped::SetAside(change) => {
+                    let bytes = change.approx_bytes();
+                    self.send_sized(bytes, |p| Item::SetAside(Box::new(change), p), stop)
+                        .await?;
+                }
+            }
+            if self.stopping {
+                break;
+            }
         }
         Ok(())
     }

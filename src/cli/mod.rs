@@ -2,6 +2,7 @@
 //! exit codes (78 = EX_CONFIG for anything an operator must fix first).
 
 mod assets;
+mod backfill;
 #[cfg(feature = "demo")]
 mod demo;
 mod logging;
@@ -55,6 +56,10 @@ enum Command {
     TestListener(manual::TestListenerArgs),
     /// Give up on Failed notifications for good: move them to walhook.discarded with a reason.
     Discard(ops::DiscardArgs),
+    /// Send an entity's existing rows as Snapshot events, in order with live changes;
+    /// resumes where it stopped when run again with the same arguments. Needs `walhook run`
+    /// streaming to turn the chunks into events.
+    Backfill(backfill::BackfillArgs),
     /// Show the whole flow on a throwaway local database with sample tables and changes.
     #[cfg(feature = "demo")]
     Demo {
@@ -208,6 +213,7 @@ async fn dispatch(command: Command) -> Result<i32, Failure> {
         Command::Retry(args) => ops::run_retry(args).await,
         Command::TestListener(args) => manual::run_test_listener(args).await,
         Command::Discard(args) => ops::run_discard(args).await,
+        Command::Backfill(args) => backfill::run_backfill(args).await,
         #[cfg(feature = "demo")]
         Command::Demo { duration } => demo::run(duration).await,
         Command::Completions { shell } => {

@@ -112,6 +112,50 @@ impl Checker<'_> {
         out
     }
 
+    /// `snapshot_action` of an entity: a name like a derived action's, none of `derived`.
+    pub(super) fn snapshot_action(
+        &mut self,
+        raw: &Str,
+        key: &str,
+        derived: &[DerivedAction],
+    ) -> String {
+        let default = || super::entity::DEFAULT_SNAPSHOT_ACTION.to_owned();
+        let Some(v) = raw else { return default() };
+        let Some(n) = self.string(v, key) else {
+            return default();
+        };
+        let n = n.trim().to_owned();
+        let at = v.span().start;
+        let valid = n.len() <= 63
+            && n.starts_with(|c: char| c.is_ascii_alphabetic())
+            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            self.report(
+                at,
+                key,
+                &format!("invalid action name {n:?}"),
+                "use up to 63 letters, digits and '_', starting with a letter, like \"Snapshot\"",
+            );
+        } else if reserved(&n) {
+            self.report(
+                at,
+                key,
+                &format!("{n:?} is a row action"),
+                "give backfilled rows their own action, like \"Snapshot\" or \"Resync\"; listeners tell them apart from live changes by it",
+            );
+        } else if derived.iter().any(|d| d.name.eq_ignore_ascii_case(&n)) {
+            self.report(
+                at,
+                key,
+                &format!("{n:?} is also an [[entity.action]] of this entity"),
+                "give backfilled rows an action of their own",
+            );
+        } else {
+            return n;
+        }
+        default()
+    }
+
     /// Reports columns of `cond` that are excluded: their values never reach walhook's
     /// events, so a test on them could never be evaluated.
     pub(super) fn excluded_in_condition(
@@ -173,7 +217,11 @@ impl Checker<'_> {
             .filter(|e| chosen.is_none_or(|c| c.contains(&e.name)))
         {
             let named = e.derived.iter().map(|d| d.name.as_str());
-            for name in named.chain(e.scheduled_actions.iter().map(String::as_str)) {
+            let scheduled = e.scheduled_actions.iter().map(String::as_str);
+            for name in named
+                .chain(scheduled)
+                .chain(std::iter::once(e.snapshot_action.as_str()))
+            {
                 if !derived_names.contains(&name) {
                     derived_names.push(name);
                 }
@@ -230,7 +278,7 @@ impl Checker<'_> {
                     &item_key,
                     &format!("unknown action {s:?}"),
                     &format!(
-                        "use one of {} (derived actions come from [[entity.action]] of the entities the listener receives)",
+                        "use one of {} (derived actions come from [[entity.action]] and snapshot_action of the entities the listener receives)",
                         known()
                     ),
                 ),
@@ -316,7 +364,12 @@ mod tests {
         assert_eq!(c.listeners[0].derived_actions, vec!["Cancelled".to_owned()]);
         let c = parse(&listener("")).unwrap();
         assert_eq!(c.listeners[0].actions, Action::ALL.to_vec());
-        assert_eq!(c.listeners[0].derived_actions, vec!["Cancelled".to_owned()]);
+        assert_eq!(
+            c.listeners[0].derived_actions,
+            vec!["Cancelled".to_owned(), "Snapshot".to_owned()]
+        );
+        let c = parse(&listener("actions = [\"SNAPSHOT\"]")).unwrap();
+        assert_eq!(c.listeners[0].derived_actions, vec!["Snapshot".to_owned()]);
         let c = parse(&listener("actions = [\"updated\"]")).unwrap();
         assert!(c.listeners[0].derived_actions.is_empty());
         assert_eq!(
@@ -324,10 +377,30 @@ mod tests {
                 "actions = [\"Renewed\", \"Cancelled\", \"cancelled\"]"
             )),
             vec![
-                "walhook.toml:15:12: listener[0].actions[0]: unknown action \"Renewed\"; use one of created, updated, deleted, truncated, Cancelled (derived actions come from [[entity.action]] of the entities the listener receives)",
+                "walhook.toml:15:12: listener[0].actions[0]: unknown action \"Renewed\"; use one of created, updated, deleted, truncated, Cancelled, Snapshot (derived actions come from [[entity.action]] and snapshot_action of the entities the listener receives)",
                 "walhook.toml:15:36: listener[0].actions[2]: action \"cancelled\" is listed twice; remove the duplicate",
             ]
         );
+    }
+
+    #[test]
+    fn snapshot_action_defaults_to_snapshot_and_takes_a_name_of_its_own() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.entities[0].snapshot_action, "Snapshot");
+        let c = parse(&format!("{MINIMAL}snapshot_action = \"Resync\"\n")).unwrap();
+        assert_eq!(c.entities[0].snapshot_action, "Resync");
+        for bad in ["Created", "Bad name", "Cancelled"] {
+            let text = with_action(
+                "name = \"Cancelled\"\nwhen = { column = \"status\", changed_to = \"cancelled\" }",
+            )
+            .replace(
+                "[[entity.action]]",
+                &format!("snapshot_action = \"{bad}\"\n\n[[entity.action]]"),
+            );
+            let errs = errors(&text);
+            assert_eq!(errs.len(), 1, "{bad}: {errs:?}");
+            assert!(errs[0].contains("entity[0].snapshot_action"), "{errs:?}");
+        }
     }
 
     #[test]

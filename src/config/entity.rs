@@ -37,7 +37,13 @@ pub struct EntityConfig {
     pub children: Vec<ChildTable>,
     /// The actions `[[schedule]]`s send about the entity (listeners subscribe to them).
     pub scheduled_actions: Vec<String>,
+    /// `snapshot_action`: the action of the events `walhook backfill` sends for existing
+    /// rows (default `Snapshot`); listeners subscribe to it like to a derived action.
+    pub snapshot_action: String,
 }
+
+/// The action of backfilled rows when `snapshot_action` is not set.
+pub const DEFAULT_SNAPSHOT_ACTION: &str = "Snapshot";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -55,6 +61,7 @@ pub(super) struct RawEntity {
     row_filter: Str,
     #[serde(default)]
     child: Vec<Spanned<RawChild>>,
+    snapshot_action: Str,
 }
 
 /// Parses `schema.table` or `table` (schema `public`); either part may be double-quoted to
@@ -380,6 +387,8 @@ impl Checker<'_> {
                 }
             });
             let derived = self.derived_actions(&e.action, &format!("entity[{i}]"), &exclude_names);
+            let snapshot_action =
+                self.snapshot_action(&e.snapshot_action, &key("snapshot_action"), &derived);
 
             let children = self.children(
                 &e.child,
@@ -401,6 +410,7 @@ impl Checker<'_> {
                     row_filter,
                     children,
                     scheduled_actions: Vec::new(),
+                    snapshot_action,
                 });
             }
         }

@@ -252,7 +252,7 @@ fn unknown_key_names_path_position_and_allowed_keys() {
     assert_eq!(
         lines,
         vec![
-            "walhook.toml:11:1: entity[1].colour: unknown key; expected one of name, table, id, actions, track, exclude, subject, action, where, child"
+            "walhook.toml:11:1: entity[1].colour: unknown key; expected one of name, table, id, actions, track, exclude, subject, action, where, child, snapshot_action"
         ]
     );
 }

@@ -755,6 +755,7 @@ mod tests {
             }),
             row,
             subject: None,
+            only_listener: None,
         }
     }
 

@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0009_claim_cursor.sql",
         sql: include_str!("../../sql/0009_claim_cursor.sql"),
     },
+    Migration {
+        version: 10,
+        name: "0010_backfill.sql",
+        sql: include_str!("../../sql/0010_backfill.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

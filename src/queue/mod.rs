@@ -6,6 +6,7 @@
 //! Knows the `walhook` schema; knows nothing about the wire or about HTTP.
 
 pub mod admin;
+pub mod backfill;
 pub mod browse;
 mod claims;
 mod compact;

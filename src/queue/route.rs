@@ -6,6 +6,7 @@
 //! * A change that became several events (derived actions beside its row action) reaches
 //!   each listener once: as the first of them the listener subscribes to, in the order the
 //!   mapper emitted them (rules in file order, the row action last).
+//! * An event for one listener only (a backfill run with `--listener`) excludes the others.
 
 use crate::condition::Change;
 use crate::mapper::EntityEvent;
@@ -21,7 +22,8 @@ pub(super) fn exclusions(
     let mut out: Vec<Option<Vec<String>>> = vec![None; events.len()];
     let filtered = subs.iter().any(|s| s.filter.is_some());
     let grouped = events.windows(2).any(|w| same_change(&w[0], &w[1]));
-    if !filtered && !grouped {
+    let addressed = events.iter().any(|e| e.only_listener.is_some());
+    if !filtered && !grouped && !addressed {
         return out;
     }
     let mut start = 0;
@@ -57,8 +59,12 @@ fn exclude_group(subs: &[Subscription], group: &[EntityEvent], out: &mut [Option
         changed_fields: first.changed_fields.as_deref(),
     };
     for sub in subs.iter().filter(|s| covers(s, first)) {
+        let elsewhere = first
+            .only_listener
+            .as_ref()
+            .is_some_and(|only| **only != *sub.listener);
         // Every event of a change carries the same row: one evaluation for the group.
-        let mut taken = sub.filter.as_ref().is_some_and(|f| !f.matches(&change));
+        let mut taken = elsewhere || sub.filter.as_ref().is_some_and(|f| !f.matches(&change));
         for (event, excluded) in group.iter().zip(out.iter_mut()) {
             if !receives(sub, event) {
                 continue;

@@ -402,5 +402,6 @@ pub fn entity_event(
         row,
         old: None,
         subject: Some(format!("{entity}/{id}")),
+        only_listener: None,
     }
 }

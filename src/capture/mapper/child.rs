@@ -233,6 +233,7 @@ impl ChildEvents {
                     row,
                     old: None,
                     subject: g.first.subject,
+                    only_listener: None,
                 }
             })
             .collect()

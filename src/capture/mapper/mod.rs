@@ -5,6 +5,7 @@
 mod child;
 mod derive;
 mod plan;
+mod snapshot;
 mod values;
 
 use std::borrow::Cow;
@@ -22,6 +23,7 @@ use plan::{ColumnPlan, Plan, Shape, SubjectPart};
 
 pub use child::{ChildChange, ChildEvents};
 pub(crate) use plan::subject_columns;
+pub use snapshot::{BACKFILL_PREFIX, Chunk, ChunkColumn, SnapshotError};
 
 /// Where a change sits in the source: the transaction it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +75,9 @@ pub struct EntityEvent {
     pub old: Option<Map<String, Value>>,
     /// Subject rendered from the entity's template.
     pub subject: Option<String>,
+    /// The one listener the event is for (a backfill run with `--listener`); `None`: every
+    /// listener that subscribes to it.
+    pub only_listener: Option<Arc<str>>,
 }
 
 /// Fixed cost counted per JSON value and per event on top of their text (allocations,
@@ -213,7 +218,7 @@ pub enum Truncation {
     /// An entity table whose `actions` do not include `truncated`.
     NotWanted(EntityName, TableName),
     /// A `Truncated` event.
-    Event(EntityEvent),
+    Event(Box<EntityEvent>),
 }
 
 /// A relation or change that cannot be mapped.
@@ -628,6 +633,7 @@ impl Mapper {
             row,
             old: old_row,
             subject,
+            only_listener: None,
         };
         Ok(derive::apply(&plan.rules, event, tracked))
     }
@@ -663,7 +669,7 @@ impl Mapper {
         if !plan.actions.contains(&Action::Truncated) {
             return Truncation::NotWanted(plan.entity.clone(), table.clone());
         }
-        Truncation::Event(EntityEvent {
+        Truncation::Event(Box::new(EntityEvent {
             commit_lsn: tx.commit_lsn,
             seq,
             xid: tx.xid,
@@ -678,7 +684,8 @@ impl Mapper {
             row: Map::new(),
             old: None,
             subject: None,
-        })
+            only_listener: None,
+        }))
     }
 }
 

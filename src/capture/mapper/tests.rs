@@ -54,6 +54,7 @@ fn entity() -> EntityConfig {
         row_filter: None,
         children: vec![],
         scheduled_actions: vec![],
+        snapshot_action: "Snapshot".into(),
     }
 }
 
@@ -845,4 +846,95 @@ fn a_child_row_moved_to_another_parent_updates_both_and_without_include_carries_
         })
         .is_empty()
     );
+}
+
+fn chunk(rows: Vec<Vec<Option<&str>>>) -> Chunk {
+    let columns = customer(ReplicaIdentity::Default)
+        .columns
+        .into_iter()
+        .filter(|c| c.name != "password_hash")
+        .map(|c| ChunkColumn {
+            name: c.name,
+            type_oid: c.type_oid.0,
+            key: c.is_key,
+        })
+        .collect();
+    Chunk {
+        run: 1,
+        token: uuid::Uuid::nil(),
+        entity: "Customer".into(),
+        listener: Some("audit".into()),
+        schema: "public".into(),
+        table: "customer".into(),
+        columns,
+        rows: rows
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v.map(str::to_owned)).collect())
+            .collect(),
+    }
+}
+
+#[test]
+fn a_snapshot_row_is_the_row_an_insert_of_the_same_values_gives() {
+    let ent = EntityConfig {
+        exclude: vec!["password_hash".into()],
+        subject: Some("c/{id}/{first_name}".into()),
+        ..entity()
+    };
+    let mut m = mapper(ent, customer(ReplicaIdentity::Default));
+    let created = map(
+        &mut m,
+        insert(row(vec![
+            t("42"),
+            t("Ada"),
+            ColumnValue::Null,
+            t("s"),
+            t("b"),
+        ])),
+    )
+    .unwrap();
+    // The chunk leaves the excluded column out, as `walhook backfill` does.
+    let c = chunk(vec![
+        vec![Some("42"), Some("Ada"), None, Some("b")],
+        vec![Some("7"), None, Some("Paris"), None],
+    ]);
+    let mapped = m.map_snapshot(&tx(), 5, &c).unwrap();
+    let events: Vec<EntityEvent> = mapped
+        .into_iter()
+        .map(|m| match m {
+            Mapped::Event(e) => e,
+            other => panic!("not an event: {other:?}"),
+        })
+        .collect();
+    let [first, second] = events.as_slice() else {
+        panic!("{events:?}")
+    };
+    assert_eq!(first.row, created.row);
+    assert_eq!(first.entity_id, created.entity_id);
+    assert_eq!(first.subject, created.subject);
+    assert_eq!(first.changed_fields, created.changed_fields);
+    assert_eq!(first.action_name(), "Snapshot");
+    assert_eq!(first.action, Action::Created);
+    assert_eq!(first.only_listener.as_deref(), Some("audit"));
+    assert_eq!((first.seq, second.seq), (5, 6));
+    assert_eq!(second.entity_id, "7");
+    assert_eq!(second.row["city"], json!("Paris"));
+    assert_eq!(second.row["first_name"], Value::Null);
+}
+
+#[test]
+fn a_snapshot_of_an_entity_this_walhook_does_not_capture_is_an_error_not_events() {
+    let m = mapper(entity(), customer(ReplicaIdentity::Default));
+    let mut c = chunk(vec![vec![Some("1"), None, None, None]]);
+    c.entity = "Order".into();
+    assert!(matches!(
+        m.map_snapshot(&tx(), 0, &c),
+        Err(SnapshotError::UnknownEntity { .. })
+    ));
+    let mut short = chunk(vec![vec![Some("1")]]);
+    short.listener = None;
+    assert!(matches!(
+        m.map_snapshot(&tx(), 0, &short),
+        Err(SnapshotError::Shape { .. })
+    ));
 }
