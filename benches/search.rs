@@ -70,11 +70,11 @@ const FILL: &str = "
 INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity, entity_id,
                            action, changed_fields, \"row\", subject, source_table, queued_at)
 SELECT gen_random_uuid(), ('0/' || to_hex(16777216 + i))::pg_lsn, 0, i,
-       now() - interval '7 days' + i * (interval '7 days' / $1),
+       now() - interval '7 days' + i * (interval '7 days' / $1::bigint),
        CASE WHEN i % 5 = 0 THEN 'Order' ELSE 'Customer' END, (i % 200000)::text, 'Updated',
        ARRAY['name'], jsonb_build_object('id', i % 200000, 'name', 'customer ' || i),
        'Customer/' || (i % 200000), 'public.customer',
-       now() - interval '7 days' + i * (interval '7 days' / $1)
+       now() - interval '7 days' + i * (interval '7 days' / $1::bigint)
 FROM generate_series(1, $1::bigint) i";
 
 const FILL_PROCESSED: &str = "
@@ -82,19 +82,19 @@ INSERT INTO walhook.processed (id, event_id, listener, entity, entity_id, commit
                                attempts, created_at, delivered_at, status_code, latency_ms)
 SELECT e.id, e.id, CASE WHEN e.id % 10 = 0 THEN 'erp' ELSE 'crm' END, e.entity, e.entity_id,
        e.commit_lsn, e.seq, 1, e.queued_at, e.queued_at + interval '20 ms', 200, 12
-FROM walhook.event e WHERE e.id <= $1 * 95 / 100";
+FROM walhook.event e WHERE e.id <= $1::bigint * 95 / 100";
 
 const FILL_FAILED: &str = "
 INSERT INTO walhook.failed (id, event_id, listener, entity, entity_id, commit_lsn, seq,
                             attempts, created_at, failed_at, last_status_code, comment)
 SELECT e.id, e.id, 'erp', e.entity, e.entity_id, e.commit_lsn, e.seq, 12, e.queued_at,
        e.queued_at + interval '1 hour', 500, 'HTTP 500 Internal Server Error from erp'
-FROM walhook.event e WHERE e.id > $1 * 95 / 100 AND e.id <= $1 * 98 / 100";
+FROM walhook.event e WHERE e.id > $1::bigint * 95 / 100 AND e.id <= $1::bigint * 98 / 100";
 
 const FILL_NEW: &str = "
 INSERT INTO walhook.new (id, event_id, listener, entity, entity_id, commit_lsn, seq, created_at)
 SELECT e.id, e.id, 'crm', e.entity, e.entity_id, e.commit_lsn, e.seq, e.queued_at
-FROM walhook.event e WHERE e.id > $1 * 98 / 100";
+FROM walhook.event e WHERE e.id > $1::bigint * 98 / 100";
 
 async fn connect(cluster: &LocalCluster) -> Client {
     let (client, conn) = tokio_postgres::connect(&cluster.url(DB), NoTls)
@@ -110,13 +110,13 @@ async fn fill(client: &mut Client, n: i64) {
     for sql in [FILL, FILL_PROCESSED, FILL_FAILED, FILL_NEW] {
         client.execute(sql, &[&n]).await.expect("fill");
     }
-    client
-        .batch_execute(
-            "SELECT setval('walhook.notification_id_seq', (SELECT max(id) FROM walhook.event));
-             VACUUM ANALYZE walhook.event, walhook.new, walhook.processed, walhook.failed, walhook.discarded;",
-        )
-        .await
-        .expect("analyze");
+    // Separate simple queries: VACUUM refuses the implicit transaction of a multi-statement one.
+    for sql in [
+        "SELECT setval('walhook.notification_id_seq', (SELECT max(id) FROM walhook.event))",
+        "VACUUM ANALYZE walhook.event, walhook.new, walhook.processed, walhook.failed, walhook.discarded",
+    ] {
+        client.batch_execute(sql).await.expect("analyze");
+    }
     eprintln!("== filled {n} notifications in {:.0?}", t.elapsed());
 }
 
@@ -181,10 +181,15 @@ async fn move_rate(client: &Client) -> f64 {
         moved += n;
     }
     let rate = moved as f64 / t.elapsed().as_secs_f64();
-    client
-        .batch_execute("DELETE FROM walhook.processed WHERE listener = 'bench'; VACUUM walhook.processed, walhook.new;")
-        .await
-        .expect("clean up moved rows");
+    for sql in [
+        "DELETE FROM walhook.processed WHERE listener = 'bench'",
+        "VACUUM walhook.processed, walhook.new",
+    ] {
+        client
+            .batch_execute(sql)
+            .await
+            .expect("clean up moved rows");
+    }
     rate
 }
 
@@ -209,7 +214,7 @@ async fn run(cluster: &LocalCluster, args: &Args) {
     let day = Duration::from_secs(86_400);
     let uuid: uuid::Uuid = client
         .query_one(
-            "SELECT event_id FROM walhook.event WHERE id = $1 / 2",
+            "SELECT event_id FROM walhook.event WHERE id = $1::bigint / 2",
             &[&args.notifications],
         )
         .await
@@ -218,7 +223,7 @@ async fn run(cluster: &LocalCluster, args: &Args) {
     let middle: Cursor = {
         let row = client
             .query_one(
-                "SELECT created_at, id FROM walhook.processed WHERE id = $1 / 2",
+                "SELECT created_at, id FROM walhook.processed WHERE id = $1::bigint / 2",
                 &[&args.notifications],
             )
             .await
