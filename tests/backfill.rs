@@ -12,33 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use support::receiver::Receiver;
-use support::{TestDb, eventually, wait_streaming, walhook, walhook_bin, write_config};
-use tokio_util::sync::CancellationToken;
-use walhook::config::Config;
-
-/// The service in-process, as `walhook run` runs it.
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), walhook::service::ServiceError>>,
-}
-
-impl Running {
-    fn start(toml: &str) -> Running {
-        let config = Config::parse(toml, Path::new("test.toml")).expect("valid config");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(walhook::service::run(config, stop.clone()));
-        Running { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("service stops within 30s")
-            .expect("service task");
-        r.expect("service ends without error");
-    }
-}
+use support::{Running, TestDb, eventually, wait_streaming, walhook, walhook_bin, write_config};
 
 fn config(db: &TestDb, entity_extra: &str, listeners: &str) -> String {
     format!(

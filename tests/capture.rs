@@ -2,36 +2,10 @@
 
 mod support;
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{TestDb, config_toml, eventually};
-use tokio_util::sync::CancellationToken;
-use walhook::config::Config;
-
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), walhook::service::ServiceError>>,
-}
-
-impl Running {
-    fn start(toml: &str) -> Running {
-        let config = Config::parse(toml, Path::new("test.toml")).expect("valid config");
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(walhook::service::run(config, stop.clone()));
-        Running { stop, task }
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
-            .await
-            .expect("service stops within 30s")
-            .expect("service task");
-        r.expect("service ends without error");
-    }
-}
+use support::{Running, TestDb, config_toml, eventually};
 
 #[derive(Debug, Clone, PartialEq)]
 struct Ev {
@@ -123,8 +97,16 @@ actions = ["created", "deleted"]
     c.batch_execute("INSERT INTO orders VALUES ('z', 99, 0, 'fence')")
         .await
         .unwrap();
-    let evs_all = wait_for_events(&c, 7).await;
-    assert_eq!(evs_all.len(), 7, "{evs_all:#?}");
+    // The 7 events of the transaction, then the fence: nothing else in between.
+    let evs_all = eventually(Duration::from_secs(60), "the fence's event", || async {
+        let evs = events(&c).await;
+        evs.iter()
+            .any(|e| e.entity_id == r#"["z","99"]"#)
+            .then_some(evs)
+    })
+    .await;
+    assert_eq!(evs_all.len(), 8, "{evs_all:#?}");
+    assert_eq!(evs_all[7].entity_id, r#"["z","99"]"#);
     assert_eq!(&evs_all[..6], &evs[..6]);
 
     let created = &evs[0];

@@ -405,3 +405,28 @@ pub fn entity_event(
         only_listener: None,
     }
 }
+
+/// The service in-process, as `walhook run` runs it.
+pub struct Running {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), walhook::service::ServiceError>>,
+}
+
+impl Running {
+    pub fn start(toml: &str) -> Running {
+        let config = walhook::config::Config::parse(toml, std::path::Path::new("test.toml"))
+            .expect("valid config");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(walhook::service::run(config, stop.clone()));
+        Running { stop, task }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .expect("service stops within 30s")
+            .expect("service task");
+        r.expect("service ends without error");
+    }
+}
