@@ -341,7 +341,13 @@ fn main() {
             table[i].1.push(fig);
         }
     }
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/queue-plans.txt");
+    // The target directory may be elsewhere (CARGO_TARGET_DIR) and not exist yet.
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        std::path::PathBuf::from,
+    );
+    std::fs::create_dir_all(&dir).expect("create the target directory");
+    let path = dir.join("queue-plans.txt");
     std::fs::write(&path, &plans).expect("write plans");
     println!();
     print!("| statement |");
