@@ -158,15 +158,6 @@ impl CaptureObserver for Observe {
     }
 }
 
-/// The `sourceSystem` of payloads and alerts: `[source] system_name`, else the database name.
-fn source_system(config: &Config, params: &ConnectParams) -> String {
-    config
-        .source
-        .system_name
-        .clone()
-        .unwrap_or_else(|| params.dbname().to_owned())
-}
-
 /// Runs the daemon until `shutdown` is cancelled (returns `Ok`) or a non-transient error
 /// occurs (returns it). Transient errors reconnect with backoff, one log line per attempt.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), ServiceError> {
@@ -193,7 +184,7 @@ pub async fn run_with_reload(
     let (status_tx, status_rx) = watch::channel(String::from("starting"));
     let monitors = crate::monitor::Monitors::spawn(
         config.monitors.clone(),
-        source_system(&config, &params),
+        config.source.source_system_of(&params),
         config.path.clone(),
         shutdown.child_token(),
     );
@@ -556,7 +547,7 @@ async fn delivery_loop(
         let dispatcher = crate::delivery::dispatcher::run_following(
             source.clone(),
             config.listeners.clone(),
-            source_system(&config, &source.current()),
+            config.source.source_system_of(&source.current()),
             this_round.clone(),
             crate::delivery::dispatcher::Options {
                 observer: Some(observer.clone()),

@@ -73,11 +73,18 @@ impl SourceConfig {
 
     /// The `sourceSystem` of payloads: `system_name`, else the database name.
     pub fn source_system(&self) -> String {
-        self.system_name.clone().unwrap_or_else(|| {
-            self.connect_params()
-                .map(|p| p.dbname().to_owned())
-                .unwrap_or_default()
-        })
+        match self.connect_params() {
+            Ok(params) => self.source_system_of(&params),
+            Err(_) => self.system_name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// [`Self::source_system`] for the connection `params` in force (after a reload, the
+    /// daemon's current ones).
+    pub fn source_system_of(&self, params: &crate::replication::conn::ConnectParams) -> String {
+        self.system_name
+            .clone()
+            .unwrap_or_else(|| params.dbname().to_owned())
     }
 }
 
