@@ -3,74 +3,20 @@
 
 mod support;
 
-#[allow(dead_code)]
-#[path = "../examples/nats_consumer.rs"]
-mod consumer;
-
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::nats::NatsServer;
+use support::nats::{
+    COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
+    assert_once_in_entity_order, body, consumer, counter_load, event_ids, nats_listener, read_all,
+    types_per_entity,
+};
 use support::receiver::Receiver;
 use support::{
-    Daemon, TestDb, config_toml, eventually, listener_toml, wait_streaming, walhook, write_config,
+    CUSTOMER_ENTITY as CUSTOMER, Daemon, TestDb, config_toml, eventually, listener_toml, setup,
+    wait_streaming, walhook, write_config,
 };
-
-const TABLES: &str = "CREATE TABLE customer (id int PRIMARY KEY, first_name text, city text);
-ALTER TABLE customer REPLICA IDENTITY FULL;
-CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total numeric, note text);
-ALTER TABLE orders REPLICA IDENTITY FULL;";
-
-const ENTITIES: &str = "
-[[entity]]
-name = \"Customer\"
-table = \"customer\"
-
-[[entity]]
-name = \"Order\"
-table = \"orders\"
-";
-
-/// A NATS listener `bus` on `nats`, with fast retries, creating stream WALHOOK.
-fn nats_listener(name: &str, url: &str, extra: &str) -> String {
-    format!(
-        "\n[[listener]]\nname = \"{name}\"\nurl = \"{url}\"\ntimeout = \"3s\"\nbackoff = {{ initial = \"200ms\", max = \"1s\" }}\n{extra}"
-    )
-}
-
-const STREAM: &str = "[listener.nats.stream]\nname = \"WALHOOK\"\n";
-
-/// Reads every message of `filter` with durable consumer `durable`, until `n` arrived.
-async fn read_all(
-    js: &async_nats::jetstream::Context,
-    durable: &str,
-    filter: &str,
-    n: usize,
-    timeout: Duration,
-) -> Vec<consumer::Received> {
-    let c = consumer::durable_consumer(js, "WALHOOK", durable, filter, consumer::ACK_WAIT, 5)
-        .await
-        .expect("durable consumer");
-    let mut got = Vec::new();
-    let deadline = std::time::Instant::now() + timeout;
-    while got.len() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {n} messages on {filter}",
-            got.len()
-        );
-        let batch = consumer::fetch(&c, 1000, Duration::from_millis(500), |_| Ok(()))
-            .await
-            .expect("fetch");
-        got.extend(batch);
-    }
-    got
-}
-
-fn body(m: &consumer::Received) -> Value {
-    serde_json::from_slice(&m.body).expect("a JSON body")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_to_two_entities_arrive_on_their_subjects_as_cloudevents_with_documented_headers() {
@@ -123,21 +69,8 @@ async fn changes_to_two_entities_arrive_on_their_subjects_as_cloudevents_with_do
     let customers = read_all(&js, "crm", "api.event.customer", 4, Duration::from_secs(60)).await;
     // Per-entity order: each customer's events in commit order. Different customers'
     // events may interleave, since publishes to one subject are pipelined.
-    let mut per_customer: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for m in &customers {
-        let ce = body(m);
-        per_customer
-            .entry(
-                ce["data"]["entityId"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned(),
-            )
-            .or_default()
-            .push(ce["type"].as_str().unwrap_or_default().to_owned());
-    }
     assert_eq!(
-        per_customer,
+        types_per_entity(&customers),
         BTreeMap::from([
             (
                 "1".to_owned(),
@@ -152,36 +85,7 @@ async fn changes_to_two_entities_arrive_on_their_subjects_as_cloudevents_with_do
         daemon.log()
     );
     for m in &customers {
-        assert_eq!(m.subject, "api.event.customer");
-        let ce = body(m);
-        assert_eq!(ce["specversion"], "1.0");
-        let id = ce["id"].as_str().expect("id");
-        let h = &m.headers;
-        assert_eq!(h.get("Nats-Msg-Id").map(String::as_str), Some(id), "{h:?}");
-        assert_eq!(
-            h.get("Diagnostic-Id").map(String::as_str),
-            Some(id),
-            "{h:?}"
-        );
-        assert_eq!(
-            h.get("Walhook-Event-Type").map(String::as_str),
-            ce["type"].as_str()
-        );
-        assert_eq!(
-            h.get("Content-Type").map(String::as_str),
-            Some("application/cloudevents+json; charset=utf-8")
-        );
-        // The header is absent exactly when changedFields is unknown (null).
-        let changed = ce["data"]["changedFields"].as_array().map(|fields| {
-            fields
-                .iter()
-                .filter_map(Value::as_str)
-                .collect::<Vec<_>>()
-                .join(",")
-        });
-        assert_eq!(h.get("Walhook-Changed-Fields"), changed.as_ref(), "{ce}");
-        assert!(ce["source"].as_str().is_some_and(|s| !s.is_empty()));
-        assert!(ce["time"].as_str().is_some());
+        assert_documented_headers(m, "api.event.customer");
     }
     let updated = customers
         .iter()
@@ -378,54 +282,6 @@ async fn processed(c: &tokio_postgres::Client, listener: &str) -> i64 {
     .unwrap_or(0)
 }
 
-/// Runs `walhook setup` on `toml` (queue, publication, slot and the stream).
-fn setup(toml: &str) -> (tempfile::TempDir, String) {
-    let (dir, path) = write_config(toml);
-    let path = path.to_str().unwrap().to_owned();
-    let (code, out, err) = walhook(&["setup", "--config", &path]);
-    assert_eq!(code, 0, "{out}{err}");
-    (dir, path)
-}
-
-/// The event ids of walhook.event.
-async fn event_ids(c: &tokio_postgres::Client) -> BTreeSet<String> {
-    c.query("SELECT event_id::text FROM walhook.event", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
-}
-
-/// Checks that `messages` hold each event of `expected` once, and per customer id the
-/// values of column `n` in increasing order (one Created, then Updates).
-fn assert_once_in_entity_order(messages: &[consumer::Received], expected: &BTreeSet<String>) {
-    let mut ids = BTreeSet::new();
-    let mut last_n: BTreeMap<i64, i64> = BTreeMap::new();
-    for m in messages {
-        let id = m.headers.get("Nats-Msg-Id").cloned().expect("Nats-Msg-Id");
-        assert!(ids.insert(id.clone()), "event {id} stored twice");
-        let ce = body(m);
-        let row = &ce["data"]["row"];
-        let (Some(key), Some(n)) = (row["id"].as_i64(), row["n"].as_i64()) else {
-            panic!("unexpected row {ce}");
-        };
-        if let Some(prev) = last_n.insert(key, n) {
-            assert!(n > prev, "customer {key}: n={n} after n={prev}");
-        }
-    }
-    assert_eq!(ids.len(), expected.len());
-    assert!(
-        ids == *expected,
-        "the stream's ids differ from walhook.event's"
-    );
-}
-
-const COUNTER_TABLE: &str = "CREATE TABLE customer (id int PRIMARY KEY, n int NOT NULL);
-ALTER TABLE customer REPLICA IDENTITY FULL;";
-
-const CUSTOMER: &str = "\n[[entity]]\nname = \"Customer\"\ntable = \"customer\"\n";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_entity_order() {
     const ROWS: i32 = 10_000;
@@ -445,31 +301,7 @@ async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_
     let c = db.client().await;
     wait_streaming(&c).await;
 
-    let url = db.url.clone();
-    let load = tokio::spawn(async move {
-        let c = support::connect(&url).await;
-        for chunk in 0..ROWS / 1000 {
-            let from = chunk * 1000 + 1;
-            c.execute(
-                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
-                &[&from, &(from + 999)],
-            )
-            .await
-            .unwrap();
-        }
-        for _ in 0..ROUNDS {
-            for chunk in 0..ROWS / 1000 {
-                let from = chunk * 1000 + 1;
-                c.execute(
-                    "UPDATE customer SET n = n + 1 WHERE id BETWEEN $1 AND $2",
-                    &[&from, &(from + 999)],
-                )
-                .await
-                .unwrap();
-            }
-        }
-    });
-
+    let load = tokio::spawn(counter_load(db.url.clone(), ROWS, ROUNDS));
     eventually(
         Duration::from_secs(180),
         "10,000 events published",

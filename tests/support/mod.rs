@@ -295,6 +295,16 @@ pub fn walhook(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Writes `toml` to a file and runs `walhook setup` on it (queue, publication, slot and any
+/// NATS streams); returns (dir, path).
+pub fn setup(toml: &str) -> (tempfile::TempDir, String) {
+    let (dir, path) = write_config(toml);
+    let path = path.to_str().expect("a UTF-8 temp path").to_owned();
+    let (code, out, err) = walhook(&["setup", "--config", &path]);
+    assert_eq!(code, 0, "{out}{err}");
+    (dir, path)
+}
+
 /// A minimal config for `url` with the given `[[entity]]` blocks and fast batching.
 pub fn config_toml(url: &str, entities: &str) -> String {
     format!(

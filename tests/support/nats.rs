@@ -1,9 +1,19 @@
 //! A throwaway nats-server with JetStream for tests: its own temp dir, a free 127.0.0.1
 //! port, stopped and started again on the same port and store (outages), killed on drop.
+//! Also what the NATS delivery tests share: listener blocks, the counter-table load and the
+//! checks of what a stream holds, read back with the consumer of examples/nats_consumer.rs.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The durable consumer of examples/nats_consumer.rs.
+#[allow(dead_code)]
+#[path = "../../examples/nats_consumer.rs"]
+pub mod consumer;
 
 /// The nats-server binary: `$WALHOOK_NATS_SERVER`, Debian's /usr/sbin/nats-server, or PATH.
 pub fn nats_server_bin() -> PathBuf {
@@ -128,4 +138,195 @@ impl Drop for NatsServer {
             let _ = child.wait();
         }
     }
+}
+
+/// A NATS listener block: `name` on `url`, 3 s timeout, fast retries, then `extra` lines.
+pub fn nats_listener(name: &str, url: &str, extra: &str) -> String {
+    format!(
+        "\n[[listener]]\nname = \"{name}\"\nurl = \"{url}\"\ntimeout = \"3s\"\nbackoff = {{ initial = \"200ms\", max = \"1s\" }}\n{extra}"
+    )
+}
+
+/// A `[listener.nats.stream]` section: `walhook setup` creates stream WALHOOK (api.event.*).
+pub const STREAM: &str = "[listener.nats.stream]\nname = \"WALHOOK\"\n";
+
+/// Tables `customer` and `orders` with full replica identity (entities [`ENTITIES`]).
+pub const TABLES: &str = "CREATE TABLE customer (id int PRIMARY KEY, first_name text, city text);
+ALTER TABLE customer REPLICA IDENTITY FULL;
+CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total numeric, note text);
+ALTER TABLE orders REPLICA IDENTITY FULL;";
+
+/// Entities `Customer` (table customer) and `Order` (table orders).
+pub const ENTITIES: &str = "
+[[entity]]
+name = \"Customer\"
+table = \"customer\"
+
+[[entity]]
+name = \"Order\"
+table = \"orders\"
+";
+
+/// A customer table whose counter `n` only grows: per-entity order is visible in the rows.
+pub const COUNTER_TABLE: &str = "CREATE TABLE customer (id int PRIMARY KEY, n int NOT NULL);
+ALTER TABLE customer REPLICA IDENTITY FULL;";
+
+/// Inserts `rows` customers with n = 0, then adds 1 to every n `rounds` times, 1000 rows per
+/// statement: rows × (1 + rounds) events.
+pub async fn counter_load(url: String, rows: i32, rounds: i32) {
+    let c = super::connect(&url).await;
+    for chunk in 0..rows / 1000 {
+        let from = chunk * 1000 + 1;
+        c.execute(
+            "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+            &[&from, &(from + 999)],
+        )
+        .await
+        .expect("insert customers");
+    }
+    for _ in 0..rounds {
+        for chunk in 0..rows / 1000 {
+            let from = chunk * 1000 + 1;
+            c.execute(
+                "UPDATE customer SET n = n + 1 WHERE id BETWEEN $1 AND $2",
+                &[&from, &(from + 999)],
+            )
+            .await
+            .expect("update customers");
+        }
+    }
+}
+
+/// Reads every message of `filter` in stream WALHOOK with durable consumer `durable`, until
+/// `n` arrived.
+pub async fn read_all(
+    js: &async_nats::jetstream::Context,
+    durable: &str,
+    filter: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<consumer::Received> {
+    read_stream(js, "WALHOOK", durable, filter, n, timeout).await
+}
+
+/// Reads every message of `filter` in `stream` with durable consumer `durable`, until `n`
+/// arrived.
+pub async fn read_stream(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    durable: &str,
+    filter: &str,
+    n: usize,
+    timeout: Duration,
+) -> Vec<consumer::Received> {
+    let c = consumer::durable_consumer(js, stream, durable, filter, consumer::ACK_WAIT, 5)
+        .await
+        .expect("durable consumer");
+    let mut got = Vec::new();
+    let deadline = Instant::now() + timeout;
+    while got.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} messages on {filter}",
+            got.len()
+        );
+        let batch = consumer::fetch(&c, 1000, Duration::from_millis(500), |_| Ok(()))
+            .await
+            .expect("fetch");
+        got.extend(batch);
+    }
+    got
+}
+
+/// The JSON body of a message.
+pub fn body(m: &consumer::Received) -> Value {
+    serde_json::from_slice(&m.body).expect("a JSON body")
+}
+
+/// The CloudEvents `type`s of `messages` per entity id, in stream order.
+pub fn types_per_entity(messages: &[consumer::Received]) -> BTreeMap<String, Vec<String>> {
+    let mut per_entity: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for m in messages {
+        let ce = body(m);
+        per_entity
+            .entry(
+                ce["data"]["entityId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default()
+            .push(ce["type"].as_str().unwrap_or_default().to_owned());
+    }
+    per_entity
+}
+
+/// Checks the documented headers of a structured CloudEvents message on `subject`:
+/// Nats-Msg-Id and Diagnostic-Id = the event id, Walhook-Event-Type, Content-Type, and
+/// Walhook-Changed-Fields exactly when changedFields is known.
+pub fn assert_documented_headers(m: &consumer::Received, subject: &str) {
+    assert_eq!(m.subject, subject);
+    let ce = body(m);
+    assert_eq!(ce["specversion"], "1.0");
+    let id = ce["id"].as_str().expect("id");
+    let h = &m.headers;
+    assert_eq!(h.get("Nats-Msg-Id").map(String::as_str), Some(id), "{h:?}");
+    assert_eq!(
+        h.get("Diagnostic-Id").map(String::as_str),
+        Some(id),
+        "{h:?}"
+    );
+    assert_eq!(
+        h.get("Walhook-Event-Type").map(String::as_str),
+        ce["type"].as_str()
+    );
+    assert_eq!(
+        h.get("Content-Type").map(String::as_str),
+        Some("application/cloudevents+json; charset=utf-8")
+    );
+    // The header is absent exactly when changedFields is unknown (null).
+    let changed = ce["data"]["changedFields"].as_array().map(|fields| {
+        fields
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(",")
+    });
+    assert_eq!(h.get("Walhook-Changed-Fields"), changed.as_ref(), "{ce}");
+    assert!(ce["source"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(ce["time"].as_str().is_some());
+}
+
+/// The event ids (uuids) of walhook.event.
+pub async fn event_ids(c: &tokio_postgres::Client) -> BTreeSet<String> {
+    c.query("SELECT event_id::text FROM walhook.event", &[])
+        .await
+        .expect("walhook.event")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Checks that `messages` (of [`COUNTER_TABLE`]) hold each event of `expected` once, and per
+/// customer id the values of `n` in increasing order (one Created, then Updates).
+pub fn assert_once_in_entity_order(messages: &[consumer::Received], expected: &BTreeSet<String>) {
+    let mut ids = BTreeSet::new();
+    let mut last_n: BTreeMap<i64, i64> = BTreeMap::new();
+    for m in messages {
+        let id = m.headers.get("Nats-Msg-Id").cloned().expect("Nats-Msg-Id");
+        assert!(ids.insert(id.clone()), "event {id} stored twice");
+        let ce = body(m);
+        let row = &ce["data"]["row"];
+        let (Some(key), Some(n)) = (row["id"].as_i64(), row["n"].as_i64()) else {
+            panic!("unexpected row {ce}");
+        };
+        if let Some(prev) = last_n.insert(key, n) {
+            assert!(n > prev, "customer {key}: n={n} after n={prev}");
+        }
+    }
+    assert_eq!(ids.len(), expected.len());
+    assert!(
+        ids == *expected,
+        "the stream's ids differ from walhook.event's"
+    );
 }

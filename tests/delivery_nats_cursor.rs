@@ -1,0 +1,681 @@
+//! NATS JetStream listeners with `position = "cursor"`: no walhook.new / walhook.processed
+//! rows per event, one row in walhook.listener_cursor holding the last walhook.event passed.
+//! Real nats-server processes, read back by the durable consumer of examples/nats_consumer.rs.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use serde_json::Value;
+use support::nats::{
+    COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
+    assert_once_in_entity_order, body, counter_load, event_ids, nats_listener, read_all,
+    read_stream, types_per_entity,
+};
+use support::receiver::Receiver;
+use support::{
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, event_count, eventually, free_port,
+    listener_toml, setup, wait_streaming, walhook, write_config,
+};
+
+/// A NATS listener with `position = "cursor"`: `top` goes into `[[listener]]`, `nats` (keys,
+/// then maybe a `[listener.nats.stream]` section) after the position in `[listener.nats]`.
+fn cursor_listener(name: &str, url: &str, top: &str, nats: &str) -> String {
+    nats_listener(
+        name,
+        url,
+        &format!("{top}[listener.nats]\nposition = \"cursor\"\n{nats}"),
+    )
+}
+
+/// The listener's cursor (walhook.listener_cursor.event_id), once its row exists.
+async fn cursor(c: &tokio_postgres::Client, listener: &str) -> Option<i64> {
+    c.query_opt(
+        "SELECT event_id FROM walhook.listener_cursor WHERE listener = $1",
+        &[&listener],
+    )
+    .await
+    .ok()?
+    .map(|r| r.get(0))
+}
+
+/// The newest walhook.event.id, 0 when there is none.
+async fn last_event_id(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT coalesce(max(id), 0) FROM walhook.event", &[])
+        .await
+        .expect("walhook.event")
+        .get(0)
+}
+
+/// `SELECT count(*)` of `sql`, whose one parameter is `listener`.
+async fn count(c: &tokio_postgres::Client, sql: &str, listener: &str) -> i64 {
+    c.query_one(sql, &[&listener])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .get(0)
+}
+
+/// Rows of walhook.new and walhook.processed for `listener`.
+async fn queue_rows(c: &tokio_postgres::Client, listener: &str) -> (i64, i64) {
+    (
+        count(
+            c,
+            "SELECT count(*) FROM walhook.new WHERE listener = $1",
+            listener,
+        )
+        .await,
+        count(
+            c,
+            "SELECT count(*) FROM walhook.processed WHERE listener = $1",
+            listener,
+        )
+        .await,
+    )
+}
+
+/// Rows of walhook.failed, any listener.
+async fn failed_total(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM walhook.failed", &[])
+        .await
+        .expect("walhook.failed")
+        .get(0)
+}
+
+/// Waits until `listener` has a cursor row and returns its position.
+async fn wait_cursor_row(c: &tokio_postgres::Client, listener: &str) -> i64 {
+    eventually(
+        Duration::from_secs(60),
+        "the listener's cursor row",
+        || async { cursor(c, listener).await },
+    )
+    .await
+}
+
+/// Waits until walhook.event holds `events` rows and `listener`'s cursor is at the newest.
+async fn wait_cursor_at_end(
+    c: &tokio_postgres::Client,
+    listener: &str,
+    events: i64,
+    timeout: Duration,
+) {
+    eventually(timeout, "the cursor at the newest event", || async {
+        (event_count(c).await == events && cursor(c, listener).await? == last_event_id(c).await)
+            .then_some(())
+    })
+    .await;
+}
+
+/// The event ids (uuids) of `entity`'s events after walhook.event.id `after`, in id order.
+async fn ids_after(c: &tokio_postgres::Client, entity: &str, after: i64) -> Vec<String> {
+    c.query(
+        "SELECT event_id::text FROM walhook.event WHERE entity = $1 AND id > $2 ORDER BY id",
+        &[&entity, &after],
+    )
+    .await
+    .expect("walhook.event")
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+/// The Nats-Msg-Id of each message, in stream order.
+fn msg_ids(messages: &[support::nats::consumer::Received]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| m.headers.get("Nats-Msg-Id").cloned().unwrap_or_default())
+        .collect()
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| (*x).to_owned()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_listener_publishes_in_commit_order_with_documented_headers_and_keeps_no_queue_rows()
+ {
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let nats = NatsServer::start().await;
+    // A filtered cursor listener on its own stream (the same event ids would be duplicates
+    // in WALHOOK).
+    let paris = cursor_listener(
+        "paris",
+        &nats.url(),
+        "entities = [\"Customer\"]\nactions = [\"created\", \"updated\"]\nfilter = { column = \"city\", in = [\"Paris\", \"Lyon\"] }\n",
+        "subject = \"paris.{entity}\"\n[listener.nats.stream]\nname = \"PARIS\"\nsubjects = [\"paris.*\"]\n",
+    );
+    let bus = cursor_listener("bus", &nats.url(), "", STREAM);
+    let toml = config_toml(&db.url, &format!("{ENTITIES}{paris}{bus}"));
+    let (_dir, _path) = setup(&toml);
+    let c = db.client().await;
+
+    // Before bus is configured: an event it must never get.
+    let mut first = Daemon::start(&config_toml(&db.url, &format!("{ENTITIES}{paris}")));
+    wait_streaming(&c).await;
+    c.execute("INSERT INTO customer VALUES (0, 'Eve', 'Paris')", &[])
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(60), "the first event", || async {
+        (event_count(&c).await == 1).then_some(())
+    })
+    .await;
+    first.terminate();
+
+    let daemon = Daemon::start(&toml);
+    let start = wait_cursor_row(&c, "bus").await;
+    assert_eq!(
+        start,
+        last_event_id(&c).await,
+        "bus starts at the newest event"
+    );
+    for sql in [
+        "INSERT INTO customer VALUES (1, 'Ada', 'Paris'), (2, 'Bob', 'Oslo')",
+        "UPDATE customer SET city = 'Lyon' WHERE id = 1",
+        "DELETE FROM customer WHERE id = 2",
+        "INSERT INTO orders VALUES (10, 1, 9.90, 'first')",
+        "UPDATE orders SET total = 12.50 WHERE id = 10",
+        "DELETE FROM orders WHERE id = 10",
+        "INSERT INTO customer VALUES (99, 'Zoe', 'Paris')",
+    ] {
+        c.execute(sql, &[]).await.unwrap();
+    }
+    wait_cursor_at_end(&c, "bus", 9, Duration::from_secs(60)).await;
+
+    let js = nats.jetstream().await;
+    let customers = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        5,
+        Duration::from_secs(30),
+    )
+    .await;
+    let orders = read_all(
+        &js,
+        "billing",
+        "api.event.order",
+        3,
+        Duration::from_secs(30),
+    )
+    .await;
+    // Published in walhook.event.id order, so each subject holds its events in commit order.
+    assert_eq!(
+        msg_ids(&customers),
+        ids_after(&c, "Customer", start).await,
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(msg_ids(&orders), ids_after(&c, "Order", start).await);
+    assert_eq!(
+        types_per_entity(&customers),
+        BTreeMap::from([
+            (
+                "1".to_owned(),
+                strings(&["Customer.Created", "Customer.Updated"])
+            ),
+            (
+                "2".to_owned(),
+                strings(&["Customer.Created", "Customer.Deleted"])
+            ),
+            ("99".to_owned(), strings(&["Customer.Created"])),
+        ]),
+        "customer 0 came before bus's cursor"
+    );
+    let order_types: Vec<_> = orders.iter().map(|m| body(m)["type"].clone()).collect();
+    assert_eq!(
+        order_types,
+        ["Order.Created", "Order.Updated", "Order.Deleted"]
+    );
+    for m in &customers {
+        assert_documented_headers(m, "api.event.customer");
+    }
+    for m in &orders {
+        assert_documented_headers(m, "api.event.order");
+    }
+    let updated = customers
+        .iter()
+        .find(|m| body(m)["type"] == "Customer.Updated")
+        .expect("the update");
+    assert_eq!(
+        updated.headers.get("Walhook-Changed-Fields"),
+        Some(&"city".to_owned())
+    );
+    let mut walhook_stream = js.get_stream("WALHOOK").await.unwrap();
+    assert_eq!(walhook_stream.info().await.unwrap().state.messages, 8);
+
+    // paris: Customer created/updated in Paris or Lyon only, customer 0 included (its cursor
+    // was set before that event). Customer 99 is the last event, so once it is there, every
+    // event before it was passed or published.
+    let got = read_stream(
+        &js,
+        "PARIS",
+        "audit",
+        "paris.customer",
+        4,
+        Duration::from_secs(60),
+    )
+    .await;
+    let got: Vec<(String, String)> = got
+        .iter()
+        .map(|m| {
+            let ce = body(m);
+            let id = ce["data"]["entityId"].as_str().unwrap_or_default();
+            (
+                id.to_owned(),
+                ce["type"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("0", "Customer.Created"),
+        ("1", "Customer.Created"),
+        ("1", "Customer.Updated"),
+        ("99", "Customer.Created"),
+    ]
+    .map(|(a, b)| (a.to_owned(), b.to_owned()));
+    assert_eq!(got, want);
+    wait_cursor_at_end(&c, "paris", 9, Duration::from_secs(30)).await;
+    let mut paris_stream = js.get_stream("PARIS").await.unwrap();
+    assert_eq!(paris_stream.info().await.unwrap().state.messages, 4);
+
+    for listener in ["bus", "paris"] {
+        assert_eq!(queue_rows(&c, listener).await, (0, 0), "{listener}");
+    }
+    assert_eq!(failed_total(&c).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_50k_event_load_then_two_processes_resume_from_the_cursor_and_store_each_event_once()
+ {
+    const ROWS: i32 = 10_000;
+    const ROUNDS: i32 = 4; // updates per row: ROWS × (1 + ROUNDS) = 50,000 events
+    const CONCURRENCY: i64 = 64;
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let nats = NatsServer::start().await;
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "{CUSTOMER_ENTITY}{}",
+            cursor_listener(
+                "bus",
+                &nats.url(),
+                &format!("concurrency = {CONCURRENCY}\n"),
+                STREAM
+            )
+        ),
+    );
+    let (_dir, _path) = setup(&toml);
+    let mut daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    wait_cursor_row(&c, "bus").await;
+
+    let load = tokio::spawn(counter_load(db.url.clone(), ROWS, ROUNDS));
+    let passed = "SELECT count(*) FROM walhook.event e JOIN walhook.listener_cursor l
+                  ON e.id <= l.event_id WHERE l.listener = $1";
+    eventually(
+        Duration::from_secs(120),
+        "10,000 events published",
+        || async { (count(&c, passed, "bus").await >= 10_000).then_some(()) },
+    )
+    .await;
+    daemon.kill9();
+    let at_kill = cursor(&c, "bus").await.expect("bus's cursor");
+
+    // Every publish from here on, duplicates included (the stream drops those silently).
+    let watcher = async_nats::connect(nats.url()).await.unwrap();
+    let mut publishes = watcher.subscribe("api.event.>").await.unwrap();
+    watcher.flush().await.unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while publishes.next().await.is_some() {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+
+    // Two processes on one database: one streams from the slot, and only one at a time
+    // delivers bus, starting from the stored cursor.
+    let mut one = Daemon::start(&toml);
+    let mut two = Daemon::start(&toml);
+    load.await.unwrap();
+    let total = i64::from(ROWS * (1 + ROUNDS));
+    wait_cursor_at_end(&c, "bus", total, Duration::from_secs(240)).await;
+    let after_kill: i64 = c
+        .query_one(
+            "SELECT count(*) FROM walhook.event WHERE id > $1",
+            &[&at_kill],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        after_kill > 0,
+        "nothing was left after the cursor when the process was killed"
+    );
+    // Everything after the stored cursor was published again after the restart …
+    eventually(
+        Duration::from_secs(30),
+        "a publish of each event after the stored cursor",
+        || async { (seen.load(Ordering::Relaxed) as i64 >= after_kill).then_some(()) },
+    )
+    .await;
+    // … by one process: two would publish each about twice.
+    let republished = seen.load(Ordering::Relaxed) as i64;
+    assert!(
+        republished <= after_kill + 2 * CONCURRENCY,
+        "{republished} publishes after the restart for {after_kill} events after the cursor:\n{}\n{}",
+        one.log(),
+        two.log()
+    );
+    assert!(
+        one.running() && two.running(),
+        "{}\n{}",
+        one.log(),
+        two.log()
+    );
+    assert_eq!(queue_rows(&c, "bus").await, (0, 0));
+
+    let js = nats.jetstream().await;
+    let mut stream = js.get_stream("WALHOOK").await.unwrap();
+    let info = stream.info().await.unwrap();
+    assert_eq!(info.state.messages, total as u64, "messages in the stream");
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        total as usize,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &event_ids(&c).await);
+}
+
+/// The value of the sample `series` (name and labels as printed) on the admin endpoint.
+async fn metric(admin: u16, series: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://127.0.0.1:{admin}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The `new` count of `listener` in `walhook status --json`.
+fn status_new(path: &str, listener: &str) -> Option<i64> {
+    let (code, out, _) = walhook(&["status", "--json", "--config", path]);
+    let doc: Value = serde_json::from_str(&out).ok()?;
+    let l = doc["listeners"]
+        .as_array()?
+        .iter()
+        .find(|l| l["name"] == listener)?;
+    (code == 0).then(|| l["new"].as_i64())?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_outage_holds_the_cursor_while_http_goes_on_and_status_and_metrics_show_the_backlog()
+{
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let mut nats = NatsServer::start().await;
+    let hook = Receiver::start().await;
+    let admin = free_port();
+    let toml = config_toml(
+        &db.url,
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n{CUSTOMER_ENTITY}{}{}",
+            cursor_listener("bus", &nats.url(), "", STREAM),
+            listener_toml("crm", &hook.url("/h"))
+        ),
+    );
+    let (_dir, path) = setup(&toml);
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    wait_cursor_row(&c, "bus").await;
+    let insert = |from: i32, to: i32| {
+        let c = &c;
+        async move {
+            c.execute(
+                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+                &[&from, &to],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    insert(1, 500).await;
+    wait_cursor_at_end(&c, "bus", 500, Duration::from_secs(60)).await;
+    let held = cursor(&c, "bus").await;
+
+    nats.stop();
+    let stopped = Instant::now();
+    for k in 0..15 {
+        insert(501 + k * 100, 600 + k * 100).await;
+        c.execute("UPDATE customer SET n = n + 1 WHERE id <= 100", &[])
+            .await
+            .unwrap();
+    }
+    // 1500 inserts and 1500 updates: the HTTP listener gets them all while NATS is down.
+    hook.wait_for_count(
+        3500,
+        Duration::from_secs(120),
+        "HTTP deliveries during the outage",
+    )
+    .await;
+    let bus_depth = "walhook_queue_depth{listener=\"bus\"}";
+    eventually(
+        Duration::from_secs(60),
+        "status and metrics show bus's backlog",
+        || async {
+            (status_new(&path, "bus")? == 3000
+                && status_new(&path, "crm")? == 0
+                && metric(admin, bus_depth).await? == 3000.0)
+                .then_some(())
+        },
+    )
+    .await;
+    // The listener holds its place for the rest of the outage: it neither gives up on
+    // events nor moves past them.
+    while stopped.elapsed() < Duration::from_secs(12) {
+        assert_eq!(cursor(&c, "bus").await, held, "{}", daemon.log());
+        assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    nats.resume().await;
+    wait_cursor_at_end(&c, "bus", 3500, Duration::from_secs(120)).await;
+    eventually(Duration::from_secs(60), "the backlog gone", || async {
+        (status_new(&path, "bus")? == 0 && metric(admin, bus_depth).await? == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(failed_total(&c).await, 0);
+    assert_eq!(queue_rows(&c, "bus").await, (0, 0));
+    let js = nats.jetstream().await;
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        3500,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &event_ids(&c).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_message_fails_with_the_servers_words_the_cursor_moves_past_and_retry_delivers_it()
+ {
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    // Captures customers only, and only small messages.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "WALHOOK".into(),
+        subjects: vec!["api.event.customer".into()],
+        max_message_size: 700,
+        ..Default::default()
+    })
+    .await
+    .expect("create stream WALHOOK");
+    let toml = config_toml(
+        &db.url,
+        &format!("{ENTITIES}{}", cursor_listener("bus", &nats.url(), "", "")),
+    );
+    let (_dir, path) = setup(&toml);
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    wait_cursor_row(&c, "bus").await;
+    for sql in [
+        "INSERT INTO customer VALUES (1, 'Ada', 'Paris')",
+        "INSERT INTO orders VALUES (10, 1, 9.90, 'no stream')",
+        "INSERT INTO customer VALUES (2, repeat('x', 2000), 'Oslo')",
+        "INSERT INTO customer VALUES (3, 'Cy', 'Rome')",
+    ] {
+        c.execute(sql, &[]).await.unwrap();
+    }
+    wait_cursor_at_end(&c, "bus", 4, Duration::from_secs(60)).await;
+
+    let failed = c
+        .query(
+            "SELECT e.entity, e.entity_id, f.comment, f.attempts FROM walhook.failed f
+             JOIN walhook.event e ON e.id = f.event_id WHERE f.listener = 'bus' ORDER BY e.id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let failed: Vec<(String, String, Option<String>, i32)> = failed
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    let (entity, id, comment, attempts) = &failed[0];
+    let comment = comment.as_deref().unwrap_or_default();
+    assert_eq!((entity.as_str(), id.as_str()), ("Order", "10"));
+    assert!(*attempts >= 1, "{comment}");
+    assert!(
+        comment.contains("no JetStream stream captures subject api.event.order")
+            && comment.contains("no responders"),
+        "{comment}"
+    );
+    let (entity, id, comment, _) = &failed[1];
+    let comment = comment.as_deref().unwrap_or_default();
+    assert_eq!((entity.as_str(), id.as_str()), ("Customer", "2"));
+    assert!(
+        comment.contains("refused the message for api.event.customer")
+            && comment.contains("message size exceeds maximum allowed"),
+        "{comment}"
+    );
+    // The events around them went through, customer 3 after both.
+    let customers = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        2,
+        Duration::from_secs(30),
+    )
+    .await;
+    let entity_ids: Vec<_> = customers
+        .iter()
+        .map(|m| body(m)["data"]["entityId"].clone())
+        .collect();
+    assert_eq!(entity_ids, ["1", "3"]);
+    assert_eq!(queue_rows(&c, "bus").await, (0, 0));
+
+    // The stream is fixed; retry takes the failed ones through the queue.
+    js.update_stream(async_nats::jetstream::stream::Config {
+        name: "WALHOOK".into(),
+        subjects: vec!["api.event.customer".into(), "api.event.order".into()],
+        max_message_size: -1,
+        ..Default::default()
+    })
+    .await
+    .expect("update stream WALHOOK");
+    let (code, out, err) = walhook(&["retry", "--config", &path, "--listener", "bus", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually(
+        Duration::from_secs(60),
+        "both retried and delivered",
+        || async { (queue_rows(&c, "bus").await == (0, 2)).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM walhook.failed WHERE listener = $1",
+            "bus"
+        )
+        .await,
+        0
+    );
+    let all = read_all(&js, "all", "api.event.*", 4, Duration::from_secs(30)).await;
+    let ids: std::collections::BTreeSet<String> = msg_ids(&all).into_iter().collect();
+    assert_eq!(ids, event_ids(&c).await, "each event once, by its id");
+    for m in &all {
+        assert_eq!(
+            m.headers.get("Nats-Msg-Id"),
+            body(m)["id"].as_str().map(str::to_owned).as_ref()
+        );
+    }
+    let mut stream = js.get_stream("WALHOOK").await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 4);
+}
+
+#[test]
+fn debounce_with_position_cursor_is_a_config_error_naming_both_keys() {
+    let toml = |top: &str, position: &str| {
+        config_toml(
+            "postgres://walhook@127.0.0.1:1/app",
+            &format!(
+                "{CUSTOMER_ENTITY}{}",
+                nats_listener(
+                    "bus",
+                    "nats://127.0.0.1:4222",
+                    &format!("{top}[listener.nats]\nposition = \"{position}\"\n")
+                )
+            ),
+        )
+    };
+    let parse = |text: &str| {
+        walhook::config::Config::parse(text, std::path::Path::new("walhook.toml"))
+            .map_err(|e| e.to_string())
+    };
+    assert!(parse(&toml("", "cursor")).is_ok());
+    assert!(parse(&toml("debounce = \"2s\"\n", "queue")).is_ok());
+
+    let text = toml("debounce = \"2s\"\n", "cursor");
+    let line = 1 + text
+        .lines()
+        .position(|l| l.starts_with("position"))
+        .expect("the position line");
+    let err = parse(&text).expect_err("debounce with a cursor");
+    assert!(
+        err.contains(&format!("walhook.toml:{line}:"))
+            && err.contains("nats.position")
+            && err.contains("debounce"),
+        "{err}"
+    );
+    let (_dir, path) = write_config(&text);
+    let (code, out, stderr) = walhook(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, 78, "{out}{stderr}");
+    let said = format!("{out}{stderr}");
+    assert!(
+        said.contains("nats.position") && said.contains("debounce"),
+        "{said}"
+    );
+
+    let err = parse(&toml("", "sideways")).expect_err("an unknown position");
+    assert!(
+        err.contains("\"sideways\"") && err.contains("\"queue\"") && err.contains("\"cursor\""),
+        "{err}"
+    );
+}
