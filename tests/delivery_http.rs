@@ -53,6 +53,7 @@ fn listener(url: String) -> ListenerConfig {
         },
         concurrency: 16,
         debounce: None,
+        cursor: false,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         filter: None,
         nats: None,
