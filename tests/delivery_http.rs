@@ -53,7 +53,6 @@ fn listener(url: String) -> ListenerConfig {
         },
         concurrency: 16,
         debounce: None,
-        cursor: false,
         format: ListenerFormat::CloudEvents(CloudEventsMode::Structured),
         filter: None,
         nats: None,

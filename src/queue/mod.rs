@@ -37,8 +37,8 @@ pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use model::{Notification, StoredEvent};
 pub use notifications::{
-    Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
-    OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
+    Completions, DeliveredRow, EVENTS_PAYLOAD, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
+    NotificationStore, OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
 };
 pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,

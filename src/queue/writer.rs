@@ -185,6 +185,7 @@ SELECT (SELECT count(*) FROM fanned_out),
 pub const EVENT_ORDER_LOCK: &str = "SELECT pg_advisory_xact_lock(8602275959056329573)";
 
 /// Wakes cursor listeners at commit: new events, though maybe no `walhook.new` rows.
+/// (The payload is [`super::EVENTS_PAYLOAD`].)
 const WAKE_CURSORS: &str = "SELECT pg_notify('walhook_new', 'events')";
 
 /// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`].
