@@ -8,8 +8,11 @@
 //! pg_recvlogical afterwards over the same WAL range, for the ratio. The stream must hold
 //! exactly `--events` messages: a duplicate would show as more.
 //!
+//! Each run is made with the listener's `position = "cursor"` and then `"queue"`
+//! (`--position cursor|queue` for only one), alternately in one session.
+//!
 //!     cargo bench --bench nats
-//!     cargo bench --bench nats -- --events 20000 --concurrency 128
+//!     cargo bench --bench nats -- --events 20000 --concurrency 128 --position cursor
 //!
 //! Needs nats-server (Debian package nats-server) on PATH or in /usr/sbin.
 
@@ -34,6 +37,7 @@ struct Args {
     events: u64,
     concurrency: u32,
     runs: u32,
+    positions: Vec<&'static str>,
 }
 
 fn parse_args() -> Args {
@@ -41,6 +45,7 @@ fn parse_args() -> Args {
         events: 50_000,
         concurrency: 64,
         runs: 2,
+        positions: vec!["cursor", "queue"],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -53,6 +58,13 @@ fn parse_args() -> Args {
             "--events" => args.events = num("--events").max(TX_ROWS) / TX_ROWS * TX_ROWS,
             "--concurrency" => args.concurrency = num("--concurrency").clamp(1, 1000) as u32,
             "--runs" => args.runs = num("--runs").max(1) as u32,
+            "--position" => {
+                args.positions = match it.next().as_deref() {
+                    Some("cursor") => vec!["cursor"],
+                    Some("queue") => vec!["queue"],
+                    _ => panic!("--position takes cursor or queue"),
+                }
+            }
             // cargo bench passes --bench; ignore anything else.
             _ => {}
         }
@@ -110,6 +122,7 @@ impl Drop for NatsServer {
 }
 
 struct Run {
+    position: &'static str,
     events: u64,
     load_secs: f64,
     secs: f64,
@@ -132,6 +145,7 @@ fn run(
     cluster: &LocalCluster,
     nats: &NatsServer,
     args: &Args,
+    position: &'static str,
 ) -> Run {
     reset_database(cluster);
     let js = rt.block_on(async {
@@ -152,7 +166,8 @@ fn run(
         "[source]\nurl = \"{}\"\nslot = \"walhook\"\npublication = \"walhook\"\nheartbeat = \"off\"\n\n\
          [queue]\nbatch_delay = \"0ms\"\n\n\
          [[entity]]\nname = \"Bench\"\ntable = \"bench\"\n\n\
-         [[listener]]\nname = \"bus\"\nurl = \"{}\"\nconcurrency = {}\n",
+         [[listener]]\nname = \"bus\"\nurl = \"{}\"\nconcurrency = {}\n\n\
+         [listener.nats]\nposition = \"{position}\"\n",
         cluster.url(DB),
         nats.url(),
         args.concurrency
@@ -228,6 +243,7 @@ fn run(
         args.events
     );
     Run {
+        position,
         events: args.events,
         load_secs,
         secs,
@@ -250,24 +266,27 @@ fn main() {
     create_bench_database(&cluster);
     let mut runs = Vec::new();
     for i in 0..args.runs {
-        eprintln!(
-            "== run {}: {} events, concurrency {}",
-            i + 1,
-            args.events,
-            args.concurrency
-        );
-        runs.push(run(&rt, &cluster, &nats, &args));
+        for &position in &args.positions {
+            eprintln!(
+                "== run {}: {} events, concurrency {}, position {position}",
+                i + 1,
+                args.events,
+                args.concurrency
+            );
+            runs.push(run(&rt, &cluster, &nats, &args, position));
+        }
     }
     println!();
     println!(
-        "| run | events | load took | acked in the stream | pg_recvlogical drain | ratio | stored | walhook peak RSS | walhook CPU |"
+        "| run | position | events | load took | acked in the stream | pg_recvlogical drain | ratio | stored | walhook peak RSS | walhook CPU |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, r) in runs.iter().enumerate() {
         let rate = r.events as f64 / r.secs;
         println!(
-            "| {} | {} | {:.2} s | **{:.0} events/s** | {:.0} changes/s | {:.3} | {} | {} MB | {:.0}% |",
-            i + 1,
+            "| {} | {} | {} | {:.2} s | **{:.0} events/s** | {:.0} changes/s | {:.3} | {} | {} MB | {:.0}% |",
+            i / args.positions.len() + 1,
+            r.position,
             r.events,
             r.load_secs,
             rate,

@@ -24,16 +24,23 @@ pub const LATENCY_BUCKETS: [f64; 15] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Queue depth and age of the oldest `New` notification, per listener.
-const SQL_QUEUE_GAUGES: &str = "\
-SELECT listener, count(*)::bigint AS depth,
-       COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_age
-  FROM walhook.new
- GROUP BY listener
-UNION ALL
-SELECT l.name, 0::bigint, 0::float8
-  FROM walhook.listener l
- WHERE NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.listener = l.name)";
+/// Queue depth and age of the oldest `New` notification, per listener; for a cursor
+/// listener, the events after its cursor.
+const SQL_QUEUE_GAUGES: &str = concat!(
+    "SELECT listener, sum(depth)::bigint,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(oldest)), 0)::float8
+  FROM (
+    SELECT listener, count(*) AS depth, min(created_at) AS oldest
+      FROM walhook.new GROUP BY listener
+    UNION ALL
+    SELECT b.listener, b.backlog, b.oldest FROM (",
+    crate::queue::cursor_backlog!(),
+    ") b
+    UNION ALL
+    SELECT l.name, 0, NULL FROM walhook.listener l
+  ) q
+ GROUP BY listener"
+);
 
 /// Rows in `walhook.failed` per listener, configured listeners included at 0.
 const SQL_FAILED_COUNTS: &str = "\

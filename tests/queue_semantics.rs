@@ -54,6 +54,7 @@ fn sub(listener: &str, actions: &[Action], derived: &[&str]) -> Subscription {
         derived_actions: derived.iter().map(|d| (*d).to_owned()).collect(),
         filter: None,
         debounce: None,
+        cursor: false,
     }
 }
 

@@ -78,6 +78,16 @@ pub struct ListenerConfig {
     pub auth: Option<ListenerAuth>,
 }
 
+impl ListenerConfig {
+    /// Whether it keeps a cursor over `walhook.event` (a NATS listener with
+    /// `position = "cursor"`) instead of getting one `walhook.new` row per event.
+    pub fn keeps_cursor(&self) -> bool {
+        self.nats
+            .as_ref()
+            .is_some_and(|n| n.position == super::nats::Position::Cursor)
+    }
+}
+
 /// A rate limit such as `50/s`: `count` deliveries per `per`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
@@ -261,6 +271,12 @@ impl Checker<'_> {
                 &section,
             );
             let debounce = self.debounce(&l.debounce, &key("debounce"));
+            self.nats_position_conflicts(
+                nats.as_ref(),
+                l.nats.as_ref(),
+                debounce.is_some(),
+                &section,
+            );
             let batch_size = self.count(&l.batch_size, &key("batch_size"), MAX_BATCH_SIZE, 1usize);
             self.nats_batch(
                 nats.is_some(),

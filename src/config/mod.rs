@@ -46,7 +46,9 @@ pub use self::event_types::{EventType, EventTypes};
 pub use self::form::FormConfig;
 pub use self::listener::{Backoff, CloudEventsMode, ListenerConfig, ListenerFormat, RateLimit};
 pub use self::monitor::{AlertKind, MonitorConfig, MonitorEmail, MonitorWebhook};
-pub use self::nats::{NatsAuth, NatsConfig, Retention, Storage, StreamSettings, SubjectTemplate};
+pub use self::nats::{
+    NatsAuth, NatsConfig, Position, Retention, Storage, StreamSettings, SubjectTemplate,
+};
 pub use self::queue::QueueConfig;
 pub use self::row_filter::expression_identifiers;
 pub use self::schedule::{ScheduleConfig, ScheduleWhen};

@@ -33,6 +33,30 @@ pub struct NatsConfig {
     pub require_tls: bool,
     /// The stream that captures the subjects, for `walhook setup` and `walhook check`.
     pub stream: Option<StreamSettings>,
+    /// How the listener keeps its place in the event log.
+    pub position: Position,
+}
+
+/// `position`: how a NATS listener keeps its place.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Position {
+    /// One `walhook.new` row per event, claimed, leased and moved like any listener's.
+    #[default]
+    Queue,
+    /// One row in `walhook.listener_cursor`: the last `walhook.event` passed. No per-event
+    /// queue rows, so no fan-out, claim or move per event; retries happen in place and the
+    /// stream's duplicate window absorbs what a restart publishes again.
+    Cursor,
+}
+
+impl Position {
+    /// The name in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Position::Queue => "queue",
+            Position::Cursor => "cursor",
+        }
+    }
 }
 
 /// NATS credentials, one kind per listener. Never printed.
@@ -205,6 +229,7 @@ pub(super) struct RawNats {
     password: Str,
     password_file: Str,
     stream: Option<Spanned<RawStream>>,
+    position: Str,
 }
 
 #[derive(Deserialize)]
@@ -365,6 +390,7 @@ impl Checker<'_> {
                 auth: None,
                 require_tls,
                 stream: None,
+                position: Position::Queue,
             };
         };
         let n = spanned.get_ref();
@@ -386,11 +412,57 @@ impl Checker<'_> {
             .stream
             .as_ref()
             .map(|s| self.stream(s, &subject, &format!("{section}.nats.stream")));
+        let position = self.position(&n.position, &key("position"));
         NatsConfig {
             subject,
             auth,
             require_tls,
             stream,
+            position,
+        }
+    }
+
+    /// `position = "queue" | "cursor"`.
+    fn position(&mut self, raw: &Str, key: &str) -> Position {
+        let Some(v) = raw else {
+            return Position::Queue;
+        };
+        let Some(text) = self.string(v, key) else {
+            return Position::Queue;
+        };
+        match text.trim() {
+            "queue" => Position::Queue,
+            "cursor" => Position::Cursor,
+            other => {
+                self.report(
+                    v.span().start,
+                    key,
+                    &format!("position {other:?} is not known"),
+                    "write position = \"queue\" (one walhook.new row per event, the default) or \"cursor\" (a position over walhook.event)",
+                );
+                Position::Queue
+            }
+        }
+    }
+
+    /// A cursor listener has no per-event rows to hold a debounce window's changes.
+    pub(super) fn nats_position_conflicts(
+        &mut self,
+        nats: Option<&NatsConfig>,
+        raw_nats: Option<&Spanned<RawNats>>,
+        debounce: bool,
+        section: &str,
+    ) {
+        if debounce
+            && nats.is_some_and(|n| n.position == Position::Cursor)
+            && let Some(at) = raw_nats.and_then(|n| n.get_ref().position.as_ref())
+        {
+            self.report(
+                at.span().start,
+                &format!("{section}.nats.position"),
+                "position = \"cursor\" cannot be combined with debounce (a debounce window collects changes in per-event queue rows)",
+                "remove debounce, or set position = \"queue\"",
+            );
         }
     }
 

@@ -26,6 +26,7 @@
 
 mod batch;
 mod claimer;
+mod cursor;
 
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -51,8 +52,8 @@ use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit
 use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
-    Completions, DeliveredRow, EntityKey, FailedAttemptRow, Notification, NotificationStore,
-    OnNewNotifications, QueueError, SWEEP_PAYLOAD, StoredEvent,
+    Completions, DeliveredRow, EVENTS_PAYLOAD, EntityKey, FailedAttemptRow, Notification,
+    NotificationStore, OnNewNotifications, QueueError, SWEEP_PAYLOAD, StoredEvent,
 };
 use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
 use batch::{Backlog, Pending};
@@ -226,6 +227,11 @@ pub(crate) async fn run_following(
         let lanes = lanes.clone();
         Arc::new(move |payload: &str| {
             for lane in lanes.iter() {
+                lane.events.notify_one();
+                // New events only: no walhook.new rows to claim.
+                if payload == EVENTS_PAYLOAD {
+                    continue;
+                }
                 if payload == SWEEP_PAYLOAD {
                     lane.claims.sweep_soon();
                 }
@@ -259,6 +265,13 @@ pub(crate) async fn run_following(
     let mut tasks = JoinSet::new();
     for lane in lanes.iter().filter(|l| l.validated.is_some()) {
         tasks.spawn(validate(
+            lane.clone(),
+            validation_db.clone(),
+            shared.clone(),
+        ));
+    }
+    for lane in lanes.iter().filter(|l| l.config.keeps_cursor()) {
+        tasks.spawn(cursor::cursor_loop(
             lane.clone(),
             validation_db.clone(),
             shared.clone(),
@@ -443,6 +456,8 @@ struct Lane {
     permits: Arc<Semaphore>,
     concurrency: usize,
     wake: Notify,
+    /// Woken when new events are stored, for a cursor listener.
+    events: Notify,
     /// Cursor-independent claim state, shared with the recorder.
     claims: ClaimState,
     /// Claim no more than this many ahead.
@@ -515,6 +530,7 @@ impl Lane {
             permits: Arc::new(Semaphore::new(concurrency)),
             concurrency,
             wake: Notify::new(),
+            events: Notify::new(),
             claims: ClaimState::new(),
             target,
             lease,
@@ -536,17 +552,7 @@ impl Lane {
         let limit = self.lease.attempt;
         match tokio::time::timeout(limit, self.sink.send(event, message)).await {
             Ok(attempt) => attempt,
-            Err(_) => Attempt {
-                outcome: Outcome::TimedOut,
-                status_code: None,
-                comment: Some(format!(
-                    "no outcome within {} from {}",
-                    humantime::format_duration(self.config.timeout),
-                    self.sink.target()
-                )),
-                retry_after: None,
-                latency: limit,
-            },
+            Err(_) => timed_out(self, limit),
         }
     }
 
@@ -600,6 +606,21 @@ impl Lane {
             );
         }
         ok
+    }
+}
+
+/// The attempt that had no outcome within `limit`.
+fn timed_out(lane: &Lane, limit: Duration) -> Attempt {
+    Attempt {
+        outcome: Outcome::TimedOut,
+        status_code: None,
+        comment: Some(format!(
+            "no outcome within {} from {}",
+            humantime::format_duration(lane.config.timeout),
+            lane.sink.target()
+        )),
+        retry_after: None,
+        latency: limit,
     }
 }
 

@@ -200,7 +200,9 @@ const SERVER_NOW: &str = "SELECT now()";
 
 /// Counts per listener and table. One scan each; `walhook.processed` may be large, but the
 /// status command is run by hand, not in a loop.
-const LISTENER_COUNTS: &str = "SELECT listener, sum(new)::bigint, sum(due)::bigint,
+/// A cursor listener's events after its cursor count as New (and due).
+const LISTENER_COUNTS: &str = concat!(
+    "SELECT listener, sum(new)::bigint, sum(due)::bigint,
        sum(processed)::bigint, sum(failed)::bigint, min(oldest)
 FROM (
     SELECT listener, count(*) AS new, count(*) FILTER (WHERE next_attempt_at <= now()) AS due,
@@ -210,8 +212,13 @@ FROM (
     SELECT listener, 0, 0, count(*), 0, NULL FROM walhook.processed GROUP BY listener
     UNION ALL
     SELECT listener, 0, 0, 0, count(*), NULL FROM walhook.failed GROUP BY listener
+    UNION ALL
+    SELECT b.listener, b.backlog, b.backlog, 0, 0, b.oldest FROM (",
+    super::cursor_backlog!(),
+    ") b
 ) counts
-GROUP BY listener";
+GROUP BY listener"
+);
 
 /// The latest comment per listener among New rows (tried at least once) and Failed rows.
 const LAST_ERRORS: &str =
@@ -805,6 +812,8 @@ pub const PRUNE_EVENTS: &str = "DELETE FROM walhook.event WHERE id IN (
       AND NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.event_id = e.id)
       AND NOT EXISTS (SELECT 1 FROM walhook.failed f WHERE f.event_id = e.id)
       AND NOT EXISTS (SELECT 1 FROM walhook.debounce d WHERE d.first_event = e.id)
+      -- Events a cursor listener has not passed yet.
+      AND NOT EXISTS (SELECT 1 FROM walhook.listener_cursor c WHERE c.event_id < e.id)
     ORDER BY e.queued_at LIMIT $2
     FOR UPDATE SKIP LOCKED
 )";

@@ -611,6 +611,10 @@ pub async fn flush_due(client: &mut Client) -> Result<Option<Flushed>, QueueErro
     if !locked {
         return Ok(None);
     }
+    // Coalesced events get ids too: keep ids in commit order for cursor listeners.
+    tx.batch_execute(super::writer::EVENT_ORDER_LOCK)
+        .await
+        .map_err(db_error(CONTEXT, None))?;
     let row = tx
         .query_one(FLUSH, &[&FLUSH_BATCH])
         .await

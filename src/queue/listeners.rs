@@ -42,7 +42,7 @@ pub async fn sync_listeners(
         .execute(SYNC_LISTENERS, &[&names, &urls, &entities])
         .await
         .map_err(db_error("mirroring listeners into walhook.listener", None))?;
-    Ok(())
+    super::cursor::sync_cursors(client, listeners).await
 }
 
 /// The fan-out subscriptions of the configured listeners.
@@ -56,6 +56,7 @@ pub fn subscriptions(listeners: &[ListenerConfig]) -> Vec<Subscription> {
             derived_actions: l.derived_actions.clone(),
             filter: l.filter.clone(),
             debounce: l.debounce,
+            cursor: l.keeps_cursor(),
         })
         .collect()
 }

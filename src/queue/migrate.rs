@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0010_backfill.sql",
         sql: include_str!("../../sql/0010_backfill.sql"),
     },
+    Migration {
+        version: 11,
+        name: "0011_listener_cursor.sql",
+        sql: include_str!("../../sql/0011_listener_cursor.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

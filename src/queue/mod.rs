@@ -10,6 +10,7 @@ pub mod backfill;
 pub mod browse;
 mod claims;
 mod compact;
+mod cursor;
 pub mod debounce;
 mod listeners;
 mod migrate;
@@ -30,12 +31,14 @@ use crate::error::{Classify, ErrorClass};
 pub use admin::{PRUNE_BATCH, PRUNE_INTERVAL, PruneOutcome, prune};
 pub use claims::{CLAIM_HEADS, CLAIM_NEXT, Claim, ClaimLimits, Claimed, Cursor, EntityKey, SWEEP};
 pub use compact::{COMPACT_MIN_INDEX_BYTES, Compaction, compact_new};
+pub use cursor::{CursorRead, CursorStore, FailedEvent};
+pub(crate) use cursor::{cursor_backlog, cursor_receives};
 pub use listeners::{subscriptions, sync_listeners};
 pub use migrate::{MIGRATIONS, Migration, latest_version, migrate, migration_script};
 pub use model::{Notification, StoredEvent};
 pub use notifications::{
-    Completions, DeliveredRow, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL, NotificationStore,
-    OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
+    Completions, DeliveredRow, EVENTS_PAYLOAD, FailedAttemptRow, NEW_NOTIFICATIONS_CHANNEL,
+    NotificationStore, OnNewNotifications, SWEEP_PAYLOAD, discard_pending,
 };
 pub use state::{
     CaptureGap, QueueState, complete_gaps, gap_sql, mark_gap_alerted, open_gap, open_gap_exists,
@@ -55,7 +58,7 @@ pub mod statements {
     pub use super::admin::{PRUNE_EVENTS, PRUNE_PROCESSED};
     pub use super::claims::{CLAIM_HEADS, CLAIM_NEXT, SWEEP};
     pub use super::notifications::{DELIVERED, FAILED, RELEASE, RENEW, RETRY, SESSION_SETTINGS};
-    pub use super::writer::{FAN_OUT_COPIED, INSERT_EVENTS};
+    pub use super::writer::{EVENT_ORDER_LOCK, FAN_OUT_COPIED, INSERT_EVENTS};
 }
 
 /// An error talking to the queue tables.

@@ -26,6 +26,10 @@ use crate::types::Lsn;
 /// The channel the queue writer notifies (once per batch that created notifications).
 pub const NEW_NOTIFICATIONS_CHANNEL: &str = "walhook_new";
 
+/// The payload of a notification on [`NEW_NOTIFICATIONS_CHANNEL`] that says new events were
+/// stored but no `walhook.new` rows made: only cursor listeners have something to read.
+pub const EVENTS_PAYLOAD: &str = "events";
+
 /// The payload of a notification on [`NEW_NOTIFICATIONS_CHANNEL`] that asks dispatchers to
 /// sweep behind their cursors: rows there became claimable (leases released, `walhook
 /// retry`). The writer's notifications have an empty payload: new rows after the cursors.

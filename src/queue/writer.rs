@@ -32,6 +32,8 @@ pub struct Subscription {
     pub filter: Option<crate::condition::Condition>,
     /// Coalesce its changes to one entity (see `debounce`); `None`: one notification each.
     pub debounce: Option<crate::config::Debounce>,
+    /// It keeps a cursor over `walhook.event` instead of getting `walhook.new` rows.
+    pub cursor: bool,
 }
 
 /// Namespace of the uuid v5 event ids. Never change it: listeners deduplicate on the ids.
@@ -175,6 +177,29 @@ SELECT (SELECT count(*) FROM fanned_out),
        -- Wakes the dispatchers (LISTEN walhook_new) once per batch, at commit.
        (SELECT pg_notify('walhook_new', '') WHERE EXISTS (SELECT 1 FROM fanned_out))"#;
 
+/// Every writer of `walhook.event` rows a listener may receive holds this transaction-level
+/// advisory lock ("walhook:e") from before it inserts until it commits, so ids are assigned
+/// in commit order: a cursor listener that has seen id N will never find a smaller id
+/// committed later (see `sql/0011_listener_cursor.sql`). One writer streams the slot; the
+/// lock only orders it against scheduled notifications.
+pub const EVENT_ORDER_LOCK: &str = "SELECT pg_advisory_xact_lock(8602275959056329573)";
+
+/// Wakes cursor listeners at commit: new events, though maybe no `walhook.new` rows.
+/// (The payload is [`super::EVENTS_PAYLOAD`].)
+const WAKE_CURSORS: &str = "SELECT pg_notify('walhook_new', 'events')";
+
+/// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`].
+async fn begin(client: &mut Client) -> Result<Transaction<'_>, QueueError> {
+    let tx = client
+        .transaction()
+        .await
+        .map_err(db_error("starting the queue transaction", None))?;
+    tx.batch_execute(EVENT_ORDER_LOCK)
+        .await
+        .map_err(db_error("ordering event ids (advisory lock)", None))?;
+    Ok(tx)
+}
+
 /// The newest stored event key, read once per writer: an index-only backward scan.
 const NEWEST_STORED: &str =
     "SELECT commit_lsn, seq FROM walhook.event ORDER BY commit_lsn DESC, seq DESC LIMIT 1";
@@ -213,6 +238,8 @@ pub struct QueueWriter {
     debounced: Vec<super::debounce::Debounced>,
     /// The events of the last batch that the database refused.
     refused: Vec<RejectedChange>,
+    /// Whether some listener keeps a cursor over `walhook.event` (woken per batch).
+    has_cursors: bool,
 }
 
 impl std::fmt::Debug for QueueWriter {
@@ -284,6 +311,7 @@ impl QueueWriter {
             excluded: Vec::new(),
             debounced: Vec::new(),
             refused: Vec::new(),
+            has_cursors: false,
         })
     }
 
@@ -301,6 +329,7 @@ impl QueueWriter {
                     derived_actions: Vec::new(),
                     filter: None,
                     debounce: None,
+                    cursor: false,
                 })
                 .collect(),
         );
@@ -310,7 +339,12 @@ impl QueueWriter {
     pub fn set_subscriptions(&mut self, subscriptions: Vec<Subscription>) {
         let mut rows: BTreeMap<(String, Option<String>), String> = BTreeMap::new();
         self.debounced.clear();
+        self.has_cursors = subscriptions.iter().any(|s| s.cursor);
         for sub in &subscriptions {
+            // Routing (excluded_listeners) still considers it; its cursor reads the events.
+            if sub.cursor {
+                continue;
+            }
             if let Some(cfg) = sub.debounce {
                 self.debounced.push(super::debounce::Debounced {
                     sub: sub.clone(),
@@ -433,11 +467,7 @@ impl QueueWriter {
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
         const CONTEXT: &str = "copying one event to the staging table";
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(db_error("starting the queue transaction", None))?;
+        let tx = begin(&mut self.client).await?;
         let tx_ref = &tx;
         let savepoint = |sql: &'static str| async move {
             tx_ref
@@ -474,7 +504,16 @@ impl QueueWriter {
         outcome.refused = refused.len() as u64;
         outcome.already_present = outcome.already_present.saturating_sub(outcome.refused);
         rejected::insert(&tx, &refused).await?;
-        commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
+        let wake = self.has_cursors && outcome.inserted > 0;
+        commit_flushed(
+            tx,
+            &self.advance_flushed,
+            flushed,
+            set_aside,
+            &self.session,
+            wake,
+        )
+        .await?;
         self.refused = refused;
         Ok(outcome)
     }
@@ -490,11 +529,7 @@ impl QueueWriter {
     ) -> Result<Option<WriteOutcome>, QueueError> {
         const COPY: &str = "copying events to walhook.event";
         let use_schema = Some((Needs::Use, Some(&self.session)));
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(db_error("starting the queue transaction", None))?;
+        let tx = begin(&mut self.client).await?;
         let copied = copy_events(
             &tx,
             &self.copy_event,
@@ -535,7 +570,16 @@ impl QueueWriter {
             outcome.notifications = u64::try_from(n).unwrap_or(0);
         }
         debounce_batch!(self, &tx, events, keys);
-        commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
+        let wake = self.has_cursors;
+        commit_flushed(
+            tx,
+            &self.advance_flushed,
+            flushed,
+            set_aside,
+            &self.session,
+            wake,
+        )
+        .await?;
         Ok(Some(outcome))
     }
 
@@ -548,11 +592,7 @@ impl QueueWriter {
         flushed: Option<Lsn>,
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(db_error("starting the queue transaction", None))?;
+        let tx = begin(&mut self.client).await?;
         let mut outcome = WriteOutcome::default();
         if !events.is_empty() {
             copy_events(
@@ -568,7 +608,16 @@ impl QueueWriter {
             outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
             debounce_batch!(self, &tx, events, keys);
         }
-        commit_flushed(tx, &self.advance_flushed, flushed, set_aside, &self.session).await?;
+        let wake = self.has_cursors && outcome.inserted > 0;
+        commit_flushed(
+            tx,
+            &self.advance_flushed,
+            flushed,
+            set_aside,
+            &self.session,
+            wake,
+        )
+        .await?;
         Ok(outcome)
     }
 }
@@ -654,8 +703,14 @@ async fn commit_flushed(
     flushed: Option<Lsn>,
     set_aside: &[RejectedChange],
     session: &Session,
+    wake_cursors: bool,
 ) -> Result<(), QueueError> {
     rejected::insert(&tx, set_aside).await?;
+    if wake_cursors {
+        tx.batch_execute(WAKE_CURSORS)
+            .await
+            .map_err(db_error("waking cursor listeners", None))?;
+    }
     if let Some(lsn) = flushed {
         tx.execute(advance_flushed, &[&PgLsn::from(lsn.0)])
             .await

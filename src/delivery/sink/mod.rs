@@ -25,7 +25,25 @@ use crate::queue::StoredEvent;
 
 pub use azure::sas_token;
 pub use http::{HttpSink, HttpSinkError, Trace, TracedResponse};
-pub use nats::{NatsSink, NatsSinkError};
+pub use nats::{Acking, NatsSink, NatsSinkError};
+
+/// A message handed to its transport, its outcome still to come (see [`Sink::start`]).
+pub enum Started<'a> {
+    /// The attempt is over already (HTTP, or a message that could not be sent).
+    Done(Attempt),
+    /// Published to NATS, waiting for the stream's acknowledgement.
+    Nats(Acking<'a>),
+}
+
+impl Started<'_> {
+    /// How the attempt ended.
+    pub async fn outcome(self) -> Attempt {
+        match self {
+            Started::Done(attempt) => attempt,
+            Started::Nats(acking) => acking.outcome().await,
+        }
+    }
+}
 
 /// Why a listener's sink could not be built. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +92,17 @@ impl Sink {
         match self {
             Sink::Http(s) => s.send(message).await,
             Sink::Nats(s) => s.send(event, message).await,
+        }
+    }
+
+    /// Starts sending one message: returns once the transport has it, in order. A broker's
+    /// acknowledgement is awaited through [`Started::outcome`], so a caller can keep many
+    /// messages in flight whose order on the wire is the order of these calls; HTTP
+    /// finishes the whole attempt here.
+    pub async fn start(&self, event: &StoredEvent, message: Message) -> Started<'_> {
+        match self {
+            Sink::Http(s) => Started::Done(s.send(message).await),
+            Sink::Nats(s) => s.start(event, message).await,
         }
     }
 

@@ -20,6 +20,7 @@ use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::{self, ErrorCode, context::PublishErrorKind};
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 
+use super::Started;
 use crate::config::{ListenerConfig, NatsAuth, NatsConfig};
 use crate::delivery::Attempt;
 use crate::delivery::format::Message;
@@ -195,14 +196,23 @@ impl NatsSink {
 
     /// Publishes `message` for `event` and waits for the stream's acknowledgement.
     pub async fn send(&self, event: &StoredEvent, message: Message) -> Attempt {
+        self.start(event, message).await.outcome().await
+    }
+
+    /// Hands `message` for `event` to the connection and returns without waiting for the
+    /// acknowledgement: messages started one after another reach the server in that
+    /// order, and their acknowledgements can be awaited together.
+    pub async fn start(&self, event: &StoredEvent, message: Message) -> Started<'_> {
         let started = Instant::now();
         let subject = self.settings.subject.render(&event.entity, event.action);
-        let failed = |outcome: Outcome, comment: String| Attempt {
-            outcome,
-            status_code: None,
-            comment: Some(comment),
-            retry_after: None,
-            latency: started.elapsed(),
+        let failed = |outcome: Outcome, comment: String| {
+            super::Started::Done(Attempt {
+                outcome,
+                status_code: None,
+                comment: Some(comment),
+                retry_after: None,
+                latency: started.elapsed(),
+            })
         };
         let connection = match self.connection().await {
             Ok(c) => c,
@@ -235,27 +245,16 @@ impl NatsSink {
         let publish = PublishMessage::build()
             .payload(message.body.into())
             .headers(headers);
-        let ack = match connection
+        let ack = connection
             .jetstream
             .send_publish(subject.clone(), publish)
-            .await
-        {
-            Ok(future) => future.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(_) => Attempt {
-                outcome: Outcome::Accepted,
-                status_code: None,
-                comment: None,
-                retry_after: None,
-                latency: started.elapsed(),
-            },
-            Err(e) => {
-                let (outcome, comment) = self.publish_failure(&subject, &e);
-                failed(outcome, comment)
-            }
-        }
+            .await;
+        super::Started::Nats(Acking {
+            sink: self,
+            subject,
+            started,
+            ack,
+        })
     }
 
     /// Returns once the client is connected (at once, usually). While the server cannot be
@@ -406,6 +405,43 @@ impl NatsSink {
     /// `host:port` of the server (no credentials).
     fn endpoint(&self) -> String {
         endpoint(&self.url)
+    }
+}
+
+/// A published message waiting for its acknowledgement.
+pub struct Acking<'a> {
+    sink: &'a NatsSink,
+    subject: String,
+    started: Instant,
+    ack: Result<jetstream::context::PublishAckFuture, jetstream::context::PublishError>,
+}
+
+impl Acking<'_> {
+    /// Waits for the stream's acknowledgement (within the listener's timeout).
+    pub async fn outcome(self) -> Attempt {
+        let ack = match self.ack {
+            Ok(future) => future.await,
+            Err(e) => Err(e),
+        };
+        match ack {
+            Ok(_) => Attempt {
+                outcome: Outcome::Accepted,
+                status_code: None,
+                comment: None,
+                retry_after: None,
+                latency: self.started.elapsed(),
+            },
+            Err(e) => {
+                let (outcome, comment) = self.sink.publish_failure(&self.subject, &e);
+                Attempt {
+                    outcome,
+                    status_code: None,
+                    comment: Some(comment),
+                    retry_after: None,
+                    latency: self.started.elapsed(),
+                }
+            }
+        }
     }
 }
 
