@@ -736,6 +736,39 @@ mod tests {
     }
 
     #[test]
+    fn position_defaults_to_queue_and_cursor_refuses_debounce() {
+        let position = |extra: &str| {
+            parse(&nats_listener(extra)).unwrap().listeners[0]
+                .nats
+                .as_ref()
+                .unwrap()
+                .position
+        };
+        assert_eq!(position(""), Position::Queue);
+        assert_eq!(
+            position("[listener.nats]\nposition = \"queue\"\n"),
+            Position::Queue
+        );
+        let c = parse(&nats_listener("[listener.nats]\nposition = \"cursor\"\n")).unwrap();
+        assert!(c.listeners[0].keeps_cursor());
+        let lines = errors(&nats_listener("[listener.nats]\nposition = \"log\"\n")).join("\n");
+        assert!(
+            lines.contains("listener[0].nats.position: position \"log\" is not known"),
+            "{lines}"
+        );
+        let lines = errors(&nats_listener(
+            "debounce = \"5s\"\n[listener.nats]\nposition = \"cursor\"\n",
+        ))
+        .join("\n");
+        assert!(
+            lines.contains(
+                "listener[0].nats.position: position = \"cursor\" cannot be combined with debounce"
+            ) && lines.contains("remove debounce, or set position = \"queue\""),
+            "{lines}"
+        );
+    }
+
+    #[test]
     fn nats_problems_are_reported_without_echoing_secrets() {
         let lines = errors(&nats_listener(
             "secret = \"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"\n[listener.nats]\nsubject = \"api.{id}\"\ntoken = \"tok-s3cret\"\nuser = \"u\"\npassword = \"p4ss-s3cret\"\n[listener.nats.stream]\nname = \"bad name\"\nretention = \"forever\"\nreplicas = 7\n",

@@ -188,15 +188,19 @@ pub const EVENT_ORDER_LOCK: &str = "SELECT pg_advisory_xact_lock(860227595905632
 /// (The payload is [`super::EVENTS_PAYLOAD`].)
 const WAKE_CURSORS: &str = "SELECT pg_notify('walhook_new', 'events')";
 
-/// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`].
-async fn begin(client: &mut Client) -> Result<Transaction<'_>, QueueError> {
+/// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`] when
+/// some listener reads events by a cursor (`ordered`); without one, the order of ids
+/// matters to nobody and the round trip is saved.
+async fn begin(client: &mut Client, ordered: bool) -> Result<Transaction<'_>, QueueError> {
     let tx = client
         .transaction()
         .await
         .map_err(db_error("starting the queue transaction", None))?;
-    tx.batch_execute(EVENT_ORDER_LOCK)
-        .await
-        .map_err(db_error("ordering event ids (advisory lock)", None))?;
+    if ordered {
+        tx.batch_execute(EVENT_ORDER_LOCK)
+            .await
+            .map_err(db_error("ordering event ids (advisory lock)", None))?;
+    }
     Ok(tx)
 }
 
@@ -467,7 +471,7 @@ impl QueueWriter {
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
         const CONTEXT: &str = "copying one event to the staging table";
-        let tx = begin(&mut self.client).await?;
+        let tx = begin(&mut self.client, self.has_cursors).await?;
         let tx_ref = &tx;
         let savepoint = |sql: &'static str| async move {
             tx_ref
@@ -529,7 +533,7 @@ impl QueueWriter {
     ) -> Result<Option<WriteOutcome>, QueueError> {
         const COPY: &str = "copying events to walhook.event";
         let use_schema = Some((Needs::Use, Some(&self.session)));
-        let tx = begin(&mut self.client).await?;
+        let tx = begin(&mut self.client, self.has_cursors).await?;
         let copied = copy_events(
             &tx,
             &self.copy_event,
@@ -592,7 +596,7 @@ impl QueueWriter {
         flushed: Option<Lsn>,
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
-        let tx = begin(&mut self.client).await?;
+        let tx = begin(&mut self.client, self.has_cursors).await?;
         let mut outcome = WriteOutcome::default();
         if !events.is_empty() {
             copy_events(
