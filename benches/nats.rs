@@ -123,6 +123,7 @@ impl Drop for NatsServer {
 
 struct Run {
     position: &'static str,
+    capture_secs: f64,
     events: u64,
     load_secs: f64,
     secs: f64,
@@ -206,6 +207,9 @@ fn run(
          END $$;",
         txs = args.events / TX_ROWS
     );
+    let load_began: f64 = psql(cluster, "SELECT extract(epoch FROM clock_timestamp())")
+        .parse()
+        .expect("epoch");
     let t = Instant::now();
     psql(cluster, &load);
     let load_secs = t.elapsed().as_secs_f64();
@@ -232,6 +236,14 @@ fn run(
     }
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(walhook.pid()) - cpu_before;
+    // When the last event was queued (its writer's transaction began): capture's share.
+    let captured: f64 = psql(
+        cluster,
+        "SELECT extract(epoch FROM max(queued_at)) FROM walhook.event",
+    )
+    .parse()
+    .expect("epoch");
+    let capture_secs = (captured - load_began).max(0.001);
     let peak_rss_mb = vm_hwm_kb(walhook.pid()) / 1024;
     // Anything published twice would arrive a little later: look again after a pause.
     std::thread::sleep(Duration::from_millis(500));
@@ -244,6 +256,7 @@ fn run(
     );
     Run {
         position,
+        capture_secs,
         events: args.events,
         load_secs,
         secs,
@@ -278,17 +291,18 @@ fn main() {
     }
     println!();
     println!(
-        "| run | position | events | load took | acked in the stream | pg_recvlogical drain | ratio | stored | walhook peak RSS | walhook CPU |"
+        "| run | position | events | load took | queued in walhook.event | acked in the stream | pg_recvlogical drain | ratio | stored | walhook peak RSS | walhook CPU |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for (i, r) in runs.iter().enumerate() {
         let rate = r.events as f64 / r.secs;
         println!(
-            "| {} | {} | {} | {:.2} s | **{:.0} events/s** | {:.0} changes/s | {:.3} | {} | {} MB | {:.0}% |",
+            "| {} | {} | {} | {:.2} s | {:.0} events/s | **{:.0} events/s** | {:.0} changes/s | {:.3} | {} | {} MB | {:.0}% |",
             i / args.positions.len() + 1,
             r.position,
             r.events,
             r.load_secs,
+            r.events as f64 / r.capture_secs,
             rate,
             r.drain_per_sec,
             rate / r.drain_per_sec,

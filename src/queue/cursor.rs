@@ -334,26 +334,26 @@ impl CursorStore {
     }
 }
 
-/// The read after a position: candidates by id with their stored sizes, cut at the byte
-/// budget, then only those rows' values. $1 listener, $2 after, $3 newest, $4 limit, $5
-/// bytes.
+/// The read after a position: up to $4 events after $2 up to $3 that listener $1
+/// receives, cut where their stored values pass $5 bytes (the first always comes). Values
+/// of rows past the cut are never detoasted: they are not output. The window runs over the
+/// limited rows only.
 fn read_sql() -> String {
     format!(
-        "WITH candidates AS (
-    SELECT e.id,
-           pg_column_size(e.\"row\") + coalesce(pg_column_size(e.old), 0) AS bytes
-    FROM walhook.listener_cursor c
-    JOIN walhook.event e ON e.id > $2 AND e.id <= $3 AND {receives}
-    WHERE c.listener = $1
-    ORDER BY e.id
-    LIMIT $4
-), sized AS (
-    SELECT id, bytes, sum(bytes) OVER (ORDER BY id) AS running, count(*) OVER () AS total
-    FROM candidates
-)
-SELECT e.id, s.total, {STORED_EVENT_COLUMNS}
-FROM sized s JOIN walhook.event e ON e.id = s.id
-WHERE s.running - s.bytes < $5
+        "SELECT e.id, e.total, {STORED_EVENT_COLUMNS}
+FROM (
+    SELECT e.*, count(*) OVER () AS total, sum(e.bytes) OVER (ORDER BY e.id) AS running
+    FROM (
+        SELECT e.id, {STORED_EVENT_COLUMNS},
+               pg_column_size(e.\"row\") + coalesce(pg_column_size(e.old), 0) AS bytes
+        FROM walhook.listener_cursor c
+        JOIN walhook.event e ON e.id > $2 AND e.id <= $3 AND {receives}
+        WHERE c.listener = $1
+        ORDER BY e.id
+        LIMIT $4
+    ) e
+) e
+WHERE e.running - e.bytes < $5
 ORDER BY e.id",
         receives = cursor_receives!()
     )
