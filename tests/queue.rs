@@ -767,3 +767,85 @@ async fn a_refused_event_is_set_aside_and_the_rest_of_its_batch_is_stored_in_ord
         2
     );
 }
+
+/// A cursor listener reads `walhook.event` by id while another writer of events (a
+/// schedule, say) has a transaction open. Ids must commit in order (the writers'
+/// event-order lock): otherwise the reader would see the batch written meanwhile, move
+/// past it, and never deliver the event the open transaction commits below it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_never_moves_past_an_event_still_being_committed_below_it() {
+    let (db, client) = migrated().await;
+    let text = format!(
+        "{}{}\n[listener.nats]\nposition = \"cursor\"\n",
+        support::config_toml(&db.url, support::CUSTOMER_ENTITY),
+        support::listener_toml("bus", "nats://127.0.0.1:4222")
+    );
+    let config = walhook::config::Config::parse(&text, std::path::Path::new("walhook.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let listener = config.listeners[0].clone();
+    assert!(listener.keeps_cursor());
+    let store = queue::CursorStore::connect(&config.source.connect_params().unwrap(), &listener)
+        .await
+        .unwrap();
+    assert!(store.try_own().await.unwrap());
+    let position = store.position().await.unwrap();
+
+    // Another writer, following the protocol: the lock, then its event, not committed yet.
+    let mut other = db.client().await;
+    let open = other.transaction().await.unwrap();
+    open.batch_execute(queue::statements::EVENT_ORDER_LOCK)
+        .await
+        .unwrap();
+    open.execute(
+        "INSERT INTO walhook.event (event_id, commit_lsn, seq, xid, commit_time, entity,
+             entity_id, action, \"row\", source_table)
+         VALUES (gen_random_uuid(), '0/1', 0, 1, now(), 'Customer', 'scheduled', 'Created',
+                 '{}', 'public.customer')",
+        &[],
+    )
+    .await
+    .unwrap();
+
+    let mut writer = writer(&db).await;
+    writer.set_subscriptions(queue::subscriptions(&config.listeners));
+    let batch: Vec<EntityEvent> = (0..5)
+        .map(|i| event(0x100, i, "Customer", &i.to_string()))
+        .collect();
+    let writing = tokio::spawn(async move { writer.write_batch(&batch, None).await.unwrap() });
+    // The capture writer either waits for the lock or (without it) has committed.
+    support::eventually(Duration::from_secs(10), "the writer waits or is done", || async {
+        let waiting: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting || writing.is_finished()).then_some(())
+    })
+    .await;
+    let early = store.read(position, 100, 1 << 20).await.unwrap();
+    let mut position = early.scanned_to;
+    let mut seen: Vec<i64> = early.events.iter().map(|(id, _)| *id).collect();
+    store.advance(position, &[]).await.unwrap();
+
+    open.commit().await.unwrap();
+    writing.await.unwrap();
+    let late = store.read(position, 100, 1 << 20).await.unwrap();
+    seen.extend(late.events.iter().map(|(id, _)| *id));
+    position = late.scanned_to;
+    let stored: Vec<i64> = client
+        .query("SELECT id FROM walhook.event ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(stored.len(), 6);
+    assert_eq!(
+        seen, stored,
+        "the cursor moved past an event committed below it"
+    );
+    assert_eq!(position, *stored.last().unwrap());
+}
