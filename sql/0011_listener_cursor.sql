@@ -6,6 +6,10 @@
 -- a transaction-level advisory lock while they insert), so "every event after the cursor"
 -- is exactly what it has not seen yet. Event retention keeps the events after every cursor.
 --
+-- The batch writer creates and drops these rows in the transaction that changes who gets
+-- walhook.new rows, so a listener switched between positions misses nothing and gets
+-- nothing twice.
+--
 -- entities and actions mirror the configuration (written at start and on reload) so that
 -- `walhook status`, the metrics and SQL users can count a cursor listener's backlog with
 -- the same rule the fan-out uses for other listeners.
@@ -13,6 +17,7 @@
 CREATE TABLE walhook.listener_cursor (
     listener    text PRIMARY KEY,
     event_id    bigint NOT NULL,
+    lock_key    int GENERATED ALWAYS AS IDENTITY,
     entities    text[],
     actions     text[] NOT NULL,
     created_at  timestamptz NOT NULL DEFAULT now(),
@@ -23,3 +28,4 @@ COMMENT ON TABLE walhook.listener_cursor IS 'walhook: the position of each liste
 COMMENT ON COLUMN walhook.listener_cursor.event_id IS 'walhook.event.id of the last event the listener has passed (published, or moved to walhook.failed)';
 COMMENT ON COLUMN walhook.listener_cursor.entities IS 'entities the listener receives; NULL = all';
 COMMENT ON COLUMN walhook.listener_cursor.actions IS 'actions (row and derived) the listener receives';
+COMMENT ON COLUMN walhook.listener_cursor.lock_key IS 'the process delivering the listener holds pg_advisory_lock(2003329909, lock_key)';

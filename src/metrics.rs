@@ -24,23 +24,29 @@ pub const LATENCY_BUCKETS: [f64; 15] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 ];
 
-/// Queue depth and age of the oldest `New` notification, per listener; for a cursor
-/// listener, the events after its cursor.
-const SQL_QUEUE_GAUGES: &str = concat!(
-    "SELECT listener, sum(depth)::bigint,
-       COALESCE(EXTRACT(EPOCH FROM now() - min(oldest)), 0)::float8
-  FROM (
-    SELECT listener, count(*) AS depth, min(created_at) AS oldest
-      FROM walhook.new GROUP BY listener
-    UNION ALL
-    SELECT b.listener, b.backlog, b.oldest FROM (",
+/// Queue depth and age of the oldest `New` notification, per listener.
+const SQL_QUEUE_GAUGES: &str = "\
+SELECT listener, count(*)::bigint AS depth,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)), 0)::float8 AS oldest_age
+  FROM walhook.new
+ GROUP BY listener
+UNION ALL
+SELECT l.name, 0::bigint, 0::float8
+  FROM walhook.listener l
+ WHERE NOT EXISTS (SELECT 1 FROM walhook.new n WHERE n.listener = l.name)";
+
+/// A cursor listener's backlog: the events after its cursor. Asked only when a cursor
+/// exists, so that without one the gauges never wait on `walhook.event` (a DBA's lock on
+/// it must not silence the retained-WAL warning that follows them).
+const SQL_CURSOR_GAUGES: &str = concat!(
+    "SELECT b.listener, b.backlog::bigint,
+       COALESCE(EXTRACT(EPOCH FROM now() - b.oldest), 0)::float8
+  FROM (",
     crate::queue::cursor_backlog!(),
-    ") b
-    UNION ALL
-    SELECT l.name, 0, NULL FROM walhook.listener l
-  ) q
- GROUP BY listener"
+    ") b"
 );
+
+const SQL_HAS_CURSORS: &str = "SELECT EXISTS (SELECT 1 FROM walhook.listener_cursor)";
 
 /// Rows in `walhook.failed` per listener, configured listeners included at 0.
 const SQL_FAILED_COUNTS: &str = "\
@@ -816,17 +822,23 @@ pub async fn refresh_gauges(
     metrics: &Metrics,
     slot: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    let rows = client.query(SQL_QUEUE_GAUGES, &[]).await?;
-    let mut queues = Vec::with_capacity(rows.len());
+    let mut rows = client.query(SQL_QUEUE_GAUGES, &[]).await?;
+    if client.query_one(SQL_HAS_CURSORS, &[]).await?.try_get(0)? {
+        rows.extend(client.query(SQL_CURSOR_GAUGES, &[]).await?);
+    }
+    let mut queues: Vec<(String, u64, Duration)> = Vec::with_capacity(rows.len());
     for row in rows {
         let listener: String = row.try_get(0)?;
-        let depth: i64 = row.try_get(1)?;
-        let age: f64 = row.try_get(2)?;
-        queues.push((
-            listener,
-            u64::try_from(depth).unwrap_or(0),
-            duration_from_secs(age),
-        ));
+        let depth = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
+        let age = duration_from_secs(row.try_get(2)?);
+        // A listener's queue rows and its cursor's backlog add up.
+        match queues.iter_mut().find(|(l, _, _)| *l == listener) {
+            Some((_, d, a)) => {
+                *d += depth;
+                *a = (*a).max(age);
+            }
+            None => queues.push((listener, depth, age)),
+        }
     }
     metrics.set_queues(&queues);
     refresh_failed_counts(client, metrics).await?;

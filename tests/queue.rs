@@ -787,6 +787,11 @@ async fn a_cursor_never_moves_past_an_event_still_being_committed_below_it() {
     let store = queue::CursorStore::connect(&config.source.connect_params().unwrap(), &listener)
         .await
         .unwrap();
+    // No cursor row yet: nothing to own until the writer makes it.
+    assert!(!store.try_own().await.unwrap());
+    let mut writer = writer(&db).await;
+    writer.set_subscriptions(queue::subscriptions(&config.listeners));
+    writer.sync_cursors().await.unwrap();
     assert!(store.try_own().await.unwrap());
     let position = store.position().await.unwrap();
 
@@ -806,8 +811,6 @@ async fn a_cursor_never_moves_past_an_event_still_being_committed_below_it() {
     .await
     .unwrap();
 
-    let mut writer = writer(&db).await;
-    writer.set_subscriptions(queue::subscriptions(&config.listeners));
     let batch: Vec<EntityEvent> = (0..5)
         .map(|i| event(0x100, i, "Customer", &i.to_string()))
         .collect();

@@ -184,6 +184,10 @@ async fn prepare(config: &Config, cx: &Context<'_>) -> Result<Prepared, ServiceE
         .await
         .map_err(ServiceError::from_err)?;
     writer.set_subscriptions(crate::queue::subscriptions(&config.listeners));
+    writer
+        .sync_cursors()
+        .await
+        .map_err(ServiceError::from_err)?;
     Ok(Prepared {
         stream,
         writer,

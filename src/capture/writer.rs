@@ -156,6 +156,11 @@ pub(super) async fn run(
         }
         if subscriptions.has_changed().unwrap_or(false) {
             writer.set_subscriptions(subscriptions.borrow_and_update().clone());
+            // A listener switched between positions: its cursor changes with the fan-out.
+            writer
+                .sync_cursors()
+                .await
+                .map_err(ServiceError::from_err)?;
         }
         if !batch.events.is_empty() || !batch.set_aside.is_empty() {
             writer

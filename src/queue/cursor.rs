@@ -7,10 +7,10 @@
 //! One process at a time moves a listener's cursor: it holds a session advisory lock on the
 //! connection it reads and writes with, which the server frees when that process dies.
 
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::{Client, Statement, Transaction};
 
 use super::notifications::{STORED_EVENT_COLUMNS, stored_event};
-use super::{Needs, QueueError, StoredEvent, db_error};
+use super::{Needs, QueueError, StoredEvent, Subscription, db_error};
 use crate::config::ListenerConfig;
 
 /// Permission errors here mean the role may not use the schema.
@@ -44,7 +44,7 @@ pub(crate) use {cursor_backlog, cursor_receives};
 
 /// Creates or updates cursor rows ($1 listener, $2 comma-separated entities or NULL, $3
 /// comma-separated actions). A new cursor starts after the newest event: a listener gets
-/// the events captured once it is configured, as a fan-out would give it.
+/// the events stored from then on, as a fan-out would give it.
 const UPSERT: &str = "INSERT INTO walhook.listener_cursor AS c (listener, event_id, entities, actions)
 SELECT l.listener, (SELECT coalesce(max(id), 0) FROM walhook.event),
        string_to_array(l.entities, ','), string_to_array(l.actions, ',')
@@ -73,29 +73,62 @@ const DROP: &str = concat!(
     ORDER BY e.id
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM dropped), (SELECT count(*) FROM handed_over)"
+SELECT (SELECT count(*) FROM handed_over)"
 );
 
-/// Writes the cursor rows of the configured listeners (at start and on reload).
-pub(super) async fn sync_cursors(
-    client: &Client,
-    listeners: &[ListenerConfig],
-) -> Result<(), QueueError> {
-    let cursors: Vec<&ListenerConfig> = listeners.iter().filter(|l| l.keeps_cursor()).collect();
-    upsert(client, &cursors).await?;
-    let names: Vec<&str> = cursors.iter().map(|l| l.name.as_str()).collect();
-    let all: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
-    let row = client
-        .query_one(DROP, &[&names, &all])
+/// The cursor rows a set of subscriptions asks for, as [`UPSERT`] and [`DROP`] take them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct CursorRows {
+    names: Vec<String>,
+    entities: Vec<Option<String>>,
+    actions: Vec<String>,
+    /// Every listener, cursor or not.
+    all: Vec<String>,
+}
+
+impl CursorRows {
+    /// The rows of the cursor listeners among `subs`.
+    pub(crate) fn of(subs: &[Subscription]) -> CursorRows {
+        let cursors = || subs.iter().filter(|s| s.cursor);
+        CursorRows {
+            names: cursors().map(|s| s.listener.clone()).collect(),
+            entities: cursors()
+                .map(|s| {
+                    s.entities
+                        .as_ref()
+                        .map(|es| es.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","))
+                })
+                .collect(),
+            actions: cursors()
+                .map(|s| {
+                    s.actions
+                        .iter()
+                        .map(|a| a.as_str())
+                        .chain(s.derived_actions.iter().map(String::as_str))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .collect(),
+            all: subs.iter().map(|s| s.listener.clone()).collect(),
+        }
+    }
+}
+
+/// Makes the cursor rows match `rows`, in the batch writer's transaction (after the
+/// event-order lock, before its events): the fan-out change and the cursor change commit
+/// together, so a listener switched between positions misses no event and gets none twice.
+pub(super) async fn sync_in(tx: &Transaction<'_>, rows: &CursorRows) -> Result<(), QueueError> {
+    const CONTEXT: &str = "writing listener cursors to walhook.listener_cursor";
+    if !rows.names.is_empty() {
+        tx.execute(UPSERT, &[&rows.names, &rows.entities, &rows.actions])
+            .await
+            .map_err(db_error(CONTEXT, USE))?;
+    }
+    let handed: i64 = tx
+        .query_one(DROP, &[&rows.names, &rows.all])
         .await
-        .map_err(db_error(
-            "dropping cursors of listeners that keep none",
-            USE,
-        ))?;
-    let handed: i64 = row.try_get(1).map_err(db_error(
-        "dropping cursors of listeners that keep none",
-        None,
-    ))?;
+        .and_then(|r| r.try_get(0))
+        .map_err(db_error(CONTEXT, USE))?;
     if handed > 0 {
         tracing::info!(
             notifications = handed,
@@ -105,42 +138,15 @@ pub(super) async fn sync_cursors(
     Ok(())
 }
 
-async fn upsert(client: &Client, cursors: &[&ListenerConfig]) -> Result<(), QueueError> {
-    if cursors.is_empty() {
-        return Ok(());
-    }
-    let names: Vec<&str> = cursors.iter().map(|l| l.name.as_str()).collect();
-    let entities: Vec<Option<String>> = cursors
-        .iter()
-        .map(|l| {
-            l.entities
-                .as_ref()
-                .map(|es| es.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(","))
-        })
-        .collect();
-    let actions: Vec<String> = cursors
-        .iter()
-        .map(|l| {
-            l.actions
-                .iter()
-                .map(|a| a.as_str())
-                .chain(l.derived_actions.iter().map(String::as_str))
-                .collect::<Vec<_>>()
-                .join(",")
-        })
-        .collect();
-    client
-        .execute(UPSERT, &[&names, &entities, &actions])
-        .await
-        .map_err(db_error(
-            "writing listener cursors to walhook.listener_cursor",
-            USE,
-        ))?;
-    Ok(())
-}
+/// The session lock a process holds while it moves one listener's cursor ("whcu", and
+/// the row's own key: no two listeners share one). No row: the writer has not created the
+/// cursor yet.
+const OWN: &str = "SELECT pg_try_advisory_lock(2003329909, lock_key)
+FROM walhook.listener_cursor WHERE listener = $1";
 
-/// The session lock a process holds while it moves one listener's cursor ("whcu").
-const OWN: &str = "SELECT pg_try_advisory_lock(2003329909, hashtext($1))";
+/// Most ids one read looks through: a listener that receives few of many events moves on
+/// in bounded steps instead of scanning the whole backlog in one statement.
+const READ_SPAN: i64 = 200_000;
 
 const POSITION: &str = "SELECT event_id FROM walhook.listener_cursor WHERE listener = $1";
 
@@ -207,7 +213,7 @@ impl std::fmt::Debug for CursorStore {
 }
 
 impl CursorStore {
-    /// Connects for `listener`, makes sure its cursor row exists and prepares the reads.
+    /// Connects for `listener` and prepares the reads.
     pub async fn connect(
         params: &crate::replication::conn::ConnectParams,
         listener: &ListenerConfig,
@@ -219,7 +225,6 @@ impl CursorStore {
             .batch_execute("SET jit = off")
             .await
             .map_err(db_error("setting up the cursor connection", None))?;
-        upsert(&client, &[listener]).await?;
         let read = client
             .prepare(&read_sql())
             .await
@@ -241,14 +246,20 @@ impl CursorStore {
         self.client.is_closed()
     }
 
-    /// Takes the listener's lock if no other process holds it; kept until the connection
-    /// closes.
+    /// Takes the listener's lock if no other process holds it (kept until the connection
+    /// closes); false while another does, or while its cursor row does not exist yet.
     pub async fn try_own(&self) -> Result<bool, QueueError> {
-        self.client
-            .query_one(OWN, &[&self.listener])
+        let row = self
+            .client
+            .query_opt(OWN, &[&self.listener])
             .await
-            .and_then(|r| r.try_get(0))
-            .map_err(db_error("locking the listener's cursor", None))
+            .map_err(db_error("locking the listener's cursor", USE))?;
+        match row {
+            Some(row) => row
+                .try_get(0)
+                .map_err(db_error("locking the listener's cursor", None)),
+            None => Ok(false),
+        }
     }
 
     /// The stored position.
@@ -275,6 +286,7 @@ impl CursorStore {
             .await
             .and_then(|r| r.try_get(0))
             .map_err(db_error(CONTEXT, USE))?;
+        let newest = newest.min(after.saturating_add(READ_SPAN));
         if newest <= after {
             return Ok(CursorRead {
                 events: Vec::new(),

@@ -42,7 +42,7 @@ pub async fn sync_listeners(
         .execute(SYNC_LISTENERS, &[&names, &urls, &entities])
         .await
         .map_err(db_error("mirroring listeners into walhook.listener", None))?;
-    super::cursor::sync_cursors(client, listeners).await
+    Ok(())
 }
 
 /// The fan-out subscriptions of the configured listeners.

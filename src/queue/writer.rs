@@ -181,26 +181,25 @@ SELECT (SELECT count(*) FROM fanned_out),
 /// advisory lock ("walhook:e") from before it inserts until it commits, so ids are assigned
 /// in commit order: a cursor listener that has seen id N will never find a smaller id
 /// committed later (see `sql/0011_listener_cursor.sql`). One writer streams the slot; the
-/// lock only orders it against scheduled notifications.
+/// lock orders it against scheduled notifications and debounce flushes, at one round trip
+/// per batch.
 pub const EVENT_ORDER_LOCK: &str = "SELECT pg_advisory_xact_lock(8602275959056329573)";
 
 /// Wakes cursor listeners at commit: new events, though maybe no `walhook.new` rows.
 /// (The payload is [`super::EVENTS_PAYLOAD`].)
 const WAKE_CURSORS: &str = "SELECT pg_notify('walhook_new', 'events')";
 
-/// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`] when
-/// some listener reads events by a cursor (`ordered`); without one, the order of ids
-/// matters to nobody and the round trip is saved.
-async fn begin(client: &mut Client, ordered: bool) -> Result<Transaction<'_>, QueueError> {
+/// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`] (always:
+/// a process whose configuration has no cursor listener still writes events that another
+/// process's cursor listener reads).
+async fn begin(client: &mut Client) -> Result<Transaction<'_>, QueueError> {
     let tx = client
         .transaction()
         .await
         .map_err(db_error("starting the queue transaction", None))?;
-    if ordered {
-        tx.batch_execute(EVENT_ORDER_LOCK)
-            .await
-            .map_err(db_error("ordering event ids (advisory lock)", None))?;
-    }
+    tx.batch_execute(EVENT_ORDER_LOCK)
+        .await
+        .map_err(db_error("ordering event ids (advisory lock)", None))?;
     Ok(tx)
 }
 
@@ -244,6 +243,10 @@ pub struct QueueWriter {
     refused: Vec<RejectedChange>,
     /// Whether some listener keeps a cursor over `walhook.event` (woken per batch).
     has_cursors: bool,
+    /// The cursor rows the last committed batch made, and those the next batch makes (when
+    /// the subscriptions changed them).
+    applied_cursors: Option<super::cursor::CursorRows>,
+    pending_cursors: Option<super::cursor::CursorRows>,
 }
 
 impl std::fmt::Debug for QueueWriter {
@@ -316,6 +319,8 @@ impl QueueWriter {
             debounced: Vec::new(),
             refused: Vec::new(),
             has_cursors: false,
+            applied_cursors: None,
+            pending_cursors: None,
         })
     }
 
@@ -344,6 +349,8 @@ impl QueueWriter {
         let mut rows: BTreeMap<(String, Option<String>), String> = BTreeMap::new();
         self.debounced.clear();
         self.has_cursors = subscriptions.iter().any(|s| s.cursor);
+        let cursors = super::cursor::CursorRows::of(&subscriptions);
+        self.pending_cursors = (self.applied_cursors.as_ref() != Some(&cursors)).then_some(cursors);
         for sub in &subscriptions {
             // Routing (excluded_listeners) still considers it; its cursor reads the events.
             if sub.cursor {
@@ -393,6 +400,22 @@ impl QueueWriter {
             self.listener_actions.push(actions);
         }
         self.subscriptions = subscriptions;
+    }
+
+    /// Makes the cursor rows match the subscriptions now, in a transaction of its own under
+    /// the event-order lock (otherwise the next batch does it): at start, so a cursor
+    /// listener's row exists before any event, and after a reload.
+    pub async fn sync_cursors(&mut self) -> Result<(), QueueError> {
+        let Some(rows) = &self.pending_cursors else {
+            return Ok(());
+        };
+        let tx = begin(&mut self.client).await?;
+        super::cursor::sync_in(&tx, rows).await?;
+        tx.commit()
+            .await
+            .map_err(db_error("committing the listener cursors", None))?;
+        self.applied_cursors = self.pending_cursors.take();
+        Ok(())
     }
 
     /// Whether the connection is gone (the caller should reconnect and build a new writer).
@@ -450,6 +473,9 @@ impl QueueWriter {
             }
             Err(e) => return Err(e),
         };
+        if let Some(rows) = self.pending_cursors.take() {
+            self.applied_cursors = Some(rows);
+        }
         if let Some(k) = keys {
             self.newest = self.newest.max(Some(k.last));
         }
@@ -471,7 +497,10 @@ impl QueueWriter {
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
         const CONTEXT: &str = "copying one event to the staging table";
-        let tx = begin(&mut self.client, self.has_cursors).await?;
+        let tx = begin(&mut self.client).await?;
+        if let Some(rows) = &self.pending_cursors {
+            super::cursor::sync_in(&tx, rows).await?;
+        }
         let tx_ref = &tx;
         let savepoint = |sql: &'static str| async move {
             tx_ref
@@ -533,7 +562,10 @@ impl QueueWriter {
     ) -> Result<Option<WriteOutcome>, QueueError> {
         const COPY: &str = "copying events to walhook.event";
         let use_schema = Some((Needs::Use, Some(&self.session)));
-        let tx = begin(&mut self.client, self.has_cursors).await?;
+        let tx = begin(&mut self.client).await?;
+        if let Some(rows) = &self.pending_cursors {
+            super::cursor::sync_in(&tx, rows).await?;
+        }
         let copied = copy_events(
             &tx,
             &self.copy_event,
@@ -596,7 +628,10 @@ impl QueueWriter {
         flushed: Option<Lsn>,
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
-        let tx = begin(&mut self.client, self.has_cursors).await?;
+        let tx = begin(&mut self.client).await?;
+        if let Some(rows) = &self.pending_cursors {
+            super::cursor::sync_in(&tx, rows).await?;
+        }
         let mut outcome = WriteOutcome::default();
         if !events.is_empty() {
             copy_events(

@@ -17,8 +17,8 @@ mod azure;
 pub mod http;
 pub mod nats;
 
-use super::Attempt;
 use super::format::Message;
+use super::{Attempt, policy};
 use crate::config::ListenerConfig;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::StoredEvent;
@@ -36,6 +36,15 @@ pub enum Started<'a> {
 }
 
 impl Started<'_> {
+    /// Whether the transport took the message (or delivered it already): false for one that
+    /// could not even be handed over, after which an ordered sender stops.
+    pub fn handed_over(&self) -> bool {
+        match self {
+            Started::Done(attempt) => attempt.outcome == policy::Outcome::Accepted,
+            Started::Nats(_) => true,
+        }
+    }
+
     /// How the attempt ended.
     pub async fn outcome(self) -> Attempt {
         match self {

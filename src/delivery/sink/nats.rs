@@ -206,13 +206,7 @@ impl NatsSink {
         let started = Instant::now();
         let subject = self.settings.subject.render(&event.entity, event.action);
         let failed = |outcome: Outcome, comment: String| {
-            super::Started::Done(Attempt {
-                outcome,
-                status_code: None,
-                comment: Some(comment),
-                retry_after: None,
-                latency: started.elapsed(),
-            })
+            super::Started::Done(attempt(outcome, Some(comment), started))
         };
         let connection = match self.connection().await {
             Ok(c) => c,
@@ -408,6 +402,17 @@ impl NatsSink {
     }
 }
 
+/// An attempt that began at `started` and ended now (NATS has no status codes).
+fn attempt(outcome: Outcome, comment: Option<String>, started: Instant) -> Attempt {
+    Attempt {
+        outcome,
+        status_code: None,
+        comment,
+        retry_after: None,
+        latency: started.elapsed(),
+    }
+}
+
 /// A published message waiting for its acknowledgement.
 pub struct Acking<'a> {
     sink: &'a NatsSink,
@@ -424,22 +429,10 @@ impl Acking<'_> {
             Err(e) => Err(e),
         };
         match ack {
-            Ok(_) => Attempt {
-                outcome: Outcome::Accepted,
-                status_code: None,
-                comment: None,
-                retry_after: None,
-                latency: self.started.elapsed(),
-            },
+            Ok(_) => attempt(Outcome::Accepted, None, self.started),
             Err(e) => {
                 let (outcome, comment) = self.sink.publish_failure(&self.subject, &e);
-                Attempt {
-                    outcome,
-                    status_code: None,
-                    comment: Some(comment),
-                    retry_after: None,
-                    latency: self.started.elapsed(),
-                }
+                attempt(outcome, Some(comment), self.started)
             }
         }
     }
