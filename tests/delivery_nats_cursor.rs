@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
@@ -628,6 +628,143 @@ async fn a_refused_message_fails_with_the_servers_words_the_cursor_moves_past_an
     }
     let mut stream = js.get_stream("WALHOOK").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 4);
+}
+
+/// Inserts customers (n = 0) in transactions of 5 rows until `stop`; returns how many.
+async fn steady_inserts(url: String, stop: Arc<AtomicBool>) -> i32 {
+    let c = support::connect(&url).await;
+    let mut inserted = 0;
+    while !stop.load(Ordering::Relaxed) {
+        c.execute(
+            "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+            &[&(inserted + 1), &(inserted + 5)],
+        )
+        .await
+        .expect("insert customers");
+        inserted += 5;
+        // Paced, so the load lasts through both reloads.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    inserted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_switching_between_queue_and_cursor_under_load_loses_nothing_and_makes_no_double_rows()
+ {
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let mut nats = NatsServer::start().await;
+    let url = nats.url();
+    // NATS is down across the second reload: its retries must not use up the attempts.
+    let bus = |position: &str| {
+        let nats = format!("[listener.nats]\nposition = \"{position}\"\n{STREAM}");
+        let listener = nats_listener("bus", &url, &format!("max_attempts = 1000\n{nats}"));
+        config_toml(&db.url, &format!("{CUSTOMER_ENTITY}{listener}"))
+    };
+    let (_dir, _path) = setup(&bus("queue"));
+    let daemon = Daemon::start(&bus("queue"));
+    let reload = |position: &str| {
+        std::fs::write(&daemon.config, bus(position)).expect("rewrite the config");
+        daemon.hup();
+    };
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(steady_inserts(db.url.clone(), stop.clone()));
+    eventually(Duration::from_secs(30), "queue deliveries", || async {
+        (queue_rows(&c, "bus").await.1 >= 1000).then_some(())
+    })
+    .await;
+
+    reload("cursor");
+    let start = wait_cursor_row(&c, "bus").await;
+    eventually(Duration::from_secs(30), "the cursor moving", || async {
+        (cursor(&c, "bus").await? > start + 1000).then_some(())
+    })
+    .await;
+    assert!(
+        daemon.log().contains("SIGHUP: configuration reloaded"),
+        "{}",
+        daemon.log()
+    );
+    let after_start = "SELECT count(*) FROM walhook.notification n JOIN walhook.listener_cursor c
+                       USING (listener) WHERE n.listener = $1 AND n.event_id > c.event_id";
+    assert_eq!(
+        count(&c, after_start, "bus").await,
+        0,
+        "rows past the cursor"
+    );
+
+    // The cursor holds while NATS is down and a backlog builds behind it; switched back to
+    // the queue, that backlog becomes walhook.new rows.
+    nats.stop();
+    eventually(
+        Duration::from_secs(30),
+        "a backlog behind the cursor",
+        || async { (last_event_id(&c).await > cursor(&c, "bus").await? + 2000).then_some(()) },
+    )
+    .await;
+    reload("queue");
+    eventually(Duration::from_secs(30), "the cursor dropped", || async {
+        cursor(&c, "bus").await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        daemon
+            .log()
+            .contains("got their backlog as walhook.new rows"),
+        "{}",
+        daemon.log()
+    );
+    assert!(queue_rows(&c, "bus").await.0 > 2000, "the backlog as rows");
+    let handed = last_event_id(&c).await;
+    eventually(
+        Duration::from_secs(30),
+        "fan-out after the switch",
+        || async {
+            let rows = "SELECT count(*) FROM walhook.new WHERE listener = $1 AND event_id > $2";
+            let n: i64 = c.query_one(rows, &[&"bus", &handed]).await.ok()?.get(0);
+            (n > 0).then_some(())
+        },
+    )
+    .await;
+    nats.resume().await;
+    let delivered = queue_rows(&c, "bus").await.1;
+    eventually(Duration::from_secs(30), "deliveries again", || async {
+        (queue_rows(&c, "bus").await.1 > delivered + 1000).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let total = i64::from(load.await.expect("the load"));
+
+    eventually(Duration::from_secs(30), "every event delivered", || async {
+        (event_count(&c).await == total && queue_rows(&c, "bus").await.0 == 0).then_some(())
+    })
+    .await;
+    let js = nats.jetstream().await;
+    let mut stream = js.get_stream("WALHOOK").await.expect("stream WALHOOK");
+    let stored = stream.info().await.expect("stream info").state.messages;
+    assert_eq!(stored, total as u64, "{}", daemon.log());
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        total as usize,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &event_ids(&c).await);
+    assert_eq!(cursor(&c, "bus").await, None);
+    assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
+    let doubled = c
+        .query(
+            "SELECT event_id FROM walhook.notification WHERE listener = 'bus'
+             GROUP BY event_id HAVING count(*) > 1",
+            &[],
+        )
+        .await
+        .expect("walhook.notification");
+    assert!(doubled.is_empty(), "{} events with two rows", doubled.len());
 }
 
 #[test]
