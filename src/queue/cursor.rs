@@ -164,6 +164,8 @@ const ADVANCE: &str = "WITH failed AS (
     FROM unnest($3::bigint[], $4::int[], $5::int[], $6::text[])
          WITH ORDINALITY AS f(event_id, attempts, code, comment, n)
     JOIN walhook.event e ON e.id = f.event_id
+    -- A cursor dropped meanwhile (switched to the queue) handed its events over already.
+    WHERE EXISTS (SELECT 1 FROM walhook.listener_cursor c WHERE c.listener = $1)
     ORDER BY f.n
     RETURNING id, event_id
 ), moved AS (
