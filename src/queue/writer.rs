@@ -191,8 +191,12 @@ const WAKE_CURSORS: &str = "SELECT pg_notify('walhook_new', 'events')";
 
 /// Starts a queue transaction that may insert events, holding [`EVENT_ORDER_LOCK`] (always:
 /// a process whose configuration has no cursor listener still writes events that another
-/// process's cursor listener reads).
-async fn begin(client: &mut Client) -> Result<Transaction<'_>, QueueError> {
+/// process's cursor listener reads), and first making the `cursors` rows the subscriptions
+/// changed, so that they change together with the fan-out.
+async fn begin<'c>(
+    client: &'c mut Client,
+    cursors: Option<&super::cursor::CursorRows>,
+) -> Result<Transaction<'c>, QueueError> {
     let tx = client
         .transaction()
         .await
@@ -200,6 +204,9 @@ async fn begin(client: &mut Client) -> Result<Transaction<'_>, QueueError> {
     tx.batch_execute(EVENT_ORDER_LOCK)
         .await
         .map_err(db_error("ordering event ids (advisory lock)", None))?;
+    if let Some(rows) = cursors {
+        super::cursor::sync_in(&tx, rows).await?;
+    }
     Ok(tx)
 }
 
@@ -216,6 +223,22 @@ VALUES (1, $1, now())
 ON CONFLICT (id) DO UPDATE SET
     flushed_lsn = GREATEST(s.flushed_lsn, EXCLUDED.flushed_lsn),
     updated_at = now()";
+
+/// Commits a batch's transaction with its set-aside changes and flushed LSN, waking cursor
+/// listeners when it stored events (borrowing the writer field by field).
+macro_rules! commit_batch {
+    ($w:expr, $tx:expr, $flushed:expr, $set_aside:expr, $inserted:expr) => {
+        commit_flushed(
+            $tx,
+            &$w.advance_flushed,
+            $flushed,
+            $set_aside,
+            &$w.session,
+            $w.has_cursors && $inserted > 0,
+        )
+        .await?
+    };
+}
 
 /// Writes batches of entity events to the queue tables on its own connection.
 pub struct QueueWriter {
@@ -409,8 +432,7 @@ impl QueueWriter {
         let Some(rows) = &self.pending_cursors else {
             return Ok(());
         };
-        let tx = begin(&mut self.client).await?;
-        super::cursor::sync_in(&tx, rows).await?;
+        let tx = begin(&mut self.client, Some(rows)).await?;
         tx.commit()
             .await
             .map_err(db_error("committing the listener cursors", None))?;
@@ -497,10 +519,7 @@ impl QueueWriter {
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
         const CONTEXT: &str = "copying one event to the staging table";
-        let tx = begin(&mut self.client).await?;
-        if let Some(rows) = &self.pending_cursors {
-            super::cursor::sync_in(&tx, rows).await?;
-        }
+        let tx = begin(&mut self.client, self.pending_cursors.as_ref()).await?;
         let tx_ref = &tx;
         let savepoint = |sql: &'static str| async move {
             tx_ref
@@ -537,16 +556,7 @@ impl QueueWriter {
         outcome.refused = refused.len() as u64;
         outcome.already_present = outcome.already_present.saturating_sub(outcome.refused);
         rejected::insert(&tx, &refused).await?;
-        let wake = self.has_cursors && outcome.inserted > 0;
-        commit_flushed(
-            tx,
-            &self.advance_flushed,
-            flushed,
-            set_aside,
-            &self.session,
-            wake,
-        )
-        .await?;
+        commit_batch!(self, tx, flushed, set_aside, outcome.inserted);
         self.refused = refused;
         Ok(outcome)
     }
@@ -562,10 +572,7 @@ impl QueueWriter {
     ) -> Result<Option<WriteOutcome>, QueueError> {
         const COPY: &str = "copying events to walhook.event";
         let use_schema = Some((Needs::Use, Some(&self.session)));
-        let tx = begin(&mut self.client).await?;
-        if let Some(rows) = &self.pending_cursors {
-            super::cursor::sync_in(&tx, rows).await?;
-        }
+        let tx = begin(&mut self.client, self.pending_cursors.as_ref()).await?;
         let copied = copy_events(
             &tx,
             &self.copy_event,
@@ -606,16 +613,7 @@ impl QueueWriter {
             outcome.notifications = u64::try_from(n).unwrap_or(0);
         }
         debounce_batch!(self, &tx, events, keys);
-        let wake = self.has_cursors;
-        commit_flushed(
-            tx,
-            &self.advance_flushed,
-            flushed,
-            set_aside,
-            &self.session,
-            wake,
-        )
-        .await?;
+        commit_batch!(self, tx, flushed, set_aside, outcome.inserted);
         Ok(Some(outcome))
     }
 
@@ -628,10 +626,7 @@ impl QueueWriter {
         flushed: Option<Lsn>,
         keys: &BatchKeys,
     ) -> Result<WriteOutcome, QueueError> {
-        let tx = begin(&mut self.client).await?;
-        if let Some(rows) = &self.pending_cursors {
-            super::cursor::sync_in(&tx, rows).await?;
-        }
+        let tx = begin(&mut self.client, self.pending_cursors.as_ref()).await?;
         let mut outcome = WriteOutcome::default();
         if !events.is_empty() {
             copy_events(
@@ -647,16 +642,7 @@ impl QueueWriter {
             outcome = insert_staged(&tx, &staged_insert!(self), events.len()).await?;
             debounce_batch!(self, &tx, events, keys);
         }
-        let wake = self.has_cursors && outcome.inserted > 0;
-        commit_flushed(
-            tx,
-            &self.advance_flushed,
-            flushed,
-            set_aside,
-            &self.session,
-            wake,
-        )
-        .await?;
+        commit_batch!(self, tx, flushed, set_aside, outcome.inserted);
         Ok(outcome)
     }
 }
