@@ -24,7 +24,11 @@
 //! ```text
 //! cargo bench --bench delivery
 //! cargo bench --bench delivery -- --drain 10000,100000 --fan 0 --latency-secs 10 --large 0
+//! cargo bench --bench delivery -- --drain 100000 --fan 0 --latency-secs 0 --large 0 --rates-only
 //! ```
+//!
+//! `--rates-only` skips the wait for autovacuum and walhook's index rebuild after each drain
+//! (their sizes show as `–`), for comparing builds run after run.
 //!
 //! Prints Markdown tables.
 
@@ -41,6 +45,8 @@ use walhook::cluster::LocalCluster;
 
 /// Rows per transaction in the live load.
 const TX_ROWS: u64 = 100;
+/// `--rates-only`: table health after a drain is not measured.
+static RATES_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Give up when nothing new arrives for this long.
 const STALL: Duration = Duration::from_secs(90);
 
@@ -88,6 +94,9 @@ fn parse_args() -> Args {
             "--latency-secs" => args.latency_secs = num("--latency-secs", value("--latency-secs")),
             "--rate" => args.rate = num("--rate", value("--rate")).max(1),
             "--large" => args.large = num("--large", value("--large")),
+            // Only the rates: skip waiting for autovacuum and the index rebuild after each
+            // drain (for comparing builds run after run).
+            "--rates-only" => RATES_ONLY.store(true, std::sync::atomic::Ordering::Relaxed),
             "--live" => args.live = num("--live", value("--live")) / TX_ROWS * TX_ROWS,
             // cargo bench passes --bench; ignore anything else.
             _ => {}
@@ -259,13 +268,15 @@ fn drain(
     let new_after = Sizes::of(cluster, "walhook.new");
     let processed_after = Sizes::of(cluster, "walhook.processed");
     // Autovacuum (threshold 1000 dead rows on walhook.new) runs within its naptime (1 min).
-    let vacuumed = wait_until(Duration::from_secs(90), || {
-        psql(
+    let rates_only = RATES_ONLY.load(std::sync::atomic::Ordering::Relaxed);
+    let vacuumed = !rates_only
+        && wait_until(Duration::from_secs(90), || {
+            psql(
             cluster,
             "SELECT n_dead_tup = 0 AND coalesce(last_autovacuum, 'epoch') > now() - interval '5 min'
              FROM pg_stat_user_tables WHERE relid = 'walhook.new'::regclass",
         ) == "t"
-    });
+        });
     let new_vacuumed = vacuumed.then(|| Sizes::of(cluster, "walhook.new"));
     // walhook rebuilds indexes over COMPACT_MIN_INDEX_BYTES that the rows left do not need,
     // at its next retention run (every minute).

@@ -60,7 +60,9 @@ use batch::{Backlog, Pending};
 use claimer::{ClaimState, TotalBytes};
 
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
-const PREFETCH_PER_SLOT: usize = 8;
+/// Claims wait for a quarter of this to be free (`claimer::claimable`); 16 rather than 8
+/// makes those claims 64 rows or more at the default concurrency.
+const PREFETCH_PER_SLOT: usize = 16;
 /// Upper bound of notifications outstanding (claimed, not yet recorded) per listener.
 const MAX_OUTSTANDING: usize = 4000;
 /// A rate-limited listener claims no more than it may send in this long.

@@ -334,8 +334,8 @@ impl HttpSink {
                     let first =
                         std::mem::replace(&mut result, self.post(&target, &headers, &body).await);
                     if let (Some(t), Ok(resp)) = (trace.as_deref_mut(), first) {
-                        let (response, _) = self.read(resp).await;
-                        t.responses.push(response);
+                        let (response, _) = self.read(resp, true).await;
+                        t.responses.extend(response);
                     }
                 }
                 Ok(None) => {}
@@ -343,11 +343,7 @@ impl HttpSink {
             }
         }
         match result {
-            Ok(resp) => {
-                // Azure listeners post to a per-topic address under the configured url.
-                let shown = SecretUrl::new(target.clone()).redacted().to_owned();
-                self.answered(resp, started, trace, &shown).await
-            }
+            Ok(resp) => self.answered(resp, started, trace, &target).await,
             Err(e) => {
                 let live = self.live_secrets();
                 let (outcome, comment) =
@@ -408,15 +404,23 @@ impl HttpSink {
             .unwrap_or_default()
     }
 
-    /// Reads an answer (its body bounded): what `walhook test-listener` shows, and the body.
-    async fn read(&self, mut resp: reqwest::Response) -> (TracedResponse, Vec<u8>) {
+    /// Reads an answer (its body bounded): the body, and with `traced` what `walhook
+    /// test-listener` shows (scrubbing is skipped on the delivery path, which never shows it).
+    async fn read(
+        &self,
+        mut resp: reqwest::Response,
+        traced: bool,
+    ) -> (Option<TracedResponse>, Vec<u8>) {
         let status = resp.status();
-        let live = self.live_secrets();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_owned(), self.scrub.clean(v.as_bytes(), &live)))
-            .collect();
+        let headers: Vec<(String, String)> = if traced {
+            let live = self.live_secrets();
+            resp.headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_owned(), self.scrub.clean(v.as_bytes(), &live)))
+                .collect()
+        } else {
+            Vec::new()
+        };
         // Reading the body (bounded) lets the connection go back to the pool; an error
         // while reading does not change what the status already said.
         let mut body = Vec::new();
@@ -429,11 +433,11 @@ impl HttpSink {
                 Ok(None) | Err(_) => break,
             }
         }
-        let shown = TracedResponse {
+        let shown = traced.then(|| TracedResponse {
             status_line: status_text(status),
             headers,
-            body: self.scrub.clean(&body, &live),
-        };
+            body: self.scrub.clean(&body, &self.live_secrets()),
+        });
         (shown, body)
     }
 
@@ -442,7 +446,7 @@ impl HttpSink {
         resp: reqwest::Response,
         started: Instant,
         trace: Option<&mut Trace>,
-        shown: &str,
+        target: &reqwest::Url,
     ) -> (Attempt, Vec<u8>) {
         let status = resp.status();
         let code = status.as_u16();
@@ -460,38 +464,17 @@ impl HttpSink {
             .get(LOCATION)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
-        let (traced, body) = self.read(resp).await;
+        let (traced, body) = self.read(resp, trace.is_some()).await;
         let latency = started.elapsed();
         if let Some(t) = trace {
-            t.responses.push(traced);
+            t.responses.extend(traced);
         }
 
         // Only failures get a comment: nothing is formatted for a delivery.
         let status_text = || status_text(status);
-        let live = self.live_secrets();
         let comment = match outcome {
             Outcome::Accepted => None,
-            Outcome::Moved => Some(match location {
-                Some(loc) => format!(
-                    "HTTP {code} redirect from {} to {}: redirects are not followed; set the listener url to the new location",
-                    self.url.redacted(),
-                    self.scrub
-                        .excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES, &live),
-                ),
-                None => format!(
-                    "{} from {} without a Location header: redirects are not followed; check the listener url",
-                    status_text(),
-                    shown
-                ),
-            }),
-            _ => {
-                let text = self.scrub.excerpt(&body, COMMENT_BODY_BYTES, &live);
-                Some(if text.is_empty() {
-                    format!("{} from {}", status_text(), shown)
-                } else {
-                    format!("{} from {}: {text}", status_text(), shown)
-                })
-            }
+            _ => Some(self.failure_comment(outcome, code, status_text(), location, &body, target)),
         };
         let attempt = Attempt {
             outcome,
@@ -501,6 +484,41 @@ impl HttpSink {
             latency,
         };
         (attempt, body)
+    }
+
+    /// Why an answer other than a delivery failed, in plain words without secrets.
+    fn failure_comment(
+        &self,
+        outcome: Outcome,
+        code: u16,
+        status_text: String,
+        location: Option<String>,
+        body: &[u8],
+        target: &reqwest::Url,
+    ) -> String {
+        let live = self.live_secrets();
+        // Azure listeners post to a per-topic address under the configured url.
+        let shown = SecretUrl::new(target.clone());
+        let shown = shown.redacted();
+        match (outcome, location) {
+            (Outcome::Moved, Some(loc)) => format!(
+                "HTTP {code} redirect from {} to {}: redirects are not followed; set the listener url to the new location",
+                self.url.redacted(),
+                self.scrub
+                    .excerpt(loc.as_bytes(), COMMENT_LOCATION_BYTES, &live),
+            ),
+            (Outcome::Moved, None) => format!(
+                "{status_text} from {shown} without a Location header: redirects are not followed; check the listener url",
+            ),
+            _ => {
+                let text = self.scrub.excerpt(body, COMMENT_BODY_BYTES, &live);
+                if text.is_empty() {
+                    format!("{status_text} from {shown}")
+                } else {
+                    format!("{status_text} from {shown}: {text}")
+                }
+            }
+        }
     }
 }
 
