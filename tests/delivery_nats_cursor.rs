@@ -510,6 +510,92 @@ async fn a_nats_outage_holds_the_cursor_while_http_goes_on_and_status_and_metric
     assert_once_in_entity_order(&messages, &event_ids(&c).await);
 }
 
+/// `last_error` of `listener` in `walhook status --json` (null when none).
+fn status_last_error(path: &str, listener: &str) -> Value {
+    let (code, out, err) = walhook(&["status", "--json", "--config", path]);
+    assert_eq!(code, 0, "walhook status: {err}");
+    let doc: Value = serde_json::from_str(&out).expect("status --json");
+    doc["listeners"]
+        .as_array()
+        .and_then(|ls| ls.iter().find(|l| l["name"] == listener))
+        .map(|l| l["last_error"].clone())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_event_a_cursor_is_held_at_and_why_until_the_cursor_moves_past_it() {
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let nats = NatsServer::start().await;
+    let js = nats.jetstream().await;
+    // Full after two messages, and refusing more for now (not for good): a retryable error.
+    let full = |max_messages| async_nats::jetstream::stream::Config {
+        name: "WALHOOK".into(),
+        subjects: vec!["api.event.customer".into()],
+        max_messages,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(full(2))
+        .await
+        .expect("create stream WALHOOK");
+    let listener = cursor_listener("bus", &nats.url(), "max_attempts = 1000\n", "");
+    let toml = config_toml(&db.url, &format!("{ENTITIES}{listener}"));
+    let (_dir, path) = setup(&toml);
+    let _daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    wait_cursor_row(&c, "bus").await;
+    for id in 1..=3 {
+        c.execute("INSERT INTO customer VALUES ($1, 'Ada', 'Paris')", &[&id])
+            .await
+            .unwrap();
+    }
+    eventually(Duration::from_secs(30), "three events queued", || async {
+        (event_count(&c).await == 3).then_some(())
+    })
+    .await;
+    let third: i64 = c
+        .query_one("SELECT id FROM walhook.event WHERE entity_id = '3'", &[])
+        .await
+        .unwrap()
+        .get(0);
+
+    // Held at customer 3: status says so, with the server's words, as New (retrying).
+    let shown = eventually(Duration::from_secs(30), "status showing the hold", || {
+        let shown = status_last_error(&path, "bus");
+        let held = shown["held_event_id"].as_i64() == Some(third);
+        async move { held.then_some(shown) }
+    })
+    .await;
+    assert_eq!(shown["status"], "New", "{shown}");
+    assert!(shown["id"].is_null(), "no notification: {shown}");
+    let comment = shown["comment"].as_str().unwrap_or_default();
+    assert!(comment.contains("maximum messages"), "{shown}");
+    assert_eq!(cursor(&c, "bus").await, Some(third - 1));
+    let (_, text, _) = walhook(&["status", "--config", &path]);
+    assert!(
+        text.contains(&format!("cursor held at event #{third}")),
+        "{text}"
+    );
+    assert_eq!(failed_total(&c).await, 0);
+
+    // Room again: the cursor moves past it and the note is gone.
+    js.update_stream(full(-1)).await.expect("update stream");
+    wait_cursor_at_end(&c, "bus", 3, Duration::from_secs(30)).await;
+    assert!(status_last_error(&path, "bus").is_null());
+    let held: Option<i64> = c
+        .query_one(
+            "SELECT held_event_id FROM walhook.listener_cursor WHERE listener = 'bus'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, None);
+    assert_eq!(failed_total(&c).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_message_fails_with_the_servers_words_the_cursor_moves_past_and_retry_delivers_it()
  {

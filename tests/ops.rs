@@ -213,7 +213,7 @@ async fn status_counts_each_listener_and_shows_its_latest_error() {
 
     // The retry just now is more recent than the failure an hour ago.
     let e = crm.last_error.as_ref().expect("crm has errors");
-    assert_eq!(e.id, c3);
+    assert_eq!(e.of, admin::ErrorOf::Notification(c3));
     assert_eq!(e.status, NotificationStatus::New);
     assert_eq!(e.status_code, Some(503));
     assert!(e.comment.starts_with("HTTP 503"), "{}", e.comment);
@@ -229,8 +229,12 @@ async fn status_counts_each_listener_and_shows_its_latest_error() {
     let crm = s.listeners.iter().find(|l| l.name == "crm").unwrap();
     let e = crm.last_error.as_ref().unwrap();
     assert_eq!(
-        (e.id, e.status, e.status_code),
-        (c2, NotificationStatus::Failed, Some(500))
+        (e.of, e.status, e.status_code),
+        (
+            admin::ErrorOf::Notification(c2),
+            NotificationStatus::Failed,
+            Some(500)
+        )
     );
     assert!(crm.oldest_undelivered.is_none());
 

@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::ErrorClass;
 use crate::human::{age as human_age, bytes as human_bytes};
 use crate::queue::admin::{
-    DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
+    DiscardReason, ErrorOf, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
     discard_failed, list_failed, retry_failed, status,
 };
 use crate::types::Lsn;
@@ -415,11 +415,13 @@ fn render_status(s: &Status) -> String {
                 let last_error = l.last_error.as_ref().map_or_else(
                     || "-".to_owned(),
                     |e| {
+                        let what = match e.of {
+                            ErrorOf::Notification(id) => format!("#{id} {}", e.status),
+                            ErrorOf::HeldEvent(id) => format!("cursor held at event #{id}"),
+                        };
                         format!(
-                            "{} (#{} {}{}): {}",
+                            "{} ({what}{}): {}",
                             ago(s.now, e.at),
-                            e.id,
-                            e.status,
                             e.status_code
                                 .map(|c| format!(", HTTP {c}"))
                                 .unwrap_or_default(),
@@ -539,7 +541,14 @@ fn status_json(s: &Status) -> Value {
                 "oldest_undelivered": json_time(l.oldest_undelivered),
                 "oldest_undelivered_age_seconds": l.oldest_undelivered_age(s.now).map(|d| d.as_secs()),
                 "last_error": l.last_error.as_ref().map(|e| json!({
-                    "id": e.id,
+                    "id": match e.of {
+                        ErrorOf::Notification(id) => Some(id),
+                        ErrorOf::HeldEvent(_) => None,
+                    },
+                    "held_event_id": match e.of {
+                        ErrorOf::Notification(_) => None,
+                        ErrorOf::HeldEvent(id) => Some(id),
+                    },
                     "status": e.status.as_str(),
                     "at": time(e.at),
                     "status_code": e.status_code,

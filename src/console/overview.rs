@@ -11,7 +11,7 @@ use super::chart::{self, Series};
 use super::history::ListenerActivity;
 use super::layout::{self, Section, ago, or_dash, when};
 use super::{Console, PageError};
-use crate::queue::admin::{ListenerStatus, Status, status};
+use crate::queue::admin::{ErrorOf, ListenerStatus, Status, status};
 
 /// Recent activity that decides a listener's health badge.
 pub(super) const HEALTH_SPAN: Duration = Duration::from_secs(300);
@@ -172,7 +172,14 @@ fn listener_table(report: &Status, activity: &[(String, ListenerActivity)]) -> M
                             td.comment {
                                 @if let Some(e) = &l.last_error {
                                     (when(report.now, Some(e.at))) br;
-                                    a href=(format!("/ui/notifications/{}", e.id)) { "#" (e.id) } " " (e.status)
+                                    @match e.of {
+                                        ErrorOf::Notification(id) => {
+                                            a href=(format!("/ui/notifications/{id}")) { "#" (id) } " " (e.status)
+                                        }
+                                        ErrorOf::HeldEvent(id) => {
+                                            "cursor held at event " a href=(format!("/ui/events/{id}")) { "#" (id) }
+                                        }
+                                    }
                                     @if let Some(c) = e.status_code { ", HTTP " (c) }
                                     ": " (e.comment)
                                 } @else { "–" }

@@ -145,8 +145,8 @@ impl ListenerStatus {
 /// The latest comment a delivery attempt left on a notification.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LastError {
-    /// The notification.
-    pub id: i64,
+    /// What failed.
+    pub of: ErrorOf,
     /// Where it is now (New: retrying; Failed: given up).
     pub status: NotificationStatus,
     /// When the attempt was made (New: `last_attempt_at`; Failed: `failed_at`).
@@ -155,6 +155,15 @@ pub struct LastError {
     pub status_code: Option<i32>,
     /// The error in plain words.
     pub comment: String,
+}
+
+/// What a [`LastError`] is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorOf {
+    /// A notification in `walhook.new` or `walhook.failed`, by id.
+    Notification(i64),
+    /// The `walhook.event` row a cursor listener's retries hold it at.
+    HeldEvent(i64),
 }
 
 /// The replication slot as `pg_replication_slots` shows it.
@@ -221,14 +230,20 @@ GROUP BY listener"
 );
 
 /// The latest comment per listener among New rows (tried at least once) and Failed rows.
+/// A cursor listener held by retries counts as New, about the event it is held at (`held`).
 const LAST_ERRORS: &str =
-    "SELECT DISTINCT ON (listener) listener, id, status, at, last_status_code, comment
+    "SELECT DISTINCT ON (listener) listener, id, status, at, last_status_code, comment, held
 FROM (
-    SELECT listener, id, 'New' AS status, last_attempt_at AS at, last_status_code, comment
+    SELECT listener, id, 'New' AS status, last_attempt_at AS at, last_status_code, comment,
+           false AS held
     FROM walhook.new WHERE comment IS NOT NULL AND last_attempt_at IS NOT NULL
     UNION ALL
-    SELECT listener, id, 'Failed', failed_at, last_status_code, comment
+    SELECT listener, id, 'Failed', failed_at, last_status_code, comment, false
     FROM walhook.failed WHERE comment IS NOT NULL
+    UNION ALL
+    SELECT listener, held_event_id, 'New', last_attempt_at, last_status_code, comment, true
+    FROM walhook.listener_cursor
+    WHERE comment IS NOT NULL AND last_attempt_at IS NOT NULL AND held_event_id IS NOT NULL
 ) errors
 ORDER BY listener, at DESC, id DESC";
 
@@ -283,8 +298,14 @@ pub async fn status(
         let i = entry(&mut out, row.try_get(0).map_err(err())?);
         let status: String = row.try_get(2).map_err(err())?;
         let Some(l) = out.get_mut(i) else { continue };
+        let id: i64 = row.try_get(1).map_err(err())?;
+        let held: bool = row.try_get(6).map_err(err())?;
         l.last_error = Some(LastError {
-            id: row.try_get(1).map_err(err())?,
+            of: if held {
+                ErrorOf::HeldEvent(id)
+            } else {
+                ErrorOf::Notification(id)
+            },
             status: NotificationStatus::parse(&status).unwrap_or(NotificationStatus::New),
             at: row.try_get(3).map_err(err())?,
             status_code: row.try_get(4).map_err(err())?,

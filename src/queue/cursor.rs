@@ -169,11 +169,18 @@ const ADVANCE: &str = "WITH failed AS (
     ORDER BY f.n
     RETURNING id, event_id
 ), moved AS (
-    UPDATE walhook.listener_cursor SET event_id = $2, updated_at = now()
+    UPDATE walhook.listener_cursor
+    SET event_id = $2, updated_at = now(), held_event_id = NULL, last_attempt_at = NULL,
+        last_status_code = NULL, comment = NULL
     WHERE listener = $1 AND event_id < $2
     RETURNING 1
 )
 SELECT id, event_id FROM failed";
+
+/// Why the cursor is held: $2 the event it is held at, $3 status code, $4 comment.
+const NOTE_HOLD: &str = "UPDATE walhook.listener_cursor
+SET held_event_id = $2, last_attempt_at = now(), last_status_code = $3, comment = $4
+WHERE listener = $1";
 
 /// A read of the events after a position.
 #[derive(Debug)]
@@ -323,6 +330,24 @@ impl CursorStore {
             _ => newest,
         };
         Ok(CursorRead { events, scanned_to })
+    }
+
+    /// Records why the cursor is held at `event_id`, for `walhook status` and the console;
+    /// cleared when the cursor moves.
+    pub async fn note_hold(
+        &self,
+        event_id: i64,
+        status_code: Option<i32>,
+        comment: &str,
+    ) -> Result<(), QueueError> {
+        self.client
+            .execute(
+                NOTE_HOLD,
+                &[&self.listener, &event_id, &status_code, &comment],
+            )
+            .await
+            .map(drop)
+            .map_err(db_error("noting why the listener's cursor is held", USE))
     }
 
     /// Moves the cursor to `to` and moves `failed` to `walhook.failed`, in one transaction;

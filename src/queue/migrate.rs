@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0011_listener_cursor.sql",
         sql: include_str!("../../sql/0011_listener_cursor.sql"),
     },
+    Migration {
+        version: 12,
+        name: "0012_cursor_hold.sql",
+        sql: include_str!("../../sql/0012_cursor_hold.sql"),
+    },
 ];
 
 /// The schema version this binary expects.

@@ -175,6 +175,10 @@ async fn own_and_deliver(
             position = position.max(to);
             report(lane, shared, &pass.judged, &ids);
         }
+        if let Some((event_id, code, comment)) = &pass.hold_note {
+            let note = store.note_hold(*event_id, *code, comment);
+            timed("noting why the cursor is held", note).await?;
+        }
         *held = pass.held;
         if let Some(delay) = pass.hold {
             tokio::select! {
@@ -213,6 +217,8 @@ struct Pass {
     held: Held,
     /// Hold the cursor this long: an event is to be tried again.
     hold: Option<Duration>,
+    /// Why, to store on the cursor row: the event, its status code and the comment.
+    hold_note: Option<(i64, Option<i32>, String)>,
 }
 
 impl Pass {
@@ -235,6 +241,7 @@ async fn publish(
         judged: Vec::new(),
         held,
         hold: None,
+        hold_note: None,
     };
     let mut waiting = FuturesOrdered::new();
     let mut events: VecDeque<_> = events.into();
@@ -453,6 +460,7 @@ fn hold(
     pass.held.event_id = sent.id;
     pass.held.attempts = made;
     pass.hold = Some(delay);
+    pass.hold_note = Some((sent.id, attempt.status_code.map(i32::from), comment));
 }
 
 /// Tells observers what became of a pass's events once the cursor has moved past them
