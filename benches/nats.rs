@@ -216,8 +216,11 @@ fn run(
     let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
     let mut last = base;
     let mut last_change = Instant::now();
+    // (seconds since the load began, messages in the stream) at each change.
+    let mut timeline = Vec::new();
     loop {
         let now = stored(rt, &js);
+        timeline.push((t.elapsed().as_secs_f64(), now - base));
         if now >= base + args.events {
             break;
         }
@@ -253,6 +256,20 @@ fn run(
     eprintln!(
         "   {} events in the stream {secs:.2}s after the load began (load {load_secs:.2}s); pg_recvlogical drained in {drain_secs:.2}s",
         args.events
+    );
+    // How delivery kept up: what the stream held when capture's last batch began, and the
+    // rate of the rest, when delivery had the machine to itself.
+    let at_capture = timeline
+        .iter()
+        .take_while(|(s, _)| *s <= capture_secs)
+        .last()
+        .map_or(0, |&(_, n)| n);
+    eprintln!(
+        "   when the last event was queued ({capture_secs:.2}s): {at_capture} in the stream ({:.0}/s); the other {} took {:.2}s ({:.0}/s)",
+        at_capture as f64 / capture_secs,
+        args.events - at_capture,
+        secs - capture_secs,
+        (args.events - at_capture) as f64 / (secs - capture_secs).max(0.001)
     );
     Run {
         position,

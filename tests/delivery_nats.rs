@@ -9,8 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 use support::nats::{
     COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
-    assert_once_in_entity_order, body, consumer, counter_load, event_ids, nats_listener, read_all,
-    types_per_entity,
+    assert_once_in_entity_order, assert_stream_holds, body, consumer, counter_load, event_ids,
+    nats_listener, read_all, types_per_entity,
 };
 use support::receiver::Receiver;
 use support::{
@@ -329,9 +329,7 @@ async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_
     assert_eq!(expected.len() as i64, total, "{}", daemon.log());
 
     let js = nats.jetstream().await;
-    let mut stream = js.get_stream("WALHOOK").await.unwrap();
-    let info = stream.info().await.unwrap();
-    assert_eq!(info.state.messages, total as u64, "messages in the stream");
+    assert_stream_holds(&js, "WALHOOK", total as u64, &c, "bus", &nats).await;
     let messages = read_all(
         &js,
         "audit",
@@ -341,6 +339,64 @@ async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_
     )
     .await;
     assert_once_in_entity_order(&messages, &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_responders_while_jetstream_is_not_serving_holds_the_listener_instead_of_failing_messages()
+ {
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let mut nats = NatsServer::start().await;
+    let listener = nats_listener(
+        "bus",
+        &nats.url(),
+        &format!("max_attempts = 1000\n{STREAM}"),
+    );
+    let toml = config_toml(&db.url, &format!("{ENTITIES}{listener}"));
+    let (_dir, _path) = setup(&toml);
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    // The same server and port with JetStream off: publishes are answered "no responders",
+    // as they are for a moment while a server starts or stops.
+    nats.stop();
+    nats.configure(false, "");
+    nats.resume().await;
+    c.execute("INSERT INTO customer VALUES (1, 'Ada', 'Paris')", &[])
+        .await
+        .unwrap();
+    let comment = eventually(Duration::from_secs(60), "a second attempt", || async {
+        let row = c
+            .query_opt(
+                "SELECT attempts, comment FROM walhook.new WHERE listener = 'bus'",
+                &[],
+            )
+            .await
+            .ok()??;
+        let (attempts, comment): (i32, Option<String>) = (row.get(0), row.get(1));
+        (attempts >= 2).then_some(comment.unwrap_or_default())
+    })
+    .await;
+    assert!(
+        comment.contains("its JetStream API did not answer either") && comment.contains("retrying"),
+        "{comment}"
+    );
+    let failed = "SELECT count(*) FROM walhook.failed";
+    let failed = || async { c.query_one(failed, &[]).await.unwrap().get::<_, i64>(0) };
+    assert_eq!(failed().await, 0, "{}", daemon.log());
+
+    nats.stop();
+    nats.configure(true, "");
+    nats.resume().await;
+    eventually(
+        Duration::from_secs(60),
+        "delivery once JetStream is back",
+        || async { (processed(&c, "bus").await == 1).then_some(()) },
+    )
+    .await;
+    let js = nats.jetstream().await;
+    assert_stream_holds(&js, "WALHOOK", 1, &c, "bus", &nats).await;
+    assert_eq!(failed().await, 0, "{}", daemon.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,6 +511,7 @@ async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing()
         daemon.log()
     );
     let js = nats.jetstream().await;
+    assert_stream_holds(&js, "WALHOOK", 3500, &c, "bus", &nats).await;
     let messages = read_all(
         &js,
         "audit",

@@ -13,8 +13,8 @@ use futures_util::StreamExt as _;
 use serde_json::Value;
 use support::nats::{
     COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
-    assert_once_in_entity_order, body, counter_load, event_ids, nats_listener, read_all,
-    read_stream, types_per_entity,
+    assert_once_in_entity_order, assert_stream_holds, body, counter_load, event_ids, nats_listener,
+    read_all, read_stream, types_per_entity,
 };
 use support::receiver::Receiver;
 use support::{
@@ -382,9 +382,7 @@ async fn sigkill_during_a_50k_event_load_then_two_processes_resume_from_the_curs
     assert_eq!(queue_rows(&c, "bus").await, (0, 0));
 
     let js = nats.jetstream().await;
-    let mut stream = js.get_stream("WALHOOK").await.unwrap();
-    let info = stream.info().await.unwrap();
-    assert_eq!(info.state.messages, total as u64, "messages in the stream");
+    assert_stream_holds(&js, "WALHOOK", total as u64, &c, "bus", &nats).await;
     let messages = read_all(
         &js,
         "audit",
@@ -828,9 +826,7 @@ async fn a_reload_switching_between_queue_and_cursor_under_load_loses_nothing_an
     })
     .await;
     let js = nats.jetstream().await;
-    let mut stream = js.get_stream("WALHOOK").await.expect("stream WALHOOK");
-    let stored = stream.info().await.expect("stream info").state.messages;
-    assert_eq!(stored, total as u64, "{}", daemon.log());
+    assert_stream_holds(&js, "WALHOOK", total as u64, &c, "bus", &nats).await;
     let messages = read_all(
         &js,
         "audit",

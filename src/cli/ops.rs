@@ -541,14 +541,8 @@ fn status_json(s: &Status) -> Value {
                 "oldest_undelivered": json_time(l.oldest_undelivered),
                 "oldest_undelivered_age_seconds": l.oldest_undelivered_age(s.now).map(|d| d.as_secs()),
                 "last_error": l.last_error.as_ref().map(|e| json!({
-                    "id": match e.of {
-                        ErrorOf::Notification(id) => Some(id),
-                        ErrorOf::HeldEvent(_) => None,
-                    },
-                    "held_event_id": match e.of {
-                        ErrorOf::Notification(_) => None,
-                        ErrorOf::HeldEvent(id) => Some(id),
-                    },
+                    "id": e.of.notification(),
+                    "held_event_id": e.of.held_event(),
                     "status": e.status.as_str(),
                     "at": time(e.at),
                     "status_code": e.status_code,

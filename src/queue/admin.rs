@@ -166,6 +166,24 @@ pub enum ErrorOf {
     HeldEvent(i64),
 }
 
+impl ErrorOf {
+    /// The notification's id, when the error is a notification's.
+    pub fn notification(self) -> Option<i64> {
+        match self {
+            ErrorOf::Notification(id) => Some(id),
+            ErrorOf::HeldEvent(_) => None,
+        }
+    }
+
+    /// The held event's id, when the error holds a cursor listener.
+    pub fn held_event(self) -> Option<i64> {
+        match self {
+            ErrorOf::Notification(_) => None,
+            ErrorOf::HeldEvent(id) => Some(id),
+        }
+    }
+}
+
 /// The replication slot as `pg_replication_slots` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotStatus {

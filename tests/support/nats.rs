@@ -34,6 +34,9 @@ pub struct NatsServer {
     /// Its client port on 127.0.0.1.
     pub port: u16,
     dir: tempfile::TempDir,
+    /// How many stops needed SIGKILL: a killed server may lose messages it acknowledged
+    /// but had not yet written, which a test must not blame on walhook.
+    pub killed: u32,
 }
 
 impl NatsServer {
@@ -46,19 +49,28 @@ impl NatsServer {
     pub async fn start_with(extra: &str) -> NatsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = super::free_port();
-        let store = dir.path().join("js");
-        let conf = format!(
-            "listen: 127.0.0.1:{port}\njetstream {{\n  store_dir: \"{}\"\n}}\n{extra}\n",
-            store.display()
-        );
-        std::fs::write(dir.path().join("nats.conf"), conf).expect("write nats.conf");
         let mut server = NatsServer {
             child: None,
             port,
             dir,
+            killed: 0,
         };
+        server.configure(true, extra);
         server.resume().await;
         server
+    }
+
+    /// Writes the config the next [`Self::resume`] starts with: JetStream on its store (the
+    /// same one every time) or off, plus `extra`.
+    pub fn configure(&self, jetstream: bool, extra: &str) {
+        let store = self.dir.path().join("js");
+        let jetstream = if jetstream {
+            format!("jetstream {{\n  store_dir: \"{}\"\n}}\n", store.display())
+        } else {
+            String::new()
+        };
+        let conf = format!("listen: 127.0.0.1:{}\n{jetstream}{extra}\n", self.port);
+        std::fs::write(self.dir.path().join("nats.conf"), conf).expect("write nats.conf");
     }
 
     /// `nats://127.0.0.1:PORT`.
@@ -113,11 +125,15 @@ impl NatsServer {
         if let Some(mut child) = self.child.take() {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
+            let deadline = Instant::now() + Duration::from_secs(30);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let _ = child.kill();
+            if matches!(child.try_wait(), Ok(None)) {
+                self.killed += 1;
+                eprintln!("nats-server did not exit within 30 s of SIGTERM: killed");
+                let _ = child.kill();
+            }
             let _ = child.wait();
         }
     }
@@ -329,4 +345,85 @@ pub fn assert_once_in_entity_order(messages: &[consumer::Received], expected: &B
         ids == *expected,
         "the stream's ids differ from walhook.event's"
     );
+}
+
+/// Why stream `stream` does not hold every event of walhook.event: the events missing
+/// from it (up to 20) with what walhook recorded about them for `listener`, and whether the
+/// test server had to be killed. For the failure message of a count that did not match.
+pub async fn missing_from_stream(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    c: &tokio_postgres::Client,
+    listener: &str,
+    nats: &NatsServer,
+) -> String {
+    let consumer = consumer::durable_consumer(js, stream, "diagnose", "", consumer::ACK_WAIT, 5)
+        .await
+        .expect("durable consumer");
+    let mut held = BTreeSet::new();
+    loop {
+        let batch = consumer::fetch(&consumer, 1000, Duration::from_secs(1), |_| Ok(()))
+            .await
+            .expect("fetch");
+        if batch.is_empty() {
+            break;
+        }
+        held.extend(
+            batch
+                .iter()
+                .filter_map(|m| m.headers.get("Nats-Msg-Id").cloned()),
+        );
+    }
+    let missing: Vec<String> = event_ids(c).await.difference(&held).cloned().collect();
+    let mut report = format!(
+        "{} events of walhook.event are not in stream {stream} ({} messages read); nats-server killed on {} stop(s)\n",
+        missing.len(),
+        held.len(),
+        nats.killed
+    );
+    let rows = c
+        .query(
+            "SELECT e.id, e.entity_id, e.queued_at::text,
+                    coalesce(string_agg(n.status || ' ' || n.id || ' attempts ' || n.attempts
+                                        || coalesce(' ' || n.comment, ''), '; '), 'no notification')
+             FROM walhook.event e
+             LEFT JOIN walhook.notification n ON n.event_id = e.id AND n.listener = $2
+             WHERE e.event_id::text = ANY($1)
+             GROUP BY e.id ORDER BY e.id LIMIT 20",
+            &[&missing, &listener],
+        )
+        .await
+        .expect("walhook.event rows");
+    for r in rows {
+        let (id, entity_id, queued, notes): (i64, String, String, String) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        report += &format!("  event #{id} (entity id {entity_id}, queued {queued}): {notes}\n");
+    }
+    let cursor = c
+        .query(
+            "SELECT event_id FROM walhook.listener_cursor WHERE listener = $1",
+            &[&listener],
+        )
+        .await
+        .expect("walhook.listener_cursor");
+    let cursor: Option<i64> = cursor.first().map(|r| r.get(0));
+    report + &format!("cursor of {listener}: {cursor:?}")
+}
+
+/// Asserts that stream `stream` holds exactly `total` messages, explaining a shortfall
+/// with [`missing_from_stream`].
+pub async fn assert_stream_holds(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    total: u64,
+    c: &tokio_postgres::Client,
+    listener: &str,
+    nats: &NatsServer,
+) {
+    let mut info = js.get_stream(stream).await.expect("the stream");
+    let stored = info.info().await.expect("stream info").state.messages;
+    if stored != total {
+        let why = missing_from_stream(js, stream, c, listener, nats).await;
+        panic!("{stored} of {total} messages in stream {stream}: {why}");
+    }
 }

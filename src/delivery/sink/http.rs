@@ -412,15 +412,14 @@ impl HttpSink {
         traced: bool,
     ) -> (Option<TracedResponse>, Vec<u8>) {
         let status = resp.status();
-        let headers: Vec<(String, String)> = if traced {
+        // Only `walhook test-listener` shows the answer: nothing is scrubbed for the others.
+        let headers: Option<Vec<(String, String)>> = traced.then(|| {
             let live = self.live_secrets();
             resp.headers()
                 .iter()
                 .map(|(k, v)| (k.as_str().to_owned(), self.scrub.clean(v.as_bytes(), &live)))
                 .collect()
-        } else {
-            Vec::new()
-        };
+        });
         // Reading the body (bounded) lets the connection go back to the pool; an error
         // while reading does not change what the status already said.
         let mut body = Vec::new();
@@ -433,7 +432,7 @@ impl HttpSink {
                 Ok(None) | Err(_) => break,
             }
         }
-        let shown = traced.then(|| TracedResponse {
+        let shown = headers.map(|headers| TracedResponse {
             status_line: status_text(status),
             headers,
             body: self.scrub.clean(&body, &self.live_secrets()),
@@ -459,9 +458,10 @@ impl HttpSink {
         } else {
             None
         };
-        let location = resp
-            .headers()
-            .get(LOCATION)
+        // Only a redirect's comment quotes where it pointed.
+        let location = matches!(outcome, Outcome::Moved)
+            .then(|| resp.headers().get(LOCATION))
+            .flatten()
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
 
         let (traced, body) = self.read(resp, trace.is_some()).await;
@@ -471,10 +471,9 @@ impl HttpSink {
         }
 
         // Only failures get a comment: nothing is formatted for a delivery.
-        let status_text = || status_text(status);
         let comment = match outcome {
             Outcome::Accepted => None,
-            _ => Some(self.failure_comment(outcome, code, status_text(), location, &body, target)),
+            _ => Some(self.failure_comment(outcome, status, location, &body, target)),
         };
         let attempt = Attempt {
             outcome,
@@ -490,12 +489,13 @@ impl HttpSink {
     fn failure_comment(
         &self,
         outcome: Outcome,
-        code: u16,
-        status_text: String,
+        status: StatusCode,
         location: Option<String>,
         body: &[u8],
         target: &reqwest::Url,
     ) -> String {
+        let code = status.as_u16();
+        let status_text = status_text(status);
         let live = self.live_secrets();
         // Azure listeners post to a per-topic address under the configured url.
         let shown = SecretUrl::new(target.clone());

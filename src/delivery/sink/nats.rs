@@ -16,8 +16,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::{GetStreamByNameErrorKind, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::{self, ErrorCode, context::PublishErrorKind};
+use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 
 use super::Started;
@@ -341,7 +342,7 @@ impl NatsSink {
     }
 
     /// The outcome class and a one-line comment for a publish that was not acknowledged.
-    fn publish_failure(
+    async fn publish_failure(
         &self,
         subject: &str,
         e: &jetstream::context::PublishError,
@@ -349,12 +350,7 @@ impl NatsSink {
         let endpoint = self.endpoint();
         let server_words = std::error::Error::source(e).map(ToString::to_string);
         match e.kind() {
-            PublishErrorKind::StreamNotFound => (
-                Outcome::Rejected,
-                format!(
-                    "no JetStream stream captures subject {subject} on {endpoint} (the server answered: no responders); add the subject to a stream, or set [listener.nats.stream] and run `walhook setup` (`walhook check` names what is missing)"
-                ),
-            ),
+            PublishErrorKind::StreamNotFound => self.no_responders(subject).await,
             PublishErrorKind::MaxPayloadExceeded => (
                 Outcome::Unsendable,
                 format!(
@@ -396,6 +392,41 @@ impl NatsSink {
         }
     }
 
+    /// After "no responders" to a publish: fails it for good only when the JetStream API
+    /// says that no stream captures `subject`. A server that is starting or stopping also
+    /// answers "no responders" (JetStream not serving yet, or any more) for a subject its
+    /// streams capture, and those publishes must be retried.
+    async fn no_responders(&self, subject: &str) -> (Outcome, String) {
+        let endpoint = self.endpoint();
+        let lookup = match self.connection().await {
+            Ok(c) => c.jetstream.stream_by_subject(subject).await.map_err(|e| {
+                let missing = matches!(e.kind(), GetStreamByNameErrorKind::NotFound);
+                (missing, e.to_string())
+            }),
+            Err(e) => Err((false, e)),
+        };
+        match lookup {
+            Err((true, _)) => (
+                Outcome::Rejected,
+                format!(
+                    "no JetStream stream captures subject {subject} on {endpoint} (the server answered: no responders); add the subject to a stream, or set [listener.nats.stream] and run `walhook setup` (`walhook check` names what is missing)"
+                ),
+            ),
+            Ok(stream) => (
+                Outcome::ListenerError,
+                format!(
+                    "no JetStream responder for {subject} on {endpoint}, although stream {stream} captures it (was the server starting or stopping?); retrying"
+                ),
+            ),
+            Err((false, why)) => (
+                Outcome::ListenerError,
+                format!(
+                    "no JetStream responder for {subject} on {endpoint}, and its JetStream API did not answer either ({why}): the server is starting or stopping, or JetStream is off; retrying"
+                ),
+            ),
+        }
+    }
+
     /// `host:port` of the server (no credentials).
     fn endpoint(&self) -> String {
         endpoint(&self.url)
@@ -431,7 +462,7 @@ impl Acking<'_> {
         match ack {
             Ok(_) => attempt(Outcome::Accepted, None, self.started),
             Err(e) => {
-                let (outcome, comment) = self.sink.publish_failure(&self.subject, &e);
+                let (outcome, comment) = self.sink.publish_failure(&self.subject, &e).await;
                 attempt(outcome, Some(comment), self.started)
             }
         }
