@@ -131,6 +131,35 @@ struct Run {
     stored: u64,
     peak_rss_mb: u64,
     cpu_percent: f64,
+    /// CPU seconds per process of the pipeline during the run, largest first.
+    cpu: Vec<(String, f64)>,
+}
+
+/// A process of the pipeline: walhook, nats-server, or a PostgreSQL backend (labelled with
+/// its application name or type, and what it was last doing).
+fn pipeline_processes(cluster: &LocalCluster, walhook: u32, nats: u32) -> Vec<(u32, String)> {
+    let mut procs = vec![(walhook, "walhook".to_owned()), (nats, "nats-server".to_owned())];
+    let backends = psql(
+        cluster,
+        "SELECT pid, coalesce(nullif(application_name, ''), backend_type),
+                regexp_replace(left(query, 40), '\\s+', ' ', 'g')
+         FROM pg_stat_activity
+         WHERE backend_type IN ('client backend', 'walsender') AND pid <> pg_backend_pid()",
+    );
+    for line in backends.lines() {
+        let mut cols = line.splitn(3, '|');
+        if let (Some(pid), Some(name), Some(query)) = (cols.next(), cols.next(), cols.next())
+            && let Ok(pid) = pid.parse()
+        {
+            procs.push((pid, format!("backend {name}: {query}")));
+        }
+    }
+    procs
+}
+
+/// CPU seconds of each of `procs` now.
+fn cpu_now(procs: &[(u32, String)]) -> Vec<f64> {
+    procs.iter().map(|(pid, _)| cpu_secs(*pid)).collect()
 }
 
 /// How many messages stream BENCH holds.
@@ -197,6 +226,8 @@ fn run(
         "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')",
     );
     let cpu_before = cpu_secs(walhook.pid());
+    let procs = pipeline_processes(cluster, walhook.pid(), nats.child.id());
+    let procs_before = cpu_now(&procs);
     let load = format!(
         "DO $$ BEGIN
            FOR t IN 0..{txs} - 1 LOOP
@@ -239,6 +270,22 @@ fn run(
     }
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(walhook.pid()) - cpu_before;
+    let procs_after = cpu_now(&procs);
+    // Labelled by what each was doing at the end (the same pids).
+    let labels: std::collections::HashMap<u32, String> =
+        pipeline_processes(cluster, walhook.pid(), nats.child.id())
+            .into_iter()
+            .collect();
+    let mut per_process: Vec<(String, f64)> = procs
+        .iter()
+        .zip(procs_after.iter().zip(&procs_before))
+        .map(|((pid, label), (after, before))| {
+            let label = labels.get(pid).unwrap_or(label);
+            (format!("{label} (pid {pid})"), after - before)
+        })
+        .filter(|(_, used)| *used > 0.0)
+        .collect();
+    per_process.sort_by(|a, b| b.1.total_cmp(&a.1));
     // When the last event was queued (its writer's transaction began): capture's share.
     let captured: f64 = psql(
         cluster,
@@ -281,6 +328,7 @@ fn run(
         stored: stored_now,
         peak_rss_mb,
         cpu_percent: 100.0 * cpu / secs,
+        cpu: per_process,
     }
 }
 
@@ -327,5 +375,29 @@ fn main() {
             r.peak_rss_mb,
             r.cpu_percent
         );
+    }
+    // Where the CPU went: per event, for each process of the pipeline (the load's own
+    // backend is not counted; it ends before it can be read).
+    for (i, r) in runs.iter().enumerate() {
+        let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
+        println!();
+        println!(
+            "run {} ({}): {:.1} CPU seconds in {:.2} s ({:.2} cores), {:.1} µs per event",
+            i / args.positions.len() + 1,
+            r.position,
+            total,
+            r.secs,
+            total / r.secs,
+            total * 1e6 / r.events as f64
+        );
+        println!();
+        println!("| process | CPU seconds | µs per event |");
+        println!("| --- | ---: | ---: |");
+        for (label, used) in &r.cpu {
+            println!(
+                "| {label} | {used:.2} | {:.1} |",
+                used * 1e6 / r.events as f64
+            );
+        }
     }
 }
