@@ -138,7 +138,10 @@ struct Run {
 /// A process of the pipeline: walhook, nats-server, or a PostgreSQL backend (labelled with
 /// its application name or type, and what it was last doing).
 fn pipeline_processes(cluster: &LocalCluster, walhook: u32, nats: u32) -> Vec<(u32, String)> {
-    let mut procs = vec![(walhook, "walhook".to_owned()), (nats, "nats-server".to_owned())];
+    let mut procs = vec![
+        (walhook, "walhook".to_owned()),
+        (nats, "nats-server".to_owned()),
+    ];
     let backends = psql(
         cluster,
         "SELECT pid, coalesce(nullif(application_name, ''), backend_type),

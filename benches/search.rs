@@ -366,7 +366,7 @@ async fn run(cluster: &LocalCluster, args: &Args) {
 
     let names: Vec<String> = vec!["crm".into(), "erp".into(), "idle".into()];
     let t = Instant::now();
-    walhook::queue::admin::status(&client, &names, "none")
+    walhook::queue::status::status(&client, &names, "none")
         .await
         .expect("status");
     println!();

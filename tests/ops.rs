@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use walhook::mapper::EntityEvent;
 use walhook::queue::admin::{self, FailedFilter, NotificationStatus, RetrySelection, Since};
+use walhook::queue::status;
 use walhook::queue::{self, QueueWriter};
 use walhook::types::EntityName;
 
@@ -180,7 +181,7 @@ async fn status_counts_each_listener_and_shows_its_latest_error() {
         .unwrap();
 
     let configured = vec!["erp".to_owned(), "crm".to_owned(), "idle".to_owned()];
-    let s = admin::status(&client, &configured, "walhook")
+    let s = status::status(&client, &configured, "walhook")
         .await
         .unwrap();
     let names: Vec<(&str, bool)> = s
@@ -213,7 +214,7 @@ async fn status_counts_each_listener_and_shows_its_latest_error() {
 
     // The retry just now is more recent than the failure an hour ago.
     let e = crm.last_error.as_ref().expect("crm has errors");
-    assert_eq!(e.of, admin::ErrorOf::Notification(c3));
+    assert_eq!(e.of, status::ErrorOf::Notification(c3));
     assert_eq!(e.status, NotificationStatus::New);
     assert_eq!(e.status_code, Some(503));
     assert!(e.comment.starts_with("HTTP 503"), "{}", e.comment);
@@ -223,7 +224,7 @@ async fn status_counts_each_listener_and_shows_its_latest_error() {
 
     // Once the New row is delivered, the Failed one is the latest error.
     deliver(&client, c3, "0 seconds").await;
-    let s = admin::status(&client, &configured, "walhook")
+    let s = status::status(&client, &configured, "walhook")
         .await
         .unwrap();
     let crm = s.listeners.iter().find(|l| l.name == "crm").unwrap();
@@ -231,7 +232,7 @@ async fn status_counts_each_listener_and_shows_its_latest_error() {
     assert_eq!(
         (e.of, e.status, e.status_code),
         (
-            admin::ErrorOf::Notification(c2),
+            status::ErrorOf::Notification(c2),
             NotificationStatus::Failed,
             Some(500)
         )

@@ -13,9 +13,10 @@ use crate::config::Config;
 use crate::error::ErrorClass;
 use crate::human::{age as human_age, bytes as human_bytes};
 use crate::queue::admin::{
-    DiscardReason, ErrorOf, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, Status,
-    discard_failed, list_failed, retry_failed, status,
+    DiscardReason, FailedFilter, FailedPage, NotRequeued, RetrySelection, Since, discard_failed,
+    list_failed, retry_failed,
 };
+use crate::queue::status::{ErrorOf, Status, status};
 use crate::types::Lsn;
 
 /// `walhook status`.

@@ -11,7 +11,7 @@ use super::chart::{self, Series};
 use super::history::ListenerActivity;
 use super::layout::{self, Section, ago, or_dash, when};
 use super::{Console, PageError};
-use crate::queue::admin::{ErrorOf, ListenerStatus, Status, status};
+use crate::queue::status::{ErrorOf, ListenerStatus, Status, status};
 
 /// Recent activity that decides a listener's health badge.
 pub(super) const HEALTH_SPAN: Duration = Duration::from_secs(300);

@@ -21,6 +21,7 @@ pub mod resend;
 mod route;
 pub mod schedule;
 mod state;
+pub mod status;
 mod validation;
 mod writer;
 
