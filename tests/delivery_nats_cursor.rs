@@ -521,7 +521,7 @@ fn status_last_error(path: &str, listener: &str) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_names_the_event_a_cursor_is_held_at_and_why_until_the_cursor_moves_past_it() {
+async fn a_held_cursor_is_named_in_status_and_then_delivers_the_backlog_behind_it_once() {
     let db = TestDb::new();
     db.execute(TABLES).await;
     let nats = NatsServer::start().await;
@@ -577,10 +577,34 @@ async fn status_names_the_event_a_cursor_is_held_at_and_why_until_the_cursor_mov
         "{text}"
     );
     assert_eq!(failed_total(&c).await, 0);
+    // A backlog longer than one read builds behind the hold: each retry reads the events
+    // after the cursor again, and the read ahead of them is not used.
+    c.execute(
+        "INSERT INTO customer SELECT g, 'Bo', 'Oslo' FROM generate_series(4, 2503) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(30), "the backlog queued", || async {
+        (event_count(&c).await == 2503).then_some(())
+    })
+    .await;
+    let retried_since = "SELECT c.last_attempt_at > (SELECT max(queued_at) FROM walhook.event)
+                         FROM walhook.listener_cursor c WHERE listener = 'bus'";
+    eventually(
+        Duration::from_secs(30),
+        "a retry over the backlog",
+        || async {
+            let row = c.query_one(retried_since, &[]).await.ok()?;
+            row.get::<_, Option<bool>>(0).unwrap_or(false).then_some(())
+        },
+    )
+    .await;
 
     // Room again: the cursor moves past it and the note is gone.
     js.update_stream(full(-1)).await.expect("update stream");
-    wait_cursor_at_end(&c, "bus", 3, Duration::from_secs(30)).await;
+    wait_cursor_at_end(&c, "bus", 2503, Duration::from_secs(60)).await;
+    assert_stream_holds(&js, "WALHOOK", 2503, &c, "bus", &nats).await;
     assert!(status_last_error(&path, "bus").is_null());
     let held: Option<i64> = c
         .query_one(

@@ -775,24 +775,7 @@ async fn a_refused_event_is_set_aside_and_the_rest_of_its_batch_is_stored_in_ord
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_never_moves_past_an_event_still_being_committed_below_it() {
     let (db, client) = migrated().await;
-    let text = format!(
-        "{}{}\n[listener.nats]\nposition = \"cursor\"\n",
-        support::config_toml(&db.url, support::CUSTOMER_ENTITY),
-        support::listener_toml("bus", "nats://127.0.0.1:4222")
-    );
-    let config = walhook::config::Config::parse(&text, std::path::Path::new("walhook.toml"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let listener = config.listeners[0].clone();
-    assert!(listener.keeps_cursor());
-    let store = queue::CursorStore::connect(&config.source.connect_params().unwrap(), &listener)
-        .await
-        .unwrap();
-    // No cursor row yet: nothing to own until the writer makes it.
-    assert!(!store.try_own().await.unwrap());
-    let mut writer = writer(&db).await;
-    writer.set_subscriptions(queue::subscriptions(&config.listeners));
-    writer.sync_cursors().await.unwrap();
-    assert!(store.try_own().await.unwrap());
+    let (store, mut writer) = cursor_store(&db).await;
     let position = store.position().await.unwrap();
 
     // Another writer, following the protocol: the lock, then its event, not committed yet.
@@ -851,4 +834,46 @@ async fn a_cursor_never_moves_past_an_event_still_being_committed_below_it() {
         "the cursor moved past an event committed below it"
     );
     assert_eq!(position, *stored.last().unwrap());
+}
+/// The cursor of listener `bus` (position "cursor", entity Customer), owned, and a capture
+/// writer that made its row.
+async fn cursor_store(db: &support::TestDb) -> (queue::CursorStore, queue::QueueWriter) {
+    let text = format!(
+        "{}{}\n[listener.nats]\nposition = \"cursor\"\n",
+        support::config_toml(&db.url, support::CUSTOMER_ENTITY),
+        support::listener_toml("bus", "nats://127.0.0.1:4222")
+    );
+    let config = walhook::config::Config::parse(&text, std::path::Path::new("walhook.toml"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let listener = config.listeners[0].clone();
+    assert!(listener.keeps_cursor());
+    let store = queue::CursorStore::connect(&config.source.connect_params().unwrap(), &listener)
+        .await
+        .unwrap();
+    // No cursor row yet: nothing to own until the writer makes it.
+    assert!(!store.try_own().await.unwrap());
+    let mut writer = writer(db).await;
+    writer.set_subscriptions(queue::subscriptions(&config.listeners));
+    writer.sync_cursors().await.unwrap();
+    assert!(store.try_own().await.unwrap());
+    (store, writer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_read_cut_by_its_limit_says_that_more_events_follow() {
+    let (db, _client) = migrated().await;
+    let (store, mut writer) = cursor_store(&db).await;
+    let position = store.position().await.unwrap();
+    let batch: Vec<EntityEvent> = (0..5)
+        .map(|i| event(0x100, i, "Customer", &i.to_string()))
+        .collect();
+    writer.write_batch(&batch, None).await.unwrap();
+    let cut = store.read(position, 2, 1 << 20).await.unwrap();
+    assert_eq!(cut.events.len(), 2);
+    assert!(cut.more, "two of five events read");
+    let rest = store.read(cut.scanned_to, 100, 1 << 20).await.unwrap();
+    assert_eq!(rest.events.len(), 3);
+    assert!(!rest.more, "the rest read");
+    let none = store.read(rest.scanned_to, 100, 1 << 20).await.unwrap();
+    assert!(none.events.is_empty() && !none.more);
 }

@@ -190,6 +190,8 @@ pub struct CursorRead {
     /// How far the read looked: the cursor may move here once every event is passed
     /// (further than the last event when the listener receives none of those after it).
     pub scanned_to: i64,
+    /// The read stopped at a limit (events, bytes or span): more events follow it.
+    pub more: bool,
 }
 
 /// One event the peer refused for good.
@@ -299,11 +301,14 @@ impl CursorStore {
             .await
             .and_then(|r| r.try_get(0))
             .map_err(db_error(CONTEXT, USE))?;
-        let newest = newest.min(after.saturating_add(READ_SPAN));
+        let span_end = after.saturating_add(READ_SPAN);
+        let beyond_span = newest > span_end;
+        let newest = newest.min(span_end);
         if newest <= after {
             return Ok(CursorRead {
                 events: Vec::new(),
                 scanned_to: after,
+                more: false,
             });
         }
         let rows = self
@@ -329,7 +334,11 @@ impl CursorStore {
             Some((last, _)) if !whole => *last,
             _ => newest,
         };
-        Ok(CursorRead { events, scanned_to })
+        Ok(CursorRead {
+            events,
+            scanned_to,
+            more: !whole || beyond_span,
+        })
     }
 
     /// Records why the cursor is held at `event_id`, for `walhook status` and the console;

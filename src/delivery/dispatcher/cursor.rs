@@ -28,7 +28,7 @@ use crate::delivery::policy::delay_with_jitter;
 use crate::delivery::sink::Started;
 use crate::delivery::{Attempt, AttemptReport, Observed, Verdict};
 use crate::error::{Classify, ErrorClass};
-use crate::queue::{CursorStore, FailedEvent, QueueError, StoredEvent};
+use crate::queue::{CursorRead, CursorStore, FailedEvent, QueueError, StoredEvent};
 
 /// Most events per read.
 const READ_EVENTS: i64 = 2000;
@@ -146,12 +146,19 @@ async fn own_and_deliver(
         listener = lane.name(),
         position, "delivering from the listener's cursor"
     );
+    // The next events, read while the last ones were published (see below).
+    let mut ahead: Option<CursorRead> = None;
     while !shared.stop.is_cancelled() {
         if let Some(o) = &shared.observer {
             o.alive();
         }
-        let read = store.read(position, READ_EVENTS, READ_BYTES);
-        let read = timed("reading events after the cursor", read).await?;
+        let read = match ahead.take() {
+            Some(read) => read,
+            None => {
+                let read = store.read(position, READ_EVENTS, READ_BYTES);
+                timed("reading events after the cursor", read).await?
+            }
+        };
         if read.events.is_empty() {
             if read.scanned_to > position {
                 timed("moving the cursor", store.advance(read.scanned_to, &[])).await?;
@@ -164,7 +171,21 @@ async fn own_and_deliver(
             }
             continue;
         }
-        let pass = publish(lane, shared, read.events, held.clone()).await;
+        let (scanned_to, more) = (read.scanned_to, read.more);
+        let publishing = publish(lane, shared, read.events, held.clone());
+        // The connection is idle while a read is published. When the read stopped at a
+        // limit, the next one is made meanwhile, so that the first publish of the next
+        // events follows the last acknowledgement of these without a read in between.
+        let (pass, next) = if more {
+            let next = timed(
+                "reading events after the cursor",
+                store.read(scanned_to, READ_EVENTS, READ_BYTES),
+            );
+            let (pass, next) = tokio::join!(publishing, next);
+            (pass, Some(next))
+        } else {
+            (publishing.await, None)
+        };
         let to = match (pass.whole, pass.passed_to) {
             (true, _) => read.scanned_to,
             (false, passed) => passed.unwrap_or(position),
@@ -178,6 +199,12 @@ async fn own_and_deliver(
         if let Some((event_id, code, comment)) = &pass.hold_note {
             let note = store.note_hold(*event_id, *code, comment);
             timed("noting why the cursor is held", note).await?;
+        }
+        // The read ahead began where this read ended: it is next only if the cursor got
+        // there (otherwise what follows the held event is read again), and only if it found
+        // events (an empty one may be older than a wake-up that came meanwhile).
+        if pass.whole {
+            ahead = next.transpose()?.filter(|r| !r.events.is_empty());
         }
         *held = pass.held;
         if let Some(delay) = pass.hold {
