@@ -196,8 +196,8 @@ async fn own_and_deliver(
             position = position.max(to);
             report(lane, shared, &pass.judged, &ids);
         }
-        if let Some((event_id, code, comment)) = &pass.hold_note {
-            let note = store.note_hold(*event_id, *code, comment);
+        if let Some(h) = &pass.hold {
+            let note = store.note_hold(h.event_id, h.status_code, &h.comment);
             timed("noting why the cursor is held", note).await?;
         }
         // The read ahead began where this read ended: it is next only if the cursor got
@@ -207,7 +207,7 @@ async fn own_and_deliver(
             ahead = next.transpose()?.filter(|r| !r.events.is_empty());
         }
         *held = pass.held;
-        if let Some(delay) = pass.hold {
+        if let Some(Hold { delay, .. }) = pass.hold {
             tokio::select! {
                 _ = shared.stop.cancelled() => {}
                 _ = tokio::time::sleep(delay) => {}
@@ -242,10 +242,17 @@ struct Pass {
     judged: Vec<Judged>,
     /// The held event's state after the pass.
     held: Held,
-    /// Hold the cursor this long: an event is to be tried again.
-    hold: Option<Duration>,
-    /// Why, to store on the cursor row: the event, its status code and the comment.
-    hold_note: Option<(i64, Option<i32>, String)>,
+    /// Set when an event is to be tried again.
+    hold: Option<Hold>,
+}
+
+/// A pass that ends holding the cursor at an event to try again: for how long, and why
+/// (stored on the cursor row).
+struct Hold {
+    delay: Duration,
+    event_id: i64,
+    status_code: Option<i32>,
+    comment: String,
 }
 
 impl Pass {
@@ -268,7 +275,6 @@ async fn publish(
         judged: Vec::new(),
         held,
         hold: None,
-        hold_note: None,
     };
     let mut waiting = FuturesOrdered::new();
     let mut events: VecDeque<_> = events.into();
@@ -486,8 +492,12 @@ fn hold(
     );
     pass.held.event_id = sent.id;
     pass.held.attempts = made;
-    pass.hold = Some(delay);
-    pass.hold_note = Some((sent.id, attempt.status_code.map(i32::from), comment));
+    pass.hold = Some(Hold {
+        delay,
+        event_id: sent.id,
+        status_code: attempt.status_code.map(i32::from),
+        comment,
+    });
 }
 
 /// Tells observers what became of a pass's events once the cursor has moved past them
