@@ -6,16 +6,14 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::Value;
 use support::nats::{
     COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
     assert_once_in_entity_order, assert_stream_holds, body, consumer, counter_load, event_ids,
-    nats_listener, read_all, types_per_entity,
+    nats_listener, processed, read_all, types_per_entity,
 };
-use support::receiver::Receiver;
 use support::{
-    CUSTOMER_ENTITY as CUSTOMER, Daemon, TestDb, config_toml, eventually, listener_toml, setup,
-    wait_streaming, walhook, write_config,
+    CUSTOMER_ENTITY as CUSTOMER, Daemon, TestDb, config_toml, eventually, setup, wait_streaming,
+    walhook, write_config,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,17 +269,6 @@ async fn messages_the_server_refuses_fail_with_its_words_and_check_says_how_to_f
     assert_eq!(stored, 1);
 }
 
-/// Counts rows of walhook.processed for `listener`.
-async fn processed(c: &tokio_postgres::Client, listener: &str) -> i64 {
-    c.query_one(
-        "SELECT count(*) FROM walhook.processed WHERE listener = $1",
-        &[&listener],
-    )
-    .await
-    .map(|r| r.get(0))
-    .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_entity_order() {
     const ROWS: i32 = 10_000;
@@ -339,188 +326,6 @@ async fn sigkill_during_a_50k_event_load_then_restart_stores_each_event_once_in_
     )
     .await;
     assert_once_in_entity_order(&messages, &expected);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_responders_while_jetstream_is_not_serving_holds_the_listener_instead_of_failing_messages()
- {
-    let db = TestDb::new();
-    db.execute(TABLES).await;
-    let mut nats = NatsServer::start().await;
-    let listener = nats_listener(
-        "bus",
-        &nats.url(),
-        &format!("max_attempts = 1000\n{STREAM}"),
-    );
-    let toml = config_toml(&db.url, &format!("{ENTITIES}{listener}"));
-    let (_dir, _path) = setup(&toml);
-    let daemon = Daemon::start(&toml);
-    let c = db.client().await;
-    wait_streaming(&c).await;
-    // The same server and port with JetStream off: publishes are answered "no responders",
-    // as they are for a moment while a server starts or stops.
-    nats.stop();
-    nats.configure(false, "");
-    nats.resume().await;
-    c.execute("INSERT INTO customer VALUES (1, 'Ada', 'Paris')", &[])
-        .await
-        .unwrap();
-    let comment = eventually(Duration::from_secs(60), "a second attempt", || async {
-        let row = c
-            .query_opt(
-                "SELECT attempts, comment FROM walhook.new WHERE listener = 'bus'",
-                &[],
-            )
-            .await
-            .ok()??;
-        let (attempts, comment): (i32, Option<String>) = (row.get(0), row.get(1));
-        (attempts >= 2).then_some(comment.unwrap_or_default())
-    })
-    .await;
-    assert!(
-        comment.contains("its JetStream API did not answer either") && comment.contains("retrying"),
-        "{comment}"
-    );
-    let failed = "SELECT count(*) FROM walhook.failed";
-    let failed = || async { c.query_one(failed, &[]).await.unwrap().get::<_, i64>(0) };
-    assert_eq!(failed().await, 0, "{}", daemon.log());
-
-    nats.stop();
-    nats.configure(true, "");
-    nats.resume().await;
-    eventually(
-        Duration::from_secs(60),
-        "delivery once JetStream is back",
-        || async { (processed(&c, "bus").await == 1).then_some(()) },
-    )
-    .await;
-    let js = nats.jetstream().await;
-    assert_stream_holds(&js, "WALHOOK", 1, &c, "bus", &nats).await;
-    assert_eq!(failed().await, 0, "{}", daemon.log());
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing() {
-    let db = TestDb::new();
-    db.execute(COUNTER_TABLE).await;
-    let mut nats = NatsServer::start().await;
-    let hook = Receiver::start().await;
-    let toml = config_toml(
-        &db.url,
-        &format!(
-            "{CUSTOMER}{}{}",
-            nats_listener("bus", &nats.url(), STREAM),
-            listener_toml("crm", &hook.url("/h"))
-        ),
-    );
-    let (_dir, path) = setup(&toml);
-    let daemon = Daemon::start(&toml);
-    let c = db.client().await;
-    wait_streaming(&c).await;
-    let insert = |from: i32, to: i32| {
-        let c = &c;
-        async move {
-            c.execute(
-                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
-                &[&from, &to],
-            )
-            .await
-            .unwrap();
-        }
-    };
-    insert(1, 500).await;
-    eventually(Duration::from_secs(60), "500 published", || async {
-        (processed(&c, "bus").await == 500).then_some(())
-    })
-    .await;
-
-    nats.stop();
-    let stopped = std::time::Instant::now();
-    for k in 0..15 {
-        insert(501 + k * 100, 600 + k * 100).await;
-        c.execute("UPDATE customer SET n = n + 1 WHERE id <= 100", &[])
-            .await
-            .unwrap();
-    }
-    // 2000 inserts and 1500 updates: the HTTP listener gets them all while NATS is down.
-    hook.wait_for_count(
-        3500,
-        Duration::from_secs(120),
-        "HTTP deliveries during the outage",
-    )
-    .await;
-    let status = eventually(
-        Duration::from_secs(60),
-        "status shows the held listener",
-        || {
-            let (path, daemon) = (path.clone(), &daemon);
-            async move {
-                let (code, out, _) = walhook(&["status", "--json", "--config", &path]);
-                let doc: Value = serde_json::from_str(&out).ok()?;
-                let bus = doc["listeners"]
-                    .as_array()?
-                    .iter()
-                    .find(|l| l["name"] == "bus")?
-                    .clone();
-                (code == 0
-                    && bus["new"] == 3000
-                    && daemon.log().contains("holds its notifications"))
-                .then_some(doc)
-            }
-        },
-    )
-    .await;
-    let crm = status["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|l| l["name"] == "crm")
-        .unwrap();
-    assert_eq!(crm["new"], 0, "{status}");
-    assert!(
-        status["listeners"][0]["oldest_undelivered"].is_string()
-            || status["listeners"][1]["oldest_undelivered"].is_string(),
-        "{status}"
-    );
-    assert_eq!(
-        processed(&c, "bus").await,
-        500,
-        "nothing published while down"
-    );
-    // Hold the outage a few seconds more: the listener must not give up meanwhile.
-    while stopped.elapsed() < Duration::from_secs(8) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    nats.resume().await;
-    eventually(
-        Duration::from_secs(120),
-        "3500 published after the outage",
-        || async { (processed(&c, "bus").await == 3500).then_some(()) },
-    )
-    .await;
-    let failed: i64 = c
-        .query_one("SELECT count(*) FROM walhook.failed", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(failed, 0);
-    assert!(
-        daemon.log().contains("is reachable again"),
-        "{}",
-        daemon.log()
-    );
-    let js = nats.jetstream().await;
-    assert_stream_holds(&js, "WALHOOK", 3500, &c, "bus", &nats).await;
-    let messages = read_all(
-        &js,
-        "audit",
-        "api.event.customer",
-        3500,
-        Duration::from_secs(60),
-    )
-    .await;
-    assert_once_in_entity_order(&messages, &event_ids(&c).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

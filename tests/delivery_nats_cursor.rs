@@ -13,8 +13,8 @@ use futures_util::StreamExt as _;
 use serde_json::Value;
 use support::nats::{
     COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
-    assert_once_in_entity_order, assert_stream_holds, body, counter_load, event_ids, nats_listener,
-    read_all, read_stream, types_per_entity,
+    assert_once_in_entity_order, assert_stream_holds, body, counter_load, cursor, event_ids,
+    last_event_id, nats_listener, read_all, read_stream, steady_inserts, types_per_entity,
 };
 use support::receiver::Receiver;
 use support::{
@@ -30,25 +30,6 @@ fn cursor_listener(name: &str, url: &str, top: &str, nats: &str) -> String {
         url,
         &format!("{top}[listener.nats]\nposition = \"cursor\"\n{nats}"),
     )
-}
-
-/// The listener's cursor (walhook.listener_cursor.event_id), once its row exists.
-async fn cursor(c: &tokio_postgres::Client, listener: &str) -> Option<i64> {
-    c.query_opt(
-        "SELECT event_id FROM walhook.listener_cursor WHERE listener = $1",
-        &[&listener],
-    )
-    .await
-    .ok()?
-    .map(|r| r.get(0))
-}
-
-/// The newest walhook.event.id, 0 when there is none.
-async fn last_event_id(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT coalesce(max(id), 0) FROM walhook.event", &[])
-        .await
-        .expect("walhook.event")
-        .get(0)
 }
 
 /// `SELECT count(*)` of `sql`, whose one parameter is `listener`.
@@ -736,24 +717,6 @@ async fn a_refused_message_fails_with_the_servers_words_the_cursor_moves_past_an
     }
     let mut stream = js.get_stream("WALHOOK").await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 4);
-}
-
-/// Inserts customers (n = 0) in transactions of 5 rows until `stop`; returns how many.
-async fn steady_inserts(url: String, stop: Arc<AtomicBool>) -> i32 {
-    let c = support::connect(&url).await;
-    let mut inserted = 0;
-    while !stop.load(Ordering::Relaxed) {
-        c.execute(
-            "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
-            &[&(inserted + 1), &(inserted + 5)],
-        )
-        .await
-        .expect("insert customers");
-        inserted += 5;
-        // Paced, so the load lasts through both reloads.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    inserted
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

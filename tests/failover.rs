@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use support::receiver::Receiver;
-use support::{CUSTOMER_ENTITY, Daemon, TestDb, config_toml, eventually};
+use support::{CUSTOMER_ENTITY, Daemon, TestDb, XorShift, config_toml, eventually};
 
 /// The application_name of the walhook process streaming slot `walhook`, if any.
 async fn streaming(c: &tokio_postgres::Client) -> Option<String> {
@@ -25,18 +25,6 @@ async fn streaming(c: &tokio_postgres::Client) -> Option<String> {
     .map(|r| r.get(0))
 }
 
-/// A small deterministic generator for the moments of the kills (seed printed on failure).
-struct XorShift(u64);
-
-impl XorShift {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
     let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -48,11 +36,8 @@ async fn sigkills_of_the_streaming_process_during_a_steady_load_lose_and_duplica
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64 | 1)
-        .unwrap_or(0x9e37_79b9_7f4a_7c15);
-    let mut rng = XorShift(seed);
+    let mut rng = XorShift::from_clock();
+    let seed = rng.seed;
 
     let db = TestDb::new();
     db.execute(

@@ -145,6 +145,32 @@ where
     }
 }
 
+/// A small generator for the random moments of fault tests; print `seed` on failure.
+pub struct XorShift {
+    /// The starting state, to reproduce a run.
+    pub seed: u64,
+    state: u64,
+}
+
+impl XorShift {
+    /// Seeded from the clock.
+    pub fn from_clock() -> XorShift {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64 | 1)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        XorShift { seed, state: seed }
+    }
+
+    /// A number in `0..n`.
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.state ^= self.state << 13;
+        self.state ^= self.state >> 7;
+        self.state ^= self.state << 17;
+        self.state % n
+    }
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -6,6 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -213,6 +215,24 @@ pub async fn counter_load(url: String, rows: i32, rounds: i32) {
     }
 }
 
+/// Inserts customers (n = 0) in transactions of 5 rows until `stop`; returns how many.
+pub async fn steady_inserts(url: String, stop: Arc<AtomicBool>) -> i32 {
+    let c = super::connect(&url).await;
+    let mut inserted = 0;
+    while !stop.load(Ordering::Relaxed) {
+        c.execute(
+            "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+            &[&(inserted + 1), &(inserted + 5)],
+        )
+        .await
+        .expect("insert customers");
+        inserted += 5;
+        // Paced: a steady load that lasts through the test's faults.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    inserted
+}
+
 /// Reads every message of `filter` in stream WALHOOK with durable consumer `durable`, until
 /// `n` arrived.
 pub async fn read_all(
@@ -311,6 +331,36 @@ pub fn assert_documented_headers(m: &consumer::Received, subject: &str) {
     assert_eq!(h.get("Walhook-Changed-Fields"), changed.as_ref(), "{ce}");
     assert!(ce["source"].as_str().is_some_and(|s| !s.is_empty()));
     assert!(ce["time"].as_str().is_some());
+}
+
+/// Counts rows of walhook.processed for `listener`.
+pub async fn processed(c: &tokio_postgres::Client, listener: &str) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM walhook.processed WHERE listener = $1",
+        &[&listener],
+    )
+    .await
+    .map(|r| r.get(0))
+    .unwrap_or(0)
+}
+
+/// The listener's cursor (walhook.listener_cursor.event_id), once its row exists.
+pub async fn cursor(c: &tokio_postgres::Client, listener: &str) -> Option<i64> {
+    c.query_opt(
+        "SELECT event_id FROM walhook.listener_cursor WHERE listener = $1",
+        &[&listener],
+    )
+    .await
+    .ok()?
+    .map(|r| r.get(0))
+}
+
+/// The newest walhook.event.id, 0 when there is none.
+pub async fn last_event_id(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT coalesce(max(id), 0) FROM walhook.event", &[])
+        .await
+        .expect("walhook.event")
+        .get(0)
 }
 
 /// The event ids (uuids) of walhook.event.
