@@ -6,6 +6,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use serde_json::Value;
+
 use support::nats::{
     COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_documented_headers,
     assert_once_in_entity_order, assert_stream_holds, body, consumer, counter_load, event_ids,
@@ -267,6 +269,63 @@ async fn messages_the_server_refuses_fail_with_its_words_and_check_says_how_to_f
         .state
         .messages;
     assert_eq!(stored, 1);
+}
+
+/// JetStream API requests the server has answered so far (its monitoring port's /jsz).
+async fn jetstream_api_requests(monitor: u16) -> u64 {
+    let jsz: Value = reqwest::get(format!("http://127.0.0.1:{monitor}/jsz"))
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .expect("GET /jsz")
+        .json()
+        .await
+        .expect("/jsz as JSON");
+    jsz["api"]["total"].as_u64().expect("api.total in /jsz")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_to_a_subject_no_stream_captures_fails_every_message_after_few_stream_lookups() {
+    const CUSTOMERS: i64 = 200;
+    let db = TestDb::new();
+    db.execute(TABLES).await;
+    let monitor = support::free_port();
+    let nats = NatsServer::start_with(&format!("http: 127.0.0.1:{monitor}")).await;
+    let listener = nats_listener(
+        "unrouted",
+        &nats.url(),
+        "concurrency = 64\n[listener.nats]\nsubject = \"unrouted.{entity}\"\n",
+    );
+    let toml = config_toml(&db.url, &format!("{ENTITIES}{listener}"));
+    let (_dir, _path) = setup(&toml);
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    let before = jetstream_api_requests(monitor).await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 'Ada', 'Paris' FROM generate_series(1, $1::int) g",
+        &[&(CUSTOMERS as i32)],
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(60), "every message failed", || async {
+        let failed: i64 = c
+            .query_one("SELECT count(*) FROM walhook.failed", &[])
+            .await
+            .ok()?
+            .get(0);
+        (failed == CUSTOMERS).then_some(())
+    })
+    .await;
+    // One lookup answers for every failure within a second of it; without that reuse this
+    // would be one per message.
+    let lookups = jetstream_api_requests(monitor).await - before;
+    let most = started.elapsed().as_secs() + 2;
+    assert!(
+        (1..=most).contains(&lookups),
+        "{lookups} JetStream API requests for {CUSTOMERS} refused messages (at most {most} expected): {}",
+        daemon.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@
 //! whose acknowledgement was lost is dropped by the stream's duplicate window, so the stream
 //! holds each event once.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +48,13 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 const CONNECTED_POLL: Duration = Duration::from_millis(20);
 /// Longest an attempt waits for a connection that is being made before saying so.
 const CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// How long an answer to "which stream captures this subject?" is reused: every message in
+/// flight when a server restarts gets "no responders", and one lookup answers for all.
+const LOOKUP_REUSE: Duration = Duration::from_secs(1);
+
+/// The stream that captures a subject, or why there is none: `(true, …)` when the API said
+/// that no stream does, `(false, …)` when it did not answer.
+type StreamLookup = Result<String, (bool, String)>;
 
 /// Why a NATS listener's sink could not be built. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +96,8 @@ pub struct NatsSink {
     last_error: Arc<Mutex<Option<String>>>,
     /// Whether the listener is held for an outage (logged when it starts and ends).
     held: AtomicBool,
+    /// Recent stream lookups by subject; held while one is made, so a burst makes one.
+    lookups: Box<tokio::sync::Mutex<HashMap<String, (Instant, StreamLookup)>>>,
 }
 
 struct Connection {
@@ -137,6 +147,7 @@ impl NatsSink {
             connection: Box::new(tokio::sync::OnceCell::new()),
             last_error: Arc::new(Mutex::new(None)),
             held: AtomicBool::new(false),
+            lookups: Box::default(),
         };
         // Credentials and TLS settings are checked now, not at the first attempt.
         sink.options()?;
@@ -398,13 +409,7 @@ impl NatsSink {
     /// streams capture, and those publishes must be retried.
     async fn no_responders(&self, subject: &str) -> (Outcome, String) {
         let endpoint = self.endpoint();
-        let lookup = match self.connection().await {
-            Ok(c) => c.jetstream.stream_by_subject(subject).await.map_err(|e| {
-                let missing = matches!(e.kind(), GetStreamByNameErrorKind::NotFound);
-                (missing, e.to_string())
-            }),
-            Err(e) => Err((false, e)),
-        };
+        let lookup = self.stream_capturing(subject).await;
         match lookup {
             Err((true, _)) => (
                 Outcome::Rejected,
@@ -425,6 +430,25 @@ impl NatsSink {
                 ),
             ),
         }
+    }
+
+    /// Asks the JetStream API which stream captures `subject`, or reuses an answer younger
+    /// than [`LOOKUP_REUSE`].
+    async fn stream_capturing(&self, subject: &str) -> StreamLookup {
+        let mut lookups = self.lookups.lock().await;
+        lookups.retain(|_, (at, _)| at.elapsed() < LOOKUP_REUSE);
+        if let Some((_, found)) = lookups.get(subject) {
+            return found.clone();
+        }
+        let found = match self.connection().await {
+            Ok(c) => c.jetstream.stream_by_subject(subject).await.map_err(|e| {
+                let missing = matches!(e.kind(), GetStreamByNameErrorKind::NotFound);
+                (missing, e.to_string())
+            }),
+            Err(e) => Err((false, e)),
+        };
+        lookups.insert(subject.to_owned(), (Instant::now(), found.clone()));
+        found
     }
 
     /// `host:port` of the server (no credentials).
