@@ -303,3 +303,86 @@ async fn restarting_nats_server_again_and_again_under_load_fails_nothing_and_sto
     }
     assert_eq!(nats.killed, 0, "every stop was graceful (seed {seed})");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_is_retried_with_the_servers_words_and_delivers_once_it_has_room() {
+    let db = TestDb::new();
+    db.execute(COUNTER_TABLE).await;
+    let nats = NatsServer::start().await;
+    // A stream the operator limited to 3 messages, refusing new ones when full: what a
+    // full disk looks like to a publisher.
+    let js = nats.jetstream().await;
+    let full = async_nats::jetstream::stream::Config {
+        name: "WALHOOK".into(),
+        subjects: vec!["api.event.*".into()],
+        max_messages: 3,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    };
+    js.create_stream(full.clone())
+        .await
+        .expect("create stream WALHOOK");
+    let listener = nats_listener("bus", &nats.url(), "max_attempts = 1000\n");
+    let toml = config_toml(&db.url, &format!("{CUSTOMER}{listener}"));
+    let (_dir, path) = setup(&toml);
+    let daemon = Daemon::start(&toml);
+    let c = db.client().await;
+    wait_streaming(&c).await;
+    c.execute(
+        "INSERT INTO customer SELECT g, 0 FROM generate_series(1, 10) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    let comment = eventually(
+        Duration::from_secs(60),
+        "retries of a full stream",
+        || async {
+            let row = c
+            .query_opt(
+                "SELECT comment FROM walhook.new WHERE listener = 'bus' AND attempts >= 2 LIMIT 1",
+                &[],
+            )
+            .await
+            .ok()??;
+            row.get::<_, Option<String>>(0)
+        },
+    )
+    .await;
+    assert!(
+        comment.contains("maximum messages exceeded")
+            && comment.contains("walhook retries until there is room"),
+        "{comment}"
+    );
+    assert_eq!(processed(&c, "bus").await, 3);
+    assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
+    let (code, out, _) = walhook(&["status", "--config", &path]);
+    assert!(
+        code == 0 && out.contains("maximum messages exceeded"),
+        "status names the refusal:\n{out}"
+    );
+
+    js.update_stream(async_nats::jetstream::stream::Config {
+        max_messages: 100,
+        ..full
+    })
+    .await
+    .expect("make room in WALHOOK");
+    eventually(
+        Duration::from_secs(60),
+        "delivery once the stream has room",
+        || async { (processed(&c, "bus").await == 10).then_some(()) },
+    )
+    .await;
+    assert_stream_holds(&js, "WALHOOK", 10, &c, "bus", &nats).await;
+    let messages = read_all(
+        &js,
+        "audit",
+        "api.event.customer",
+        10,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_once_in_entity_order(&messages, &event_ids(&c).await);
+    assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
+}

@@ -255,23 +255,41 @@ pub async fn read_stream(
     n: usize,
     timeout: Duration,
 ) -> Vec<consumer::Received> {
-    let c = consumer::durable_consumer(js, stream, durable, filter, consumer::ACK_WAIT, 5)
-        .await
-        .expect("durable consumer");
     let mut got = Vec::new();
     let deadline = Instant::now() + timeout;
-    while got.len() < n {
+    fetch_until(js, stream, durable, filter, |batch| {
+        got.extend(batch);
         assert!(
-            Instant::now() < deadline,
+            got.len() >= n || Instant::now() < deadline,
             "only {} of {n} messages on {filter}",
             got.len()
         );
+        got.len() >= n
+    })
+    .await;
+    got
+}
+
+/// Fetches `stream`'s messages matching `filter` (all when empty) with durable consumer
+/// `durable`, handing each batch (maybe empty) to `enough` until it says so.
+async fn fetch_until(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    durable: &str,
+    filter: &str,
+    mut enough: impl FnMut(Vec<consumer::Received>) -> bool,
+) {
+    let c = consumer::durable_consumer(js, stream, durable, filter, consumer::ACK_WAIT, 5)
+        .await
+        .expect("durable consumer");
+    loop {
         let batch = consumer::fetch(&c, 1000, Duration::from_millis(500), |_| Ok(()))
             .await
             .expect("fetch");
-        got.extend(batch);
+        if enough(batch) {
+            return;
+        }
     }
-    got
 }
 
 /// The JSON body of a message.
@@ -407,23 +425,17 @@ pub async fn missing_from_stream(
     listener: &str,
     nats: &NatsServer,
 ) -> String {
-    let consumer = consumer::durable_consumer(js, stream, "diagnose", "", consumer::ACK_WAIT, 5)
-        .await
-        .expect("durable consumer");
     let mut held = BTreeSet::new();
-    loop {
-        let batch = consumer::fetch(&consumer, 1000, Duration::from_secs(1), |_| Ok(()))
-            .await
-            .expect("fetch");
-        if batch.is_empty() {
-            break;
-        }
+    fetch_until(js, stream, "diagnose", "", |batch| {
+        let done = batch.is_empty();
         held.extend(
             batch
                 .iter()
                 .filter_map(|m| m.headers.get("Nats-Msg-Id").cloned()),
         );
-    }
+        done
+    })
+    .await;
     let missing: Vec<String> = event_ids(c).await.difference(&held).cloned().collect();
     let mut report = format!(
         "{} events of walhook.event are not in stream {stream} ({} messages read); nats-server killed on {} stop(s)\n",

@@ -385,19 +385,31 @@ impl NatsSink {
             kind => {
                 let api =
                     std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
-                let outcome = match api.map(jetstream::Error::error_code) {
+                let (outcome, hint) = match api.map(jetstream::Error::error_code) {
                     Some(
                         ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM
                         | ErrorCode::STREAM_HEADER_EXCEEDS_MAXIMUM
                         | ErrorCode::STREAM_SEALED
                         | ErrorCode::STREAM_NOT_MATCH,
-                    ) => Outcome::Rejected,
-                    _ => Outcome::ListenerError,
+                    ) => (Outcome::Rejected, ""),
+                    // A full stream (limits with discard = new) or JetStream store: the
+                    // message is fine and goes in once there is room.
+                    Some(
+                        ErrorCode::STREAM_STORE_FAILED
+                        | ErrorCode::INSUFFICIENT_RESOURCES
+                        | ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                        | ErrorCode::MEMORY_RESOURCES_EXCEEDED
+                        | ErrorCode::ACCOUNT_RESOURCES_EXCEEDED,
+                    ) => (
+                        Outcome::ListenerError,
+                        "; the stream or the server's JetStream storage is full: walhook retries until there is room (raise the stream's limits, set discard = old, or free storage)",
+                    ),
+                    _ => (Outcome::ListenerError, ""),
                 };
                 let words = server_words.unwrap_or_else(|| kind.to_string());
                 (
                     outcome,
-                    format!("{endpoint} refused the message for {subject}: {words}"),
+                    format!("{endpoint} refused the message for {subject}: {words}{hint}"),
                 )
             }
         }
