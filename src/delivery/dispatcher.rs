@@ -16,7 +16,8 @@
 //!   is retried together (claims hold at most one change per entity, so batches keep the
 //!   per-entity order);
 //! * one *recorder*, shared by all listeners, records outcomes in batches: whatever has
-//!   arrived while the previous batch was being written, one statement per outcome kind.
+//!   arrived while the previous batch was being written, one statement per outcome kind
+//!   (see [`recorder`]; a listener's state is its [`lane`]).
 //!
 //! Claims use one database connection (which also LISTENs), recording and lease renewal
 //! another; both reconnect with backoff. Several processes can share one queue: a row is
@@ -27,37 +28,36 @@
 mod batch;
 mod claimer;
 mod cursor;
+mod lane;
+mod recorder;
 
 use std::future::Future;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::RngExt as _;
-use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::format::{Format, Message};
-use super::lease::{LeaseBook, LeaseTimes};
-use super::policy::{Outcome, delay_with_jitter};
-use super::sink::{Sink, SinkError};
+use super::format::Format;
+use super::sink::SinkError;
 use super::validation::Handshake;
-use super::{Attempt, AttemptReport, DeliveryObserver, Observed, Verdict};
-use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat, RateLimit};
+use super::{Attempt, DeliveryObserver};
+use crate::config::{EventGridDelivery, ListenerConfig, ListenerFormat};
 use crate::db::Source;
 use crate::error::{Classify, ErrorClass};
 use crate::queue::{
-    Completions, DeliveredRow, EVENTS_PAYLOAD, EntityKey, FailedAttemptRow, Notification,
-    NotificationStore, OnNewNotifications, QueueError, SWEEP_PAYLOAD, StoredEvent,
+    EVENTS_PAYLOAD, Notification, NotificationStore, OnNewNotifications, QueueError, SWEEP_PAYLOAD,
 };
 use crate::replication::conn::{ConnectParams, DEFAULT_APPLICATION_NAME};
 use batch::{Backlog, Pending};
-use claimer::{ClaimState, TotalBytes};
+use claimer::TotalBytes;
+use lane::{BatchLimits, Lane};
+use recorder::record_loop;
 
 /// Notifications claimed ahead per concurrency slot, so deliveries never wait for a claim.
 /// Claims wait for a quarter of this to be free (`claimer::claimable`); 16 rather than 8
@@ -448,209 +448,6 @@ impl Link {
     }
 }
 
-/// One listener's delivery state.
-struct Lane {
-    index: usize,
-    config: ListenerConfig,
-    format: Format,
-    sink: Sink,
-    limiter: Option<DefaultDirectRateLimiter>,
-    permits: Arc<Semaphore>,
-    concurrency: usize,
-    wake: Notify,
-    /// Woken when new events are stored, for a cursor listener.
-    events: Notify,
-    /// Cursor-independent claim state, shared with the recorder.
-    claims: ClaimState,
-    /// Claim no more than this many ahead.
-    target: usize,
-    lease: LeaseTimes,
-    /// The leases held for this listener.
-    leases: LeaseBook,
-    /// When the earliest retry this process scheduled becomes due.
-    next_due: Mutex<Option<Instant>>,
-    /// Whether the last recorded attempt failed (logged on change; shrinks prefetch).
-    failing: AtomicBool,
-    /// Batch limits, for a listener whose format and `batch_size` send batches.
-    batch: Option<BatchLimits>,
-    /// For listeners that must be validated first (Event Grid webhooks): true once they are;
-    /// nothing is claimed before.
-    validated: Option<tokio::sync::watch::Sender<bool>>,
-}
-
-/// How much one batch message may carry.
-#[derive(Clone, Copy, Debug)]
-struct BatchLimits {
-    /// Most events.
-    size: usize,
-    /// Most body bytes (one larger event still goes, alone).
-    bytes: usize,
-}
-
-impl Lane {
-    fn new(
-        index: usize,
-        config: ListenerConfig,
-        source_system: &str,
-        lease_extra: Duration,
-    ) -> Result<Lane, DispatchError> {
-        let format = Format::for_listener(&config, source_system);
-        let sink = Sink::for_listener(&config)?;
-        let concurrency = config.concurrency.max(1);
-        let limiter = config.rate_limit.and_then(quota).map(RateLimiter::direct);
-        let batch = (config.batch_size > 1 && format.batches()).then(|| BatchLimits {
-            size: config.batch_size,
-            bytes: usize::try_from(config.batch_bytes).unwrap_or(usize::MAX),
-        });
-        // A batching listener holds enough for two full batches per slot.
-        let per_slot = batch.map_or(PREFETCH_PER_SLOT, |b| {
-            PREFETCH_PER_SLOT.max(b.size.saturating_mul(2))
-        });
-        let mut target = concurrency
-            .saturating_mul(per_slot)
-            .clamp(concurrency, MAX_OUTSTANDING.max(concurrency));
-        if let Some(rate) = config.rate_limit {
-            // The rate counts requests; a batch is one.
-            let per_request = batch.map_or(1, |b| b.size);
-            target = target.min(rate_limited_prefetch(rate).saturating_mul(per_request));
-        }
-        let lease = LeaseTimes::new(attempt_limit(&config), lease_extra);
-        let validated = match &config.format {
-            ListenerFormat::EventGrid(c)
-                if matches!(c.delivery, EventGridDelivery::Webhook { .. }) =>
-            {
-                Some(tokio::sync::watch::Sender::new(false))
-            }
-            _ => None,
-        };
-        Ok(Lane {
-            validated,
-            index,
-            format,
-            sink,
-            limiter,
-            permits: Arc::new(Semaphore::new(concurrency)),
-            concurrency,
-            wake: Notify::new(),
-            events: Notify::new(),
-            claims: ClaimState::new(),
-            target,
-            lease,
-            leases: LeaseBook::default(),
-            next_due: Mutex::new(None),
-            failing: AtomicBool::new(false),
-            batch,
-            config,
-        })
-    }
-
-    fn name(&self) -> &str {
-        &self.config.name
-    }
-
-    /// Sends `message` through the sink, within the listener's timeout whatever the sink
-    /// does: the lease arithmetic below relies on attempts that end in time.
-    async fn attempt(&self, event: &StoredEvent, message: Message) -> Attempt {
-        let limit = self.lease.attempt;
-        match tokio::time::timeout(limit, self.sink.send(event, message)).await {
-            Ok(attempt) => attempt,
-            Err(_) => timed_out(self, limit),
-        }
-    }
-
-    /// How many to hold claimed. A failing listener gets no prefetch: its attempts are slow
-    /// (timeouts) and rows waiting behind them would only sit on their leases.
-    fn target(&self) -> usize {
-        if self.failing.load(Ordering::Acquire) {
-            // One message per slot: a batch for a batching listener.
-            let per_message = self.batch.map_or(1, |b| b.size);
-            self.concurrency
-                .saturating_mul(per_message)
-                .min(self.target)
-        } else {
-            self.target
-        }
-    }
-
-    /// When the earliest retry this process scheduled becomes due.
-    fn next_due(&self) -> Option<Instant> {
-        *lock(&self.next_due)
-    }
-
-    /// Whether a retry this process scheduled is due now (then forgets it).
-    fn take_due(&self) -> bool {
-        let mut due = lock(&self.next_due);
-        if due.is_some_and(|d| d <= Instant::now()) {
-            *due = None;
-            return true;
-        }
-        false
-    }
-
-    fn schedule(&self, due: Instant) {
-        let mut next = lock(&self.next_due);
-        *next = Some(next.map_or(due, |n| n.min(due)));
-    }
-
-    /// Whether an attempt for `c` starting `now` ends before its lease does. It may not when
-    /// the lease was lost to another process (its renewal failed) or too little of it is
-    /// left: another process could deliver it at the same time, so it is handed back instead
-    /// (a no-op in the database when the lease is no longer ours).
-    fn startable(&self, c: &ClaimedRow, now: Instant) -> bool {
-        let until = self.leases.until(c.notification.id, c.claim);
-        let ok = until.is_some_and(|until| self.lease.may_start(now, until));
-        if !ok {
-            debug!(
-                listener = self.name(),
-                notification = c.notification.id,
-                lost = until.is_none(),
-                "not starting an attempt that could outlive its lease"
-            );
-        }
-        ok
-    }
-}
-
-/// The attempt that had no outcome within `limit`.
-fn timed_out(lane: &Lane, limit: Duration) -> Attempt {
-    Attempt {
-        outcome: Outcome::TimedOut,
-        status_code: None,
-        comment: Some(format!(
-            "no outcome within {} from {}",
-            humantime::format_duration(lane.config.timeout),
-            lane.sink.target()
-        )),
-        retry_after: None,
-        latency: limit,
-    }
-}
-
-/// The longest an attempt may take: the listener's timeout, plus a little for the sink to
-/// notice its own timeout and report it in its words.
-fn attempt_limit(config: &ListenerConfig) -> Duration {
-    config.timeout.saturating_add(ATTEMPT_GRACE)
-}
-
-/// The governor quota for `count` per `per`: a burst of `count`, then one every `per/count`.
-fn quota(rate: RateLimit) -> Option<Quota> {
-    let count = NonZeroU32::new(rate.count)?;
-    let period = rate.per.checked_div(rate.count)?;
-    Some(Quota::with_period(period)?.allow_burst(count))
-}
-
-/// How many a rate-limited listener claims ahead: what it may send in a few seconds.
-fn rate_limited_prefetch(rate: RateLimit) -> usize {
-    let per_second = f64::from(rate.count) / rate.per.as_secs_f64().max(1e-9);
-    let n = (per_second * RATE_LIMITED_PREFETCH.as_secs_f64()).ceil();
-    if n.is_finite() && n >= 1.0 {
-        // Bounded above by MAX_OUTSTANDING through the caller's min.
-        n.min(MAX_OUTSTANDING as f64) as usize
-    } else {
-        1
-    }
-}
-
 /// A claimed notification on its way to the starter.
 struct ClaimedRow {
     notification: Notification,
@@ -904,297 +701,6 @@ async fn start_loop(
     }
 }
 
-/// What recording a batch changes in the lanes once it is written.
-#[derive(Default)]
-struct LaneEffect {
-    /// The notifications whose outcomes this batch records, with their claims.
-    finished_ids: Vec<(i64, u64)>,
-    finished: usize,
-    /// Received bytes of the finished notifications.
-    finished_bytes: u64,
-    /// Entities whose change left `walhook.new` (delivered or given up on).
-    completed: Vec<EntityKey>,
-    /// Rows went back behind the claim cursor (released, or failed without an entity).
-    behind_cursor: bool,
-    delivered: usize,
-    gave_up: usize,
-    last_failure: Option<String>,
-    /// The shortest retry delay scheduled.
-    earliest_retry: Option<Duration>,
-}
-
-/// Records outcomes in batches until every stage has ended, then frees leftover leases.
-async fn record_loop(
-    lanes: Arc<[Arc<Lane>]>,
-    link: Arc<Link>,
-    shared: Arc<Shared>,
-    observer: Option<Arc<dyn DeliveryObserver>>,
-    mut done: mpsc::UnboundedReceiver<Report>,
-) {
-    let mut pending = Vec::new();
-    let add = |pending: &mut Vec<Done>, report: Report| match report {
-        Report::One(d) => pending.push(d),
-        Report::Batch(ds) => pending.extend(ds),
-    };
-    loop {
-        match done.recv().await {
-            Some(r) => add(&mut pending, r),
-            None => break,
-        }
-        while pending.len() < RECORD_BATCH {
-            match done.try_recv() {
-                Ok(r) => add(&mut pending, r),
-                Err(_) => break,
-            }
-        }
-        let (batch, effects) = build_batch(&lanes, pending.drain(..), observer.as_deref());
-        record(&link, &shared, &batch).await;
-        apply(&lanes, &shared, effects);
-    }
-    release_leftovers(&link, &shared).await;
-}
-
-/// Turns outcomes into the rows to write, applying the retry policy and `max_attempts`.
-fn build_batch(
-    lanes: &[Arc<Lane>],
-    outcomes: impl Iterator<Item = Done>,
-    observer: Option<&dyn DeliveryObserver>,
-) -> (Completions, Vec<LaneEffect>) {
-    let mut batch = Completions::default();
-    let mut effects: Vec<LaneEffect> = lanes.iter().map(|_| LaneEffect::default()).collect();
-    for done in outcomes {
-        let (Some(lane), Some(effect)) = (lanes.get(done.lane), effects.get_mut(done.lane)) else {
-            continue;
-        };
-        effect.finished += 1;
-        effect.finished_ids.push((done.id, done.claim));
-        effect.finished_bytes += done.bytes;
-        match done.what {
-            Ended::Release => {
-                effect.behind_cursor = true;
-                batch.release.push(done.id);
-            }
-            Ended::Unreadable { comment } => {
-                effect.behind_cursor = true;
-                effect.gave_up += 1;
-                batch.failed.push(FailedAttemptRow {
-                    id: done.id,
-                    status_code: None,
-                    comment,
-                    delay: Duration::ZERO,
-                });
-            }
-            Ended::Attempted {
-                attempts_before,
-                attempt,
-                jitter,
-                commit_time,
-                entity,
-                entity_id,
-            } => {
-                let report = |outcome: Observed, comment: Option<&str>| {
-                    if let Some(o) = observer {
-                        o.attempted(&AttemptReport {
-                            listener: lane.config.name.as_str(),
-                            notification_id: done.id,
-                            entity: &entity,
-                            entity_id: &entity_id,
-                            outcome,
-                            commit_time,
-                            comment,
-                        });
-                    }
-                };
-                let made = u32::try_from(attempts_before)
-                    .unwrap_or(0)
-                    .saturating_add(1);
-                if judge(
-                    lane,
-                    done.id,
-                    made,
-                    (&attempt, jitter),
-                    &mut batch,
-                    effect,
-                    report,
-                ) {
-                    effect.completed.push(EntityKey { entity, entity_id });
-                }
-            }
-        }
-    }
-    (batch, effects)
-}
-
-/// Applies the retry policy to one attempt (the `made`-th): the row to write, the lane's
-/// bookkeeping and the observers' report. Returns whether the notification leaves
-/// `walhook.new` (delivered or given up on), which unblocks its entity's next change.
-fn judge(
-    lane: &Lane,
-    id: i64,
-    made: u32,
-    (attempt, jitter): (&Attempt, f64),
-    batch: &mut Completions,
-    effect: &mut LaneEffect,
-    report: impl Fn(Observed, Option<&str>),
-) -> bool {
-    let status_code = attempt.status_code.map(i32::from);
-    // Sinks word their failures; this covers one that gave no comment.
-    let comment = || {
-        attempt
-            .comment
-            .clone()
-            .unwrap_or_else(|| format!("{} ({})", attempt.outcome.describe(), lane.sink.target()))
-    };
-    match attempt.verdict() {
-        Verdict::Delivered => {
-            report(Observed::Delivered, None);
-            effect.delivered += 1;
-            batch.delivered.push(DeliveredRow {
-                id,
-                status_code,
-                latency_ms: i32::try_from(attempt.latency.as_millis()).unwrap_or(i32::MAX),
-            });
-            true
-        }
-        Verdict::Retry if made < lane.config.max_attempts => {
-            let delay = delay_with_jitter(made, &lane.config.backoff, attempt.retry_after, jitter);
-            effect.earliest_retry = Some(effect.earliest_retry.map_or(delay, |e| e.min(delay)));
-            let comment = comment();
-            report(Observed::WillRetry, Some(&comment));
-            effect.last_failure = Some(comment.clone());
-            batch.retry.push(FailedAttemptRow {
-                id,
-                status_code,
-                comment,
-                delay,
-            });
-            false
-        }
-        // A final verdict, or a retry after the last attempt: give up.
-        verdict => {
-            let comment = match verdict {
-                Verdict::Retry => format!(
-                    "{} (the last of {} attempts)",
-                    comment(),
-                    lane.config.max_attempts
-                ),
-                _ => comment(),
-            };
-            report(Observed::Failed, Some(&comment));
-            effect.last_failure = Some(comment.clone());
-            effect.gave_up += 1;
-            batch.failed.push(FailedAttemptRow {
-                id,
-                status_code,
-                comment,
-                delay: Duration::ZERO,
-            });
-            true
-        }
-    }
-}
-
-/// Writes one batch, retrying transient errors (for a bounded time once stopping).
-async fn record(link: &Link, shared: &Shared, batch: &Completions) {
-    if batch.is_empty() || shared.failed() {
-        return;
-    }
-    let mut backoff = RECONNECT_INITIAL;
-    let mut give_up_at: Option<Instant> = None;
-    loop {
-        let result = on_store(link, "recording delivery outcomes", |store| async move {
-            store.complete(batch).await
-        })
-        .await;
-        let (store, e) = match result {
-            Ok(()) => {
-                link.healthy();
-                return;
-            }
-            Err(failure) => failure,
-        };
-        if e.class() != ErrorClass::Transient {
-            shared.fail(e);
-            return;
-        }
-        link.broken(store.as_ref(), &e).await;
-        if shared.stop.is_cancelled() {
-            let at = *give_up_at.get_or_insert_with(|| Instant::now() + SHUTDOWN_RECORD_DEADLINE);
-            if Instant::now() >= at {
-                warn!(
-                    error = %e,
-                    "could not record the outcome of {} deliveries before stopping; those notifications stay in walhook.new and are delivered again when their leases expire",
-                    batch.delivered.len() + batch.retry.len() + batch.failed.len()
-                );
-                return;
-            }
-        }
-        // Not `back_off`: recording continues after stop, until the deadline.
-        tokio::time::sleep(backoff).await;
-        backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
-    }
-}
-
-/// Updates the lanes after a batch is recorded: frees their room, wakes their claimers
-/// (a recorded delivery can unblock the next change of the same entity), sets retry timers
-/// and logs a listener starting or stopping to fail.
-fn apply(lanes: &[Arc<Lane>], shared: &Shared, effects: Vec<LaneEffect>) {
-    for (lane, effect) in lanes.iter().zip(effects) {
-        if effect.finished == 0 {
-            continue;
-        }
-        // Recorded (or, after a failed write, left to expire): no longer renewed.
-        lane.leases.forget(&effect.finished_ids);
-        // Counted from now, after the write: the database counted the delay from the
-        // start of the retry statement, so the row is due by then.
-        if let Some(delay) = effect.earliest_retry {
-            let due = Instant::now() + delay + DUE_SLACK;
-            lane.schedule(due);
-        }
-        match (&effect.last_failure, effect.delivered > 0) {
-            (Some(failure), _) => {
-                if !lane.failing.swap(true, Ordering::AcqRel) {
-                    warn!(
-                        listener = lane.name(),
-                        "delivery to listener {} is failing: {failure}; notifications wait in walhook.new",
-                        lane.name()
-                    );
-                }
-            }
-            (None, true) => {
-                if lane.failing.swap(false, Ordering::AcqRel) {
-                    info!(
-                        listener = lane.name(),
-                        "listener {} accepts deliveries again",
-                        lane.name()
-                    );
-                }
-            }
-            (None, false) => {}
-        }
-        if effect.gave_up > 0 {
-            warn!(
-                listener = lane.name(),
-                count = effect.gave_up,
-                "{} notifications for listener {} moved to walhook.failed; see `walhook failed --listener {}`",
-                effect.gave_up,
-                lane.name(),
-                lane.name()
-            );
-        }
-        if effect.behind_cursor {
-            lane.claims.sweep_soon();
-        }
-        lane.claims.recorded(
-            &shared.bytes,
-            effect.finished,
-            effect.finished_bytes,
-            effect.completed,
-        );
-        lane.wake.notify_one();
-    }
-}
-
 /// Renews the leases of one listener's held notifications before they get too short
 /// (see [`LeaseTimes::renew_before`]), until `until` is cancelled after the last outcome
 /// is recorded. A failed renewal is retried at the next round; meanwhile the starter lets
@@ -1244,74 +750,5 @@ async fn renew_loop(
             }
             Err((_, e)) => shared.fail(e),
         }
-    }
-}
-
-/// Frees every lease this process still holds (claims dropped at stop, attempts abandoned).
-async fn release_leftovers(link: &Link, shared: &Shared) {
-    if shared.failed() {
-        return;
-    }
-    let deadline = Instant::now() + SHUTDOWN_RECORD_DEADLINE;
-    let mut backoff = RECONNECT_INITIAL;
-    loop {
-        let result = on_store(link, "releasing leases", |store| async move {
-            store.release_all().await
-        })
-        .await;
-        match result {
-            Ok(n) => {
-                if n > 0 {
-                    debug!(
-                        released = n,
-                        "released leases of notifications not delivered"
-                    );
-                }
-                return;
-            }
-            Err((store, e)) => {
-                link.broken(store.as_ref(), &e).await;
-                if e.class() != ErrorClass::Transient || Instant::now() >= deadline {
-                    warn!(
-                        error = %e,
-                        "could not release this process's leases in walhook.new; the notifications are delivered once the leases expire"
-                    );
-                    return;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2).min(RECONNECT_MAX);
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rate_limit_quota_allows_a_burst_of_count_then_one_per_period() {
-        let q = quota(RateLimit {
-            count: 20,
-            per: Duration::from_secs(1),
-        })
-        .unwrap();
-        assert_eq!(q.burst_size().get(), 20);
-        assert_eq!(q.replenish_interval(), Duration::from_millis(50));
-        assert!(
-            quota(RateLimit {
-                count: 0,
-                per: Duration::from_secs(1)
-            })
-            .is_none()
-        );
-    }
-
-    #[test]
-    fn rate_limited_listeners_claim_only_a_few_seconds_ahead() {
-        let r = |count, per| rate_limited_prefetch(RateLimit { count, per });
-        assert_eq!(r(20, Duration::from_secs(1)), 100);
-        assert_eq!(r(1, Duration::from_secs(3600)), 1);
-        assert_eq!(r(u32::MAX, Duration::from_millis(1)), MAX_OUTSTANDING);
     }
 }

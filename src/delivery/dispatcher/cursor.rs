@@ -332,7 +332,7 @@ async fn acknowledged(lane: &Lane, sent: Sent, started: Started<'_>) -> (Sent, A
     let limit = lane.lease.attempt;
     let attempt = match tokio::time::timeout(limit, started.outcome()).await {
         Ok(attempt) => attempt,
-        Err(_) => super::timed_out(lane, limit),
+        Err(_) => super::lane::timed_out(lane, limit),
     };
     (sent, attempt)
 }
