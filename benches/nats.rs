@@ -14,6 +14,11 @@
 //!     cargo bench --bench nats
 //!     cargo bench --bench nats -- --events 20000 --concurrency 128 --position cursor
 //!
+//! `--backlog` measures the delivery stage alone: nats-server is stopped while the load is
+//! captured (the listener holds its events in the queue), started again once every event
+//! is queued, and the rate is taken from the first message of the load in the stream to
+//! the last, with the CPU each process used meanwhile.
+//!
 //! Needs nats-server (Debian package nats-server) on PATH or in /usr/sbin.
 
 mod common;
@@ -38,6 +43,8 @@ struct Args {
     concurrency: u32,
     runs: u32,
     positions: Vec<&'static str>,
+    /// Measure publishing from a queued backlog instead of end to end.
+    backlog: bool,
 }
 
 fn parse_args() -> Args {
@@ -46,6 +53,7 @@ fn parse_args() -> Args {
         concurrency: 64,
         runs: 2,
         positions: vec!["cursor", "queue"],
+        backlog: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -58,6 +66,7 @@ fn parse_args() -> Args {
             "--events" => args.events = num("--events").max(TX_ROWS) / TX_ROWS * TX_ROWS,
             "--concurrency" => args.concurrency = num("--concurrency").clamp(1, 1000) as u32,
             "--runs" => args.runs = num("--runs").max(1) as u32,
+            "--backlog" => args.backlog = true,
             "--position" => {
                 args.positions = match it.next().as_deref() {
                     Some("cursor") => vec!["cursor"],
@@ -76,7 +85,7 @@ fn parse_args() -> Args {
 struct NatsServer {
     child: Child,
     port: u16,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl NatsServer {
@@ -86,13 +95,19 @@ impl NatsServer {
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
+        let child = Self::spawn(port, dir.path());
+        NatsServer { child, port, dir }
+    }
+
+    /// Starts nats-server on `port` with its store in `dir`, and waits until it listens.
+    fn spawn(port: u16, dir: &std::path::Path) -> Child {
         let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .unwrap_or("nats-server");
         let child = Command::new(bin)
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path())
+            .arg(dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -102,11 +117,19 @@ impl NatsServer {
             assert!(Instant::now() < deadline, "nats-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        NatsServer {
-            child,
-            port,
-            _dir: dir,
-        }
+        child
+    }
+
+    /// Stops the server gracefully (SIGTERM), keeping its store for [`Self::resume`].
+    fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+    }
+
+    /// Starts the stopped server again on the same port and store.
+    fn resume(&mut self) {
+        self.child = Self::spawn(self.port, self.dir.path());
     }
 
     fn url(&self) -> String {
@@ -165,6 +188,149 @@ fn cpu_now(procs: &[(u32, String)]) -> Vec<f64> {
     procs.iter().map(|(pid, _)| cpu_secs(*pid)).collect()
 }
 
+/// `events` inserts into bench in transactions of [`TX_ROWS`].
+fn load_sql(events: u64) -> String {
+    format!(
+        "DO $$ BEGIN
+           FOR t IN 0..{txs} - 1 LOOP
+             INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
+               FROM generate_series(t * {TX_ROWS} + 1, t * {TX_ROWS} + {TX_ROWS}) g;
+             COMMIT;
+           END LOOP;
+         END $$;",
+        txs = events / TX_ROWS
+    )
+}
+
+/// What a `--backlog` run measured.
+struct BacklogRun {
+    position: &'static str,
+    events: u64,
+    /// From the first message of the load in the stream to the last.
+    secs: f64,
+    /// Messages already in the stream at the first look after the server was back.
+    first: u64,
+    drain_per_sec: f64,
+    cpu: Vec<(String, f64)>,
+}
+
+/// The delivery stage alone, from a backlog of `args.events` queued events (see the
+/// module's `--backlog`).
+fn run_backlog(
+    rt: &tokio::runtime::Runtime,
+    cluster: &LocalCluster,
+    nats: &mut NatsServer,
+    args: &Args,
+    position: &'static str,
+) -> BacklogRun {
+    let (js, mut walhook, base) = prepare(rt, cluster, nats, args, position);
+    psql(
+        cluster,
+        "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')",
+    );
+    nats.stop();
+    psql(cluster, &load_sql(args.events));
+    let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
+    // The load's ids are positive, the warm-up markers' negative.
+    let queued = "SELECT count(*) FROM walhook.event WHERE entity_id NOT LIKE '-%'";
+    let deadline = Instant::now() + STALL;
+    while psql(cluster, queued).parse::<u64>().expect("count") < args.events {
+        walhook.assert_running("while capturing the backlog");
+        assert!(
+            Instant::now() < deadline,
+            "the backlog was not queued in {STALL:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nats.resume();
+    let procs = pipeline_processes(cluster, walhook.pid(), nats.child.id());
+    let before = cpu_now(&procs);
+    let resumed = Instant::now();
+    let mut first: Option<(Instant, u64)> = None;
+    loop {
+        // The bench's own client reconnects too: no answer counts as no progress.
+        let now = try_stored(rt, &js).map_or(0, |n| n.saturating_sub(base));
+        if first.is_none() && now > 0 {
+            first = Some((Instant::now(), now));
+        }
+        if now >= args.events {
+            break;
+        }
+        walhook.assert_running("while publishing the backlog");
+        assert!(
+            resumed.elapsed() < STALL,
+            "{now} of {} published {STALL:?} after nats-server was back",
+            args.events
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (began, first) = first.expect("progress before the end");
+    let secs = began.elapsed().as_secs_f64();
+    let cpu = cpu_used(cluster, (walhook.pid(), nats.child.id()), &procs, &before);
+    walhook.stop();
+    let drain_secs = recvlogical_drain(cluster, &end_lsn);
+    BacklogRun {
+        position,
+        events: args.events,
+        secs,
+        first,
+        drain_per_sec: args.events as f64 / drain_secs,
+        cpu,
+    }
+}
+
+/// Prints the `--backlog` runs: rates, then the CPU each process used per event.
+fn print_backlog(runs: &[BacklogRun]) {
+    println!();
+    println!("| run | position | backlog | published from it | pg_recvlogical drain | ratio |");
+    println!("| ---: | --- | ---: | ---: | ---: | ---: |");
+    for (i, r) in runs.iter().enumerate() {
+        let rate = (r.events - r.first) as f64 / r.secs.max(0.001);
+        println!(
+            "| {} | {} | {} | **{rate:.0} events/s** | {:.0} changes/s | {:.3} |",
+            i + 1,
+            r.position,
+            r.events,
+            r.drain_per_sec,
+            rate / r.drain_per_sec
+        );
+    }
+    for (i, r) in runs.iter().enumerate() {
+        print_cpu(
+            &format!("run {} ({}, backlog)", i + 1, r.position),
+            &r.cpu,
+            r.events,
+        );
+    }
+}
+
+/// The CPU table of one run: seconds and µs per event for each process.
+fn print_cpu(title: &str, cpu: &[(String, f64)], events: u64) {
+    let total: f64 = cpu.iter().map(|(_, s)| s).sum();
+    println!();
+    println!(
+        "{title}: {total:.1} CPU seconds, {:.1} µs per event",
+        total * 1e6 / events as f64
+    );
+    println!();
+    println!("| process | CPU seconds | µs per event |");
+    println!("| --- | ---: | ---: |");
+    for (label, used) in cpu {
+        println!(
+            "| {label} | {used:.2} | {:.1} |",
+            used * 1e6 / events as f64
+        );
+    }
+}
+
+/// How many messages stream BENCH holds, if the server answers.
+fn try_stored(rt: &tokio::runtime::Runtime, js: &jetstream::Context) -> Option<u64> {
+    rt.block_on(async {
+        let mut stream = js.get_stream("BENCH").await.ok()?;
+        Some(stream.info().await.ok()?.state.messages)
+    })
+}
+
 /// How many messages stream BENCH holds.
 fn stored(rt: &tokio::runtime::Runtime, js: &jetstream::Context) -> u64 {
     rt.block_on(async {
@@ -173,13 +339,15 @@ fn stored(rt: &tokio::runtime::Runtime, js: &jetstream::Context) -> u64 {
     })
 }
 
-fn run(
+/// A fresh queue and stream BENCH, walhook running with one NATS listener `bus` at
+/// `position`, and the stream's message count once warm-up markers got through.
+fn prepare(
     rt: &tokio::runtime::Runtime,
     cluster: &LocalCluster,
     nats: &NatsServer,
     args: &Args,
     position: &'static str,
-) -> Run {
+) -> (jetstream::Context, Walhook, u64) {
     reset_database(cluster);
     let js = rt.block_on(async {
         let client = async_nats::connect(nats.url()).await.expect("connect");
@@ -224,6 +392,43 @@ fn run(
     }
     std::thread::sleep(Duration::from_millis(700));
     let base = stored(rt, &js);
+    (js, walhook, base)
+}
+
+/// CPU seconds each of `procs` used since `before`, labelled by what it was doing at the
+/// end, largest first.
+fn cpu_used(
+    cluster: &LocalCluster,
+    pids: (u32, u32),
+    procs: &[(u32, String)],
+    before: &[f64],
+) -> Vec<(String, f64)> {
+    let after = cpu_now(procs);
+    let labels: std::collections::HashMap<u32, String> =
+        pipeline_processes(cluster, pids.0, pids.1)
+            .into_iter()
+            .collect();
+    let mut used: Vec<(String, f64)> = procs
+        .iter()
+        .zip(after.iter().zip(before))
+        .map(|((pid, label), (after, before))| {
+            let label = labels.get(pid).unwrap_or(label);
+            (format!("{label} (pid {pid})"), after - before)
+        })
+        .filter(|(_, used)| *used > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.1.total_cmp(&a.1));
+    used
+}
+
+fn run(
+    rt: &tokio::runtime::Runtime,
+    cluster: &LocalCluster,
+    nats: &NatsServer,
+    args: &Args,
+    position: &'static str,
+) -> Run {
+    let (js, mut walhook, base) = prepare(rt, cluster, nats, args, position);
     psql(
         cluster,
         "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')",
@@ -231,16 +436,7 @@ fn run(
     let cpu_before = cpu_secs(walhook.pid());
     let procs = pipeline_processes(cluster, walhook.pid(), nats.child.id());
     let procs_before = cpu_now(&procs);
-    let load = format!(
-        "DO $$ BEGIN
-           FOR t IN 0..{txs} - 1 LOOP
-             INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
-               FROM generate_series(t * {TX_ROWS} + 1, t * {TX_ROWS} + {TX_ROWS}) g;
-             COMMIT;
-           END LOOP;
-         END $$;",
-        txs = args.events / TX_ROWS
-    );
+    let load = load_sql(args.events);
     let load_began: f64 = psql(cluster, "SELECT extract(epoch FROM clock_timestamp())")
         .parse()
         .expect("epoch");
@@ -273,22 +469,12 @@ fn run(
     }
     let secs = t.elapsed().as_secs_f64();
     let cpu = cpu_secs(walhook.pid()) - cpu_before;
-    let procs_after = cpu_now(&procs);
-    // Labelled by what each was doing at the end (the same pids).
-    let labels: std::collections::HashMap<u32, String> =
-        pipeline_processes(cluster, walhook.pid(), nats.child.id())
-            .into_iter()
-            .collect();
-    let mut per_process: Vec<(String, f64)> = procs
-        .iter()
-        .zip(procs_after.iter().zip(&procs_before))
-        .map(|((pid, label), (after, before))| {
-            let label = labels.get(pid).unwrap_or(label);
-            (format!("{label} (pid {pid})"), after - before)
-        })
-        .filter(|(_, used)| *used > 0.0)
-        .collect();
-    per_process.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let per_process = cpu_used(
+        cluster,
+        (walhook.pid(), nats.child.id()),
+        &procs,
+        &procs_before,
+    );
     // When the last event was queued (its writer's transaction began): capture's share.
     let captured: f64 = psql(
         cluster,
@@ -342,9 +528,25 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let nats = NatsServer::start();
+    let mut nats = NatsServer::start();
     let cluster = LocalCluster::start().expect("start cluster");
     create_bench_database(&cluster);
+    if args.backlog {
+        let mut runs = Vec::new();
+        for i in 0..args.runs {
+            for &position in &args.positions {
+                eprintln!(
+                    "== run {}: a backlog of {} events, concurrency {}, position {position}",
+                    i + 1,
+                    args.events,
+                    args.concurrency
+                );
+                runs.push(run_backlog(&rt, &cluster, &mut nats, &args, position));
+            }
+        }
+        print_backlog(&runs);
+        return;
+    }
     let mut runs = Vec::new();
     for i in 0..args.runs {
         for &position in &args.positions {
@@ -383,24 +585,13 @@ fn main() {
     // backend is not counted; it ends before it can be read).
     for (i, r) in runs.iter().enumerate() {
         let total: f64 = r.cpu.iter().map(|(_, s)| s).sum();
-        println!();
-        println!(
-            "run {} ({}): {:.1} CPU seconds in {:.2} s ({:.2} cores), {:.1} µs per event",
+        let title = format!(
+            "run {} ({}): {:.2} cores over {:.2} s",
             i / args.positions.len() + 1,
             r.position,
-            total,
-            r.secs,
             total / r.secs,
-            total * 1e6 / r.events as f64
+            r.secs
         );
-        println!();
-        println!("| process | CPU seconds | µs per event |");
-        println!("| --- | ---: | ---: |");
-        for (label, used) in &r.cpu {
-            println!(
-                "| {label} | {used:.2} | {:.1} |",
-                used * 1e6 / r.events as f64
-            );
-        }
+        print_cpu(&title, &r.cpu, r.events);
     }
 }

@@ -468,6 +468,13 @@ async fn a_nats_outage_holds_the_cursor_while_http_goes_on_and_status_and_metric
         assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    assert!(
+        daemon
+            .log()
+            .contains("listener bus holds its cursor; the events wait in walhook.event"),
+        "{}",
+        daemon.log()
+    );
 
     nats.resume().await;
     wait_cursor_at_end(&c, "bus", 3500, Duration::from_secs(120)).await;

@@ -23,7 +23,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use async_nats::{ConnectOptions, HeaderMap, HeaderName, HeaderValue};
 
 use super::Started;
-use crate::config::{ListenerConfig, NatsAuth, NatsConfig};
+use crate::config::{ListenerConfig, NatsAuth, NatsConfig, Position};
 use crate::delivery::Attempt;
 use crate::delivery::format::Message;
 use crate::delivery::policy::Outcome;
@@ -285,9 +285,13 @@ impl NatsSink {
                 return;
             }
             if since.elapsed() >= CONNECT_WAIT && !self.held.swap(true, Ordering::AcqRel) {
+                let waiting = match self.settings.position {
+                    Position::Queue => "holds its notifications in walhook.new",
+                    Position::Cursor => "holds its cursor; the events wait in walhook.event",
+                };
                 tracing::warn!(
                     listener = %self.listener,
-                    "NATS at {} is unreachable ({}): listener {} holds its notifications in walhook.new until it is back",
+                    "NATS at {} is unreachable ({}): listener {} {waiting} until it is back",
                     self.endpoint(),
                     self.connection_problem(),
                     self.listener
