@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::receiver::{self, Receiver, epoch_secs};
 use common::{
-    DB, Walhook, cpu_secs, create_bench_database, make_backlog, mb, migrate_queue, psql,
+    DB, Walhook, cpu_secs, create_bench_database, load_sql, make_backlog, mb, migrate_queue, psql,
     recvlogical_drain, reset_database, table_size, vm_hwm_kb,
 };
 use walhook::cluster::LocalCluster;
@@ -492,19 +492,7 @@ fn live(cluster: &LocalCluster, receiver: &Receiver, port: u16, events: u64) -> 
         cluster,
         "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')",
     );
-    psql(
-        cluster,
-        &format!(
-            "DO $$ BEGIN
-               FOR t IN 0..{txs} - 1 LOOP
-                 INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
-                   FROM generate_series(t * {TX_ROWS} + 1, t * {TX_ROWS} + {TX_ROWS}) g;
-                 COMMIT;
-               END LOOP;
-             END $$;",
-            txs = events / TX_ROWS
-        ),
-    );
+    psql(cluster, &load_sql(events, TX_ROWS));
     let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
     wait_for_all(receiver, &mut walhook, events, || {});
     let peak = vm_hwm_kb(walhook.pid()) / 1024;

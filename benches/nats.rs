@@ -28,8 +28,8 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use common::{
-    DB, Walhook, cpu_secs, create_bench_database, psql, recvlogical_drain, reset_database,
-    vm_hwm_kb,
+    DB, Walhook, cpu_secs, create_bench_database, load_sql, psql, recvlogical_drain,
+    reset_database, vm_hwm_kb,
 };
 use walhook::cluster::LocalCluster;
 
@@ -188,20 +188,6 @@ fn cpu_now(procs: &[(u32, String)]) -> Vec<f64> {
     procs.iter().map(|(pid, _)| cpu_secs(*pid)).collect()
 }
 
-/// `events` inserts into bench in transactions of [`TX_ROWS`].
-fn load_sql(events: u64) -> String {
-    format!(
-        "DO $$ BEGIN
-           FOR t IN 0..{txs} - 1 LOOP
-             INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
-               FROM generate_series(t * {TX_ROWS} + 1, t * {TX_ROWS} + {TX_ROWS}) g;
-             COMMIT;
-           END LOOP;
-         END $$;",
-        txs = events / TX_ROWS
-    )
-}
-
 /// What a `--backlog` run measured.
 struct BacklogRun {
     position: &'static str,
@@ -229,7 +215,7 @@ fn run_backlog(
         "SELECT pg_create_logical_replication_slot('drain', 'pgoutput')",
     );
     nats.stop();
-    psql(cluster, &load_sql(args.events));
+    psql(cluster, &load_sql(args.events, TX_ROWS));
     let end_lsn = psql(cluster, "SELECT pg_current_wal_lsn()");
     // The load's ids are positive, the warm-up markers' negative.
     let queued = "SELECT count(*) FROM walhook.event WHERE entity_id NOT LIKE '-%'";
@@ -436,7 +422,7 @@ fn run(
     let cpu_before = cpu_secs(walhook.pid());
     let procs = pipeline_processes(cluster, walhook.pid(), nats.child.id());
     let procs_before = cpu_now(&procs);
-    let load = load_sql(args.events);
+    let load = load_sql(args.events, TX_ROWS);
     let load_began: f64 = psql(cluster, "SELECT extract(epoch FROM clock_timestamp())")
         .parse()
         .expect("epoch");

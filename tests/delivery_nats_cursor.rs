@@ -18,7 +18,7 @@ use support::nats::{
 };
 use support::receiver::Receiver;
 use support::{
-    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, event_count, eventually, free_port,
+    CUSTOMER_ENTITY, Daemon, TestDb, config_toml, event_count, eventually, failed_total, free_port,
     listener_toml, setup, wait_streaming, walhook, write_config,
 };
 
@@ -56,14 +56,6 @@ async fn queue_rows(c: &tokio_postgres::Client, listener: &str) -> (i64, i64) {
         )
         .await,
     )
-}
-
-/// Rows of walhook.failed, any listener.
-async fn failed_total(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM walhook.failed", &[])
-        .await
-        .expect("walhook.failed")
-        .get(0)
 }
 
 /// Waits until `listener` has a cursor row and returns its position.

@@ -17,7 +17,7 @@ use support::nats::{
 use support::receiver::Receiver;
 use support::{
     CUSTOMER_ENTITY as CUSTOMER, Daemon, TestDb, XorShift, config_toml, event_count, eventually,
-    listener_toml, setup, wait_streaming, walhook,
+    failed_total, listener_toml, setup, wait_streaming, walhook,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,9 +60,7 @@ async fn no_responders_while_jetstream_is_not_serving_holds_the_listener_instead
         comment.contains("its JetStream API did not answer either") && comment.contains("retrying"),
         "{comment}"
     );
-    let failed = "SELECT count(*) FROM walhook.failed";
-    let failed = || async { c.query_one(failed, &[]).await.unwrap().get::<_, i64>(0) };
-    assert_eq!(failed().await, 0, "{}", daemon.log());
+    assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
 
     nats.stop();
     nats.configure(true, "");
@@ -75,7 +73,7 @@ async fn no_responders_while_jetstream_is_not_serving_holds_the_listener_instead
     .await;
     let js = nats.jetstream().await;
     assert_stream_holds(&js, "WALHOOK", 1, &c, "bus", &nats).await;
-    assert_eq!(failed().await, 0, "{}", daemon.log());
+    assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,12 +176,7 @@ async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing()
         || async { (processed(&c, "bus").await == 3500).then_some(()) },
     )
     .await;
-    let failed: i64 = c
-        .query_one("SELECT count(*) FROM walhook.failed", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(failed, 0);
+    assert_eq!(failed_total(&c).await, 0);
     assert!(
         daemon.log().contains("is reachable again"),
         "{}",
@@ -200,14 +193,6 @@ async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing()
     )
     .await;
     assert_once_in_entity_order(&messages, &event_ids(&c).await);
-}
-
-/// Rows of walhook.failed, any listener.
-async fn failed_total(c: &tokio_postgres::Client) -> i64 {
-    c.query_one("SELECT count(*) FROM walhook.failed", &[])
-        .await
-        .expect("walhook.failed")
-        .get(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 use support::receiver::Receiver;
-use support::{CUSTOMER_ENTITY, Daemon, TestDb, XorShift, config_toml, eventually};
+use support::{CUSTOMER_ENTITY, Daemon, TestDb, XorShift, config_toml, eventually, failed_total};
 
 /// The application_name of the walhook process streaming slot `walhook`, if any.
 async fn streaming(c: &tokio_postgres::Client) -> Option<String> {
@@ -153,12 +153,7 @@ async fn sigkills_of_the_streaming_process_during_a_steady_load_lose_and_duplica
         },
     )
     .await;
-    let failed: i64 = c
-        .query_one("SELECT count(*) FROM walhook.failed", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(failed, 0);
+    assert_eq!(failed_total(&c).await, 0);
     let ids: HashSet<String> = c
         .query("SELECT event_id::text FROM walhook.event", &[])
         .await

@@ -12,6 +12,21 @@ use walhook::cluster::LocalCluster;
 /// The benchmark database.
 pub const DB: &str = "bench";
 
+/// `events` inserts into table bench (ids 1 to `events`) in transactions of `tx_rows`,
+/// committed one by one inside a DO block.
+pub fn load_sql(events: u64, tx_rows: u64) -> String {
+    format!(
+        "DO $$ BEGIN
+           FOR t IN 0..{txs} - 1 LOOP
+             INSERT INTO bench SELECT g, g, 'row ' || g, g * 1.5, now(), g % 2 = 0
+               FROM generate_series(t * {tx_rows} + 1, t * {tx_rows} + {tx_rows}) g;
+             COMMIT;
+           END LOOP;
+         END $$;",
+        txs = events / tx_rows
+    )
+}
+
 /// Runs `sql` in the benchmark database and returns psql's output; panics on error.
 pub fn psql(cluster: &LocalCluster, sql: &str) -> String {
     cluster

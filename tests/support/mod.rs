@@ -372,6 +372,14 @@ pub async fn wait_queue_drained(c: &tokio_postgres::Client) {
     .await;
 }
 
+/// Rows of walhook.failed, any listener.
+pub async fn failed_total(c: &tokio_postgres::Client) -> i64 {
+    c.query_one("SELECT count(*) FROM walhook.failed", &[])
+        .await
+        .expect("walhook.failed")
+        .get(0)
+}
+
 /// Counts rows of `walhook.event`, 0 before the table exists.
 pub async fn event_count(client: &tokio_postgres::Client) -> i64 {
     client
