@@ -308,7 +308,7 @@ pub enum SigningKeyError {
         "the signing secret is empty; set it to whsec_ followed by base64 of 24 to 64 random bytes (e.g. `openssl rand -base64 32`)"
     )]
     Empty,
-    /// The secret decodes to fewer than [`MIN_SIGNING_KEY_BYTES`] bytes.
+    /// The secret decodes to fewer than `MIN_SIGNING_KEY_BYTES` bytes.
     #[error(
         "the signing secret is only {0} bytes long, fewer than the 24 Standard Webhooks requires; generate a new one with `openssl rand -base64 32` and prefix it with whsec_"
     )]

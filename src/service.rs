@@ -296,7 +296,7 @@ pub async fn run_with_reload(
     Ok(())
 }
 
-/// Makes new connections use the reloaded [source] parameters. Open connections stay:
+/// Makes new connections use the reloaded `[source]` parameters. Open connections stay:
 /// a rotated password is usually not valid yet when the reload happens.
 fn follow_source(config: &Config, params: &watch::Sender<Arc<ConnectParams>>) {
     match config.source.connect_params() {
@@ -507,7 +507,7 @@ async fn wait_until_not_cloned(
 
 /// Delivers queued notifications to the configured listeners until `shutdown`; a reload
 /// that changes the listeners or the database restarts delivery gracefully (in-flight
-/// deliveries finish). `source` follows reloaded [source] parameters: a new password is used
+/// deliveries finish). `source` follows reloaded `[source]` parameters: a new password is used
 /// on the next connection.
 async fn delivery_loop(
     mut config_rx: watch::Receiver<Arc<Config>>,

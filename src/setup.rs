@@ -2,7 +2,7 @@
 //!
 //! Everything here uses an ordinary tokio-postgres connection; the replication connection is
 //! not needed to read the catalog or to create a slot (`pg_create_logical_replication_slot`).
-//! [`check`] reads the catalog once into [`Facts`] and turns them into one line per
+//! [`check`] reads the catalog once into `Facts` and turns them into one line per
 //! prerequisite; [`plan`] turns the same facts into the statements that are missing, so
 //! running setup a second time finds nothing to do.
 

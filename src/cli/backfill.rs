@@ -14,7 +14,7 @@ use crate::backfill::{BackfillOptions, Outcome, Report};
 pub(super) struct BackfillArgs {
     #[command(flatten)]
     config: ConfigArg,
-    /// The entity whose rows are sent (its [[entity]] name).
+    /// The entity whose rows are sent (its `[[entity]]` name).
     #[arg(long)]
     entity: String,
     /// Send the events to this listener only (default: every listener that receives the

@@ -3,7 +3,7 @@
 //! SQL. Reading works without JavaScript; the few lines of script only add conveniences.
 //!
 //! Off unless `[admin] token_file` is set (then `/ui` answers 404 with a hint). Every page
-//! needs a login; every write is a POST with a CSRF token (see [`auth`]). Nothing secret is
+//! needs a login; every write is a POST with a CSRF token (see `auth`). Nothing secret is
 //! rendered: listener URLs appear redacted, headers and signing secrets never.
 //!
 //! One file per page; the queries live in `queue::admin` and `queue::browse`, shared with

@@ -1,5 +1,5 @@
 //! The dispatcher: claims due notifications from `walhook.new`, renders each in its
-//! listener's [`Format`], sends it through the listener's [`Sink`] and records what the
+//! listener's [`Format`], sends it through the listener's `Sink` and records what the
 //! attempt ended with (through the retry policy), for every configured listener, until
 //! shutdown. It knows listeners only through those two seams.
 //!
@@ -8,7 +8,7 @@
 //!   `NOTIFY walhook_new`, by recorded outcomes, at the earliest retry it scheduled, and by a
 //!   periodic sweep that covers other processes), keeping up to a prefetch target of
 //!   notifications and bytes outstanding so the next batch is claimed while the previous
-//!   one is in flight; claims resume after a cursor (see [`claimer`]);
+//!   one is in flight; claims resume after a cursor (see `claimer`);
 //! * the *starter* starts deliveries in claim order, each after a concurrency permit and
 //!   the rate limiter allow it; for a listener with `batch_size` above 1 one delivery
 //!   carries the claimed notifications that are ready, up to `batch_size` and `batch_bytes`,
@@ -17,12 +17,12 @@
 //!   per-entity order);
 //! * one *recorder*, shared by all listeners, records outcomes in batches: whatever has
 //!   arrived while the previous batch was being written, one statement per outcome kind
-//!   (see [`recorder`]; a listener's state is its [`lane`]).
+//!   (see `recorder`; a listener's state is its `lane`).
 //!
 //! Claims use one database connection (which also LISTENs), recording and lease renewal
 //! another; both reconnect with backoff. Several processes can share one queue: a row is
 //! claimed by one lease holder at a time (a random id per dispatcher), an attempt starts
-//! only if it ends before the lease does, held leases are renewed (see [`super::lease`]),
+//! only if it ends before the lease does, held leases are renewed (see `delivery::lease`),
 //! and outcomes are recorded only for rows still leased here.
 
 mod batch;
@@ -451,7 +451,7 @@ impl Link {
 /// A claimed notification on its way to the starter.
 struct ClaimedRow {
     notification: Notification,
-    /// Which claim of this lane took it (see [`LeaseBook`]).
+    /// Which claim of this lane took it (see `LeaseBook`).
     claim: u64,
     /// Received size of its event's `row` and `old`, counted against the byte budgets.
     bytes: u64,
@@ -702,7 +702,7 @@ async fn start_loop(
 }
 
 /// Renews the leases of one listener's held notifications before they get too short
-/// (see [`LeaseTimes::renew_before`]), until `until` is cancelled after the last outcome
+/// (see `LeaseTimes::renew_before`), until `until` is cancelled after the last outcome
 /// is recorded. A failed renewal is retried at the next round; meanwhile the starter lets
 /// no attempt begin that its lease could not see through.
 async fn renew_loop(

@@ -79,7 +79,7 @@ macro_rules! lease {
     };
 }
 
-/// The rows every claim statement returns, read by [`read_claim`]: `c` claimed (with the
+/// The rows every claim statement returns, read by `read_claim`: `c` claimed (with the
 /// event; NULL event columns when the event is missing), `h` held back or probed heads
 /// (entity, key), and one `s` summary (last kept key, candidates scanned, candidates kept).
 /// Needs CTEs `scanned`, `kept`, `held (id, entity, entity_id, commit_lsn, seq)`, `claimed`.

@@ -595,7 +595,7 @@ pub struct Flushed {
     pub next_due: Option<Duration>,
 }
 
-/// Flushes the windows that are due (at most [`FLUSH_BATCH`]); `None` when another
+/// Flushes the windows that are due (at most `FLUSH_BATCH`); `None` when another
 /// process is flushing right now.
 pub async fn flush_due(client: &mut Client) -> Result<Option<Flushed>, QueueError> {
     const CONTEXT: &str = "flushing debounce windows to walhook.new";
