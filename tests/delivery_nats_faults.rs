@@ -291,6 +291,31 @@ async fn restarting_nats_server_again_and_again_under_load_fails_nothing_and_sto
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_is_retried_with_the_servers_words_and_delivers_once_it_has_room() {
+    full_stream_then_room("queue").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_holds_a_cursor_listener_and_it_delivers_once_the_stream_has_room() {
+    full_stream_then_room("cursor").await;
+}
+
+/// Why `bus` waits: its walhook.new row's comment after a second attempt (queue), or its
+/// cursor's hold comment (cursor).
+async fn retry_comment(c: &tokio_postgres::Client, position: &str) -> Option<String> {
+    let sql = match position {
+        "queue" => {
+            "SELECT comment FROM walhook.new WHERE listener = 'bus' AND attempts >= 2 LIMIT 1"
+        }
+        _ => {
+            "SELECT comment FROM walhook.listener_cursor WHERE listener = 'bus' AND held_event_id IS NOT NULL"
+        }
+    };
+    c.query_opt(sql, &[]).await.ok()??.get(0)
+}
+
+/// Ten events for a stream that holds three, `bus` at `position`: the rest are retried,
+/// not failed, with the server's words, and arrive once, in order, after room is made.
+async fn full_stream_then_room(position: &str) {
     let db = TestDb::new();
     db.execute(COUNTER_TABLE).await;
     let nats = NatsServer::start().await;
@@ -307,7 +332,11 @@ async fn a_full_stream_is_retried_with_the_servers_words_and_delivers_once_it_ha
     js.create_stream(full.clone())
         .await
         .expect("create stream WALHOOK");
-    let listener = nats_listener("bus", &nats.url(), "max_attempts = 1000\n");
+    let listener = nats_listener(
+        "bus",
+        &nats.url(),
+        &format!("max_attempts = 1000\n[listener.nats]\nposition = \"{position}\"\n"),
+    );
     let toml = config_toml(&db.url, &format!("{CUSTOMER}{listener}"));
     let (_dir, path) = setup(&toml);
     let daemon = Daemon::start(&toml);
@@ -319,33 +348,23 @@ async fn a_full_stream_is_retried_with_the_servers_words_and_delivers_once_it_ha
     )
     .await
     .unwrap();
-    let comment = eventually(
-        Duration::from_secs(60),
-        "retries of a full stream",
-        || async {
-            let row = c
-            .query_opt(
-                "SELECT comment FROM walhook.new WHERE listener = 'bus' AND attempts >= 2 LIMIT 1",
-                &[],
-            )
-            .await
-            .ok()??;
-            row.get::<_, Option<String>>(0)
-        },
-    )
+    let comment = eventually(Duration::from_secs(60), "retries of a full stream", || {
+        retry_comment(&c, position)
+    })
     .await;
     assert!(
         comment.contains("maximum messages exceeded")
             && comment.contains("walhook retries until there is room"),
         "{comment}"
     );
-    assert_eq!(processed(&c, "bus").await, 3);
     assert_eq!(failed_total(&c).await, 0, "{}", daemon.log());
     let (code, out, _) = walhook(&["status", "--config", &path]);
     assert!(
         code == 0 && out.contains("maximum messages exceeded"),
         "status names the refusal:\n{out}"
     );
+    let mut stream = js.get_stream("WALHOOK").await.expect("stream WALHOOK");
+    assert_eq!(stream.info().await.expect("stream info").state.messages, 3);
 
     js.update_stream(async_nats::jetstream::stream::Config {
         max_messages: 100,
@@ -356,7 +375,13 @@ async fn a_full_stream_is_retried_with_the_servers_words_and_delivers_once_it_ha
     eventually(
         Duration::from_secs(60),
         "delivery once the stream has room",
-        || async { (processed(&c, "bus").await == 10).then_some(()) },
+        || async {
+            let done = match position {
+                "queue" => processed(&c, "bus").await == 10,
+                _ => cursor(&c, "bus").await? == last_event_id(&c).await,
+            };
+            done.then_some(())
+        },
     )
     .await;
     assert_stream_holds(&js, "WALHOOK", 10, &c, "bus", &nats).await;
