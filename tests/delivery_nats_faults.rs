@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::Value;
 use support::nats::{
     COUNTER_TABLE, ENTITIES, NatsServer, STREAM, TABLES, assert_once_in_entity_order,
-    assert_stream_holds, cursor, event_ids, last_event_id, nats_listener, processed, read_all,
-    read_stream, steady_inserts,
+    assert_stream_holds, changes_during_an_outage, cursor, event_ids, insert_customers,
+    last_event_id, nats_listener, processed, read_all, read_stream, steady_inserts,
 };
 use support::receiver::Receiver;
 use support::{
@@ -94,18 +94,7 @@ async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing()
     let daemon = Daemon::start(&toml);
     let c = db.client().await;
     wait_streaming(&c).await;
-    let insert = |from: i32, to: i32| {
-        let c = &c;
-        async move {
-            c.execute(
-                "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
-                &[&from, &to],
-            )
-            .await
-            .unwrap();
-        }
-    };
-    insert(1, 500).await;
+    insert_customers(&c, 1, 500).await;
     eventually(Duration::from_secs(60), "500 published", || async {
         (processed(&c, "bus").await == 500).then_some(())
     })
@@ -113,13 +102,8 @@ async fn a_nats_outage_holds_its_listener_while_http_goes_on_and_loses_nothing()
 
     nats.stop();
     let stopped = std::time::Instant::now();
-    for k in 0..15 {
-        insert(501 + k * 100, 600 + k * 100).await;
-        c.execute("UPDATE customer SET n = n + 1 WHERE id <= 100", &[])
-            .await
-            .unwrap();
-    }
-    // 2000 inserts and 1500 updates: the HTTP listener gets them all while NATS is down.
+    changes_during_an_outage(&c).await;
+    // 2,000 inserts and 1,500 updates in all: the HTTP listener gets them while NATS is down.
     hook.wait_for_count(
         3500,
         Duration::from_secs(120),
@@ -289,33 +273,10 @@ async fn restarting_nats_server_again_and_again_under_load_fails_nothing_and_sto
     assert_eq!(nats.killed, 0, "every stop was graceful (seed {seed})");
 }
 
+/// A cursor listener held by a full stream: tests/delivery_nats_cursor.rs,
+/// `a_held_cursor_is_named_in_status_and_then_delivers_the_backlog_behind_it_once`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_stream_is_retried_with_the_servers_words_and_delivers_once_it_has_room() {
-    full_stream_then_room("queue").await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_stream_holds_a_cursor_listener_and_it_delivers_once_the_stream_has_room() {
-    full_stream_then_room("cursor").await;
-}
-
-/// Why `bus` waits: its walhook.new row's comment after a second attempt (queue), or its
-/// cursor's hold comment (cursor).
-async fn retry_comment(c: &tokio_postgres::Client, position: &str) -> Option<String> {
-    let sql = match position {
-        "queue" => {
-            "SELECT comment FROM walhook.new WHERE listener = 'bus' AND attempts >= 2 LIMIT 1"
-        }
-        _ => {
-            "SELECT comment FROM walhook.listener_cursor WHERE listener = 'bus' AND held_event_id IS NOT NULL"
-        }
-    };
-    c.query_opt(sql, &[]).await.ok()??.get(0)
-}
-
-/// Ten events for a stream that holds three, `bus` at `position`: the rest are retried,
-/// not failed, with the server's words, and arrive once, in order, after room is made.
-async fn full_stream_then_room(position: &str) {
     let db = TestDb::new();
     db.execute(COUNTER_TABLE).await;
     let nats = NatsServer::start().await;
@@ -332,11 +293,7 @@ async fn full_stream_then_room(position: &str) {
     js.create_stream(full.clone())
         .await
         .expect("create stream WALHOOK");
-    let listener = nats_listener(
-        "bus",
-        &nats.url(),
-        &format!("max_attempts = 1000\n[listener.nats]\nposition = \"{position}\"\n"),
-    );
+    let listener = nats_listener("bus", &nats.url(), "max_attempts = 1000\n");
     let toml = config_toml(&db.url, &format!("{CUSTOMER}{listener}"));
     let (_dir, path) = setup(&toml);
     let daemon = Daemon::start(&toml);
@@ -348,9 +305,18 @@ async fn full_stream_then_room(position: &str) {
     )
     .await
     .unwrap();
-    let comment = eventually(Duration::from_secs(60), "retries of a full stream", || {
-        retry_comment(&c, position)
-    })
+    let retried =
+        "SELECT comment FROM walhook.new WHERE listener = 'bus' AND attempts >= 2 LIMIT 1";
+    let comment = eventually(
+        Duration::from_secs(60),
+        "retries of a full stream",
+        || async {
+            c.query_opt(retried, &[])
+                .await
+                .ok()??
+                .get::<_, Option<String>>(0)
+        },
+    )
     .await;
     assert!(
         comment.contains("maximum messages exceeded")
@@ -375,13 +341,7 @@ async fn full_stream_then_room(position: &str) {
     eventually(
         Duration::from_secs(60),
         "delivery once the stream has room",
-        || async {
-            let done = match position {
-                "queue" => processed(&c, "bus").await == 10,
-                _ => cursor(&c, "bus").await? == last_event_id(&c).await,
-            };
-            done.then_some(())
-        },
+        || async { (processed(&c, "bus").await == 10).then_some(()) },
     )
     .await;
     assert_stream_holds(&js, "WALHOOK", 10, &c, "bus", &nats).await;

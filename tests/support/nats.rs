@@ -215,6 +215,27 @@ pub async fn counter_load(url: String, rows: i32, rounds: i32) {
     }
 }
 
+/// Inserts customers `from` to `to` (n = 0) in one statement.
+pub async fn insert_customers(c: &tokio_postgres::Client, from: i32, to: i32) {
+    c.execute(
+        "INSERT INTO customer SELECT g, 0 FROM generate_series($1::int, $2::int) g",
+        &[&from, &to],
+    )
+    .await
+    .expect("insert customers");
+}
+
+/// The changes the outage tests make while NATS is down, after customers 1–500: 15 times
+/// 100 new customers and an update of customers 1–100, 3,000 events.
+pub async fn changes_during_an_outage(c: &tokio_postgres::Client) {
+    for k in 0..15 {
+        insert_customers(c, 501 + k * 100, 600 + k * 100).await;
+        c.execute("UPDATE customer SET n = n + 1 WHERE id <= 100", &[])
+            .await
+            .expect("update customers");
+    }
+}
+
 /// Inserts customers (n = 0) in transactions of 5 rows until `stop`; returns how many.
 pub async fn steady_inserts(url: String, stop: Arc<AtomicBool>) -> i32 {
     let c = super::connect(&url).await;
