@@ -52,9 +52,16 @@ const CONNECT_WAIT: Duration = Duration::from_secs(2);
 /// flight when a server restarts gets "no responders", and one lookup answers for all.
 const LOOKUP_REUSE: Duration = Duration::from_secs(1);
 
-/// The stream that captures a subject, or why there is none: `(true, …)` when the API said
-/// that no stream does, `(false, …)` when it did not answer.
-type StreamLookup = Result<String, (bool, String)>;
+/// What the JetStream API said about the stream that captures a subject.
+#[derive(Clone, Debug)]
+enum StreamLookup {
+    /// This stream captures it.
+    Captured(String),
+    /// No stream captures it.
+    NoStream,
+    /// The API did not answer (why, in the client's words).
+    NoAnswer(String),
+}
 
 /// Why a NATS listener's sink could not be built. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -425,21 +432,20 @@ impl NatsSink {
     /// streams capture, and those publishes must be retried.
     async fn no_responders(&self, subject: &str) -> (Outcome, String) {
         let endpoint = self.endpoint();
-        let lookup = self.stream_capturing(subject).await;
-        match lookup {
-            Err((true, _)) => (
+        match self.stream_capturing(subject).await {
+            StreamLookup::NoStream => (
                 Outcome::Rejected,
                 format!(
                     "no JetStream stream captures subject {subject} on {endpoint} (the server answered: no responders); add the subject to a stream, or set [listener.nats.stream] and run `walhook setup` (`walhook check` names what is missing)"
                 ),
             ),
-            Ok(stream) => (
+            StreamLookup::Captured(stream) => (
                 Outcome::ListenerError,
                 format!(
                     "no JetStream responder for {subject} on {endpoint}, although stream {stream} captures it (was the server starting or stopping?); retrying"
                 ),
             ),
-            Err((false, why)) => (
+            StreamLookup::NoAnswer(why) => (
                 Outcome::ListenerError,
                 format!(
                     "no JetStream responder for {subject} on {endpoint}, and its JetStream API did not answer either ({why}): the server is starting or stopping, or JetStream is off; retrying"
@@ -457,11 +463,14 @@ impl NatsSink {
             return found.clone();
         }
         let found = match self.connection().await {
-            Ok(c) => c.jetstream.stream_by_subject(subject).await.map_err(|e| {
-                let missing = matches!(e.kind(), GetStreamByNameErrorKind::NotFound);
-                (missing, e.to_string())
-            }),
-            Err(e) => Err((false, e)),
+            Ok(c) => match c.jetstream.stream_by_subject(subject).await {
+                Ok(stream) => StreamLookup::Captured(stream),
+                Err(e) if matches!(e.kind(), GetStreamByNameErrorKind::NotFound) => {
+                    StreamLookup::NoStream
+                }
+                Err(e) => StreamLookup::NoAnswer(e.to_string()),
+            },
+            Err(e) => StreamLookup::NoAnswer(e),
         };
         lookups.insert(subject.to_owned(), (Instant::now(), found.clone()));
         found
